@@ -1,0 +1,46 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: ## Install the service with its dependencies (builds the kernel)
+	$(PIP) install .
+
+.PHONY: serve
+serve: install ## Install, then run the service on the bundled demo catalogue
+	mab-service serve
+
+.PHONY: dev
+dev: ## Editable install with the test tools (builds the kernel in place)
+	$(PIP) install -e '.[test]'
+
+.PHONY: compile
+compile: ## Rebuild the kernel in place after editing csrc/ or .pyx files
+	$(PYTHON) setup.py build_ext --inplace
+
+.PHONY: debug
+debug: ## Rebuild the kernel in place unoptimised, with Cython line tracing and annotation
+	MAB_DEBUG=1 $(PYTHON) setup.py build_ext --inplace --force
+
+.PHONY: check
+check: ## Lint and type-check
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
+.PHONY: test
+test: dev check ## Install, lint, type-check and run the test suite (what CI runs)
+	$(PYTHON) -m pytest
+
+.PHONY: bench
+bench: ## Kernel benchmark: ns per sample against numpy, 1 and 2 threads
+	taskset -c 0,1 $(PYTHON) -m benchmarks.bench_kernel --versions
+
+.PHONY: clean
+clean: ## Remove build products
+	rm -rf build dist *.egg-info mab_service/policy/_kernel.cpp mab_service/policy/*.so mab_service/policy/*.html

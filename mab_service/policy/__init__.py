@@ -1,0 +1,1 @@
+"""Sampling and ranking: the Beta kernel, its facade and the numpy reference."""

@@ -1,0 +1,49 @@
+"""Builds the Beta kernel extension; all metadata lives in pyproject.toml.
+
+Environment overrides:
+    MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
+    MAB_DEBUG=1     ``-O0 -g``, Cython annotation and line tracing (coverage of .pyx lines)
+    MAB_SANITIZE=1  AddressSanitizer and UndefinedBehaviorSanitizer
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy
+from Cython import __version__ as cython_version
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+if int(cython_version.split(".")[0]) < 3:
+    raise RuntimeError(f"mab-service needs Cython >= 3.0 to build (found {cython_version})")
+
+DEBUG = os.environ.get("MAB_DEBUG") == "1"
+SANITIZE = os.environ.get("MAB_SANITIZE") == "1"
+
+# -ffp-contract=off keeps every instruction-set build of the kernel bit-identical (no fused multiply-add
+# in one and not another); -fno-math-errno lets sqrt compile to one vector instruction.
+compile_args = ["-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-psabi"]
+compile_args += os.environ.get("MAB_CFLAGS", "-O0 -g" if DEBUG else "-O3").split()
+link_args: list[str] = []
+macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
+directives = {"language_level": "3", "embedsignature": True}
+if DEBUG:
+    macros += [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    directives["linetrace"] = True
+if SANITIZE:
+    compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    link_args += ["-fsanitize=address,undefined"]
+
+kernel = Extension(
+    "mab_service.policy._kernel",
+    sources=["mab_service/policy/_kernel.pyx", "csrc/mab/kernel.cpp"],
+    depends=["csrc/mab/kernel.hpp", "csrc/mab/rng.hpp", "csrc/mab/beta_simd.inc", "mab_service/policy/_kernel.pxd"],
+    include_dirs=["csrc", numpy.get_include()],
+    define_macros=macros,
+    language="c++",
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=cythonize([kernel], compiler_directives=directives, annotate=DEBUG))
