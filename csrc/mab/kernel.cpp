@@ -188,20 +188,40 @@ void select_first_k(Keyed* items, Keyed* scratch, std::size_t n, std::size_t k) 
     std::sort(items + lo, items + hi, ranks_before);
 }
 
-// Writes the indices of items[0..k) in ranking order. For small k each item's rank is counted directly
-// (k^2 branch-free comparisons, which vectorise); larger k are sorted.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MAB_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MAB_CLONES
+#endif
+
+// rank[i] = how many of the k (sample, index) pairs rank before pair i: k^2 branch-free comparisons over
+// two plain arrays, which GCC vectorises (compiled for each instruction set; the counts are the same).
+MAB_CLONES void count_ranks(const double* sample, const int64_t* index, std::size_t k, int64_t* rank) noexcept {
+    for (std::size_t i = 0; i < k; ++i) {
+        const double si = sample[i];
+        const int64_t ii = index[i];
+        int64_t r = 0;
+        for (std::size_t j = 0; j < k; ++j) r += (sample[j] > si) | ((sample[j] == si) & (index[j] < ii));
+        rank[i] = r;
+    }
+}
+
+// Writes the indices of items[0..k) in ranking order: by counting ranks for small k, by sorting beyond.
 void write_ranked(Keyed* items, std::size_t k, int64_t* idx) noexcept {
-    constexpr std::size_t kCountUpTo = 128;
+    constexpr std::size_t kCountUpTo = 256;
     if (k > kCountUpTo) {
         std::sort(items, items + k, ranks_before);
         for (std::size_t i = 0; i < k; ++i) idx[i] = items[i].index;
         return;
     }
+    double sample[kCountUpTo];
+    int64_t index[kCountUpTo], rank[kCountUpTo];
     for (std::size_t i = 0; i < k; ++i) {
-        std::size_t rank = 0;
-        for (std::size_t j = 0; j < k; ++j) rank += ranks_before(items[j], items[i]);
-        idx[rank] = items[i].index;
+        sample[i] = items[i].sample;
+        index[i] = items[i].index;
     }
+    count_ranks(sample, index, k, rank);
+    for (std::size_t i = 0; i < k; ++i) idx[rank[i]] = index[i];
 }
 
 }  // namespace
