@@ -1,4 +1,4 @@
-"""Builds the Beta kernel extension; all metadata lives in pyproject.toml.
+"""Builds the C++ extensions (Beta kernel, id index); all metadata lives in pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -35,15 +35,30 @@ if SANITIZE:
     compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     link_args += ["-fsanitize=address,undefined"]
 
-kernel = Extension(
+
+def extension(name: str, sources: list[str], depends: list[str]) -> Extension:
+    """A C++ extension built with the flags above, shared by every compiled module."""
+    return Extension(
+        name,
+        sources=sources,
+        depends=depends,
+        include_dirs=["csrc", numpy.get_include()],
+        define_macros=macros,
+        language="c++",
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+
+
+kernel = extension(
     "mab_service.policy._kernel",
     sources=["mab_service/policy/_kernel.pyx", "csrc/mab/kernel.cpp"],
     depends=["csrc/mab/kernel.hpp", "csrc/mab/rng.hpp", "csrc/mab/beta_simd.inc", "mab_service/policy/_kernel.pxd"],
-    include_dirs=["csrc", numpy.get_include()],
-    define_macros=macros,
-    language="c++",
-    extra_compile_args=compile_args,
-    extra_link_args=link_args,
+)
+index = extension(
+    "mab_service.features._index",
+    sources=["mab_service/features/_index.pyx", "csrc/mab/id_index.cpp"],
+    depends=["csrc/mab/id_index.hpp", "mab_service/features/_index.pxd"],
 )
 
-setup(ext_modules=cythonize([kernel], compiler_directives=directives, annotate=DEBUG))
+setup(ext_modules=cythonize([kernel, index], compiler_directives=directives, annotate=DEBUG))

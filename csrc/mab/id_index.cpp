@@ -1,0 +1,406 @@
+// The id table, the request-local dedupe set and their hash. See id_index.hpp.
+#include "mab/id_index.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#if defined(__linux__)
+#include <fcntl.h>
+#include <sys/random.h>
+#include <unistd.h>
+#endif
+
+namespace mab {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Hash
+//
+// Ids come from clients, so a hash anyone can compute lets a hostile client send ids that all land in one
+// probe run and turn each request's dedupe into O(n^2) work (hash flooding). Every hash is therefore keyed
+// by a secret drawn from the OS once per process, as CPython keys str hashing. We do not use CPython's own
+// SipHash-1-3: for ids of 5-20 bytes it costs several times more than the function below, and we hash every
+// candidate on every request. The function follows wyhash: the id's bytes are folded into two 64-bit words,
+// each is xor-ed with a secret word, and the two are multiplied to a 128-bit product whose halves are
+// xor-ed (the "mum" mix). It is not a cryptographic PRF; its known weakness is that an attacker who can make
+// one factor zero collides everything, and that needs the secret. Worst case without the secret is
+// bounded anyway: a request carries at most a few thousand ids, and the big table holds only our own ids.
+// A forked worker shares its parent's secret, which is fine: it is never revealed.
+
+struct HashSecret {
+    uint64_t seed;
+    uint64_t k1;
+    uint64_t k2;
+};
+
+inline uint64_t read8(const char* p) noexcept {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+inline uint64_t read4(const char* p) noexcept {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+inline uint64_t mum(uint64_t a, uint64_t b) noexcept {
+    const __uint128_t r = static_cast<__uint128_t>(a) * b;
+    return static_cast<uint64_t>(r) ^ static_cast<uint64_t>(r >> 64);
+}
+
+inline uint64_t hash_bytes(const char* p, std::size_t n, const HashSecret& s) noexcept {
+    uint64_t seed = s.seed;
+    uint64_t a, b;
+    if (n <= 16) {
+        if (n >= 4) {
+            // Two overlapping 4-byte reads from each end cover every byte of 4..16 bytes: 4..7 bytes read
+            // [0, 4) and [n-4, n) twice; 8..16 bytes read [0, 8) and [n-8, n).
+            const std::size_t q = (n >> 3) << 2;
+            a = (read4(p) << 32) | read4(p + q);
+            b = (read4(p + n - 4) << 32) | read4(p + n - 4 - q);
+        } else if (n > 0) {
+            // First, middle and last byte: all of them for 1..3 bytes, so equal lengths never collide here.
+            a = (uint64_t{static_cast<unsigned char>(p[0])} << 16) |
+                (uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) | static_cast<unsigned char>(p[n - 1]);
+            b = 0;
+        } else {
+            a = b = 0;
+        }
+    } else {
+        // Long ids: fold 16-byte blocks into the seed, then mix the last 16 bytes (which may overlap the
+        // last block) as above. One lane is enough; ids longer than a few dozen bytes are rare.
+        const char* q = p;
+        std::size_t left = n;
+        while (left > 16) {
+            seed = mum(read8(q) ^ s.k1, read8(q + 8) ^ seed);
+            q += 16;
+            left -= 16;
+        }
+        a = read8(p + n - 16);
+        b = read8(p + n - 8);
+    }
+    // The length enters the final mix, so ids that fold to the same words at different lengths differ.
+    const __uint128_t r = static_cast<__uint128_t>(a ^ s.k1) * (b ^ seed);
+    return mum(static_cast<uint64_t>(r) ^ s.k2 ^ static_cast<uint64_t>(n), static_cast<uint64_t>(r >> 64) ^ s.k1);
+}
+
+inline uint64_t splitmix64(uint64_t& x) noexcept {
+    uint64_t z = (x += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+// Fills words[0..n) with OS entropy: getrandom, else /dev/urandom. Returns false if neither works.
+bool os_entropy(uint64_t* words, std::size_t n) noexcept {
+    const std::size_t bytes = n * sizeof(uint64_t);
+#if defined(__linux__)
+    if (getrandom(words, bytes, 0) == static_cast<ssize_t>(bytes)) return true;
+    const int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        const bool ok = read(fd, words, bytes) == static_cast<ssize_t>(bytes);
+        close(fd);
+        if (ok) return true;
+    }
+#else
+    (void)words;
+    (void)bytes;
+#endif
+    return false;
+}
+
+HashSecret make_secret() noexcept {
+    uint64_t w[3];
+    if (!os_entropy(w, 3)) {
+        // No OS entropy (not Linux, or a sandbox without getrandom and /dev): the clock and an address
+        // (randomised by ASLR) are weak but still unknown to a remote client.
+        int local = 0;
+        uint64_t x = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                     static_cast<uint64_t>(reinterpret_cast<std::uintptr_t>(&local));
+        for (uint64_t& word : w) word = splitmix64(x);
+    }
+    // Multiplier words must be odd and have balanced bits: a word with few set bits mixes poorly. Redraw
+    // (deterministically from the word) until it has.
+    auto odd_balanced = [](uint64_t x) noexcept {
+        for (;;) {
+            const uint64_t k = splitmix64(x) | 1;
+            const int bits = __builtin_popcountll(k);
+            if (bits >= 24 && bits <= 40) return k;
+        }
+    };
+    return HashSecret{w[0], odd_balanced(w[1]), odd_balanced(w[2])};
+}
+
+const HashSecret& process_secret() noexcept {
+    static const HashSecret secret = make_secret();  // thread-safe one-time initialisation (C++11)
+    return secret;
+}
+
+// Byte equality, inline for ids up to 16 bytes (almost all of them): a call to memcmp costs more than the
+// compare. Overlapping reads from both ends, as in hash_bytes.
+inline bool same_bytes(const char* a, std::size_t na, const char* b, std::size_t nb) noexcept {
+    if (na != nb) return false;
+    if (na >= 8) {
+        if (na > 16) return std::memcmp(a, b, na) == 0;
+        return read8(a) == read8(b) && read8(a + na - 8) == read8(b + na - 8);
+    }
+    if (na >= 4) return read4(a) == read4(b) && read4(a + na - 4) == read4(b + na - 4);
+    for (std::size_t i = 0; i < na; ++i) {
+        if (a[i] != b[i]) return false;
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Table
+//
+// Memory layout, one allocation, chosen so that a found lookup reads three cache lines in two rounds:
+//   slots   open addressing with linear probing; capacity a power of two >= 2 n (load factor <= 0.5);
+//           each slot holds the id's full 64-bit hash, its row and the offset of its key record;
+//   params  alpha and beta of row r at params[2 r] and params[2 r + 1]: one 16-byte pair per row;
+//   arena   key records back to back in row order: a 4-byte length, then the id's bytes, padded to 16
+//           bytes so that the record of an id of up to 12 bytes never straddles a cache line.
+// Because the slot holds both the row and the key offset, the pair and the id's bytes are fetched together
+// once the slot is read. A probe compares bytes only on a full hash match, which in practice happens only
+// for the id itself; an unknown id usually costs one slot line.
+
+constexpr uint32_t kEmptyRow = 0xFFFFFFFFu;
+constexpr std::size_t kRecordAlign = 16;
+constexpr std::size_t kMaxArenaBytes = 0xFFFFFFFFu;  // key offsets are 32-bit
+
+struct Slot {
+    uint64_t hash;
+    uint32_t row;         // kEmptyRow marks an empty slot
+    uint32_t key_offset;  // of the row's key record in the arena
+};
+static_assert(sizeof(Slot) == 16, "four slots per cache line");
+
+std::size_t round_up(std::size_t bytes, std::size_t to) noexcept { return (bytes + to - 1) / to * to; }
+
+std::size_t record_bytes(std::size_t id_size) noexcept { return round_up(4 + id_size, kRecordAlign); }
+
+}  // namespace
+
+struct IdTable {
+    void* block = nullptr;  // slots, params and arena in one allocation
+    std::size_t bytes = 0;
+    Slot* slots = nullptr;
+    std::size_t mask = 0;  // capacity - 1
+    double* params = nullptr;
+    std::size_t n = 0;
+    char* arena = nullptr;
+    HashSecret secret{};  // a copy, so lookups do not go through the static's guard
+
+    ~IdTable() { std::free(block); }
+
+    bool holds(const Slot& s, const char* p, std::size_t size) const noexcept {
+        const char* record = arena + s.key_offset;
+        uint32_t stored;
+        std::memcpy(&stored, record, 4);
+        return same_bytes(record + 4, stored, p, size);
+    }
+
+    // Linear probing from slot j: the index of the slot holding the id, or of the empty slot ending its run.
+    std::size_t probe(uint64_t h, std::size_t j, const char* p, std::size_t size) const noexcept {
+        for (;; j = (j + 1) & mask) {
+            const Slot& s = slots[j];
+            if (s.row == kEmptyRow || (s.hash == h && holds(s, p, size))) return j;
+        }
+    }
+};
+
+int build_id_table(const IdRef* ids, const double* alpha, const double* beta, std::size_t n, IdTable** out,
+                   std::size_t* dup_first, std::size_t* dup_second) noexcept {
+    *out = nullptr;
+    if (n > kMaxIds) return kIdTooMany;
+    std::size_t arena_bytes = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        if (ids[i].size > kMaxArenaBytes) return kIdTooMany;
+        arena_bytes += record_bytes(ids[i].size);
+        if (arena_bytes > kMaxArenaBytes) return kIdTooMany;
+    }
+    std::size_t capacity = 16;
+    while (capacity < 2 * n) capacity <<= 1;
+    const std::size_t slot_bytes = capacity * sizeof(Slot);  // a multiple of 256: params stay aligned
+    const std::size_t param_bytes = round_up(n * 2 * sizeof(double), 64);
+    IdTable* t = new (std::nothrow) IdTable;
+    if (t == nullptr) return kIdNoMemory;
+    t->bytes = round_up(slot_bytes + param_bytes + std::max<std::size_t>(arena_bytes, 1), 64);
+    t->block = std::aligned_alloc(64, t->bytes);
+    if (t->block == nullptr) {
+        delete t;
+        return kIdNoMemory;
+    }
+    char* base = static_cast<char*>(t->block);
+    t->slots = reinterpret_cast<Slot*>(base);
+    t->params = reinterpret_cast<double*>(base + slot_bytes);
+    t->arena = base + slot_bytes + param_bytes;
+    t->mask = capacity - 1;
+    t->n = n;
+    t->secret = process_secret();
+    for (std::size_t j = 0; j < capacity; ++j) t->slots[j] = Slot{0, kEmptyRow, 0};
+
+    std::size_t offset = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const IdRef id = ids[i];
+        t->params[2 * i] = alpha[i];
+        t->params[2 * i + 1] = beta[i];
+        char* record = t->arena + offset;
+        const uint32_t size32 = static_cast<uint32_t>(id.size);
+        std::memcpy(record, &size32, 4);
+        if (id.size != 0) std::memcpy(record + 4, id.data, id.size);
+        const uint64_t h = hash_bytes(id.data, id.size, t->secret);
+        Slot& s = t->slots[t->probe(h, h & t->mask, id.data, id.size)];
+        if (s.row != kEmptyRow) {
+            *dup_first = s.row;
+            *dup_second = i;
+            delete t;
+            return kIdDuplicate;
+        }
+        s = Slot{h, static_cast<uint32_t>(i), static_cast<uint32_t>(offset)};
+        offset += record_bytes(id.size);
+    }
+    *out = t;
+    return kIdOk;
+}
+
+void destroy_id_table(IdTable* table) noexcept { delete table; }
+
+std::size_t id_table_size(const IdTable* table) noexcept { return table->n; }
+
+std::size_t id_table_memory_bytes(const IdTable* table) noexcept { return sizeof(IdTable) + table->bytes; }
+
+int64_t find_row(const IdTable* t, IdRef id, double* alpha, double* beta) noexcept {
+    const uint64_t h = hash_bytes(id.data, id.size, t->secret);
+    const Slot& s = t->slots[t->probe(h, h & t->mask, id.data, id.size)];
+    if (s.row == kEmptyRow) return -1;
+    *alpha = t->params[2 * s.row];
+    *beta = t->params[2 * s.row + 1];
+    return s.row;
+}
+
+int gather_params_fill(const IdTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
+                       double* alpha_out, double* beta_out, std::size_t* n_known) noexcept {
+    // A 100,000-id table takes about 7 MB, beyond L2, and between requests the service evicts much of it,
+    // so a lookup waits on two levels of misses: its slot, then its pair and key record. Ids go in groups,
+    // one pass per level, each pass prefetching the next level for the whole group, so that the misses of
+    // a group overlap instead of queueing one behind another.
+    constexpr std::size_t kGroup = 32;
+    uint64_t hash[kGroup];
+    std::size_t slot[kGroup];
+    std::size_t known = 0;
+    for (std::size_t base = 0; base < n; base += kGroup) {
+        const std::size_t m = std::min(kGroup, n - base);
+        const IdRef* g = ids + base;
+        for (std::size_t i = 0; i < m; ++i) {
+            hash[i] = hash_bytes(g[i].data, g[i].size, t->secret);
+            slot[i] = hash[i] & t->mask;
+            __builtin_prefetch(&t->slots[slot[i]]);
+        }
+        // The first slot with this hash, or the empty slot that ends the run.
+        for (std::size_t i = 0; i < m; ++i) {
+            std::size_t j = slot[i];
+            while (t->slots[j].row != kEmptyRow && t->slots[j].hash != hash[i]) j = (j + 1) & t->mask;
+            slot[i] = j;
+            const Slot& s = t->slots[j];
+            if (s.row != kEmptyRow) {
+                __builtin_prefetch(t->params + 2 * s.row);
+                __builtin_prefetch(t->arena + s.key_offset);
+            }
+        }
+        for (std::size_t i = 0; i < m; ++i) {
+            const Slot* s = &t->slots[slot[i]];
+            // Equal hashes but other bytes: a 64-bit collision, so probe on past it.
+            if (s->row != kEmptyRow && !t->holds(*s, g[i].data, g[i].size)) {
+                s = &t->slots[t->probe(hash[i], (slot[i] + 1) & t->mask, g[i].data, g[i].size)];
+            }
+            if (s->row != kEmptyRow) {
+                alpha_out[base + i] = t->params[2 * s->row];
+                beta_out[base + i] = t->params[2 * s->row + 1];
+                ++known;
+            } else {
+                alpha_out[base + i] = prior_alpha;
+                beta_out[base + i] = prior_beta;
+            }
+        }
+    }
+    *n_known = known;
+    return kIdOk;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Request-local dedupe
+
+namespace {
+
+// 8 bytes: the high half of the hash as a tag (the low bits choose the slot) and the position plus one
+// (0 marks an empty slot). Bytes are compared only when the tags match.
+struct SetSlot {
+    uint32_t tag;
+    uint32_t pos1;
+};
+
+}  // namespace
+
+int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::size_t* n_keep) noexcept {
+    *n_keep = 0;
+    if (n > kMaxIds) return kIdTooMany;
+    // Load factor <= 0.25, not 0.5: with fresh ids every probe branch is a coin toss, and a mispredicted
+    // branch costs more than the extra memory (measured: about 30% faster for 400 and 2,000 ids).
+    std::size_t capacity = 16;
+    while (capacity < 4 * n) capacity <<= 1;
+    // 64 KB: well inside a thread's stack (8 MB on Linux), and enough for 2,000-candidate requests.
+    SetSlot on_stack[4 * kUniqueStackIds];
+    SetSlot* set = on_stack;
+    if (capacity > 4 * kUniqueStackIds) {
+        set = static_cast<SetSlot*>(std::calloc(capacity, sizeof(SetSlot)));
+        if (set == nullptr) return kIdNoMemory;
+    } else {
+        std::memset(set, 0, capacity * sizeof(SetSlot));
+    }
+    const HashSecret& secret = process_secret();
+    const std::size_t mask = capacity - 1;
+    std::size_t kept = 0;
+    // Hash a chunk and prefetch its slots first: beyond a few hundred ids the set outgrows L1.
+    constexpr std::size_t kChunk = 32;
+    uint64_t hash[kChunk];
+    for (std::size_t base = 0; base < n; base += kChunk) {
+        const std::size_t m = std::min(kChunk, n - base);
+        for (std::size_t i = 0; i < m; ++i) {
+            hash[i] = hash_bytes(ids[base + i].data, ids[base + i].size, secret);
+            __builtin_prefetch(&set[hash[i] & mask], 1);
+        }
+        for (std::size_t c = 0; c < m; ++c) {
+            const std::size_t i = base + c;
+            const IdRef id = ids[i];
+            const uint32_t tag = static_cast<uint32_t>(hash[c] >> 32);
+            std::size_t j = hash[c] & mask;
+            bool seen = false;
+            for (; set[j].pos1 != 0; j = (j + 1) & mask) {
+                if (set[j].tag == tag) {
+                    const IdRef& other = ids[set[j].pos1 - 1];
+                    if (same_bytes(other.data, other.size, id.data, id.size)) {
+                        seen = true;
+                        break;
+                    }
+                }
+            }
+            if (!seen) {
+                set[j] = SetSlot{tag, static_cast<uint32_t>(i + 1)};
+                keep[kept++] = static_cast<uint32_t>(i);
+            }
+        }
+    }
+    if (set != on_stack) std::free(set);
+    *n_keep = kept;
+    return kIdOk;
+}
+
+uint64_t hash_id(IdRef id) noexcept { return hash_bytes(id.data, id.size, process_secret()); }
+
+}  // namespace mab

@@ -1,0 +1,1 @@
+"""Feature sources: where each arm's Beta posterior parameters come from."""
