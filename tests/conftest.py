@@ -1,5 +1,15 @@
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
 import numpy as np
 import pytest
 
@@ -16,5 +26,92 @@ class Rand:
 
 
 @pytest.fixture
-def rand(request: pytest.FixtureRequest) -> Rand:
+def rand() -> Rand:
     return Rand(seed=20261121)
+
+
+def unused_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real ``mab-service serve`` process on a loopback port."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10)
+
+
+def _start(env_overrides: dict[str, str], args: list[str]) -> Server:
+    port = unused_tcp_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAB_")}
+    env.update(env_overrides)
+    cmd = [sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return Server(proc, url)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    _stop(proc)
+    raise RuntimeError("server did not become ready within 30 s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> Iterator[Callable[..., Server]]:
+    """Starts servers with given MAB_* settings and CLI args; stops them all at the end of the session."""
+    started: list[Server] = []
+
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> Server:
+        server = _start(env or {}, args or [])
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        _stop(server.proc)
+
+
+TABLE = """entity_id,alpha,beta
+strong,1000000,1
+weak,1,1000000
+mid,50,50
+é-unicode,3,4
+"""
+
+
+@pytest.fixture(scope="session")
+def table_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("features") / "table.csv"
+    rows = [TABLE.rstrip("\n")] + [f"c{i},{1 + i % 50},{100 + i % 900}" for i in range(5000)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server(server_factory: Callable[..., Server], table_csv: Path) -> Server:
+    return server_factory(args=["--features", f"csv:{table_csv}", "--max-candidates", "3000"])

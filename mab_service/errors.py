@@ -1,0 +1,49 @@
+"""Domain errors. Each carries its HTTP status, a stable machine code and a message for the client;
+the app's exception handlers (app.py) turn them into JSON answers in one place."""
+
+from __future__ import annotations
+
+
+class MabError(Exception):
+    """Base of every error this service raises on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_json(self) -> dict[str, str]:
+        body = {"error": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class MalformedBody(MabError):
+    status_code = 400
+    code = "malformed_json"
+
+
+class PayloadTooLarge(MabError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(MabError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class ValidationFailed(MabError):
+    status_code = 422
+    code = "validation_error"
+
+
+class FeatureSourceError(MabError):
+    """The feature source cannot be used: bad configuration, a file that does not load, a store that fails."""
+
+    status_code = 503
+    code = "feature_source_unavailable"

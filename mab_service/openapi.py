@@ -1,0 +1,125 @@
+"""The OpenAPI 3.1 document served at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mab_service import __version__
+
+_ERROR = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "Stable machine code, e.g. validation_error."},
+        "message": {"type": "string", "description": "What is wrong, for people."},
+        "field": {"type": "string", "description": "Where in the body, e.g. candidates[3]."},
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
+    """The document for this configuration (limits are part of the contract)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mab-service",
+            "version": __version__,
+            "description": "Ranks candidates for a user by Thompson samples from Beta posteriors.",
+        },
+        "paths": {
+            "/predict": {
+                "post": {
+                    "operationId": "predict",
+                    "summary": "Rank candidates by one Thompson sample each",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Ranked candidates, best first.",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/PredictResponse"}}
+                            },
+                        },
+                        "400": _error("The body is not valid JSON."),
+                        "413": _error(f"The body is larger than {max_body_bytes} bytes."),
+                        "415": _error("The content type is not application/json."),
+                        "422": _error("The JSON does not match PredictRequest."),
+                        "503": _error("The service is not ready or is shedding load."),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Readiness: 200 once the kernel and the feature source are ready",
+                    "responses": {
+                        "200": {
+                            "description": "Ready.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        },
+                        "503": {
+                            "description": "Not ready, with the reason.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        },
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "PredictRequest": {
+                    "type": "object",
+                    "required": ["user_id", "candidates"],
+                    "properties": {
+                        "user_id": {"type": "string", "maxLength": 1024},
+                        "candidates": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "minItems": 1,
+                            "maxItems": max_candidates,
+                            "description": "Candidate ids; duplicates are ranked once (first occurrence).",
+                        },
+                        "top_k": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "How many to return; all when absent, at most the distinct candidates.",
+                        },
+                        "seed": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": 2**64 - 1,
+                            "description": "Same seed and inputs, same answer.",
+                        },
+                    },
+                },
+                "PredictResponse": {
+                    "type": "object",
+                    "required": ["user_id", "ids", "scores"],
+                    "properties": {
+                        "user_id": {"type": "string"},
+                        "ids": {"type": "array", "items": {"type": "string"}},
+                        "scores": {
+                            "type": "array",
+                            "items": {"type": "number", "minimum": 0, "maximum": 1},
+                            "description": "Each id's Thompson sample, descending.",
+                        },
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+                },
+                "Error": _ERROR,
+            }
+        },
+    }

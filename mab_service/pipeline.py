@@ -1,0 +1,28 @@
+"""recommend(): fetch -> sample -> rank, and nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mab_service.features.source import FeatureSource
+from mab_service.policy.sampler import TopK
+from mab_service.schemas import PredictRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    ids: list[str]
+    scores: npt.NDArray[np.float64]
+    known: int
+
+
+async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK) -> Recommendation:
+    """Rank the request's candidates by one Thompson sample each; return the best ``top_k`` (all if None)."""
+    candidates = request.candidates
+    features = await source.fetch(candidates)
+    k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))
+    indices, scores = top_k(features.alpha, features.beta, k, seed=request.seed)
+    return Recommendation(list(map(candidates.__getitem__, indices.tolist())), scores, features.known)

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from mab_service.config import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert (s.host, s.port, s.workers, s.features) == ("127.0.0.1", 8000, 1, "demo")
+    assert (s.prior_alpha, s.prior_beta, s.max_candidates) == (1.0, 1.0, 10_000)
+
+
+def test_environment_then_overrides() -> None:
+    env = {"MAB_PORT": "9001", "MAB_PRIOR_BETA": "3.5", "MAB_ACCESS_LOG": "yes", "MAB_WORKERS": "2", "OTHER": "x"}
+    s = Settings.from_env(env, workers=4, port=None)
+    assert s.port == 9001  # from the environment: the override is None
+    assert s.workers == 4  # the flag wins over MAB_WORKERS
+    assert s.prior_beta == 3.5 and s.access_log is True
+
+
+def test_export_round_trips() -> None:
+    s = Settings(port=1234, access_log=True, features="csv:/tmp/x.csv", prior_alpha=2.5)
+    env: dict[str, str] = {}
+    s.export_env(env)
+    assert Settings.from_env(env) == s
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MAB_PORT": "eighty"}, "MAB_PORT must be a int (got 'eighty')"),
+        ({"MAB_ACCESS_LOG": "maybe"}, "MAB_ACCESS_LOG must be a bool"),
+        ({"MAB_PRIOR_ALPHA": "nan"}, "prior_alpha must be a finite number > 0 (got nan)"),
+        ({"MAB_PRIOR_BETA": "0"}, "prior_beta must be a finite number > 0"),
+        ({"MAB_WORKERS": "0"}, "workers must be an integer >= 1"),
+        ({"MAB_FEATURES": "redis:x"}, "features must be demo or csv:PATH"),
+        ({"MAB_SAMPLER": "fast"}, "sampler must be auto, kernel or reference"),
+        ({"MAB_MAX_BODY_BYTES": "10"}, "max_body_bytes must be an integer >= 1024"),
+    ],
+)
+def test_bad_settings_name_the_key_and_value(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().port = 1  # type: ignore[misc]
