@@ -1,0 +1,1 @@
+"""Reference services that mab_service is compared against in end-to-end benchmarks."""

@@ -1,0 +1,469 @@
+"""End-to-end service benchmark: mab_service against the plain Starlette + numpy baseline, side by side.
+
+For every measurement a fresh server is started pinned to one core (``taskset -c 0``), probed on ``/health``,
+warmed up, and then loaded by ``wrk`` pinned to the other core (``taskset -c 1``). Targets alternate
+(A B A B ...) across ``--repeats`` and medians are reported, which keeps slow drift on a shared machine from
+favouring one side. Server CPU time is read from ``/proc`` to give CPU-seconds per request, which is steadier
+than req/s on a noisy host.
+
+    python -m benchmarks.bench_service [--duration 10] [--connections 32] [--workloads W400,W2000]
+                                       [--targets project,plain] [--repeats 3] [--json] [--versions]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks import workload
+
+#: A target turns (port, feature CSV path) into the argv of a server listening on 127.0.0.1:port.
+TargetFactory = Callable[[int, Path], list[str]]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "plain"
+HEALTH_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+WARMUP_S = 2
+
+
+def plain_target(port: int, features: Path) -> list[str]:
+    """Argv for the plain Starlette + numpy baseline (benchmarks/baselines/plain_starlette.py)."""
+    module = "benchmarks.baselines.plain_starlette"
+    return [sys.executable, "-m", module, "--port", str(port), "--features", str(features)]
+
+
+def project_target(port: int, features: Path) -> list[str]:
+    """Argv for mab_service through its own CLI, one worker, embedded CSV feature source."""
+    return [
+        sys.executable, "-m", "mab_service", "serve",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--features", f"csv:{features}",
+    ]  # fmt: skip
+
+
+#: Name -> argv factory. To benchmark another implementation (e.g. the Go port), add one function returning
+#: its argv here; it must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
+TARGETS: dict[str, TargetFactory] = {
+    "project": project_target,
+    "plain": plain_target,
+}
+
+
+class TargetError(RuntimeError):
+    """A server failed to start, answer correctly, or be measured."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One wrk run against one freshly started server."""
+
+    requests: int
+    duration_s: float
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    cpu_s: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.cpu_s / max(self.requests, 1)
+
+
+# --- processes ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """CPU seconds (user + system) used by every live process in session ``sid``, plus reaped children.
+
+    Summing utime+stime+cutime+cstime over the session keeps the total consistent when a worker exits: its
+    time moves from its own entry into its parent's cutime/cstime and is counted once either way.
+    """
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:  # the process exited between listdir and open
+            continue
+        # comm (field 2) may contain spaces and parentheses; fields after the last ")" start at field 3.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid:  # field 6: session id
+            ticks += sum(int(v) for v in fields[11:15])  # fields 14-17: utime stime cutime cstime
+    return ticks / _CLK_TCK
+
+
+def _tail(path: Path, n_lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
+    return ""
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], port: int, cpu: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` pinned to ``cpu`` in its own session and yield it once ``/health`` answers 200.
+
+    On exit the whole process group gets SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``, so no worker
+    survives even if the server itself forks.
+
+    Raises:
+        TargetError: If the server exits early or is not healthy within ``HEALTH_TIMEOUT_S``.
+    """
+    with log_path.open("wb") as log:
+        # start_new_session: the server leads its own session and process group (sid == pgid == pid), which
+        # lets us account CPU for all its processes and signal them together. taskset execs in place.
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *argv],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_healthy(proc, port, log_path)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TargetError(f"server exited with code {proc.returncode} before becoming healthy:\n{_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or still starting (503)
+        time.sleep(0.1)
+    raise TargetError(f"/health not 200 within {HEALTH_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_TIMEOUT_S)
+    # Sweep the group even after a clean exit: a forked worker can outlive its parent.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def check_predict(port: int, body: bytes, n_candidates: int) -> None:
+    """Send one request and check the answer's shape, so we never benchmark a server that only errors.
+
+    Raises:
+        TargetError: If the status is not 200 or ``ids`` does not hold ``min(top_k, n_candidates)`` entries.
+    """
+    top_k = int(orjson.loads(body)["top_k"])
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/predict", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10.0) as resp:
+            answer = orjson.loads(resp.read())
+    except (urllib.error.URLError, OSError, orjson.JSONDecodeError) as exc:
+        raise TargetError(f"POST /predict failed: {exc!r}") from exc
+    ids = answer.get("ids") if isinstance(answer, dict) else None
+    if not isinstance(ids, list) or len(ids) != min(top_k, n_candidates):
+        raise TargetError(f"POST /predict answered an unexpected body: {str(answer)[:300]}")
+
+
+def run_wrk(script: Path, port: int, duration_s: int, connections: int, cpu: int) -> dict[str, Any]:
+    """Run wrk pinned to ``cpu`` and return its parsed ``WRKJSON`` line.
+
+    Raises:
+        TargetError: If wrk fails or prints no result line.
+    """
+    argv = [
+        "taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency",
+        "-s", str(script), f"http://127.0.0.1:{port}/predict",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    if done.returncode != 0:
+        raise TargetError(f"wrk exited with code {done.returncode}: {done.stderr.strip()}")
+    try:
+        return workload.parse_wrk_output(done.stdout)
+    except ValueError as exc:
+        raise TargetError(str(exc)) from exc
+
+
+def measure(
+    argv_for: TargetFactory, table: Path, files: workload.WorkloadFiles, args: argparse.Namespace, log_path: Path
+) -> Measurement:
+    """Start one server, check it, warm it up, load it with wrk and stop it again."""
+    port = free_port()
+    first_body = files.bodies.read_bytes().split(b"\n", 1)[0]
+    with running_server(argv_for(port, table), port, args.server_cpu, log_path) as proc:
+        check_predict(port, first_body, files.n_candidates)
+        run_wrk(files.wrk_script, port, WARMUP_S, args.connections, args.client_cpu)
+        cpu_before = session_cpu_seconds(proc.pid)
+        result = run_wrk(files.wrk_script, port, args.duration, args.connections, args.client_cpu)
+        cpu_s = session_cpu_seconds(proc.pid) - cpu_before
+    latency = result["latency_us"]
+    return Measurement(
+        requests=int(result["requests"]),
+        duration_s=result["duration_us"] / 1e6,
+        errors=sum(int(v) for v in result["errors"].values()),
+        p50_ms=latency["p50"] / 1e3,
+        p90_ms=latency["p90"] / 1e3,
+        p99_ms=latency["p99"] / 1e3,
+        p999_ms=latency["p99.9"] / 1e3,
+        cpu_s=cpu_s,
+    )
+
+
+# --- reporting ------------------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[Measurement], n_candidates: int) -> dict[str, float]:
+    """Median of each metric over repeated runs (medians taken per metric, not of one chosen run)."""
+    rps = statistics.median(m.rps for m in runs)
+    return {
+        "rps": rps,
+        "pairs_per_s": rps * n_candidates,
+        "p50_ms": statistics.median(m.p50_ms for m in runs),
+        "p90_ms": statistics.median(m.p90_ms for m in runs),
+        "p99_ms": statistics.median(m.p99_ms for m in runs),
+        "p999_ms": statistics.median(m.p999_ms for m in runs),
+        "cpu_us_per_request": statistics.median(m.cpu_us_per_request for m in runs),
+        "errors": sum(m.errors for m in runs),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Machine, Python and package versions that every published number must state."""
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    packages: dict[str, str | None] = {}
+    for name in ("mab_service", "numpy", "starlette", "uvicorn", "uvloop", "httptools", "orjson"):
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    wrk_version = None
+    with contextlib.suppress(OSError):
+        # wrk has no real --version: it prints its banner and usage, and exits non-zero.
+        out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+        wrk_version = (out.stdout or out.stderr).splitlines()[0].strip() or None
+    return {
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": cpu_model,
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "packages": packages,
+        "wrk": wrk_version,
+    }
+
+
+def ratios(results: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per target and workload: req/s and CPU per request relative to the baseline target."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (target, name), res in results.items():
+        base = results.get((BASELINE, name))
+        if target == BASELINE or base is None or "median" not in res or "median" not in base:
+            continue
+        mine, ref = res["median"], base["median"]
+        out.setdefault(target, {})[name] = {
+            "rps": mine["rps"] / ref["rps"],
+            "cpu_per_request": mine["cpu_us_per_request"] / ref["cpu_us_per_request"],
+        }
+    return out
+
+
+def results_document(
+    env: dict[str, Any],
+    args: argparse.Namespace,
+    results: dict[tuple[str, str], dict[str, Any]],
+    n_candidates: dict[str, int],
+) -> dict[str, Any]:
+    """The ``--json`` output: environment, configuration, per-run figures, medians and ratios."""
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "versions")}
+    return {
+        "environment": env,
+        "config": config | {"warmup_s": WARMUP_S},
+        "results": [
+            {
+                "target": target,
+                "workload": name,
+                "n_candidates": n_candidates[name],
+                "median": res.get("median"),
+                "error": res.get("error"),
+                "runs": [asdict(m) | {"rps": m.rps, "cpu_us_per_request": m.cpu_us_per_request} for m in res["runs"]],
+            }
+            for (target, name), res in results.items()
+        ],
+        f"ratios_vs_{BASELINE}": ratios(results),
+    }
+
+
+def print_table(env: dict[str, Any], args: argparse.Namespace, results: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Print the medians as a text table with the run conditions above it."""
+    print(f"# {env['machine']}, {env['cpu']}, {env['cpus_available']} CPUs; {env['python']}")
+    print(
+        f"# server on cpu {args.server_cpu}, wrk -t1 -c{args.connections} -d{args.duration}s on cpu "
+        f"{args.client_cpu}; median of {args.repeats} run(s), targets interleaved; shared host: expect noise"
+    )
+    header = ("target", "workload", "req/s", "pairs/s", "p50 ms", "p99 ms", "CPU us/req", "errors", f"x {BASELINE}")
+    rows = [header]
+    rel = ratios(results)
+    for (target, name), res in results.items():
+        if "median" not in res:
+            rows.append((target, name, "FAILED", "", "", "", "", "", ""))
+            continue
+        m = res["median"]
+        ratio = rel.get(target, {}).get(name)
+        rows.append(
+            (
+                target,
+                name,
+                f"{m['rps']:,.0f}",
+                f"{m['pairs_per_s']:,.0f}",
+                f"{m['p50_ms']:.2f}",
+                f"{m['p99_ms']:.2f}",
+                f"{m['cpu_us_per_request']:,.0f}",
+                str(m["errors"]),
+                f"{ratio['rps']:.2f}" if ratio else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    for target, per_workload in rel.items():
+        for name, r in per_workload.items():
+            print(f"{target}/{BASELINE} {name}: req/s {r['rps']:.2f}x, CPU per request {r['cpu_per_request']:.2f}x")
+    for (target, name), res in results.items():
+        if "error" in res:
+            print(f"\n{target} {name} failed: {res['error']}", file=sys.stderr)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def _names(value: str, known: Sequence[str], what: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; expected some of {list(known)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_service", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument(
+        "--workloads",
+        type=lambda v: _names(v, list(workload.WORKLOADS), "workloads"),
+        default=list(workload.WORKLOADS),
+        help=f"comma-separated, from {','.join(workload.WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--targets",
+        type=lambda v: _names(v, list(TARGETS), "targets"),
+        default=list(TARGETS),
+        help=f"comma-separated, from {','.join(TARGETS)}",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per target and workload (default 3)")
+    parser.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (default 0)")
+    parser.add_argument("--client-cpu", type=int, default=1, help="core wrk is pinned to (default 1)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--versions", action="store_true", help="print machine and package versions and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the process exit code (1 if any target failed)."""
+    args = parse_args(argv)
+    env = environment()
+    if args.versions:
+        print(orjson.dumps(env, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found on PATH")
+    if not {args.server_cpu, args.client_cpu} <= os.sched_getaffinity(0) or args.server_cpu == args.client_cpu:
+        sys.exit(f"need two distinct usable cores, got server {args.server_cpu} and client {args.client_cpu}")
+
+    results: dict[tuple[str, str], dict[str, Any]] = {
+        (t, w): {"runs": []} for w in args.workloads for t in args.targets
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_service-") as tmp:
+        table, files = workload.write_workloads(tmp, args.workloads)
+        for rep in range(args.repeats):
+            for name in args.workloads:
+                for target in args.targets:
+                    res = results[(target, name)]
+                    if "error" in res:
+                        continue  # not retried: a broken target costs one failed start per workload, not one per repeat
+                    print(f"[{rep + 1}/{args.repeats}] {target} {name} ...", end=" ", file=sys.stderr, flush=True)
+                    log_path = Path(tmp) / f"{target}-{name}-{rep}.log"
+                    try:
+                        m = measure(TARGETS[target], table, files[name], args, log_path)
+                    except (TargetError, subprocess.TimeoutExpired) as exc:
+                        res["error"] = str(exc)
+                        print("FAILED", file=sys.stderr)
+                        continue
+                    res["runs"].append(m)
+                    print(f"{m.rps:,.0f} req/s, p99 {m.p99_ms:.1f} ms, errors {m.errors}", file=sys.stderr)
+
+    for (_, name), res in results.items():
+        if res["runs"] and "error" not in res:
+            res["median"] = summarize(res["runs"], files[name].n_candidates)
+    if args.json:
+        doc = results_document(env, args, results, {n: f.n_candidates for n, f in files.items()})
+        print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_table(env, args, results)
+    return 1 if any("error" in res for res in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
