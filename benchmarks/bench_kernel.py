@@ -2,7 +2,7 @@
 
     taskset -c 0,1 python -m benchmarks.bench_kernel [--n 1000000] [--repeats 9] [--json] [--versions]
 
-Shapes are typical click-through posteriors: alpha uniform in 1..2000, beta = 20 alpha + 1..5000. Rows:
+Shapes are typical click-through posteriors from benchmarks.workload: alpha in 1..2000, beta = 20 alpha + 1..5000. Rows:
 numpy on one thread; the kernel on one thread at each instruction set this CPU has; the kernel on two
 threads (each sampling half the arms, so that the GIL would serialise them if it were held); and the
 fused sample + top-50 of 400 arms, the service's per-request call. Figures are medians over repeats.
@@ -21,16 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.workload import posterior_shapes
 from mab_service.policy import _kernel
 from mab_service.policy.sampler import sample_beta, sample_top_k
-
-
-def click_through_shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """alpha in [1, 2000], beta = 20 alpha + [1, 5000]: the posteriors the benchmark targets."""
-    rng = np.random.default_rng(seed)
-    alpha = rng.uniform(1.0, 2000.0, n)
-    beta = 20.0 * alpha + rng.uniform(1.0, 5000.0, n)
-    return alpha, beta
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -58,7 +51,7 @@ def threaded(alpha: np.ndarray, beta: np.ndarray, threads: int) -> Callable[[], 
 
 
 def measure(n: int, repeats: int) -> dict[str, float]:
-    alpha, beta = click_through_shapes(n)
+    alpha, beta = posterior_shapes(n)
     gen = np.random.default_rng(1)
     rows: dict[str, float] = {}
     rows["numpy Generator.beta, 1 thread"] = median_seconds(lambda: gen.beta(alpha, beta), repeats) / n * 1e9

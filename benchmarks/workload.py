@@ -40,6 +40,17 @@ class WorkloadFiles:
     wrk_script: Path
 
 
+def posterior_shapes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Beta click-through posteriors: alpha = 1 + [0, 1999] clicks, beta = 20 alpha + 1 + [0, 4999].
+
+    The feature table, the kernel benchmark and the load tests all draw their parameters from here.
+    """
+    rng = np.random.default_rng(seed)
+    alpha = 1.0 + rng.integers(0, 2000, size=n)
+    beta = 20.0 * alpha + 1.0 + rng.integers(0, 5000, size=n)
+    return alpha, beta
+
+
 def write_table(path: str | Path, n_entities: int = DEFAULT_ENTITIES, seed: int = 0) -> Path:
     """Write a CSV feature table of Beta click-through posteriors.
 
@@ -55,9 +66,7 @@ def write_table(path: str | Path, n_entities: int = DEFAULT_ENTITIES, seed: int 
     Returns:
         The path written.
     """
-    rng = np.random.default_rng(seed)
-    alpha = 1.0 + rng.integers(0, 2000, size=n_entities)
-    beta = 20.0 * alpha + 1.0 + rng.integers(0, 5000, size=n_entities)
+    alpha, beta = posterior_shapes(n_entities, seed)
     path = Path(path)
     # .tolist() yields Python floats, whose repr is plain ("1234.0"); numpy 2 scalars would print as
     # "np.float64(1234.0)".
