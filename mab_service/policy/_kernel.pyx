@@ -109,11 +109,27 @@ cdef cnp.ndarray _empty(Py_ssize_t n, int typenum):
     return cnp.PyArray_EMPTY(1, &dims, typenum, 0)
 
 
-def sample_beta(alpha, beta, *, seed=None):
+cdef cnp.ndarray _checked_out(object out, cnp.ndarray a, cnp.ndarray b):
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy array (got {type(out).__name__})")
+    cdef cnp.ndarray arr = <cnp.ndarray>out
+    if arr.dtype != np.float64 or arr.ndim != 1 or not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError("out must be a writeable, contiguous, one-dimensional float64 array")
+    if arr.shape[0] != a.shape[0]:
+        raise ValueError(f"out must have the same length as alpha (got {arr.shape[0]} and {a.shape[0]})")
+    if np.may_share_memory(arr, a) or np.may_share_memory(arr, b):
+        raise ValueError("out must not overlap alpha or beta")
+    return arr
+
+
+def sample_beta(alpha, beta, *, seed=None, out=None):
     cdef cnp.ndarray a, b
     a, b = _checked_pair(alpha, beta)
     cdef size_t n = <size_t>a.shape[0]
-    cdef cnp.ndarray out = _empty(n, cnp.NPY_FLOAT64)
+    if out is None:
+        out = _empty(n, cnp.NPY_FLOAT64)
+    else:
+        out = _checked_out(out, a, b)
     cdef RngState seeded
     cdef RngState* st
     cdef _Stream stream
@@ -125,7 +141,7 @@ def sample_beta(alpha, beta, *, seed=None):
         st = &seeded
     cdef const double* pa = <const double*>cnp.PyArray_DATA(a)
     cdef const double* pb = <const double*>cnp.PyArray_DATA(b)
-    cdef double* po = <double*>cnp.PyArray_DATA(out)
+    cdef double* po = <double*>cnp.PyArray_DATA(<cnp.ndarray>out)
     cdef int status
     with nogil:
         status = sample_beta_fill(st, pa, pb, n, po)

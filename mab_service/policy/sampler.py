@@ -18,7 +18,13 @@ from mab_service.policy import _kernel, reference
 TopK = Callable[..., tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]
 
 
-def sample_beta(alpha: npt.ArrayLike, beta: npt.ArrayLike, *, seed: int | None = None) -> npt.NDArray[np.float64]:
+def sample_beta(
+    alpha: npt.ArrayLike,
+    beta: npt.ArrayLike,
+    *,
+    seed: int | None = None,
+    out: npt.NDArray[np.float64] | None = None,
+) -> npt.NDArray[np.float64]:
     """Draw one sample from Beta(alpha[i], beta[i]) for every arm i.
 
     Each draw is X / (X + Y) with X ~ Gamma(alpha[i]) and Y ~ Gamma(beta[i]), the gammas drawn by
@@ -30,15 +36,17 @@ def sample_beta(alpha: npt.ArrayLike, beta: npt.ArrayLike, *, seed: int | None =
         beta: The second shape parameter of each arm, finite and > 0; same length as ``alpha``.
         seed: An integer in [0, 2**64). The same seed gives the same samples on every call and every
             CPU; ``None`` draws from this thread's stream, seeded from OS entropy.
+        out: A writeable, contiguous float64 array of the same length to write into, so that a loop
+            does not allocate (and fault in) a new array on every call.
 
     Returns:
-        A new float64 array with one sample per arm.
+        ``out`` if given, else a new float64 array: one sample per arm.
 
     Raises:
         ValueError: a parameter that is not finite and > 0 (naming the array and index), arrays that
-            are not 1-D or differ in length, or a bad seed.
+            are not 1-D or differ in length, a bad seed, or an unusable ``out``.
     """
-    return _kernel.sample_beta(alpha, beta, seed=seed)
+    return _kernel.sample_beta(alpha, beta, seed=seed, out=out)
 
 
 def sample_top_k(

@@ -259,3 +259,30 @@ def test_no_memory_growth_over_many_calls() -> None:
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, f"{grown} bytes still allocated after 40,000 calls"
+
+
+def test_out_is_filled_in_place() -> None:
+    a, b = np.linspace(1, 50, 101), np.linspace(5, 500, 101)
+    out = np.empty(101)
+    assert sample_beta(a, b, seed=8, out=out) is out
+    np.testing.assert_array_equal(out, sample_beta(a, b, seed=8))
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (np.empty(5, dtype=np.float32), "float64"),
+        (np.empty(10)[::2], "contiguous"),
+        (np.empty(4), "same length"),
+        ([0.0] * 5, "numpy array"),
+    ],
+)
+def test_unusable_out_is_rejected(out, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sample_beta(np.ones(5), np.ones(5), out=out)
+
+
+def test_out_must_not_overlap_the_inputs() -> None:
+    a = np.ones(5)
+    with pytest.raises(ValueError, match="overlap"):
+        sample_beta(a, np.ones(5), out=a)
