@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -51,7 +52,7 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
     """
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
+    async def lifespan() -> AsyncIterator[AppState]:
         nonlocal source
         if source is None:
             source = make_source(settings)
@@ -71,25 +72,52 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
 
     router = Starlette(
         routes=ROUTES,
-        lifespan=lifespan,
         exception_handlers={MabError: _mab_error, HTTPException: _http_error, Exception: _unexpected_error},
     )
-    return Application(router)
+    return Application(router, lifespan)
 
 
 class Application:
-    """The ASGI app the server runs: ``POST /predict`` goes straight to its endpoint, everything else (other
-    routes, 404 and 405, the lifespan) through Starlette. The endpoint handles its own errors, so skipping
-    Starlette's middleware loses nothing there and saves its per-request cost on the hot path."""
+    """The ASGI app the server runs.
 
-    def __init__(self, router: Starlette) -> None:
+    ``POST /predict`` goes straight to its endpoint, which maps its own errors: Starlette's Request,
+    Response and middleware would cost more per request than the ranking. Other routes, 404 and 405 go
+    through Starlette. The lifespan is handled here, so that a feature source that cannot start is
+    reported in one line (``cannot start: ...``) and the server exits, instead of with a traceback.
+    """
+
+    def __init__(self, router: Starlette, lifespan: Callable[[], AbstractAsyncContextManager[AppState]]) -> None:
         self.router = router
+        self.lifespan = lifespan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
             await predict(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
         else:
             await self.router(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert "state" in scope, "the server must support lifespan state (uvicorn >= 0.22)"
+        started = False
+        await receive()  # lifespan.startup
+        try:
+            async with self.lifespan() as state:
+                scope["state"].update(state)
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except FeatureSourceError as exc:
+            # The server logs this message and exits: one clear line, no traceback.
+            phase, verb = ("shutdown", "stop") if started else ("startup", "start")
+            await send({"type": f"lifespan.{phase}.failed", "message": f"cannot {verb}: {exc.message}"})
+            return
+        except BaseException:
+            phase = "shutdown" if started else "startup"
+            await send({"type": f"lifespan.{phase}.failed", "message": traceback.format_exc()})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 def create_app() -> Application:
