@@ -9,6 +9,7 @@
 
 #if defined(__linux__)
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <unistd.h>
 #endif
@@ -159,57 +160,79 @@ inline bool same_bytes(const char* a, std::size_t na, const char* b, std::size_t
 // ---------------------------------------------------------------------------------------------------------
 // Table
 //
-// Memory layout, one allocation, chosen so that a found lookup reads three cache lines in two rounds:
+// Memory layout, one allocation, chosen so that a found lookup reads two cache lines, in two rounds:
 //   slots   open addressing with linear probing; capacity a power of two >= 2 n (load factor <= 0.5);
-//           each slot holds the id's full 64-bit hash, its row and the offset of its key record;
-//   params  alpha and beta of row r at params[2 r] and params[2 r + 1]: one 16-byte pair per row;
-//   arena   key records back to back in row order: a 4-byte length, then the id's bytes, padded to 16
-//           bytes so that the record of an id of up to 12 bytes never straddles a cache line.
-// Because the slot holds both the row and the key offset, the pair and the id's bytes are fetched together
-// once the slot is read. A probe compares bytes only on a full hash match, which in practice happens only
-// for the id itself; an unknown id usually costs one slot line.
+//           8 bytes each: the high half of the id's hash as a tag (the low bits choose the slot) and the
+//           offset of its record in 16-byte units. Small slots keep the whole array (2 MB for 100,000
+//           ids) more often in cache between requests.
+//   arena   one record per id: alpha, beta, row and length (24 bytes), then the id's bytes. A record of
+//           up to 32 bytes (ids up to 8 bytes) is aligned to 32, one of up to 64 bytes (ids up to 40
+//           bytes, UUIDs included) to 64, so that it never straddles a cache line: the parameters and
+//           the bytes to compare arrive together.
+// A probe compares bytes only when the 32-bit tags match, which in practice happens only for the id
+// itself; an unknown id usually costs one slot line.
 
-constexpr uint32_t kEmptyRow = 0xFFFFFFFFu;
-constexpr std::size_t kRecordAlign = 16;
-constexpr std::size_t kMaxArenaBytes = 0xFFFFFFFFu;  // key offsets are 32-bit
+constexpr uint32_t kEmpty = 0xFFFFFFFFu;
+constexpr std::size_t kUnit = 16;  // record offsets count 16-byte units
+constexpr std::size_t kMaxArenaBytes = std::size_t{kEmpty - 1} * kUnit;
 
 struct Slot {
-    uint64_t hash;
-    uint32_t row;         // kEmptyRow marks an empty slot
-    uint32_t key_offset;  // of the row's key record in the arena
+    uint32_t tag;
+    uint32_t record;  // offset in kUnit units; kEmpty marks an empty slot
 };
-static_assert(sizeof(Slot) == 16, "four slots per cache line");
+static_assert(sizeof(Slot) == 8, "eight slots per cache line");
+
+struct RecordHeader {
+    double alpha;
+    double beta;
+    uint32_t row;
+    uint32_t size;  // of the id, in bytes; the bytes follow the header
+};
+static_assert(sizeof(RecordHeader) == 24, "the id's bytes start 24 bytes into a record");
 
 std::size_t round_up(std::size_t bytes, std::size_t to) noexcept { return (bytes + to - 1) / to * to; }
 
-std::size_t record_bytes(std::size_t id_size) noexcept { return round_up(4 + id_size, kRecordAlign); }
+// Alignment (and size granule) of the record of an id of `id_size` bytes; see the layout above.
+std::size_t record_align(std::size_t id_size) noexcept { return sizeof(RecordHeader) + id_size <= 32 ? 32 : 64; }
+
+std::size_t record_bytes(std::size_t id_size) noexcept {
+    return round_up(sizeof(RecordHeader) + id_size, record_align(id_size));
+}
+
+inline uint32_t tag_of(uint64_t h) noexcept { return static_cast<uint32_t>(h >> 32); }
 
 }  // namespace
 
 struct IdTable {
-    void* block = nullptr;  // slots, params and arena in one allocation
+    void* block = nullptr;  // slots, then the arena, in one allocation
     std::size_t bytes = 0;
     Slot* slots = nullptr;
     std::size_t mask = 0;  // capacity - 1
-    double* params = nullptr;
     std::size_t n = 0;
     char* arena = nullptr;
     HashSecret secret{};  // a copy, so lookups do not go through the static's guard
 
     ~IdTable() { std::free(block); }
 
+    const char* record(const Slot& s) const noexcept { return arena + std::size_t{s.record} * kUnit; }
+
+    static RecordHeader header(const char* record) noexcept {
+        RecordHeader h;
+        std::memcpy(&h, record, sizeof h);
+        return h;
+    }
+
     bool holds(const Slot& s, const char* p, std::size_t size) const noexcept {
-        const char* record = arena + s.key_offset;
-        uint32_t stored;
-        std::memcpy(&stored, record, 4);
-        return same_bytes(record + 4, stored, p, size);
+        const char* r = record(s);
+        return same_bytes(r + sizeof(RecordHeader), header(r).size, p, size);
     }
 
     // Linear probing from slot j: the index of the slot holding the id, or of the empty slot ending its run.
     std::size_t probe(uint64_t h, std::size_t j, const char* p, std::size_t size) const noexcept {
+        const uint32_t tag = tag_of(h);
         for (;; j = (j + 1) & mask) {
             const Slot& s = slots[j];
-            if (s.row == kEmptyRow || (s.hash == h && holds(s, p, size))) return j;
+            if (s.record == kEmpty || (s.tag == tag && holds(s, p, size))) return j;
         }
     }
 };
@@ -221,48 +244,52 @@ int build_id_table(const IdRef* ids, const double* alpha, const double* beta, st
     std::size_t arena_bytes = 0;
     for (std::size_t i = 0; i < n; ++i) {
         if (ids[i].size > kMaxArenaBytes) return kIdTooMany;
-        arena_bytes += record_bytes(ids[i].size);
+        arena_bytes = round_up(arena_bytes, record_align(ids[i].size)) + record_bytes(ids[i].size);
         if (arena_bytes > kMaxArenaBytes) return kIdTooMany;
     }
     std::size_t capacity = 16;
     while (capacity < 2 * n) capacity <<= 1;
-    const std::size_t slot_bytes = capacity * sizeof(Slot);  // a multiple of 256: params stay aligned
-    const std::size_t param_bytes = round_up(n * 2 * sizeof(double), 64);
+    const std::size_t slot_bytes = capacity * sizeof(Slot);  // a multiple of 128: the arena stays aligned
     IdTable* t = new (std::nothrow) IdTable;
     if (t == nullptr) return kIdNoMemory;
-    t->bytes = round_up(slot_bytes + param_bytes + std::max<std::size_t>(arena_bytes, 1), 64);
-    t->block = std::aligned_alloc(64, t->bytes);
+    // Tables of 2 MB and more sit in transparent huge pages where the kernel allows it: lookups are random
+    // over the whole table, and with 4 KB pages a request's lookups also miss the TLB.
+    constexpr std::size_t kHugePage = std::size_t{2} << 20;
+    const std::size_t raw = slot_bytes + std::max<std::size_t>(arena_bytes, 1);
+    const std::size_t align = raw >= kHugePage ? kHugePage : 64;
+    t->bytes = round_up(raw, align);
+    t->block = std::aligned_alloc(align, t->bytes);
     if (t->block == nullptr) {
         delete t;
         return kIdNoMemory;
     }
+#if defined(MADV_HUGEPAGE)
+    if (align == kHugePage) madvise(t->block, t->bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
     char* base = static_cast<char*>(t->block);
     t->slots = reinterpret_cast<Slot*>(base);
-    t->params = reinterpret_cast<double*>(base + slot_bytes);
-    t->arena = base + slot_bytes + param_bytes;
+    t->arena = base + slot_bytes;
     t->mask = capacity - 1;
     t->n = n;
     t->secret = process_secret();
-    for (std::size_t j = 0; j < capacity; ++j) t->slots[j] = Slot{0, kEmptyRow, 0};
+    for (std::size_t j = 0; j < capacity; ++j) t->slots[j] = Slot{0, kEmpty};
 
     std::size_t offset = 0;
     for (std::size_t i = 0; i < n; ++i) {
         const IdRef id = ids[i];
-        t->params[2 * i] = alpha[i];
-        t->params[2 * i + 1] = beta[i];
-        char* record = t->arena + offset;
-        const uint32_t size32 = static_cast<uint32_t>(id.size);
-        std::memcpy(record, &size32, 4);
-        if (id.size != 0) std::memcpy(record + 4, id.data, id.size);
+        offset = round_up(offset, record_align(id.size));
+        const RecordHeader head{alpha[i], beta[i], static_cast<uint32_t>(i), static_cast<uint32_t>(id.size)};
+        std::memcpy(t->arena + offset, &head, sizeof head);
+        if (id.size != 0) std::memcpy(t->arena + offset + sizeof head, id.data, id.size);
         const uint64_t h = hash_bytes(id.data, id.size, t->secret);
         Slot& s = t->slots[t->probe(h, h & t->mask, id.data, id.size)];
-        if (s.row != kEmptyRow) {
-            *dup_first = s.row;
+        if (s.record != kEmpty) {
+            *dup_first = IdTable::header(t->record(s)).row;
             *dup_second = i;
             delete t;
             return kIdDuplicate;
         }
-        s = Slot{h, static_cast<uint32_t>(i), static_cast<uint32_t>(offset)};
+        s = Slot{tag_of(h), static_cast<uint32_t>(offset / kUnit)};
         offset += record_bytes(id.size);
     }
     *out = t;
@@ -278,18 +305,18 @@ std::size_t id_table_memory_bytes(const IdTable* table) noexcept { return sizeof
 int64_t find_row(const IdTable* t, IdRef id, double* alpha, double* beta) noexcept {
     const uint64_t h = hash_bytes(id.data, id.size, t->secret);
     const Slot& s = t->slots[t->probe(h, h & t->mask, id.data, id.size)];
-    if (s.row == kEmptyRow) return -1;
-    *alpha = t->params[2 * s.row];
-    *beta = t->params[2 * s.row + 1];
-    return s.row;
+    if (s.record == kEmpty) return -1;
+    const RecordHeader head = IdTable::header(t->record(s));
+    *alpha = head.alpha;
+    *beta = head.beta;
+    return head.row;
 }
 
 int gather_params_fill(const IdTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
                        double* alpha_out, double* beta_out, std::size_t* n_known) noexcept {
-    // A 100,000-id table takes about 7 MB, beyond L2, and between requests the service evicts much of it,
-    // so a lookup waits on two levels of misses: its slot, then its pair and key record. Ids go in groups,
-    // one pass per level, each pass prefetching the next level for the whole group, so that the misses of
-    // a group overlap instead of queueing one behind another.
+    // Between requests the service evicts much of the table, so a lookup waits on two levels of misses:
+    // its slot, then its record. Ids go in groups, one pass per level, each pass prefetching the next
+    // level for the whole group, so that the misses of a group overlap instead of queueing.
     constexpr std::size_t kGroup = 32;
     uint64_t hash[kGroup];
     std::size_t slot[kGroup];
@@ -302,26 +329,24 @@ int gather_params_fill(const IdTable* t, const IdRef* ids, std::size_t n, double
             slot[i] = hash[i] & t->mask;
             __builtin_prefetch(&t->slots[slot[i]]);
         }
-        // The first slot with this hash, or the empty slot that ends the run.
+        // The first slot with this tag, or the empty slot that ends the run.
         for (std::size_t i = 0; i < m; ++i) {
+            const uint32_t tag = tag_of(hash[i]);
             std::size_t j = slot[i];
-            while (t->slots[j].row != kEmptyRow && t->slots[j].hash != hash[i]) j = (j + 1) & t->mask;
+            while (t->slots[j].record != kEmpty && t->slots[j].tag != tag) j = (j + 1) & t->mask;
             slot[i] = j;
-            const Slot& s = t->slots[j];
-            if (s.row != kEmptyRow) {
-                __builtin_prefetch(t->params + 2 * s.row);
-                __builtin_prefetch(t->arena + s.key_offset);
-            }
+            if (t->slots[j].record != kEmpty) __builtin_prefetch(t->record(t->slots[j]));
         }
         for (std::size_t i = 0; i < m; ++i) {
             const Slot* s = &t->slots[slot[i]];
-            // Equal hashes but other bytes: a 64-bit collision, so probe on past it.
-            if (s->row != kEmptyRow && !t->holds(*s, g[i].data, g[i].size)) {
+            // Equal tags but other bytes: a 32-bit tag collision, so probe on past it.
+            if (s->record != kEmpty && !t->holds(*s, g[i].data, g[i].size)) {
                 s = &t->slots[t->probe(hash[i], (slot[i] + 1) & t->mask, g[i].data, g[i].size)];
             }
-            if (s->row != kEmptyRow) {
-                alpha_out[base + i] = t->params[2 * s->row];
-                beta_out[base + i] = t->params[2 * s->row + 1];
+            if (s->record != kEmpty) {
+                const RecordHeader head = IdTable::header(t->record(*s));
+                alpha_out[base + i] = head.alpha;
+                beta_out[base + i] = head.beta;
                 ++known;
             } else {
                 alpha_out[base + i] = prior_alpha;
