@@ -31,7 +31,7 @@ class PredictEndpoint:
         state: AppState = scope["state"]
         settings = state["settings"]
         try:
-            content_type, content_length = _json_headers(scope["headers"])
+            content_length = _json_headers(scope["headers"])
             body = await _read_body(receive, content_length, settings.max_body_bytes)
             if body is None:
                 return  # the client went away; nobody to answer
@@ -70,8 +70,8 @@ async def openapi(request: Request) -> OrjsonResponse:
     return OrjsonResponse(request.scope["state"]["openapi"])
 
 
-def _json_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None]:
-    """The content type (checked to be JSON) and the declared content length, from raw ASGI headers."""
+def _json_headers(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """Check that the content type is JSON; return the declared content length, from raw ASGI headers."""
     content_type = b""
     content_length = None
     for name, value in headers:
@@ -82,7 +82,7 @@ def _json_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | No
     if content_type.partition(b";")[0].strip().lower() != b"application/json":
         shown = content_type.decode("latin-1") or "none"
         raise UnsupportedMediaType(f"content type must be application/json (got {shown})")
-    return content_type, content_length
+    return content_length
 
 
 async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | None:

@@ -81,8 +81,10 @@ def encode_predict(user_id: str, ids: list[str], scores: npt.NDArray[np.float64]
 
 
 def _expected(what: str, got: object, name: str) -> str:
-    shown = "missing" if got is None else f"got {_json_type(got)} {_preview(got)}"
-    return f"{name} must be {what} ({shown})"
+    if got is None:
+        return f"{name} must be {what} (missing)"
+    preview = _preview(got)
+    return f"{name} must be {what} (got {_json_type(got)}{' ' + preview if preview else ''})"
 
 
 def _json_type(value: object) -> str:
@@ -98,5 +100,8 @@ def _json_type(value: object) -> str:
 
 
 def _preview(value: object) -> str:
-    text = orjson.dumps(value).decode() if not isinstance(value, (dict, list)) else ""
+    """A short JSON rendering of a scalar; arrays and objects are named by their type alone."""
+    if isinstance(value, (dict, list)):
+        return ""
+    text = orjson.dumps(value).decode()
     return text if len(text) <= 40 else text[:37] + "..."
