@@ -1,4 +1,4 @@
-"""Builds the C++ extensions (Beta kernel, id index); all metadata lives in pyproject.toml.
+"""Builds the C++ extensions (Beta kernel, id index, cache table); all metadata lives in pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -60,5 +60,11 @@ index = extension(
     sources=["mab_service/features/_index.pyx", "csrc/mab/id_index.cpp"],
     depends=["csrc/mab/id_index.hpp", "mab_service/features/_index.pxd"],
 )
+# The cache table hashes with the id index's seeded hash (hash_id), so it links id_index.cpp too.
+cache = extension(
+    "mab_service.features._cache",
+    sources=["mab_service/features/_cache.pyx", "csrc/mab/cache_table.cpp", "csrc/mab/id_index.cpp"],
+    depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
+)
 
-setup(ext_modules=cythonize([kernel, index], compiler_directives=directives, annotate=DEBUG))
+setup(ext_modules=cythonize([kernel, index, cache], compiler_directives=directives, annotate=DEBUG))

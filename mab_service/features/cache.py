@@ -1,0 +1,253 @@
+"""A feature cache in front of any source: TTL, bounded size, coalesced misses, negative entries, stale serving.
+
+Posteriors change slowly, so a value read from the store is served for ``ttl_s`` seconds (minus up to 10% of
+jitter per entry, so entries read together do not expire together). The table lives in C++ (``_cache``): a
+request whose ids are all cached costs one C++ call and no Python code per id, which keeps a warm cache within a
+few percent of the embedded source. Only misses run Python code:
+
+- **coalescing**: concurrent misses for the same id share one read (one read in flight per id); a request that
+  finds its id already being read waits for that read instead of sending its own;
+- **negative caching**: an id the store does not know is cached as unknown and served the prior;
+- **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while one background
+  read refreshes it (reported again after ``retry_s`` if that read fails);
+- **bounded size**: at most ``max_entries`` ids; a full table evicts by CLOCK (second chance). Each entry costs
+  ``CacheTable.entry_bytes()`` bytes at most (96), plus a heap copy of ids longer than 16 bytes.
+
+A miss that cannot be read fails the request with the source's FeatureSourceError (503), as without the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from mab_service.features._cache import CacheTable
+from mab_service.features.source import Features, FeatureSource, Health
+
+logger = logging.getLogger("mab_service.cache")
+
+#: Entries expire between (1 - TTL_JITTER) x ttl_s and ttl_s after they were read.
+TTL_JITTER = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a source read: parameters aligned with the ids (the prior where unknown) and which ids it knew."""
+
+    alpha: npt.NDArray[np.float64]
+    beta: npt.NDArray[np.float64]
+    found: npt.NDArray[np.bool_]
+
+
+@runtime_checkable
+class ReadableSource(FeatureSource, Protocol):
+    """A source that says which ids it knew, so that unknown ids can be cached as such."""
+
+    async def read(self, ids: list[str]) -> Lookup:
+        """Parameters of ``ids`` (distinct) and which of them the source knew."""
+
+
+class _Read:
+    """One read in flight: the ids it carries, where each sits, and the task every waiter shares."""
+
+    __slots__ = ("ids", "index", "task")
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.index = {id_: j for j, id_ in enumerate(ids)}
+        self.task: asyncio.Task[Lookup] | None = None
+
+
+class FeatureCache:
+    """Caches ``source`` in a bounded C++ table.
+
+    Args:
+        source: Any feature source; one with ``read`` (the Vertex sources) also gets negative caching by its
+            own account, others are judged by whether they answered the prior.
+        ttl_s: How long a read value is fresh, > 0.
+        max_entries: The most ids held, >= 1.
+        stale_s: How long past expiry an entry is still served while it is refreshed in the background; 0 turns
+            stale serving off.
+        retry_s: How long a stale entry whose refresh failed waits before it is refreshed again.
+        prior_alpha: Served for ids the source does not know; finite and > 0.
+        prior_beta: Likewise.
+        clock: Monotonic seconds; tests pass their own.
+
+    Raises:
+        ValueError: If a number is out of range.
+    """
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        *,
+        ttl_s: float,
+        max_entries: int,
+        stale_s: float = 0.0,
+        retry_s: float = 1.0,
+        prior_alpha: float = 1.0,
+        prior_beta: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0 (got {ttl_s!r})")
+        if not stale_s >= 0 or not retry_s >= 0:
+            raise ValueError(f"stale_s and retry_s must be >= 0 (got {stale_s!r} and {retry_s!r})")
+        self.source = source
+        self.name = f"cache+{source.name}"
+        self.ttl_s = ttl_s
+        self.stale_s = stale_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self._table = CacheTable(max_entries)
+        self._in_flight: dict[str, _Read] = {}
+        self._background: set[asyncio.Task[Lookup]] = set()
+        self._rng = np.random.default_rng()
+        self._prior_alpha = float(prior_alpha)
+        self._prior_beta = float(prior_beta)
+        self._read_source = source.read if isinstance(source, ReadableSource) else self._read_by_fetch
+        # Counters for metrics.
+        self.lookups = 0
+        self.misses = 0
+        self.stale_served = 0
+        self.coalesced = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
+
+    async def start(self) -> None:
+        await self.source.start()
+
+    def health(self) -> Health:
+        return self.source.health()
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.source.close()
+        self._table.clear()
+
+    async def fetch(self, ids: list[str]) -> Features:
+        alpha, beta, known, stale, misses, refresh = self._table.lookup(
+            ids, self._clock(), self.stale_s, self.retry_s, self._prior_alpha, self._prior_beta
+        )
+        self.lookups += len(ids)
+        if stale:
+            self.stale_served += stale
+            if refresh is not None:
+                self._refresh([ids[i] for i in refresh.tolist()])
+        if misses is not None:
+            known += await self._fill(ids, misses, alpha, beta)
+        return Features(alpha, beta, known)
+
+    async def _fill(
+        self,
+        ids: list[str],
+        misses: npt.NDArray[np.intp],
+        alpha: npt.NDArray[np.float64],
+        beta: npt.NDArray[np.float64],
+    ) -> int:
+        """Read the missed ids (joining reads already in flight) into alpha, beta; returns how many were known."""
+        self.misses += len(misses)
+        waits: dict[_Read, tuple[list[int], list[int]]] = {}
+        own: list[str] = []
+        own_at: list[int] = []
+        for k, i in enumerate(misses.tolist()):
+            id_ = ids[i]
+            pending = self._in_flight.get(id_)
+            if pending is None:
+                own.append(id_)
+                own_at.append(k)
+            else:
+                at, index = waits.setdefault(pending, ([], []))
+                at.append(k)
+                index.append(pending.index[id_])
+        self.coalesced += len(misses) - len(own)
+        if own:
+            waits[self._start_read(own)] = (own_at, list(range(len(own))))
+        known = 0
+        for read, (at, index) in waits.items():
+            assert read.task is not None
+            # Shielded: a request that goes away must not cancel a read other requests wait for.
+            result = await asyncio.shield(read.task)
+            positions = misses[at]
+            rows = np.asarray(index, dtype=np.intp)
+            alpha[positions] = result.alpha[rows]
+            beta[positions] = result.beta[rows]
+            known += int(np.count_nonzero(result.found[rows]))
+        return known
+
+    def _start_read(self, ids: list[str]) -> _Read:
+        read = _Read(ids)
+        for id_ in ids:
+            self._in_flight[id_] = read
+        read.task = asyncio.ensure_future(self._load(read))
+        read.task.add_done_callback(_retrieve)
+        return read
+
+    async def _load(self, read: _Read) -> Lookup:
+        try:
+            result = await self._read_source(read.ids)
+            n = len(read.ids)
+            expires = self._clock() + self.ttl_s * (1.0 - TTL_JITTER * self._rng.random(n))
+            self._table.insert(read.ids, result.alpha, result.beta, result.found, expires)
+            return result
+        finally:
+            for id_ in read.ids:
+                if self._in_flight.get(id_) is read:
+                    del self._in_flight[id_]
+
+    def _refresh(self, ids: list[str]) -> None:
+        """Re-read stale ids in the background (those not already being read)."""
+        fresh = [id_ for id_ in ids if id_ not in self._in_flight]
+        if not fresh:
+            return
+        self.refreshes += len(fresh)
+        task = self._start_read(fresh).task
+        assert task is not None
+        self._background.add(task)
+        task.add_done_callback(self._refreshed)
+
+    def _refreshed(self, task: asyncio.Task[Lookup]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.refresh_failures += 1
+            logger.warning("background refresh failed; stale values stay until they expire: %s", task.exception())
+
+    async def _read_by_fetch(self, ids: list[str]) -> Lookup:
+        # A source that only fetches cannot say which ids it knew: an answer equal to the prior counts as
+        # unknown. The values cached are the same either way; only the `known` count may differ.
+        features = await self.source.fetch(ids)
+        found = (features.alpha != self._prior_alpha) | (features.beta != self._prior_beta)
+        return Lookup(features.alpha, features.beta, found)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: lookups, hits, misses, stale served, coalesced misses, refreshes, memory."""
+        table = self._table
+        return {
+            "lookups": self.lookups,
+            "hits": self.lookups - self.misses,
+            "misses": self.misses,
+            "stale_served": self.stale_served,
+            "coalesced": self.coalesced,
+            "refreshes": self.refreshes,
+            "refresh_failures": self.refresh_failures,
+            "entries": len(table),
+            "max_entries": table.capacity,
+            "evictions": table.evictions,
+            "memory_bytes": table.memory_bytes,
+            "entry_bytes": CacheTable.entry_bytes(),
+        }
+
+
+def _retrieve(task: asyncio.Task[Lookup]) -> None:
+    # A read whose waiters all went away still finishes; fetch its exception so asyncio does not log it as lost.
+    if not task.cancelled():
+        task.exception()

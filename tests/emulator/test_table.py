@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+
+from mab_service.emulator import TableError, load_table, parse_table
+
+
+def test_integer_columns_are_int64_and_others_double() -> None:
+    table = parse_table(["entity_id,alpha,beta,clicks", "a,1.5,2,3", "b,2,4,-1", ""], "t.csv")
+    assert table.features == ("alpha", "beta", "clicks")
+    assert table.is_int == (False, True, True)
+    assert table.rows == {"a": (1.5, 2, 3), "b": (2.0, 4, -1)}
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["alpha,beta", "1,2"], "line 1: the header must name entity_id"),
+        (["entity_id,alpha", "a"], "line 2: expected 2 fields, got 1"),
+        (["entity_id,alpha", ",1"], "line 2: entity_id is empty"),
+        (["entity_id,alpha", "a,1", "a,2"], "line 3: duplicate entity_id 'a'"),
+        (["entity_id,alpha", "a,x"], "entity 'a': alpha is not a number"),
+        (["entity_id,alpha", "a,nan"], "entity 'a': alpha is not finite"),
+    ],
+)
+def test_bad_tables_name_the_line(lines: list[str], message: str) -> None:
+    with pytest.raises(TableError, match=message):
+        parse_table(lines, "t.csv")
+
+
+def test_the_demo_catalogue_is_the_default() -> None:
+    table = load_table(None)
+    assert len(table.rows) == 2000 and table.features[:2] == ("alpha", "beta")
