@@ -64,8 +64,10 @@ def paired_ratio(one: Callable[[], None], two: Callable[[], None], repeats: int)
     On a shared machine the other core comes and goes; timing the two side by side, pair by pair, lets
     each ratio see the same conditions.
     """
-    one(), two()
-    t1, t2 = [], []
+    one()  # warm-up
+    two()
+    t1: list[float] = []
+    t2: list[float] = []
     for _ in range(repeats):
         for fn, times in ((one, t1), (two, t2)):
             start = time.perf_counter()

@@ -1,13 +1,15 @@
-"""End-to-end service benchmark: mab_service against the plain Starlette + numpy baseline, side by side.
+"""End-to-end service benchmark: mab_service against the plain Starlette and Go baselines, side by side.
 
 For every measurement a fresh server is started pinned to one core (``taskset -c 0``), probed on ``/health``,
-warmed up, and then loaded by ``wrk`` pinned to the other core (``taskset -c 1``). Targets alternate
+warmed up, and then loaded by ``wrk`` pinned to the other core (``taskset -c 1``); ``--workers 2
+--server-cpus 0,1 --client-cpus 0,1`` measures all cores of a 2-core machine, wrk sharing them. Targets alternate
 (A B A B ...) across ``--repeats`` and medians are reported, which keeps slow drift on a shared machine from
 favouring one side. Server CPU time is read from ``/proc`` to give CPU-seconds per request, which is steadier
 than req/s on a noisy host.
 
-    python -m benchmarks.bench_service [--duration 10] [--connections 32] [--workloads W400,W2000]
-                                       [--targets project,plain] [--repeats 3] [--json] [--versions]
+    python -m benchmarks.bench_service [--duration 10] [--connections 32] [--workloads W400,W2000 | --sizes 10,100]
+                                       [--targets project,plain,go] [--repeats 3] [--workers 1]
+                                       [--server-cpus 0] [--client-cpus 1] [--json] [--versions]
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import orjson
 
 from benchmarks import workload
 
-#: A target turns (port, feature CSV path) into the argv of a server listening on 127.0.0.1:port.
-TargetFactory = Callable[[int, Path], list[str]]
+#: A target turns (port, feature CSV path, workers) into the argv of a server listening on 127.0.0.1:port
+#: with that many worker processes (or, for Go, threads running Go code).
+TargetFactory = Callable[[int, Path, int], list[str]]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "plain"
@@ -46,25 +49,54 @@ STOP_TIMEOUT_S = 10.0
 WARMUP_S = 2
 
 
-def plain_target(port: int, features: Path) -> list[str]:
-    """Argv for the plain Starlette + numpy baseline (benchmarks/baselines/plain_starlette.py)."""
+def plain_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for the plain Starlette + numpy baseline (benchmarks/baselines/plain_starlette.py).
+
+    Several workers run through uvicorn's CLI, which reads the table path from ``PLAIN_FEATURES``.
+    """
     module = "benchmarks.baselines.plain_starlette"
-    return [sys.executable, "-m", module, "--port", str(port), "--features", str(features)]
-
-
-def project_target(port: int, features: Path) -> list[str]:
-    """Argv for mab_service through its own CLI, one worker, embedded CSV feature source."""
+    if workers == 1:
+        return [sys.executable, "-m", module, "--port", str(port), "--features", str(features)]
     return [
-        sys.executable, "-m", "mab_service", "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--features", f"csv:{features}",
+        "env", f"PLAIN_FEATURES={features}", sys.executable, "-m", "uvicorn", f"{module}:app",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--loop", "uvloop",
+        "--http", "httptools", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
 
 
-#: Name -> argv factory. To benchmark another implementation (e.g. the Go port), add one function returning
-#: its argv here; it must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
+def project_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service through its own CLI, embedded CSV feature source."""
+    return [
+        sys.executable, "-m", "mab_service", "serve",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--features", f"csv:{features}",
+    ]  # fmt: skip
+
+
+def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for the Go port on fasthttp (benchmarks/baselines/go), built on first use; ``workers`` sets
+    GOMAXPROCS.
+
+    Raises:
+        TargetError: If the Go toolchain is missing or the build fails (run_all installs the toolchain).
+    """
+    from benchmarks.baselines.go import build
+
+    try:
+        binary = build.build()
+    except build.GoBuildError as exc:
+        raise TargetError(f"cannot build the Go baseline: {exc}") from exc
+    return [
+        str(binary), "-host", "127.0.0.1", "-port", str(port), "-features", str(features),
+        "-gomaxprocs", str(workers),
+    ]  # fmt: skip
+
+
+#: Name -> argv factory. To benchmark another implementation, add one function returning its argv here; it
+#: must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
 TARGETS: dict[str, TargetFactory] = {
     "project": project_target,
     "plain": plain_target,
+    "go": go_target,
 }
 
 
@@ -84,6 +116,9 @@ class Measurement:
     p99_ms: float
     p999_ms: float
     cpu_s: float
+    other_load: float = 0.0
+    """Share of the server's cores busy with anything but the server during the run (other processes, steal;
+    wrk too when it shares them): a measurement taken while others loaded the cores is low."""
 
     @property
     def rps(self) -> float:
@@ -130,6 +165,19 @@ def session_cpu_seconds(sid: int) -> float:
     return ticks / _CLK_TCK
 
 
+def cores_busy_seconds(cpus: set[int]) -> float:
+    """Busy time of the given cores since boot (all but idle and iowait, steal included), from /proc/stat."""
+    ticks = 0
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
+                # user nice system idle iowait irq softirq steal; guest time is already inside user.
+                values = [int(v) for v in rest.split()[:8]]
+                ticks += sum(values) - values[3] - values[4]
+    return ticks / _CLK_TCK
+
+
 def _tail(path: Path, n_lines: int = 20) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
@@ -137,8 +185,9 @@ def _tail(path: Path, n_lines: int = 20) -> str:
 
 
 @contextlib.contextmanager
-def running_server(argv: list[str], port: int, cpu: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv`` pinned to ``cpu`` in its own session and yield it once ``/health`` answers 200.
+def running_server(argv: list[str], port: int, cpu: int | str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` pinned to ``cpu`` (a core or a list such as ``"0,1"``) in its own session; yield it once
+    ``/health`` answers 200.
 
     On exit the whole process group gets SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``, so no worker
     survives even if the server itself forks.
@@ -212,7 +261,7 @@ def check_predict(port: int, body: bytes, n_candidates: int) -> None:
         raise TargetError(f"POST /predict answered an unexpected body: {str(answer)[:300]}")
 
 
-def run_wrk(script: Path, port: int, duration_s: int, connections: int, cpu: int) -> dict[str, Any]:
+def run_wrk(script: Path, port: int, duration_s: int, connections: int, cpu: int | str) -> dict[str, Any]:
     """Run wrk pinned to ``cpu`` and return its parsed ``WRKJSON`` line.
 
     Raises:
@@ -237,12 +286,14 @@ def measure(
     """Start one server, check it, warm it up, load it with wrk and stop it again."""
     port = free_port()
     first_body = files.bodies.read_bytes().split(b"\n", 1)[0]
-    with running_server(argv_for(port, table), port, args.server_cpu, log_path) as proc:
+    with running_server(argv_for(port, table, args.workers), port, args.server_cpus, log_path) as proc:
         check_predict(port, first_body, files.n_candidates)
-        run_wrk(files.wrk_script, port, WARMUP_S, args.connections, args.client_cpu)
-        cpu_before = session_cpu_seconds(proc.pid)
-        result = run_wrk(files.wrk_script, port, args.duration, args.connections, args.client_cpu)
+        run_wrk(files.wrk_script, port, WARMUP_S, args.connections, args.client_cpus)
+        cores = cpu_set(args.server_cpus)
+        cpu_before, busy_before = session_cpu_seconds(proc.pid), cores_busy_seconds(cores)
+        result = run_wrk(files.wrk_script, port, args.duration, args.connections, args.client_cpus)
         cpu_s = session_cpu_seconds(proc.pid) - cpu_before
+        other_s = max(0.0, cores_busy_seconds(cores) - busy_before - cpu_s)
     latency = result["latency_us"]
     return Measurement(
         requests=int(result["requests"]),
@@ -253,6 +304,7 @@ def measure(
         p99_ms=latency["p99"] / 1e3,
         p999_ms=latency["p99.9"] / 1e3,
         cpu_s=cpu_s,
+        other_load=other_s / (result["duration_us"] / 1e6) / len(cores),
     )
 
 
@@ -270,6 +322,7 @@ def summarize(runs: list[Measurement], n_candidates: int) -> dict[str, float]:
         "p99_ms": statistics.median(m.p99_ms for m in runs),
         "p999_ms": statistics.median(m.p999_ms for m in runs),
         "cpu_us_per_request": statistics.median(m.cpu_us_per_request for m in runs),
+        "other_load": statistics.median(m.other_load for m in runs),
         "errors": sum(m.errors for m in runs),
     }
 
@@ -348,15 +401,22 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, results: dict[tup
     """Print the medians as a text table with the run conditions above it."""
     print(f"# {env['machine']}, {env['cpu']}, {env['cpus_available']} CPUs; {env['python']}")
     print(
-        f"# server on cpu {args.server_cpu}, wrk -t1 -c{args.connections} -d{args.duration}s on cpu "
-        f"{args.client_cpu}; median of {args.repeats} run(s), targets interleaved; shared host: expect noise"
+        f"# server ({args.workers} worker(s)) on cpu {args.server_cpus}, wrk -t1 -c{args.connections} "
+        f"-d{args.duration}s on cpu {args.client_cpus}; median of {args.repeats} run(s), targets interleaved; "
+        "shared host: expect noise"
     )
-    header = ("target", "workload", "req/s", "pairs/s", "p50 ms", "p99 ms", "CPU us/req", "errors", f"x {BASELINE}")
-    rows = [header]
+    print("# other load: share of the server's cores busy with other work during the run (a high one lowers req/s)")
+    if shared_cores(args):
+        print("# server and wrk share cores: req/s includes wrk's share of them (and other load counts wrk)")
+    header = (
+        "target", "workload", "req/s", "pairs/s", "p50 ms", "p99 ms", "CPU us/req", "other load", "errors",
+        f"x {BASELINE}",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
     rel = ratios(results)
     for (target, name), res in results.items():
         if "median" not in res:
-            rows.append((target, name, "FAILED", "", "", "", "", "", ""))
+            rows.append((target, name, "FAILED", *[""] * (len(header) - 3)))
             continue
         m = res["median"]
         ratio = rel.get(target, {}).get(name)
@@ -369,6 +429,7 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, results: dict[tup
                 f"{m['p50_ms']:.2f}",
                 f"{m['p99_ms']:.2f}",
                 f"{m['cpu_us_per_request']:,.0f}",
+                f"{m['other_load']:.0%}",
                 str(m["errors"]),
                 f"{ratio['rps']:.2f}" if ratio else "",
             )
@@ -395,6 +456,33 @@ def _names(value: str, known: Sequence[str], what: str) -> list[str]:
     return names
 
 
+def size_list(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > workload.DEFAULT_ID_SPACE:
+        raise argparse.ArgumentTypeError(f"sizes must be in [1, {workload.DEFAULT_ID_SPACE}], got {value!r}")
+    return sizes
+
+
+def cpu_list(value: str) -> str:
+    """A taskset core list of single cores, e.g. ``0`` or ``0,1``."""
+    try:
+        cores = sorted({int(v) for v in value.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected cores such as 0 or 0,1, got {value!r}") from None
+    return ",".join(map(str, cores))
+
+
+def cpu_set(cpus: str) -> set[int]:
+    return {int(v) for v in cpus.split(",")}
+
+
+def shared_cores(args: argparse.Namespace) -> bool:
+    return bool(cpu_set(args.server_cpus) & cpu_set(args.client_cpus))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_service", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run (default 10)")
@@ -412,8 +500,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from {','.join(TARGETS)}",
     )
     parser.add_argument("--repeats", type=int, default=3, help="measurements per target and workload (default 3)")
-    parser.add_argument("--server-cpu", type=int, default=0, help="core the server is pinned to (default 0)")
-    parser.add_argument("--client-cpu", type=int, default=1, help="core wrk is pinned to (default 1)")
+    parser.add_argument(
+        "--sizes",
+        type=size_list,
+        help=f"candidates per request to sweep instead of --workloads, e.g. {','.join(map(str, workload.SWEEP_SIZES))}",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="server workers (Go: GOMAXPROCS) (default 1)")
+    parser.add_argument(
+        "--server-cpus", "--server-cpu", type=cpu_list, default="0", help="cores the server is pinned to (default 0)"
+    )
+    parser.add_argument(
+        "--client-cpus", "--client-cpu", type=cpu_list, default="1", help="cores wrk is pinned to (default 1)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--versions", action="store_true", help="print machine and package versions and exit")
     return parser.parse_args(argv)
@@ -429,14 +527,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found on PATH")
-    if not {args.server_cpu, args.client_cpu} <= os.sched_getaffinity(0) or args.server_cpu == args.client_cpu:
-        sys.exit(f"need two distinct usable cores, got server {args.server_cpu} and client {args.client_cpu}")
+    usable = os.sched_getaffinity(0)
+    if not cpu_set(args.server_cpus) | cpu_set(args.client_cpus) <= usable:
+        sys.exit(f"cores {args.server_cpus} (server) and {args.client_cpus} (wrk) are not all among {sorted(usable)}")
+    if args.workers < 1:
+        sys.exit("--workers must be >= 1")
+    if args.sizes:
+        args.workloads = [workload.sweep_name(n) for n in args.sizes]
 
     results: dict[tuple[str, str], dict[str, Any]] = {
         (t, w): {"runs": []} for w in args.workloads for t in args.targets
     }
     with tempfile.TemporaryDirectory(prefix="bench_service-") as tmp:
-        table, files = workload.write_workloads(tmp, args.workloads)
+        if args.sizes:
+            table, files = workload.write_sweep(tmp, args.sizes)
+        else:
+            table, files = workload.write_workloads(tmp, args.workloads)
         for rep in range(args.repeats):
             for name in args.workloads:
                 for target in args.targets:

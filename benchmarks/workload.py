@@ -26,6 +26,16 @@ DEFAULT_ID_SPACE = 110_000
 DEFAULT_BODIES = 256
 DEFAULT_TOP_K = 50
 
+#: Request sizes of the load test and their weights, ``size:weight,...`` (loadtests/locustfile.py): mostly
+#: mid-size lists, some short ones, a few long ones; about 470 candidates per request on average.
+LOAD_MIX = "100:3,400:6,2000:1"
+
+#: Candidates per request in the size sweep (benchmarks/run_all.py, ``bench_service --sizes``).
+SWEEP_SIZES = (10, 30, 100, 300, 1000, 3000, 10_000)
+#: Candidate ids in one sweep workload's bodies, about: large requests get fewer distinct bodies, so
+#: that a wrk script stays a few MB (the service caches nothing per body, so repeats cost the same).
+SWEEP_IDS_PER_WORKLOAD = 100_000
+
 #: Prefix of the machine-readable line printed by the wrk script's ``done()``.
 WRK_MARKER = "WRKJSON "
 
@@ -111,6 +121,75 @@ def make_bodies(
         body = {"user_id": f"u{i}", "candidates": [f"c{j}" for j in ids], "top_k": top_k}
         bodies.append(orjson.dumps(body))
     return bodies
+
+
+def make_bodies_from_ids(
+    ids: Sequence[str],
+    n_candidates: int,
+    n_bodies: int = DEFAULT_BODIES,
+    top_k: int = DEFAULT_TOP_K,
+    seed: int = 0,
+) -> list[bytes]:
+    """Build ``POST /predict`` bodies like :func:`make_bodies`, drawing candidates from given ids.
+
+    For catalogues that are not the synthetic ``c<i>`` table, e.g. a staging catalogue exported as CSV.
+
+    Args:
+        ids: The catalogue to draw from, without replacement within a body.
+        n_candidates: Candidates per request.
+        n_bodies: Number of distinct bodies.
+        top_k: Value of the ``top_k`` field.
+        seed: Seed for ``numpy.random.default_rng``.
+
+    Returns:
+        The encoded bodies, compact JSON without newlines.
+
+    Raises:
+        ValueError: If ``n_candidates`` exceeds ``len(ids)``.
+    """
+    if n_candidates > len(ids):
+        raise ValueError(f"n_candidates must be <= the {len(ids)} catalogue ids, got {n_candidates}")
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for i in range(n_bodies):
+        picks = rng.choice(len(ids), size=n_candidates, replace=False).tolist()
+        body = {"user_id": f"u{i}", "candidates": [ids[j] for j in picks], "top_k": top_k}
+        bodies.append(orjson.dumps(body))
+    return bodies
+
+
+def sweep_name(n_candidates: int) -> str:
+    """Workload name of one sweep size, e.g. ``N300``."""
+    return f"N{n_candidates}"
+
+
+def write_sweep(
+    out_dir: str | Path,
+    sizes: Iterable[int] = SWEEP_SIZES,
+    n_entities: int = DEFAULT_ENTITIES,
+    seed: int = 0,
+) -> tuple[Path, dict[str, WorkloadFiles]]:
+    """Write ``table.csv`` and one workload per request size, named by :func:`sweep_name`.
+
+    Each size gets ``SWEEP_IDS_PER_WORKLOAD // n`` bodies, clamped to [16, DEFAULT_BODIES]. Candidates are
+    drawn without replacement within a body from DEFAULT_ID_SPACE ids, so even 10,000 candidates are distinct
+    and about 9% of them unknown at every size.
+
+    Returns:
+        The table path and the files per workload name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = write_table(out / "table.csv", n_entities=n_entities, seed=seed)
+    files: dict[str, WorkloadFiles] = {}
+    for offset, n in enumerate(sizes, start=1):
+        name = sweep_name(n)
+        n_bodies = max(16, min(DEFAULT_BODIES, SWEEP_IDS_PER_WORKLOAD // n))
+        bodies = make_bodies(n, n_bodies=n_bodies, seed=seed + 1000 + offset)
+        bodies_path = out / f"{name}.jsonl"
+        bodies_path.write_bytes(b"".join(b + b"\n" for b in bodies))
+        files[name] = WorkloadFiles(name, n, bodies_path, write_wrk_script(out / f"{name}.lua", bodies))
+    return table, files
 
 
 def _lua_long_string(text: str) -> str:
