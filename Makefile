@@ -41,6 +41,31 @@ test: dev check ## Install, lint, type-check and run the test suite (what CI run
 bench: ## Kernel benchmark: ns per sample against numpy, 1 and 2 threads
 	taskset -c 0,1 $(PYTHON) -m benchmarks.bench_kernel --versions
 
+EMULATOR_PORT ?= 8086
+EMULATOR_ARGS ?= --latency-ms 5 --jitter-ms 2
+
+.PHONY: emulator
+emulator: ## Local Vertex AI Feature Store on 127.0.0.1:8086 (FEATURES=table.csv, EMULATOR_ARGS=...)
+	$(PYTHON) -m mab_service.emulator --port $(EMULATOR_PORT) $(if $(FEATURES),--features $(FEATURES)) $(EMULATOR_ARGS)
+
+.PHONY: loadtest
+loadtest: ## Locust load test on loopback: RPS per node within the p99 budget (about 2 min; ARGS="--help")
+	$(PYTHON) -m loadtests.run $(ARGS)
+
+.PHONY: bench-all
+bench-all: ## All benchmarks, both baselines (Go built here), size sweep; writes docs/benchmarks/ (about 10 min)
+	$(PYTHON) -m benchmarks.run_all $(ARGS)
+
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' mab_service/__init__.py)
+
+.PHONY: image
+image: ## Build the container image mab-service:VERSION (needs Docker; see docs/operations.md)
+	docker build -t mab-service:$(VERSION) .
+
+.PHONY: deploy-check
+deploy-check: ## Lint the Dockerfile and validate deploy/ against the Kubernetes schemas (what the tests run)
+	$(PYTHON) -m pytest -q tests/test_deploy.py
+
 .PHONY: clean
 clean: ## Remove build products
 	rm -rf build dist *.egg-info mab_service/policy/_kernel.cpp mab_service/policy/*.so mab_service/policy/*.html

@@ -1,14 +1,16 @@
-"""Command line: ``mab-service serve``. Builds Settings, then runs uvicorn with uvloop and httptools."""
+"""Command line: ``mab-service serve`` builds Settings and serves (server.py); ``mab-service health`` probes it."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import logging.config
 import os
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import fields
 
-from mab_service import __version__, config
+from mab_service import __version__, config, logs
 
 STARTUP_FAILURE = 3
 
@@ -39,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             serve.add_argument(flag, type=type(default), default=None, metavar=f.name.upper(), help=help_text)
+    health = commands.add_parser(
+        "health",
+        help="probe /health of the service on this host (exit status 0 if ready, 1 if not)",
+        description="GET /health at the configured host and port (MAB_HOST, MAB_PORT; loopback for a wildcard "
+        "host); for container health checks.",
+    )
+    health.add_argument("--port", type=int, default=None, help="port to probe [env MAB_PORT]")
+    health.add_argument("--timeout-s", type=float, default=2.0, help="seconds to wait for the answer")
     return parser
 
 
@@ -57,39 +67,33 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-def serve(settings: config.Settings) -> None:
-    import uvicorn
-
-    # Workers are separate processes that rebuild the settings from the environment.
-    settings.export_env(os.environ)
-    uvicorn.run(
-        "mab_service.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=settings.access_log,
-        log_level=settings.log_level,
-        timeout_keep_alive=int(settings.timeout_keep_alive_s),
-        server_header=False,
-        proxy_headers=settings.proxy_headers,
-    )
+def probe(settings: config.Settings, timeout_s: float) -> bool:
+    """Whether GET /health at ``settings.host`` (loopback if it is a wildcard) and ``settings.port`` answers 200."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):  # HTTPError (a 503) is a URLError
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {f.name: getattr(args, f.name) for f in fields(config.Settings)}
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(config.Settings)}
     try:
         settings = config.Settings.from_env(os.environ, **overrides)
     except config.SettingsError as exc:
         print(f"mab-service: {exc}", file=sys.stderr)
         sys.exit(STARTUP_FAILURE)
+    if args.command == "health":
+        sys.exit(0 if probe(settings, args.timeout_s) else 1)
+    logging.config.dictConfig(logs.log_config(settings))
     if args.command == "serve":
-        serve(settings)
+        # Imported here: nothing that reads the metrics directory may be imported before serve() exports it.
+        from mab_service import server
+
+        server.serve(settings)
 
 
 if __name__ == "__main__":

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import traceback
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from time import perf_counter
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mab_service import config
+from mab_service import config, metrics
 from mab_service.errors import FeatureSourceError, MabError
 from mab_service.features.local import LocalSource
 from mab_service.features.source import FeatureSource
+from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
 from mab_service.openapi import openapi_document
 from mab_service.policy.sampler import SAMPLERS
 from mab_service.responses import OrjsonResponse, error_body
-from mab_service.routes import ROUTES, predict
-from mab_service.state import AppState
-from mab_service.types import Receive, Scope, Send
+from mab_service.routes import ENDPOINTS, ROUTES, overloaded, predict
+from mab_service.state import AppState, Lifecycle
+from mab_service.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger("mab_service")
 
@@ -36,6 +39,11 @@ def make_source(settings: config.Settings) -> FeatureSource:
         return LocalSource.demo(settings.prior_alpha, settings.prior_beta)
     if kind == "csv":
         return LocalSource(Path(target), settings.prior_alpha, settings.prior_beta)
+    if kind in ("vertex", "vertex-fos"):
+        # Imported here: the Vertex client library is an optional dependency (mab-service[vertex]).
+        from mab_service.features.vertex import source_from_settings
+
+        return source_from_settings(settings)
     raise FeatureSourceError(f"unknown feature source {settings.features!r}")
 
 
@@ -51,6 +59,8 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
         the source cannot be loaded.
     """
 
+    lifecycle = Lifecycle()
+
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[AppState]:
         nonlocal source
@@ -60,13 +70,19 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
         # Everything loaded so far lives as long as the process: keep the cyclic GC from scanning it.
         gc.freeze()
         logger.info("feature source %s ready; sampler %s", settings.features, settings.sampler)
+        served, top_k = source, SAMPLERS[settings.sampler]
         try:
-            yield AppState(
-                settings=settings,
-                source=source,
-                top_k=SAMPLERS[settings.sampler],
-                openapi=openapi_document(settings.max_candidates, settings.max_body_bytes),
-            )
+            async with AsyncExitStack() as stack:
+                if settings.metrics:
+                    served, top_k = metrics.MeteredSource(source), metrics.timed_top_k(top_k)
+                    await stack.enter_async_context(metrics.recording(source, settings.metrics_flush_interval_s))
+                yield AppState(
+                    settings=settings,
+                    source=served,
+                    top_k=top_k,
+                    openapi=openapi_document(settings.max_candidates, settings.max_body_bytes),
+                    lifecycle=lifecycle,
+                )
         finally:
             await source.close()
 
@@ -74,7 +90,7 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
         routes=ROUTES,
         exception_handlers={MabError: _mab_error, HTTPException: _http_error, Exception: _unexpected_error},
     )
-    return Application(router, lifespan)
+    return Application(router, lifespan, settings, lifecycle)
 
 
 class Application:
@@ -84,19 +100,78 @@ class Application:
     Response and middleware would cost more per request than the ranking. Other routes, 404 and 405 go
     through Starlette. The lifespan is handled here, so that a feature source that cannot start is
     reported in one line (``cannot start: ...``) and the server exits, instead of with a traceback.
+
+    Overload: a /predict is answered 503 ``overloaded`` at once when the server marked it on arrival as over
+    ``max_in_flight`` (``lifecycle.over_cap``, see ``server.RequestTasks``), or, under a server that does not
+    mark, when ``max_in_flight`` /predict requests are already inside the app. While ``lifecycle.draining``,
+    every answer carries ``Connection: close``.
     """
 
-    def __init__(self, router: Starlette, lifespan: Callable[[], AbstractAsyncContextManager[AppState]]) -> None:
+    def __init__(
+        self,
+        router: Starlette,
+        lifespan: Callable[[], AbstractAsyncContextManager[AppState]],
+        settings: config.Settings,
+        lifecycle: Lifecycle,
+    ) -> None:
         self.router = router
         self.lifespan = lifespan
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
-            await predict(scope, receive, send)
+            lifecycle = self.lifecycle
+            if lifecycle.draining:
+                send = _closing(send)
+            if self.in_flight >= self.settings.max_in_flight or (
+                lifecycle.over_cap and asyncio.current_task() in lifecycle.over_cap
+            ):
+                await overloaded(scope, send, self.settings)
+                return
+            self.in_flight += 1
+            try:
+                await predict(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+                if lifecycle.admitted:  # answered: no longer counts against the cap (see server.RequestTasks)
+                    lifecycle.admitted.discard(asyncio.current_task())
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._routed(scope, receive, send)
         else:
             await self.router(scope, receive, send)
+
+    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An HTTP request for Starlette, with a request id, metrics, an access log and draining."""
+        started = perf_counter()
+        request_id = next((request_id_from(v) for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = request_id or new_request_id()
+        REQUEST_ID.set(request_id)
+        status = 500  # if the app fails before it answers, the server answers 500
+        draining = self.lifecycle.draining
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                if draining:
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.router(scope, receive, send_with_id)
+        finally:
+            path = scope["path"]
+            endpoint = path if path in ENDPOINTS else "other"
+            if self.settings.metrics:
+                metrics.requests.observe(endpoint, status, perf_counter() - started)
+            if self.settings.access_log:
+                log_access(scope["method"], path, status, perf_counter() - started, request_id, scope.get("client"))
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert "state" in scope, "the server must support lifespan state (uvicorn >= 0.22)"
@@ -118,6 +193,17 @@ class Application:
             await send({"type": f"lifespan.{phase}.failed", "message": traceback.format_exc()})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+
+def _closing(send: Send) -> Send:
+    """``send`` adding ``Connection: close`` to the answer, so the client leaves a draining worker."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        await send(message)
+
+    return closing
 
 
 def create_app() -> Application:

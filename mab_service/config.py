@@ -9,11 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 ENV_PREFIX = "MAB_"
+#: Variables read when a field's own MAB_ variable is not set (the convention of the tool that defines them).
+ENV_ALIASES = {
+    "vertex_emulator_host": "VERTEX_FEATURESTORE_EMULATOR_HOST",
+    "metrics_dir": "PROMETHEUS_MULTIPROC_DIR",
+}
+#: Where prometheus-client looks for its multiprocess directory (read when it is imported).
+PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+_VERTEX_SPECS = {
+    "vertex": re.compile(r"^projects/[^/]+/locations/[^/]+/featurestores/[^/]+/entityTypes/[^/]+$"),
+    "vertex-fos": re.compile(r"^projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/]+/featureViews/[^/]+$"),
+}
 
 
 class SettingsError(ValueError):
@@ -29,7 +42,9 @@ class Settings:
     workers: int = 1
     """Worker processes sharing the port; one per core on a bare node, one per container on Kubernetes."""
     features: str = "demo"
-    """Feature source: ``demo`` (the bundled catalogue) or ``csv:PATH`` (an embedded table loaded at start)."""
+    """Feature source: ``demo`` (the bundled catalogue), ``csv:PATH`` (an embedded table loaded at start),
+    ``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Vertex AI Featurestore) or
+    ``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Feature Store 2.0)."""
     prior_alpha: float = 1.0
     """Beta prior alpha for candidates the feature source does not know."""
     prior_beta: float = 1.0
@@ -48,6 +63,65 @@ class Settings:
     """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy that sets them)."""
     timeout_keep_alive_s: float = 5.0
     """Seconds an idle keep-alive connection stays open."""
+    log_format: str = "json"
+    """Log lines as ``json`` (one object per line, with the request id) or ``text`` (for a terminal)."""
+    drain_delay_s: float = 0.0
+    """Seconds from SIGTERM to closing the listener: meanwhile /health answers 503 and every answer carries
+    ``Connection: close``, so load balancers stop sending here before the port closes (5 on Kubernetes)."""
+    timeout_graceful_shutdown_s: float = 10.0
+    """Seconds requests in flight get to finish once the listener is closed; then they are cancelled."""
+    max_in_flight: int = 64
+    """Requests one worker holds at once; a /predict arriving beyond that gets 503 ``overloaded`` at once."""
+    retry_after_s: int = 1
+    """Seconds sent in the Retry-After header of an ``overloaded`` 503."""
+    metrics: bool = True
+    """Record request metrics and serve them at /metrics in the Prometheus text format."""
+    metrics_dir: str = ""
+    """Directory of the Prometheus multiprocess files shared by the workers, wiped at start; empty means a fresh
+    temporary directory. Also read from PROMETHEUS_MULTIPROC_DIR."""
+    metrics_flush_interval_s: float = 1.0
+    """Seconds between a worker's copies of its request metrics into the shared files (a scrape copies too)."""
+    vertex_alpha_feature: str = "alpha"
+    """Vertex feature holding alpha (mapping ``beta``)."""
+    vertex_beta_feature: str = "beta"
+    """Vertex feature holding beta (mapping ``beta``)."""
+    vertex_mapping: str = "beta"
+    """How Vertex features become parameters: ``beta`` (alpha and beta features) or ``counts`` (alpha = prior_alpha
+    + clicks, beta = prior_beta + impressions - clicks)."""
+    vertex_clicks_feature: str = "clicks"
+    """Vertex feature holding clicks (mapping ``counts``)."""
+    vertex_impressions_feature: str = "impressions"
+    """Vertex feature holding impressions (mapping ``counts``)."""
+    vertex_api_version: str = "v1"
+    """Vertex API version for Feature Store 2.0: ``v1`` (one key per call) or ``v1beta1`` (batched streaming)."""
+    vertex_endpoint: str = ""
+    """Vertex API endpoint; empty means the regional ``{location}-aiplatform.googleapis.com``."""
+    vertex_emulator_host: str = ""
+    """``host:port`` of a local Vertex emulator (insecure gRPC, no credentials); also read from
+    VERTEX_FEATURESTORE_EMULATOR_HOST."""
+    vertex_chunk_size: int = 100
+    """Entity ids per Vertex read, 1 to 100 (the API's limit)."""
+    vertex_max_concurrent_reads: int = 16
+    """Vertex reads in flight at once per worker."""
+    vertex_deadline_s: float = 0.25
+    """Deadline over a request's whole fan-out of Vertex reads, retries included; keep it below the request
+    budget."""
+    vertex_call_timeout_s: float = 0.1
+    """Timeout of one Vertex call (capped by what is left of the deadline)."""
+    vertex_retries: int = 2
+    """Retries of a Vertex read after UNAVAILABLE, DEADLINE_EXCEEDED or a broken stream, within the deadline."""
+    vertex_backoff_s: float = 0.005
+    """Base of the jittered exponential backoff between Vertex retries."""
+    vertex_unready_after_failures: int = 3
+    """Failed fan-outs in a row after which /health reports the store as failing."""
+    vertex_probe_interval_s: float = 1.0
+    """Seconds between background checks of the store while /health is not ready."""
+    cache_ttl_s: float = 60.0
+    """Seconds a value read from Vertex is served from the cache; 0 turns the cache off."""
+    cache_max_entries: int = 1_000_000
+    """Most ids the cache holds (96 bytes each at most, plus ids longer than 16 bytes)."""
+    cache_stale_while_revalidate_s: float = 30.0
+    """Seconds past expiry a cached value is still served while it is re-read in the background; 0 turns it off."""
 
     def __post_init__(self) -> None:
         _check(self.port, 0 <= self.port <= 65535, "port", "an integer in [0, 65535]")
@@ -58,18 +132,47 @@ class Settings:
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
         _check(self.timeout_keep_alive_s, self.timeout_keep_alive_s > 0, "timeout_keep_alive_s", "a number > 0")
+        _check(self.log_format, self.log_format in ("json", "text"), "log_format", "json or text")
+        for name in ("timeout_graceful_shutdown_s", "metrics_flush_interval_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        drain = self.drain_delay_s
+        _check(drain, math.isfinite(drain) and drain >= 0, "drain_delay_s", "a finite number >= 0")
+        _check(self.max_in_flight, self.max_in_flight >= 1, "max_in_flight", "an integer >= 1")
+        _check(self.retry_after_s, self.retry_after_s >= 0, "retry_after_s", "an integer >= 0")
         _check(self.sampler, self.sampler in ("auto", "kernel", "reference"), "sampler", "auto, kernel or reference")
         levels = ("critical", "error", "warning", "info", "debug")
         _check(self.log_level, self.log_level in levels, "log_level", ", ".join(levels))
-        kind = self.features.partition(":")[0]
-        _check(self.features, self.features == "demo" or kind == "csv", "features", "demo or csv:PATH")
+        kind, _, target = self.features.partition(":")
+        vertex = _VERTEX_SPECS.get(kind)
+        ok = self.features == "demo" or kind == "csv" or (vertex is not None and vertex.match(target) is not None)
+        _check(self.features, ok, "features", "demo or csv:PATH or vertex:ENTITY_TYPE or vertex-fos:FEATURE_VIEW")
+        _check(self.vertex_mapping, self.vertex_mapping in ("beta", "counts"), "vertex_mapping", "beta or counts")
+        _check(
+            self.vertex_api_version, self.vertex_api_version in ("v1", "v1beta1"), "vertex_api_version", "v1 or v1beta1"
+        )
+        _check(
+            self.vertex_chunk_size, 1 <= self.vertex_chunk_size <= 100, "vertex_chunk_size", "an integer in [1, 100]"
+        )
+        for name in ("vertex_max_concurrent_reads", "vertex_unready_after_failures", "cache_max_entries"):
+            _check(getattr(self, name), getattr(self, name) >= 1, name, "an integer >= 1")
+        _check(self.vertex_retries, self.vertex_retries >= 0, "vertex_retries", "an integer >= 0")
+        for name in ("vertex_deadline_s", "vertex_call_timeout_s", "vertex_probe_interval_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        for name in ("vertex_backoff_s", "cache_ttl_s", "cache_stale_while_revalidate_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value >= 0, name, "a finite number >= 0")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
-        """Settings from ``MAB_*`` variables, then ``overrides`` (values that are ``None`` are skipped)."""
+        """Settings from ``MAB_*`` variables (or an ``ENV_ALIASES`` variable when a field's own is unset), then
+        ``overrides`` (values that are ``None`` are skipped)."""
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None and f.name in ENV_ALIASES:
+                raw = environ.get(ENV_ALIASES[f.name])
             if raw is not None:
                 values[f.name] = _cast(f.name, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -80,6 +183,9 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             environ[ENV_PREFIX + f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        if self.metrics and self.metrics_dir:
+            # prometheus-client picks multiprocess mode from this variable when it is first imported.
+            environ[PROMETHEUS_DIR_VARIABLE] = self.metrics_dir
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -47,3 +47,10 @@ class FeatureSourceError(MabError):
 
     status_code = 503
     code = "feature_source_unavailable"
+
+
+class Overloaded(MabError):
+    """The worker holds as many requests as ``max_in_flight`` allows; the client should retry later."""
+
+    status_code = 503
+    code = "overloaded"

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,3 +116,46 @@ def table_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(server_factory: Callable[..., Server], table_csv: Path) -> Server:
     return server_factory(args=["--features", f"csv:{table_csv}", "--max-candidates", "3000"])
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class EmulatorProcess:
+    """A real ``python -m mab_service.emulator`` process on a loopback port; its output goes to ``log``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], target: str, log: Path) -> None:
+        self.proc = proc
+        self.target = target
+        self.log = log
+
+
+def start_emulator(table: Path, args: list[str] | None = None, timeout_s: float = 30.0) -> EmulatorProcess:
+    """Start the emulator's one command on a free loopback port; returns once it listens.
+
+    Its output goes to a file, not a pipe nobody reads, so that it can never block on a full pipe.
+    """
+    port = unused_tcp_port()
+    log = Path(tempfile.mkdtemp(prefix="emulator-")) / "emulator.log"
+    cmd = [sys.executable, "-m", "mab_service.emulator", "--port", str(port), "--features", str(table), *(args or [])]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if "listening on " in log.read_text(errors="replace"):
+            return EmulatorProcess(proc, f"127.0.0.1:{port}", log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    _stop(proc)
+    raise RuntimeError(f"emulator did not start:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="session")
+def emulator_process(table_csv: Path) -> Iterator[EmulatorProcess]:
+    """The emulator serving ``table_csv``, shared by the session (reset its faults and counters before use)."""
+    emulator = start_emulator(table_csv)
+    yield emulator
+    _stop(emulator.proc)
