@@ -31,7 +31,8 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
         "info": {
             "title": "mab-service",
             "version": __version__,
-            "description": "Ranks candidates for a user by Thompson samples from Beta posteriors.",
+            "description": "Ranks candidates for a user by Thompson samples from Beta posteriors. Every answer "
+            "carries X-Request-ID: the client's, when it sends a short printable one, else a new id.",
         },
         "paths": {
             "/predict": {
@@ -53,7 +54,34 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "413": _error(f"The body is larger than {max_body_bytes} bytes."),
                         "415": _error("The content type is not application/json."),
                         "422": _error("The JSON does not match PredictRequest."),
-                        "503": _error("The service is not ready or is shedding load."),
+                        "503": {
+                            "description": "The feature source failed (feature_source_unavailable) or the worker "
+                            "holds as many requests as it admits (overloaded; retry after Retry-After seconds).",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                        },
+                    },
+                }
+            },
+            "/live": {
+                "get": {
+                    "operationId": "live",
+                    "summary": "Liveness: 200 whenever the worker's event loop answers",
+                    "responses": {
+                        "200": {
+                            "description": "Alive.",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
+                        }
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics of every worker",
+                    "responses": {
+                        "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
+                        "404": _error("Metrics are off (--no-metrics)."),
                     },
                 }
             },

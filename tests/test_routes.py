@@ -84,7 +84,7 @@ def test_openapi_document(server: Server) -> None:
     with server.client() as client:
         doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/predict", "/health"}
+    assert set(doc["paths"]) == {"/predict", "/health", "/live", "/metrics"}
     assert doc["components"]["schemas"]["PredictRequest"]["properties"]["candidates"]["maxItems"] == 3000
 
 
