@@ -57,18 +57,7 @@ class PredictEndpoint:
             # Outside Starlette's error middleware: log the traceback here and answer a generic 500.
             logger.exception("unhandled error in POST /predict")
             status, payload = 500, b'{"error":"internal_error","message":"internal server error"}'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", b"%d" % len(payload)),
-                    (b"x-request-id", request_id),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await _send_json(send, status, payload, request_id)
         # After the answer is out: a few additions to plain numbers (metrics.py), nothing when both are off.
         if settings.metrics:
             if ranked:
@@ -82,6 +71,14 @@ class PredictEndpoint:
 predict = PredictEndpoint()
 
 
+async def _send_json(send: Send, status: int, payload: bytes, request_id: bytes, *extra: tuple[bytes, bytes]) -> None:
+    """Send a whole JSON answer: its head, with the request id, then its body."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *extra]
+    headers.append((b"x-request-id", request_id))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
 async def overloaded(scope: Scope, send: Send, settings: Settings) -> None:
     """Answer ``503 overloaded`` with ``Retry-After`` at once, without reading the body (the shed path)."""
     started = perf_counter()
@@ -89,19 +86,7 @@ async def overloaded(scope: Scope, send: Send, settings: Settings) -> None:
     REQUEST_ID.set(request_id)
     payload = _overloaded_body(settings.max_in_flight, settings.retry_after_s)
     status = Overloaded.status_code
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(payload)),
-                (b"retry-after", b"%d" % settings.retry_after_s),
-                (b"x-request-id", request_id),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    await _send_json(send, status, payload, request_id, (b"retry-after", b"%d" % settings.retry_after_s))
     if settings.metrics:
         metrics.shed.n += 1
         metrics.requests.observe("/predict", status, perf_counter() - started)

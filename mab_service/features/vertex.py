@@ -222,7 +222,58 @@ def default_credentials() -> Any:
 # --- the Featurestore source ------------------------------------------------------------------------------------
 
 
-class VertexSource:
+class StoreSource:
+    """What the two Vertex sources share: readiness from the store's own answers, a background probe while the
+    store is unready, and ``fetch`` on top of ``read``. A subclass creates its client in ``start`` and then calls
+    ``_begin_probing``; it implements ``read``."""
+
+    name: str
+    options: VertexOptions
+    policy: ReadPolicy
+    _client: Any
+    _prober: asyncio.Task[None] | None
+
+    async def read(self, ids: list[str]) -> Lookup:
+        """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew."""
+        raise NotImplementedError
+
+    async def _begin_probing(self, task_name: str) -> None:
+        await self.check()
+        self._prober = asyncio.create_task(self._probe_while_unready(), name=task_name)
+
+    async def check(self) -> bool:
+        """Read one id no store holds; True if the store answered. Updates ``health`` either way."""
+        try:
+            await self.read([CHECK_ID])
+        except FeatureSourceError as exc:
+            logger.warning("feature store check failed: %s", exc.message)
+            return False
+        return True
+
+    def health(self) -> Health:
+        return self.policy.health.status()
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+            self._prober = None
+        if self._client is not None:
+            await self._client.transport.close()
+            self._client = None
+
+    async def _probe_while_unready(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.probe_interval_s)
+            if not self.policy.health.ready:
+                await self.check()
+
+    async def fetch(self, ids: list[str]) -> Features:
+        found = await self.read(ids)
+        return Features(found.alpha, found.beta, int(np.count_nonzero(found.found)))
+
+
+class VertexSource(StoreSource):
     """Reads Beta parameters from a Vertex AI Featurestore entity type.
 
     Args:
@@ -289,41 +340,9 @@ class VertexSource:
         self._request_pb = request
         self._wrap_request = messages.StreamingReadFeatureValuesRequest.wrap
         self._response_pb = messages.ReadFeatureValuesResponse.pb
-        await self.check()
-        self._prober = asyncio.create_task(self._probe_while_unready(), name="vertex-readiness-probe")
-
-    async def check(self) -> bool:
-        """Read one id no store holds; True if the store answered. Updates ``health`` either way."""
-        try:
-            await self.read([CHECK_ID])
-        except FeatureSourceError as exc:
-            logger.warning("feature store check failed: %s", exc.message)
-            return False
-        return True
-
-    def health(self) -> Health:
-        return self.policy.health.status()
-
-    async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-            self._prober = None
-        if self._client is not None:
-            await self._client.transport.close()
-            self._client = None
-
-    async def _probe_while_unready(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.probe_interval_s)
-            if not self.policy.health.ready:
-                await self.check()
+        await self._begin_probing("vertex-readiness-probe")
 
     # --- reads ------------------------------------------------------------------------------------------------
-
-    async def fetch(self, ids: list[str]) -> Features:
-        found = await self.read(ids)
-        return Features(found.alpha, found.beta, int(np.count_nonzero(found.found)))
 
     async def read(self, ids: list[str]) -> Lookup:
         """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew.

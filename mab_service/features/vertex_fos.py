@@ -23,9 +23,8 @@ import numpy as np
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features.cache import Lookup
-from mab_service.features.read_policy import ReadPolicy, Retryable, grpc_code_name, logger
-from mab_service.features.source import Features, Health
-from mab_service.features.vertex import CHECK_ID, MAX_IDS_PER_READ, ParameterMapping, VertexOptions, make_transport
+from mab_service.features.read_policy import ReadPolicy, Retryable, grpc_code_name
+from mab_service.features.vertex import MAX_IDS_PER_READ, ParameterMapping, StoreSource, VertexOptions, make_transport
 
 FEATURE_VIEW = re.compile(r"^projects/([^/]+)/locations/([^/]+)/featureOnlineStores/([^/]+)/featureViews/([^/]+)$")
 API_VERSIONS = ("v1", "v1beta1")
@@ -34,7 +33,7 @@ _OK = 0
 _RETRYABLE_CODES = (14, 4)  # UNAVAILABLE, DEADLINE_EXCEEDED
 
 
-class FeatureViewSource:
+class FeatureViewSource(StoreSource):
     """Reads Beta parameters from a Feature Store 2.0 feature view.
 
     Args:
@@ -98,39 +97,7 @@ class FeatureViewSource:
         transport = await make_transport(transport_cls, self.options, self.location, self._credentials)
         self._client = client_cls(transport=transport)
         self._messages = messages
-        await self.check()
-        self._prober = asyncio.create_task(self._probe_while_unready(), name="vertex-fos-readiness-probe")
-
-    async def check(self) -> bool:
-        """Fetch one key no store holds; True if the store answered. Updates ``health`` either way."""
-        try:
-            await self.read([CHECK_ID])
-        except FeatureSourceError as exc:
-            logger.warning("feature store check failed: %s", exc.message)
-            return False
-        return True
-
-    def health(self) -> Health:
-        return self.policy.health.status()
-
-    async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-            self._prober = None
-        if self._client is not None:
-            await self._client.transport.close()
-            self._client = None
-
-    async def _probe_while_unready(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.probe_interval_s)
-            if not self.policy.health.ready:
-                await self.check()
-
-    async def fetch(self, ids: list[str]) -> Features:
-        found = await self.read(ids)
-        return Features(found.alpha, found.beta, int(np.count_nonzero(found.found)))
+        await self._begin_probing("vertex-fos-readiness-probe")
 
     async def read(self, ids: list[str]) -> Lookup:
         """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew.

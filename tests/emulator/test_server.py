@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -142,6 +143,10 @@ async def test_faults_latency_and_counters() -> None:
         em.faults = Faults(break_next=1)
         with pytest.raises(exceptions.ServiceUnavailable, match="emulated stream break"):
             await streaming_read(target, [f"e{i}" for i in range(10)], ["alpha"])
+        # The client sees the break before the server's handler has unwound: wait (bounded) for it to finish.
+        deadline = time.monotonic() + 5
+        while em.stats()["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         stats = em.stats()
     assert stats["calls"] == {"StreamingReadFeatureValues": 3}
     assert stats["ids_per_call"] == {"1": 2, "10": 1} and stats["max_ids_per_call"] == 10
