@@ -9,34 +9,17 @@ all cached runs no Python code per id.
 import numpy as np
 
 cimport numpy as cnp
-from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.object cimport PyObject
 from libc.math cimport INFINITY
 from libc.stdint cimport uint8_t, uint32_t
 
-from mab_service.features._index cimport kIdNoMemory, kIdOk, kIdTooMany, kMaxIds
+from mab_service.features._index cimport id_views, kIdNoMemory, kIdOk, kIdTooMany, kMaxIds
 
 cnp.import_array()
 
 
 cdef extern from "Python.h":
     Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
-    PyObject* list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
-    bint is_str "PyUnicode_Check"(PyObject* o)
-    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(PyObject* o, Py_ssize_t* size)
-
-
-cdef extern from *:
-    """
-    /* A compact ASCII str keeps its bytes right after its header: they are its UTF-8 (see _index.pyx). */
-    static inline const char* mab_cache_ascii_bytes(PyObject* o, Py_ssize_t* size) {
-        if (!PyUnicode_IS_COMPACT_ASCII(o)) return NULL;
-        *size = PyUnicode_GET_LENGTH(o);
-        return (const char*)PyUnicode_DATA(o);
-    }
-    """
-    const char* ascii_bytes "mab_cache_ascii_bytes"(PyObject* o, Py_ssize_t* size)
 
 
 cdef enum:
@@ -53,28 +36,6 @@ cdef int _raise_on_status(int status) except -1:
     if status == kIdTooMany:
         raise ValueError(f"at most {kMaxIds} ids of at most 4 GiB each are supported")
     raise RuntimeError(f"the cache table returned unknown status {status}")
-
-
-cdef int _views(list ids, Py_ssize_t n, IdRef* refs) except -1:
-    """Fill refs[i] with the UTF-8 bytes of ids[i]. Unless it raises, no Python code runs here."""
-    cdef Py_ssize_t i, size
-    cdef PyObject* item
-    cdef const char* data
-    for i in range(n):
-        item = list_item(ids, i)
-        if not is_str(item):
-            raise TypeError(f"ids[{i}] must be a string (got {type(<object>item).__name__})")
-        data = ascii_bytes(item, &size)
-        if data == NULL:
-            data = utf8_and_size(item, &size)
-            if data == NULL:
-                if PyErr_ExceptionMatches(UnicodeEncodeError):
-                    PyErr_Clear()
-                    raise ValueError(f"ids[{i}] is not valid Unicode (it holds a lone surrogate)")
-                return -1
-        refs[i].data = data
-        refs[i].size = <size_t>size
-    return 0
 
 
 cdef void* _scratch(void* on_stack, Py_ssize_t n, size_t item_bytes) except NULL:
@@ -188,7 +149,7 @@ cdef class CacheTable:
             refs = <IdRef*>_scratch(refs_on_stack, n, sizeof(IdRef))
             miss = <uint32_t*>_scratch(miss_on_stack, n, sizeof(uint32_t))
             refresh = <uint32_t*>_scratch(refresh_on_stack, n, sizeof(uint32_t))
-            _views(ids, n, refs)
+            id_views(ids, n, refs, "ids")
             _raise_on_status(cache_lookup_fill(
                 self.table, refs, <size_t>n, t, s, r, pa, pb,
                 <double*>cnp.PyArray_DATA(alpha), <double*>cnp.PyArray_DATA(beta), miss, refresh, &c))
@@ -228,7 +189,7 @@ cdef class CacheTable:
         cdef IdRef on_stack[STACK_IDS]
         cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
         try:
-            _views(ids, n, refs)
+            id_views(ids, n, refs, "ids")
             _raise_on_status(cache_insert(
                 self.table, refs, <const double*>cnp.PyArray_DATA(a), <const double*>cnp.PyArray_DATA(b),
                 <const uint8_t*>cnp.PyArray_DATA(f), <const double*>cnp.PyArray_DATA(e), <size_t>n))

@@ -34,3 +34,8 @@ cdef extern from "mab/id_index.hpp" namespace "mab" nogil:
 cdef class IdIndex:
     # Owned; NULL until __init__ succeeds. Immutable once built, so other Cython code may read it freely.
     cdef IdTable* table
+
+
+# Defined in _index.pyx and cimported by _cache.pyx: fills refs[i] with views of the UTF-8 bytes of ids[i],
+# raising TypeError/ValueError that name `name`[i] for a non-str or unencodable item.
+cdef int id_views(list ids, Py_ssize_t n, IdRef* refs, str name) except -1

@@ -72,7 +72,7 @@ cdef int _not_utf8(str name, Py_ssize_t i) except -1:
     return -1
 
 
-cdef int _views(list ids, Py_ssize_t n, IdRef* refs, str name) except -1:
+cdef int id_views(list ids, Py_ssize_t n, IdRef* refs, str name) except -1:
     """Fill refs[i] with the UTF-8 bytes of ids[i]. Unless it raises, no Python code runs here, so the list
     cannot change while the views are taken."""
     cdef Py_ssize_t i, size
@@ -190,7 +190,7 @@ cdef class IdIndex:
         cdef const double* pa = <const double*>cnp.PyArray_DATA(a)
         cdef const double* pb = <const double*>cnp.PyArray_DATA(b)
         try:
-            _views(own, n, refs, "ids")
+            id_views(own, n, refs, "ids")
             with nogil:
                 status = build_id_table(refs, pa, pb, <size_t>n, &table, &first, &second)
         finally:
@@ -254,7 +254,7 @@ cdef class IdIndex:
         cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
         cdef size_t known = 0
         try:
-            _views(ids, n, refs, "candidates")
+            id_views(ids, n, refs, "candidates")
             _raise_on_status(gather_params_fill(
                 self.table, refs, <size_t>n, pa, pb,
                 <double*>cnp.PyArray_DATA(alpha), <double*>cnp.PyArray_DATA(beta), &known))
@@ -289,7 +289,7 @@ def unique(ids):
     cdef list out
     try:
         keep = <uint32_t*>_scratch(keep_on_stack, n, sizeof(uint32_t))
-        _views(ids, n, refs, "candidates")
+        id_views(ids, n, refs, "candidates")
         _raise_on_status(unique_indices_fill(refs, <size_t>n, keep, &kept))
         if kept == <size_t>n:
             return ids
