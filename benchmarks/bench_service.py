@@ -517,6 +517,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def require_tools() -> None:
+    """Exit with a clear message unless wrk and taskset are on PATH."""
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found on PATH")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code (1 if any target failed)."""
     args = parse_args(argv)
@@ -524,9 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.versions:
         print(orjson.dumps(env, option=orjson.OPT_INDENT_2).decode())
         return 0
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found on PATH")
+    require_tools()
     usable = os.sched_getaffinity(0)
     if not cpu_set(args.server_cpus) | cpu_set(args.client_cpus) <= usable:
         sys.exit(f"cores {args.server_cpus} (server) and {args.client_cpus} (wrk) are not all among {sorted(usable)}")

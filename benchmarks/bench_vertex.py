@@ -23,7 +23,6 @@ import concurrent.futures
 import contextlib
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from benchmarks.bench_service import (
     check_predict,
     environment,
     free_port,
+    require_tools,
     run_wrk,
     running_server,
     session_cpu_seconds,
@@ -320,9 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.versions:
         print(orjson.dumps(env, option=orjson.OPT_INDENT_2).decode())
         return 0
-    for tool in ("wrk", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found on PATH")
+    require_tools()
     if not {args.server_cpu, args.client_cpu} <= os.sched_getaffinity(0) or args.server_cpu == args.client_cpu:
         sys.exit(f"need two distinct usable cores, got server {args.server_cpu} and client {args.client_cpu}")
     runs: dict[str, list[Run]] = {t: [] for t in args.targets}

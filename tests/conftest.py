@@ -66,11 +66,12 @@ def _start(env_overrides: dict[str, str], args: list[str]) -> Server:
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    _stop(proc)
+    stop_process(proc)
     raise RuntimeError("server did not become ready within 30 s")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL after 10 s, and close its output pipe."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -94,7 +95,7 @@ def server_factory() -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in started:
-        _stop(server.proc)
+        stop_process(server.proc)
 
 
 TABLE = """entity_id,alpha,beta
@@ -149,7 +150,7 @@ def start_emulator(table: Path, args: list[str] | None = None, timeout_s: float 
         if proc.poll() is not None:
             break
         time.sleep(0.05)
-    _stop(proc)
+    stop_process(proc)
     raise RuntimeError(f"emulator did not start:\n{log.read_text(errors='replace')}")
 
 
@@ -158,4 +159,4 @@ def emulator_process(table_csv: Path) -> Iterator[EmulatorProcess]:
     """The emulator serving ``table_csv``, shared by the session (reset its faults and counters before use)."""
     emulator = start_emulator(table_csv)
     yield emulator
-    _stop(emulator.proc)
+    stop_process(emulator.proc)

@@ -237,6 +237,12 @@ class StoreSource:
         """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew."""
         raise NotImplementedError
 
+    def _prior_lookup(self, n: int) -> Lookup:
+        """A lookup of ``n`` ids that the store has not answered yet: all at the prior, none known."""
+        return Lookup(
+            np.full(n, self.options.prior_alpha), np.full(n, self.options.prior_beta), np.zeros(n, dtype=np.bool_)
+        )
+
     async def _begin_probing(self, task_name: str) -> None:
         await self.check()
         self._prober = asyncio.create_task(self._probe_while_unready(), name=task_name)
@@ -352,9 +358,7 @@ class VertexSource(StoreSource):
         """
         assert self._client is not None, "read before start"
         n = len(ids)
-        out = Lookup(
-            np.full(n, self.options.prior_alpha), np.full(n, self.options.prior_beta), np.zeros(n, dtype=np.bool_)
-        )
+        out = self._prior_lookup(n)
         if n:
             step = self.options.chunk_size
             await self.policy.fan_out(

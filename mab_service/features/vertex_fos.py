@@ -19,8 +19,6 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
-import numpy as np
-
 from mab_service.errors import FeatureSourceError
 from mab_service.features.cache import Lookup
 from mab_service.features.read_policy import ReadPolicy, Retryable, grpc_code_name
@@ -107,9 +105,7 @@ class FeatureViewSource(StoreSource):
         """
         assert self._client is not None, "read before start"
         n = len(ids)
-        out = Lookup(
-            np.full(n, self.options.prior_alpha), np.full(n, self.options.prior_beta), np.zeros(n, dtype=np.bool_)
-        )
+        out = self._prior_lookup(n)
         if not n:
             return out
         if self.streaming:

@@ -6,8 +6,6 @@ Skipped when Go or Debian's fasthttp sources are not installed (``python -m benc
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import httpx
 import pytest
 
 from benchmarks.baselines.go import build
-from tests.conftest import unused_tcp_port
+from tests.conftest import stop_process, unused_tcp_port
 
 pytestmark = [
     pytest.mark.slow,  # the first build compiles fasthttp: about a minute
@@ -43,14 +41,7 @@ def go_server(table_csv: Path) -> Iterator[str]:
                 time.sleep(0.05)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 def test_gofmt_vet_and_go_test_pass() -> None:
