@@ -116,6 +116,11 @@ class Settings:
     """Failed fan-outs in a row after which /health reports the store as failing."""
     vertex_probe_interval_s: float = 1.0
     """Seconds between background checks of the store while /health is not ready."""
+    on_store_failure: str = "degrade"
+    """What a /predict does when the feature store cannot be read in time: ``degrade`` (answer 200 with the prior
+    for the ids not read, marked ``"degraded": true``) or ``fail`` (answer 503 ``feature_source_unavailable``).
+    Either way, while the store is known to be failing, requests do not wait on it: the background check alone
+    reads it until it recovers."""
     cache_ttl_s: float = 60.0
     """Seconds a value read from Vertex is served from the cache; 0 turns the cache off."""
     cache_max_entries: int = 1_000_000
@@ -148,6 +153,9 @@ class Settings:
         ok = self.features == "demo" or kind == "csv" or (vertex is not None and vertex.match(target) is not None)
         _check(self.features, ok, "features", "demo or csv:PATH or vertex:ENTITY_TYPE or vertex-fos:FEATURE_VIEW")
         _check(self.vertex_mapping, self.vertex_mapping in ("beta", "counts"), "vertex_mapping", "beta or counts")
+        _check(
+            self.on_store_failure, self.on_store_failure in ("degrade", "fail"), "on_store_failure", "degrade or fail"
+        )
         _check(
             self.vertex_api_version, self.vertex_api_version in ("v1", "v1beta1"), "vertex_api_version", "v1 or v1beta1"
         )

@@ -18,7 +18,9 @@ Exposed (all workers summed):
 - ``mab_feature_fetch_errors_total{source,error}``: failed fetches by error code;
 - ``mab_cache_lookups_total{result}`` (``hit`` or ``miss``) and ``mab_cache_stale_served_total``: the feature
   cache, when the source has one;
-- ``mab_shed_requests_total``: /predict requests answered 503 ``overloaded``.
+- ``mab_shed_requests_total``: /predict requests answered 503 ``overloaded``;
+- ``mab_degraded_fetches_total`` and ``mab_unread_candidates_total``: fetches a failing store answered only in
+  part (``on_store_failure = degrade``), and the candidates that got the prior for it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ FETCH_ERRORS = Counter(
 CACHE_LOOKUPS = Counter("mab_cache_lookups", "Ids looked up in the feature cache, by result (hit, miss).", ["result"])
 CACHE_STALE = Counter("mab_cache_stale_served", "Ids served from an expired cache entry while it was re-read.")
 SHED = Counter("mab_shed_requests", "/predict requests answered 503 overloaded: the worker held max_in_flight.")
+DEGRADED = Counter(
+    "mab_degraded_fetches", "Feature fetches that a failing store answered only in part: the rest got the prior."
+)
+UNREAD = Counter("mab_unread_candidates", "Candidates a failing feature store did not read: they got the prior.")
 
 
 class _Series:
@@ -163,6 +169,8 @@ fetch_seconds = _Series(STAGE_DURATION.labels("fetch"), LATENCY_BUCKETS)
 sample_rank_seconds = _Series(STAGE_DURATION.labels("sample_rank"), LATENCY_BUCKETS)
 encode_seconds = _Series(STAGE_DURATION.labels("encode"), LATENCY_BUCKETS)
 shed = _Count(SHED)
+degraded = _Count(DEGRADED)
+unread = _Count(UNREAD)
 _caches: list[_CacheCounters] = []
 
 
@@ -170,7 +178,8 @@ def flush() -> None:
     """Copy what this worker accumulated into prometheus-client (its shared file in multiprocess mode)."""
     for series in (*requests.series.values(), candidates, fetch_seconds, sample_rank_seconds, encode_seconds):
         series.flush()
-    shed.flush()
+    for count in (shed, degraded, unread):
+        count.flush()
     for cache in _caches:
         cache.flush()
 
@@ -258,6 +267,9 @@ class MeteredSource:
             FETCH_ERRORS.labels(self.name, "internal_error").inc()
             raise
         fetch_seconds.observe(perf_counter() - started)
+        if features.unread:
+            degraded.n += 1
+            unread.n += features.unread
         return features
 
     def health(self) -> Health:

@@ -131,7 +131,7 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                 },
                 "PredictResponse": {
                     "type": "object",
-                    "required": ["user_id", "ids", "scores"],
+                    "required": ["user_id", "ids", "scores", "degraded"],
                     "properties": {
                         "user_id": {"type": "string"},
                         "ids": {"type": "array", "items": {"type": "string"}},
@@ -139,6 +139,11 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "type": "array",
                             "items": {"type": "number", "minimum": 0, "maximum": 1},
                             "description": "Each id's Thompson sample, descending.",
+                        },
+                        "degraded": {
+                            "type": "boolean",
+                            "description": "Some candidates were ranked by the prior because the feature store "
+                            "could not be read in time (on_store_failure = degrade).",
                         },
                     },
                 },

@@ -17,6 +17,8 @@ class Recommendation:
     ids: list[str]
     scores: npt.NDArray[np.float64]
     known: int
+    degraded: bool
+    """Some candidates got the prior because the feature store could not be read in time."""
 
 
 async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK) -> Recommendation:
@@ -25,4 +27,5 @@ async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK)
     features = await source.fetch(candidates)
     k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))
     indices, scores = top_k(features.alpha, features.beta, k, seed=request.seed)
-    return Recommendation(list(map(candidates.__getitem__, indices.tolist())), scores, features.known)
+    ids = list(map(candidates.__getitem__, indices.tolist()))
+    return Recommendation(ids, scores, features.known, features.unread > 0)

@@ -47,7 +47,7 @@ class PredictEndpoint:
             query = schemas.decode_predict(body, settings.max_candidates)
             result = await pipeline.recommend(query, state["source"], state["top_k"])
             encoding = perf_counter()
-            answer = schemas.encode_predict(query.user_id, result.ids, result.scores)
+            answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded)
             status, payload = 200, orjson.dumps(answer, option=_JSON_OPTIONS)
             encoded = perf_counter()
             ranked = len(query.candidates)

@@ -75,9 +75,10 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
     return PredictRequest(user_id, candidates, top_k, seed)
 
 
-def encode_predict(user_id: str, ids: list[str], scores: npt.NDArray[np.float64]) -> dict[str, Any]:
-    """The /predict answer: ids best first, with their samples (descending)."""
-    return {"user_id": user_id, "ids": ids, "scores": scores}
+def encode_predict(user_id: str, ids: list[str], scores: npt.NDArray[np.float64], degraded: bool) -> dict[str, Any]:
+    """The /predict answer: ids best first, with their samples (descending); ``degraded`` when some candidates
+    got the prior because the feature store could not be read."""
+    return {"user_id": user_id, "ids": ids, "scores": scores, "degraded": degraded}
 
 
 def _expected(what: str, got: object, name: str) -> str:

@@ -48,7 +48,8 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=10)
 
 
-def _start(env_overrides: dict[str, str], args: list[str]) -> Server:
+def _start(env_overrides: dict[str, str], args: list[str], ready: bool = True) -> Server:
+    """Start a server and wait until /health answers 200 (or, unless ``ready``, until /live does)."""
     port = unused_tcp_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAB_")}
     env.update(env_overrides)
@@ -61,7 +62,7 @@ def _start(env_overrides: dict[str, str], args: list[str]) -> Server:
             output = proc.stdout.read().decode() if proc.stdout else ""
             raise RuntimeError(f"server exited with {proc.returncode}:\n{output}")
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
+            if httpx.get(url + ("/health" if ready else "/live"), timeout=1).status_code == 200:
                 return Server(proc, url)
         except httpx.TransportError:
             pass
@@ -88,8 +89,8 @@ def server_factory() -> Iterator[Callable[..., Server]]:
     """Starts servers with given MAB_* settings and CLI args; stops them all at the end of the session."""
     started: list[Server] = []
 
-    def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> Server:
-        server = _start(env or {}, args or [])
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None, ready: bool = True) -> Server:
+        server = _start(env or {}, args or [], ready)
         started.append(server)
         return server
 
@@ -133,12 +134,14 @@ class EmulatorProcess:
         self.log = log
 
 
-def start_emulator(table: Path, args: list[str] | None = None, timeout_s: float = 30.0) -> EmulatorProcess:
-    """Start the emulator's one command on a free loopback port; returns once it listens.
+def start_emulator(
+    table: Path, args: list[str] | None = None, timeout_s: float = 30.0, port: int | None = None
+) -> EmulatorProcess:
+    """Start the emulator's one command on a loopback port (a free one unless given); returns once it listens.
 
     Its output goes to a file, not a pipe nobody reads, so that it can never block on a full pipe.
     """
-    port = unused_tcp_port()
+    port = port or unused_tcp_port()
     log = Path(tempfile.mkdtemp(prefix="emulator-")) / "emulator.log"
     cmd = [sys.executable, "-m", "mab_service.emulator", "--port", str(port), "--features", str(table), *(args or [])]
     with log.open("wb") as out:

@@ -24,6 +24,7 @@ def test_predict_ranks_candidates_by_their_samples(server: Server) -> None:
     assert body["ids"] == ["strong", "mid"]
     assert len(body["scores"]) == 2 and body["scores"][0] > body["scores"][1]
     assert all(0 <= s <= 1 for s in body["scores"])
+    assert body["degraded"] is False  # an embedded source is always read whole
 
 
 def test_without_top_k_every_candidate_is_ranked(server: Server) -> None:

@@ -13,7 +13,9 @@ few percent of the embedded source. Only misses run Python code:
 - **bounded size**: at most ``max_entries`` ids; a full table evicts by CLOCK (second chance). Each entry costs
   ``CacheTable.entry_bytes()`` bytes at most (96), plus a heap copy of ids longer than 16 bytes.
 
-A miss that cannot be read fails the request with the source's FeatureSourceError (503), as without the cache.
+A miss that cannot be read gets what the source gives without the cache: the prior, counted as unread (the
+answer is degraded), or its FeatureSourceError (503), by ``on_store_failure``. Ids a failing store did not read
+are not cached.
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ TTL_JITTER = 0.1
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """What a source read: parameters aligned with the ids (the prior where unknown) and which ids it knew."""
+    """What a source read: parameters aligned with the ids (the prior where unknown) and which ids it knew.
+
+    ``unread`` lists the positions a failing store did not answer (they hold the prior and are neither known nor
+    unknown); None when every id was read.
+    """
 
     alpha: npt.NDArray[np.float64]
     beta: npt.NDArray[np.float64]
     found: npt.NDArray[np.bool_]
+    unread: npt.NDArray[np.intp] | None = None
 
 
 @runtime_checkable
@@ -143,9 +150,11 @@ class FeatureCache:
             self.stale_served += stale
             if refresh is not None:
                 self._refresh([ids[i] for i in refresh.tolist()])
+        unread = 0
         if misses is not None:
-            known += await self._fill(ids, misses, alpha, beta)
-        return Features(alpha, beta, known)
+            filled, unread = await self._fill(ids, misses, alpha, beta)
+            known += filled
+        return Features(alpha, beta, known, unread)
 
     async def _fill(
         self,
@@ -153,8 +162,9 @@ class FeatureCache:
         misses: npt.NDArray[np.intp],
         alpha: npt.NDArray[np.float64],
         beta: npt.NDArray[np.float64],
-    ) -> int:
-        """Read the missed ids (joining reads already in flight) into alpha, beta; returns how many were known."""
+    ) -> tuple[int, int]:
+        """Read the missed ids (joining reads already in flight) into alpha, beta; returns how many were known and
+        how many a failing store did not read."""
         self.misses += len(misses)
         waits: dict[_Read, tuple[list[int], list[int]]] = {}
         own: list[str] = []
@@ -172,7 +182,7 @@ class FeatureCache:
         self.coalesced += len(misses) - len(own)
         if own:
             waits[self._start_read(own)] = (own_at, list(range(len(own))))
-        known = 0
+        known = unread = 0
         for read, (at, index) in waits.items():
             assert read.task is not None
             # Shielded: a request that goes away must not cancel a read other requests wait for.
@@ -182,7 +192,9 @@ class FeatureCache:
             alpha[positions] = result.alpha[rows]
             beta[positions] = result.beta[rows]
             known += int(np.count_nonzero(result.found[rows]))
-        return known
+            if result.unread is not None:
+                unread += int(np.count_nonzero(np.isin(rows, result.unread)))
+        return known, unread
 
     def _start_read(self, ids: list[str]) -> _Read:
         read = _Read(ids)
@@ -195,9 +207,15 @@ class FeatureCache:
     async def _load(self, read: _Read) -> Lookup:
         try:
             result = await self._read_source(read.ids)
-            n = len(read.ids)
-            expires = self._clock() + self.ttl_s * (1.0 - TTL_JITTER * self._rng.random(n))
-            self._table.insert(read.ids, result.alpha, result.beta, result.found, expires)
+            ids, alpha, beta, found = read.ids, result.alpha, result.beta, result.found
+            if result.unread is not None:
+                # A degraded read: what the store did not answer is not cached, neither as known nor as unknown.
+                kept = np.ones(len(ids), dtype=np.bool_)
+                kept[result.unread] = False
+                ids = [id_ for id_, keep in zip(ids, kept.tolist()) if keep]
+                alpha, beta, found = alpha[kept], beta[kept], found[kept]
+            expires = self._clock() + self.ttl_s * (1.0 - TTL_JITTER * self._rng.random(len(ids)))
+            self._table.insert(ids, alpha, beta, found, expires)
             return result
         finally:
             for id_ in read.ids:
@@ -217,9 +235,13 @@ class FeatureCache:
 
     def _refreshed(self, task: asyncio.Task[Lookup]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             self.refresh_failures += 1
             logger.warning("background refresh failed; stale values stay until they expire: %s", task.exception())
+        elif task.result().unread is not None:
+            self.refresh_failures += 1  # degraded: the ids not read stay stale and are refreshed again later
 
     async def _read_by_fetch(self, ids: list[str]) -> Lookup:
         # A source that only fetches cannot say which ids it knew: an answer equal to the prior counts as

@@ -4,6 +4,15 @@
 per-worker semaphore and gets ``timeout=min(call timeout, time left)``, and UNAVAILABLE, DEADLINE_EXCEEDED and
 broken streams are retried with jittered exponential backoff while the deadline allows. ``StoreHealth`` turns the
 outcomes into readiness for ``/health``.
+
+``fan_out`` is where a failing store is handled, for both backends and the cache's reads alike:
+
+- ``on_failure = "degrade"``: every part gets the whole deadline (one failed chunk does not cancel the others);
+  what was not read keeps the prior and ``fan_out`` returns False, so the answer is marked degraded;
+- ``on_failure = "fail"``: the first failure cancels the other parts and raises ``FeatureSourceError`` (503);
+- while the store is known to be failing (``StoreHealth.ready`` is false), a request's fan-out does not call the
+  store at all: it degrades (or fails) at once, so a dead store costs nobody the deadline. Only the background
+  check (``probe=True``) reads it, and its first success closes the circuit again.
 """
 
 from __future__ import annotations
@@ -41,20 +50,29 @@ class StoreHealth:
     def failure(self, reason: str) -> None:
         self.consecutive_failures += 1
         self.last_error = reason
+        if self.consecutive_failures == self.unready_after_failures and self.succeeded_once:
+            logger.warning(
+                "feature store failing (%d reads in a row): %s; requests skip it until a check succeeds",
+                self.consecutive_failures,
+                reason,
+            )
 
     @property
     def ready(self) -> bool:
         return self.succeeded_once and self.consecutive_failures < self.unready_after_failures
 
-    def status(self) -> Health:
+    @property
+    def reason(self) -> str:
+        """Why the store is not ready; empty when it is."""
         if not self.succeeded_once:
             detail = f": {self.last_error}" if self.last_error else ""
-            return Health(False, f"no successful read from the feature store yet{detail}")
+            return f"no successful read from the feature store yet{detail}"
         if self.consecutive_failures >= self.unready_after_failures:
-            return Health(
-                False, f"feature store failing ({self.consecutive_failures} reads in a row): {self.last_error}"
-            )
-        return Health(True)
+            return f"feature store failing ({self.consecutive_failures} reads in a row): {self.last_error}"
+        return ""
+
+    def status(self) -> Health:
+        return Health(self.ready, self.reason)
 
 
 class Retryable(Exception):
@@ -76,9 +94,11 @@ class ReadPolicy:
         # One per worker: every read of this process shares the cap. Created lazily inside the running loop.
         self._semaphore: asyncio.Semaphore | None = None
         self._random = random.Random()
+        self.degrade = options.on_failure == "degrade"
         self.calls = 0
         self.retries = 0
         self.failures = 0
+        self.skipped = 0
         self.latency_s_total = 0.0
 
     def stats(self) -> dict[str, float]:
@@ -86,26 +106,41 @@ class ReadPolicy:
             "calls": self.calls,
             "retries": self.retries,
             "failed_reads": self.failures,
+            "skipped_reads": self.skipped,
             "consecutive_failures": self.health.consecutive_failures,
             "latency_s_total": self.latency_s_total,
         }
 
-    async def fan_out(self, parts: Iterable[Callable[[float], Awaitable[None]]]) -> None:
+    async def fan_out(self, parts: Iterable[Callable[[float], Awaitable[None]]], *, probe: bool = False) -> bool:
         """Run every part concurrently under one deadline; each gets that deadline (loop time) to pass on.
 
-        The first failure cancels the other parts; so does the deadline. A part raises ``Retryable`` or a gRPC
-        error for ``attempt`` to handle, or FeatureSourceError to fail at once.
+        A part raises ``Retryable`` or a gRPC error for ``attempt`` to handle, or FeatureSourceError to fail at
+        once. The deadline cancels the parts still running; so does the first failure when the policy fails fast.
+
+        Args:
+            parts: The reads; each leaves what it did not read at the prior.
+            probe: The background check: read even while the store is known to be failing, and raise on failure.
+
+        Returns:
+            True if every part finished; False if the store failed and the policy degrades.
 
         Raises:
-            FeatureSourceError: If a part fails for good or the deadline passes.
+            FeatureSourceError: If the store fails (or is known to be failing) and the policy fails fast, or on
+                any failure of a probe.
         """
+        if not probe and not self.health.ready:
+            self.skipped += 1
+            return self._failed(FeatureSourceError(f"feature store {self.store} is not ready: {self.health.reason}"))
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.options.deadline_s
         tasks = [asyncio.ensure_future(part(deadline)) for part in parts]
+        degrade = self.degrade and not probe
         try:
             done, pending = await asyncio.wait(
-                tasks, timeout=self.options.deadline_s, return_when=asyncio.FIRST_EXCEPTION
+                tasks,
+                timeout=self.options.deadline_s,
+                return_when=asyncio.ALL_COMPLETED if degrade else asyncio.FIRST_EXCEPTION,
             )
             error: BaseException | None = None
             for task in done:
@@ -120,14 +155,24 @@ class ReadPolicy:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self.latency_s_total += loop.time() - started
-        if error is not None:
-            self.failures += 1
-            message = error.message if isinstance(error, FeatureSourceError) else _describe(error)
-            self.health.failure(message)
-            if isinstance(error, FeatureSourceError):
-                raise error
-            raise FeatureSourceError(f"feature store {self.store} failed: {message}") from error
-        self.health.success()
+        if error is None:
+            self.health.success()
+            return True
+        self.failures += 1
+        failure = (
+            error
+            if isinstance(error, FeatureSourceError)
+            else FeatureSourceError(f"feature store {self.store} failed: {_describe(error)}")
+        )
+        self.health.failure(failure.message)
+        if probe:
+            raise failure from error
+        return self._failed(failure)
+
+    def _failed(self, failure: FeatureSourceError) -> bool:
+        if self.degrade:
+            return False
+        raise failure
 
     async def attempt(self, deadline: float, call: Callable[[float], Awaitable[None]]) -> None:
         """Run ``call(timeout_s)`` holding a read permit, retrying what may succeed again while time is left.

@@ -2,8 +2,10 @@
 
 A source turns candidate ids into Beta posterior parameters. ``fetch`` returns arrays aligned with the
 ids; an id the source does not know gets the prior (the one written policy for missing features), and
-``known`` counts the rest. ``health`` answers from cached state, never with a live call, so readiness
-probes cost nothing. The Vertex AI source and a cache in front of any source implement the same protocol.
+``known`` counts the rest. A store that fails may answer part of a fetch: the ids it did not read get the prior
+too and are counted in ``unread`` (``on_store_failure = degrade``), or the fetch raises. ``health`` answers from
+cached state, never with a live call, so readiness probes cost nothing. The Vertex AI source and a cache in front
+of any source implement the same protocol.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ class Features(NamedTuple):
     beta: npt.NDArray[np.float64]
     known: int
     """How many of the ids the source knew; the others got the prior."""
+    unread: int = 0
+    """How many ids a failing store could not be asked about in time: they got the prior too, and the answer is
+    marked degraded."""
 
 
 @dataclass(frozen=True, slots=True)

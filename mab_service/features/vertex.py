@@ -27,7 +27,8 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +48,9 @@ MAX_IDS_PER_READ = 100
 #: An id no store holds: the readiness check reads it and expects an empty answer.
 CHECK_ID = "mab-service-readiness-check"
 CLOUD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+#: gRPC waits up to 120 s between reconnection attempts by default: after an outage of a minute the store would be
+#: back long before the channel noticed. Capped at 2 s, a worker is back within ~2 s of the store.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 ENTITY_TYPE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/featurestores/([^/]+)/entityTypes/([^/]+)$")
 
@@ -73,6 +77,7 @@ class VertexOptions:
     backoff_s: float = 0.005
     unready_after_failures: int = 3
     probe_interval_s: float = 1.0
+    on_failure: str = "degrade"
     emulator_host: str = ""
     endpoint: str = ""
     api_version: str = "v1"
@@ -95,6 +100,7 @@ class VertexOptions:
             backoff_s=settings.vertex_backoff_s,
             unready_after_failures=settings.vertex_unready_after_failures,
             probe_interval_s=settings.vertex_probe_interval_s,
+            on_failure=settings.on_store_failure,
             emulator_host=settings.vertex_emulator_host,
             endpoint=settings.vertex_endpoint,
             api_version=settings.vertex_api_version,
@@ -186,7 +192,8 @@ async def make_transport(transport_cls: Any, options: VertexOptions, location: s
     ``client_options`` with anonymous credentials would still try TLS, so the emulator gets a channel of its own,
     handed to the transport. In production, ``credentials`` (default: Application Default Credentials, looked up
     in a thread: it may read files or ask the metadata server) and ``{location}-aiplatform.googleapis.com``
-    unless ``options.endpoint`` overrides it. Call it inside the running loop: grpc.aio channels belong to one.
+    unless ``options.endpoint`` overrides it. Both channels reconnect with ``CHANNEL_OPTIONS``' backoff. Call it
+    inside the running loop: grpc.aio channels belong to one.
 
     Raises:
         FeatureSourceError: If no credentials can be found.
@@ -194,10 +201,20 @@ async def make_transport(transport_cls: Any, options: VertexOptions, location: s
     import grpc
 
     if options.emulator_host:
-        return transport_cls(channel=grpc.aio.insecure_channel(options.emulator_host))
+        return transport_cls(channel=grpc.aio.insecure_channel(options.emulator_host, options=CHANNEL_OPTIONS))
     if credentials is None:
         credentials = await asyncio.to_thread(default_credentials)
-    return transport_cls(host=options.endpoint or f"{location}-aiplatform.googleapis.com", credentials=credentials)
+
+    def create_channel(host: str, **kwargs: Any) -> Any:
+        # The transport's own channel (TLS, credentials, its message size options) with our reconnect options.
+        kwargs["options"] = [*kwargs.get("options", ()), *CHANNEL_OPTIONS]
+        return transport_cls.create_channel(host, **kwargs)
+
+    return transport_cls(
+        host=options.endpoint or f"{location}-aiplatform.googleapis.com",
+        credentials=credentials,
+        channel=create_channel,
+    )
 
 
 def default_credentials() -> Any:
@@ -233,8 +250,15 @@ class StoreSource:
     _client: Any
     _prober: asyncio.Task[None] | None
 
-    async def read(self, ids: list[str]) -> Lookup:
-        """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew."""
+    async def read(self, ids: list[str], *, probe: bool = False) -> Lookup:
+        """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew.
+
+        ``probe`` marks the readiness check (``ReadPolicy.fan_out``).
+
+        Raises:
+            FeatureSourceError: If the store fails, or does not answer within the deadline, and the policy is to
+                fail (otherwise the ids not read are listed in ``Lookup.unread``).
+        """
         raise NotImplementedError
 
     def _prior_lookup(self, n: int) -> Lookup:
@@ -243,6 +267,12 @@ class StoreSource:
             np.full(n, self.options.prior_alpha), np.full(n, self.options.prior_beta), np.zeros(n, dtype=np.bool_)
         )
 
+    @staticmethod
+    def _with_unread(out: Lookup, waiting: list[dict[str, int]]) -> Lookup:
+        """``out`` of a degraded fan-out: the positions still waiting for an answer are unread."""
+        unread = [position for chunk in waiting for position in chunk.values()]
+        return replace(out, unread=np.array(unread, dtype=np.intp))
+
     async def _begin_probing(self, task_name: str) -> None:
         await self.check()
         self._prober = asyncio.create_task(self._probe_while_unready(), name=task_name)
@@ -250,9 +280,11 @@ class StoreSource:
     async def check(self) -> bool:
         """Read one id no store holds; True if the store answered. Updates ``health`` either way."""
         try:
-            await self.read([CHECK_ID])
+            await self.read([CHECK_ID], probe=True)
         except FeatureSourceError as exc:
-            logger.warning("feature store check failed: %s", exc.message)
+            # The first failed check says why; the ones that follow while it stays down would only repeat it.
+            first = self.policy.health.consecutive_failures == 1
+            logger.log(logging.WARNING if first else logging.DEBUG, "feature store check failed: %s", exc.message)
             return False
         return True
 
@@ -276,7 +308,8 @@ class StoreSource:
 
     async def fetch(self, ids: list[str]) -> Features:
         found = await self.read(ids)
-        return Features(found.alpha, found.beta, int(np.count_nonzero(found.found)))
+        unread = 0 if found.unread is None else len(found.unread)
+        return Features(found.alpha, found.beta, int(np.count_nonzero(found.found)), unread)
 
 
 class VertexSource(StoreSource):
@@ -350,26 +383,21 @@ class VertexSource(StoreSource):
 
     # --- reads ------------------------------------------------------------------------------------------------
 
-    async def read(self, ids: list[str]) -> Lookup:
-        """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew.
-
-        Raises:
-            FeatureSourceError: If the store fails, or does not answer within the deadline.
-        """
+    async def read(self, ids: list[str], *, probe: bool = False) -> Lookup:
+        """Read ``ids`` in chunks of ``chunk_size``, concurrently; see ``StoreSource.read``."""
         assert self._client is not None, "read before start"
         n = len(ids)
         out = self._prior_lookup(n)
         if n:
             step = self.options.chunk_size
-            await self.policy.fan_out(
-                self._chunk_reader(ids, start, min(start + step, n), out) for start in range(0, n, step)
-            )
+            # Per chunk, the ids still to be answered -> their positions in the request.
+            waiting = [{ids[i]: i for i in range(start, min(start + step, n))} for start in range(0, n, step)]
+            if not await self.policy.fan_out(map(self._chunk_reader, waiting, repeat(out)), probe=probe):
+                return self._with_unread(out, waiting)
         return out
 
-    def _chunk_reader(self, ids: list[str], start: int, stop: int, out: Lookup) -> Callable[[float], Awaitable[None]]:
-        # Ids still to be answered -> their positions in the request; a broken stream leaves the rest here.
-        waiting = {ids[i]: i for i in range(start, stop)}
-
+    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Callable[[float], Awaitable[None]]:
+        # A broken stream leaves in ``waiting`` what it did not answer; the retry asks for that only.
         async def read_chunk(deadline: float) -> None:
             await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
 

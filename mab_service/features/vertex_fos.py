@@ -97,36 +97,39 @@ class FeatureViewSource(StoreSource):
         self._messages = messages
         await self._begin_probing("vertex-fos-readiness-probe")
 
-    async def read(self, ids: list[str]) -> Lookup:
-        """Parameters of ``ids`` (the prior where the store has none) and which ids the store knew.
-
-        Raises:
-            FeatureSourceError: If the store fails, or does not answer within the deadline.
-        """
+    async def read(self, ids: list[str], *, probe: bool = False) -> Lookup:
+        """Read ``ids`` one key per call (v1) or in batched streams (v1beta1); see ``StoreSource.read``."""
         assert self._client is not None, "read before start"
         n = len(ids)
         out = self._prior_lookup(n)
         if not n:
             return out
+        # Per chunk (v1: one chunk of every key), the ids still to be answered -> their positions in the request.
+        waiting: list[dict[str, int]]
         if self.streaming:
             step = self.options.chunk_size
-            parts = [self._chunk_reader(ids, s, min(s + step, n), out) for s in range(0, n, step)]
+            waiting = [{ids[i]: i for i in range(s, min(s + step, n))} for s in range(0, n, step)]
+            parts = [self._chunk_reader(chunk, out) for chunk in waiting]
         else:
             # One call per key: a few workers share an iterator over the positions instead of a task per key.
+            waiting = [{id_: i for i, id_ in enumerate(ids)}]
             positions = iter(range(n))
             workers = min(n, self.options.max_concurrent_reads)
-            parts = [self._key_worker(ids, positions, out) for _ in range(workers)]
-        await self.policy.fan_out(parts)
+            parts = [self._key_worker(ids, positions, waiting[0], out) for _ in range(workers)]
+        if not await self.policy.fan_out(parts, probe=probe):
+            return self._with_unread(out, waiting)
         return out
 
     # --- v1: one key per call -------------------------------------------------------------------------------
 
-    def _key_worker(self, ids: list[str], positions: Iterator[int], out: Lookup) -> Callable[[float], Awaitable[None]]:
+    def _key_worker(
+        self, ids: list[str], positions: Iterator[int], waiting: dict[str, int], out: Lookup
+    ) -> Callable[[float], Awaitable[None]]:
         async def work(deadline: float) -> None:
             for position in positions:
-                await self.policy.attempt(
-                    deadline, lambda timeout_s: self._fetch_one(ids[position], position, out, timeout_s)
-                )
+                key = ids[position]
+                await self.policy.attempt(deadline, lambda timeout_s: self._fetch_one(key, position, out, timeout_s))
+                del waiting[key]
 
         return work
 
@@ -148,9 +151,7 @@ class FeatureViewSource(StoreSource):
 
     # --- v1beta1: batched streaming -------------------------------------------------------------------------
 
-    def _chunk_reader(self, ids: list[str], start: int, stop: int, out: Lookup) -> Callable[[float], Awaitable[None]]:
-        waiting = {ids[i]: i for i in range(start, stop)}
-
+    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Callable[[float], Awaitable[None]]:
         async def read_chunk(deadline: float) -> None:
             await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
 

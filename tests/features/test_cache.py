@@ -127,7 +127,7 @@ async def cached(
     em = Emulator(parse_table(rows(), "t.csv"), faults, seed=3)
     port = await em.start()
     clock = Clock()
-    options = {"deadline_s": 5.0, "call_timeout_s": 2.0, "backoff_s": 0.001} | options
+    options = {"deadline_s": 5.0, "call_timeout_s": 2.0, "backoff_s": 0.001, "on_failure": "fail"} | options
     opts = VertexOptions(emulator_host=f"127.0.0.1:{port}", **options)
     cache = FeatureCache(
         VertexSource(ENTITY_TYPE, opts), ttl_s=ttl_s, stale_s=stale_s, retry_s=1.0, max_entries=max_entries, clock=clock
@@ -225,6 +225,18 @@ async def test_a_miss_that_cannot_be_read_fails_the_request() -> None:
             await cache.fetch(["e1"])
         em.faults.unavailable_rate = 0.0
         assert (await cache.fetch(["e1"])).alpha[0] == 2.0  # nothing was cached from the failure
+
+
+@pytest.mark.anyio
+async def test_a_degraded_read_is_not_cached() -> None:
+    async with cached(retries=0, on_failure="degrade", unready_after_failures=10) as (cache, em, _):
+        await cache.fetch(["e1"])
+        em.faults.unavailable_rate = 1.0
+        features = await cache.fetch(["e1", "e2"])  # e1 cached, e2 not read
+        assert features.alpha.tolist() == [2.0, 1.0] and (features.known, features.unread) == (1, 1)
+        em.faults.unavailable_rate = 0.0
+        features = await cache.fetch(["e2"])
+        assert features.alpha.tolist() == [3.0] and features.unread == 0  # read again, not a cached unknown
 
 
 @pytest.mark.anyio

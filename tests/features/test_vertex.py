@@ -57,7 +57,8 @@ async def emulator(faults: Faults | None = None, rows: list[str] | None = None) 
 async def source(em: Emulator, cls: type = VertexSource, **options) -> AsyncIterator:
     # Generous time limits unless a test sets its own: a slow first connection (PYTHONASYNCIODEBUG=1, a loaded
     # machine) must not fail the start's readiness check and set the background probe reading.
-    options = {"deadline_s": 5.0, "call_timeout_s": 2.0} | options
+    # Failing fast unless a test says otherwise: a failure then shows as the error it is.
+    options = {"deadline_s": 5.0, "call_timeout_s": 2.0, "on_failure": "fail"} | options
     opts = VertexOptions(emulator_host=f"127.0.0.1:{em.port}", **options)  # type: ignore[attr-defined]
     src = cls(FEATURE_VIEW if cls is FeatureViewSource else ENTITY_TYPE, opts)
     await src.start()
@@ -197,6 +198,65 @@ async def test_not_ready_until_the_first_successful_read() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert src.health().ready
+
+
+# --- a failing store: degrade or fail fast ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cls", "api_version"), [(VertexSource, "v1"), (FeatureViewSource, "v1"),
+                                                  (FeatureViewSource, "v1beta1")])  # fmt: skip
+async def test_degrade_keeps_what_was_read_and_gives_the_rest_the_prior(cls: type, api_version: str) -> None:
+    ids = [f"e{i}" for i in range(250)]
+    async with emulator() as em, source(em, cls, on_failure="degrade", retries=0, api_version=api_version) as src:
+        em.faults.unavailable_next = 1  # the first call fails: one chunk (one key with v1 Feature Store 2.0)
+        features = await src.fetch(ids)
+        read = features.alpha != 1.0
+        unread = 1 if cls is FeatureViewSource and api_version == "v1" else 100
+        assert features.unread == unread and np.count_nonzero(~read) == unread
+        np.testing.assert_array_equal(features.alpha[read], expected(ids)[0][read])
+        np.testing.assert_array_equal(features.beta[~read], 1.0)
+        assert features.known == len(ids) - unread
+
+
+async def test_degrade_answers_by_the_deadline_with_the_prior() -> None:
+    async with emulator() as em, source(em, on_failure="degrade", deadline_s=0.1, call_timeout_s=1.0) as src:
+        em.faults.latency_ms = 2000
+        started = time.monotonic()
+        features = await src.fetch([f"e{i}" for i in range(300)])
+        assert time.monotonic() - started < 0.5
+        assert features.unread == 300 and features.known == 0 and (features.alpha == 1.0).all()
+
+
+async def test_a_store_known_to_fail_is_not_read_until_the_probe_finds_it_back() -> None:
+    options = {"retries": 0, "unready_after_failures": 2, "probe_interval_s": 0.05}
+    async with emulator() as em, source(em, on_failure="degrade", **options) as src:
+        em.faults.unavailable_rate = 1.0
+        for _ in range(2):
+            assert (await src.fetch(["e1", "e2"])).unread == 2
+        assert not src.health().ready
+        em.reset()
+        started = time.monotonic()
+        assert (await src.fetch(["e1", "e2"])).unread == 2
+        assert time.monotonic() - started < 0.01 and em.counters.ids <= 1  # at most a probe's one id
+        assert src.stats()["skipped_reads"] == 1
+        em.faults.unavailable_rate = 0.0
+        for _ in range(100):
+            if src.health().ready:
+                break
+            await asyncio.sleep(0.01)
+        features = await src.fetch(["e1", "e2"])
+        assert features.unread == 0 and features.alpha.tolist() == [2.5, 3.5]
+
+
+async def test_fail_fast_while_the_store_is_known_to_fail() -> None:
+    async with emulator() as em, source(em, retries=0, unready_after_failures=1, probe_interval_s=60) as src:
+        em.faults.unavailable_rate = 1.0
+        with pytest.raises(FeatureSourceError, match="UNAVAILABLE"):
+            await src.fetch(["e1"])
+        em.reset()
+        with pytest.raises(FeatureSourceError, match="is not ready: feature store failing"):
+            await src.fetch(["e1"])
+        assert em.counters.ids == 0
 
 
 @pytest.mark.parametrize("api_version", ["v1", "v1beta1"])

@@ -36,28 +36,37 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     return False
 
 
+@pytest.mark.parametrize("policy", ["fail", "degrade"])
 def test_predict_reads_the_store_and_health_follows_it(
-    server_factory: Callable[..., Server], emulator_process: EmulatorProcess, control: EmulatorControl
+    server_factory: Callable[..., Server], emulator_process: EmulatorProcess, control: EmulatorControl, policy: str
 ) -> None:
     server = start(server_factory, emulator_process, MAB_CACHE_TTL_S="0", MAB_VERTEX_RETRIES="0",
-                   MAB_VERTEX_UNREADY_AFTER_FAILURES="2")  # fmt: skip
+                   MAB_VERTEX_UNREADY_AFTER_FAILURES="2", MAB_ON_STORE_FAILURE=policy)  # fmt: skip
     body = {"user_id": "u", "candidates": ["weak", "strong", "nobody", "mid"] + [f"c{i}" for i in range(200)]}
     control.reset()  # forget the start's readiness check
     with server.client() as http:
         answer = http.post("/predict", json=body | {"top_k": 1, "seed": 3})
         assert answer.status_code == 200 and answer.json()["ids"] == ["strong"]
+        assert answer.json()["degraded"] is False
         assert control.stats()["ids_per_call"] == {"4": 1, "100": 2}  # 204 ids in three chunks
 
         control.configure(unavailable_rate=1.0)
-        for _ in range(2):
+        for _ in range(3):  # two failed reads, then the store is known to be failing and is not read
+            read_before = control.stats()["ids"]
             failed = http.post("/predict", json=body)
-            assert failed.status_code == 503 and failed.json()["error"] == "feature_source_unavailable"
+            if policy == "fail":
+                assert failed.status_code == 503 and failed.json()["error"] == "feature_source_unavailable"
+            else:
+                assert failed.status_code == 200 and failed.json()["degraded"] is True
+                assert sorted(failed.json()["ids"]) == sorted(body["candidates"])  # every candidate, by the prior
+        assert control.stats()["ids"] - read_before < 100  # the last request read nothing (the probe reads one id)
         health = http.get("/health")
         assert health.status_code == 503 and "feature store failing" in health.json()["reason"]
 
         control.configure(unavailable_rate=0.0)
         assert wait_for(lambda: http.get("/health").status_code == 200)  # the probe saw the store come back
-        assert http.post("/predict", json=body).status_code == 200
+        again = http.post("/predict", json=body)
+        assert again.status_code == 200 and again.json()["degraded"] is False
 
 
 def test_the_cache_serves_repeated_candidates_without_the_store(
