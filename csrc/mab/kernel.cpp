@@ -57,7 +57,12 @@ double finish_lane(uint64_t* s, const LaneDraw& d) noexcept {
     const double x = d.ok_x ? d.x : gamma_finish(s, d.shape_x, d.zx, d.ux);
     const double y = d.ok_y ? d.y : gamma_finish(s, d.shape_y, d.zy, d.uy);
     const bool boost_x = d.alpha < 1.0, boost_y = d.beta < 1.0;
-    if (!boost_x && !boost_y) return x / (x + y);
+    if (!boost_x && !boost_y) {
+        // x and y are finite, but their sum overflows when the shapes add up to more than the largest
+        // double; the sum of their halves cannot.
+        const double sum = x + y;
+        return std::isinf(sum) ? (0.5 * x) / (0.5 * x + 0.5 * y) : x / sum;
+    }
 
     // A shape below 1: Gamma(a) = Gamma(a + 1) * U^(1/a). For tiny shapes both factors underflow to 0
     // in linear space (0/0), so the ratio is formed in log space: X / (X + Y) = 1 / (1 + exp(ly - lx)).

@@ -65,14 +65,31 @@ cdef int _raise_on_status(int status) except -1:
     raise RuntimeError(f"the Beta kernel returned unknown status {status}")
 
 
+cdef inline bint _is_number_type(int typenum) noexcept:
+    return (
+        cnp.PyTypeNum_ISBOOL(typenum)
+        or cnp.PyTypeNum_ISINTEGER(typenum)
+        or cnp.PyTypeNum_ISFLOAT(typenum)
+        or typenum == cnp.NPY_OBJECT
+    )
+
+
 cdef cnp.ndarray _shape_array(object values, str name):
-    cdef cnp.ndarray arr
+    cdef cnp.ndarray raw, arr
     try:
-        arr = np.ascontiguousarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+        raw = values if cnp.PyArray_Check(values) else np.asarray(values)
+        # Numbers only: a cast to float64 would parse strings, drop imaginary parts and turn datetimes into
+        # counts of their unit, all without a word. Object arrays go item by item through float().
+        if not _is_number_type(cnp.PyArray_TYPE(raw)):
+            raise TypeError(f"got dtype {(<object>raw).dtype}")
+        arr = np.ascontiguousarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        # OverflowError: an int too large for a double, such as 10**400.
         raise ValueError(f"{name} must be an array of numbers: {exc}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional (got shape {(<object>arr).shape})")
+    # Both shapes: ascontiguousarray makes a 0-d array 1-d, and an object array of arrays gains a dimension.
+    if raw.ndim != 1 or arr.ndim != 1:
+        shape = (<object>raw).shape if raw.ndim != 1 else (<object>arr).shape
+        raise ValueError(f"{name} must be one-dimensional (got shape {shape})")
     cdef const double* p = <const double*>cnp.PyArray_DATA(arr)
     cdef Py_ssize_t n = arr.shape[0]
     cdef Py_ssize_t i

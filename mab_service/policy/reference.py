@@ -12,11 +12,15 @@ import numpy.typing as npt
 
 def _shapes(values: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
     try:
-        arr = np.ascontiguousarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+        raw = np.asarray(values)
+        # Numbers only, as in the kernel: no parsed strings, no dropped imaginary parts, no datetimes.
+        if raw.dtype.kind not in "biufO":
+            raise TypeError(f"got dtype {raw.dtype}")
+        arr = np.ascontiguousarray(raw, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{name} must be an array of numbers: {exc}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional (got shape {arr.shape})")
+    if raw.ndim != 1 or arr.ndim != 1:  # ascontiguousarray makes a 0-d array 1-d
+        raise ValueError(f"{name} must be one-dimensional (got shape {raw.shape if raw.ndim != 1 else arr.shape})")
     bad = np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))
     if bad.size:
         raise ValueError(f"{name} must be finite and > 0 at index {bad[0]} (got {arr[bad[0]]!r})")

@@ -43,8 +43,8 @@ def sample_beta(
         ``out`` if given, else a new float64 array: one sample per arm.
 
     Raises:
-        ValueError: a parameter that is not finite and > 0 (naming the array and index), arrays that
-            are not 1-D or differ in length, a bad seed, or an unusable ``out``.
+        ValueError: a parameter that is not a real number, or not finite and > 0 (naming the array and
+            index), arrays that are not 1-D or differ in length, a bad seed, or an unusable ``out``.
     """
     return _kernel.sample_beta(alpha, beta, seed=seed, out=out)
 
