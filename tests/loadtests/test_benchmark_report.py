@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +87,14 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     rows = sweep({"project": (40.0, 90.0), "plain": (300.0, 1000.0)}, [10, 100, 1000])
     path = plot.plot_sweep(rows, tmp_path / "sweep.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpc_stream_benchmark_reads_every_message_each_way() -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    argv = [sys.executable, "-m", "benchmarks.bench_grpc_stream", "--requests", "12", "--repeats", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["naive", "ours", "client", "raw"]
+    assert "naive / raw client CPU" in done.stdout
