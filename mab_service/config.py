@@ -63,6 +63,14 @@ class Settings:
     """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy that sets them)."""
     timeout_keep_alive_s: float = 5.0
     """Seconds an idle keep-alive connection stays open."""
+    header_timeout_s: float = 10.0
+    """Seconds a request head may take to arrive, from the connection opening (a new connection) or from its first
+    bytes (a kept-alive one); then the connection is closed without an answer."""
+    body_timeout_s: float = 30.0
+    """Seconds a request body may take to arrive after its head; then 408 ``request_timeout`` and the connection is
+    closed (closed without an answer if the request was already answered, e.g. 413)."""
+    max_header_bytes: int = 65_536
+    """Largest request head (request line and headers) accepted, in bytes; larger heads get 431."""
     log_format: str = "json"
     """Log lines as ``json`` (one object per line, with the request id) or ``text`` (for a terminal)."""
     drain_delay_s: float = 0.0
@@ -137,6 +145,10 @@ class Settings:
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
         _check(self.timeout_keep_alive_s, self.timeout_keep_alive_s > 0, "timeout_keep_alive_s", "a number > 0")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        _check(self.max_header_bytes, self.max_header_bytes >= 1024, "max_header_bytes", "an integer >= 1024")
         _check(self.log_format, self.log_format in ("json", "text"), "log_format", "json or text")
         for name in ("timeout_graceful_shutdown_s", "metrics_flush_interval_s"):
             value = getattr(self, name)

@@ -32,6 +32,20 @@ class PayloadTooLarge(MabError):
     code = "payload_too_large"
 
 
+class RequestTimeout(MabError):
+    """A request body that did not arrive within ``body_timeout_s``; answered by the server (protocol.py)."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(MabError):
+    """A request head larger than ``max_header_bytes``; answered by the server (protocol.py)."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
 class UnsupportedMediaType(MabError):
     status_code = 415
     code = "unsupported_media_type"

@@ -156,11 +156,9 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
         raise PayloadTooLarge(f"body must be at most {limit} bytes (Content-Length is {declared.decode()})")
     message = await receive()
     body: bytes = message.get("body", b"")
-    while message.get("more_body", False):  # a body in several chunks
+    while message.get("more_body", False) and len(body) <= limit:  # a body in several chunks
         message = await receive()
         body += message.get("body", b"")
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body must be at most {limit} bytes")
     if message["type"] == "http.disconnect":
         return None
     if len(body) > limit:
