@@ -24,6 +24,12 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+#: Any request may get this from the server itself, before the app sees it (server.GuardedHttpToolsProtocol).
+_HEADERS_TOO_LARGE = _error(
+    "The request head is larger than max_header_bytes (headers_too_large); the connection is closed."
+)
+
+
 def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
     """The document for this configuration (limits are part of the contract)."""
     return {
@@ -51,9 +57,14 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             },
                         },
                         "400": _error("The body is not valid JSON."),
+                        "408": _error(
+                            "The body did not arrive within body_timeout_s of the head (request_timeout); the "
+                            "connection is closed."
+                        ),
                         "413": _error(f"The body is larger than {max_body_bytes} bytes."),
                         "415": _error("The content type is not application/json."),
                         "422": _error("The JSON does not match PredictRequest."),
+                        "431": _HEADERS_TOO_LARGE,
                         "503": {
                             "description": "The feature source failed (feature_source_unavailable) or the worker "
                             "holds as many requests as it admits (overloaded; retry after Retry-After seconds).",
@@ -71,7 +82,8 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "200": {
                             "description": "Alive.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
-                        }
+                        },
+                        "431": _HEADERS_TOO_LARGE,
                     },
                 }
             },
@@ -80,8 +92,12 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                     "operationId": "metrics",
                     "summary": "Prometheus metrics of every worker",
                     "responses": {
-                        "200": {"description": "Prometheus text format.", "content": {"text/plain": {}}},
+                        "200": {
+                            "description": "Prometheus text format, or OpenMetrics if the Accept header asks for it.",
+                            "content": {"text/plain": {}, "application/openmetrics-text": {}},
+                        },
                         "404": _error("Metrics are off (--no-metrics)."),
+                        "431": _HEADERS_TOO_LARGE,
                     },
                 }
             },
@@ -98,6 +114,7 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "description": "Not ready, with the reason.",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}},
                         },
+                        "431": _HEADERS_TOO_LARGE,
                     },
                 }
             },
@@ -117,15 +134,18 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "description": "Candidate ids; duplicates are ranked once (first occurrence).",
                         },
                         "top_k": {
-                            "type": "integer",
+                            "type": ["integer", "null"],
                             "minimum": 1,
-                            "description": "How many to return; all when absent, at most the distinct candidates.",
+                            "maximum": 2**64 - 1,
+                            "description": "How many to return; all when absent or null, at most the distinct "
+                            "candidates.",
                         },
                         "seed": {
-                            "type": "integer",
+                            "type": ["integer", "null"],
                             "minimum": 0,
                             "maximum": 2**64 - 1,
-                            "description": "Same seed and inputs, same answer.",
+                            "description": "Same seed and inputs, same answer; absent or null draws a fresh seed. "
+                            "A seed above 2**53 must be written as an integer literal (no fraction, no exponent).",
                         },
                     },
                 },

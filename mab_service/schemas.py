@@ -19,6 +19,9 @@ from mab_service.features._index import unique
 
 MAX_SEED = 2**64
 MAX_USER_ID_CHARS = 1024
+#: Floats up to this magnitude hold every integer exactly, so ``3.0`` may stand for ``3`` (JSON Schema's ``integer``,
+#: which the OpenAPI document uses, includes it); past it a float need not be the number the client wrote.
+EXACT_FLOAT_INT = 2**53
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +70,13 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
         raise ValidationFailed(message, field=message.split(" ", 1)[0]) from None
 
     top_k = doc.get("top_k")
+    if type(top_k) is float:
+        top_k = _whole(top_k)
     if top_k is not None and (type(top_k) is not int or top_k < 1):
         raise ValidationFailed(_expected("an integer >= 1", top_k, "top_k"), field="top_k")
     seed = doc.get("seed")
+    if type(seed) is float:
+        seed = _whole(seed)
     if seed is not None and (type(seed) is not int or not 0 <= seed < MAX_SEED):
         raise ValidationFailed(_expected("an integer in [0, 2**64)", seed, "seed"), field="seed")
     return PredictRequest(user_id, candidates, top_k, seed)
@@ -79,6 +86,11 @@ def encode_predict(user_id: str, ids: list[str], scores: npt.NDArray[np.float64]
     """The /predict answer: ids best first, with their samples (descending); ``degraded`` when some candidates
     got the prior because the feature store could not be read."""
     return {"user_id": user_id, "ids": ids, "scores": scores, "degraded": degraded}
+
+
+def _whole(value: float) -> int | float:
+    """``value`` as an int if it is a whole number that a float holds exactly (``3.0``), else unchanged."""
+    return int(value) if value.is_integer() and abs(value) <= EXACT_FLOAT_INT else value
 
 
 def _expected(what: str, got: object, name: str) -> str:
