@@ -8,8 +8,11 @@ few percent of the embedded source. Only misses run Python code:
 - **coalescing**: concurrent misses for the same id share one read (one read in flight per id); a request that
   finds its id already being read waits for that read instead of sending its own;
 - **negative caching**: an id the store does not know is cached as unknown and served the prior;
-- **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while one background
-  read refreshes it (reported again after ``retry_s`` if that read fails);
+- **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while a background
+  read refreshes it (reported again after ``retry_s`` if that read fails). One background task reads the stale
+  ids of all requests together, ``REFRESH_BATCH`` at a time, so a wave of expiries costs a few large reads;
+- **serving stale on failure**: while the source reports itself not ready (a store known to be failing), every
+  entry the table still holds is served however old, rather than the prior;
 - **bounded size**: at most ``max_entries`` ids; a full table evicts by CLOCK (second chance). Each entry costs
   ``CacheTable.entry_bytes()`` bytes at most (96), plus a heap copy of ids longer than 16 bytes.
 
@@ -25,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -37,6 +41,10 @@ logger = logging.getLogger("mab_service.cache")
 
 #: Entries expire between (1 - TTL_JITTER) x ttl_s and ttl_s after they were read.
 TTL_JITTER = 0.1
+#: A stale window no entry outlives: while the store is failing, entries are served however old.
+FOREVER_S = 1e18
+#: Most stale ids one background refresh reads at once (the source splits them into its own chunks).
+REFRESH_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,9 @@ class FeatureCache:
         self._clock = clock
         self._table = CacheTable(max_entries)
         self._in_flight: dict[str, _Read] = {}
-        self._background: set[asyncio.Task[Lookup]] = set()
+        # Stale ids reported by requests, waiting for the one background task that reads them in batches.
+        self._refresh_queue: dict[str, None] = {}
+        self._refresher: asyncio.Task[None] | None = None
         self._rng = np.random.default_rng()
         self._prior_alpha = float(prior_alpha)
         self._prior_beta = float(prior_beta)
@@ -135,15 +145,18 @@ class FeatureCache:
         return self.source.health()
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         await self.source.close()
         self._table.clear()
 
     async def fetch(self, ids: list[str]) -> Features:
+        # While the store is known to be failing, what the table holds is served however old: a stale posterior
+        # beats the prior, and the store is not read anyway until its check succeeds.
+        stale_s = self.stale_s if self.source.health().ready else FOREVER_S
         alpha, beta, known, stale, misses, refresh = self._table.lookup(
-            ids, self._clock(), self.stale_s, self.retry_s, self._prior_alpha, self._prior_beta
+            ids, self._clock(), stale_s, self.retry_s, self._prior_alpha, self._prior_beta
         )
         self.lookups += len(ids)
         if stale:
@@ -223,25 +236,44 @@ class FeatureCache:
                     del self._in_flight[id_]
 
     def _refresh(self, ids: list[str]) -> None:
-        """Re-read stale ids in the background (those not already being read)."""
-        fresh = [id_ for id_ in ids if id_ not in self._in_flight]
-        if not fresh:
-            return
-        self.refreshes += len(fresh)
-        task = self._start_read(fresh).task
-        assert task is not None
-        self._background.add(task)
-        task.add_done_callback(self._refreshed)
+        """Queue stale ids for the background refresher (those not already being read)."""
+        queue = self._refresh_queue
+        for id_ in ids:
+            if id_ not in self._in_flight:
+                queue[id_] = None
+        if queue and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_queued(), name="cache-refresh")
 
-    def _refreshed(self, task: asyncio.Task[Lookup]) -> None:
-        self._background.discard(task)
-        if task.cancelled():
-            return
-        if task.exception() is not None:
-            self.refresh_failures += 1
-            logger.warning("background refresh failed; stale values stay until they expire: %s", task.exception())
-        elif task.result().unread is not None:
-            self.refresh_failures += 1  # degraded: the ids not read stay stale and are refreshed again later
+    async def _refresh_queued(self) -> None:
+        """Read the queued stale ids, ``REFRESH_BATCH`` at a time, until the queue is empty.
+
+        One read at a time: the ids that requests report while it runs are read together next, so a wave of
+        expiries becomes a few large reads, not one small read per request.
+        """
+        queue = self._refresh_queue
+        try:
+            while queue:
+                batch = list(islice(queue, REFRESH_BATCH))
+                for id_ in batch:
+                    del queue[id_]
+                batch = [id_ for id_ in batch if id_ not in self._in_flight]
+                if not batch:
+                    continue
+                self.refreshes += len(batch)
+                task = self._start_read(batch).task
+                assert task is not None
+                try:
+                    result = await task
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.refresh_failures += 1
+                    logger.warning("background refresh failed; stale values stay until they expire: %s", exc)
+                else:
+                    if result.unread is not None:
+                        self.refresh_failures += 1  # degraded: the ids not read stay stale, reported again later
+        finally:
+            self._refresher = None
 
     async def _read_by_fetch(self, ids: list[str]) -> Lookup:
         # A source that only fetches cannot say which ids it knew: an answer equal to the prior counts as

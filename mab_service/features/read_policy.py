@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mab_service.vertex")
 
 
+_READY = Health(True)
+
+
 class StoreHealth:
     """Readiness from the outcome of reads: cached state, never a live call."""
 
@@ -72,7 +75,7 @@ class StoreHealth:
         return ""
 
     def status(self) -> Health:
-        return Health(self.ready, self.reason)
+        return _READY if self.ready else Health(False, self.reason)
 
 
 class Retryable(Exception):

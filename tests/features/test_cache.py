@@ -192,7 +192,8 @@ async def test_stale_entries_are_served_while_refreshed_in_the_background() -> N
         clock.now += 15.0
         stale = await cache.fetch(["e1", "e2"])
         assert stale.alpha.tolist() == [2.0, 3.0]  # served at once, without waiting for the store
-        again = await cache.fetch(["e1", "e2"])  # the refresh is in flight: not reported twice
+        again = await cache.fetch(["e1", "e2"])  # the refresh is queued or in flight: not reported twice
+        await asyncio.sleep(0.005)
         assert again.alpha.tolist() == [2.0, 3.0] and cache.stats()["refreshes"] == 2
         for _ in range(100):
             if (await cache.fetch(["e1", "e2"])).alpha.tolist() == [102.0, 103.0]:
@@ -200,6 +201,37 @@ async def test_stale_entries_are_served_while_refreshed_in_the_background() -> N
             await asyncio.sleep(0.01)
         assert (await cache.fetch(["e1", "e2"])).alpha.tolist() == [102.0, 103.0]
         assert store_ids(em) == 4 and cache.stats()["stale_served"] >= 4
+
+
+@pytest.mark.anyio
+async def test_stale_ids_of_many_requests_are_refreshed_in_a_few_large_reads() -> None:
+    async with cached(Faults(latency_ms=10), ttl_s=10.0, stale_s=30.0) as (cache, em, clock):
+        ids = [f"e{i}" for i in range(300)]
+        await cache.fetch(ids)
+        em.reset()
+        clock.now += 15.0
+        for start in range(0, 300, 3):  # 100 requests, each with 3 stale ids of its own
+            await cache.fetch(ids[start : start + 3])
+        for _ in range(200):
+            if cache.stats()["refreshes"] == 300 and not cache._in_flight:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.stats()["refreshes"] == 300
+        assert em.counters.calls["StreamingReadFeatureValues"] <= 6  # not 100 reads of 3 ids
+
+
+@pytest.mark.anyio
+async def test_a_store_known_to_fail_leaves_the_cache_serving_what_it_holds_however_old() -> None:
+    options = {"retries": 0, "unready_after_failures": 1, "probe_interval_s": 60.0, "on_failure": "degrade"}
+    async with cached(ttl_s=10.0, stale_s=5.0, **options) as (cache, em, clock):
+        await cache.fetch(["e1"])
+        em.faults.unavailable_rate = 1.0
+        clock.now += 100.0  # far past expiry and the stale window: a miss for a healthy store
+        first = await cache.fetch(["e1"])
+        assert first.unread == 1 and first.alpha[0] == 1.0  # the read fails: the prior, and the store is failing
+        assert not cache.health().ready
+        second = await cache.fetch(["e1", "e2"])
+        assert second.alpha.tolist() == [2.0, 1.0] and second.unread == 1  # e1 as cached; e2 never was
 
 
 @pytest.mark.anyio
