@@ -178,7 +178,8 @@ def cores_busy_seconds(cpus: set[int]) -> float:
     return ticks / _CLK_TCK
 
 
-def _tail(path: Path, n_lines: int = 20) -> str:
+def tail(path: Path, n_lines: int = 20) -> str:
+    """The last lines of a log file, or nothing if it cannot be read."""
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
     return ""
@@ -210,7 +211,7 @@ def running_server(argv: list[str], port: int, cpu: int | str, log_path: Path) -
         _wait_healthy(proc, port, log_path)
         yield proc
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
@@ -218,7 +219,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> N
     url = f"http://127.0.0.1:{port}/health"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise TargetError(f"server exited with code {proc.returncode} before becoming healthy:\n{_tail(log_path)}")
+            raise TargetError(f"server exited with code {proc.returncode} before becoming healthy:\n{tail(log_path)}")
         try:
             with urllib.request.urlopen(url, timeout=1.0) as resp:
                 if resp.status == 200:
@@ -226,10 +227,12 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> N
         except (urllib.error.URLError, OSError):
             pass  # not listening yet, or still starting (503)
         time.sleep(0.1)
-    raise TargetError(f"/health not 200 within {HEALTH_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
+    raise TargetError(f"/health not 200 within {HEALTH_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group of ``proc`` (started in its own session), SIGKILL it after ``STOP_TIMEOUT_S``,
+    and reap the leader."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

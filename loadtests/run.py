@@ -20,7 +20,6 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -117,18 +116,6 @@ class CpuTrace:
         return float(np.interp(end, self.times, self.cpu_s) - np.interp(start, self.times, self.cpu_s))
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after 10 s, and reap the leader."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # forked Locust workers share the group
-    proc.wait()
-
-
 def locust_argv(users: int, host: str, record_dir: Path, args: argparse.Namespace) -> list[str]:
     """Locust headless for one step: ``users`` recommenders plus the health probe, all started at once."""
     return [
@@ -167,12 +154,12 @@ def run_step(users: int, host: str, server_sid: int, workdir: Path, args: argpar
                 trace.sample()
             time.sleep(SAMPLE_INTERVAL_S)
     finally:
-        _kill_group(proc)
+        bench_service.stop_group(proc)
     if proc.returncode != 0:
-        raise StepError(f"Locust exited with code {proc.returncode}:\n{_tail(log_path)}")
+        raise StepError(f"Locust exited with code {proc.returncode}:\n{bench_service.tail(log_path)}")
     files = sorted(record_dir.glob("requests-*.npz"))
     if not files:
-        raise StepError(f"Locust recorded no requests:\n{_tail(log_path)}")
+        raise StepError(f"Locust recorded no requests:\n{bench_service.tail(log_path)}")
     parts = [np.load(f) for f in files]
     rec = {key: np.concatenate([p[key] for p in parts]) for key in ("end_s", "latency_ms", "ok", "n_candidates")}
     return measure_window(users, rec, server, client, server_cores, args)
@@ -296,12 +283,6 @@ def environment() -> dict[str, Any]:
     env = bench_service.environment()
     env["packages"]["locust"] = importlib.metadata.version("locust")
     return env
-
-
-def _tail(path: Path, n_lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
-    return ""
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_service import REPO_ROOT
+from benchmarks.bench_service import REPO_ROOT, stop_group, tail
 from loadtests.soak import SoakError
 from loadtests.soak.faults import base_faults
 
@@ -128,7 +128,7 @@ class Emulator:
         deadline = time.monotonic() + EMULATOR_START_S
         while "listening on " not in log_path.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline or self.closing:
-                raise SoakError(f"the emulator did not start:\n{_tail(log_path)}")
+                raise SoakError(f"the emulator did not start:\n{tail(log_path)}")
             time.sleep(0.02)
         with self.control:
             with self.lock:
@@ -200,25 +200,7 @@ class Emulator:
             self.up = False
             procs = list(self.procs)
         for proc in procs:
-            _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL it after 10 s, and reap the leader."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _tail(path: Path, n_lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
-    return ""
+            stop_group(proc)
 
 
 def server_argv(port: int, emulator: str, extra: Sequence[str]) -> list[str]:
