@@ -43,8 +43,12 @@ logger = logging.getLogger("mab_service.cache")
 TTL_JITTER = 0.1
 #: A stale window no entry outlives: while the store is failing, entries are served however old.
 FOREVER_S = 1e18
-#: Most stale ids one background refresh reads at once (the source splits them into its own chunks).
-REFRESH_BATCH = 1000
+#: Most stale ids one background refresh reads at once (the source splits them into its own chunks): small enough
+#: that a busy worker still reads them within the store's deadline.
+REFRESH_BATCH = 500
+#: Seconds before a stale entry is reported for refresh again. Longer than a refresh waits in the queue and reads,
+#: so that an entry is queued once per refresh: each report costs the request that makes it Python work per id.
+REFRESH_RETRY_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)

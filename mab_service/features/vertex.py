@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.cache import FeatureCache, Lookup
+from mab_service.features.cache import REFRESH_RETRY_S, FeatureCache, Lookup
 from mab_service.features.read_policy import ReadPolicy, Retryable
 from mab_service.features.source import Features, FeatureSource, Health
 
@@ -138,7 +138,7 @@ def source_from_settings(settings: Settings) -> FeatureSource:
         ttl_s=settings.cache_ttl_s,
         max_entries=settings.cache_max_entries,
         stale_s=settings.cache_stale_while_revalidate_s,
-        retry_s=settings.vertex_deadline_s,
+        retry_s=max(REFRESH_RETRY_S, settings.vertex_deadline_s),
         prior_alpha=settings.prior_alpha,
         prior_beta=settings.prior_beta,
     )
