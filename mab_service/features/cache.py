@@ -11,8 +11,9 @@ few percent of the embedded source. Only misses run Python code:
 - **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while a background
   read refreshes it (reported again after ``retry_s`` if that read fails). One background task reads the stale
   ids of all requests together, ``REFRESH_BATCH`` at a time, so a wave of expiries costs a few large reads;
-- **serving stale on failure**: while the source reports itself not ready (a store known to be failing), every
-  entry the table still holds is served however old, rather than the prior;
+- **serving stale on failure**: while the source reports itself not ready (a store known to be failing), and for
+  ``stale_s`` after it recovers, every entry the table still holds is served however old, rather than the prior
+  (or a read per request of everything that expired during the outage);
 - **bounded size**: at most ``max_entries`` ids; a full table evicts by CLOCK (second chance). Each entry costs
   ``CacheTable.entry_bytes()`` bytes at most (96), plus a heap copy of ids longer than 16 bytes.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +132,8 @@ class FeatureCache:
         # Stale ids reported by requests, waiting for the one background task that reads them in batches.
         self._refresh_queue: dict[str, None] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Until when every entry held is served, however old (``_stale_window``); inf while the store is failing.
+        self._grace_until = 0.0
         self._rng = np.random.default_rng()
         self._prior_alpha = float(prior_alpha)
         self._prior_beta = float(prior_beta)
@@ -156,11 +160,9 @@ class FeatureCache:
         self._table.clear()
 
     async def fetch(self, ids: list[str]) -> Features:
-        # While the store is known to be failing, what the table holds is served however old: a stale posterior
-        # beats the prior, and the store is not read anyway until its check succeeds.
-        stale_s = self.stale_s if self.source.health().ready else FOREVER_S
+        now = self._clock()
         alpha, beta, known, stale, misses, refresh = self._table.lookup(
-            ids, self._clock(), stale_s, self.retry_s, self._prior_alpha, self._prior_beta
+            ids, now, self._stale_window(now), self.retry_s, self._prior_alpha, self._prior_beta
         )
         self.lookups += len(ids)
         if stale:
@@ -171,7 +173,26 @@ class FeatureCache:
         if misses is not None:
             filled, unread = await self._fill(ids, misses, alpha, beta)
             known += filled
+            if unread:
+                self._grace_until = math.inf  # the store failed: serve what is held until a window after it answers
         return Features(alpha, beta, known, unread)
+
+    def _stale_window(self, now: float) -> float:
+        """How long past expiry entries are served now: ``stale_s``, or for ever while the store is failing (or a
+        read of it has just failed) and for ``stale_s`` after it answers again.
+
+        While the store is failing, a stale posterior beats the prior, and the store is not read anyway until its
+        check succeeds. After an outage longer than the stale window, every entry that expired meanwhile would be
+        a miss at once, and every request would read its own misses: a storm of small reads that saturates the
+        worker just as the store comes back. Serving them stale for one more window lets the background refresher
+        read them in large batches instead.
+        """
+        if not self.source.health().ready:
+            self._grace_until = math.inf
+            return FOREVER_S
+        if self._grace_until == math.inf:  # the store has just recovered
+            self._grace_until = now + self.stale_s
+        return self.stale_s if now >= self._grace_until else FOREVER_S
 
     async def _fill(
         self,

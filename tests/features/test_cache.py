@@ -235,6 +235,35 @@ async def test_a_store_known_to_fail_leaves_the_cache_serving_what_it_holds_howe
 
 
 @pytest.mark.anyio
+async def test_after_an_outage_what_expired_meanwhile_is_served_stale_and_refreshed_in_the_background() -> None:
+    options = {"retries": 0, "unready_after_failures": 1, "probe_interval_s": 0.02, "on_failure": "degrade"}
+    async with cached(ttl_s=10.0, stale_s=5.0, **options) as (cache, em, clock):
+        await cache.fetch(["e1", "e2"])
+        em.faults.unavailable_rate = 1.0
+        clock.now += 100.0
+        await cache.fetch(["e3"])  # a miss fails: the store is known to be failing
+        assert not cache.health().ready
+        em.load(parse_table(rows(shift=100.0), "t2.csv"))
+        em.faults.unavailable_rate = 0.0
+        for _ in range(100):
+            if cache.health().ready:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.health().ready
+        em.reset()
+        misses = cache.stats()["misses"]
+        recovered = await cache.fetch(["e1", "e2"])  # expired 90 s ago: served at once, not read by the request
+        assert recovered.alpha.tolist() == [2.0, 3.0] and cache.stats()["misses"] == misses
+        for _ in range(100):
+            if (await cache.fetch(["e1", "e2"])).alpha.tolist() == [102.0, 103.0]:
+                break
+            await asyncio.sleep(0.01)
+        assert (await cache.fetch(["e1", "e2"])).alpha.tolist() == [102.0, 103.0]  # refreshed in the background
+        clock.now += 100.0  # past the grace: the normal stale window again
+        assert (await cache.fetch(["e1"])).alpha[0] == 102.0 and cache.stats()["misses"] == misses + 1
+
+
+@pytest.mark.anyio
 async def test_a_failed_refresh_keeps_the_stale_value() -> None:
     async with cached(ttl_s=10.0, stale_s=30.0, retries=0) as (cache, em, clock):
         await cache.fetch(["e1"])
