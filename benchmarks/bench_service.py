@@ -478,6 +478,17 @@ def cpu_list(value: str) -> str:
     return ",".join(map(str, cores))
 
 
+def positive_ints(value: str) -> list[int]:
+    """A comma-separated list of integers >= 1, e.g. ``8,16,32`` (an argparse type)."""
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {value!r}")
+    return out
+
+
 def cpu_set(cpus: str) -> set[int]:
     return {int(v) for v in cpus.split(",")}
 

@@ -288,19 +288,11 @@ def environment() -> dict[str, Any]:
 # --- CLI ------------------------------------------------------------------------------------------------------
 
 
-def _users(value: str) -> list[int]:
-    try:
-        users = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not users or min(users) < 1:
-        raise argparse.ArgumentTypeError(f"user counts must be >= 1, got {value!r}")
-    return users
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=_users, default=[1, 2, 4, 8, 16, 32], help="recommender users per step")
+    parser.add_argument(
+        "--users", type=bench_service.positive_ints, default=[1, 2, 4, 8, 16, 32], help="recommender users per step"
+    )
     parser.add_argument("--step-s", type=int, default=12, help="seconds of load per step (default 12)")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds left out at the start of each step")
     parser.add_argument("--p99-budget-ms", type=float, default=50.0, help="latency budget (default 50 ms)")

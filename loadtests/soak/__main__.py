@@ -78,16 +78,6 @@ def _kinds(value: str) -> list[str]:
     return kinds
 
 
-def _ints(value: str) -> list[int]:
-    try:
-        out = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {value!r}")
-    return out
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.soak", description=__doc__.splitlines()[0])
     add = p.add_argument
@@ -107,7 +97,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--id-space", type=int, help="ids requests draw from (default entities x 1.1: about 9%% unknown)")
     add("--candidates", type=int, default=400, help="candidates per request (default 400)")
     add("--bodies", type=int, default=1024, help="distinct request bodies (default 1024)")
-    add("--saturation-connections", type=_ints, default=[8, 16, 32], help="wrk connections per step (8,16,32)")
+    add("--saturation-connections", type=bench_service.positive_ints, default=[8, 16, 32], help="wrk connections")
     add("--saturation-s", type=int, default=3, help="seconds per saturation step (default 3)")
     add("--timeout-s", type=float, default=5.0, help="a request unanswered this long is a hang (default 5)")
     add("--max-connections", type=int, default=1024, help="client connections at most (default 1024)")
