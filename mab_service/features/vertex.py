@@ -267,6 +267,21 @@ class StoreSource:
             np.full(n, self.options.prior_alpha), np.full(n, self.options.prior_beta), np.zeros(n, dtype=np.bool_)
         )
 
+    async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
+        """One streaming call for the ids in ``waiting``, placing each answer in ``out`` and removing its id."""
+        raise NotImplementedError
+
+    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Callable[[float], Awaitable[None]]:
+        """A fan-out part reading one chunk through ``_stream``, retried by the read policy.
+
+        A broken stream leaves in ``waiting`` what it did not answer; the retry asks for that only.
+        """
+
+        async def read_chunk(deadline: float) -> None:
+            await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
+
+        return read_chunk
+
     @staticmethod
     def _with_unread(out: Lookup, waiting: list[dict[str, int]]) -> Lookup:
         """``out`` of a degraded fan-out: the positions still waiting for an answer are unread."""
@@ -395,13 +410,6 @@ class VertexSource(StoreSource):
             if not await self.policy.fan_out(map(self._chunk_reader, waiting, repeat(out)), probe=probe):
                 return self._with_unread(out, waiting)
         return out
-
-    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Callable[[float], Awaitable[None]]:
-        # A broken stream leaves in ``waiting`` what it did not answer; the retry asks for that only.
-        async def read_chunk(deadline: float) -> None:
-            await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
-
-        return read_chunk
 
     async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
         """One StreamingReadFeatureValues call for the ids in ``waiting``; removes each id as it is answered.

@@ -151,12 +151,6 @@ class FeatureViewSource(StoreSource):
 
     # --- v1beta1: batched streaming -------------------------------------------------------------------------
 
-    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Callable[[float], Awaitable[None]]:
-        async def read_chunk(deadline: float) -> None:
-            await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
-
-        return read_chunk
-
     async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
         """One StreamingFetchFeatureValues stream with one request for the keys in ``waiting``.
 
