@@ -71,6 +71,16 @@ def _start(env_overrides: dict[str, str], args: list[str], ready: bool = True) -
     raise RuntimeError("server did not become ready within 30 s")
 
 
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group, SIGKILL after 10 s, and close its output pipe."""
     if proc.poll() is None:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from mab_service.emulator import EmulatorControl
-from tests.conftest import EmulatorProcess, Server, start_emulator, stop_process, unused_tcp_port
+from tests.conftest import EmulatorProcess, Server, start_emulator, stop_process, unused_tcp_port, wait_until
 
 ENTITY_TYPE = "projects/p/locations/l/featurestores/f/entityTypes/content"
 BODY = {"user_id": "u", "candidates": ["strong", "weak", "nobody"] + [f"c{i}" for i in range(197)], "top_k": 10}
@@ -52,7 +52,7 @@ def control(emulator_process: EmulatorProcess, servers: dict[str, Server]) -> It
         yield control
         control.configure(latency_ms=0, jitter_ms=0, unavailable_rate=0, break_rate=0)
     for server in servers.values():
-        assert wait_for(lambda: health(server.url) == 200, timeout_s=10)
+        assert wait_until(lambda: health(server.url) == 200, timeout_s=10, interval_s=0.05)
 
 
 def post_many(url: str, n: int, concurrency: int = 4) -> list[tuple[int, dict[str, object], float]]:
@@ -83,15 +83,6 @@ def check_answers(results: list[tuple[int, dict[str, object], float]], policy: s
     else:
         assert degraded == 0
     return degraded, failed
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def health(url: str) -> int:
@@ -141,12 +132,12 @@ def test_the_store_killed_and_started_again_mid_load(
     stop_process(own_emulator[0].proc)  # SIGTERM, as Kubernetes stops it
     down = post_many(server.url, 16)
     assert check_answers(down, "degrade")[0] == 16 and max(seconds for *_, seconds in down) < LATEST_S
-    assert wait_for(lambda: health(server.url) == 503, timeout_s=5)
+    assert wait_until(lambda: health(server.url) == 503, timeout_s=5, interval_s=0.05)
     fast = post_many(server.url, 8)  # known to be down: answered without waiting for the store
     assert check_answers(fast, "degrade")[0] == 8 and max(seconds for *_, seconds in fast) < 0.25
 
     own_emulator.append(start_emulator(table_csv, port=int(target.rsplit(":", 1)[1])))
-    assert wait_for(lambda: health(server.url) == 200, timeout_s=5)  # recovered by itself
+    assert wait_until(lambda: health(server.url) == 200, timeout_s=5, interval_s=0.05)  # recovered by itself
     assert check_answers(post_many(server.url, 8), "degrade") == (0, 0)
     with server.client() as http:
         assert "mab_degraded_fetches_total 24.0" in http.get("/metrics").text
@@ -159,7 +150,7 @@ def test_no_store_at_start_degrades_until_it_comes(server_factory: Callable[...,
     assert check_answers(post_many(server.url, 4), "degrade")[0] == 4
     emulator = start_emulator(table_csv, port=port)
     try:
-        assert wait_for(lambda: health(server.url) == 200, timeout_s=5)
+        assert wait_until(lambda: health(server.url) == 200, timeout_s=5, interval_s=0.05)
         assert check_answers(post_many(server.url, 4), "degrade") == (0, 0)
     finally:
         stop_process(emulator.proc)

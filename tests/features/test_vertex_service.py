@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from mab_service.emulator import EmulatorControl
-from tests.conftest import EmulatorProcess, Server
+from tests.conftest import EmulatorProcess, Server, wait_until
 
 ENTITY_TYPE = "projects/p/locations/l/featurestores/f/entityTypes/content"
 
@@ -25,15 +24,6 @@ def control(emulator_process: EmulatorProcess) -> Iterator[EmulatorControl]:
 def start(server_factory: Callable[..., Server], emulator: EmulatorProcess, **env: str) -> Server:
     settings = {"VERTEX_FEATURESTORE_EMULATOR_HOST": emulator.target, "MAB_VERTEX_PROBE_INTERVAL_S": "0.05"}
     return server_factory(env=settings | env, args=["--features", f"vertex:{ENTITY_TYPE}"])
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.parametrize("policy", ["fail", "degrade"])
@@ -64,7 +54,7 @@ def test_predict_reads_the_store_and_health_follows_it(
         assert health.status_code == 503 and "feature store failing" in health.json()["reason"]
 
         control.configure(unavailable_rate=0.0)
-        assert wait_for(lambda: http.get("/health").status_code == 200)  # the probe saw the store come back
+        assert wait_until(lambda: http.get("/health").status_code == 200)  # the probe saw the store come back
         again = http.post("/predict", json=body)
         assert again.status_code == 200 and again.json()["degraded"] is False
 
