@@ -1,0 +1,184 @@
+"""The decision log: every answer, with what is needed to draw it again exactly.
+
+A record holds the event id, the time, the user, the request body as it arrived, the (alpha, beta) of every
+distinct candidate as the sampler saw them, the seed and the ranking. Decoding the body again gives the same
+candidates in the same order (``schemas.decode_predict`` is deterministic), and ``sample_top_k(alpha, beta, k,
+seed=seed)`` gives the same ranking on every CPU, so any answer can be redrawn; drawing again with other seeds
+estimates the probability of each arm at each position (the propensities off-policy evaluation needs).
+``python -m mab_service.learning.replay`` does both.
+
+Records are buffered in memory and written by one thread every ``FLUSH_S`` (never fsynced: the log is for
+analysis, the journal is what must survive). Each worker writes its own files, ``{name}-{seq}.dlog``; a file is
+closed past ``file_bytes`` and the oldest of this worker's files are deleted to keep them within ``max_bytes``.
+While the disk refuses writes, records are dropped and counted.
+
+Record layout (little-endian): magic ``MABD``, then five u32 — meta length, body length, candidates n, ranked k,
+CRC-32 of everything after the header — then the meta (JSON: event_id, t, user_id, seed, top_k), the body,
+alpha (n float64), beta (n float64), the ranking (k int64 indices into the candidates).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+logger = logging.getLogger("mab_service.learning")
+
+MAGIC = b"MABD"
+_HEADER = struct.Struct("<4sIIIII")
+SUFFIX = ".dlog"
+FLUSH_S = 0.5
+#: Past this many buffered bytes the writer thread is woken at once.
+WAKE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    event_id: str
+    t: float
+    user_id: str
+    seed: int
+    top_k: int | None
+    body: bytes
+    alpha: npt.NDArray[np.float64]
+    beta: npt.NDArray[np.float64]
+    ranking: npt.NDArray[np.int64]
+
+
+def encode(
+    event_id: str,
+    t: float,
+    user_id: str,
+    seed: int,
+    top_k: int | None,
+    body: bytes,
+    alpha: npt.NDArray[np.float64],
+    beta: npt.NDArray[np.float64],
+    ranking: npt.NDArray[np.int64],
+) -> bytes:
+    meta = orjson.dumps({"event_id": event_id, "t": t, "user_id": user_id, "seed": seed, "top_k": top_k})
+    rest = b"".join((meta, body, alpha.tobytes(), beta.tobytes(), ranking.astype(np.int64, copy=False).tobytes()))
+    return _HEADER.pack(MAGIC, len(meta), len(body), len(alpha), len(ranking), zlib.crc32(rest)) + rest
+
+
+def read_file(path: Path) -> Iterator[Decision]:
+    """The decisions of one file, up to the first torn or damaged record."""
+    data = path.read_bytes()
+    at = 0
+    while at + _HEADER.size <= len(data):
+        magic, meta_len, body_len, n, k, crc = _HEADER.unpack_from(data, at)
+        start = at + _HEADER.size
+        end = start + meta_len + body_len + 16 * n + 8 * k
+        if magic != MAGIC or end > len(data) or zlib.crc32(data[start:end]) != crc:
+            return
+        meta = orjson.loads(data[start : start + meta_len])
+        at = start + meta_len
+        body = data[at : at + body_len]
+        at += body_len
+        alpha = np.frombuffer(data, np.float64, n, at)
+        beta = np.frombuffer(data, np.float64, n, at + 8 * n)
+        ranking = np.frombuffer(data, np.int64, k, at + 16 * n)
+        at = end
+        yield Decision(
+            meta["event_id"], meta["t"], meta["user_id"], meta["seed"], meta["top_k"], body, alpha, beta, ranking
+        )
+
+
+def files(directory: Path) -> list[Path]:
+    """The decision log files in ``directory``, oldest first."""
+    return sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: (p.stat().st_mtime, p.name))
+
+
+class DecisionLog:
+    """One worker's decision log files in ``directory``."""
+
+    def __init__(self, directory: Path, name: str, *, file_bytes: int, max_bytes: int) -> None:
+        self.directory = directory
+        self.name = name
+        self.file_bytes = file_bytes
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.dropped = 0
+        self._buffer = bytearray()
+        self._count = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seq = 0
+        self._fd = -1
+        self._size = 0
+        self._mine: list[tuple[Path, int]] = []  # this writer's files and their sizes, oldest first
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"mab-decisions-{self.name}", daemon=True)
+        self._thread.start()
+
+    def append(self, record: bytes) -> None:
+        """Queue one encoded record (``encode``); never waits on the disk."""
+        with self._lock:
+            if len(self._buffer) > self.max_bytes:  # the disk has refused for a while: do not grow without bound
+                self.dropped += 1
+                return
+            self._buffer += record
+            self._count += 1
+            if len(self._buffer) > WAKE_BYTES:
+                self._wake.set()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            self._flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            data, self._buffer = self._buffer, bytearray()
+            count, self._count = self._count, 0
+        if not data:
+            return
+        try:
+            if self._fd < 0 or self._size >= self.file_bytes:
+                self._rotate()
+            os.write(self._fd, data)
+        except OSError as exc:
+            self.dropped += count
+            logger.warning("decision log %s dropped %d records: %s", self.name, count, exc.strerror or exc)
+            return
+        self._size += len(data)
+        self._mine[-1] = (self._mine[-1][0], self._size)
+        self.written += count
+
+    def _rotate(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._seq += 1
+        path = self.directory / f"{self.name}-{self._seq:06d}{SUFFIX}"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._size = 0
+        self._mine.append((path, 0))
+        while len(self._mine) > 1 and sum(size for _, size in self._mine) > self.max_bytes - self.file_bytes:
+            oldest, _ = self._mine.pop(0)
+            oldest.unlink(missing_ok=True)
