@@ -18,7 +18,8 @@ def _decision(i: int, n: int = 30, k: int | None = 5) -> tuple[bytes, bytes]:
     beta = np.full(n, 3.0)
     seed = 1000 + i
     ranking, _ = sample_top_k(alpha, beta, n if k is None else k, seed=seed)
-    return decisions.encode(f"ev{i}", 1.0 + i, f"u{i}", seed, k, body, alpha, beta, ranking), body
+    parts = decisions.encode(f"ev{i}", 1.0 + i, f"u{i}", seed, k, body, alpha, beta, ranking)
+    return b"".join(bytes(p) for p in parts), body
 
 
 def test_records_round_trip(tmp_path: Path) -> None:
@@ -65,7 +66,9 @@ def test_replay_command_prints_the_same_ranking(tmp_path: Path, capsys: object) 
 def test_files_rotate_and_stay_within_their_bound(tmp_path: Path) -> None:
     log = DecisionLog(tmp_path, "w", file_bytes=4000, max_bytes=20000)
     log.start()
-    record, _ = _decision(0)
+    body = orjson.dumps({"user_id": "u", "candidates": ["a", "b"]})
+    ranking = np.array([1, 0])
+    record = decisions.encode("ev", 1.0, "u", 5, None, body, np.ones(2), np.ones(2), ranking)
     for _ in range(200):
         log.append(record)
         log._flush()  # one flush per record, as a busy writer thread would
