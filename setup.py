@@ -1,4 +1,4 @@
-"""Builds the C++ extensions (Beta kernel, id index, cache table); all metadata lives in pyproject.toml.
+"""Builds the C++ extensions (Beta kernel, id index, cache table, arm table); all metadata lives in pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -67,4 +67,12 @@ cache = extension(
     depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
 )
 
-setup(ext_modules=cythonize([kernel, index, cache], compiler_directives=directives, annotate=DEBUG))
+# The arm table hashes with the id index's keyed hash (hash_id_keyed, inline) and draws its key with
+# draw_hash_key, so it links id_index.cpp too.
+arms = extension(
+    "mab_service.learning._arms",
+    sources=["mab_service/learning/_arms.pyx", "csrc/mab/arm_table.cpp", "csrc/mab/id_index.cpp"],
+    depends=["csrc/mab/arm_table.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_arms.pxd"],
+)
+
+setup(ext_modules=cythonize([kernel, index, cache, arms], compiler_directives=directives, annotate=DEBUG))

@@ -18,76 +18,20 @@ namespace mab {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
-// Hash
+// Hash (the function is hash_id_keyed in the header, where the reasons for its design are)
 //
-// Ids come from clients, so a hash anyone can compute lets a hostile client send ids that all land in one
-// probe run and turn each request's dedupe into O(n^2) work (hash flooding). Every hash is therefore keyed
-// by a secret drawn from the OS once per process, as CPython keys str hashing. We do not use CPython's own
-// SipHash-1-3: for ids of 5-20 bytes it costs several times more than the function below, and we hash every
-// candidate on every request. The function follows wyhash: the id's bytes are folded into two 64-bit words,
-// each is xor-ed with a secret word, and the two are multiplied to a 128-bit product whose halves are
-// xor-ed (the "mum" mix). It is not a cryptographic PRF; its known weakness is that an attacker who can make
-// one factor zero collides everything, and that needs the secret. Worst case without the secret is
-// bounded anyway: a request carries at most a few thousand ids, and the big table holds only our own ids.
-// A forked worker shares its parent's secret, which is fine: it is never revealed.
+// The per-process secret is drawn from the OS once. A forked worker shares its parent's secret, which is
+// fine: it is never revealed.
+
+using hash_detail::read4;
+using hash_detail::read8;
 
 struct HashSecret {
-    uint64_t seed;
-    uint64_t k1;
-    uint64_t k2;
+    uint64_t key[kHashKeyWords];
 };
 
-inline uint64_t read8(const char* p) noexcept {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
-
-inline uint64_t read4(const char* p) noexcept {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-}
-
-inline uint64_t mum(uint64_t a, uint64_t b) noexcept {
-    const __uint128_t r = static_cast<__uint128_t>(a) * b;
-    return static_cast<uint64_t>(r) ^ static_cast<uint64_t>(r >> 64);
-}
-
 inline uint64_t hash_bytes(const char* p, std::size_t n, const HashSecret& s) noexcept {
-    uint64_t seed = s.seed;
-    uint64_t a, b;
-    if (n <= 16) {
-        if (n >= 4) {
-            // Two overlapping 4-byte reads from each end cover every byte of 4..16 bytes: 4..7 bytes read
-            // [0, 4) and [n-4, n) twice; 8..16 bytes read [0, 8) and [n-8, n).
-            const std::size_t q = (n >> 3) << 2;
-            a = (read4(p) << 32) | read4(p + q);
-            b = (read4(p + n - 4) << 32) | read4(p + n - 4 - q);
-        } else if (n > 0) {
-            // First, middle and last byte: all of them for 1..3 bytes, so equal lengths never collide here.
-            a = (uint64_t{static_cast<unsigned char>(p[0])} << 16) |
-                (uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) | static_cast<unsigned char>(p[n - 1]);
-            b = 0;
-        } else {
-            a = b = 0;
-        }
-    } else {
-        // Long ids: fold 16-byte blocks into the seed, then mix the last 16 bytes (which may overlap the
-        // last block) as above. One lane is enough; ids longer than a few dozen bytes are rare.
-        const char* q = p;
-        std::size_t left = n;
-        while (left > 16) {
-            seed = mum(read8(q) ^ s.k1, read8(q + 8) ^ seed);
-            q += 16;
-            left -= 16;
-        }
-        a = read8(p + n - 16);
-        b = read8(p + n - 8);
-    }
-    // The length enters the final mix, so ids that fold to the same words at different lengths differ.
-    const __uint128_t r = static_cast<__uint128_t>(a ^ s.k1) * (b ^ seed);
-    return mum(static_cast<uint64_t>(r) ^ s.k2 ^ static_cast<uint64_t>(n), static_cast<uint64_t>(r >> 64) ^ s.k1);
+    return hash_id_keyed(IdRef{p, n}, s.key);
 }
 
 inline uint64_t splitmix64(uint64_t& x) noexcept {
@@ -115,9 +59,9 @@ bool os_entropy(uint64_t* words, std::size_t n) noexcept {
     return false;
 }
 
-HashSecret make_secret() noexcept {
-    uint64_t w[3];
-    if (!os_entropy(w, 3)) {
+void fill_key(uint64_t key[kHashKeyWords]) noexcept {
+    uint64_t w[kHashKeyWords];
+    if (!os_entropy(w, kHashKeyWords)) {
         // No OS entropy (not Linux, or a sandbox without getrandom and /dev): the clock and an address
         // (randomised by ASLR) are weak but still unknown to a remote client.
         int local = 0;
@@ -134,7 +78,15 @@ HashSecret make_secret() noexcept {
             if (bits >= 24 && bits <= 40) return k;
         }
     };
-    return HashSecret{w[0], odd_balanced(w[1]), odd_balanced(w[2])};
+    key[0] = w[0];
+    key[1] = odd_balanced(w[1]);
+    key[2] = odd_balanced(w[2]);
+}
+
+HashSecret make_secret() noexcept {
+    HashSecret s;
+    fill_key(s.key);
+    return s;
 }
 
 const HashSecret& process_secret() noexcept {
@@ -427,5 +379,7 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
 }
 
 uint64_t hash_id(IdRef id) noexcept { return hash_bytes(id.data, id.size, process_secret()); }
+
+void draw_hash_key(uint64_t key[kHashKeyWords]) noexcept { fill_key(key); }
 
 }  // namespace mab

@@ -3,6 +3,7 @@
 // Plain C++, no Python: ids arrive as (pointer, length) views of UTF-8 bytes owned by the caller, outputs go
 // into caller-owned buffers, nothing throws, and every entry point that can fail returns an IdStatus. The only
 // global state is the per-process hash secret, drawn once from the OS on first use and never changed after.
+// The hash is in this header (hash_id_keyed) so that other tables can share it, keyed as they need.
 //
 // Preconditions (checked by the caller, not here):
 //   - every IdRef points at `size` readable bytes (any bytes: NUL, invalid UTF-8 and the empty id are fine),
@@ -14,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace mab {
 
@@ -65,5 +67,88 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
 
 // The seeded hash both structures use, exposed for tests and benchmarks.
 uint64_t hash_id(IdRef id) noexcept;
+
+// Keyed hashing, for tables that several processes share and so must hash alike: the key is drawn once
+// (draw_hash_key) and stored with the table; hash_id is hash_id_keyed with this process's own key.
+// key[0] is a seed, key[1] and key[2] are odd multipliers with balanced bits, as draw_hash_key makes them.
+constexpr std::size_t kHashKeyWords = 3;
+void draw_hash_key(uint64_t key[kHashKeyWords]) noexcept;
+inline uint64_t hash_id_keyed(IdRef id, const uint64_t key[kHashKeyWords]) noexcept;
+
+// ---------------------------------------------------------------------------------------------------------
+// The hash itself, inline so that lookup loops in other files hash without a call.
+//
+// Ids come from clients, so a hash anyone can compute lets a hostile client send ids that all land in one
+// probe run and turn each request's dedupe into O(n^2) work (hash flooding). Every hash is therefore keyed
+// by a secret drawn from the OS, as CPython keys str hashing. We do not use CPython's own SipHash-1-3: for
+// ids of 5-20 bytes it costs several times more than the function below, and we hash every candidate on
+// every request. The function follows wyhash: the id's bytes are folded into two 64-bit words, each is
+// xor-ed with a secret word, and the two are multiplied to a 128-bit product whose halves are xor-ed (the
+// "mum" mix). It is not a cryptographic PRF; its known weakness is that an attacker who can make one factor
+// zero collides everything, and that needs the secret. Worst case without the secret is bounded anyway: a
+// request carries at most a few thousand ids, and the big tables hold only our own ids.
+
+namespace hash_detail {
+
+inline uint64_t read8(const char* p) noexcept {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+inline uint64_t read4(const char* p) noexcept {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+inline uint64_t mum(uint64_t a, uint64_t b) noexcept {
+    const __uint128_t r = static_cast<__uint128_t>(a) * b;
+    return static_cast<uint64_t>(r) ^ static_cast<uint64_t>(r >> 64);
+}
+
+}  // namespace hash_detail
+
+inline uint64_t hash_id_keyed(IdRef id, const uint64_t key[kHashKeyWords]) noexcept {
+    using hash_detail::mum;
+    using hash_detail::read4;
+    using hash_detail::read8;
+    const char* p = id.data;
+    const std::size_t n = id.size;
+    const uint64_t k1 = key[1], k2 = key[2];
+    uint64_t seed = key[0];
+    uint64_t a, b;
+    if (n <= 16) {
+        if (n >= 4) {
+            // Two overlapping 4-byte reads from each end cover every byte of 4..16 bytes: 4..7 bytes read
+            // [0, 4) and [n-4, n) twice; 8..16 bytes read [0, 8) and [n-8, n).
+            const std::size_t q = (n >> 3) << 2;
+            a = (read4(p) << 32) | read4(p + q);
+            b = (read4(p + n - 4) << 32) | read4(p + n - 4 - q);
+        } else if (n > 0) {
+            // First, middle and last byte: all of them for 1..3 bytes, so equal lengths never collide here.
+            a = (uint64_t{static_cast<unsigned char>(p[0])} << 16) |
+                (uint64_t{static_cast<unsigned char>(p[n >> 1])} << 8) | static_cast<unsigned char>(p[n - 1]);
+            b = 0;
+        } else {
+            a = b = 0;
+        }
+    } else {
+        // Long ids: fold 16-byte blocks into the seed, then mix the last 16 bytes (which may overlap the
+        // last block) as above. One lane is enough; ids longer than a few dozen bytes are rare.
+        const char* q = p;
+        std::size_t left = n;
+        while (left > 16) {
+            seed = mum(read8(q) ^ k1, read8(q + 8) ^ seed);
+            q += 16;
+            left -= 16;
+        }
+        a = read8(p + n - 16);
+        b = read8(p + n - 8);
+    }
+    // The length enters the final mix, so ids that fold to the same words at different lengths differ.
+    const __uint128_t r = static_cast<__uint128_t>(a ^ k1) * (b ^ seed);
+    return mum(static_cast<uint64_t>(r) ^ k2 ^ static_cast<uint64_t>(n), static_cast<uint64_t>(r >> 64) ^ k1);
+}
 
 }  // namespace mab

@@ -1,0 +1,830 @@
+// The shared arm table and its CSV loader. See arm_table.hpp.
+#include "mab/arm_table.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace mab {
+
+// The header at the start of the buffer. Fields before `rows_used` are written once by arm_table_create;
+// the counters sit on their own cache line, so that inserts bouncing it between cores do not slow down the
+// lookups that read the sizes and the key.
+struct ArmTable {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t record_bytes;
+    uint64_t total_bytes;
+    uint64_t capacity;
+    uint64_t arena_bytes;
+    uint64_t slot_count;
+    uint64_t key[kHashKeyWords];
+    alignas(64) uint64_t rows_used;  // atomic: rows reserved, <= capacity
+    uint64_t arena_used;             // atomic: arena bytes reserved, <= arena_bytes
+    uint64_t rows_wasted;            // atomic
+};
+static_assert(sizeof(ArmTable) % 64 == 0, "the slots start on a cache line");
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Layout
+//
+// Atomics on the shared buffer use the GCC builtins on plain words (C++17 has no atomic_ref): on every
+// platform we build for, 8-byte aligned words are lock-free, which is what makes them work across processes.
+
+constexpr std::size_t kLine = 64;
+
+std::size_t round_up(std::size_t bytes, std::size_t to) noexcept { return (bytes + to - 1) / to * to; }
+
+// 1.5 slots per row, a multiple of 8 (one cache line) and at least 8: always more slots than rows.
+std::size_t slot_count_for(std::size_t capacity) noexcept { return round_up(capacity + capacity / 2 + 1, 8); }
+
+uint64_t* slots_of(const ArmTable* t) noexcept {
+    return reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(const_cast<ArmTable*>(t)) + sizeof(ArmTable));
+}
+
+ArmRecord* records_of(const ArmTable* t) noexcept {
+    return reinterpret_cast<ArmRecord*>(reinterpret_cast<char*>(slots_of(t)) + t->slot_count * sizeof(uint64_t));
+}
+
+char* arena_of(const ArmTable* t) noexcept { return reinterpret_cast<char*>(records_of(t) + t->capacity); }
+
+inline uint32_t tag_of(uint64_t h) noexcept { return static_cast<uint32_t>(h >> 32); }
+
+// The home slot: the low half of the hash scaled to [0, slot_count) by a multiply (the slot count is not a
+// power of two, so that memory follows capacity closely). The tag is the high half, independent of it.
+inline std::size_t home_of(const ArmTable* t, uint64_t h) noexcept {
+    return static_cast<std::size_t>(((h & 0xFFFFFFFFu) * t->slot_count) >> 32);
+}
+
+inline std::size_t next_slot(const ArmTable* t, std::size_t j) noexcept { return j + 1 == t->slot_count ? 0 : j + 1; }
+
+inline uint64_t load_slot(const uint64_t* s) noexcept { return __atomic_load_n(s, __ATOMIC_ACQUIRE); }
+
+inline uint32_t slot_tag(uint64_t s) noexcept { return static_cast<uint32_t>(s >> 32); }
+
+inline std::size_t slot_row(uint64_t s) noexcept { return static_cast<std::size_t>(s & 0xFFFFFFFFu) - 1; }
+
+inline uint64_t make_slot(uint32_t tag, std::size_t row) noexcept { return (uint64_t{tag} << 32) | (row + 1); }
+
+inline const char* id_bytes_of(const ArmTable* t, const ArmRecord& r) noexcept {
+    return r.id_size <= kArmInlineId ? r.id_inline : arena_of(t) + r.id_offset;
+}
+
+// Whether record r holds the id of hash h. The full hash is compared first: it sits in the record's line,
+// so a tag collision costs no visit to the arena.
+inline bool holds(const ArmTable* t, const ArmRecord& r, uint64_t h, IdRef id) noexcept {
+    if (r.hash != h || r.id_size != id.size) return false;
+    return id.size == 0 || std::memcmp(id_bytes_of(t, r), id.data, id.size) == 0;
+}
+
+// Probes from slot j for the id: its slot value, or 0 if the run ends first. *end is the slot where it
+// stopped (the empty slot ending the run when not found).
+uint64_t probe(const ArmTable* t, uint64_t h, IdRef id, std::size_t j, std::size_t* end) noexcept {
+    const uint64_t* slots = slots_of(t);
+    const ArmRecord* rec = records_of(t);
+    const uint32_t tag = tag_of(h);
+    for (;; j = next_slot(t, j)) {
+        const uint64_t s = load_slot(&slots[j]);
+        if (s == 0 || (slot_tag(s) == tag && holds(t, rec[slot_row(s)], h, id))) {
+            *end = j;
+            return s;
+        }
+    }
+}
+
+inline double load_rewards(const ArmRecord& r) noexcept {
+    const uint64_t bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
+    double x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+inline void posterior(const ArmRecord& r, double* alpha, double* beta) noexcept {
+    const double rewards = load_rewards(r);
+    const double impressions = static_cast<double>(__atomic_load_n(&r.impressions, __ATOMIC_RELAXED));
+    *alpha = r.alpha0 + rewards;
+    *beta = r.beta0 + std::max(impressions - rewards, 0.0);
+}
+
+// Reserves `amount` units of a counter without passing `limit`: a compare-and-swap loop, so that a failed
+// reservation leaves the counter as it was and smaller ones may still fit.
+bool reserve(uint64_t* counter, uint64_t amount, uint64_t limit, uint64_t* start) noexcept {
+    uint64_t cur = __atomic_load_n(counter, __ATOMIC_RELAXED);
+    do {
+        if (amount > limit || cur > limit - amount) return false;
+    } while (!__atomic_compare_exchange_n(counter, &cur, cur + amount, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    *start = cur;
+    return true;
+}
+
+// Finds id (hash h) or inserts it. *existed tells which. The slot where the probe for a new id ended is
+// where publication is tried first; a failed compare-and-swap there means another insert took the slot,
+// perhaps for this very id, so the probe goes on from it.
+int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta0, uint32_t flags, int64_t* row,
+                   bool* existed) noexcept {
+    std::size_t j;
+    uint64_t s = probe(t, h, id, home_of(t, h), &j);
+    if (s != 0) {
+        *row = static_cast<int64_t>(slot_row(s));
+        *existed = true;
+        return kArmOk;
+    }
+    *existed = false;
+    *row = -1;
+    // Cheap early outs, so that a full table does not reserve (and lose) arena bytes for nothing.
+    if (__atomic_load_n(&t->rows_used, __ATOMIC_RELAXED) >= t->capacity) return kArmRowsFull;
+    uint64_t offset = 0;
+    if (id.size > kArmInlineId && !reserve(&t->arena_used, id.size, t->arena_bytes, &offset)) return kArmArenaFull;
+    uint64_t r;
+    // Losing this race wastes the arena bytes just reserved; rows fill up only once, so that is bounded.
+    if (!reserve(&t->rows_used, 1, t->capacity, &r)) return kArmRowsFull;
+
+    ArmRecord& rec = records_of(t)[r];
+    rec.hash = h;
+    rec.alpha0 = alpha0;
+    rec.beta0 = beta0;
+    rec.id_size = static_cast<uint32_t>(id.size);
+    if (id.size > kArmInlineId) {
+        rec.id_offset = offset;
+        std::memcpy(arena_of(t) + offset, id.data, id.size);
+    } else if (id.size != 0) {
+        std::memcpy(rec.id_inline, id.data, id.size);
+    }
+    // Flags are set before publication, so a published row always has them (a reader of the raw records
+    // sees flags 0 only on rows not yet published, or never to be).
+    __atomic_store_n(&rec.flags, flags, __ATOMIC_RELAXED);
+
+    uint64_t* slots = slots_of(t);
+    const uint32_t tag = tag_of(h);
+    const uint64_t mine = make_slot(tag, r);
+    const ArmRecord* recs = records_of(t);
+    for (;;) {
+        uint64_t expected = 0;
+        // Release: whoever acquires this slot sees the record written above.
+        if (__atomic_compare_exchange_n(&slots[j], &expected, mine, false, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) {
+            *row = static_cast<int64_t>(r);
+            return kArmOk;
+        }
+        if (slot_tag(expected) == tag && holds(t, recs[slot_row(expected)], h, id)) {
+            // Another process published this id first: use its row, give up ours.
+            __atomic_store_n(&rec.flags, kArmWasted, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&t->rows_wasted, 1, __ATOMIC_RELAXED);
+            *row = static_cast<int64_t>(slot_row(expected));
+            *existed = true;
+            return kArmOk;
+        }
+        s = probe(t, h, id, next_slot(t, j), &j);
+        if (s != 0) {
+            __atomic_store_n(&rec.flags, kArmWasted, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&t->rows_wasted, 1, __ATOMIC_RELAXED);
+            *row = static_cast<int64_t>(slot_row(s));
+            *existed = true;
+            return kArmOk;
+        }
+    }
+}
+
+void add_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
+    if (impressions != 0) __atomic_fetch_add(&r.impressions, impressions, __ATOMIC_RELAXED);
+    if (rewards == 0.0) return;
+    // No atomic add for doubles: swap the bit pattern in, retrying if another add came between.
+    uint64_t old_bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
+    for (;;) {
+        double old_value;
+        std::memcpy(&old_value, &old_bits, sizeof old_value);
+        const double new_value = old_value + rewards;
+        uint64_t new_bits;
+        std::memcpy(&new_bits, &new_value, sizeof new_bits);
+        if (__atomic_compare_exchange_n(&r.rewards, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            return;
+        }
+    }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------
+// Table
+
+std::size_t arm_table_bytes(std::size_t capacity, std::size_t id_bytes) noexcept {
+    if (capacity > kArmMaxRows) return 0;
+    constexpr std::size_t kMax = std::size_t{1} << 60;
+    if (id_bytes > kMax) return 0;
+    const std::size_t slots = slot_count_for(capacity) * sizeof(uint64_t);
+    return sizeof(ArmTable) + slots + capacity * sizeof(ArmRecord) + round_up(id_bytes, kLine);
+}
+
+int arm_table_create(void* buffer, std::size_t size, std::size_t capacity, std::size_t id_bytes,
+                     ArmTable** out) noexcept {
+    *out = nullptr;
+    const std::size_t need = arm_table_bytes(capacity, id_bytes);
+    if (need == 0) return kArmTooBig;
+    if (size < need) return kArmBadLayout;
+    ArmTable* t = static_cast<ArmTable*>(buffer);
+    t->version = kArmLayoutVersion;
+    t->record_bytes = sizeof(ArmRecord);
+    t->total_bytes = need;
+    t->capacity = capacity;
+    t->arena_bytes = round_up(id_bytes, kLine);
+    t->slot_count = slot_count_for(capacity);
+    draw_hash_key(t->key);
+    __atomic_store_n(&t->rows_used, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->arena_used, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->rows_wasted, 0, __ATOMIC_RELAXED);
+    // The magic goes last: a process that attaches and sees it sees the rest of the header.
+    __atomic_store_n(&t->magic, kArmMagic, __ATOMIC_RELEASE);
+    *out = t;
+    return kArmOk;
+}
+
+int arm_table_attach(void* buffer, std::size_t size, ArmTable** out) noexcept {
+    *out = nullptr;
+    if (size < sizeof(ArmTable)) return kArmBadLayout;
+    ArmTable* t = static_cast<ArmTable*>(buffer);
+    if (__atomic_load_n(&t->magic, __ATOMIC_ACQUIRE) != kArmMagic) return kArmBadLayout;
+    if (t->version != kArmLayoutVersion || t->record_bytes != sizeof(ArmRecord)) return kArmBadLayout;
+    if (t->capacity > kArmMaxRows || t->arena_bytes % kLine != 0) return kArmBadLayout;
+    if (t->slot_count != slot_count_for(t->capacity)) return kArmBadLayout;
+    const std::size_t need = arm_table_bytes(t->capacity, t->arena_bytes);
+    if (need == 0 || need != t->total_bytes || need > size) return kArmBadLayout;
+    if (__atomic_load_n(&t->rows_used, __ATOMIC_RELAXED) > t->capacity) return kArmBadLayout;
+    if (__atomic_load_n(&t->arena_used, __ATOMIC_RELAXED) > t->arena_bytes) return kArmBadLayout;
+    *out = t;
+    return kArmOk;
+}
+
+std::size_t arm_table_capacity(const ArmTable* t) noexcept { return t->capacity; }
+
+std::size_t arm_table_id_bytes(const ArmTable* t) noexcept { return t->arena_bytes; }
+
+std::size_t arm_table_memory_bytes(const ArmTable* t) noexcept { return t->total_bytes; }
+
+std::size_t arm_table_rows(const ArmTable* t) noexcept { return __atomic_load_n(&t->rows_used, __ATOMIC_ACQUIRE); }
+
+uint64_t arm_table_rows_wasted(const ArmTable* t) noexcept {
+    return __atomic_load_n(&t->rows_wasted, __ATOMIC_RELAXED);
+}
+
+std::size_t arm_table_arena_used(const ArmTable* t) noexcept {
+    return __atomic_load_n(&t->arena_used, __ATOMIC_RELAXED);
+}
+
+const ArmRecord* arm_table_records(const ArmTable* t) noexcept { return records_of(t); }
+
+IdRef arm_id_at(const ArmTable* t, std::size_t row) noexcept {
+    if (row >= arm_table_rows(t)) return IdRef{nullptr, 0};
+    const ArmRecord& r = records_of(t)[row];
+    const uint32_t flags = __atomic_load_n(&r.flags, __ATOMIC_ACQUIRE);
+    if ((flags & (kArmCatalogue | kArmRuntime)) == 0) return IdRef{nullptr, 0};
+    return IdRef{id_bytes_of(t, r), r.id_size};
+}
+
+int arm_table_load(ArmTable* t, const IdRef* ids, const double* alpha0, const double* beta0, std::size_t n,
+                   std::size_t* done, int64_t* dup_row) noexcept {
+    // Hash a window ahead and prefetch its home slots, so that the slot misses of a bulk load overlap.
+    constexpr std::size_t kAhead = 16;
+    uint64_t hash[kAhead];
+    const uint64_t* slots = slots_of(t);
+    const std::size_t first = std::min(kAhead, n);
+    for (std::size_t i = 0; i < first; ++i) {
+        hash[i] = hash_id_keyed(ids[i], t->key);
+        __builtin_prefetch(&slots[home_of(t, hash[i])]);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        const uint64_t h = hash[i % kAhead];
+        if (i + kAhead < n) {
+            const uint64_t ahead = hash_id_keyed(ids[i + kAhead], t->key);
+            hash[i % kAhead] = ahead;
+            __builtin_prefetch(&slots[home_of(t, ahead)]);
+        }
+        int64_t row;
+        bool existed;
+        const int status = find_or_insert(t, ids[i], h, alpha0[i], beta0[i], kArmCatalogue, &row, &existed);
+        if (status != kArmOk) {
+            *done = i;
+            return status;
+        }
+        if (existed) {
+            *done = i;
+            *dup_row = row;
+            return kArmDuplicate;
+        }
+    }
+    *done = n;
+    return kArmOk;
+}
+
+int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
+                    double* alpha_out, double* beta_out, int32_t* rows_out, std::size_t* n_known) noexcept {
+    // As gather_params_fill (id_index.cpp): ids go in groups, one pass per level of misses (slot, record,
+    // arena bytes of long ids), each pass prefetching the next level for the whole group.
+    constexpr std::size_t kGroup = 32;
+    uint64_t hash[kGroup];
+    std::size_t slot[kGroup];
+    uint64_t value[kGroup];
+    const uint64_t* slots = slots_of(t);
+    const ArmRecord* rec = records_of(t);
+    const char* arena = arena_of(t);
+    std::size_t known = 0;
+    for (std::size_t base = 0; base < n; base += kGroup) {
+        const std::size_t m = std::min(kGroup, n - base);
+        const IdRef* g = ids + base;
+        for (std::size_t i = 0; i < m; ++i) {
+            hash[i] = hash_id_keyed(g[i], t->key);
+            slot[i] = home_of(t, hash[i]);
+            __builtin_prefetch(&slots[slot[i]]);
+        }
+        // The first slot with this tag, or the empty slot that ends the run.
+        for (std::size_t i = 0; i < m; ++i) {
+            const uint32_t tag = tag_of(hash[i]);
+            std::size_t j = slot[i];
+            uint64_t s;
+            while ((s = load_slot(&slots[j])) != 0 && slot_tag(s) != tag) j = next_slot(t, j);
+            slot[i] = j;
+            value[i] = s;
+            if (s != 0) __builtin_prefetch(&rec[slot_row(s)]);
+        }
+        for (std::size_t i = 0; i < m; ++i) {
+            if (value[i] == 0) continue;
+            const ArmRecord& r = rec[slot_row(value[i])];
+            if (r.id_size > kArmInlineId && r.hash == hash[i]) __builtin_prefetch(arena + r.id_offset);
+        }
+        for (std::size_t i = 0; i < m; ++i) {
+            uint64_t s = value[i];
+            // Equal tags but another id: probe on past it.
+            if (s != 0 && !holds(t, rec[slot_row(s)], hash[i], g[i])) {
+                std::size_t end;
+                s = probe(t, hash[i], g[i], next_slot(t, slot[i]), &end);
+            }
+            if (s != 0) {
+                const std::size_t row = slot_row(s);
+                posterior(rec[row], &alpha_out[base + i], &beta_out[base + i]);
+                rows_out[base + i] = static_cast<int32_t>(row);
+                ++known;
+            } else {
+                alpha_out[base + i] = prior_alpha;
+                beta_out[base + i] = prior_beta;
+                rows_out[base + i] = -1;
+            }
+        }
+    }
+    *n_known = known;
+    return kArmOk;
+}
+
+int64_t arm_find(const ArmTable* t, IdRef id) noexcept {
+    const uint64_t h = hash_id_keyed(id, t->key);
+    std::size_t end;
+    const uint64_t s = probe(t, h, id, home_of(t, h), &end);
+    return s == 0 ? -1 : static_cast<int64_t>(slot_row(s));
+}
+
+int arm_find_or_insert(ArmTable* t, IdRef id, double alpha0, double beta0, uint32_t flags, int64_t* row) noexcept {
+    bool existed;
+    return find_or_insert(t, id, hash_id_keyed(id, t->key), alpha0, beta0, flags, row, &existed);
+}
+
+int arm_add_impressions(ArmTable* t, const IdRef* ids, const int32_t* rows, const intptr_t* picks,
+                        std::size_t n_picks, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept {
+    ArmRecord* rec = records_of(t);
+    std::size_t failed = 0, next_id = 0;
+    for (std::size_t k = 0; k < n_picks; ++k) {
+        int64_t row = rows[picks[k]];
+        if (row < 0) {
+            const IdRef id = ids[next_id++];
+            bool existed;
+            if (find_or_insert(t, id, hash_id_keyed(id, t->key), prior_alpha, prior_beta, kArmRuntime, &row,
+                               &existed) != kArmOk) {
+                ++failed;
+                continue;
+            }
+        }
+        add_counts(rec[row], 1, 0.0);
+    }
+    *n_failed = failed;
+    return kArmOk;
+}
+
+void arm_add_counts(ArmTable* t, std::size_t row, uint64_t impressions, double rewards) noexcept {
+    add_counts(records_of(t)[row], impressions, rewards);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// CSV loading
+
+namespace {
+
+inline bool is_space(unsigned char c) noexcept {
+    // The ASCII characters Python's str.strip() removes: \t \n \v \f \r, \x1c-\x1f and space.
+    return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f);
+}
+
+IdRef strip(IdRef f) noexcept {
+    const char* b = f.data;
+    const char* e = f.data + f.size;
+    while (b < e && is_space(static_cast<unsigned char>(*b))) ++b;
+    while (e > b && is_space(static_cast<unsigned char>(e[-1]))) --e;
+    return IdRef{b, static_cast<std::size_t>(e - b)};
+}
+
+bool equals(IdRef f, const char* word) noexcept {
+    const std::size_t n = std::strlen(word);
+    return f.size == n && std::memcmp(f.data, word, n) == 0;
+}
+
+// A finite number > 0 written as Python's float() reads it (surrounding whitespace, an optional sign,
+// decimal or exponent notation); NaN (every comparison false) when it is not. Python also takes digit
+// separators ("1_000"); a catalogue does not use them, and such a value is reported as bad.
+double parse_positive(IdRef f) noexcept {
+    f = strip(f);
+    const char* b = f.data;
+    const char* e = f.data + f.size;
+    if (b < e && *b == '+') ++b;
+    double x = NAN;
+    if (b == e || *b == '-' || *b == '+') return NAN;
+    const auto [end, ec] = std::from_chars(b, e, x, std::chars_format::general);
+    if (ec != std::errc() || end != e) return NAN;
+    return (x > 0.0 && std::isfinite(x)) ? x : NAN;
+}
+
+// Strict UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF (what Python's decoder accepts).
+bool valid_utf8(IdRef f) noexcept {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(f.data);
+    const unsigned char* e = p + f.size;
+    while (p < e) {
+        const unsigned char c = *p;
+        if (c < 0x80) {
+            ++p;
+            continue;
+        }
+        std::size_t n;
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            if (c == 0xE0) lo = 0xA0;
+            if (c == 0xED) hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            if (c == 0xF0) lo = 0x90;
+            if (c == 0xF4) hi = 0x8F;
+        } else {
+            return false;
+        }
+        if (static_cast<std::size_t>(e - p) <= n) return false;
+        if (p[1] < lo || p[1] > hi) return false;
+        for (std::size_t k = 2; k <= n; ++k) {
+            if (p[k] < 0x80 || p[k] > 0xBF) return false;
+        }
+        p += n + 1;
+    }
+    return true;
+}
+
+constexpr std::size_t kNoColumn = ~std::size_t{0};
+
+}  // namespace
+
+struct ArmCsvLoad {
+    ArmTable* table = nullptr;  // nullptr: scan only
+    std::size_t errors_max = 0;
+    std::vector<ArmCsvError> errors;
+    uint64_t problems = 0;
+    bool header_done = false;
+    std::size_t col_id = kNoColumn, col_alpha = kNoColumn, col_beta = kNoColumn;
+    std::size_t width = 0, header_fields = 0;
+    uint64_t line = 0;  // lines consumed so far
+    uint64_t rows = 0;
+    uint64_t id_bytes = 0;
+    std::size_t start_row = 0;  // table rows before this load
+    // Line of the k-th row loaded, stored sparsely: (k, line - k) wherever line - k changes (after blank
+    // lines, bad rows, multi-line records), so that a file without them costs one entry.
+    std::vector<std::pair<uint64_t, uint64_t>> line_marks;
+    // Ids of rows that had bad parameters: not loaded, but a later row with the same id is a duplicate.
+    std::unordered_map<std::string, uint64_t> bad_ids;
+    // Good rows wait here in small batches: each one's home slot is prefetched when it is parsed, and the
+    // batch is inserted, in order, when full or when the block ends (its ids may point into the block). A
+    // bulk load is otherwise one slot miss after another.
+    struct Pending {
+        IdRef id;
+        double alpha, beta;
+        uint64_t line, hash;
+    };
+    static constexpr std::size_t kBatch = 64;
+    Pending pending[kBatch];
+    std::string pending_ids[kBatch];  // copies of quoted ids, which live in `scratch` only until the next record
+    std::size_t n_pending = 0;
+    // Unescaped copies of the quoted fields the current record needs, by role: id, alpha, beta, first.
+    std::string scratch[4];
+    IdRef field[4];
+    bool id_quoted = false;  // field[0] points into scratch[0]
+    std::vector<std::string> header;
+
+    uint64_t line_of_row(uint64_t k) const noexcept {
+        auto it = std::upper_bound(line_marks.begin(), line_marks.end(), std::make_pair(k, ~uint64_t{0}));
+        return it == line_marks.begin() ? 0 : k + std::prev(it)->second;
+    }
+
+    void mark_row_line(uint64_t line_no) {
+        const uint64_t delta = line_no - rows;
+        if (line_marks.empty() || line_marks.back().second != delta) line_marks.emplace_back(rows, delta);
+    }
+
+    void report(int problem, uint64_t line_no, uint64_t count, uint64_t expected, uint64_t first_line, IdRef text) {
+        ++problems;
+        if (errors.size() >= errors_max) return;
+        ArmCsvError e{};
+        e.problem = problem;
+        e.line = line_no;
+        e.count = count;
+        e.expected = expected;
+        e.first_line = first_line;
+        e.text_size = text.size;
+        if (text.size != 0) std::memcpy(e.text, text.data, std::min(text.size, kCsvErrorText));
+        errors.push_back(e);
+    }
+
+    int header_record(std::size_t n_fields);
+    int data_record(std::size_t n_fields, uint64_t line_no);
+    int insert_row(IdRef id, uint64_t h, double alpha, double beta, uint64_t line_no);
+    int flush();
+    int parse(const char* data, std::size_t n, bool eof, std::size_t* consumed);
+    int feed(const char* data, std::size_t n, bool eof, std::size_t* consumed) {
+        const int status = parse(data, n, eof, consumed);
+        const int flushed = flush();
+        return status != kArmOk ? status : flushed;
+    }
+};
+
+int ArmCsvLoad::header_record(std::size_t n_fields) {
+    header_fields = n_fields;
+    for (std::size_t k = 0; k < header.size(); ++k) {
+        const IdRef name = strip(IdRef{header[k].data(), header[k].size()});
+        // The first column of each name counts, as list.index finds it.
+        if (col_id == kNoColumn && equals(name, "entity_id")) col_id = k;
+        if (col_alpha == kNoColumn && equals(name, "alpha")) col_alpha = k;
+        if (col_beta == kNoColumn && equals(name, "beta")) col_beta = k;
+    }
+    if (col_id == kNoColumn || col_alpha == kNoColumn || col_beta == kNoColumn) return kArmCsvBadHeader;
+    width = std::max({col_id, col_alpha, col_beta}) + 1;
+    header_done = true;
+    header.clear();
+    return kArmOk;
+}
+
+int ArmCsvLoad::data_record(std::size_t n_fields, uint64_t line_no) {
+    if (n_fields == 1 && strip(field[3]).size == 0) return kArmOk;  // a blank line
+    if (n_fields < width) {
+        const int status = flush();  // reports go out in line order
+        report(kCsvTooFewFields, line_no, n_fields, header_fields, 0, IdRef{nullptr, 0});
+        return status;
+    }
+    if (table == nullptr) {
+        // A scan: count rows and the bytes of ids as written, an upper bound on what they need stripped.
+        ++rows;
+        if (field[0].size > kArmInlineId) id_bytes += field[0].size;
+        return kArmOk;
+    }
+    const IdRef id = strip(field[0]);
+    const double alpha = parse_positive(field[1]);
+    const double beta = parse_positive(field[2]);
+    if (id.size != 0 && !std::isnan(alpha) && !std::isnan(beta) && valid_utf8(id)) {
+        // The common case: queue it (a duplicate is found when it is inserted).
+        Pending& p = pending[n_pending];
+        p.id = id;
+        if (id_quoted) {
+            pending_ids[n_pending].assign(id.data, id.size);
+            p.id = IdRef{pending_ids[n_pending].data(), id.size};
+        }
+        p.alpha = alpha;
+        p.beta = beta;
+        p.line = line_no;
+        p.hash = hash_id_keyed(id, table->key);
+        __builtin_prefetch(&slots_of(table)[home_of(table, p.hash)], 1);  // for writing: it will be swapped in
+        return ++n_pending == kBatch ? flush() : kArmOk;
+    }
+    // A bad row: its problems are reported in line order, after those of the rows queued before it.
+    int status = flush();
+    if (status != kArmOk) return status;
+    bool new_id = false;
+    if (id.size == 0) {
+        report(kCsvEmptyId, line_no, 0, 0, 0, IdRef{nullptr, 0});
+    } else if (!valid_utf8(id)) {
+        report(kCsvBadUtf8, line_no, 0, 0, 0, id);
+    } else {
+        const int64_t row = arm_find(table, id);
+        if (row >= 0) {
+            const std::size_t r = static_cast<std::size_t>(row);
+            const uint64_t first = r >= start_row && r - start_row < rows ? line_of_row(r - start_row) : 0;
+            report(kCsvDuplicate, line_no, 0, 0, first, id);
+        } else if (bad_ids.count(std::string(id.data, id.size)) != 0) {
+            report(kCsvDuplicate, line_no, 0, 0, bad_ids[std::string(id.data, id.size)], id);
+        } else {
+            new_id = true;
+        }
+    }
+    if (std::isnan(alpha)) report(kCsvBadAlpha, line_no, 0, 0, 0, field[1]);
+    if (std::isnan(beta)) report(kCsvBadBeta, line_no, 0, 0, 0, field[2]);
+    if (new_id && (std::isnan(alpha) || std::isnan(beta))) bad_ids.emplace(std::string(id.data, id.size), line_no);
+    if (new_id && !std::isnan(alpha) && !std::isnan(beta)) {
+        return insert_row(id, hash_id_keyed(id, table->key), alpha, beta, line_no);
+    }
+    return kArmOk;
+}
+
+int ArmCsvLoad::insert_row(IdRef id, uint64_t h, double alpha, double beta, uint64_t line_no) {
+    if (!bad_ids.empty()) {
+        const auto it = bad_ids.find(std::string(id.data, id.size));
+        if (it != bad_ids.end()) {
+            report(kCsvDuplicate, line_no, 0, 0, it->second, id);
+            return kArmOk;
+        }
+    }
+    int64_t row;
+    bool existed;
+    const int status = find_or_insert(table, id, h, alpha, beta, kArmCatalogue, &row, &existed);
+    if (status != kArmOk) return status;
+    if (existed) {
+        const std::size_t r = static_cast<std::size_t>(row);
+        const uint64_t first = r >= start_row && r - start_row < rows ? line_of_row(r - start_row) : 0;
+        report(kCsvDuplicate, line_no, 0, 0, first, id);
+        return kArmOk;
+    }
+    mark_row_line(line_no);
+    ++rows;
+    return kArmOk;
+}
+
+int ArmCsvLoad::flush() {
+    const std::size_t n = n_pending;
+    n_pending = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        const Pending& p = pending[i];
+        const int status = insert_row(p.id, p.hash, p.alpha, p.beta, p.line);
+        if (status != kArmOk) return status;
+    }
+    return kArmOk;
+}
+
+int ArmCsvLoad::parse(const char* data, std::size_t n, bool eof, std::size_t* consumed) {
+    const char* p = data;
+    const char* const end = data + n;
+    *consumed = 0;
+    // The role each column plays in a data record: 0 id, 1 alpha, 2 beta (3, the first field, is tracked
+    // apart for the blank-line test). The header record keeps every field.
+    while (p < end) {
+        std::size_t k = 0;         // fields seen
+        uint64_t inner_lines = 0;  // line breaks inside quoted fields
+        bool unterminated_quote = false;
+        const char* q = p;
+        for (auto& s : scratch) s.clear();
+        for (auto& f : field) f = IdRef{"", 0};
+        id_quoted = false;
+        if (!header_done) header.clear();
+        for (;;) {
+            // One field, from q.
+            int role = -1;
+            if (header_done) {
+                if (k == col_id) role = 0;
+                else if (k == col_alpha) role = 1;
+                else if (k == col_beta) role = 2;
+            }
+            const bool keep = role >= 0 || k == 0 || !header_done;
+            std::string* buf = nullptr;
+            const char* r;
+            IdRef view{q, 0};
+            if (q < end && *q == '"') {
+                // Quoted: up to the closing quote, "" standing for ", line breaks included; then, as
+                // csv.reader does, anything up to the delimiter is appended as written.
+                if (!header_done) {
+                    header.emplace_back();
+                    buf = &header.back();
+                } else {
+                    buf = &scratch[role >= 0 ? role : 3];  // used only when `keep`
+                }
+                buf->clear();
+                ++q;
+                for (;;) {
+                    const std::size_t left = static_cast<std::size_t>(end - q);
+                    const char* quote = static_cast<const char*>(std::memchr(q, '"', left));
+                    const char* stop = quote == nullptr ? end : quote;
+                    for (const char* c = q; c < stop; ++c) {
+                        if (*c == '\n') {
+                            if (c == q || c[-1] != '\r') ++inner_lines;
+                        } else if (*c == '\r') {
+                            ++inner_lines;
+                        }
+                    }
+                    if (keep) buf->append(q, static_cast<std::size_t>(stop - q));
+                    if (quote == nullptr) {
+                        if (!eof) return kArmOk;  // needs more data
+                        unterminated_quote = true;
+                        q = end;
+                        break;
+                    }
+                    q = quote + 1;
+                    if (q == end && !eof) return kArmOk;  // "" or a closing quote? needs more data
+                    if (q < end && *q == '"') {
+                        if (keep) buf->push_back('"');
+                        ++q;
+                        continue;
+                    }
+                    break;
+                }
+                r = q;
+                while (r < end && *r != ',' && *r != '\n' && *r != '\r') ++r;
+                if (keep) buf->append(q, static_cast<std::size_t>(r - q));
+                view = IdRef{buf->data(), buf->size()};
+            } else {
+                r = q;
+                while (r < end && *r != ',' && *r != '\n' && *r != '\r') ++r;
+                view = IdRef{q, static_cast<std::size_t>(r - q)};
+                if (!header_done) header.emplace_back(q, static_cast<std::size_t>(r - q));
+            }
+            if (role >= 0) field[role] = view;
+            if (role == 0) id_quoted = buf != nullptr;
+            if (k == 0) field[3] = view;
+            ++k;
+            if (r == end) {
+                if (!eof) return kArmOk;  // needs more data
+                q = end;
+                break;
+            }
+            if (*r == ',') {
+                q = r + 1;
+                continue;
+            }
+            if (*r == '\r') {
+                if (r + 1 == end && !eof) return kArmOk;  // \r\n may be split between blocks
+                q = (r + 1 < end && r[1] == '\n') ? r + 2 : r + 1;
+            } else {
+                q = r + 1;
+            }
+            break;
+        }
+        // A whole record: it ends on the line after its inner line breaks, unless it is a quoted field cut
+        // short by the end of the file right after a line break (counted already).
+        const bool ended_by_break = unterminated_quote && q > p && (q[-1] == '\n' || q[-1] == '\r');
+        const uint64_t line_no = line + inner_lines + (ended_by_break ? 0 : 1);
+        line = line_no;
+        p = q;
+        *consumed = static_cast<std::size_t>(p - data);
+        if (!header_done) {
+            const int status = header_record(k);
+            if (status != kArmOk) return status;
+            continue;
+        }
+        if (unterminated_quote) {
+            const int status = flush();
+            report(kCsvUnterminated, line_no, 0, 0, 0, IdRef{nullptr, 0});
+            if (status != kArmOk) return status;
+            continue;
+        }
+        const int status = data_record(k, line_no);
+        if (status != kArmOk) return status;
+    }
+    if (eof && !header_done) return kArmCsvEmpty;
+    return kArmOk;
+}
+
+int arm_csv_begin(ArmTable* table, std::size_t errors_max, ArmCsvLoad** out) noexcept {
+    ArmCsvLoad* load = new (std::nothrow) ArmCsvLoad;
+    *out = load;
+    if (load == nullptr) return kArmNoMemory;
+    load->table = table;
+    load->errors_max = errors_max;
+    load->start_row = table == nullptr ? 0 : arm_table_rows(table);
+    return kArmOk;
+}
+
+void arm_csv_destroy(ArmCsvLoad* load) noexcept { delete load; }
+
+int arm_csv_feed(ArmCsvLoad* load, const char* data, std::size_t n, bool eof, std::size_t* consumed) noexcept {
+    try {
+        return load->feed(data, n, eof, consumed);
+    } catch (const std::bad_alloc&) {
+        // The vectors, map and strings above are the only things that allocate.
+        return kArmNoMemory;
+    }
+}
+
+void arm_csv_counts(const ArmCsvLoad* load, ArmCsvCounts* counts) noexcept {
+    counts->rows = load->rows;
+    counts->id_bytes = load->id_bytes;
+    counts->problems = load->problems;
+    counts->reported = load->errors.size();
+    counts->line = load->line;
+}
+
+const ArmCsvError* arm_csv_errors(const ArmCsvLoad* load) noexcept { return load->errors.data(); }
+
+}  // namespace mab

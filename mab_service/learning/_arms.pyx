@@ -1,0 +1,606 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The Cython boundary of the shared arm table (csrc/mab/arm_table.hpp).
+
+The table lives in a buffer the caller owns (in the service, an ``mmap`` of a file in /dev/shm that every worker
+maps), so that all workers on a node read and update one copy. This module holds the buffer exported for as
+long as the table object lives: an ``mmap`` cannot be closed, nor a ``bytearray`` resized, under it.
+
+Request calls (gather, add_impressions, add, get) keep the GIL, as IdIndex.gather does: the work is a few
+microseconds and the id views borrow from list items. Bulk loads release it: ``load`` works on its own copy of
+the list, ``load_csv`` on its own block buffer.
+"""
+import csv
+
+import numpy as np
+
+cimport numpy as cnp
+from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
+from libc.string cimport memcpy, memmove
+
+from mab_service.features._index cimport IdRef, id_views
+
+cnp.import_array()
+
+
+cdef extern from "Python.h":
+    Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
+    PyObject* list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
+    bint is_str "PyUnicode_Check"(PyObject* o)
+    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(PyObject* o, Py_ssize_t* size)
+    object decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
+
+
+cdef enum:
+    # Requests of up to this many ids use scratch on the stack (16 bytes per id); larger ones allocate it.
+    STACK_IDS = 512
+
+# Bytes read from a CSV file per block: big enough that the GIL changes hands rarely, small enough to stay
+# out of the way of the table's own memory.
+CSV_BLOCK_BYTES = 4 << 20
+
+FLAG_CATALOGUE = kArmCatalogue
+FLAG_RUNTIME = kArmRuntime
+FLAG_WASTED = kArmWasted
+
+# The fields of ArmRecord that records() shows, at their C++ offsets (filled in below from a real record).
+cdef ArmRecord _layout
+cdef Py_ssize_t _offset(void* field):
+    return <char*>field - <char*>&_layout
+
+RECORD_DTYPE = np.dtype({
+    "names": ["hash", "alpha0", "beta0", "impressions", "rewards", "id_size", "flags"],
+    "formats": ["<u8", "<f8", "<f8", "<u8", "<f8", "<u4", "<u4"],
+    "offsets": [
+        _offset(&_layout.hash), _offset(&_layout.alpha0), _offset(&_layout.beta0),
+        _offset(&_layout.impressions), _offset(&_layout.rewards), _offset(&_layout.id_size),
+        _offset(&_layout.flags),
+    ],
+    "itemsize": sizeof(ArmRecord),
+})
+
+
+cdef int _raise_on_status(int status, str where="the arm table") except -1:
+    # Status codes become Python exceptions here and only here.
+    if status == kArmOk:
+        return 0
+    if status == kArmNoMemory:
+        raise MemoryError(f"{where} could not allocate memory")
+    if status == kArmTooBig:
+        raise ValueError(f"capacity must be at most {kArmMaxRows} rows")
+    if status == kArmBadLayout:
+        raise ValueError("the buffer does not hold an arm table of this layout version and size")
+    if status == kArmRowsFull:
+        raise ValueError(f"{where}: every row of the arm table is taken")
+    if status == kArmArenaFull:
+        raise ValueError(f"{where}: the arm table has no room left for id bytes")
+    raise RuntimeError(f"the arm table returned unknown status {status}")
+
+
+cdef int _view(object id, IdRef* ref, str name) except -1:
+    """One id's UTF-8 bytes, borrowed from the str; TypeError/ValueError naming `name` otherwise."""
+    cdef Py_ssize_t size
+    cdef const char* data
+    if not is_str(<PyObject*>id):
+        raise TypeError(f"{name} must be a string (got {type(id).__name__})")
+    data = utf8_and_size(<PyObject*>id, &size)
+    if data == NULL:
+        if PyErr_ExceptionMatches(UnicodeEncodeError):
+            PyErr_Clear()
+            raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)")
+        return -1
+    ref.data = data
+    ref.size = <size_t>size
+    return 0
+
+
+cdef void* _scratch(void* on_stack, Py_ssize_t n, size_t item_bytes) except NULL:
+    if n <= STACK_IDS:
+        return on_stack
+    cdef void* p = PyMem_Malloc(<size_t>n * item_bytes)
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef double _positive(object value, str name) except? -1.0:
+    cdef double x = value
+    if not (x > 0.0 and x < INFINITY):
+        raise ValueError(f"{name} must be finite and > 0 (got {x!r})")
+    return x
+
+
+cdef cnp.ndarray _empty(Py_ssize_t n, int typenum):
+    cdef cnp.npy_intp dims = n
+    return cnp.PyArray_EMPTY(1, &dims, typenum, 0)
+
+
+cdef cnp.ndarray _parameters(object values, str name):
+    cdef cnp.ndarray arr
+    try:
+        # A copy the caller cannot change while the rows are loaded without the GIL.
+        arr = np.array(values, dtype=np.float64, order="C")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an array of numbers: {exc}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (got shape {(<object>arr).shape})")
+    cdef const double* p = <const double*>cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t i
+    for i in range(arr.shape[0]):
+        # Written so that NaN fails too: every comparison with NaN is false.
+        if not (p[i] > 0.0 and p[i] < INFINITY):
+            raise ValueError(f"{name} must be finite and > 0 at index {i} (got {p[i]!r})")
+    return arr
+
+
+cdef str _csv_text(const ArmCsvError* e):
+    cdef size_t kept = min(e.text_size, kCsvErrorText)
+    cdef str text = decode_utf8(<const char*>e.text, <Py_ssize_t>kept, "replace")
+    if kept < e.text_size:
+        return f"{text!r}... ({e.text_size} bytes)"
+    return repr(text)
+
+
+cdef str _csv_problem(const ArmCsvError* e):
+    cdef uint64_t line = e.line
+    if e.problem == kCsvTooFewFields:
+        return f"line {line}: expected {e.expected} fields, got {e.count}"
+    if e.problem == kCsvEmptyId:
+        return f"line {line}: entity_id is empty"
+    if e.problem == kCsvDuplicate:
+        first = f"first on line {e.first_line}" if e.first_line else "already in the table"
+        return f"line {line}: duplicate entity_id {_csv_text(e)} ({first})"
+    if e.problem == kCsvBadAlpha:
+        return f"line {line}: alpha must be a finite number > 0 (got {_csv_text(e)})"
+    if e.problem == kCsvBadBeta:
+        return f"line {line}: beta must be a finite number > 0 (got {_csv_text(e)})"
+    if e.problem == kCsvBadUtf8:
+        return f"line {line}: entity_id is not valid UTF-8"
+    if e.problem == kCsvUnterminated:
+        return f"line {line}: a quoted field runs to the end of the file"
+    return f"line {line}: unknown problem {e.problem}"
+
+
+cdef _header_error(object path, int status):
+    """The message for a file whose first record is missing or lacks a column, worded as local.py does."""
+    if status == kArmCsvEmpty:
+        return ValueError(f"{path}: the file is empty (expected the header entity_id,alpha,beta)")
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    missing = [c for c in ("entity_id", "alpha", "beta") if c not in header]
+    return ValueError(f"{path}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
+
+
+cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
+    """Feeds the file at `path` to the parser in blocks, the GIL released while each is parsed. Returns the
+    parser's status. A record longer than the block doubles the block."""
+    cdef cnp.ndarray block = _empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
+    cdef cnp.ndarray bigger
+    cdef Py_ssize_t have = 0, got
+    cdef size_t consumed = 0
+    cdef char* data
+    cdef bint eof
+    cdef int status
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            got = f.readinto(block[have:])
+            eof = got == 0
+            have += got
+            data = <char*>cnp.PyArray_DATA(block)
+            with nogil:
+                status = arm_csv_feed(load, data, <size_t>have, eof, &consumed)
+            if status != kArmOk or eof:
+                return status
+            memmove(data, data + consumed, <size_t>have - consumed)
+            have -= <Py_ssize_t>consumed
+            if have == block.shape[0]:
+                bigger = _empty(2 * have, cnp.NPY_UINT8)
+                bigger[:have] = block
+                block = bigger
+
+
+cdef class ArmTable:
+    """Every arm's catalogue prior and running counts, in a buffer that several processes can share.
+
+    Make one with ``ArmTable.create`` on a zeroed buffer of ``ArmTable.bytes_needed(...)`` bytes, and open
+    it elsewhere (another process mapping the same file) with ``ArmTable.attach``. Rows are never deleted
+    and the table never grows; when it is full, inserts fail (and say so) while lookups go on.
+    """
+
+    def __cinit__(self):
+        self.table = NULL
+        self.has_view = False
+
+    def __init__(self):
+        raise TypeError("use ArmTable.create(buffer, capacity, id_bytes) or ArmTable.attach(buffer)")
+
+    def __dealloc__(self):
+        if self.has_view:
+            PyBuffer_Release(&self.view)
+
+    cdef int _export(self, object buffer) except -1:
+        PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
+        self.has_view = True
+        self.buffer = buffer
+        if <uintptr_t>self.view.buf % 64 != 0:
+            raise ValueError("buffer must start on a 64-byte boundary (an mmap does)")
+        return 0
+
+    @staticmethod
+    def bytes_needed(capacity, id_bytes):
+        """Bytes a table of ``capacity`` rows and ``id_bytes`` bytes for ids needs.
+
+        Ids of up to 8 UTF-8 bytes live in their row; only longer ones use the ``id_bytes``.
+
+        Raises:
+            ValueError: If capacity or id_bytes is negative, or capacity is above 2**31.
+        """
+        if capacity < 0 or id_bytes < 0:
+            raise ValueError(f"capacity and id_bytes must be >= 0 (got {capacity} and {id_bytes})")
+        cdef size_t need = arm_table_bytes(<size_t>capacity, <size_t>id_bytes)
+        if need == 0:
+            raise ValueError(f"capacity must be at most {kArmMaxRows} rows (got {capacity})")
+        return need
+
+    @staticmethod
+    def create(buffer, capacity, id_bytes):
+        """A new, empty table in ``buffer``, which must be writable, zeroed, 64-byte aligned (an ``mmap`` of a
+        new file is all three) and at least ``bytes_needed(capacity, id_bytes)`` long. Draws the hash key
+        every process attached to the table will use.
+
+        Raises:
+            ValueError: If the buffer is too small or misaligned, or a size is out of range.
+            TypeError, BufferError: If ``buffer`` does not export a writable buffer.
+        """
+        cdef size_t need = ArmTable.bytes_needed(capacity, id_bytes)
+        cdef ArmTable self = ArmTable.__new__(ArmTable)
+        self._export(buffer)
+        if <size_t>self.view.len < need:
+            raise ValueError(f"buffer must hold at least {need} bytes (got {self.view.len})")
+        _raise_on_status(arm_table_create(self.view.buf, <size_t>self.view.len, <size_t>capacity,
+                                          <size_t>id_bytes, &self.table))
+        return self
+
+    @staticmethod
+    def attach(buffer):
+        """The table that ``create`` made in ``buffer`` (perhaps in another process, over the same file).
+
+        Raises:
+            ValueError: If the buffer does not start with a table of this layout version, or is shorter
+                than the table's header says.
+            TypeError, BufferError: If ``buffer`` does not export a writable buffer.
+        """
+        cdef ArmTable self = ArmTable.__new__(ArmTable)
+        self._export(buffer)
+        _raise_on_status(arm_table_attach(self.view.buf, <size_t>self.view.len, &self.table))
+        return self
+
+    cdef int _check(self) except -1:
+        if self.table == NULL:
+            raise ValueError("this ArmTable was not made by create() or attach()")
+        return 0
+
+    def __len__(self):
+        """Rows taken: arms plus rows_wasted (rows that lost a race to publish an id)."""
+        self._check()
+        return arm_table_rows(self.table)
+
+    def __repr__(self):
+        if self.table == NULL:
+            return "ArmTable(<unbound>)"
+        return f"ArmTable(<{arm_table_rows(self.table)} of {arm_table_capacity(self.table)} rows>)"
+
+    @property
+    def capacity(self):
+        """Rows the table can hold."""
+        self._check()
+        return arm_table_capacity(self.table)
+
+    @property
+    def id_bytes(self):
+        """Bytes for ids longer than 8 bytes: (capacity, used)."""
+        self._check()
+        return arm_table_id_bytes(self.table), arm_table_arena_used(self.table)
+
+    @property
+    def memory_bytes(self):
+        """Bytes of the buffer the table spans: header, hash slots, rows and id bytes."""
+        self._check()
+        return arm_table_memory_bytes(self.table)
+
+    @property
+    def rows_wasted(self):
+        """Rows given up because another process published the same id first (one per lost race)."""
+        self._check()
+        return arm_table_rows_wasted(self.table)
+
+    def load(self, ids, alpha0, beta0):
+        """Appends catalogue rows: ``ids[i]`` with prior ``(alpha0[i], beta0[i])``.
+
+        For loading at start, before the table serves: on an error the rows before the bad one stay.
+
+        Raises:
+            TypeError: If ``ids`` is not a sequence of str.
+            ValueError: If an id is already in the table or repeats (naming both positions), a parameter
+                is not finite and > 0 (naming its index), the lengths differ, or the table is full.
+        """
+        self._check()
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"ids must be a sequence of str (got {type(ids).__name__})")
+        # Our own list: nobody else can drop its items while the rows are loaded without the GIL.
+        cdef list own = list(ids)
+        cdef Py_ssize_t n = len(own)
+        cdef cnp.ndarray a = _parameters(alpha0, "alpha0")
+        cdef cnp.ndarray b = _parameters(beta0, "beta0")
+        if a.shape[0] != n or b.shape[0] != n:
+            raise ValueError(
+                f"ids, alpha0 and beta0 must have the same length (got {n}, {a.shape[0]} and {b.shape[0]})"
+            )
+        cdef IdRef* refs = <IdRef*>PyMem_Malloc(<size_t>max(n, 1) * sizeof(IdRef))
+        if refs == NULL:
+            raise MemoryError()
+        cdef size_t start = arm_table_rows(self.table)
+        cdef size_t done = 0
+        cdef int64_t dup = -1
+        cdef int status = kArmOk
+        cdef const double* pa = <const double*>cnp.PyArray_DATA(a)
+        cdef const double* pb = <const double*>cnp.PyArray_DATA(b)
+        try:
+            id_views(own, n, refs, "ids")
+            with nogil:
+                status = arm_table_load(self.table, refs, pa, pb, <size_t>n, &done, &dup)
+        finally:
+            PyMem_Free(refs)
+        if status == kArmDuplicate:
+            if dup >= <int64_t>start:
+                raise ValueError(f"duplicate id {own[done]!r} at positions {dup - <int64_t>start} and {done}")
+            raise ValueError(f"id {own[done]!r} at position {done} is already in the table (row {dup})")
+        _raise_on_status(status, f"ids[{done}]")
+
+    def load_csv(self, path, errors_max=20):
+        """Appends the catalogue rows of an ``entity_id,alpha,beta`` CSV file, parsed in C++ in blocks.
+
+        The header names the three columns in any order; other columns are ignored, blank lines skipped,
+        fields may be double-quoted with ``""`` for a quote. Every bad row is reported with its line
+        number, as ``mab_service.features.local`` does: an empty id, an id seen before (naming the first
+        line), alpha or beta not a finite number > 0, too few fields. Ids and numbers are stripped of ASCII
+        whitespace; numbers with digit separators ("1_000") count as bad.
+
+        For loading at start, before the table serves: on an error the table keeps the good rows read so
+        far (discard it).
+
+        Args:
+            path: The file.
+            errors_max: How many bad rows the report lists (all are counted).
+
+        Returns:
+            The number of rows loaded.
+
+        Raises:
+            OSError: If the file cannot be read.
+            ValueError: Listing the bad rows, or if the header lacks a column or the table is full.
+        """
+        self._check()
+        if errors_max < 0:
+            raise ValueError(f"errors_max must be >= 0 (got {errors_max})")
+        cdef ArmCsvLoad* load = NULL
+        cdef ArmCsvCounts counts
+        cdef const ArmCsvError* errors
+        cdef uint64_t i
+        _raise_on_status(arm_csv_begin(self.table, <size_t>errors_max, &load))
+        try:
+            status = _feed_file(load, path)
+            arm_csv_counts(load, &counts)
+            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
+                raise _header_error(path, status)
+            _raise_on_status(status, f"{path}: line {counts.line + 1}")
+            if counts.problems:
+                errors = arm_csv_errors(load)
+                shown = [_csv_problem(&errors[i]) for i in range(counts.reported)]
+                more = counts.problems - counts.reported
+                tail = f"\n  ... and {more} more" if more else ""
+                raise ValueError(f"{path}: {counts.problems} bad rows:\n  " + "\n  ".join(shown) + tail)
+            return counts.rows
+        finally:
+            arm_csv_destroy(load)
+
+    @staticmethod
+    def csv_rows_upper_bound(path):
+        """From one quick pass over a catalogue CSV, upper bounds on the rows ``load_csv`` would load and on
+        the bytes its ids need (so that the caller can size the table first).
+
+        Returns:
+            ``(rows, id_bytes)``.
+
+        Raises:
+            OSError: If the file cannot be read.
+            ValueError: If the file is empty or its header lacks a column.
+        """
+        cdef ArmCsvLoad* load = NULL
+        cdef ArmCsvCounts counts
+        _raise_on_status(arm_csv_begin(NULL, 0, &load))
+        try:
+            status = _feed_file(load, path)
+            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
+                raise _header_error(path, status)
+            _raise_on_status(status)
+            arm_csv_counts(load, &counts)
+            return counts.rows, counts.id_bytes
+        finally:
+            arm_csv_destroy(load)
+
+    def gather(self, ids, prior_alpha, prior_beta):
+        """The posterior of every id, with the prior for ids the table does not hold.
+
+        For a row, alpha = alpha0 + rewards and beta = beta0 + max(impressions - rewards, 0).
+
+        Args:
+            ids: Candidate ids; duplicates are looked up each time.
+            prior_alpha: Finite and > 0.
+            prior_beta: Finite and > 0.
+
+        Returns:
+            ``(alpha, beta, known, rows)``: float64 arrays aligned with ``ids``, how many ids were found, and
+            an int32 array of their rows (-1 for ids not in the table).
+
+        Raises:
+            TypeError: If ``ids`` is not a list or an item is not a str.
+            ValueError: If a prior is not finite and > 0, or an id holds a lone surrogate.
+        """
+        if not isinstance(ids, list):
+            raise TypeError(f"ids must be a list (got {type(ids).__name__})")
+        self._check()
+        cdef double pa = _positive(prior_alpha, "prior_alpha")
+        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef Py_ssize_t n = list_size(ids)
+        cdef cnp.ndarray alpha = _empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray beta = _empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray rows = _empty(n, cnp.NPY_INT32)
+        cdef IdRef on_stack[STACK_IDS]
+        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef size_t known = 0
+        try:
+            id_views(ids, n, refs, "candidates")
+            arm_gather_fill(self.table, refs, <size_t>n, pa, pb, <double*>cnp.PyArray_DATA(alpha),
+                            <double*>cnp.PyArray_DATA(beta), <int32_t*>cnp.PyArray_DATA(rows), &known)
+        finally:
+            if refs != on_stack:
+                PyMem_Free(refs)
+        return alpha, beta, known, rows
+
+    def add_impressions(self, ids, rows, picks, prior_alpha, prior_beta):
+        """Counts one impression for each picked id; ids not in the table yet are inserted with the prior.
+
+        Args:
+            ids: The candidates, as given to ``gather``.
+            rows: The rows ``gather`` returned for them.
+            picks: Positions in ``ids`` of the arms shown.
+            prior_alpha: alpha0 of inserted arms; finite and > 0.
+            prior_beta: beta0 of inserted arms; finite and > 0.
+
+        Returns:
+            How many picks were not recorded because the table was full.
+
+        Raises:
+            TypeError: If ``ids`` is not a list or a picked item is not a str.
+            ValueError: If a prior is bad, the lengths differ, or a pick or row is out of range.
+        """
+        if not isinstance(ids, list):
+            raise TypeError(f"ids must be a list (got {type(ids).__name__})")
+        self._check()
+        cdef double pa = _positive(prior_alpha, "prior_alpha")
+        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef cnp.ndarray r = np.ascontiguousarray(rows, dtype=np.int32)
+        cdef cnp.ndarray p = np.ascontiguousarray(picks, dtype=np.intp)
+        cdef Py_ssize_t n = list_size(ids)
+        if r.ndim != 1 or r.shape[0] != n:
+            raise ValueError(f"rows must be one-dimensional with one row per id (got shape {(<object>r).shape} "
+                             f"for {n} ids)")
+        if p.ndim != 1:
+            raise ValueError(f"picks must be one-dimensional (got shape {(<object>p).shape})")
+        cdef const int32_t* pr = <const int32_t*>cnp.PyArray_DATA(r)
+        cdef const intptr_t* pp = <const intptr_t*>cnp.PyArray_DATA(p)
+        cdef Py_ssize_t n_picks = p.shape[0], k, m = 0
+        cdef int64_t taken = <int64_t>arm_table_rows(self.table)
+        cdef IdRef on_stack[STACK_IDS]
+        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n_picks, sizeof(IdRef))
+        cdef size_t failed = 0
+        try:
+            for k in range(n_picks):
+                if not 0 <= pp[k] < n:
+                    raise ValueError(f"picks[{k}] must be in [0, {n}) (got {pp[k]})")
+                if pr[pp[k]] < 0:
+                    if pr[pp[k]] != -1:
+                        raise ValueError(f"rows[{pp[k]}] must be -1 or a row (got {pr[pp[k]]})")
+                    _view(<object>list_item(ids, pp[k]), &refs[m], f"ids[{pp[k]}]")
+                    m += 1
+                elif pr[pp[k]] >= taken:
+                    raise ValueError(f"rows[{pp[k]}] must be below {taken} (got {pr[pp[k]]})")
+            arm_add_impressions(self.table, refs, pr, pp, <size_t>n_picks, pa, pb, &failed)
+        finally:
+            if refs != on_stack:
+                PyMem_Free(refs)
+        return failed
+
+    def add(self, id, impressions, rewards, prior_alpha, prior_beta):
+        """Adds impressions and rewards to one arm, inserting it with the prior if it is not in the table.
+
+        Used for rewards as they arrive and to replay a log at start.
+
+        Returns:
+            False if the arm is not in the table and the table is full (nothing is added), else True.
+
+        Raises:
+            TypeError: If ``id`` is not a str.
+            ValueError: If impressions is negative, rewards is not finite and >= 0, or a prior is bad.
+        """
+        self._check()
+        cdef IdRef ref
+        _view(id, &ref, "id")
+        if impressions < 0:
+            raise ValueError(f"impressions must be >= 0 (got {impressions})")
+        cdef uint64_t count = impressions
+        cdef double amount = rewards
+        if not (amount >= 0.0 and amount < INFINITY):
+            raise ValueError(f"rewards must be finite and >= 0 (got {amount!r})")
+        cdef double pa = _positive(prior_alpha, "prior_alpha")
+        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef int64_t row = -1
+        if arm_find_or_insert(self.table, ref, pa, pb, kArmRuntime, &row) != kArmOk:
+            return False
+        arm_add_counts(self.table, <size_t>row, count, amount)
+        return True
+
+    def get(self, id):
+        """``(alpha0, beta0, impressions, rewards, from_catalogue)`` of one id, or None if the table does not
+        hold it.
+
+        Raises:
+            TypeError: If ``id`` is not a str.
+        """
+        self._check()
+        cdef IdRef ref
+        _view(id, &ref, "id")
+        cdef int64_t row = arm_find(self.table, ref)
+        if row < 0:
+            return None
+        cdef const ArmRecord* r = &arm_table_records(self.table)[row]
+        # The counts may change under us (aligned 8-byte reads are whole); any recent value will do.
+        cdef uint64_t bits = r.rewards
+        cdef double rewards
+        memcpy(&rewards, &bits, sizeof(double))
+        return (r.alpha0, r.beta0, r.impressions, rewards, (r.flags & kArmCatalogue) != 0)
+
+    def records(self):
+        """A read-only, zero-copy structured array over rows [0, len): fields ``hash``, ``alpha0``, ``beta0``,
+        ``impressions``, ``rewards``, ``id_size`` and ``flags``.
+
+        Rows whose flags hold neither FLAG_CATALOGUE nor FLAG_RUNTIME are not arms (lost races, or rows being
+        written). The counts are live: they change as other processes add to them.
+        """
+        self._check()
+        cdef Py_ssize_t offset = <char*>arm_table_records(self.table) - <char*>self.view.buf
+        cdef Py_ssize_t rows = <Py_ssize_t>arm_table_rows(self.table)
+        view = np.frombuffer(self.buffer, dtype=RECORD_DTYPE, count=rows, offset=offset)
+        view.flags.writeable = False
+        return view
+
+    def id_at(self, row):
+        """The id of a row.
+
+        Raises:
+            IndexError: If ``row`` is not in [0, len).
+            ValueError: If the row holds no arm (a lost race, or a row still being written).
+        """
+        self._check()
+        cdef size_t rows = arm_table_rows(self.table)
+        if not 0 <= row < rows:
+            raise IndexError(f"row must be in [0, {rows}) (got {row})")
+        cdef IdRef ref = arm_id_at(self.table, <size_t>row)
+        if ref.data == NULL:
+            raise ValueError(f"row {row} holds no arm")
+        return decode_utf8(ref.data, <Py_ssize_t>ref.size, "strict")
