@@ -1,4 +1,4 @@
-"""Builds the C++ extensions (Beta kernel, id index, cache table); all metadata lives in pyproject.toml.
+"""Builds the C++ extensions (Beta kernel, id index, cache table, event ring); all metadata lives in pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -66,5 +66,11 @@ cache = extension(
     sources=["mab_service/features/_cache.pyx", "csrc/mab/cache_table.cpp", "csrc/mab/id_index.cpp"],
     depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
 )
+# The event ring hashes with the id index's keyed hash (hash_id_keyed), so it links id_index.cpp too.
+events = extension(
+    "mab_service.learning._events",
+    sources=["mab_service/learning/_events.pyx", "csrc/mab/event_ring.cpp", "csrc/mab/id_index.cpp"],
+    depends=["csrc/mab/event_ring.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_events.pxd"],
+)
 
-setup(ext_modules=cythonize([kernel, index, cache], compiler_directives=directives, annotate=DEBUG))
+setup(ext_modules=cythonize([kernel, index, cache, events], compiler_directives=directives, annotate=DEBUG))

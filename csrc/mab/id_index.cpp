@@ -428,4 +428,8 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
 
 uint64_t hash_id(IdRef id) noexcept { return hash_bytes(id.data, id.size, process_secret()); }
 
+uint64_t hash_id_keyed(IdRef id, const uint64_t key[3]) noexcept {
+    return hash_bytes(id.data, id.size, HashSecret{key[0], key[1], key[2]});
+}
+
 }  // namespace mab

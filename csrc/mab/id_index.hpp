@@ -66,4 +66,8 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
 // The seeded hash both structures use, exposed for tests and benchmarks.
 uint64_t hash_id(IdRef id) noexcept;
 
+// The same hash under a caller's key instead of the process secret, so that processes sharing a key hash
+// alike. key[1] and key[2] are multipliers: they should be odd with about half their bits set.
+uint64_t hash_id_keyed(IdRef id, const uint64_t key[3]) noexcept;
+
 }  // namespace mab
