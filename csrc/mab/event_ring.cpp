@@ -30,10 +30,11 @@ constexpr uint64_t kMemberRewarded = 1;
 constexpr uint64_t kMemberWriting = 2;
 constexpr unsigned kOwnerShift = 2;
 
-// Index probes stop at an empty entry or after this many entries. With at most one live entry per event slot
-// and at least two entries per slot, a run of this many live entries is vanishingly rare; holds that meet one
-// evict the oldest event in it.
-constexpr uint64_t kProbeLimit = 64;
+// Index probes stop at an empty entry or after this many entries (four cache lines). With at most one live
+// entry per event slot and at least four entries per slot (load <= 0.25), linear probing makes a run of 32
+// live entries about as likely as exp(-32 (a - 1 - ln a)) = 1.5e-9 per insertion; a hold that meets one
+// evicts the oldest event in the run (counted in evicted_early).
+constexpr uint64_t kProbeLimit = 32;
 
 }  // namespace
 
@@ -105,7 +106,7 @@ inline double double_of(uint64_t b) noexcept {
 
 std::size_t index_entries_for(uint64_t max_events) noexcept {
     std::size_t entries = 16;
-    while (entries < 2 * max_events) entries <<= 1;
+    while (entries < 4 * max_events) entries <<= 1;
     return entries;
 }
 
@@ -236,20 +237,31 @@ Seen classify(const EventRingView* r, uint64_t entry, const IdRef* id, uint64_t 
     }
 }
 
-// The slot of the confirmed event `id` inside the window (or, with check_window false, at any age), or -1.
+// The slot of the confirmed event `id` inside the window, or -1. With check_window false, the newest
+// confirmed event of that id at any age: an id held again after it expired may still have its old event in
+// the ring, and only the newest is the one a caller means.
 int64_t find_confirmed(const EventRingView* r, const IdRef& id, uint64_t h, double now, bool check_window,
                        Snapshot* snap) noexcept {
     const uint64_t tag = h >> 32;
+    int64_t found = -1;
+    Snapshot candidate;
     for (uint64_t j = 0; j < kProbeLimit; ++j) {
         const uint64_t entry = load_acquire(&r->index[(h + j) & r->index_mask]);
         if (entry == 0) break;
         if (entry_tag(entry) != tag || entry_slot(entry) >= r->max_events) continue;
-        if (!read_slot(slot_at(r, entry_slot(entry)), &id, h, snap) || !snap->same_id) continue;
-        if (flags_of(snap->state) != 0) continue;
-        if (check_window && !in_window(r, snap->created, now)) continue;
-        return static_cast<int64_t>(entry_slot(entry));
+        if (!read_slot(slot_at(r, entry_slot(entry)), &id, h, &candidate) || !candidate.same_id) continue;
+        if (flags_of(candidate.state) != 0) continue;
+        if (check_window) {
+            if (!in_window(r, candidate.created, now)) continue;
+            *snap = candidate;
+            return static_cast<int64_t>(entry_slot(entry));
+        }
+        if (found < 0 || candidate.state > snap->state) {
+            *snap = candidate;
+            found = static_cast<int64_t>(entry_slot(entry));
+        }
     }
-    return -1;
+    return found;
 }
 
 // True if `id` is held (confirmed inside the window) or a hold of it is pending inside the grace.
@@ -300,6 +312,8 @@ Insert insert_entry(const EventRingView* r, const IdRef& id, uint64_t h, uint64_
                 if (entry == 0) break;
                 continue;
             }
+            // Past the first free entry only entries that may be this id's matter (a 32-bit tag match).
+            if (free_j != kProbeLimit && entry_tag(entry) != tag) continue;
             const Seen seen = classify(r, entry, entry_tag(entry) == tag ? &id : nullptr, h, now, &snap);
             if (seen == Seen::kFree) {
                 if (free_j == kProbeLimit) free_j = j, free_entry = entry;
@@ -348,9 +362,13 @@ bool wins_race(const EventRingView* r, const IdRef& id, uint64_t h, uint64_t my_
 // ---------------------------------------------------------------------------------------------------------
 // Members
 //
-// A member is claimed with a compare-exchange to (seq, writing), then its hash is stored, then the word is set
-// to (seq, rewarded flag). Readers check the word before and after reading the hash. A claim never takes a
-// member from a newer event: a hold so slow that the arena wrapped past it gives up, and its event is dead.
+// Positions are reserved with one fetch_add on member_head, so a member is written by the one hold that
+// reserved it, until the arena wraps. Writing is a seqlock write: the word becomes (seq, writing), then the hash
+// is stored, then the word becomes (seq, rewarded flag); readers check the word before and after reading the
+// hash. Plain release stores, not compare-exchanges (which cost twice the whole write): the one case they do
+// not cover is a hold so slow that the arena wraps past it while it writes a single member, when two holds
+// store to one member at once. A hold that finds a newer owner already in a member gives up and its event is
+// dead.
 
 // Writes members[0..n) of event `seq` from absolute position pos. False if the arena lapped this hold.
 bool write_members(const EventRingView* r, uint64_t seq, uint64_t pos, const IdRef* members, std::size_t n,
@@ -359,21 +377,17 @@ bool write_members(const EventRingView* r, uint64_t seq, uint64_t pos, const IdR
     for (std::size_t i = 0; i < n; ++i) {
         Member* m = member_at(r, pos + i);
         const uint64_t hash = hash_id_keyed(members[i], r->key);
-        uint64_t word = load_acquire(&m->word);
-        for (;;) {
-            if ((word >> kOwnerShift) > seq) return false;
-            if (cas(&m->word, word, seq << kOwnerShift | kMemberWriting)) break;
-        }
+        const uint64_t owner = load_acquire(&m->word) >> kOwnerShift;
+        if (owner > seq) return false;
         // The member's previous owner loses it now, so that event is evicted (counted if still in the window).
-        const uint64_t owner = word >> kOwnerShift;
         if (owner != 0 && owner != last_owner) {
             retire(r, owner, now);
             last_owner = owner;
         }
+        store_relaxed(&m->word, seq << kOwnerShift | kMemberWriting);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
         store_relaxed(&m->hash, hash);
-        uint64_t claimed = seq << kOwnerShift | kMemberWriting;
-        const uint64_t done = seq << kOwnerShift | (rewarded != nullptr && rewarded[i] ? kMemberRewarded : 0);
-        if (!cas(&m->word, claimed, done)) return false;
+        store_release(&m->word, seq << kOwnerShift | (rewarded != nullptr && rewarded[i] ? kMemberRewarded : 0));
     }
     return true;
 }

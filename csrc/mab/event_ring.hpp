@@ -19,12 +19,12 @@
 //
 // Memory (bytes_needed): a 256-byte header, then
 //   kEventSlotBytes (192) per event slot     event id bytes (up to 128) inline, creation time, member range;
-//   kIndexEntryBytes (8) per index entry     the power of two >= 2 x max_events entries, so 16 to 32 bytes per
+//   kIndexEntryBytes (8) per index entry     the power of two >= 4 x max_events entries, so 32 to 64 bytes per
 //                                            event slot;
 //   kMemberBytes (16) per member             a 64-bit keyed hash of the id's bytes and a word holding the
 //                                            owning event's sequence number and the "rewarded" bit.
 // Example: 10,000 answers/s of top_k 50 over a 600 s window need max_events = 6,000,000 (1.15 GB of slots,
-// 134 MB of index) and max_members = 300,000,000 (4.8 GB): about 6.1 GB of shared memory.
+// 268 MB of index) and max_members = 300,000,000 (4.8 GB): about 6.2 GB of shared memory.
 //
 // Preconditions (checked by the caller, not here):
 //   - memory is 64-byte aligned, writable and mapped at least `size` bytes (an mmap is page-aligned);

@@ -117,9 +117,9 @@ cdef class EventRing:
     cannot be closed under it.
 
     Memory: ``bytes_needed(max_events, max_members)`` is a 256-byte header plus 192 bytes per event slot
-    (``EVENT_SLOT_BYTES``), 16 to 32 bytes of index per event slot (a power of two of 8-byte entries, at least
-    twice max_events) and 16 bytes per member (``MEMBER_BYTES``). 10,000 answers/s of top_k 50 over a 600 s
-    window: max_events 6,000,000 and max_members 300,000,000, about 6.1 GB.
+    (``EVENT_SLOT_BYTES``), 32 to 64 bytes of index per event slot (a power of two of 8-byte entries, at least
+    four times max_events) and 16 bytes per member (``MEMBER_BYTES``). 10,000 answers/s of top_k 50 over a
+    600 s window: max_events 6,000,000 and max_members 300,000,000, about 6.2 GB.
     """
 
     def __cinit__(self):
