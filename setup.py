@@ -1,4 +1,5 @@
-"""Builds the C++ extensions (Beta kernel, id index, cache table, arm table); all metadata lives in pyproject.toml.
+"""Builds the C++ extensions (Beta kernel, id index, cache table, arm table, event ring); metadata lives in
+pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -66,6 +67,12 @@ cache = extension(
     sources=["mab_service/features/_cache.pyx", "csrc/mab/cache_table.cpp", "csrc/mab/id_index.cpp"],
     depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
 )
+# The event ring hashes with the id index's keyed hash (hash_id_keyed), so it links id_index.cpp too.
+events = extension(
+    "mab_service.learning._events",
+    sources=["mab_service/learning/_events.pyx", "csrc/mab/event_ring.cpp", "csrc/mab/id_index.cpp"],
+    depends=["csrc/mab/event_ring.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_events.pxd"],
+)
 
 # The arm table hashes with the id index's keyed hash (hash_id_keyed, inline) and draws its key with
 # draw_hash_key, so it links id_index.cpp too.
@@ -75,4 +82,4 @@ arms = extension(
     depends=["csrc/mab/arm_table.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_arms.pxd"],
 )
 
-setup(ext_modules=cythonize([kernel, index, cache, arms], compiler_directives=directives, annotate=DEBUG))
+setup(ext_modules=cythonize([kernel, index, cache, arms, events], compiler_directives=directives, annotate=DEBUG))
