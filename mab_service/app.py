@@ -21,11 +21,14 @@ from mab_service import config, metrics
 from mab_service.errors import FeatureSourceError, MabError
 from mab_service.features.local import LocalSource
 from mab_service.features.source import FeatureSource
+from mab_service.learning import node
+from mab_service.learning.loop import Loop
+from mab_service.learning.posteriors import SharedArmsSource
 from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
 from mab_service.openapi import openapi_document
 from mab_service.policy.sampler import SAMPLERS
 from mab_service.responses import OrjsonResponse, error_body
-from mab_service.routes import ENDPOINTS, ROUTES, overloaded, predict
+from mab_service.routes import ENDPOINTS, ROUTES, overloaded, predict, reward
 from mab_service.state import AppState, Lifecycle
 from mab_service.types import Message, Receive, Scope, Send
 
@@ -47,6 +50,30 @@ def make_source(settings: config.Settings) -> FeatureSource:
     raise FeatureSourceError(f"unknown feature source {settings.features!r}")
 
 
+#: The POST endpoints served ahead of Starlette (plain ASGI, admitted against ``max_in_flight``).
+FAST_ENDPOINTS = {"/predict": predict, "/reward": reward}
+
+
+def embedded(settings: config.Settings) -> bool:
+    """Whether ``settings.features`` names an embedded source, whose posteriors the loop updates."""
+    return settings.features.partition(":")[0] in ("demo", "csv")
+
+
+@asynccontextmanager
+async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
+    """This worker's loop over the node's tables (opening the node if no one in this process has), or None."""
+    if not settings.learning:
+        yield None
+        return
+    with node.using(settings) as current:
+        loop = Loop(current, settings, apply_counts=embedded(settings))
+        loop.start()
+        try:
+            yield loop
+        finally:
+            await loop.close()
+
+
 def build_app(settings: config.Settings, source: FeatureSource | None = None) -> Application:
     """The ASGI application for ``settings``.
 
@@ -60,31 +87,35 @@ def build_app(settings: config.Settings, source: FeatureSource | None = None) ->
     """
 
     lifecycle = Lifecycle()
+    given = source
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[AppState]:
-        nonlocal source
-        if source is None:
-            source = make_source(settings)
-        await source.start()
-        # Everything loaded so far lives as long as the process: keep the cyclic GC from scanning it.
-        gc.freeze()
-        logger.info("feature source %s ready; sampler %s", settings.features, settings.sampler)
-        served, top_k = source, SAMPLERS[settings.sampler]
-        try:
-            async with AsyncExitStack() as stack:
-                if settings.metrics:
-                    served, top_k = metrics.MeteredSource(source), metrics.timed_top_k(top_k)
-                    await stack.enter_async_context(metrics.recording(source, settings.metrics_flush_interval_s))
-                yield AppState(
-                    settings=settings,
-                    source=served,
-                    top_k=top_k,
-                    openapi=openapi_document(settings.max_candidates, settings.max_body_bytes),
-                    lifecycle=lifecycle,
-                )
-        finally:
-            await source.close()
+        top_k = SAMPLERS[settings.sampler]
+        async with AsyncExitStack() as stack:
+            loop = await stack.enter_async_context(_learning(settings))
+            if loop is not None and given is None and loop.apply_counts:
+                source: FeatureSource = SharedArmsSource(loop.arms, settings.prior_alpha, settings.prior_beta)
+            else:
+                source = given or make_source(settings)
+            await source.start()
+            stack.push_async_callback(source.close)
+            # Everything loaded so far lives as long as the process: keep the cyclic GC from scanning it.
+            gc.freeze()
+            logger.info("feature source %s ready; sampler %s", settings.features, settings.sampler)
+            served = source
+            if settings.metrics:
+                served, top_k = metrics.MeteredSource(source), metrics.timed_top_k(top_k)
+                stack.enter_context(metrics.loop_watched(loop))
+                await stack.enter_async_context(metrics.recording(source, settings.metrics_flush_interval_s))
+            yield AppState(
+                settings=settings,
+                source=served,
+                top_k=top_k,
+                openapi=openapi_document(settings.max_candidates, settings.max_body_bytes),
+                lifecycle=lifecycle,
+                loop=loop,
+            )
 
     router = Starlette(
         routes=ROUTES,
@@ -121,7 +152,7 @@ class Application:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in FAST_ENDPOINTS:
             lifecycle = self.lifecycle
             if lifecycle.draining:
                 send = _closing(send)
@@ -132,7 +163,7 @@ class Application:
                 return
             self.in_flight += 1
             try:
-                await predict(scope, receive, send)
+                await FAST_ENDPOINTS[scope["path"]](scope, receive, send)
             finally:
                 self.in_flight -= 1
                 if lifecycle.admitted:  # answered: no longer counts against the cap (see server.RequestTasks)
@@ -167,7 +198,7 @@ class Application:
             await self.router(scope, receive, send_with_id)
         finally:
             path = scope["path"]
-            endpoint = path if path in ENDPOINTS else "other"
+            endpoint = path if path in ENDPOINTS else "/arms/{id}" if path.startswith("/arms/") else "other"
             if self.settings.metrics:
                 metrics.requests.observe(endpoint, status, perf_counter() - started)
             if self.settings.access_log:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MAB_"
@@ -27,6 +29,18 @@ _VERTEX_SPECS = {
     "vertex": re.compile(r"^projects/[^/]+/locations/[^/]+/featurestores/[^/]+/entityTypes/[^/]+$"),
     "vertex-fos": re.compile(r"^projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/]+/featureViews/[^/]+$"),
 }
+
+
+#: The loop's sizes, each an integer >= 1.
+LOOP_SIZES = (
+    "max_held_events",
+    "max_held_members",
+    "max_new_arms",
+    "journal_segment_bytes",
+    "journal_buffer_max_bytes",
+    "decision_log_max_bytes",
+    "decision_log_file_bytes",
+)
 
 
 class SettingsError(ValueError):
@@ -89,6 +103,41 @@ class Settings:
     temporary directory. Also read from PROMETHEUS_MULTIPROC_DIR."""
     metrics_flush_interval_s: float = 1.0
     """Seconds between a worker's copies of its request metrics into the shared files (a scrape copies too)."""
+    learning: bool = True
+    """Close the bandit loop: answers carry an ``event_id``, ``POST /reward`` takes rewards, and on the embedded
+    sources (``demo``, ``csv:``) every impression and reward updates the posteriors every worker of the node reads.
+    On Vertex sources the loop records and counts events but the posteriors come from the store (docs/learning.md)."""
+    state_dir: str = ""
+    """Directory of the loop's durable state (journal, checkpoint, decision log). Empty means
+    ``$XDG_STATE_HOME/mab-service/port-PORT`` (``~/.local/state/mab-service/port-8000``), so a restart on the same port
+    finds its state. One node serves from one state directory (a second one on it refuses to start)."""
+    reward_window_s: float = 600.0
+    """Seconds an answered event is held: a reward for an older event is ``404 unknown_event``."""
+    max_held_events: int = 1_000_000
+    """Most events held at once per node (the oldest go first when it is full): 10,000 answers/s over a 600 s
+    window needs 6,000,000."""
+    max_held_members: int = 16_000_000
+    """Most returned ids held over all held events (the oldest events go first when it is full)."""
+    max_new_arms: int = 1_000_000
+    """Room for arms first seen at run time (not in the catalogue) in the node's arm table."""
+    commit_delay_s: float = 0.001
+    """Group commit: seconds the journal waits after the first unsynced reward for others to share its fsync."""
+    impressions_sync_s: float = 0.5
+    """Most seconds an answered event's impressions stay in memory before they are written and fsynced."""
+    journal_segment_bytes: int = 64 * 1024 * 1024
+    """A worker's journal file is sealed and a new one begun past this size (or after ``reward_window_s``)."""
+    journal_buffer_max_bytes: int = 64 * 1024 * 1024
+    """Most journal bytes a worker holds while the disk refuses writes; past it impressions are dropped and
+    counted (``mab_journal_dropped_total``) and ``/reward`` answers 503."""
+    checkpoint_interval_s: float = 60.0
+    """Seconds between folds of sealed journal files older than the reward window into the checkpoint."""
+    decision_log: bool = True
+    """Write every answer (event id, time, user, candidates with the alpha and beta used, seed, ranking) to the
+    decision log in the state directory, for replay and off-policy evaluation."""
+    decision_log_max_bytes: int = 1024 * 1024 * 1024
+    """Most bytes the decision log keeps per worker; the oldest files go first."""
+    decision_log_file_bytes: int = 64 * 1024 * 1024
+    """A decision log file is closed and a new one begun past this size."""
     vertex_alpha_feature: str = "alpha"
     """Vertex feature holding alpha (mapping ``beta``)."""
     vertex_beta_feature: str = "beta"
@@ -153,6 +202,13 @@ class Settings:
         for name in ("timeout_graceful_shutdown_s", "metrics_flush_interval_s"):
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        for name in ("reward_window_s", "impressions_sync_s", "checkpoint_interval_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        delay = self.commit_delay_s
+        _check(delay, math.isfinite(delay) and 0 <= delay <= 1, "commit_delay_s", "a number in [0, 1]")
+        for name in LOOP_SIZES:
+            _check(getattr(self, name), getattr(self, name) >= 1, name, "an integer >= 1")
         drain = self.drain_delay_s
         _check(drain, math.isfinite(drain) and drain >= 0, "drain_delay_s", "a finite number >= 0")
         _check(self.max_in_flight, self.max_in_flight >= 1, "max_in_flight", "an integer >= 1")
@@ -206,6 +262,13 @@ class Settings:
         if self.metrics and self.metrics_dir:
             # prometheus-client picks multiprocess mode from this variable when it is first imported.
             environ[PROMETHEUS_DIR_VARIABLE] = self.metrics_dir
+
+    def state_path(self) -> Path:
+        """The loop's state directory: ``state_dir``, or ``$XDG_STATE_HOME/mab-service/port-PORT`` when it is empty."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        return Path(base) / "mab-service" / f"port-{self.port}"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

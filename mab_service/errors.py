@@ -68,3 +68,10 @@ class Overloaded(MabError):
 
     status_code = 503
     code = "overloaded"
+
+
+class LearningOff(MabError):
+    """A loop endpoint while the learning loop is off."""
+
+    status_code = 404
+    code = "learning_off"

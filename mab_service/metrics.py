@@ -20,7 +20,9 @@ Exposed (all workers summed):
   cache, when the source has one;
 - ``mab_shed_requests_total``: /predict requests answered 503 ``overloaded``;
 - ``mab_degraded_fetches_total`` and ``mab_unread_candidates_total``: fetches a failing store answered only in
-  part (``on_store_failure = degrade``), and the candidates that got the prior for it.
+  part (``on_store_failure = degrade``), and the candidates that got the prior for it;
+- the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
+  ``mab_journal_syncs_total``, ``mab_journal_dropped_total``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ DEGRADED = Counter(
     "mab_degraded_fetches", "Feature fetches that a failing store answered only in part: the rest got the prior."
 )
 UNREAD = Counter("mab_unread_candidates", "Candidates a failing feature store did not read: they got the prior.")
+IMPRESSIONS = Counter("mab_impressions", "Ids returned in answers (impressions) the loop counted.")
+IMPRESSIONS_UNRECORDED = Counter(
+    "mab_impressions_unrecorded", "Impressions of new arms the shared arm table had no room for (served by the prior)."
+)
+REWARDS = Counter(
+    "mab_rewards",
+    "Rewards posted, by result: accepted, duplicate, unknown_event, not_in_event, unavailable (503).",
+    ["result"],
+)
+JOURNAL_SYNCS = Counter("mab_journal_syncs", "fdatasync calls of the loop's journal (group commits).")
+JOURNAL_DROPPED = Counter(
+    "mab_journal_dropped", "Events the journal dropped: the disk refused them past journal_buffer_max_bytes."
+)
 
 
 class _Series:
@@ -163,6 +178,45 @@ class _CacheCounters:
             CACHE_STALE.inc(stale)
 
 
+class _LoopCounters:
+    """Copies a worker's loop counters (``learning.loop.Loop``) into the metrics."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.seen: dict[str, float] = {}
+        self.results = {name: REWARDS.labels(name) for name in self.RESULTS}
+
+    RESULTS = ("accepted", "duplicate", "unknown_event", "not_in_event", "unavailable")
+
+    def _now(self) -> dict[str, float]:
+        loop, refusals = self.loop, self.loop.refusals
+        return {
+            "impressions": loop.impressions,
+            "unrecorded": loop.impressions_unrecorded,
+            "accepted": loop.rewards_accepted,
+            "duplicate": refusals.duplicate,
+            "unknown_event": refusals.unknown_event,
+            "not_in_event": refusals.not_in_event,
+            "unavailable": refusals.unavailable,
+            "syncs": loop.journal.syncs,
+            "dropped": loop.journal.dropped_events,
+        }
+
+    def flush(self) -> None:
+        now = self._now()
+        delta = {key: value - self.seen.get(key, 0) for key, value in now.items()}
+        self.seen = now
+        for counter, key in ((IMPRESSIONS, "impressions"), (IMPRESSIONS_UNRECORDED, "unrecorded")):
+            if delta[key] > 0:
+                counter.inc(delta[key])
+        for counter, key in ((JOURNAL_SYNCS, "syncs"), (JOURNAL_DROPPED, "dropped")):
+            if delta[key] > 0:
+                counter.inc(delta[key])
+        for name, child in self.results.items():
+            if delta[name] > 0:
+                child.inc(delta[name])
+
+
 requests = _Requests()
 candidates = _Series(CANDIDATES, CANDIDATE_BUCKETS)
 fetch_seconds = _Series(STAGE_DURATION.labels("fetch"), LATENCY_BUCKETS)
@@ -172,6 +226,7 @@ shed = _Count(SHED)
 degraded = _Count(DEGRADED)
 unread = _Count(UNREAD)
 _caches: list[_CacheCounters] = []
+_loops: list[_LoopCounters] = []
 
 
 def flush() -> None:
@@ -182,6 +237,8 @@ def flush() -> None:
         count.flush()
     for cache in _caches:
         cache.flush()
+    for loop in _loops:
+        loop.flush()
 
 
 async def flush_every(interval_s: float) -> None:
@@ -205,6 +262,21 @@ async def recording(source: FeatureSource, flush_interval_s: float) -> AsyncIter
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+
+
+@contextlib.contextmanager
+def loop_watched(loop: Any) -> Iterator[None]:
+    """Report the counters of a worker's learning loop (None: nothing to report) while in the block."""
+    if loop is None:
+        yield
+        return
+    counters = _LoopCounters(loop)
+    _loops.append(counters)
+    try:
+        yield
+    finally:
+        counters.flush()
+        _loops.remove(counters)
 
 
 @contextlib.contextmanager

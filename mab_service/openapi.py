@@ -24,6 +24,15 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _status(description: str) -> dict[str, Any]:
+    schema = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+    return _json(description, schema)
+
+
 #: Any request may get this from the server itself, before the app sees it (server.GuardedHttpToolsProtocol).
 _HEADERS_TOO_LARGE = _error(
     "The request head is larger than max_header_bytes (headers_too_large); the connection is closed."
@@ -63,6 +72,7 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         ),
                         "413": _error(f"The body is larger than {max_body_bytes} bytes."),
                         "415": _error("The content type is not application/json."),
+                        "409": _error("The client's event_id is still held by an earlier answer (event_id_in_use)."),
                         "422": _error("The JSON does not match PredictRequest."),
                         "431": _HEADERS_TOO_LARGE,
                         "503": {
@@ -71,6 +81,89 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                         },
+                    },
+                }
+            },
+            "/reward": {
+                "post": {
+                    "operationId": "reward",
+                    "summary": "Credit an arm that an answer returned; counted once per (event_id, id)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RewardRequest"}}},
+                    },
+                    "responses": {
+                        "202": _status("Accepted: on disk, and in the next answers of every worker."),
+                        "200": _status("A duplicate of an accepted reward: counted once."),
+                        "400": _error("The body is not valid JSON."),
+                        "404": _error(
+                            "No such event is held (unknown_event: never answered, or older than the reward "
+                            "window), or the learning loop is off (learning_off)."
+                        ),
+                        "408": _error("The body did not arrive within body_timeout_s of the head."),
+                        "413": _error(f"The body is larger than {max_body_bytes} bytes."),
+                        "415": _error("The content type is not application/json."),
+                        "422": _error(
+                            "The JSON does not match RewardRequest (validation_error), or the event's answer did "
+                            "not return this id (not_in_event)."
+                        ),
+                        "431": _HEADERS_TOO_LARGE,
+                        "503": _error(
+                            "The journal cannot record durably now (journal_unavailable: full or read-only disk), "
+                            "or the worker is overloaded; nothing was counted, retry later."
+                        ),
+                    },
+                }
+            },
+            "/arms": {
+                "get": {
+                    "operationId": "arms",
+                    "summary": "The leading arms with their posteriors and 95% intervals",
+                    "parameters": [
+                        {"name": "top", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {
+                            "name": "order",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["impressions", "rewards", "mean"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json("The leading arms.", {"type": "object", "required": ["arms", "total"]}),
+                        "404": _error("The learning loop is off (learning_off)."),
+                        "422": _error("A bad top or order."),
+                        "431": _HEADERS_TOO_LARGE,
+                    },
+                }
+            },
+            "/arms/{id}": {
+                "get": {
+                    "operationId": "arm",
+                    "summary": "One arm's posterior and counts as the service sees it now",
+                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json("The arm.", {"$ref": "#/components/schemas/Arm"}),
+                        "404": _error("Never shown, and the feature source does not know it (unknown_arm)."),
+                        "431": _HEADERS_TOO_LARGE,
+                    },
+                }
+            },
+            "/loop": {
+                "get": {
+                    "operationId": "loop",
+                    "summary": "The learning loop's health: events held, rewards, refusals",
+                    "responses": {
+                        "200": _json("The loop's state.", {"type": "object", "required": ["learning"]}),
+                        "431": _HEADERS_TOO_LARGE,
+                    },
+                }
+            },
+            "/dashboard": {
+                "get": {
+                    "operationId": "dashboard",
+                    "summary": "A page of the arms' posteriors and the loop's health",
+                    "responses": {
+                        "200": {"description": "HTML.", "content": {"text/html": {}}},
+                        "431": _HEADERS_TOO_LARGE,
                     },
                 }
             },
@@ -147,6 +240,36 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "description": "Same seed and inputs, same answer; absent or null draws a fresh seed. "
                             "A seed above 2**53 must be written as an integer literal (no fraction, no exponent).",
                         },
+                        "event_id": {
+                            "type": ["string", "null"],
+                            "pattern": "^[A-Za-z0-9._:-]{1,128}$",
+                            "description": "The client's own event id for this answer (409 while one with that id "
+                            "is held); absent or null, the service makes one.",
+                        },
+                    },
+                },
+                "RewardRequest": {
+                    "type": "object",
+                    "required": ["event_id", "id"],
+                    "properties": {
+                        "event_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                        "id": {
+                            "type": "string",
+                            "maxLength": 4096,
+                            "description": "An id the event's answer returned.",
+                        },
+                        "reward": {"type": "number", "minimum": 0, "maximum": 1, "default": 1},
+                    },
+                },
+                "Arm": {
+                    "type": "object",
+                    "required": ["id", "alpha", "beta", "impressions", "rewards"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "alpha": {"type": "number", "description": "alpha0 + rewards"},
+                        "beta": {"type": "number", "description": "beta0 + impressions - rewards"},
+                        "impressions": {"type": "integer"},
+                        "rewards": {"type": "number"},
                     },
                 },
                 "PredictResponse": {
@@ -164,6 +287,11 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                             "type": "boolean",
                             "description": "Some candidates were ranked by the prior because the feature store "
                             "could not be read in time (on_store_failure = degrade).",
+                        },
+                        "event_id": {
+                            "type": "string",
+                            "description": "This answer's event (with the learning loop on): post rewards for its "
+                            "ids to /reward with it. Each id returned is one impression.",
                         },
                     },
                 },

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from mab_service.features.source import FeatureSource
+from mab_service.features.source import Features, FeatureSource
 from mab_service.policy.sampler import TopK
 from mab_service.schemas import PredictRequest
 
@@ -19,13 +19,20 @@ class Recommendation:
     known: int
     degraded: bool
     """Some candidates got the prior because the feature store could not be read in time."""
+    ranking: npt.NDArray[np.int64]
+    """Positions in the request's candidates of ``ids``, best first."""
+    features: Features
+    """The posterior parameters the sample was drawn from, aligned with the candidates."""
 
 
-async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK) -> Recommendation:
-    """Rank the request's candidates by one Thompson sample each; return the best ``top_k`` (all if None)."""
+async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK, seed: int | None) -> Recommendation:
+    """Rank the request's candidates by one Thompson sample each; return the best ``top_k`` (all if None).
+
+    ``seed`` (the request's own, or one the loop drew so that the answer can be replayed) fixes the samples.
+    """
     candidates = request.candidates
     features = await source.fetch(candidates)
     k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))
-    indices, scores = top_k(features.alpha, features.beta, k, seed=request.seed)
+    indices, scores = top_k(features.alpha, features.beta, k, seed=seed)
     ids = list(map(candidates.__getitem__, indices.tolist()))
-    return Recommendation(ids, scores, features.known, features.unread > 0)
+    return Recommendation(ids, scores, features.known, features.unread > 0, indices, features)

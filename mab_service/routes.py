@@ -16,9 +16,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mab_service import metrics, pipeline, schemas
+from mab_service import dashboard, metrics, pipeline, schemas
 from mab_service.config import Settings
-from mab_service.errors import MabError, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from mab_service.errors import (
+    LearningOff,
+    MabError,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+from mab_service.learning.loop import Loop
 from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
 from mab_service.responses import OrjsonResponse, error_body
 from mab_service.state import AppState
@@ -27,10 +35,16 @@ from mab_service.types import Receive, Scope, Send
 logger = logging.getLogger("mab_service")
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+MAX_TOP_ARMS = 1000
 
 
-class PredictEndpoint:
-    """``POST /predict``: rank the candidates of one request."""
+class JsonEndpoint:
+    """A plain ASGI endpoint for a JSON POST: read the body, ``answer`` it, send the answer, count it.
+
+    The request id, the error mapping, the metrics and the access log are here, once for every such endpoint.
+    """
+
+    path = ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = perf_counter()
@@ -38,37 +52,86 @@ class PredictEndpoint:
         settings = state["settings"]
         content_type, content_length, request_id = _request_headers(scope["headers"])
         REQUEST_ID.set(request_id)
-        ranked = 0
         try:
             _check_json(content_type)
             body = await _read_body(receive, content_length, settings.max_body_bytes)
             if body is None:
                 return  # the client went away; nobody to answer
-            query = schemas.decode_predict(body, settings.max_candidates)
-            result = await pipeline.recommend(query, state["source"], state["top_k"])
-            encoding = perf_counter()
-            answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded)
-            status, payload = 200, orjson.dumps(answer, option=_JSON_OPTIONS)
-            encoded = perf_counter()
-            ranked = len(query.candidates)
+            status, payload = await self.answer(state, body)
         except MabError as exc:
             status, payload = exc.status_code, error_body(exc)
         except Exception:
             # Outside Starlette's error middleware: log the traceback here and answer a generic 500.
-            logger.exception("unhandled error in POST /predict")
+            logger.exception("unhandled error in POST %s", self.path)
             status, payload = 500, b'{"error":"internal_error","message":"internal server error"}'
         await _send_json(send, status, payload, request_id)
         # After the answer is out: a few additions to plain numbers (metrics.py), nothing when both are off.
         if settings.metrics:
-            if ranked:
-                metrics.candidates.observe(ranked)
-                metrics.encode_seconds.observe(encoded - encoding)
-            metrics.requests.observe("/predict", status, perf_counter() - started)
+            metrics.requests.observe(self.path, status, perf_counter() - started)
         if settings.access_log:
-            log_access("POST", "/predict", status, perf_counter() - started, request_id, scope.get("client"))
+            log_access("POST", self.path, status, perf_counter() - started, request_id, scope.get("client"))
+
+    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+
+class PredictEndpoint(JsonEndpoint):
+    """``POST /predict``: rank the candidates of one request; with the loop on, hold the answer as an event."""
+
+    path = "/predict"
+
+    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
+        settings = state["settings"]
+        query = schemas.decode_predict(body, settings.max_candidates)
+        loop = state["loop"]
+        seed = query.seed
+        if loop is not None and seed is None:
+            seed = loop.new_seed()  # every answer can be drawn again from the decision log
+        result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
+        event_id = None
+        if loop is not None:
+            event_id = query.event_id or loop.new_event_id()
+            features = result.features
+            loop.answered(
+                event_id,
+                query.event_id is not None,
+                query.user_id,
+                body,
+                query.candidates,
+                features.alpha,
+                features.beta,
+                features.rows,
+                result.ranking,
+                result.ids,
+                seed,  # type: ignore[arg-type]  # drawn above when the request had none
+                query.top_k,
+            )
+        encoding = perf_counter()
+        answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded, event_id)
+        payload = orjson.dumps(answer, option=_JSON_OPTIONS)
+        if settings.metrics:
+            metrics.candidates.observe(len(query.candidates))
+            metrics.encode_seconds.observe(perf_counter() - encoding)
+        return 200, payload
+
+
+class RewardEndpoint(JsonEndpoint):
+    """``POST /reward``: credit an arm an answer returned; 202 once the reward is on disk, 200 if a duplicate."""
+
+    path = "/reward"
+
+    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
+        loop = state["loop"]
+        if loop is None:
+            raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
+        query = schemas.decode_reward(body)
+        if await loop.reward(query.event_id, query.id, query.reward):
+            return 202, b'{"status":"accepted"}'
+        return 200, b'{"status":"duplicate"}'
 
 
 predict = PredictEndpoint()
+reward = RewardEndpoint()
 
 
 async def _send_json(send: Send, status: int, payload: bytes, request_id: bytes, *extra: tuple[bytes, bytes]) -> None:
@@ -89,9 +152,9 @@ async def overloaded(scope: Scope, send: Send, settings: Settings) -> None:
     await _send_json(send, status, payload, request_id, (b"retry-after", b"%d" % settings.retry_after_s))
     if settings.metrics:
         metrics.shed.n += 1
-        metrics.requests.observe("/predict", status, perf_counter() - started)
+        metrics.requests.observe(scope["path"], status, perf_counter() - started)
     if settings.access_log:
-        log_access("POST", "/predict", status, perf_counter() - started, request_id, scope.get("client"))
+        log_access("POST", scope["path"], status, perf_counter() - started, request_id, scope.get("client"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,6 +190,69 @@ async def metrics_text(request: Request) -> Response:
 
 async def openapi(request: Request) -> OrjsonResponse:
     return OrjsonResponse(request.scope["state"]["openapi"])
+
+
+async def arm(request: Request) -> OrjsonResponse:
+    """``GET /arms/{id}``: the arm's posterior and counts as this node sees it now."""
+    state: AppState = request.scope["state"]
+    arm_id = request.path_params["id"]
+    loop = state["loop"]
+    found = None if loop is None else loop.arm(arm_id)
+    if found is None or (loop is not None and not loop.apply_counts):
+        # Not counted yet, or a store that computes the posteriors itself: ask the source.
+        features = await state["source"].fetch([arm_id])
+        if features.known == 0 and found is None:
+            return OrjsonResponse(
+                {"error": "unknown_arm", "message": f"no arm {arm_id!r}: never shown, and the source does not know it"},
+                status_code=404,
+            )
+        shown, got = (0, 0.0) if found is None else (found[2], found[3])
+        alpha, beta = float(features.alpha[0]), float(features.beta[0])
+    else:
+        alpha, beta, shown, got = found
+    return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})
+
+
+async def arms(request: Request) -> OrjsonResponse:
+    """``GET /arms?top=N&order=impressions|rewards|mean``: the leading arms, with 95% intervals."""
+    loop = _loop(request)
+    top = request.query_params.get("top", "20")
+    order = request.query_params.get("order", "impressions")
+    if not top.isdigit() or not 1 <= int(top) <= MAX_TOP_ARMS:
+        raise ValidationFailed(f"top must be an integer in [1, {MAX_TOP_ARMS}] (got {top!r})", field="top")
+    if order not in ("impressions", "rewards", "mean"):
+        raise ValidationFailed(f"order must be impressions, rewards or mean (got {order!r})", field="order")
+    leading, total = loop.top(int(top), order)
+    return OrjsonResponse({"arms": leading, "total": total})
+
+
+async def loop_stats(request: Request) -> OrjsonResponse:
+    """``GET /loop``: the loop's health: events held, rewards, refusals, and a series of the last 30 minutes."""
+    state: AppState = request.scope["state"]
+    loop = state["loop"]
+    if loop is None:
+        return OrjsonResponse({"learning": False})
+    return OrjsonResponse(
+        {
+            "learning": True,
+            "applies_counts": loop.apply_counts,
+            "reward_window_s": loop.window_s,
+            "durable": loop.journal.error is None,
+            **loop.stats(),
+        }
+    )
+
+
+async def dashboard_page(request: Request) -> Response:
+    """``GET /dashboard``: the page that draws the arms' posteriors and the loop's health."""
+    return Response(dashboard.page(), media_type="text/html; charset=utf-8")
+
+
+def _loop(request: Request) -> Loop:
+    loop: Loop | None = request.scope["state"]["loop"]
+    if loop is None:
+        raise LearningOff("the learning loop is off (--no-learning)")
+    return loop
 
 
 def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:
@@ -168,10 +294,15 @@ async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> by
 
 ROUTES = [
     Route("/predict", predict, methods=["POST"]),
+    Route("/reward", reward, methods=["POST"]),
+    Route("/arms", arms, methods=["GET"]),
+    Route("/arms/{id:path}", arm, methods=["GET"]),
+    Route("/loop", loop_stats, methods=["GET"]),
+    Route("/dashboard", dashboard_page, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/live", live, methods=["GET"]),
     Route("/metrics", metrics_text, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
 ]
 #: Paths that are their own ``endpoint`` label in the metrics; any other path is counted as ``other``.
-ENDPOINTS = frozenset(route.path for route in ROUTES)
+ENDPOINTS = frozenset(route.path for route in ROUTES if "{" not in route.path) | {"/arms/{id}"}

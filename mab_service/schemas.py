@@ -7,6 +7,7 @@ first occurrence: each id is ranked once, so an answer never lists an id twice.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,10 @@ MAX_USER_ID_CHARS = 1024
 #: Floats up to this magnitude hold every integer exactly, so ``3.0`` may stand for ``3`` (JSON Schema's ``integer``,
 #: which the OpenAPI document uses, includes it); past it a float need not be the number the client wrote.
 EXACT_FLOAT_INT = 2**53
+#: What a client's own event id may hold (the ids the service makes match it too).
+EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+EVENT_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
+MAX_ARM_ID_CHARS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,15 @@ class PredictRequest:
     """Distinct candidate ids, in the order of their first occurrence in the request."""
     top_k: int | None
     seed: int | None
+    event_id: str | None = None
+    """The client's own event id, if it sent one."""
+
+
+@dataclass(frozen=True, slots=True)
+class RewardRequest:
+    event_id: str
+    id: str
+    reward: float
 
 
 def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
@@ -79,13 +93,56 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
         seed = _whole(seed)
     if seed is not None and (type(seed) is not int or not 0 <= seed < MAX_SEED):
         raise ValidationFailed(_expected("an integer in [0, 2**64)", seed, "seed"), field="seed")
-    return PredictRequest(user_id, candidates, top_k, seed)
+    event_id = doc.get("event_id")
+    if event_id is not None:
+        _check_event_id(event_id)
+    return PredictRequest(user_id, candidates, top_k, seed, event_id)
 
 
-def encode_predict(user_id: str, ids: list[str], scores: npt.NDArray[np.float64], degraded: bool) -> dict[str, Any]:
+def decode_reward(body: bytes) -> RewardRequest:
+    """Parse and validate a /reward body: ``{"event_id": str, "id": str, "reward": number in [0, 1] (default 1)}``.
+
+    Raises:
+        MalformedBody: the body is not JSON.
+        ValidationFailed: the JSON does not match the contract; ``field`` names where.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    event_id = doc.get("event_id")
+    _check_event_id(event_id)
+    arm_id = doc.get("id")
+    if type(arm_id) is not str:
+        raise ValidationFailed(_expected("a string", arm_id, "id"), field="id")
+    if len(arm_id) > MAX_ARM_ID_CHARS:
+        raise ValidationFailed(f"id must be at most {MAX_ARM_ID_CHARS} characters", field="id")
+    reward = doc.get("reward", 1.0)
+    if type(reward) is int:
+        reward = float(reward)
+    if type(reward) is not float or not 0.0 <= reward <= 1.0:
+        raise ValidationFailed(_expected("a number in [0, 1]", reward, "reward"), field="reward")
+    return RewardRequest(event_id, arm_id, reward)  # type: ignore[arg-type]  # checked above
+
+
+def _check_event_id(event_id: object) -> None:
+    if type(event_id) is not str:
+        raise ValidationFailed(_expected(f"a string of {EVENT_ID_RULE}", event_id, "event_id"), field="event_id")
+    if EVENT_ID.fullmatch(event_id) is None:
+        raise ValidationFailed(f"event_id must be {EVENT_ID_RULE} (got {_preview(event_id)})", field="event_id")
+
+
+def encode_predict(
+    user_id: str, ids: list[str], scores: npt.NDArray[np.float64], degraded: bool, event_id: str | None = None
+) -> dict[str, Any]:
     """The /predict answer: ids best first, with their samples (descending); ``degraded`` when some candidates
-    got the prior because the feature store could not be read."""
-    return {"user_id": user_id, "ids": ids, "scores": scores, "degraded": degraded}
+    got the prior because the feature store could not be read; ``event_id`` when the loop is on."""
+    answer = {"user_id": user_id, "ids": ids, "scores": scores, "degraded": degraded}
+    if event_id is not None:
+        answer["event_id"] = event_id
+    return answer
 
 
 def _whole(value: float) -> int | float:

@@ -45,6 +45,8 @@ from uvicorn.config import STARTUP_FAILURE
 
 from mab_service import logs
 from mab_service.config import Settings
+from mab_service.errors import FeatureSourceError
+from mab_service.learning import node
 from mab_service.protocol import ClientLimits, GuardedHttpToolsProtocol
 from mab_service.state import Lifecycle
 
@@ -137,17 +139,26 @@ class Supervisor:
     graceful timeout and ``WORKER_EXIT_MARGIN_S`` is killed.
     """
 
-    def __init__(self, config: uvicorn.Config, settings: Settings, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        settings: Settings,
+        sockets: list[socket.socket],
+        loop_state: node.NodeHandle | None = None,
+    ) -> None:
         self.config = config
         self.settings = settings
         self.sockets = sockets
+        self.loop_state = loop_state
         self.stop = threading.Event()
         self.signals: list[int] = []
 
     def _start_worker(self) -> SpawnProcess:
         # spawn, as uvicorn does: a fresh interpreter, no state forked from the supervisor.
         process = multiprocessing.get_context("spawn").Process(
-            target=_run_worker, args=(self.config, self.settings, self.sockets), name="mab-service-worker"
+            target=_run_worker,
+            args=(self.config, self.settings, self.sockets, self.loop_state),
+            name="mab-service-worker",
         )
         process.start()
         return process
@@ -195,8 +206,12 @@ class Supervisor:
         return status
 
 
-def _run_worker(config: uvicorn.Config, settings: Settings, sockets: list[socket.socket]) -> None:
+def _run_worker(
+    config: uvicorn.Config, settings: Settings, sockets: list[socket.socket], loop_state: node.NodeHandle | None
+) -> None:
     config.configure_logging()
+    if loop_state is not None:
+        node.adopt(node.Node.attach(loop_state))
     DrainingServer(config, settings).run(sockets=sockets)
 
 
@@ -246,15 +261,27 @@ def serve(settings: Settings) -> None:
     # Before the app (and prometheus-client) is imported here or in a worker: they read it from the environment.
     settings.export_env(os.environ)
     config = uvicorn_config(settings)
+    owned = None
     try:
+        if settings.learning:
+            # The node's loop state is built once, here, and every worker maps it.
+            try:
+                owned = node.Node.open(settings)
+            except FeatureSourceError as exc:
+                logger.error("cannot start: %s", exc.message)
+                sys.exit(STARTUP_FAILURE)
+            node.adopt(owned)
         if settings.workers == 1:
             server = DrainingServer(config, settings)
             server.run()
             started = server.started
             status = 0 if started else STARTUP_FAILURE
         else:
-            status = Supervisor(config, settings, [config.bind_socket()]).run()
+            handle = None if owned is None else owned.handle
+            status = Supervisor(config, settings, [config.bind_socket()], handle).run()
     finally:
+        if owned is not None:
+            owned.close()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
     if status:

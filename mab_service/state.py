@@ -7,6 +7,7 @@ from typing import Any, TypedDict
 
 from mab_service.config import Settings
 from mab_service.features.source import FeatureSource
+from mab_service.learning.loop import Loop
 from mab_service.policy.sampler import TopK
 
 
@@ -34,3 +35,5 @@ class AppState(TypedDict):
     top_k: TopK
     openapi: dict[str, Any]
     lifecycle: Lifecycle
+    loop: Loop | None
+    """This worker's side of the learning loop; None with ``learning`` off."""

@@ -25,6 +25,8 @@ class Features(NamedTuple):
     unread: int = 0
     """How many ids a failing store could not be asked about in time: they got the prior too, and the answer is
     marked degraded."""
+    rows: npt.NDArray[np.int32] | None = None
+    """The shared arm table's row of each id (-1 where it holds none), when the source reads that table."""
 
 
 @dataclass(frozen=True, slots=True)

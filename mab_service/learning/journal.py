@@ -31,6 +31,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -53,7 +54,7 @@ def frame(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def read_records(path: Path) -> Iterator[list[object]]:
+def read_records(path: Path) -> Iterator[list[Any]]:
     """The records of one journal file, in order, up to the first torn or damaged one."""
     data = path.read_bytes()
     at, end = 0, len(data)
