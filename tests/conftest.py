@@ -26,6 +26,20 @@ class Rand:
         return f"Rand(seed={self.seed})"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every service the tests start keeps its loop state under a temporary XDG_STATE_HOME (one directory per port),
+    never in the home directory."""
+    path = tmp_path_factory.mktemp("state")
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["XDG_STATE_HOME"]
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture
 def rand() -> Rand:
     return Rand(seed=20261121)
@@ -48,9 +62,9 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=10)
 
 
-def _start(env_overrides: dict[str, str], args: list[str], ready: bool = True) -> Server:
+def _start(env_overrides: dict[str, str], args: list[str], ready: bool = True, port: int | None = None) -> Server:
     """Start a server and wait until /health answers 200 (or, unless ``ready``, until /live does)."""
-    port = unused_tcp_port()
+    port = port or unused_tcp_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAB_")}
     env.update(env_overrides)
     cmd = [sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
@@ -128,6 +142,12 @@ def table_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(server_factory: Callable[..., Server], table_csv: Path) -> Server:
     return server_factory(args=["--features", f"csv:{table_csv}", "--max-candidates", "3000"])
+
+
+@pytest.fixture(scope="session")
+def frozen_server(server_factory: Callable[..., Server], table_csv: Path) -> Server:
+    """The same table with the learning loop off: posteriors that never change, so a seed repeats its answer."""
+    return server_factory(args=["--features", f"csv:{table_csv}", "--max-candidates", "3000", "--no-learning"])
 
 
 @pytest.fixture

@@ -41,9 +41,10 @@ def test_top_k_larger_than_the_candidates_returns_them_all(server: Server) -> No
     assert sorted(body["ids"]) == ["mid", "weak"]
 
 
-def test_same_seed_same_answer(server: Server) -> None:
+def test_same_seed_same_answer(frozen_server: Server) -> None:
+    # The same seed and the same posteriors: with the loop on, each answer's impressions change the posteriors.
     query = {"user_id": "u", "candidates": [f"c{i}" for i in range(300)], "top_k": 20, "seed": 123}
-    with server.client() as client:
+    with frozen_server.client() as client:
         first, second = post(client, query).json(), post(client, query).json()
         other = post(client, {**query, "seed": 124}).json()
     assert first == second
@@ -85,7 +86,17 @@ def test_openapi_document(server: Server) -> None:
     with server.client() as client:
         doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/predict", "/health", "/live", "/metrics"}
+    assert set(doc["paths"]) == {
+        "/predict",
+        "/reward",
+        "/arms",
+        "/arms/{id}",
+        "/loop",
+        "/dashboard",
+        "/health",
+        "/live",
+        "/metrics",
+    }
     assert doc["components"]["schemas"]["PredictRequest"]["properties"]["candidates"]["maxItems"] == 3000
 
 
