@@ -65,11 +65,19 @@ def plain_target(port: int, features: Path, workers: int = 1) -> list[str]:
 
 
 def project_target(port: int, features: Path, workers: int = 1) -> list[str]:
-    """Argv for mab_service through its own CLI, embedded CSV feature source."""
+    """Argv for mab_service through its own CLI, embedded CSV feature source, learning loop on (its state in a
+    fresh temporary directory)."""
+    state = tempfile.mkdtemp(prefix="mab-bench-state-")
     return [
         sys.executable, "-m", "mab_service", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--features", f"csv:{features}",
+        "--state-dir", state,
     ]  # fmt: skip
+
+
+def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service with the learning loop off: the service as a sampler over a fixed table."""
+    return [*project_target(port, features, workers)[:-2], "--no-learning"]
 
 
 def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
@@ -95,6 +103,7 @@ def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
 #: must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
 TARGETS: dict[str, TargetFactory] = {
     "project": project_target,
+    "project-nolearn": project_nolearn_target,
     "plain": plain_target,
     "go": go_target,
 }
