@@ -1,14 +1,12 @@
 """The journal: one worker's durable record of the events it answered and the rewards it accepted.
 
-Each record goes into the file with one ``write`` as soon as it happens, from the event loop: a worker killed with
-``kill -9`` loses nothing it wrote, because the data is in the kernel's page cache. Durability against a machine
-that loses power is ``fdatasync``, done by one thread per worker:
-
-- a reward's future resolves once an ``fdatasync`` that began after its record was written has returned (group
-  commit: the thread waits ``commit_delay_s`` after the first pending reward, so that the rewards arriving
-  meanwhile share one ``fdatasync``); ``/reward`` answers 202 only then;
-- an event's impressions are fsynced within ``impressions_sync_s`` of being written, with the next reward's sync or
-  on a timer, whichever comes first.
+A reward goes into the file with one ``write`` as soon as it is accepted, from the event loop, and its future resolves
+once an ``fdatasync`` that began after that write has returned: ``/reward`` answers 202 only then (group commit: the
+thread waits ``commit_delay_s`` after the first pending reward, so that the rewards arriving meanwhile share one
+``fdatasync``). Events are queued in memory (no system call on the /predict path) and written in one ``write`` by
+the thread, then synced, within ``sync_s`` of the oldest, or before the next reward's sync, whichever comes first: a
+worker killed with ``kill -9`` loses at most the events of its last ``sync_s`` that no reward followed, and nothing
+it answered 202 for (what was written is in the kernel's page cache; the sync covers a machine that loses power).
 
 Records: a 4-byte little-endian payload length, the payload's CRC-32, the payload (JSON): ``["e", t, event_id, ids]``
 for an answered event, ``["r", t, event_id, id, reward]`` for an accepted reward. A torn or damaged record ends a
@@ -40,6 +38,8 @@ from mab_service.errors import MabError
 logger = logging.getLogger("mab_service.learning")
 
 _HEADER = struct.Struct("<II")
+#: Queued event bytes past which the thread is woken at once instead of at its timer.
+WAKE_BYTES = 1 << 20
 SUFFIX = ".jnl"
 
 
@@ -129,6 +129,7 @@ class Journal:
         self._retired: list[int] = []  # files rotated away, to sync and close
         self._cuts = 0  # times the current file was cut back: a sync that began before a cut proves nothing
         self._last_retry = 0.0
+        self._held_since = 0.0  # when the oldest queued event was queued
 
     # -- event loop side ---------------------------------------------------------------------------------------
 
@@ -141,14 +142,16 @@ class Journal:
         self._thread.start()
 
     def event(self, t: float, event_id: str, ids: list[str]) -> None:
-        """Write an answered event (its returned ids are its impressions). Never waits on the disk."""
+        """Queue an answered event (its returned ids are its impressions) for the thread to write and sync within
+        ``sync_s`` (or with the next reward's sync, which writes it first). No system call here."""
         record = frame(orjson.dumps(("e", t, event_id, ids)))
         with self._lock:
-            if self.error is None and self._write(record):
-                self._unsynced_events.append(record)
-                self.events_written += 1
-                return
+            if not self._held:
+                self._held_since = time.monotonic()
             self._hold(record)
+            self.events_written += 1
+            if self._held_bytes > WAKE_BYTES:
+                self._wake.notify()
 
     def reward(self, t: float, event_id: str, arm_id: str, reward: float) -> asyncio.Future[None]:
         """Write an accepted reward; the future resolves once it is on disk, or fails with JournalUnavailable."""
@@ -277,16 +280,22 @@ class Journal:
     def _due(self) -> bool:
         if self._waiters or self._retired:
             return True
-        if (self._held or self.error is not None) and time.monotonic() - self._last_retry >= self.sync_s:
+        now = time.monotonic()
+        if self.error is not None:  # try the disk again every sync_s
+            return now - self._last_retry >= self.sync_s
+        if self._held and now - self._held_since >= self.sync_s:
             return True
         since = self._unsynced_since
-        return since is not None and time.monotonic() - since >= self.sync_s
+        return since is not None and now - since >= self.sync_s
 
     def _wait_s(self) -> float:
-        since = self._unsynced_since
-        if since is not None:
-            return max(0.0, self.sync_s - (time.monotonic() - since))
-        return self.sync_s
+        now = time.monotonic()
+        waits = [self.sync_s]
+        if self._held:
+            waits.append(self.sync_s - (now - self._held_since))
+        if self._unsynced_since is not None:
+            waits.append(self.sync_s - (now - self._unsynced_since))
+        return max(0.0, min(waits))
 
     def _sync_once(self) -> None:
         with self._lock:
@@ -327,17 +336,19 @@ class Journal:
             self._settle(waiters, failure)
 
     def _retry_held(self) -> None:
-        """Try the disk again: write the held events; the journal takes rewards again once they are in."""
+        """Write the queued events in one system call (after a refusal: try the disk again; the journal takes
+        rewards again once they are in)."""
         self._last_retry = time.monotonic()
         was = self.error
         self.error = None
-        held, self._held, self._held_bytes = self._held, [], 0
-        for i, record in enumerate(held):
-            if not self._write(record):
-                for rest in held[i:]:
-                    self._hold(rest)
+        if self._held:
+            chunk = b"".join(self._held)
+            held, self._held, self._held_bytes = self._held, [], 0
+            if not self._write(chunk):
+                for record in held:
+                    self._hold(record)
                 return
-            self._unsynced_events.append(record)
+            self._unsynced_events.append(chunk)
         if was is not None:
             logger.warning("journal %s writes again", self.name)
 
