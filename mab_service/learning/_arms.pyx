@@ -237,7 +237,7 @@ cdef class ArmTable:
         Ids of up to 8 UTF-8 bytes live in their row; only longer ones use the ``id_bytes``.
 
         Raises:
-            ValueError: If capacity or id_bytes is negative, or capacity is above 2**31.
+            ValueError: If capacity or id_bytes is negative, or capacity is above 2**30.
         """
         if capacity < 0 or id_bytes < 0:
             raise ValueError(f"capacity and id_bytes must be >= 0 (got {capacity} and {id_bytes})")

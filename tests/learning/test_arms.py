@@ -274,6 +274,14 @@ def test_full_rows_refuse_inserts_and_lookups_go_on() -> None:
     assert len(table) == 3
 
 
+def test_a_table_of_no_rows_serves_the_prior() -> None:
+    table = new_table(capacity=0, id_bytes=0)
+    assert not table.add("a", 1, 0.0, *PRIOR)
+    alpha, beta, known, rows = table.gather(["a", ""], *PRIOR)
+    assert alpha.tolist() == [PRIOR[0]] * 2 and known == 0 and rows.tolist() == [-1, -1]
+    assert len(table) == 0 and table.records().shape == (0,)
+
+
 def test_full_arena_refuses_long_ids_but_takes_short_ones() -> None:
     table = new_table(capacity=10, id_bytes=64)
     assert table.id_bytes == (64, 0)
@@ -290,12 +298,12 @@ def test_full_arena_refuses_long_ids_but_takes_short_ones() -> None:
 def test_sizes() -> None:
     assert ArmTable.bytes_needed(0, 0) > 0
     small = ArmTable.bytes_needed(1000, 0)
-    # A 64-byte row and 1.5 slots of 8 bytes per arm, plus a header.
-    assert 1000 * 76 <= small <= 1000 * 76 + 512
+    # A 64-byte row and 3 slots of 8 bytes per arm, plus a header.
+    assert 1000 * 88 <= small <= 1000 * 88 + 512
     assert ArmTable.bytes_needed(1000, 1000) - small == 1024  # id bytes round up to 64
     assert new_table(1000, 1000).memory_bytes == ArmTable.bytes_needed(1000, 1000)
-    with pytest.raises(ValueError, match=r"capacity must be at most 2147483648 rows"):
-        ArmTable.bytes_needed(2**31 + 1, 0)
+    with pytest.raises(ValueError, match=r"capacity must be at most 1073741824 rows"):
+        ArmTable.bytes_needed(2**30 + 1, 0)
     with pytest.raises(ValueError, match="must be >= 0"):
         ArmTable.bytes_needed(-1, 0)
 
