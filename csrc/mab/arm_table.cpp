@@ -174,8 +174,9 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
         std::memcpy(rec.id_inline, id.data, id.size);
     }
     // Flags are set before publication, so a published row always has them (a reader of the raw records
-    // sees flags 0 only on rows not yet published, or never to be).
-    __atomic_store_n(&rec.flags, flags, __ATOMIC_RELAXED);
+    // sees flags 0 only on rows not yet published, or never to be). Release: a reader that sees them
+    // (arm_id_at, with acquire) sees the id written above.
+    __atomic_store_n(&rec.flags, flags, __ATOMIC_RELEASE);
 
     uint64_t* slots = slots_of(t);
     const uint32_t tag = tag_of(h);
@@ -532,7 +533,8 @@ struct ArmCsvLoad {
     bool header_done = false;
     std::size_t col_id = kNoColumn, col_alpha = kNoColumn, col_beta = kNoColumn;
     std::size_t width = 0, header_fields = 0;
-    uint64_t line = 0;  // lines consumed so far
+    uint64_t line = 0;         // lines consumed so far
+    uint64_t failed_line = 0;  // of the row that found the table full
     uint64_t rows = 0;
     uint64_t id_bytes = 0;
     std::size_t start_row = 0;  // table rows before this load
@@ -682,7 +684,10 @@ int ArmCsvLoad::insert_row(IdRef id, uint64_t h, double alpha, double beta, uint
     int64_t row;
     bool existed;
     const int status = find_or_insert(table, id, h, alpha, beta, kArmCatalogue, &row, &existed);
-    if (status != kArmOk) return status;
+    if (status != kArmOk) {
+        failed_line = line_no;
+        return status;
+    }
     if (existed) {
         const std::size_t r = static_cast<std::size_t>(row);
         const uint64_t first = r >= start_row && r - start_row < rows ? line_of_row(r - start_row) : 0;
@@ -853,6 +858,7 @@ void arm_csv_counts(const ArmCsvLoad* load, ArmCsvCounts* counts) noexcept {
     counts->problems = load->problems;
     counts->reported = load->errors.size();
     counts->line = load->line;
+    counts->failed_line = load->failed_line;
 }
 
 const ArmCsvError* arm_csv_errors(const ArmCsvLoad* load) noexcept { return load->errors.data(); }

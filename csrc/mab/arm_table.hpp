@@ -188,7 +188,8 @@ struct ArmCsvCounts {
     uint64_t id_bytes;     // scan: bytes of the id fields as written, counting only those over kArmInlineId
     uint64_t problems;     // bad rows found (each bad row may have several problems)
     uint64_t reported;     // problems kept, <= errors_max
-    uint64_t line;         // the line the next record starts on
+    uint64_t line;         // lines parsed so far
+    uint64_t failed_line;  // the row that found the table full (kArmRowsFull / kArmArenaFull), else 0
 };
 void arm_csv_counts(const ArmCsvLoad* load, ArmCsvCounts* counts) noexcept;
 const ArmCsvError* arm_csv_errors(const ArmCsvLoad* load) noexcept;

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features._index import IdIndex
@@ -103,6 +104,24 @@ def test_gather_equals_id_index_on_a_big_table(big, rand) -> None:
         np.testing.assert_array_equal(beta, expected[1])
         assert known == expected[2]
         np.testing.assert_array_equal(rows, [int(i[1:]) if int(i[1:]) < 100_000 else -1 for i in ids])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    table_ids=st.lists(st.text(max_size=24), unique=True, max_size=60),
+    queries=st.lists(st.text(max_size=24), max_size=80),
+)
+def test_property_gather_equals_id_index(table_ids: list[str], queries: list[str]) -> None:
+    alpha = np.arange(1, len(table_ids) + 1, dtype=np.float64)
+    beta = alpha + 0.5
+    table = new_table(max(len(table_ids), 1), 24 * 4 * 60)
+    table.load(table_ids, alpha, beta)
+    queries = queries + table_ids[::2]
+    got, expected = table.gather(queries, *PRIOR), IdIndex(table_ids, alpha, beta).gather(queries, *PRIOR)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+    assert [table_ids[r] if r >= 0 else None for r in got[3]] == [q if q in table_ids else None for q in queries]
 
 
 def test_gather_rejects_bad_input() -> None:
@@ -284,12 +303,12 @@ def test_a_table_of_no_rows_serves_the_prior() -> None:
 
 def test_full_arena_refuses_long_ids_but_takes_short_ones() -> None:
     table = new_table(capacity=10, id_bytes=64)
-    assert table.id_bytes == (64, 0)
+    assert table.id_bytes == 64 and table.id_bytes_used == 0
     assert table.add("x" * 40, 1, 0.0, *PRIOR)
     assert not table.add("y" * 40, 1, 0.0, *PRIOR)  # 80 bytes > 64
     assert table.add("short", 1, 0.0, *PRIOR)  # up to 8 bytes live in the row
     assert table.add("z" * 24, 1, 0.0, *PRIOR)
-    assert table.id_bytes == (64, 64)
+    assert table.id_bytes_used == 64
     with pytest.raises(ValueError, match="no room left for id bytes"):
         table.load(["w" * 9], [1.0], [1.0])
     assert live_ids(table) == ["x" * 40, "short", "z" * 24]
@@ -541,7 +560,7 @@ def test_csv_header_errors_from_the_upper_bound_too(tmp_path: Path) -> None:
 
 def test_csv_into_a_full_table(tmp_path: Path) -> None:
     report = csv_report(tmp_path, "entity_id,alpha,beta\na,1,1\nb,1,1\nc,1,1\n", capacity=2)
-    assert report.endswith("line 5: every row of the arm table is taken")
+    assert report == f"{tmp_path / 't.csv'}: line 4: every row of the arm table is taken"
 
 
 # ---------------------------------------------------------------------------------------------------------
