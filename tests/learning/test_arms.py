@@ -8,6 +8,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import struct
 import sys
 import tracemalloc
 from collections import Counter
@@ -312,6 +313,25 @@ def test_full_arena_refuses_long_ids_but_takes_short_ones() -> None:
     with pytest.raises(ValueError, match="no room left for id bytes"):
         table.load(["w" * 9], [1.0], [1.0])
     assert live_ids(table) == ["x" * 40, "short", "z" * 24]
+
+
+def test_a_row_abandoned_by_a_killed_process_is_skipped() -> None:
+    # A process killed between reserving a row and publishing it leaves the row counter one ahead and the
+    # row zeroed; nothing is locked. Simulate it by advancing the counter (offset 128 in the header).
+    buffer = mmap.mmap(-1, ArmTable.bytes_needed(10, 0))
+    table = ArmTable.create(buffer, 10, 0)
+    table.load(["a"], [1.0], [1.0])
+    (taken,) = struct.unpack_from("<Q", buffer, 128)
+    assert taken == len(table) == 1
+    struct.pack_into("<Q", buffer, 128, taken + 1)
+    assert table.add("b", 1, 0.5, *PRIOR)
+    assert len(table) == 3 and table.records()["flags"].tolist() == [FLAG_CATALOGUE, 0, FLAG_RUNTIME]
+    with pytest.raises(ValueError, match="row 1 holds no arm"):
+        table.id_at(1)
+    assert live_ids(table) == ["a", "b"]
+    assert table.gather(["a", "b"], *PRIOR)[3].tolist() == [0, 2]
+    del table
+    buffer.close()
 
 
 def test_sizes() -> None:
