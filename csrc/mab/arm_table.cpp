@@ -43,8 +43,8 @@ constexpr std::size_t kLine = 64;
 
 std::size_t round_up(std::size_t bytes, std::size_t to) noexcept { return (bytes + to - 1) / to * to; }
 
-// 1.5 slots per row, a multiple of 8 (one cache line) and at least 8: always more slots than rows.
-std::size_t slot_count_for(std::size_t capacity) noexcept { return round_up(capacity + capacity / 2 + 1, 8); }
+// 3 slots per row (see the header), a multiple of 8 (one cache line) and at least 8: always more slots than rows.
+std::size_t slot_count_for(std::size_t capacity) noexcept { return round_up(3 * capacity + 1, 8); }
 
 uint64_t* slots_of(const ArmTable* t) noexcept {
     return reinterpret_cast<uint64_t*>(reinterpret_cast<char*>(const_cast<ArmTable*>(t)) + sizeof(ArmTable));
@@ -78,11 +78,26 @@ inline const char* id_bytes_of(const ArmTable* t, const ArmRecord& r) noexcept {
     return r.id_size <= kArmInlineId ? r.id_inline : arena_of(t) + r.id_offset;
 }
 
+// Byte equality of two ids of n bytes, inline for up to 16 bytes (almost all ids): a call to memcmp costs
+// more than the compare. Overlapping reads from both ends, as in id_index.cpp.
+inline bool same_bytes(const char* a, const char* b, std::size_t n) noexcept {
+    using hash_detail::read4;
+    using hash_detail::read8;
+    if (n >= 8) {
+        if (n > 16) return std::memcmp(a, b, n) == 0;
+        return read8(a) == read8(b) && read8(a + n - 8) == read8(b + n - 8);
+    }
+    if (n >= 4) return read4(a) == read4(b) && read4(a + n - 4) == read4(b + n - 4);
+    for (std::size_t i = 0; i < n; ++i) {
+        if (a[i] != b[i]) return false;
+    }
+    return true;
+}
+
 // Whether record r holds the id of hash h. The full hash is compared first: it sits in the record's line,
 // so a tag collision costs no visit to the arena.
 inline bool holds(const ArmTable* t, const ArmRecord& r, uint64_t h, IdRef id) noexcept {
-    if (r.hash != h || r.id_size != id.size) return false;
-    return id.size == 0 || std::memcmp(id_bytes_of(t, r), id.data, id.size) == 0;
+    return r.hash == h && r.id_size == id.size && same_bytes(id_bytes_of(t, r), id.data, id.size);
 }
 
 // Probes from slot j for the id: its slot value, or 0 if the run ends first. *end is the slot where it
@@ -159,8 +174,9 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
         std::memcpy(rec.id_inline, id.data, id.size);
     }
     // Flags are set before publication, so a published row always has them (a reader of the raw records
-    // sees flags 0 only on rows not yet published, or never to be).
-    __atomic_store_n(&rec.flags, flags, __ATOMIC_RELAXED);
+    // sees flags 0 only on rows not yet published, or never to be). Release: a reader that sees them
+    // (arm_id_at, with acquire) sees the id written above.
+    __atomic_store_n(&rec.flags, flags, __ATOMIC_RELEASE);
 
     uint64_t* slots = slots_of(t);
     const uint32_t tag = tag_of(h);
@@ -324,45 +340,60 @@ int arm_table_load(ArmTable* t, const IdRef* ids, const double* alpha0, const do
 
 int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
                     double* alpha_out, double* beta_out, int32_t* rows_out, std::size_t* n_known) noexcept {
-    // As gather_params_fill (id_index.cpp): ids go in groups, one pass per level of misses (slot, record,
-    // arena bytes of long ids), each pass prefetching the next level for the whole group.
+    // As gather_params_fill (id_index.cpp), ids go in groups, one pass per level of misses (slot, record,
+    // arena bytes of long ids), each pass prefetching the next level for the whole group, so that the misses
+    // of a group overlap. In addition, the next group is hashed and its slots prefetched between the two
+    // levels of this one, so that one group's wait for its records covers the next group's wait for slots.
     constexpr std::size_t kGroup = 32;
-    uint64_t hash[kGroup];
-    std::size_t slot[kGroup];
+    uint64_t hash[2][kGroup];
+    std::size_t slot[2][kGroup];
     uint64_t value[kGroup];
+    // Local copies: the compiler may not keep header fields in registers across the acquire loads below.
+    const uint64_t key[kHashKeyWords] = {t->key[0], t->key[1], t->key[2]};
+    const std::size_t n_slots = t->slot_count;
     const uint64_t* slots = slots_of(t);
     const ArmRecord* rec = records_of(t);
     const char* arena = arena_of(t);
     std::size_t known = 0;
-    for (std::size_t base = 0; base < n; base += kGroup) {
+    auto start_group = [&](std::size_t base, uint64_t* h, std::size_t* home) noexcept {
+        const std::size_t m = std::min(kGroup, n - base);
+        for (std::size_t i = 0; i < m; ++i) {
+            h[i] = hash_id_keyed(ids[base + i], key);
+            home[i] = static_cast<std::size_t>(((h[i] & 0xFFFFFFFFu) * n_slots) >> 32);  // home_of
+            __builtin_prefetch(&slots[home[i]]);
+        }
+    };
+    if (n != 0) start_group(0, hash[0], slot[0]);
+    for (std::size_t base = 0, cur = 0; base < n; base += kGroup, cur ^= 1) {
         const std::size_t m = std::min(kGroup, n - base);
         const IdRef* g = ids + base;
-        for (std::size_t i = 0; i < m; ++i) {
-            hash[i] = hash_id_keyed(g[i], t->key);
-            slot[i] = home_of(t, hash[i]);
-            __builtin_prefetch(&slots[slot[i]]);
-        }
+        const uint64_t* h = hash[cur];
+        std::size_t* sl = slot[cur];
         // The first slot with this tag, or the empty slot that ends the run.
+        bool any_long = false;
         for (std::size_t i = 0; i < m; ++i) {
-            const uint32_t tag = tag_of(hash[i]);
-            std::size_t j = slot[i];
+            const uint32_t tag = tag_of(h[i]);
+            std::size_t j = sl[i];
             uint64_t s;
-            while ((s = load_slot(&slots[j])) != 0 && slot_tag(s) != tag) j = next_slot(t, j);
-            slot[i] = j;
+            while ((s = load_slot(&slots[j])) != 0 && slot_tag(s) != tag) j = j + 1 == n_slots ? 0 : j + 1;
+            sl[i] = j;
             value[i] = s;
             if (s != 0) __builtin_prefetch(&rec[slot_row(s)]);
+            any_long |= g[i].size > kArmInlineId;
         }
-        for (std::size_t i = 0; i < m; ++i) {
-            if (value[i] == 0) continue;
+        if (base + kGroup < n) start_group(base + kGroup, hash[cur ^ 1], slot[cur ^ 1]);
+        // Ids of more than kArmInlineId bytes are compared with bytes in the arena: a third level.
+        for (std::size_t i = 0; any_long && i < m; ++i) {
+            if (value[i] == 0 || g[i].size <= kArmInlineId) continue;
             const ArmRecord& r = rec[slot_row(value[i])];
-            if (r.id_size > kArmInlineId && r.hash == hash[i]) __builtin_prefetch(arena + r.id_offset);
+            if (r.hash == h[i]) __builtin_prefetch(arena + r.id_offset);
         }
         for (std::size_t i = 0; i < m; ++i) {
             uint64_t s = value[i];
             // Equal tags but another id: probe on past it.
-            if (s != 0 && !holds(t, rec[slot_row(s)], hash[i], g[i])) {
+            if (s != 0 && !holds(t, rec[slot_row(s)], h[i], g[i])) {
                 std::size_t end;
-                s = probe(t, hash[i], g[i], next_slot(t, slot[i]), &end);
+                s = probe(t, h[i], g[i], next_slot(t, sl[i]), &end);
             }
             if (s != 0) {
                 const std::size_t row = slot_row(s);
@@ -502,7 +533,8 @@ struct ArmCsvLoad {
     bool header_done = false;
     std::size_t col_id = kNoColumn, col_alpha = kNoColumn, col_beta = kNoColumn;
     std::size_t width = 0, header_fields = 0;
-    uint64_t line = 0;  // lines consumed so far
+    uint64_t line = 0;         // lines consumed so far
+    uint64_t failed_line = 0;  // of the row that found the table full
     uint64_t rows = 0;
     uint64_t id_bytes = 0;
     std::size_t start_row = 0;  // table rows before this load
@@ -652,7 +684,10 @@ int ArmCsvLoad::insert_row(IdRef id, uint64_t h, double alpha, double beta, uint
     int64_t row;
     bool existed;
     const int status = find_or_insert(table, id, h, alpha, beta, kArmCatalogue, &row, &existed);
-    if (status != kArmOk) return status;
+    if (status != kArmOk) {
+        failed_line = line_no;
+        return status;
+    }
     if (existed) {
         const std::size_t r = static_cast<std::size_t>(row);
         const uint64_t first = r >= start_row && r - start_row < rows ? line_of_row(r - start_row) : 0;
@@ -823,6 +858,7 @@ void arm_csv_counts(const ArmCsvLoad* load, ArmCsvCounts* counts) noexcept {
     counts->problems = load->problems;
     counts->reported = load->errors.size();
     counts->line = load->line;
+    counts->failed_line = load->failed_line;
 }
 
 const ArmCsvError* arm_csv_errors(const ArmCsvLoad* load) noexcept { return load->errors.data(); }

@@ -62,6 +62,7 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
         uint64_t problems
         uint64_t reported
         uint64_t line
+        uint64_t failed_line
 
     cdef cppclass ArmCsvLoad:
         pass

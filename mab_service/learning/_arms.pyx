@@ -237,7 +237,7 @@ cdef class ArmTable:
         Ids of up to 8 UTF-8 bytes live in their row; only longer ones use the ``id_bytes``.
 
         Raises:
-            ValueError: If capacity or id_bytes is negative, or capacity is above 2**31.
+            ValueError: If capacity or id_bytes is negative, or capacity is above 2**30.
         """
         if capacity < 0 or id_bytes < 0:
             raise ValueError(f"capacity and id_bytes must be >= 0 (got {capacity} and {id_bytes})")
@@ -302,9 +302,15 @@ cdef class ArmTable:
 
     @property
     def id_bytes(self):
-        """Bytes for ids longer than 8 bytes: (capacity, used)."""
+        """Bytes the table has for ids longer than 8 bytes (``id_bytes`` of create, rounded up to 64)."""
         self._check()
-        return arm_table_id_bytes(self.table), arm_table_arena_used(self.table)
+        return arm_table_id_bytes(self.table)
+
+    @property
+    def id_bytes_used(self):
+        """Of ``id_bytes``, how many are taken."""
+        self._check()
+        return arm_table_arena_used(self.table)
 
     @property
     def memory_bytes(self):
@@ -397,7 +403,7 @@ cdef class ArmTable:
             arm_csv_counts(load, &counts)
             if status == kArmCsvEmpty or status == kArmCsvBadHeader:
                 raise _header_error(path, status)
-            _raise_on_status(status, f"{path}: line {counts.line + 1}")
+            _raise_on_status(status, f"{path}: line {counts.failed_line}")
             if counts.problems:
                 errors = arm_csv_errors(load)
                 shown = [_csv_problem(&errors[i]) for i in range(counts.reported)]
@@ -477,7 +483,7 @@ cdef class ArmTable:
 
         Args:
             ids: The candidates, as given to ``gather``.
-            rows: The rows ``gather`` returned for them.
+            rows: The rows ``gather`` returned for them (a row is trusted to hold its id).
             picks: Positions in ``ids`` of the arms shown.
             prior_alpha: alpha0 of inserted arms; finite and > 0.
             prior_beta: beta0 of inserted arms; finite and > 0.
