@@ -5,9 +5,9 @@ own event id that is still held is refused), adds one impression per returned id
 the event to this worker's journal and the decision to its decision log. None of it waits on a disk.
 
 ``reward`` checks a reward against the held event (unknown, not returned by it, already rewarded) with one
-compare-exchange in shared memory, adds it to the arm's counts, writes it to the journal and waits for the group
-commit: the caller answers 202 only once the reward is on disk. If the disk refuses, the reward is taken back
-(counts and mark) and the caller answers 503, so a retry can be accepted later.
+compare-exchange in shared memory, writes it to the journal, waits for the group commit and then adds it to the
+arm's counts: the caller answers 202 only once the reward is on disk. If the disk refuses, the event's mark is taken
+back and the caller answers 503, so a retry can be accepted later.
 
 The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rewards), read by the arm table's
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
@@ -186,19 +186,16 @@ class Loop:
             self.events.unmark(event_id, arm_id)
             self.refusals.unavailable += 1
             raise
-        # Counted at once, so the next answers see it; taken back if the sync fails. An arm the table could not
-        # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
-        counted = self.arms.get(arm_id) is not None and self.arms.add(
-            arm_id, 0, value, self.prior_alpha, self.prior_beta
-        )
         try:
             await committed
         except JournalUnavailable:
-            if counted:
-                self.arms.add(arm_id, 0, -value, self.prior_alpha, self.prior_beta)
             self.events.unmark(event_id, arm_id)
             self.refusals.unavailable += 1
             raise
+        # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
+        # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
+        if self.arms.get(arm_id) is not None:
+            self.arms.add(arm_id, 0, value, self.prior_alpha, self.prior_beta)
         self.rewards_accepted += 1
         self.rewards_total += value
         bucket = self._bucket(now)
