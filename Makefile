@@ -21,7 +21,7 @@ dev: ## Editable install with the test tools (builds the kernel in place)
 
 .PHONY: compile
 compile: ## Rebuild the kernel in place after editing csrc/ or .pyx files
-	$(PYTHON) setup.py build_ext --inplace
+	$(PIP) install --no-deps -e .
 
 .PHONY: debug
 debug: ## Rebuild the kernel in place unoptimised, with Cython line tracing and annotation
