@@ -14,8 +14,8 @@ While the disk refuses writes, records are dropped and counted.
 
 Record layout (little-endian): magic ``MABD``, then five u32 — meta length, body length, candidates n, ranked k,
 CRC-32 of the meta (not of the arrays: at W400 that would cost more than the rest of the record) — then the meta
-(JSON: event_id, t, user_id, seed, top_k), the body, alpha (n float64), beta (n float64), the ranking (k int64
-indices into the candidates).
+(a JSON array: event_id, t, user_id, seed, top_k), the body, alpha (n float64), beta (n float64), the ranking (k
+int64 indices into the candidates).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +42,7 @@ SUFFIX = ".dlog"
 FLUSH_S = 0.5
 #: Past this many buffered bytes the writer thread is woken at once.
 WAKE_BYTES = 4 * 1024 * 1024
-#: Most buffers one writev takes (Linux's IOV_MAX); a multiple of the six pieces of a record.
+#: Most buffers one writev takes (Linux's IOV_MAX); a multiple of the five pieces of a record.
 IOV_MAX = 1020
 
 
@@ -68,18 +69,12 @@ def encode(
     alpha: npt.NDArray[np.float64],
     beta: npt.NDArray[np.float64],
     ranking: npt.NDArray[np.int64],
-) -> tuple[bytes | memoryview, ...]:
-    """One record as the pieces to append, in order (arrays as views: they are copied once, into the buffer)."""
-    meta = orjson.dumps({"event_id": event_id, "t": t, "user_id": user_id, "seed": seed, "top_k": top_k})
-    header = _HEADER.pack(MAGIC, len(meta), len(body), len(alpha), len(ranking), zlib.crc32(meta))
-    return (
-        header,
-        meta,
-        body,
-        alpha.data.cast("B"),
-        beta.data.cast("B"),
-        ranking.astype(np.int64, copy=False).data.cast("B"),
-    )
+) -> tuple[int, tuple[bytes | npt.NDArray[Any], ...]]:
+    """One record: its size, and its pieces in order (the arrays by reference, copied once, by the kernel)."""
+    meta = orjson.dumps((event_id, t, user_id, seed, top_k))
+    n, k = len(alpha), len(ranking)
+    head = _HEADER.pack(MAGIC, len(meta), len(body), n, k, zlib.crc32(meta)) + meta
+    return len(head) + len(body) + 16 * n + 8 * k, (head, body, alpha, beta, ranking)
 
 
 def read_file(path: Path) -> Iterator[Decision]:
@@ -93,7 +88,7 @@ def read_file(path: Path) -> Iterator[Decision]:
         meta_bytes = data[start : start + meta_len]
         if magic != MAGIC or end > len(data) or zlib.crc32(meta_bytes) != crc:
             return
-        meta = orjson.loads(meta_bytes)
+        event_id, t, user_id, seed, top_k = orjson.loads(meta_bytes)
         at = start + meta_len
         body = data[at : at + body_len]
         at += body_len
@@ -101,9 +96,7 @@ def read_file(path: Path) -> Iterator[Decision]:
         beta = np.frombuffer(data, np.float64, n, at + 8 * n)
         ranking = np.frombuffer(data, np.int64, k, at + 16 * n)
         at = end
-        yield Decision(
-            meta["event_id"], meta["t"], meta["user_id"], meta["seed"], meta["top_k"], body, alpha, beta, ranking
-        )
+        yield Decision(event_id, t, user_id, seed, top_k, body, alpha, beta, ranking)
 
 
 def files(directory: Path) -> list[Path]:
@@ -121,7 +114,9 @@ class DecisionLog:
         self.max_bytes = max_bytes
         self.written = 0
         self.dropped = 0
-        self._pieces: list[bytes | memoryview] = []  # records as their pieces, by reference: the thread writes them
+        self._pieces: list[
+            bytes | npt.NDArray[Any]
+        ] = []  # records as their pieces, by reference: the thread writes them
         self._bytes = 0
         self._count = 0
         self._lock = threading.Lock()
@@ -138,14 +133,15 @@ class DecisionLog:
         self._thread = threading.Thread(target=self._run, name=f"mab-decisions-{self.name}", daemon=True)
         self._thread.start()
 
-    def append(self, record: tuple[bytes | memoryview, ...]) -> None:
-        """Queue one record (the pieces ``encode`` gives); never waits on the disk."""
+    def append(self, record: tuple[int, tuple[bytes | npt.NDArray[Any], ...]]) -> None:
+        """Queue one record (as ``encode`` gives it); never waits on the disk."""
+        size, pieces = record
         with self._lock:
             if self._bytes > self.max_bytes:  # the disk has refused for a while: do not grow without bound
                 self.dropped += 1
                 return
-            self._pieces += record
-            self._bytes += sum(map(len, record))
+            self._pieces += pieces
+            self._bytes += size
             self._count += 1
             if self._bytes > WAKE_BYTES:
                 self._wake.set()
@@ -178,7 +174,7 @@ class DecisionLog:
                 self._rotate()
             for start in range(0, len(pieces), IOV_MAX):  # the kernel copies the pieces: no copy in Python
                 batch = pieces[start : start + IOV_MAX]
-                expected = sum(map(len, batch))
+                expected = sum(int(memoryview(piece).nbytes) for piece in batch)
                 written = os.writev(self._fd, batch)
                 if written != expected:
                     raise OSError(28, "short write (disk full)")

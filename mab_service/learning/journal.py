@@ -130,6 +130,7 @@ class Journal:
         self._cuts = 0  # times the current file was cut back: a sync that began before a cut proves nothing
         self._last_retry = 0.0
         self._held_since = 0.0  # when the oldest queued event was queued
+        self._woken = False  # the thread was told the queue is long, and has not taken it yet
 
     # -- event loop side ---------------------------------------------------------------------------------------
 
@@ -150,7 +151,8 @@ class Journal:
                 self._held_since = time.monotonic()
             self._hold(record)
             self.events_written += 1
-            if self._held_bytes > WAKE_BYTES:
+            if self._held_bytes > WAKE_BYTES and not self._woken:
+                self._woken = True  # once: notify() costs microseconds, and the thread may take a while to run
                 self._wake.notify()
 
     def reward(self, t: float, event_id: str, arm_id: str, reward: float) -> asyncio.Future[None]:
@@ -283,7 +285,7 @@ class Journal:
         now = time.monotonic()
         if self.error is not None:  # try the disk again every sync_s
             return now - self._last_retry >= self.sync_s
-        if self._held and now - self._held_since >= self.sync_s:
+        if self._held and (self._woken or now - self._held_since >= self.sync_s):
             return True
         since = self._unsynced_since
         return since is not None and now - since >= self.sync_s
@@ -339,6 +341,7 @@ class Journal:
         """Write the queued events in one system call (after a refusal: try the disk again; the journal takes
         rewards again once they are in)."""
         self._last_retry = time.monotonic()
+        self._woken = False
         was = self.error
         self.error = None
         if self._held:

@@ -18,8 +18,10 @@ def _decision(i: int, n: int = 30, k: int | None = 5) -> tuple[bytes, bytes]:
     beta = np.full(n, 3.0)
     seed = 1000 + i
     ranking, _ = sample_top_k(alpha, beta, n if k is None else k, seed=seed)
-    parts = decisions.encode(f"ev{i}", 1.0 + i, f"u{i}", seed, k, body, alpha, beta, ranking)
-    return b"".join(bytes(p) for p in parts), body
+    size, parts = decisions.encode(f"ev{i}", 1.0 + i, f"u{i}", seed, k, body, alpha, beta, ranking)
+    record = b"".join(bytes(memoryview(p)) for p in parts)
+    assert len(record) == size
+    return record, body
 
 
 def test_records_round_trip(tmp_path: Path) -> None:
