@@ -114,9 +114,8 @@ class DecisionLog:
         self.max_bytes = max_bytes
         self.written = 0
         self.dropped = 0
-        self._pieces: list[
-            bytes | npt.NDArray[Any]
-        ] = []  # records as their pieces, by reference: the thread writes them
+        # Records as their pieces (bytes and arrays), by reference: the thread hands them to writev.
+        self._pieces: list[Any] = []
         self._bytes = 0
         self._count = 0
         self._lock = threading.Lock()
