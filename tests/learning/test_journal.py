@@ -145,6 +145,24 @@ async def test_a_failed_sync_cuts_the_file_back_and_fails_its_rewards(
     assert records.count(["e", 2.0, "e2", ["b"]]) == 1
 
 
+async def test_a_read_only_disk_fails_rewards_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file system remounted read-only under an open file: Linux refuses such a remount while files are open for
+    # writing, so the refusal is simulated where the journal meets it, at write().
+    j = _journal(tmp_path)
+    j.start()
+
+    def refuse(fd: int, data: bytes) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(journal.os, "write", refuse)
+    with pytest.raises(JournalUnavailable, match="Read-only"):
+        j.reward(1.0, "e", "a", 1.0)
+    with pytest.raises(JournalUnavailable):
+        j.reward(1.0, "e", "b", 1.0)  # at once, without trying the disk again
+    monkeypatch.undo()
+    await j.close()
+
+
 async def test_events_past_the_buffer_bound_are_dropped_and_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
