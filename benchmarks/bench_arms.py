@@ -15,6 +15,8 @@ Three parts, each printed as a table:
   today's path, ``features.local.load_table`` into an IdIndex, in another child.
 - ``workers``: 1 and 4 child processes attach to one loaded table and read every row; the sum of their
   proportional set sizes (PSS, shared pages split among the processes that map them) is what the node pays.
+- ``service`` (``--service``): ``mab-service serve`` on the same CSV with 1 and 4 workers: seconds to ready, and the
+  sum of PSS over all its processes after 200 requests.
 
 The machine may be shared with other jobs: expect noise of several percent on times, none on memory.
 """
@@ -255,6 +257,72 @@ def measure_workers(n: int, counts: tuple[int, ...] = (1, 4)) -> dict[str, dict[
     return results
 
 
+def measure_service(n: int, counts: tuple[int, ...] = (1, 4)) -> dict[str, dict[str, float | None]]:
+    """The real service on a CSV of n arms with 1 and 4 workers: seconds from start to /health 200, and what the
+    node holds once it answers (the sum of PSS over its processes: the supervisor, the workers, the shared table)."""
+    import httpx
+
+    from benchmarks.bench_service import free_port, stop_group
+
+    results: dict[str, dict[str, float | None]] = {}
+    with tempfile.TemporaryDirectory(prefix="mab-bench-arms-") as tmp:
+        csv_path = Path(tmp) / "arms.csv"
+        write_csv(csv_path, n)
+        for k in counts:
+            port = free_port()
+            argv = [
+                sys.executable, "-m", "mab_service", "serve", "--port", str(port), "--workers", str(k),
+                "--features", f"csv:{csv_path}", "--state-dir", str(Path(tmp) / f"state-{k}"), "--log-level", "warning",
+            ]  # fmt: skip
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                ready = None
+                while time.perf_counter() - started < 300 and proc.poll() is None:
+                    try:
+                        if httpx.get(url + "/health", timeout=1).status_code == 200:
+                            ready = time.perf_counter() - started
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.05)
+                body = {"user_id": "u", "candidates": [f"c{i * 997 % n}" for i in range(400)], "top_k": 50}
+                with httpx.Client(base_url=url, timeout=10) as client:  # every worker gets a share of these
+                    for _ in range(200):
+                        client.post("/predict", json=body, headers={"connection": "close"})
+                pss = sum(_pss(pid) for pid in _session_pids(proc.pid))
+            finally:
+                stop_group(proc)
+            results[f"{k} worker{'s' if k > 1 else ''}"] = {
+                "seconds to /health 200": ready,
+                "node PSS (all processes, table included), MB": pss / 1e6,
+            }
+    return results
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
+                pids.append(int(entry))
+    return pids
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def versions() -> dict[str, str]:
     return {
         "python": sys.version.split()[0],
@@ -290,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-load", action="store_true", help="also load the CSV with features.local")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--versions", action="store_true", help="print versions first")
+    parser.add_argument(
+        "--service", action="store_true", help="also time and measure the real service, 1 and 4 workers"
+    )
     parser.add_argument("--child", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -305,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         "load": measure_load(load_rows, args.baseline_load),
         "workers": measure_workers(worker_rows),
     }
+    if args.service:
+        results["service"] = measure_service(worker_rows)
     if args.json:
         print(json.dumps({"results": results, "versions": versions()}, indent=2))
         return
@@ -313,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(f"gather, {REQUEST_IDS} ids (median of {repeats})", results["gather"])
     print_table(f"load a CSV of {load_rows:,} rows", results["load"])
     print_table(f"memory of {worker_rows:,} arms", results["workers"])
+    if "service" in results:
+        print_table(f"mab-service serve on {worker_rows:,} arms", results["service"])
 
 
 if __name__ == "__main__":

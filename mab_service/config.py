@@ -113,11 +113,12 @@ class Settings:
     finds its state. One node serves from one state directory (a second one on it refuses to start)."""
     reward_window_s: float = 600.0
     """Seconds an answered event is held: a reward for an older event is ``404 unknown_event``."""
-    max_held_events: int = 1_000_000
-    """Most events held at once per node (the oldest go first when it is full): 10,000 answers/s over a 600 s
-    window needs 6,000,000."""
-    max_held_members: int = 16_000_000
-    """Most returned ids held over all held events (the oldest events go first when it is full)."""
+    max_held_events: int = 500_000
+    """Most events held at once per node (the oldest go first when it is full), ~208 bytes each of shared memory
+    taken at start: 10,000 answers/s over a 600 s window needs 6,000,000."""
+    max_held_members: int = 10_000_000
+    """Most returned ids held over all held events (the oldest events go first when it is full), 16 bytes each of
+    shared memory taken at start. The defaults take ~264 MB."""
     max_new_arms: int = 1_000_000
     """Room for arms first seen at run time (not in the catalogue) in the node's arm table."""
     commit_delay_s: float = 0.001
