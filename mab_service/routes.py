@@ -90,10 +90,9 @@ class PredictEndpoint(JsonEndpoint):
         result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
         event_id = None
         if loop is not None:
-            event_id = query.event_id or loop.new_event_id()
             features = result.features
-            loop.answered(
-                event_id,
+            event_id = loop.answered(
+                query.event_id or loop.new_event_id(),
                 query.event_id is not None,
                 query.user_id,
                 body,

@@ -106,6 +106,17 @@ def test_a_client_event_id_is_refused_while_held(loop_server: Server) -> None:
         assert _reward(c, "client:evt-1.A_b", answer["ids"][0]).status_code == 202  # type: ignore[index]
 
 
+def test_a_client_taking_the_next_generated_id_does_not_break_answers(loop_server: Server) -> None:
+    with loop_server.client() as c:
+        made = str(_predict(c, ["x"])["event_id"])
+        prefix, counter = made[:12], int(made[12:], 16)
+        taken = [f"{prefix}{counter + i:x}" for i in range(1, 4)]
+        for event_id in taken:  # a client claims the ids this worker would make next
+            assert _predict(c, ["x"], event_id=event_id)["event_id"] == event_id
+        following = _predict(c, ["x", "y"])
+        assert following["event_id"] not in taken and following["event_id"] != made
+
+
 def test_rewards_change_the_next_answers(loop_server: Server) -> None:
     arms = ["learn-good", "learn-bad"]
     with loop_server.client() as c:

@@ -136,18 +136,19 @@ class Loop:
         ids: list[str],
         seed: int,
         top_k: int | None,
-    ) -> None:
-        """Record an answer about to be sent: its event, its impressions, its decision.
+    ) -> str:
+        """Record an answer about to be sent: its event, its impressions, its decision; return the event id.
 
         Raises:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
         """
         now = time.time()
-        if not self.events.hold(event_id, candidates, ranking, now):
-            self.refusals.event_id_in_use += 1
+        while not self.events.hold(event_id, candidates, ranking, now):
             if client_event_id:
+                self.refusals.event_id_in_use += 1
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
-            raise RuntimeError(f"generated event id {event_id} collides")  # cannot happen: a counter per process
+            # A client sent, as its own, the id this worker was about to make (they are predictable): take the next.
+            event_id = self.new_event_id()
         if rows is None:
             rows = np.full(len(candidates), -1, dtype=np.int32)
         self.impressions_unrecorded += self.arms.add_impressions(
@@ -158,6 +159,7 @@ class Loop:
         self.journal.event(now, event_id, ids)
         if self.decisions is not None:
             self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
+        return event_id
 
     async def reward(self, event_id: str, arm_id: str, value: float) -> bool:
         """Record a reward durably; True if accepted now, False if (event_id, arm_id) was already rewarded.
