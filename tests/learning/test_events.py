@@ -329,7 +329,7 @@ def test_create_validates_capacities_and_buffer() -> None:
         with pytest.raises(ValueError, match="window_s"):
             EventRing.create(mmap.mmap(-1, n), 64, 4096, window)
     with pytest.raises(TypeError):
-        EventRing()  # type: ignore[call-arg]
+        EventRing()
 
 
 def test_bytes_needed_matches_the_documented_sizes() -> None:
