@@ -30,7 +30,14 @@
 //   - memory is 64-byte aligned, writable and mapped at least `size` bytes (an mmap is page-aligned);
 //   - an event id is 1..kMaxEventIdBytes bytes; member ids may be any bytes, the empty id included;
 //   - every IdRef points at `size` readable bytes for the duration of the call;
-//   - times are finite.
+//   - times are finite;
+//   - max_members is well above the members of the holds in flight at one moment (a ring sized for a window
+//     is, by orders of magnitude): the only case the lock-free member writes do not cover is the arena
+//     wrapping all the way round while one hold writes one member.
+//
+// Holds of one event id from several processes at once: exactly one records it (see event_ring.cpp, "Index
+// insertion"). A hold cut short between recording and confirming (its process killed) keeps that id refused
+// for kPendingGraceS, then any hold may take the id over.
 #pragma once
 
 #include <cstddef>

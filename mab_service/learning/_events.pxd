@@ -31,6 +31,7 @@ cdef extern from "mab/event_ring.hpp" namespace "mab" nogil:
     const size_t kRingHeaderBytes
     const uint64_t kMaxRingEvents
     const uint64_t kMaxRingMembers
+    const double kPendingGraceS
 
     cdef cppclass EventRingHeader:
         pass

@@ -16,6 +16,7 @@ NOT_IN_EVENT: int
 MAX_EVENT_ID_BYTES: int
 EVENT_SLOT_BYTES: int
 MEMBER_BYTES: int
+PENDING_GRACE_S: float
 
 class EventRing:
     @staticmethod

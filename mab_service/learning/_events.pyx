@@ -48,6 +48,8 @@ NOT_IN_EVENT = kRewardNotInEvent
 MAX_EVENT_ID_BYTES = kMaxEventIdBytes
 EVENT_SLOT_BYTES = kEventSlotBytes
 MEMBER_BYTES = kMemberBytes
+# A hold cut short (its process killed between recording and confirming) blocks its event id this long.
+PENDING_GRACE_S = kPendingGraceS
 
 cdef enum:
     # Events of up to this many members take their id views from the stack (16 bytes each).

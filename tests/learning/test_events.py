@@ -6,6 +6,8 @@ import gc
 import mmap
 import multiprocessing
 import os
+import signal
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from mab_service.learning._events import (
     MAX_EVENT_ID_BYTES,
     MEMBER_BYTES,
     NOT_IN_EVENT,
+    PENDING_GRACE_S,
     UNKNOWN_EVENT,
     EventRing,
 )
@@ -268,8 +271,6 @@ def test_restore_refuses_expired_held_and_oversized_events() -> None:
 
 
 def test_restore_defaults_to_the_current_time() -> None:
-    import time
-
     ring = make_ring(window_s=60.0)
     assert ring.restore("r", ["a"], time.time() - 5, ["a"])
     assert ring.reward("r", "a", time.time()) == DUPLICATE
@@ -329,7 +330,7 @@ def test_create_validates_capacities_and_buffer() -> None:
         with pytest.raises(ValueError, match="window_s"):
             EventRing.create(mmap.mmap(-1, n), 64, 4096, window)
     with pytest.raises(TypeError):
-        EventRing()  # type: ignore[call-arg]
+        EventRing()
 
 
 def test_bytes_needed_matches_the_documented_sizes() -> None:
@@ -441,8 +442,6 @@ def test_random_operations_agree_with_a_dict_model(rand) -> None:
 
 def _race_worker(path: str, barrier, results, index: int, events: int, members: int, hold_ids: int) -> None:
     """One process: reward every (event, member) pair, then hold every contested client id."""
-    import time
-
     with open(path, "r+b") as f:
         buf = mmap.mmap(f.fileno(), 0)
     ring = EventRing.attach(buf)
@@ -464,8 +463,6 @@ def _race_worker(path: str, barrier, results, index: int, events: int, members: 
 
 @pytest.mark.slow
 def test_processes_racing_get_exactly_one_accepted_per_pair_and_one_hold_per_id(tmp_path: Path) -> None:
-    import time
-
     processes, events, members, hold_ids = 3, 60, 50, 1500
     path = tmp_path / "events.ring"
     size = EventRing.bytes_needed(8192, 8192 * 50)
@@ -503,6 +500,62 @@ def test_processes_racing_get_exactly_one_accepted_per_pair_and_one_hold_per_id(
     won = [k for _, _, ks in outcome for k in ks]
     assert sorted(won) == list(range(hold_ids)), "each client id held by exactly one process"
     assert ring.stats()["held"] >= events + hold_ids  # a hold that lost a race may have taken a slot too
+    ring.close()
+    buf.close()
+
+
+def _hold_until_killed(path: str, progress_path: str) -> None:
+    """Holds k0, k1, ... as fast as it can, publishing after each hold how many are done."""
+    with open(path, "r+b") as f:
+        buf = mmap.mmap(f.fileno(), 0)
+    with open(progress_path, "r+b") as f:
+        progress = mmap.mmap(f.fileno(), 8)
+    ring = EventRing.attach(buf)
+    members = np.arange(50, dtype=np.intp)
+    for i in range(10**9):
+        assert ring.hold(f"k{i}", IDS, members, time.time())
+        progress[:8] = (i + 1).to_bytes(8, "little")
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_hold_leaves_nothing_locked(tmp_path: Path) -> None:
+    path, progress_path = tmp_path / "events.ring", tmp_path / "progress"
+    with open(path, "wb") as f:
+        f.truncate(EventRing.bytes_needed(100_000, 100_000 * 50))
+    progress_path.write_bytes(bytes(8))
+    with open(path, "r+b") as f:
+        buf = mmap.mmap(f.fileno(), 0)
+    ring = EventRing.create(buf, 100_000, 100_000 * 50, 600.0)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_hold_until_killed, args=(str(path), str(progress_path))
+    )
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while int.from_bytes(progress_path.read_bytes(), "little") < 3000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+    finally:
+        if child.is_alive():
+            child.kill()
+    done = int.from_bytes(progress_path.read_bytes(), "little")
+    assert done >= 3000 and child.exitcode == -9
+
+    # Nothing waits on the dead process: other events are held and rewarded at once.
+    now = time.time()
+    assert ring.hold("after", IDS, picks(1), now)
+    assert ring.reward("after", "c1", now) == ACCEPTED
+    # Every hold it finished is held; the one it was in (k{done}) may be recorded, or half done (pending).
+    assert not any(ring.hold(f"k{i}", IDS, picks(0), now) for i in range(done))
+    assert all(ring.reward(f"k{i}", "c49", now) == ACCEPTED for i in range(done))
+    assert ring.hold(f"k{done + 1}", IDS, picks(0), now)
+    # Past the grace a half-done hold no longer blocks its id; a finished one still does, for the window.
+    later = now + PENDING_GRACE_S + 0.5
+    ring.hold(f"k{done}", IDS, picks(0), later)  # True if it was half done, False if it finished
+    assert ring.reward(f"k{done}", "c0", later) == ACCEPTED  # c0 is a member either way
+    assert not ring.hold(f"k{done - 1}", IDS, picks(0), later)
     ring.close()
     buf.close()
 
