@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mab_service.learning import replay
-from tests.conftest import Server, wait_until
+from tests.conftest import EmulatorProcess, Server, wait_until
 
 JSON = {"content-type": "application/json"}
 
@@ -302,3 +302,22 @@ def test_a_full_disk_answers_503_on_reward_never_a_silent_drop(table_csv: Path, 
                 assert c.get("/arms/full-b").json()["rewards"] == accepted + 1
         finally:
             stop_process(proc)
+
+
+def test_on_a_vertex_source_the_loop_counts_and_logs_but_the_store_ranks(
+    server_factory: Callable[..., Server], emulator_process: EmulatorProcess
+) -> None:
+    entity_type = "projects/p/locations/l/featurestores/f/entityTypes/content"
+    server = server_factory(
+        env={"VERTEX_FEATURESTORE_EMULATOR_HOST": emulator_process.target, "MAB_CACHE_TTL_S": "0"},
+        args=["--features", f"vertex:{entity_type}"],
+    )
+    with server.client() as c:
+        answer = _predict(c, ["mid", "weak"], top_k=1)
+        assert _reward(c, answer["event_id"], answer["ids"][0]).status_code == 202  # type: ignore[index]
+        assert _reward(c, answer["event_id"], answer["ids"][0]).json() == {"status": "duplicate"}  # type: ignore[index]
+        arm = c.get("/arms/mid").json()
+        # The store's own posterior (its pipeline adds the logged events), with what this node counted beside it.
+        assert (arm["alpha"], arm["beta"]) == (50.0, 50.0)
+        assert (arm["impressions"], arm["rewards"]) == (1, 1.0)
+        assert c.get("/loop").json()["applies_counts"] is False
