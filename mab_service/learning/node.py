@@ -146,17 +146,20 @@ class Node:
             token = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             shm = SHM_DIR if SHM_DIR.is_dir() else state_dir
             arms_path, events_path = shm / f"{token}-arms", shm / f"{token}-events"
-            arms_map = _create(arms_path, ArmTable.bytes_needed(capacity, id_bytes))
+            arms_map = _create(arms_path, ArmTable.bytes_needed(capacity, id_bytes), reserve=False)
             arms = ArmTable.create(arms_map, capacity, id_bytes)
             if path is not None:
                 try:
                     arms.load_csv(str(path))
                 except (OSError, ValueError) as exc:
-                    arms_map.close()
-                    arms_path.unlink(missing_ok=True)
+                    arms_path.unlink(missing_ok=True)  # the mapping goes with the table object
                     raise FeatureSourceError(str(exc)) from None
             size = EventRing.bytes_needed(settings.max_held_events, settings.max_held_members)
-            events_map = _create(events_path, size)
+            try:
+                events_map = _create(events_path, size, reserve=True)
+            except BaseException:
+                arms_path.unlink(missing_ok=True)  # the mapping goes with the table object
+                raise
             events = EventRing.create(
                 events_map, settings.max_held_events, settings.max_held_members, settings.reward_window_s
             )
@@ -326,10 +329,22 @@ def _lock(state_dir: Path) -> int:
     return fd
 
 
-def _create(path: Path, size: int) -> mmap.mmap:
+def _create(path: Path, size: int, *, reserve: bool) -> mmap.mmap:
+    """A zero-filled shared file of ``size`` bytes, mapped. ``reserve`` takes its memory now, so that a /dev/shm too
+    small for it fails here with a clear error instead of a SIGBUS when a page is first touched under load."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)  # zero-filled; tmpfs gives pages only as they are touched
+        if reserve:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise FeatureSourceError(
+                    f"cannot take {size / 2**20:.0f} MiB in {path.parent} for the loop's tables ({exc.strerror}): "
+                    "give it more room (Docker: --shm-size; Kubernetes: a memory emptyDir) or lower "
+                    "--max-held-events / --max-held-members"
+                ) from None
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
