@@ -294,26 +294,36 @@ def title(config: dict[str, Any]) -> str:
 
 
 def plot_regret(doc: dict[str, Any], path: Path) -> Path:
-    """Mean cumulative regret against rounds, one line per policy, with the min-max band over seeds."""
+    """Mean cumulative regret against rounds, one line per policy, with the min-max band over seeds.
+
+    Two panels: every policy, and the learning ones alone (random ranking left out) on their own scale.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to a file only
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
-    for name, res in doc["policies"].items():
-        curve = res["curve"]
-        style = STYLES.get(name, {"label": name})
-        label = f"{style['label']}: {res['final_regret_mean']:,.0f}"
-        ax.plot(curve["round"], curve["mean"], linewidth=1.8, **(style | {"label": label}))
-        ax.fill_between(curve["round"], curve["min"], curve["max"], color=style.get("color"), alpha=0.15, linewidth=0)
-    ax.set_xlabel("round (one decision)")
-    ax.set_ylabel("cumulative regret (expected clicks lost)")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="mean final regret", loc="upper left")
-    ax.set_title(title(doc["config"]), fontsize=9)
+    learners = [name for name in doc["policies"] if name != "random"]
+    panels = [list(doc["policies"])] + ([learners] if "random" in doc["policies"] and learners else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), constrained_layout=True, squeeze=False)
+    for ax, names in zip(axes[0], panels):
+        for name in names:
+            res = doc["policies"][name]
+            curve = res["curve"]
+            style = STYLES.get(name, {"label": name})
+            label = f"{style['label']}: {res['final_regret_mean']:,.0f}"
+            ax.plot(curve["round"], curve["mean"], linewidth=1.8, **(style | {"label": label}))
+            band = {"color": style.get("color"), "alpha": 0.15, "linewidth": 0}
+            ax.fill_between(curve["round"], curve["min"], curve["max"], **band)
+        ax.set_xlabel("round (one decision)")
+        ax.set_ylabel("cumulative regret (expected clicks lost)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="mean final regret", loc="upper left", fontsize=8)
+    if len(panels) == 2:
+        axes[0][1].set_title("without random ranking", fontsize=9)
+    fig.suptitle(title(doc["config"]), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
