@@ -105,11 +105,8 @@ def test_the_live_service_learns(tmp_path, env: simulate.Environment, random_reg
     # What the service counted is what the simulator sent: one impression per arm shown (plus the warm-up
     # request's) and one accepted reward per click, none refused.
     assert run.checks["ok"], run.checks
-    assert run.checks["counted"]["refusals"] == {
-        "duplicate": 0,
-        "unknown_event": 0,
-        "not_in_event": 0,
-        "unavailable": 0,
-    }
+    refusals = run.checks["counted"]["refusals"]
+    assert {"duplicate", "unknown_event", "not_in_event", "unavailable"} <= set(refusals)
+    assert not any(refusals.values()), refusals
     assert run.final_regret < 0.8 * random_regret, (run.final_regret, random_regret)
     assert run.server_cpu_s is not None and run.server_cpu_s > 0
