@@ -242,6 +242,7 @@ def summarize(runs: Sequence[Run]) -> dict[str, Any]:
         "final_regret_per_seed": finals.tolist(),
         "clicks_per_round": sum(r.clicks for r in runs) / rounds,
         "decisions_per_core_s": rounds / max(sum(r.server_cpu_s or r.policy_cpu_s for r in runs), 1e-9),
+        "decisions_per_core_s_per_seed": [r.decisions_per_core_s for r in runs],
         "policy_cpu_us_per_decision": 1e6 * policy_cpu / rounds,
         "decisions_per_wall_s": rounds / sum(r.wall_s for r in runs),
         "curve": curve_summary(runs),
@@ -253,7 +254,8 @@ def summarize(runs: Sequence[Run]) -> dict[str, Any]:
 
 
 def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Service / library, for the mean final regret and for the per-seed final regrets (paired, same clicks)."""
+    """Service / library: of the mean final regrets (with its standard error over seeds, the two taken as
+    independent), the range of the per-seed ratios (paired: same environment and clicks), and of decisions/s/core."""
     out: dict[str, dict[str, float]] = {}
     if "service" not in summary:
         return out
@@ -263,14 +265,23 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
             continue
         theirs = np.array(summary[lib]["final_regret_per_seed"])
         per_seed = mine / theirs
+        ratio = float(mine.mean() / theirs.mean())
         out[lib] = {
-            "regret_ratio": float(mine.mean() / theirs.mean()),
+            "regret_ratio": ratio,
+            "regret_ratio_se": ratio * float(np.hypot(_relative_se(mine), _relative_se(theirs))),
             "regret_ratio_per_seed_min": float(per_seed.min()),
             "regret_ratio_per_seed_max": float(per_seed.max()),
             "decisions_per_core_s_ratio": summary["service"]["decisions_per_core_s"]
             / summary[lib]["decisions_per_core_s"],
         }
     return out
+
+
+def _relative_se(values: np.ndarray) -> float:
+    """Standard error of the mean over seeds, relative to the mean (0 for a single seed)."""
+    if len(values) < 2:
+        return 0.0
+    return float(values.std(ddof=1) / np.sqrt(len(values)) / values.mean())
 
 
 def environment() -> dict[str, Any]:
@@ -364,7 +375,8 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"service counts vs simulator: {'all agree' if not bad else f'MISMATCH {bad}'}")
     for lib, r in doc["ratios"].items():
         print(
-            f"service/{lib}: regret {r['regret_ratio']:.3f}x (per seed {r['regret_ratio_per_seed_min']:.2f}-"
+            f"service/{lib}: regret {r['regret_ratio']:.3f}x +- {r['regret_ratio_se']:.3f} (per seed "
+            f"{r['regret_ratio_per_seed_min']:.2f}-"
             f"{r['regret_ratio_per_seed_max']:.2f}), decisions/s per core {r['decisions_per_core_s_ratio']:.1f}x"
         )
 

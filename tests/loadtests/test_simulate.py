@@ -95,6 +95,7 @@ def test_report_ratios_and_plot(tmp_path) -> None:
     }
     r = simulate.ratios(summary)["mabwiser"]
     assert r["regret_ratio"] == pytest.approx(1.0)
+    assert r["regret_ratio_se"] == pytest.approx(0.1)  # service: sd 14.1 over 2 seeds, se 10 on a mean of 100
     assert (r["regret_ratio_per_seed_min"], r["regret_ratio_per_seed_max"]) == pytest.approx((0.9, 1.1))
     assert r["decisions_per_core_s_ratio"] == pytest.approx(1.5)
 
