@@ -15,6 +15,8 @@ the same prior, Beta(1, 1) for every arm. They differ in how they hear it, which
 - ``numpy``: exact Beta-Bernoulli Thompson sampling in a few lines of numpy that counts as the service does (the
   impression at once, the click when delivered); it separates the service's counting rule from its
   implementation when the service is compared with the libraries.
+- ``numpy-outcomes``: the same sampler counting as the libraries do (a shown arm's 1 or 0 when delivered); beside
+  ``numpy`` it measures what the counting rule alone costs at a given delay.
 - ``random``: a uniformly random ranking, the regret of not learning.
 """
 
@@ -103,6 +105,19 @@ class NumpyThompson:
 
     def close(self) -> None:
         pass
+
+
+class NumpyThompsonOutcomes(NumpyThompson):
+    """:class:`NumpyThompson` counting as the libraries do: nothing when an arm is shown, its outcome when delivered."""
+
+    name = "numpy-outcomes"
+
+    def choose(self, round_: int, k: int) -> np.ndarray:
+        return top_k_indices(self._rng.beta(self._alpha, self._beta), k)
+
+    def learn(self, round_: int, shown: np.ndarray, clicks: np.ndarray) -> None:
+        self._alpha[shown[clicks]] += 1.0
+        self._beta[shown[~clicks]] += 1.0
 
 
 class MabwiserThompson:
@@ -242,8 +257,11 @@ LOCAL_POLICIES: dict[str, Callable[[int, int], Policy]] = {
     "mabwiser": MabwiserThompson,
     "bayesianbandits": BayesianBanditsThompson,
     "numpy": NumpyThompson,
+    "numpy-outcomes": NumpyThompsonOutcomes,
     "random": RandomRanking,
 }
 
 #: Every policy the simulator knows, in the order the report lists them.
-POLICIES = ("service", "mabwiser", "bayesianbandits", "numpy", "random")
+POLICIES = ("service", "mabwiser", "bayesianbandits", "numpy", "numpy-outcomes", "random")
+#: The policies run when none are named: every one but ``numpy-outcomes``, which is for a study of the delay.
+DEFAULT_POLICIES = ("service", "mabwiser", "bayesianbandits", "numpy", "random")

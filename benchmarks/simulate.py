@@ -19,6 +19,10 @@ alpha = beta = 1, pinned with taskset to ``--server-cpus``. Decisions per second
 policies, rounds per CPU-second spent in their decide and learn calls; for the service, rounds per CPU-second of
 the server's processes (read from /proc; it includes the /reward calls and the loop's own work), with the client's
 CPU per round (HTTP and JSON, in this process) reported beside it.
+
+The policies are described in benchmarks/bandits.py; ``numpy`` and ``numpy-outcomes`` are one sampler counting as the
+service does (the impression at once, the click when delivered) and as the libraries do (the outcome when delivered),
+so ``--policies numpy,numpy-outcomes --delay D`` shows what that rule costs at a delay of D rounds.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "mabwiser": {"label": "MABWiser ThompsonSampling", "color": "#ff7f0e"},
     "bayesianbandits": {"label": "bayesianbandits Agent + ThompsonSampling", "color": "#2ca02c"},
     "numpy": {"label": "numpy Beta-Bernoulli TS (service's counting)", "color": "#9467bd", "linestyle": "--"},
+    "numpy-outcomes": {"label": "numpy Beta-Bernoulli TS (libraries' counting)", "color": "#8c564b", "linestyle": ":"},
     "random": {"label": "random ranking", "color": "#7f7f7f"},
 }
 
@@ -417,8 +422,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--policies",
         type=policy_names,
-        default=list(bandits.POLICIES),
-        help=f"comma-separated, from {','.join(bandits.POLICIES)}",
+        default=list(bandits.DEFAULT_POLICIES),
+        help=f"comma-separated, from {','.join(bandits.POLICIES)} (default {','.join(bandits.DEFAULT_POLICIES)})",
     )
     parser.add_argument(
         "--server-cpus", type=bench_service.cpu_list, default="1", help="cores the service is pinned to (default 1)"

@@ -36,7 +36,7 @@ def test_environment_is_fixed_by_its_seed() -> None:
     assert np.abs(a.clicks.mean(axis=0) - a.rates).max() < 0.1
 
 
-@pytest.mark.parametrize("name", ["mabwiser", "bayesianbandits", "numpy"])
+@pytest.mark.parametrize("name", ["mabwiser", "bayesianbandits", "numpy", "numpy-outcomes"])
 def test_thompson_sampling_beats_random_ranking(name: str, env: simulate.Environment, random_regret: float) -> None:
     run = simulate.run_local(name, env, TOP_K, DELAY, seed=3)
     assert run.regret.shape == (ROUNDS,)
