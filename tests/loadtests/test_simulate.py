@@ -100,9 +100,14 @@ def test_report_ratios_and_plot(tmp_path) -> None:
     assert r["decisions_per_core_s_ratio"] == pytest.approx(1.5)
 
 
-def test_the_live_service_learns(tmp_path, env: simulate.Environment, random_regret: float) -> None:
+@pytest.fixture(scope="module")
+def service_run(tmp_path_factory: pytest.TempPathFactory, env: simulate.Environment) -> simulate.Run:
     cpu = str(max(os.sched_getaffinity(0)))
-    run = simulate.run_service(env, TOP_K, DELAY, seed=3, server_cpus=cpu, workdir=tmp_path)
+    return simulate.run_service(env, TOP_K, DELAY, 3, cpu, tmp_path_factory.mktemp("service"))
+
+
+def test_the_live_service_learns(service_run: simulate.Run, random_regret: float) -> None:
+    run = service_run
     # What the service counted is what the simulator sent: one impression per arm shown (plus the warm-up
     # request's) and one accepted reward per click, none refused.
     assert run.checks["ok"], run.checks
@@ -111,3 +116,12 @@ def test_the_live_service_learns(tmp_path, env: simulate.Environment, random_reg
     assert not any(refusals.values()), refusals
     assert run.final_regret < 0.8 * random_regret, (run.final_regret, random_regret)
     assert run.server_cpu_s is not None and run.server_cpu_s > 0
+
+
+def test_the_live_service_run_is_reproduced_by_its_seed(
+    service_run: simulate.Run, env: simulate.Environment, tmp_path
+) -> None:
+    # Each request carries a seed drawn from the run's, and a reward counts before its 202: a second server on a
+    # fresh state directory makes the same decisions, whatever the timing.
+    again = simulate.run_service(env, TOP_K, DELAY, 3, str(max(os.sched_getaffinity(0))), tmp_path)
+    assert np.array_equal(again.regret, service_run.regret)
