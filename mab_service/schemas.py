@@ -112,6 +112,40 @@ def decode_reward(body: bytes) -> RewardRequest:
         raise MalformedBody(f"body is not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    return _reward_item(doc)
+
+
+def decode_rewards(body: bytes, max_items: int) -> list[RewardRequest]:
+    """Parse and validate a /rewards body: ``{"rewards": [reward, ...]}``, each as /reward takes it.
+
+    Raises:
+        MalformedBody: the body is not JSON.
+        ValidationFailed: the JSON does not match the contract; ``field`` names where (``rewards[3].reward``).
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    items = doc.get("rewards")
+    if type(items) is not list or not items:
+        raise ValidationFailed(_expected("a non-empty array of rewards", items, "rewards"), field="rewards")
+    if len(items) > max_items:
+        raise ValidationFailed(f"rewards must hold at most {max_items} items (got {len(items)})", field="rewards")
+    decoded = []
+    for i, item in enumerate(items):
+        try:
+            decoded.append(_reward_item(item))
+        except ValidationFailed as exc:
+            where = f"rewards[{i}]" + (f".{exc.field}" if exc.field else "")
+            raise ValidationFailed(f"{where}: {exc.message}", field=where) from None
+    return decoded
+
+
+def _reward_item(doc: object) -> RewardRequest:
+    if type(doc) is not dict:
+        raise ValidationFailed(f"a reward must be a JSON object (got {_json_type(doc)})")
     event_id = doc.get("event_id")
     _check_event_id(event_id)
     arm_id = doc.get("id")

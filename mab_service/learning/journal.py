@@ -157,14 +157,21 @@ class Journal:
 
     def reward(self, t: float, event_id: str, arm_id: str, reward: float) -> asyncio.Future[None]:
         """Write an accepted reward; the future resolves once it is on disk, or fails with JournalUnavailable."""
+        return self.rewards(t, [(event_id, arm_id, reward)])
+
+    def rewards(self, t: float, accepted: list[tuple[str, str, float]]) -> asyncio.Future[None]:
+        """Write accepted rewards ``(event_id, id, reward)`` in one ``write``; the future resolves once all are on
+        disk, or fails with JournalUnavailable (then none of them is: a failed write leaves the file as it was)."""
         assert self._loop is not None, "reward before start"
-        record = frame(orjson.dumps(("r", t, event_id, arm_id, reward)))
+        record = b"".join(
+            frame(orjson.dumps(("r", t, event_id, arm_id, value))) for event_id, arm_id, value in accepted
+        )
         with self._lock:
             if self.error is not None:
                 raise JournalUnavailable(f"the journal cannot write: {self.error}")
             if not self._write(record):
                 raise JournalUnavailable(f"the journal cannot write: {self.error}")
-            self.rewards_written += 1
+            self.rewards_written += len(accepted)
             future = self._loop.create_future()
             self._waiters.append(future)
             if len(self._waiters) == 1:

@@ -168,42 +168,67 @@ class Loop:
             UnknownEvent, NotInEvent: the reward does not match a held event.
             JournalUnavailable: the disk refuses; nothing was recorded.
         """
+        (outcome,) = await self.rewards([(event_id, arm_id, value)])
+        if isinstance(outcome, MabError):
+            raise outcome
+        return outcome
+
+    async def rewards(self, items: list[tuple[str, str, float]]) -> list[bool | MabError]:
+        """Check rewards ``(event_id, id, reward)`` and record the accepted ones durably, in one group commit.
+
+        Returns:
+            Per item: True (accepted now), False (a duplicate: counted once already), or the refusal
+            (UnknownEvent, NotInEvent), in order.
+
+        Raises:
+            JournalUnavailable: the disk refuses; none of these rewards was recorded.
+        """
         now = time.time()
-        status = self.events.reward(event_id, arm_id, now)
-        if status == _events.DUPLICATE:
-            self.refusals.duplicate += 1
-            return False
-        if status == _events.UNKNOWN_EVENT:
-            self.refusals.unknown_event += 1
-            raise UnknownEvent(
-                f"no event {event_id!r} is held: unknown, or older than the reward window of {self.window_s:g} s",
-                field="event_id",
-            )
-        if status == _events.NOT_IN_EVENT:
-            self.refusals.not_in_event += 1
-            raise NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id")
+        outcomes: list[bool | MabError] = []
+        accepted: list[tuple[str, str, float]] = []
+        refusals = self.refusals
+        for event_id, arm_id, value in items:
+            status = self.events.reward(event_id, arm_id, now)
+            if status == _events.ACCEPTED:
+                accepted.append((event_id, arm_id, value))
+                outcomes.append(True)
+            elif status == _events.DUPLICATE:
+                refusals.duplicate += 1
+                outcomes.append(False)
+            elif status == _events.UNKNOWN_EVENT:
+                refusals.unknown_event += 1
+                outcomes.append(
+                    UnknownEvent(
+                        f"no event {event_id!r} is held: unknown, or older than the reward window of "
+                        f"{self.window_s:g} s",
+                        field="event_id",
+                    )
+                )
+            else:
+                refusals.not_in_event += 1
+                outcomes.append(NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id"))
+        if not accepted:
+            return outcomes
         try:
-            committed = self.journal.reward(now, event_id, arm_id, value)
+            await self.journal.rewards(now, accepted)
         except JournalUnavailable:
-            self.events.unmark(event_id, arm_id)
-            self.refusals.unavailable += 1
-            raise
-        try:
-            await committed
-        except JournalUnavailable:
-            self.events.unmark(event_id, arm_id)
-            self.refusals.unavailable += 1
+            for event_id, arm_id, _ in accepted:
+                self.events.unmark(event_id, arm_id)
+            refusals.unavailable += len(accepted)
             raise
         # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
         # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
-        if self.arms.get(arm_id) is not None:
-            self.arms.add(arm_id, 0, value, self.prior_alpha, self.prior_beta)
-        self.rewards_accepted += 1
-        self.rewards_total += value
+        total = 0.0
+        for _, arm_id, value in accepted:
+            if self.arms.get(arm_id) is not None:
+                self.arms.add(arm_id, 0, value, self.prior_alpha, self.prior_beta)
+            total += value
+        self.rewards_accepted += len(accepted)
+        self.rewards_total += total
         bucket = self._bucket(now)
-        bucket[2] += value
-        bucket[3] += 1
-        return True
+        bucket[2] += total
+        bucket[3] += len(accepted)
+        return outcomes
 
     def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
