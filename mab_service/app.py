@@ -238,7 +238,10 @@ def _closing(send: Send) -> Send:
 
 
 def create_app() -> Application:
-    """Factory for ``uvicorn --factory`` and worker processes: settings from the environment."""
+    """Factory for ``uvicorn mab_service.app:create_app --factory``: settings from ``MAB_*`` variables, read once.
+
+    ``mab-service serve`` does not use it: it hands its settings to ``build_app`` in every worker.
+    """
     return build_app(config.Settings.from_env(os.environ))
 
 

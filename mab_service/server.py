@@ -217,8 +217,13 @@ def _run_worker(
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     """The uvicorn configuration for ``settings``: uvloop and httptools, our logging, no access log of uvicorn's."""
+    # Imported here, not at the top: prometheus-client, which the app imports, reads PROMETHEUS_MULTIPROC_DIR when
+    # it is first imported, and serve() sets it only after this module is imported.
+    from mab_service.app import build_app
+
     return uvicorn.Config(
-        "mab_service.app:create_app",
+        # The settings themselves go to every worker (pickled with the config), not through the environment.
+        partial(build_app, settings),
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -245,8 +250,8 @@ def serve(settings: Settings) -> None:
     """Run the service with ``settings`` until SIGTERM or SIGINT; exits with status 3 if it cannot start.
 
     Prepares the Prometheus multiprocess directory (a fresh temporary one unless ``metrics_dir`` is set, which
-    is wiped), exports the settings for the worker processes, then serves in this process (one worker) or
-    under a ``Supervisor``.
+    is wiped), then serves in this process (one worker) or under a ``Supervisor``, which hands ``settings`` to
+    every worker.
     """
     owned_dir = None
     if settings.metrics:
@@ -258,8 +263,9 @@ def serve(settings: Settings) -> None:
         else:
             owned_dir = tempfile.mkdtemp(prefix="mab-metrics-")
             settings = settings.replace(metrics_dir=owned_dir)
-    # Before the app (and prometheus-client) is imported here or in a worker: they read it from the environment.
-    settings.export_env(os.environ)
+    # Before the app (and prometheus-client) is imported here or in a worker: prometheus-client reads it from the
+    # environment. The only setting that travels that way.
+    settings.export_metrics_dir(os.environ)
     config = uvicorn_config(settings)
     owned = None
     try:
