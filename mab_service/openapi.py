@@ -33,7 +33,7 @@ def _status(description: str) -> dict[str, Any]:
     return _json(description, schema)
 
 
-#: Any request may get this from the server itself, before the app sees it (server.GuardedHttpToolsProtocol).
+#: Any request may get this from the server itself, before the app sees it (http.protocol.GuardedHttpToolsProtocol).
 _HEADERS_TOO_LARGE = _error(
     "The request head is larger than max_header_bytes (headers_too_large); the connection is closed."
 )

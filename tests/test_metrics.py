@@ -16,10 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mab_service import metrics
-from mab_service.app import Application, build_app
+from mab_service.app import build_app
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.features.cache import FeatureCache
+from mab_service.http.edge import Edge
 from tests.conftest import Rand, Server
 from tests.test_app import BODY, ScriptedSource
 
@@ -164,7 +165,7 @@ def test_metrics_can_be_turned_off() -> None:
 class _Harness:
     """An app with its lifespan started, called directly with one prepared /predict request."""
 
-    def __init__(self, app: Application, body: bytes) -> None:
+    def __init__(self, app: Edge, body: bytes) -> None:
         self.app = app
         self.body = {"type": "http.request", "body": body, "more_body": False}
         self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

@@ -1,4 +1,4 @@
-"""Dependencies used beyond their public surface are pinned, and the installed versions are the ones tested."""
+"""uvicorn, whose internals the edge uses, is pinned, and the installed version is the one tested."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Libraries whose internals the service uses: each must carry an upper bound in pyproject.toml.
 PINNED = ("uvicorn",)

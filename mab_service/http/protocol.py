@@ -1,8 +1,12 @@
-"""The HTTP protocol: uvicorn's httptools protocol with limits on slow and broken clients.
+"""The HTTP protocol: uvicorn's httptools protocol with limits on slow and broken clients, and admission.
 
 uvicorn bounds only the idle time between requests, so ``GuardedHttpToolsProtocol`` adds a time limit on request
 heads and bodies, a size limit on heads, and hands a request to the app only once its body is in (see its
-docstring). ``server.uvicorn_config`` passes it to uvicorn as its ``http`` protocol.
+docstring); at that moment it takes the request's admission decision (``Admission.arrive``). ``server.worker``
+passes it to uvicorn as its ``http`` protocol.
+
+It subclasses uvicorn's protocol class and uses its internals (``_start_asgi_task``, ``flow``, the cycle's
+``more_body``, ``STATUS_LINE``): pyproject pins uvicorn to the minor version this is tested on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from uvicorn.server import ServerState
 from mab_service import logs
 from mab_service.config import Settings
 from mab_service.errors import HeadersTooLarge, MabError, RequestTimeout
-from mab_service.responses import error_body
+from mab_service.http.admission import ADMITTED, Admission
+from mab_service.http.errors import error_answer
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       request, 408 ``request_timeout`` and the connection is closed; if it has (it answered 413 early and the
       body is still coming), the connection is closed.
 
+    When a request goes to the app, a POST to a fast endpoint gets its admission decision (``admission``), in
+    order of arrival.
+
     A request that arrives in one read costs a few attribute updates; only a head or a body that spans reads arms
     a timer.
     """
@@ -70,9 +78,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         limits: ClientLimits,
+        admission: Admission,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
+        self.admission = admission
         self._max_header_bytes = limits.max_header_bytes
         self._timer: asyncio.TimerHandle | None = None
         self._in_head = False  # a request head has begun and is not complete
@@ -127,12 +137,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.waiting_for_100_continue:  # the client sends the body only once told to
                 self._check_held()
         else:
-            _start_task(self, cycle, app)
+            self._start(cycle, app)
 
     def _start_held(self) -> None:
         assert self._held is not None
         cycle, app = self._held
         self._held = None
+        self._start(cycle, app)
+
+    def _start(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """Start the request's task, with its admission decision when it is a POST to a fast endpoint."""
+        scope = cycle.scope
+        if scope["method"] == "POST" and scope["path"] in self.admission.paths:
+            scope[ADMITTED] = self.admission.arrive()  # type: ignore[literal-required]  # an ASGI scope extension
         _start_task(self, cycle, app)
 
     def _feed_head(self, data: bytes) -> None:
@@ -198,16 +215,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, exc: MabError) -> None:
         """Answer ``exc`` (JSON, ``Connection: close``) for a request the app has not seen; close the connection."""
-        body = error_body(exc)
+        status, body, extra = error_answer(exc, "-", "-")
         headers = [
             *self.server_state.default_headers,
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
+            *extra,
             (b"connection", b"close"),
             (b"x-request-id", logs.new_request_id()),
         ]
         head = b"".join(b"%s: %s\r\n" % header for header in headers)
-        self.transport.write(STATUS_LINE[exc.status_code] + head + b"\r\n" + body)
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
         self.transport.close()
 
 
