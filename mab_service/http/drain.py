@@ -4,8 +4,11 @@ On SIGTERM (or a first SIGINT):
 
 1. ``admission.draining`` is set at once: /health answers 503 and every answer carries ``Connection: close``,
    while the listener keeps accepting for ``drain_delay_s`` so that load balancers stop routing here first;
-2. then uvicorn's own shutdown: the listener closes, idle connections close, requests in flight get
-   ``timeout_graceful_shutdown_s`` to finish (then they are cancelled), the lifespan closes the feature source.
+2. then uvicorn's own shutdown: the listener closes, each connection is shut down (``protocol.py``: a request under
+   way, even one whose head is only partly in, is answered with ``Connection: close``; an idle connection is closed
+   once it has stayed idle ``SHUTDOWN_IDLE_S``, a request that arrives meanwhile being answered the same way),
+   requests in flight get ``timeout_graceful_shutdown_s`` to finish (then they are cancelled), the lifespan closes
+   the feature source.
 
 A second SIGINT skips the drain, a third forces the exit; a repeated SIGTERM changes nothing.
 """

@@ -43,6 +43,10 @@ class ClientLimits:
         return cls(s.header_timeout_s, s.body_timeout_s, s.max_header_bytes, s.max_body_bytes)
 
 
+#: Seconds a connection idle at shutdown stays open for a request already on its way; then it is closed.
+SHUTDOWN_IDLE_S = 0.5
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with limits on slow and broken clients.
 
@@ -65,6 +69,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     When a request goes to the app, a POST to a fast endpoint gets its admission decision (``admission``), in
     order of arrival.
+
+    At shutdown (``shutdown``), uvicorn closes a connection with no request under way at once; but on a kept-alive
+    connection the client's next request may already be on the wire, and closing would cut it off. Here such a
+    connection is closed only once it has stayed idle ``SHUTDOWN_IDLE_S``; a request that begins meanwhile (or had
+    begun: a head or a body partly in) is answered with ``Connection: close``, and the connection closes after it.
 
     A request that arrives in one read costs a few attribute updates; only a head or a body that spans reads arms
     a timer.
@@ -89,6 +98,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False  # a head is complete and its body is not
         self._head_room = limits.max_header_bytes  # bytes the head in progress (or the next one) may still take
         self._held: tuple[RequestResponseCycle, ASGI3Application] | None = None  # a request waiting for its body
+        self._closing = False  # shutting down: answer what comes with Connection: close, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -119,6 +129,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._cancel_timer()
         _on_headers_complete(self)
+        if self._closing and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn adds Connection: close and closes once the answer is out
+
+    def shutdown(self) -> None:
+        """Called by the server at shutdown: close once no request is under way, never cutting one off."""
+        self._closing = True
+        if self._idle():
+            # The client's next request may already be on its way: give it a moment to arrive and be answered.
+            self.loop.call_later(SHUTDOWN_IDLE_S, self._close_if_idle)
+        elif not self._in_head:  # a head partly in is answered with Connection: close once complete (above)
+            super().shutdown()  # the request under way is answered with Connection: close
+
+    def _idle(self) -> bool:
+        cycle = self.cycle
+        return not (self._in_head or self._in_body) and (cycle is None or cycle.response_complete)
+
+    def _close_if_idle(self) -> None:
+        if self._idle() and not self.transport.is_closing():
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         _on_message_complete(self)
