@@ -117,7 +117,8 @@ class Settings:
     )
     max_in_flight: int = setting(
         64,
-        "Requests one worker holds at once; a /predict arriving beyond that gets 503 ``overloaded`` at once.",
+        "Requests to /predict and /reward one worker holds at once; one arriving beyond that gets 503 ``overloaded`` "
+        "at once.",
     )
     retry_after_s: int = setting(1, "Seconds sent in the Retry-After header of an ``overloaded`` 503.")
     metrics: bool = setting(True, "Record request metrics and serve them at /metrics in the Prometheus text format.")
