@@ -31,11 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = config.Settings()
-    docs = _field_docs()
     for f in fields(config.Settings):
         flag = "--" + f.name.replace("_", "-")
         env = config.ENV_PREFIX + f.name.upper()
-        help_text = f"{docs.get(f.name, '')} [env {env}]"
+        help_text = f"{f.metadata['help']} [env {env}]".replace("%", "%%")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -50,21 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--port", type=int, default=None, help="port to probe [env MAB_PORT]")
     health.add_argument("--timeout-s", type=float, default=2.0, help="seconds to wait for the answer")
     return parser
-
-
-def _field_docs() -> dict[str, str]:
-    # The attribute docstrings in config.py, so that --help and the code say the same thing.
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(config.Settings))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-                docs[node.target.id] = str(following.value.value)
-    return docs
 
 
 def probe(settings: config.Settings, timeout_s: float) -> bool:

@@ -1,8 +1,9 @@
 """Settings: one typed, frozen object, built once at startup.
 
 Every field is reachable three ways, in this order of precedence: a ``mab-service serve`` flag, an
-environment variable ``MAB_<FIELD>`` (upper case), and the default below. This module is the only one
-that reads or writes ``os.environ``.
+environment variable ``MAB_<FIELD>`` (upper case), and the default below; its help text is in its metadata
+(``setting``), where ``--help`` reads it. The settings are resolved once, in the process that starts, and handed
+to every worker as the object. This module is the only one that reads or writes ``os.environ``.
 """
 
 from __future__ import annotations
@@ -43,148 +44,219 @@ LOOP_SIZES = (
 )
 
 
+def setting(default: Any, help: str) -> Any:
+    """A field of ``Settings``: its default and its help text, which ``--help`` and the docs show."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class SettingsError(ValueError):
     """A setting that cannot be used; the message names the key and the bad value."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = "127.0.0.1"
-    """Address to listen on; ``0.0.0.0`` in containers."""
-    port: int = 8000
-    """TCP port to listen on."""
-    workers: int = 1
-    """Worker processes sharing the port; one per core on a bare node, one per container on Kubernetes."""
-    features: str = "demo"
-    """Feature source: ``demo`` (the bundled catalogue), ``csv:PATH`` (an embedded table loaded at start),
-    ``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Vertex AI Featurestore) or
-    ``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Feature Store 2.0)."""
-    prior_alpha: float = 1.0
-    """Beta prior alpha for candidates the feature source does not know."""
-    prior_beta: float = 1.0
-    """Beta prior beta for candidates the feature source does not know."""
-    max_candidates: int = 10_000
-    """Most candidates one request may carry (after removing duplicates the count can only shrink)."""
-    max_body_bytes: int = 1_048_576
-    """Largest request body accepted, in bytes; larger bodies get 413 before they are read."""
-    sampler: str = "auto"
-    """Sampler: ``auto`` or ``kernel`` (the C++ kernel) or ``reference`` (numpy, for comparison)."""
-    log_level: str = "info"
-    """Log level: critical, error, warning, info, debug."""
-    access_log: bool = False
-    """Log every request (off by default: it costs the hot path)."""
-    proxy_headers: bool = False
-    """Trust X-Forwarded-For/-Proto from the peer (only behind a proxy that sets them)."""
-    timeout_keep_alive_s: float = 5.0
-    """Seconds an idle keep-alive connection stays open."""
-    header_timeout_s: float = 10.0
-    """Seconds a request head may take to arrive, from the connection opening (a new connection) or from its first
-    bytes (a kept-alive one); then the connection is closed without an answer."""
-    body_timeout_s: float = 30.0
-    """Seconds a request body may take to arrive after its head; then 408 ``request_timeout`` and the connection is
-    closed (closed without an answer if the request was already answered, e.g. 413)."""
-    max_header_bytes: int = 65_536
-    """Largest request head (request line and headers) accepted, in bytes; larger heads get 431."""
-    log_format: str = "json"
-    """Log lines as ``json`` (one object per line, with the request id) or ``text`` (for a terminal)."""
-    drain_delay_s: float = 0.0
-    """Seconds from SIGTERM to closing the listener: meanwhile /health answers 503 and every answer carries
-    ``Connection: close``, so load balancers stop sending here before the port closes (5 on Kubernetes)."""
-    timeout_graceful_shutdown_s: float = 10.0
-    """Seconds requests in flight get to finish once the listener is closed; then they are cancelled."""
-    max_in_flight: int = 64
-    """Requests one worker holds at once; a /predict arriving beyond that gets 503 ``overloaded`` at once."""
-    retry_after_s: int = 1
-    """Seconds sent in the Retry-After header of an ``overloaded`` 503."""
-    metrics: bool = True
-    """Record request metrics and serve them at /metrics in the Prometheus text format."""
-    metrics_dir: str = ""
-    """Directory of the Prometheus multiprocess files shared by the workers, wiped at start; empty means a fresh
-    temporary directory. Also read from PROMETHEUS_MULTIPROC_DIR."""
-    metrics_flush_interval_s: float = 1.0
-    """Seconds between a worker's copies of its request metrics into the shared files (a scrape copies too)."""
-    learning: bool = True
-    """Close the bandit loop: answers carry an ``event_id``, ``POST /reward`` takes rewards, and on the embedded
-    sources (``demo``, ``csv:``) every impression and reward updates the posteriors every worker of the node reads.
-    On Vertex sources the loop records and counts events but the posteriors come from the store (docs/learning.md)."""
-    state_dir: str = ""
-    """Directory of the loop's durable state (journal, checkpoint, decision log). Empty means
-    ``$XDG_STATE_HOME/mab-service/port-PORT`` (``~/.local/state/mab-service/port-8000``), so a restart on the same port
-    finds its state. One node serves from one state directory (a second one on it refuses to start)."""
-    reward_window_s: float = 600.0
-    """Seconds an answered event is held: a reward for an older event is ``404 unknown_event``."""
-    max_held_events: int = 500_000
-    """Most events held at once per node (the oldest go first when it is full), ~208 bytes each of shared memory
-    taken at start: 10,000 answers/s over a 600 s window needs 6,000,000."""
-    max_held_members: int = 10_000_000
-    """Most returned ids held over all held events (the oldest events go first when it is full), 16 bytes each of
-    shared memory taken at start. The defaults take ~264 MB."""
-    max_new_arms: int = 1_000_000
-    """Room for arms first seen at run time (not in the catalogue) in the node's arm table."""
-    commit_delay_s: float = 0.001
-    """Group commit: seconds the journal waits after the first unsynced reward for others to share its fsync."""
-    impressions_sync_s: float = 0.5
-    """Most seconds an answered event's impressions stay in memory before they are written and fsynced."""
-    journal_segment_bytes: int = 64 * 1024 * 1024
-    """A worker's journal file is sealed and a new one begun past this size (or after ``reward_window_s``)."""
-    journal_buffer_max_bytes: int = 64 * 1024 * 1024
-    """Most journal bytes a worker holds while the disk refuses writes; past it impressions are dropped and
-    counted (``mab_journal_dropped_total``) and ``/reward`` answers 503."""
-    checkpoint_interval_s: float = 60.0
-    """Seconds between folds of sealed journal files older than the reward window into the checkpoint."""
-    decision_log: bool = True
-    """Write every answer (event id, time, user, candidates with the alpha and beta used, seed, ranking) to the
-    decision log in the state directory, for replay and off-policy evaluation."""
-    decision_log_max_bytes: int = 1024 * 1024 * 1024
-    """Most bytes the decision log keeps per worker; the oldest files go first."""
-    decision_log_file_bytes: int = 64 * 1024 * 1024
-    """A decision log file is closed and a new one begun past this size."""
-    vertex_alpha_feature: str = "alpha"
-    """Vertex feature holding alpha (mapping ``beta``)."""
-    vertex_beta_feature: str = "beta"
-    """Vertex feature holding beta (mapping ``beta``)."""
-    vertex_mapping: str = "beta"
-    """How Vertex features become parameters: ``beta`` (alpha and beta features) or ``counts`` (alpha = prior_alpha
-    + clicks, beta = prior_beta + impressions - clicks)."""
-    vertex_clicks_feature: str = "clicks"
-    """Vertex feature holding clicks (mapping ``counts``)."""
-    vertex_impressions_feature: str = "impressions"
-    """Vertex feature holding impressions (mapping ``counts``)."""
-    vertex_api_version: str = "v1"
-    """Vertex API version for Feature Store 2.0: ``v1`` (one key per call) or ``v1beta1`` (batched streaming)."""
-    vertex_endpoint: str = ""
-    """Vertex API endpoint; empty means the regional ``{location}-aiplatform.googleapis.com``."""
-    vertex_emulator_host: str = ""
-    """``host:port`` of a local Vertex emulator (insecure gRPC, no credentials); also read from
-    VERTEX_FEATURESTORE_EMULATOR_HOST."""
-    vertex_chunk_size: int = 100
-    """Entity ids per Vertex read, 1 to 100 (the API's limit)."""
-    vertex_max_concurrent_reads: int = 16
-    """Vertex reads in flight at once per worker."""
-    vertex_deadline_s: float = 0.25
-    """Deadline over a request's whole fan-out of Vertex reads, retries included; keep it below the request
-    budget."""
-    vertex_call_timeout_s: float = 0.1
-    """Timeout of one Vertex call (capped by what is left of the deadline)."""
-    vertex_retries: int = 2
-    """Retries of a Vertex read after UNAVAILABLE, DEADLINE_EXCEEDED or a broken stream, within the deadline."""
-    vertex_backoff_s: float = 0.005
-    """Base of the jittered exponential backoff between Vertex retries."""
-    vertex_unready_after_failures: int = 3
-    """Failed fan-outs in a row after which /health reports the store as failing."""
-    vertex_probe_interval_s: float = 1.0
-    """Seconds between background checks of the store while /health is not ready."""
-    on_store_failure: str = "degrade"
-    """What a /predict does when the feature store cannot be read in time: ``degrade`` (answer 200 with the prior
-    for the ids not read, marked ``"degraded": true``) or ``fail`` (answer 503 ``feature_source_unavailable``).
-    Either way, while the store is known to be failing, requests do not wait on it: the background check alone
-    reads it until it recovers."""
-    cache_ttl_s: float = 60.0
-    """Seconds a value read from Vertex is served from the cache; 0 turns the cache off."""
-    cache_max_entries: int = 1_000_000
-    """Most ids the cache holds (96 bytes each at most, plus ids longer than 16 bytes)."""
-    cache_stale_while_revalidate_s: float = 30.0
-    """Seconds past expiry a cached value is still served while it is re-read in the background; 0 turns it off."""
+    host: str = setting("127.0.0.1", "Address to listen on; ``0.0.0.0`` in containers.")
+    port: int = setting(8000, "TCP port to listen on.")
+    workers: int = setting(
+        1,
+        "Worker processes sharing the port; one per core on a bare node, one per container on Kubernetes.",
+    )
+    features: str = setting(
+        "demo",
+        "Feature source: ``demo`` (the bundled catalogue), ``csv:PATH`` (an embedded table loaded at start), "
+        "``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Vertex AI Featurestore) or "
+        "``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Feature Store 2.0).",
+    )
+    prior_alpha: float = setting(1.0, "Beta prior alpha for candidates the feature source does not know.")
+    prior_beta: float = setting(1.0, "Beta prior beta for candidates the feature source does not know.")
+    max_candidates: int = setting(
+        10_000,
+        "Most candidates one request may carry (after removing duplicates the count can only shrink).",
+    )
+    max_body_bytes: int = setting(
+        1_048_576,
+        "Largest request body accepted, in bytes; larger bodies get 413 before they are read.",
+    )
+    sampler: str = setting(
+        "auto",
+        "Sampler: ``auto`` or ``kernel`` (the C++ kernel) or ``reference`` (numpy, for comparison).",
+    )
+    log_level: str = setting("info", "Log level: critical, error, warning, info, debug.")
+    access_log: bool = setting(False, "Log every request (off by default: it costs the hot path).")
+    proxy_headers: bool = setting(
+        False,
+        "Trust X-Forwarded-For/-Proto from the peer (only behind a proxy that sets them).",
+    )
+    timeout_keep_alive_s: float = setting(5.0, "Seconds an idle keep-alive connection stays open.")
+    header_timeout_s: float = setting(
+        10.0,
+        "Seconds a request head may take to arrive, from the connection opening (a new connection) or from its first "
+        "bytes (a kept-alive one); then the connection is closed without an answer.",
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "Seconds a request body may take to arrive after its head; then 408 ``request_timeout`` and the connection is "
+        "closed (closed without an answer if the request was already answered, e.g. 413).",
+    )
+    max_header_bytes: int = setting(
+        65_536,
+        "Largest request head (request line and headers) accepted, in bytes; larger heads get 431.",
+    )
+    log_format: str = setting(
+        "json",
+        "Log lines as ``json`` (one object per line, with the request id) or ``text`` (for a terminal).",
+    )
+    drain_delay_s: float = setting(
+        0.0,
+        "Seconds from SIGTERM to closing the listener: meanwhile /health answers 503 and every answer carries "
+        "``Connection: close``, so load balancers stop sending here before the port closes (5 on Kubernetes).",
+    )
+    timeout_graceful_shutdown_s: float = setting(
+        10.0,
+        "Seconds requests in flight get to finish once the listener is closed; then they are cancelled.",
+    )
+    max_in_flight: int = setting(
+        64,
+        "Requests to /predict and /reward one worker holds at once; one arriving beyond that gets 503 ``overloaded`` "
+        "at once.",
+    )
+    retry_after_s: int = setting(1, "Seconds sent in the Retry-After header of an ``overloaded`` 503.")
+    metrics: bool = setting(True, "Record request metrics and serve them at /metrics in the Prometheus text format.")
+    metrics_dir: str = setting(
+        "",
+        "Directory of the Prometheus multiprocess files shared by the workers, wiped at start; empty means a fresh "
+        "temporary directory. Also read from PROMETHEUS_MULTIPROC_DIR.",
+    )
+    metrics_flush_interval_s: float = setting(
+        1.0,
+        "Seconds between a worker's copies of its request metrics into the shared files (a scrape copies too).",
+    )
+    learning: bool = setting(
+        True,
+        "Close the bandit loop: answers carry an ``event_id``, ``POST /reward`` takes rewards, and on the embedded "
+        "sources (``demo``, ``csv:``) every impression and reward updates the posteriors every worker of the node "
+        "reads. On Vertex sources the loop records and counts events but the posteriors come from the store "
+        "(docs/learning.md).",
+    )
+    state_dir: str = setting(
+        "",
+        "Directory of the loop's durable state (journal, checkpoint, decision log). Empty means "
+        "``$XDG_STATE_HOME/mab-service/port-PORT`` (``~/.local/state/mab-service/port-8000``), so a restart on the "
+        "same port finds its state. One node serves from one state directory (a second one on it refuses to start).",
+    )
+    reward_window_s: float = setting(
+        600.0,
+        "Seconds an answered event is held: a reward for an older event is ``404 unknown_event``.",
+    )
+    max_held_events: int = setting(
+        500_000,
+        "Most events held at once per node (the oldest go first when it is full), ~208 bytes each of shared memory "
+        "taken at start: 10,000 answers/s over a 600 s window needs 6,000,000.",
+    )
+    max_held_members: int = setting(
+        10_000_000,
+        "Most returned ids held over all held events (the oldest events go first when it is full), 16 bytes each of "
+        "shared memory taken at start. The defaults take ~264 MB.",
+    )
+    max_new_arms: int = setting(
+        1_000_000,
+        "Room for arms first seen at run time (not in the catalogue) in the node's arm table.",
+    )
+    commit_delay_s: float = setting(
+        0.001,
+        "Group commit: seconds the journal waits after the first unsynced reward for others to share its fsync.",
+    )
+    impressions_sync_s: float = setting(
+        0.5,
+        "Most seconds an answered event's impressions stay in memory before they are written and fsynced.",
+    )
+    journal_segment_bytes: int = setting(
+        64 * 1024 * 1024,
+        "A worker's journal file is sealed and a new one begun past this size (or after ``reward_window_s``).",
+    )
+    journal_buffer_max_bytes: int = setting(
+        64 * 1024 * 1024,
+        "Most journal bytes a worker holds while the disk refuses writes; past it impressions are dropped and counted "
+        "(``mab_journal_dropped_total``) and ``/reward`` answers 503.",
+    )
+    checkpoint_interval_s: float = setting(
+        60.0,
+        "Seconds between folds of sealed journal files older than the reward window into the checkpoint.",
+    )
+    decision_log: bool = setting(
+        True,
+        "Write every answer (event id, time, user, candidates with the alpha and beta used, seed, ranking) to the "
+        "decision log in the state directory, for replay and off-policy evaluation.",
+    )
+    decision_log_max_bytes: int = setting(
+        1024 * 1024 * 1024,
+        "Most bytes the decision log keeps per worker; the oldest files go first.",
+    )
+    decision_log_file_bytes: int = setting(
+        64 * 1024 * 1024,
+        "A decision log file is closed and a new one begun past this size.",
+    )
+    vertex_alpha_feature: str = setting("alpha", "Vertex feature holding alpha (mapping ``beta``).")
+    vertex_beta_feature: str = setting("beta", "Vertex feature holding beta (mapping ``beta``).")
+    vertex_mapping: str = setting(
+        "beta",
+        "How Vertex features become parameters: ``beta`` (alpha and beta features) or ``counts`` (alpha = prior_alpha "
+        "+ clicks, beta = prior_beta + impressions - clicks).",
+    )
+    vertex_clicks_feature: str = setting("clicks", "Vertex feature holding clicks (mapping ``counts``).")
+    vertex_impressions_feature: str = setting("impressions", "Vertex feature holding impressions (mapping ``counts``).")
+    vertex_api_version: str = setting(
+        "v1",
+        "Vertex API version for Feature Store 2.0: ``v1`` (one key per call) or ``v1beta1`` (batched streaming).",
+    )
+    vertex_endpoint: str = setting(
+        "",
+        "Vertex API endpoint; empty means the regional ``{location}-aiplatform.googleapis.com``.",
+    )
+    vertex_emulator_host: str = setting(
+        "",
+        "``host:port`` of a local Vertex emulator (insecure gRPC, no credentials); also read from "
+        "VERTEX_FEATURESTORE_EMULATOR_HOST.",
+    )
+    vertex_chunk_size: int = setting(100, "Entity ids per Vertex read, 1 to 100 (the API's limit).")
+    vertex_max_concurrent_reads: int = setting(16, "Vertex reads in flight at once per worker.")
+    vertex_deadline_s: float = setting(
+        0.25,
+        "Deadline over a request's whole fan-out of Vertex reads, retries included; keep it below the request budget.",
+    )
+    vertex_call_timeout_s: float = setting(0.1, "Timeout of one Vertex call (capped by what is left of the deadline).")
+    vertex_retries: int = setting(
+        2,
+        "Retries of a Vertex read after UNAVAILABLE, DEADLINE_EXCEEDED or a broken stream, within the deadline.",
+    )
+    vertex_backoff_s: float = setting(0.005, "Base of the jittered exponential backoff between Vertex retries.")
+    vertex_unready_after_failures: int = setting(
+        3,
+        "Failed fan-outs in a row after which /health reports the store as failing.",
+    )
+    vertex_probe_interval_s: float = setting(
+        1.0,
+        "Seconds between background checks of the store while /health is not ready.",
+    )
+    on_store_failure: str = setting(
+        "degrade",
+        "What a /predict does when the feature store cannot be read in time: ``degrade`` (answer 200 with the prior "
+        'for the ids not read, marked ``"degraded": true``) or ``fail`` (answer 503 ``feature_source_unavailable``). '
+        "Either way, while the store is known to be failing, requests do not wait on it: the background check alone "
+        "reads it until it recovers.",
+    )
+    cache_ttl_s: float = setting(
+        60.0,
+        "Seconds a value read from Vertex is served from the cache; 0 turns the cache off.",
+    )
+    cache_max_entries: int = setting(
+        1_000_000,
+        "Most ids the cache holds (96 bytes each at most, plus ids longer than 16 bytes).",
+    )
+    cache_stale_while_revalidate_s: float = setting(
+        30.0,
+        "Seconds past expiry a cached value is still served while it is re-read in the background; 0 turns it off.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.port, 0 <= self.port <= 65535, "port", "an integer in [0, 65535]")
@@ -255,13 +327,14 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def export_env(self, environ: MutableMapping[str, str]) -> None:
-        """Write every field as ``MAB_*`` so that worker processes rebuild the same settings."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            environ[ENV_PREFIX + f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    def export_metrics_dir(self, environ: MutableMapping[str, str]) -> None:
+        """Set PROMETHEUS_MULTIPROC_DIR to ``metrics_dir``: the one setting that travels through the environment.
+
+        prometheus-client picks multiprocess mode from this variable when it is first imported, in this process and
+        in every worker process spawned after (which inherit the environment); the workers get the settings
+        themselves as an object (``server.serve``).
+        """
         if self.metrics and self.metrics_dir:
-            # prometheus-client picks multiprocess mode from this variable when it is first imported.
             environ[PROMETHEUS_DIR_VARIABLE] = self.metrics_dir
 
     def state_path(self) -> Path:

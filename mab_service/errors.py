@@ -1,5 +1,5 @@
 """Domain errors. Each carries its HTTP status, a stable machine code and a message for the client;
-the app's exception handlers (app.py) turn them into JSON answers in one place."""
+``http.errors.error_answer`` turns them into JSON answers, in one place."""
 
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ class PayloadTooLarge(MabError):
 
 
 class RequestTimeout(MabError):
-    """A request body that did not arrive within ``body_timeout_s``; answered by the server (protocol.py)."""
+    """A request body that did not arrive within ``body_timeout_s``; answered by the server (http/protocol.py)."""
 
     status_code = 408
     code = "request_timeout"
 
 
 class HeadersTooLarge(MabError):
-    """A request head larger than ``max_header_bytes``; answered by the server (protocol.py)."""
+    """A request head larger than ``max_header_bytes``; answered by the server (http/protocol.py)."""
 
     status_code = 431
     code = "headers_too_large"
@@ -64,10 +64,15 @@ class FeatureSourceError(MabError):
 
 
 class Overloaded(MabError):
-    """The worker holds as many requests as ``max_in_flight`` allows; the client should retry later."""
+    """The worker holds as many requests as ``max_in_flight`` allows; the client should retry after
+    ``retry_after_s``."""
 
     status_code = 503
     code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class LearningOff(MabError):

@@ -8,6 +8,12 @@ additions, about 0.15 us), and ``flush()`` copies the totals into prometheus-cli
 ``metrics_flush_interval_s`` from a background task, on each scrape this worker serves, and at shutdown. A scrape
 so sees the other workers' requests up to one interval late.
 
+prometheus-client has no bulk observe, so a histogram is kept as two counters (``StoredHistogram``): one per bucket
+(the ``le`` label, not cumulative) and one for the sum, both incremented by whole totals at flush time through the
+public ``inc``. They live in a registry of their own, never exposed as they are: ``stored_histograms`` turns them
+back into histograms on each scrape (a collector in the default registry for one process; around prometheus-client's
+``MultiProcessCollector`` for the shared files).
+
 Exposed (all workers summed):
 
 - ``mab_requests_total{endpoint,status}`` and ``mab_request_duration_seconds{endpoint,status}``: answers, and the
@@ -30,16 +36,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from time import perf_counter
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from mab_service.errors import MabError
 from mab_service.features.source import Features, FeatureSource, Health
@@ -52,22 +62,101 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 #: Candidates: the workloads we see are 50 to 2,000; the hard limit is max_candidates (default 10,000).
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 400, 700, 1000, 2000, 5000, 10000)
 
+
+class StoredHistogram:
+    """A histogram kept as public counters, so that whole totals can be added at once: a count per bucket and a sum.
+
+    ``labels(...)`` gives the counters of one child; ``family(...)`` rebuilds the histogram from their samples.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = (*buckets, math.inf)
+        self.les = tuple(floatToGoString(b) for b in self.bounds)  # type: ignore[no-untyped-call]  # unannotated
+        doc = f"Stored form of {name}, exposed only as that histogram."
+        self.in_bucket = Counter(f"{name}_in_bucket", doc, [*labelnames, "le"], registry=registry)
+        self.summed = Counter(f"{name}_summed", doc, labelnames, registry=registry)
+
+    def labels(self, *values: str) -> tuple[list[Counter], Counter]:
+        """The counters of one child: one per bucket (in order, ``+Inf`` last) and the sum."""
+        summed = self.summed.labels(*values) if values else self.summed  # an unlabelled counter is its own child
+        return [self.in_bucket.labels(*values, le) for le in self.les], summed
+
+    def family(self, in_bucket: Metric | None, summed: Metric | None) -> HistogramMetricFamily:
+        """The histogram from the sampled counters (of one process, or summed over the workers' files)."""
+        counts: dict[tuple[str, ...], dict[str, float]] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        for sample in in_bucket.samples if in_bucket is not None else ():
+            if sample.name.endswith("_total"):
+                key = tuple(sample.labels[n] for n in self.labelnames)
+                counts.setdefault(key, {})[sample.labels["le"]] = sample.value
+        for sample in summed.samples if summed is not None else ():
+            if sample.name.endswith("_total"):
+                sums[tuple(sample.labels[n] for n in self.labelnames)] = sample.value
+        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, by_le in sorted(counts.items()):
+            cumulative = 0.0
+            buckets = []
+            for le in self.les:
+                cumulative += by_le.get(le, 0.0)
+                buckets.append((le, cumulative))
+            histogram.add_metric(list(key), buckets, sum_value=sums.get(key, 0.0))
+        return histogram
+
+
+def stored_histograms(families: Iterable[Metric], histograms: Iterable[StoredHistogram]) -> Iterator[Metric]:
+    """``families`` with the counters of each of ``histograms`` turned back into that histogram."""
+    parts: dict[str, tuple[StoredHistogram, int]] = {}
+    for histogram in histograms:
+        parts[f"{histogram.name}_in_bucket"] = (histogram, 0)
+        parts[f"{histogram.name}_summed"] = (histogram, 1)
+    found: dict[str, list[Metric | None]] = {}
+    order: list[StoredHistogram] = []
+    for family in families:
+        part = parts.get(family.name)
+        if part is None:
+            yield family
+            continue
+        histogram, index = part
+        if histogram.name not in found:
+            found[histogram.name] = [None, None]
+            order.append(histogram)
+        found[histogram.name][index] = family
+    for histogram in order:
+        yield histogram.family(*found[histogram.name])
+
+
+#: The histograms' counters: a registry of their own, so that they are exposed only as the histograms.
+_STORE = CollectorRegistry(auto_describe=False)
+
 REQUESTS = Counter("mab_requests", "HTTP requests answered, by endpoint and status.", ["endpoint", "status"])
-REQUEST_DURATION = Histogram(
+REQUEST_DURATION = StoredHistogram(
     "mab_request_duration_seconds",
     "Seconds from the app receiving a request to handing over its answer, by endpoint and status.",
     ["endpoint", "status"],
-    buckets=LATENCY_BUCKETS,
+    LATENCY_BUCKETS,
+    _STORE,
 )
-CANDIDATES = Histogram(
-    "mab_candidates_per_request", "Distinct candidates in each ranked /predict request.", buckets=CANDIDATE_BUCKETS
+CANDIDATES = StoredHistogram(
+    "mab_candidates_per_request", "Distinct candidates in each ranked /predict request.", [], CANDIDATE_BUCKETS, _STORE
 )
-STAGE_DURATION = Histogram(
+STAGE_DURATION = StoredHistogram(
     "mab_stage_duration_seconds",
     "Seconds spent in each /predict stage: fetch (feature source), sample_rank (kernel), encode (JSON).",
     ["stage"],
-    buckets=LATENCY_BUCKETS,
+    LATENCY_BUCKETS,
+    _STORE,
 )
+HISTOGRAMS = (REQUEST_DURATION, CANDIDATES, STAGE_DURATION)
 FETCH_ERRORS = Counter(
     "mab_feature_fetch_errors", "Feature-source fetches that failed, by source and error code.", ["source", "error"]
 )
@@ -96,13 +185,13 @@ JOURNAL_DROPPED = Counter(
 class _Series:
     """Observations of one histogram child since the last flush: plain numbers, no lock, no file write."""
 
-    __slots__ = ("bounds", "counts", "total", "child", "counter")
+    __slots__ = ("bounds", "counts", "total", "in_bucket", "summed", "counter")
 
-    def __init__(self, child: Histogram, bounds: tuple[float, ...], counter: Counter | None = None) -> None:
-        self.bounds = (*bounds, float("inf"))
+    def __init__(self, histogram: StoredHistogram, labels: Sequence[str] = (), counter: Counter | None = None) -> None:
+        self.bounds = histogram.bounds
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
-        self.child = child
+        self.in_bucket, self.summed = histogram.labels(*labels)
         self.counter = counter
 
     def observe(self, value: float) -> None:
@@ -114,15 +203,11 @@ class _Series:
         n = sum(self.counts)
         if n == 0:
             return
-        # prometheus-client has no bulk observe. Its histogram child keeps one value per bucket (not cumulative)
-        # in ``_buckets`` and the sum in ``_sum``, which is all that observe() increments; tests/test_metrics.py
-        # checks the exposition against the observations, so a change there fails the suite.
-        buckets = self.child._buckets
         for i, count in enumerate(self.counts):
             if count:
-                buckets[i].inc(count)
+                self.in_bucket[i].inc(count)
                 self.counts[i] = 0
-        self.child._sum.inc(self.total)
+        self.summed.inc(self.total)
         self.total = 0.0
         if self.counter is not None:
             self.counter.inc(n)
@@ -153,7 +238,7 @@ class _Requests:
         series = self.series.get((endpoint, status))
         if series is None:
             labels = (endpoint, str(status))
-            series = _Series(REQUEST_DURATION.labels(*labels), LATENCY_BUCKETS, REQUESTS.labels(*labels))
+            series = _Series(REQUEST_DURATION, labels, REQUESTS.labels(*labels))
             self.series[(endpoint, status)] = series
         series.observe(seconds)
 
@@ -218,10 +303,10 @@ class _LoopCounters:
 
 
 requests = _Requests()
-candidates = _Series(CANDIDATES, CANDIDATE_BUCKETS)
-fetch_seconds = _Series(STAGE_DURATION.labels("fetch"), LATENCY_BUCKETS)
-sample_rank_seconds = _Series(STAGE_DURATION.labels("sample_rank"), LATENCY_BUCKETS)
-encode_seconds = _Series(STAGE_DURATION.labels("encode"), LATENCY_BUCKETS)
+candidates = _Series(CANDIDATES)
+fetch_seconds = _Series(STAGE_DURATION, ("fetch",))
+sample_rank_seconds = _Series(STAGE_DURATION, ("sample_rank",))
+encode_seconds = _Series(STAGE_DURATION, ("encode",))
 shed = _Count(SHED)
 degraded = _Count(DEGRADED)
 unread = _Count(UNREAD)
@@ -299,6 +384,21 @@ def cache_watched(source: FeatureSource) -> Iterator[None]:
         _caches.remove(counters)
 
 
+class _Histograms(Collector):
+    """The stored histograms of ``families()``: this process's counters, or the counters of every worker's files."""
+
+    def __init__(self, families: Any) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return stored_histograms(self.families(), HISTOGRAMS)
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # nothing to check against the other collectors' names when it is registered
+
+
+# One process: the histograms beside the other metrics of the default registry.
+REGISTRY.register(_Histograms(_STORE.collect))
 _multiprocess_registries: dict[str, CollectorRegistry] = {}
 
 
@@ -310,9 +410,10 @@ def exposition(metrics_dir: str, accept: str | None) -> tuple[bytes, str]:
     flush()
     registry = REGISTRY
     if metrics_dir:
-        registry = _multiprocess_registries.get(metrics_dir) or CollectorRegistry()
+        registry = _multiprocess_registries.get(metrics_dir) or CollectorRegistry(auto_describe=False)
         if metrics_dir not in _multiprocess_registries:
-            MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]  # unannotated
+            files = MultiProcessCollector(None, path=metrics_dir)  # type: ignore[no-untyped-call]  # unannotated
+            registry.register(_Histograms(files.collect))
             _multiprocess_registries[metrics_dir] = registry
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type

@@ -33,7 +33,7 @@ def _status(description: str) -> dict[str, Any]:
     return _json(description, schema)
 
 
-#: Any request may get this from the server itself, before the app sees it (server.GuardedHttpToolsProtocol).
+#: Any request may get this from the server itself, before the app sees it (http.protocol.GuardedHttpToolsProtocol).
 _HEADERS_TOO_LARGE = _error(
     "The request head is larger than max_header_bytes (headers_too_large); the connection is closed."
 )
@@ -111,6 +111,49 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "503": _error(
                             "The journal cannot record durably now (journal_unavailable: full or read-only disk), "
                             "or the worker is overloaded; nothing was counted, retry later."
+                        ),
+                    },
+                }
+            },
+            "/rewards": {
+                "post": {
+                    "operationId": "rewards",
+                    "summary": "Many rewards in one request and one group commit, with a result per reward",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["rewards"],
+                                    "properties": {
+                                        "rewards": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "maxItems": 10000,
+                                            "items": {"$ref": "#/components/schemas/RewardRequest"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            "One result per reward, in order, once the accepted ones are on disk: {status: accepted}, "
+                            "{status: duplicate}, or an error object (unknown_event, not_in_event).",
+                            {"type": "object", "required": ["results"]},
+                        ),
+                        "400": _error("The body is not valid JSON."),
+                        "404": _error("The learning loop is off (learning_off)."),
+                        "408": _error("The body did not arrive within body_timeout_s of the head."),
+                        "413": _error(f"The body is larger than {max_body_bytes} bytes."),
+                        "415": _error("The content type is not application/json."),
+                        "422": _error("A reward does not match RewardRequest; field names it (rewards[3].reward)."),
+                        "431": _HEADERS_TOO_LARGE,
+                        "503": _error(
+                            "The journal cannot record durably now (journal_unavailable): none of the batch was "
+                            "counted; or the worker is overloaded. Retry the whole batch."
                         ),
                     },
                 }

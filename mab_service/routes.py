@@ -1,14 +1,12 @@
 """Endpoints: decode the body -> pipeline.recommend() -> encode the answer. No numerics here.
 
-``/predict`` is a plain ASGI endpoint: it reads the body and writes the answer itself, without Starlette's
-Request and Response objects, because per request they cost more than ranking 400 candidates. The other
-endpoints are ordinary Starlette functions.
+``/predict`` and ``/reward`` are plain functions of the lifespan state and the request body, which the edge
+(``http/edge.py``) reads, admits, answers and counts; Starlette's Request and Response objects would cost more per
+request than ranking 400 candidates. The other endpoints are ordinary Starlette functions.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 from time import perf_counter
 
 import orjson
@@ -18,154 +16,82 @@ from starlette.routing import Route
 
 from mab_service import dashboard, metrics, pipeline, schemas
 from mab_service.config import Settings
-from mab_service.errors import (
-    LearningOff,
-    MabError,
-    Overloaded,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    ValidationFailed,
-)
+from mab_service.errors import LearningOff, ValidationFailed
 from mab_service.learning.loop import Loop
-from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
-from mab_service.responses import OrjsonResponse, error_body
+from mab_service.responses import OrjsonResponse
 from mab_service.state import AppState
-from mab_service.types import Receive, Scope, Send
-
-logger = logging.getLogger("mab_service")
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 MAX_TOP_ARMS = 1000
+MAX_REWARDS_PER_REQUEST = 10_000
+_ACCEPTED = {"status": "accepted"}
+_DUPLICATE = {"status": "duplicate"}
 
 
-class JsonEndpoint:
-    """A plain ASGI endpoint for a JSON POST: read the body, ``answer`` it, send the answer, count it.
-
-    The request id, the error mapping, the metrics and the access log are here, once for every such endpoint.
-    """
-
-    path = ""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = perf_counter()
-        state: AppState = scope["state"]
-        settings = state["settings"]
-        content_type, content_length, request_id = _request_headers(scope["headers"])
-        REQUEST_ID.set(request_id)
-        try:
-            _check_json(content_type)
-            body = await _read_body(receive, content_length, settings.max_body_bytes)
-            if body is None:
-                return  # the client went away; nobody to answer
-            status, payload = await self.answer(state, body)
-        except MabError as exc:
-            status, payload = exc.status_code, error_body(exc)
-        except Exception:
-            # Outside Starlette's error middleware: log the traceback here and answer a generic 500.
-            logger.exception("unhandled error in POST %s", self.path)
-            status, payload = 500, b'{"error":"internal_error","message":"internal server error"}'
-        await _send_json(send, status, payload, request_id)
-        # After the answer is out: a few additions to plain numbers (metrics.py), nothing when both are off.
-        if settings.metrics:
-            metrics.requests.observe(self.path, status, perf_counter() - started)
-        if settings.access_log:
-            log_access("POST", self.path, status, perf_counter() - started, request_id, scope.get("client"))
-
-    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
-        raise NotImplementedError
-
-
-class PredictEndpoint(JsonEndpoint):
+async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     """``POST /predict``: rank the candidates of one request; with the loop on, hold the answer as an event."""
-
-    path = "/predict"
-
-    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
-        settings = state["settings"]
-        query = schemas.decode_predict(body, settings.max_candidates)
-        loop = state["loop"]
-        seed = query.seed
-        if loop is not None and seed is None:
-            seed = loop.new_seed()  # every answer can be drawn again from the decision log
-        result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
-        event_id = None
-        if loop is not None:
-            features = result.features
-            event_id = loop.answered(
-                query.event_id or loop.new_event_id(),
-                query.event_id is not None,
-                query.user_id,
-                body,
-                query.candidates,
-                features.alpha,
-                features.beta,
-                features.rows,
-                result.ranking,
-                result.ids,
-                seed,  # type: ignore[arg-type]  # drawn above when the request had none
-                query.top_k,
-            )
-        encoding = perf_counter()
-        answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded, event_id)
-        payload = orjson.dumps(answer, option=_JSON_OPTIONS)
-        if settings.metrics:
-            metrics.candidates.observe(len(query.candidates))
-            metrics.encode_seconds.observe(perf_counter() - encoding)
-        return 200, payload
-
-
-class RewardEndpoint(JsonEndpoint):
-    """``POST /reward``: credit an arm an answer returned; 202 once the reward is on disk, 200 if a duplicate."""
-
-    path = "/reward"
-
-    async def answer(self, state: AppState, body: bytes) -> tuple[int, bytes]:
-        loop = state["loop"]
-        if loop is None:
-            raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
-        query = schemas.decode_reward(body)
-        if await loop.reward(query.event_id, query.id, query.reward):
-            return 202, b'{"status":"accepted"}'
-        return 200, b'{"status":"duplicate"}'
-
-
-predict = PredictEndpoint()
-reward = RewardEndpoint()
-
-
-async def _send_json(send: Send, status: int, payload: bytes, request_id: bytes, *extra: tuple[bytes, bytes]) -> None:
-    """Send a whole JSON answer: its head, with the request id, then its body."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *extra]
-    headers.append((b"x-request-id", request_id))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
-async def overloaded(scope: Scope, send: Send, settings: Settings) -> None:
-    """Answer ``503 overloaded`` with ``Retry-After`` at once, without reading the body (the shed path)."""
-    started = perf_counter()
-    request_id = _request_headers(scope["headers"])[2]
-    REQUEST_ID.set(request_id)
-    payload = _overloaded_body(settings.max_in_flight, settings.retry_after_s)
-    status = Overloaded.status_code
-    await _send_json(send, status, payload, request_id, (b"retry-after", b"%d" % settings.retry_after_s))
+    settings = state["settings"]
+    query = schemas.decode_predict(body, settings.max_candidates)
+    loop = state["loop"]
+    seed = query.seed
+    if loop is not None and seed is None:
+        seed = loop.new_seed()  # every answer can be drawn again from the decision log
+    result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
+    event_id = None
+    if loop is not None:
+        features = result.features
+        event_id = loop.answered(
+            query.event_id or loop.new_event_id(),
+            query.event_id is not None,
+            query.user_id,
+            body,
+            query.candidates,
+            features.alpha,
+            features.beta,
+            features.rows,
+            result.ranking,
+            result.ids,
+            seed,  # type: ignore[arg-type]  # drawn above when the request had none
+            query.top_k,
+        )
+    encoding = perf_counter()
+    answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded, event_id)
+    payload = orjson.dumps(answer, option=_JSON_OPTIONS)
     if settings.metrics:
-        metrics.shed.n += 1
-        metrics.requests.observe(scope["path"], status, perf_counter() - started)
-    if settings.access_log:
-        log_access("POST", scope["path"], status, perf_counter() - started, request_id, scope.get("client"))
+        metrics.candidates.observe(len(query.candidates))
+        metrics.encode_seconds.observe(perf_counter() - encoding)
+    return 200, payload
 
 
-@functools.lru_cache(maxsize=8)
-def _overloaded_body(max_in_flight: int, retry_after_s: int) -> bytes:
-    exc = Overloaded(f"the worker holds its limit of {max_in_flight} requests; retry after {retry_after_s} s")
-    return error_body(exc)
+async def reward(state: AppState, body: bytes) -> tuple[int, bytes]:
+    """``POST /reward``: credit an arm an answer returned; 202 once the reward is on disk, 200 if a duplicate."""
+    loop = state["loop"]
+    if loop is None:
+        raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
+    query = schemas.decode_reward(body)
+    if await loop.reward(query.event_id, query.id, query.reward):
+        return 202, b'{"status":"accepted"}'
+    return 200, b'{"status":"duplicate"}'
+
+
+async def rewards(state: AppState, body: bytes) -> tuple[int, bytes]:
+    """``POST /rewards``: many rewards in one request and one group commit; 200 with a result per reward, in order,
+    once the accepted ones are on disk (for pipelines that forward clicks in batches)."""
+    loop = state["loop"]
+    if loop is None:
+        raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
+    items = schemas.decode_rewards(body, MAX_REWARDS_PER_REQUEST)
+    outcomes = await loop.rewards([(item.event_id, item.id, item.reward) for item in items])
+    results = [
+        _ACCEPTED if outcome is True else _DUPLICATE if outcome is False else outcome.to_json() for outcome in outcomes
+    ]
+    return 200, orjson.dumps({"results": results})
 
 
 async def health(request: Request) -> OrjsonResponse:
     """Readiness: 200 while this worker should get traffic; 503 while draining or while the source fails."""
     state: AppState = request.scope["state"]
-    if state["lifecycle"].draining:
+    if state["admission"].draining:
         return OrjsonResponse({"status": "draining"}, status_code=503)
     status = state["source"].health()
     if status.ready:
@@ -254,46 +180,10 @@ def _loop(request: Request) -> Loop:
     return loop
 
 
-def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:
-    """The content type, the declared content length and the request id (the client's or a new one)."""
-    content_type = b""
-    content_length = None
-    request_id = None
-    for name, value in headers:
-        if name == b"content-type":
-            content_type = value
-        elif name == b"content-length":
-            content_length = value
-        elif name == b"x-request-id":
-            request_id = request_id_from(value)
-    return content_type, content_length, request_id or new_request_id()
-
-
-def _check_json(content_type: bytes) -> None:
-    if content_type.partition(b";")[0].strip().lower() != b"application/json":
-        shown = content_type.decode("latin-1") or "none"
-        raise UnsupportedMediaType(f"content type must be application/json (got {shown})")
-
-
-async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes | None:
-    """The whole body, at most ``limit`` bytes; None if the client disconnected."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body must be at most {limit} bytes (Content-Length is {declared.decode()})")
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    while message.get("more_body", False) and len(body) <= limit:  # a body in several chunks
-        message = await receive()
-        body += message.get("body", b"")
-    if message["type"] == "http.disconnect":
-        return None
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body must be at most {limit} bytes")
-    return body
-
-
+#: The POST endpoints the edge serves ahead of Starlette, admitted against ``max_in_flight``.
+FAST_ENDPOINTS = {"/predict": predict, "/reward": reward, "/rewards": rewards}
+#: Starlette's routes.
 ROUTES = [
-    Route("/predict", predict, methods=["POST"]),
-    Route("/reward", reward, methods=["POST"]),
     Route("/arms", arms, methods=["GET"]),
     Route("/arms/{id:path}", arm, methods=["GET"]),
     Route("/loop", loop_stats, methods=["GET"]),
@@ -304,4 +194,9 @@ ROUTES = [
     Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
 ]
 #: Paths that are their own ``endpoint`` label in the metrics; any other path is counted as ``other``.
-ENDPOINTS = frozenset(route.path for route in ROUTES if "{" not in route.path) | {"/arms/{id}"}
+ENDPOINTS = frozenset(FAST_ENDPOINTS) | {route.path for route in ROUTES if "{" not in route.path} | {"/arms/{id}"}
+
+
+def endpoint_label(path: str) -> str:
+    """The ``endpoint`` label of ``path`` in the metrics: a bounded set, whatever paths clients ask for."""
+    return path if path in ENDPOINTS else "/arms/{id}" if path.startswith("/arms/") else "other"

@@ -1,29 +1,12 @@
-"""Serving: uvicorn with a drain before it stops listening, overload marked on arrival, several workers.
+"""Serving: one worker in this process, or several under a small supervisor on one shared port.
 
-Shutdown, on SIGTERM (or a first SIGINT):
-
-1. ``lifecycle.draining`` is set at once: /health answers 503 and every answer carries ``Connection: close``,
-   while the listener keeps accepting for ``drain_delay_s`` so that load balancers stop routing here first;
-2. then uvicorn's own shutdown: the listener closes, idle connections close, requests in flight get
-   ``timeout_graceful_shutdown_s`` to finish (then they are cancelled), the lifespan closes the feature source.
-
-A second SIGINT skips the drain, a third forces the exit; a repeated SIGTERM changes nothing.
-
-Overload: a worker that runs CPU-bound requests one after the other never has more than one inside the app, so
-a count taken when the app starts a request stays at one however long the queue is. The queue is the requests
-read from the sockets whose tasks have not run yet, and only the server sees them arrive. ``RequestTasks``
-replaces uvicorn's set of request tasks: when a request arrives while ``max_in_flight`` admitted ones are not yet
-answered, its task is put in ``lifecycle.over_cap`` and the app answers it 503 ``overloaded`` without doing
-the work. Admission is in order of arrival, so the requests that wait behind the admitted ones are the cheap
-ones.
-
-Slow and broken clients: uvicorn bounds only the idle time between requests, so the workers speak HTTP through
-``protocol.GuardedHttpToolsProtocol``: time limits on request heads and bodies, a size limit on heads.
+Each worker builds its own edge (``http/``): one ``Admission`` shared by its protocol, its app and its
+``DrainingServer``. The settings reach every worker as the object (pickled with the process arguments); only
+PROMETHEUS_MULTIPROC_DIR goes through the environment, for prometheus-client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -39,6 +22,7 @@ from functools import partial
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -46,89 +30,15 @@ from uvicorn.config import STARTUP_FAILURE
 from mab_service import logs
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
+from mab_service.http.admission import Admission
+from mab_service.http.drain import DrainingServer
+from mab_service.http.protocol import ClientLimits, GuardedHttpToolsProtocol
 from mab_service.learning import node
-from mab_service.protocol import ClientLimits, GuardedHttpToolsProtocol
-from mab_service.state import Lifecycle
 
 logger = logging.getLogger("mab_service.server")
 
 #: Seconds the supervisor waits for its workers beyond their own drain and graceful timeout before killing them.
 WORKER_EXIT_MARGIN_S = 5.0
-
-
-class RequestTasks(set["asyncio.Task[None]"]):
-    """uvicorn's set of request tasks (``server_state.tasks``), admitting requests as they arrive.
-
-    uvicorn adds a request's task when its headers have been parsed and discards it when the task is done. A task
-    added while ``limit`` tasks are in ``admitted`` goes into ``over_cap`` instead. The app takes its task out of
-    ``admitted`` as soon as the answer is out: the discard comes in a later turn of the event loop, after the
-    requests that arrived meanwhile were counted, and would make a busy worker shed below its limit.
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.admitted: set[asyncio.Task[None]] = set()
-        self.over_cap: set[asyncio.Task[None]] = set()
-
-    def add(self, task: asyncio.Task[None]) -> None:
-        if len(self.admitted) >= self.limit:
-            self.over_cap.add(task)
-        else:
-            self.admitted.add(task)
-        set.add(self, task)  # not super(): this runs for every request, and super() costs ~0.2 us
-
-    def discard(self, task: object) -> None:
-        set.discard(self, task)
-        self.admitted.discard(task)
-        self.over_cap.discard(task)
-
-
-class DrainingServer(uvicorn.Server):
-    """A uvicorn server that drains before it closes its listener and marks requests over the in-flight cap."""
-
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
-        super().__init__(config)
-        self.drain_delay_s = settings.drain_delay_s
-        self.tasks = RequestTasks(settings.max_in_flight)
-        # Connections take this set when they are made, after startup; it replaces uvicorn's plain set.
-        self.server_state.tasks = self.tasks
-        self.lifecycle: Lifecycle | None = None
-        self.drain_ends: float | None = None
-        self._drain_logged = False
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        lifecycle = self.lifespan.state.get("lifecycle")
-        if isinstance(lifecycle, Lifecycle):
-            self.lifecycle = lifecycle
-            lifecycle.admitted, lifecycle.over_cap = self.tasks.admitted, self.tasks.over_cap
-            lifecycle.draining = self.drain_ends is not None  # a signal may have come during startup
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler: set flags only; on_tick does the rest from the event loop.
-        if self.drain_ends is None:
-            self.drain_ends = time.monotonic() + self.drain_delay_s
-            if self.lifecycle is not None:
-                self.lifecycle.draining = True
-        elif sig == signal.SIGINT:
-            self._exit()  # a second Ctrl-C: stop draining; a third: do not wait for requests either
-
-    def _exit(self) -> None:
-        # uvicorn's handle_exit also queues the signal to be raised again after shutdown, which would end the
-        # process by the signal before the CLI cleans up; a drained server exits normally instead.
-        if self.should_exit:
-            self.force_exit = True
-        self.should_exit = True
-
-    async def on_tick(self, counter: int) -> bool:
-        if self.drain_ends is not None and not self.should_exit:
-            if not self._drain_logged:
-                self._drain_logged = True
-                logger.info("draining: /health answers 503, the listener closes in %.1f s", self.drain_delay_s)
-            if time.monotonic() >= self.drain_ends:
-                self._exit()
-        return await super().on_tick(counter)
 
 
 class Supervisor:
@@ -140,13 +50,8 @@ class Supervisor:
     """
 
     def __init__(
-        self,
-        config: uvicorn.Config,
-        settings: Settings,
-        sockets: list[socket.socket],
-        loop_state: node.NodeHandle | None = None,
+        self, settings: Settings, sockets: list[socket.socket], loop_state: node.NodeHandle | None = None
     ) -> None:
-        self.config = config
         self.settings = settings
         self.sockets = sockets
         self.loop_state = loop_state
@@ -157,7 +62,7 @@ class Supervisor:
         # spawn, as uvicorn does: a fresh interpreter, no state forked from the supervisor.
         process = multiprocessing.get_context("spawn").Process(
             target=_run_worker,
-            args=(self.config, self.settings, self.sockets, self.loop_state),
+            args=(self.settings, self.sockets, self.loop_state),
             name="mab-service-worker",
         )
         process.start()
@@ -206,26 +111,35 @@ class Supervisor:
         return status
 
 
-def _run_worker(
-    config: uvicorn.Config, settings: Settings, sockets: list[socket.socket], loop_state: node.NodeHandle | None
-) -> None:
-    config.configure_logging()
+def _run_worker(settings: Settings, sockets: list[socket.socket], loop_state: node.NodeHandle | None) -> None:
     if loop_state is not None:
         node.adopt(node.Node.attach(loop_state))
-    DrainingServer(config, settings).run(sockets=sockets)
+    worker(settings).run(sockets=sockets)
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
-    """The uvicorn configuration for ``settings``: uvloop and httptools, our logging, no access log of uvicorn's."""
+def worker(settings: Settings) -> DrainingServer:
+    """One worker's server: its app and protocol built around one ``Admission``, which the server drains."""
+    # Imported here, not at the top: prometheus-client, which the app imports, reads PROMETHEUS_MULTIPROC_DIR when
+    # it is first imported, and serve() sets it only after this module is imported.
+    from mab_service.app import build_app
+    from mab_service.routes import FAST_ENDPOINTS
+
+    admission = Admission.from_settings(settings, frozenset(FAST_ENDPOINTS))
+    app = build_app(settings, admission=admission)
+    # httptools, with limits on slow and broken clients and admission on arrival.
+    protocol = partial(GuardedHttpToolsProtocol, limits=ClientLimits.from_settings(settings), admission=admission)
+    return DrainingServer(uvicorn_config(settings, app, protocol), admission, settings.drain_delay_s)
+
+
+def uvicorn_config(settings: Settings, app: Any, protocol: Any) -> uvicorn.Config:
+    """The uvicorn configuration of one worker: ``app`` on uvloop and ``protocol``, our logging, no access log of
+    uvicorn's."""
     return uvicorn.Config(
-        "mab_service.app:create_app",
-        factory=True,
+        app,
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
         loop="uvloop",
-        # httptools, with limits on slow and broken clients; the limits travel with the protocol to every worker.
-        http=partial(GuardedHttpToolsProtocol, limits=ClientLimits.from_settings(settings)),  # type: ignore[arg-type]
+        http=protocol,
         ws="none",  # no WebSocket routes: an upgrade request is an ordinary request, under the same limits
         lifespan="on",
         # Ours (logs.py) carries the request id and the duration; uvicorn's would be a second line.
@@ -241,12 +155,17 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
+def _shared_socket(settings: Settings) -> socket.socket:
+    """The listening socket the workers share, bound as uvicorn binds it (the app named here is never loaded)."""
+    return uvicorn.Config("mab_service.app:create_app", host=settings.host, port=settings.port).bind_socket()
+
+
 def serve(settings: Settings) -> None:
     """Run the service with ``settings`` until SIGTERM or SIGINT; exits with status 3 if it cannot start.
 
     Prepares the Prometheus multiprocess directory (a fresh temporary one unless ``metrics_dir`` is set, which
-    is wiped), exports the settings for the worker processes, then serves in this process (one worker) or
-    under a ``Supervisor``.
+    is wiped), then serves in this process (one worker) or under a ``Supervisor``, which hands ``settings`` to
+    every worker.
     """
     owned_dir = None
     if settings.metrics:
@@ -258,9 +177,9 @@ def serve(settings: Settings) -> None:
         else:
             owned_dir = tempfile.mkdtemp(prefix="mab-metrics-")
             settings = settings.replace(metrics_dir=owned_dir)
-    # Before the app (and prometheus-client) is imported here or in a worker: they read it from the environment.
-    settings.export_env(os.environ)
-    config = uvicorn_config(settings)
+    # Before the app (and prometheus-client) is imported here or in a worker: prometheus-client reads it from the
+    # environment. The only setting that travels that way.
+    settings.export_metrics_dir(os.environ)
     owned = None
     try:
         if settings.learning:
@@ -272,13 +191,12 @@ def serve(settings: Settings) -> None:
                 sys.exit(STARTUP_FAILURE)
             node.adopt(owned)
         if settings.workers == 1:
-            server = DrainingServer(config, settings)
+            server = worker(settings)
             server.run()
-            started = server.started
-            status = 0 if started else STARTUP_FAILURE
+            status = 0 if server.started else STARTUP_FAILURE
         else:
             handle = None if owned is None else owned.handle
-            status = Supervisor(config, settings, [config.bind_socket()], handle).run()
+            status = Supervisor(settings, [_shared_socket(settings)], handle).run()
     finally:
         if owned is not None:
             owned.close()

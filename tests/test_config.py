@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
-from mab_service.config import Settings, SettingsError
+from mab_service.config import ENV_PREFIX, Settings, SettingsError
 
 
 def test_defaults() -> None:
@@ -19,11 +21,30 @@ def test_environment_then_overrides() -> None:
     assert s.prior_beta == 3.5 and s.access_log is True
 
 
-def test_export_round_trips() -> None:
+def environment_of(settings: Settings) -> dict[str, str]:
+    """The MAB_* variables that spell ``settings``, written as a person would (``true``, ``2.5``)."""
+    env = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        env[ENV_PREFIX + f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def test_every_field_reads_back_from_its_variable() -> None:
     s = Settings(port=1234, access_log=True, features="csv:/tmp/x.csv", prior_alpha=2.5)
+    assert Settings.from_env(environment_of(s)) == s
+
+
+def test_every_field_has_help_in_its_metadata() -> None:
+    assert [f.name for f in fields(Settings) if not f.metadata.get("help")] == []
+
+
+def test_only_the_metrics_directory_is_exported() -> None:
     env: dict[str, str] = {}
-    s.export_env(env)
-    assert Settings.from_env(env) == s
+    Settings(metrics_dir="/tmp/m", port=1234).export_metrics_dir(env)
+    assert env == {"PROMETHEUS_MULTIPROC_DIR": "/tmp/m"}
+    Settings(metrics=False, metrics_dir="/tmp/m").export_metrics_dir(env := {})
+    assert env == {}
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ def test_the_document_lists_every_operation(api: schemathesis.BaseSchema) -> Non
     assert operations == {
         ("POST", "/predict"),
         ("POST", "/reward"),
+        ("POST", "/rewards"),
         ("GET", "/arms"),
         ("GET", "/arms/{id}"),
         ("GET", "/loop"),

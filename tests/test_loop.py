@@ -95,6 +95,32 @@ def test_refusals(loop_server: Server) -> None:
         assert c.get(f"/arms/{shown[0]}").json()["rewards"] == 1.0  # type: ignore[index]
 
 
+def test_rewards_in_a_batch_answer_one_result_each(loop_server: Server) -> None:
+    with loop_server.client() as c:
+        answer = _predict(c, ["b-a", "b-b", "b-c"], top_k=2)
+        event_id, shown = answer["event_id"], answer["ids"]
+        batch = [
+            {"event_id": event_id, "id": shown[0]},  # type: ignore[index]
+            {"event_id": event_id, "id": shown[1], "reward": 0.5},  # type: ignore[index]
+            {"event_id": event_id, "id": shown[0]},  # type: ignore[index]  # the same pair again in the batch
+            {"event_id": "nope", "id": "b-a"},
+            {"event_id": event_id, "id": "b-z"},
+        ]
+        answer_batch = c.post("/rewards", json={"rewards": batch})
+        assert answer_batch.status_code == 200, answer_batch.text
+        results = answer_batch.json()["results"]
+        assert results[:3] == [{"status": "accepted"}, {"status": "accepted"}, {"status": "duplicate"}]
+        assert (results[3]["error"], results[4]["error"]) == ("unknown_event", "not_in_event")
+        assert c.get(f"/arms/{shown[0]}").json()["rewards"] == 1.0  # type: ignore[index]
+        assert c.get(f"/arms/{shown[1]}").json()["rewards"] == 0.5  # type: ignore[index]
+        again = c.post("/rewards", json={"rewards": batch[:1]}).json()["results"]
+        assert again == [{"status": "duplicate"}]
+        bad = c.post("/rewards", json={"rewards": [batch[0], {"event_id": event_id, "id": shown[0], "reward": 2}]})
+        assert (bad.status_code, bad.json()["field"]) == (422, "rewards[1].reward")  # nothing of it is counted
+        for body in ({"rewards": []}, {"rewards": {}}, {}):
+            assert c.post("/rewards", json=body).status_code == 422
+
+
 def test_a_client_event_id_is_refused_while_held(loop_server: Server) -> None:
     with loop_server.client() as c:
         answer = _predict(c, ["x", "y"], event_id="client:evt-1.A_b")

@@ -16,10 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mab_service import metrics
-from mab_service.app import Application, build_app
+from mab_service.app import build_app
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.features.cache import FeatureCache
+from mab_service.http.edge import Edge
 from tests.conftest import Rand, Server
 from tests.test_app import BODY, ScriptedSource
 
@@ -37,11 +38,12 @@ def _value(name: str, **labels: str) -> float:
 
 
 def test_flushed_series_expose_exactly_what_observe_would(rand: Rand) -> None:
-    # _Series adds to plain numbers and writes prometheus-client's bucket values directly at flush time.
-    registry = CollectorRegistry()
+    # _Series adds to plain numbers and adds them to a StoredHistogram's counters at flush time; the exposition
+    # turns those back into the histogram prometheus-client's own observe() would have made.
+    registry, store = CollectorRegistry(), CollectorRegistry(auto_describe=False)
     reference = Histogram("reference", "observed one by one", buckets=metrics.LATENCY_BUCKETS, registry=registry)
-    batched = Histogram("batched", "observed through _Series", buckets=metrics.LATENCY_BUCKETS, registry=registry)
-    series = metrics._Series(batched, metrics.LATENCY_BUCKETS)
+    batched = metrics.StoredHistogram("batched", "observed through _Series", [], metrics.LATENCY_BUCKETS, store)
+    series = metrics._Series(batched)
     values = np.concatenate([rand.gen.exponential(0.002, 500), list(metrics.LATENCY_BUCKETS), [0.0, 7.5]])
     for i, value in enumerate(values.tolist()):
         reference.observe(value)
@@ -50,7 +52,9 @@ def test_flushed_series_expose_exactly_what_observe_would(rand: Rand) -> None:
             series.flush()  # several flushes add up
     series.flush()
     series.flush()  # nothing new: a no-op
-    samples = {(s.name, s.labels.get("le")): s.value for family in registry.collect() for s in family.samples}
+    families = [*registry.collect(), *metrics.stored_histograms(store.collect(), [batched])]
+    assert [f.name for f in families] == ["reference", "batched"]
+    samples = {(s.name, s.labels.get("le")): s.value for family in families for s in family.samples}
     compared = 0
     for (name, le), value in samples.items():
         if name.startswith("reference") and not name.endswith("_created"):
@@ -97,6 +101,9 @@ def test_every_worker_is_counted(server_factory: Callable[..., Server], table_cs
         time.sleep(0.1)
     assert scraped.headers["content-type"].startswith("text/plain")
     assert seen == expected
+    # The histograms' stored form (their counters) is never exposed as it is.
+    assert not [name for name, _ in samples if name.endswith(("_in_bucket_total", "_summed_total"))]
+    assert "# TYPE mab_request_duration_seconds histogram" in scraped.text
     # Duplicates are ranked once: each request ranked `size` distinct candidates.
     assert samples[("mab_candidates_per_request_sum", ())] == sum(sizes)
     for stage in ("fetch", "sample_rank", "encode"):
@@ -158,7 +165,7 @@ def test_metrics_can_be_turned_off() -> None:
 class _Harness:
     """An app with its lifespan started, called directly with one prepared /predict request."""
 
-    def __init__(self, app: Application, body: bytes) -> None:
+    def __init__(self, app: Edge, body: bytes) -> None:
         self.app = app
         self.body = {"type": "http.request", "body": body, "more_body": False}
         self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

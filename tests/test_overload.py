@@ -25,7 +25,6 @@ from starlette.testclient import TestClient
 from mab_service.app import build_app
 from mab_service.config import Settings
 from mab_service.features.source import Features, Health
-from mab_service.server import RequestTasks
 from tests.conftest import Rand, unused_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,28 +85,6 @@ def test_requests_over_the_cap_in_the_app_are_shed_with_retry_after() -> None:
     }
     assert after.status_code == 200
     assert "mab_shed_requests_total" in scraped
-
-
-def test_request_tasks_admit_in_order_of_arrival_up_to_the_limit() -> None:
-    tasks = RequestTasks(limit=2)
-    first, second, third, fourth, fifth = (object() for _ in range(5))
-    for task in (first, second, third):
-        tasks.add(task)  # type: ignore[arg-type]
-    assert tasks.admitted == {first, second} and tasks.over_cap == {third}
-    tasks.discard(third)
-    assert tasks.over_cap == set() and len(tasks.admitted) == 2
-    # The app releases an answered request at once; uvicorn's discard comes later and changes nothing more.
-    tasks.admitted.discard(first)  # type: ignore[arg-type]
-    tasks.add(fourth)  # type: ignore[arg-type]
-    assert tasks.admitted == {second, fourth} and not tasks.over_cap
-    tasks.discard(first)
-    tasks.discard(first)
-    assert tasks.admitted == {second, fourth} and len(tasks) == 2
-    tasks.add(fifth)  # type: ignore[arg-type]
-    assert tasks.over_cap == {fifth}
-    for task in (second, fourth, fifth):
-        tasks.discard(task)
-    assert not tasks and not tasks.admitted and not tasks.over_cap
 
 
 # --- the service under load ----------------------------------------------------------------------------------

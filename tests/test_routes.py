@@ -89,6 +89,7 @@ def test_openapi_document(server: Server) -> None:
     assert set(doc["paths"]) == {
         "/predict",
         "/reward",
+        "/rewards",
         "/arms",
         "/arms/{id}",
         "/loop",

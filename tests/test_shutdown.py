@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -84,6 +85,31 @@ async def _client(port: int, routing: asyncio.Event, record: Record) -> None:
             writer = None
 
 
+async def _paced_client(port: int, record: Record, pause_s: float) -> None:
+    """Requests on one keep-alive connection with a pause of up to ``pause_s`` between an answer and the next
+    request, so that the connection is often idle; it leaves when an answer says close or the port refuses it."""
+    rng = random.Random(port + id(record) % 1000)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        record.refused += 1
+        return
+    while True:
+        writer.write(_request())
+        record.sent += 1
+        try:
+            answer = await _read_answer(reader)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            record.cut_off.append(repr(exc))
+            writer.close()
+            return
+        record.answers.append(answer)
+        if answer.headers.get(b"connection") == b"close":
+            writer.close()
+            return
+        await asyncio.sleep(rng.uniform(0, pause_s))
+
+
 async def _probe(port: int, routing: asyncio.Event, health: list[tuple[float, int | None]]) -> None:
     """The load balancer's readiness probe, every 20 ms, until the port is closed."""
     async with httpx.AsyncClient(timeout=1) as client:
@@ -114,12 +140,13 @@ async def _slow_request(port: int, listener_closed: asyncio.Event) -> Answer:
     return answer
 
 
-def _start(table_csv: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def _start(table_csv: Path, *extra: str, defaults: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """A server on the table; with ``defaults``, the default drain and graceful timeout."""
     port = unused_tcp_port()
-    cmd = [
-        sys.executable, "-m", "mab_service", "serve", "--port", str(port), "--features", f"csv:{table_csv}",
-        "--drain-delay-s", str(DRAIN_S), "--timeout-graceful-shutdown-s", str(GRACEFUL_S), *extra,
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "mab_service", "serve", "--port", str(port), "--features", f"csv:{table_csv}"]
+    if not defaults:
+        cmd += ["--drain-delay-s", str(DRAIN_S), "--timeout-graceful-shutdown-s", str(GRACEFUL_S)]
+    cmd += extra
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -195,6 +222,35 @@ def test_sigterm_under_keep_alive_load_cuts_no_request_off(table_csv: Path, stop
     # And the worker left within its budget: drain + graceful timeout, well before a kubelet's SIGKILL.
     assert exited_at - terminated < DRAIN_S + GRACEFUL_S
     assert "draining: /health answers 503" in output
+
+
+def test_sigterm_with_default_settings_cuts_no_request_off_on_idle_keep_alive_connections(
+    table_csv: Path, stopped: list
+) -> None:
+    # No drain delay: the listener closes within a tick of SIGTERM, while many kept-alive connections are idle
+    # between requests (clients pausing up to 0.25 s). A request that arrives on one of them after SIGTERM is
+    # answered (with Connection: close), never cut off.
+    proc, port = _start(table_csv, defaults=True)
+    stopped.append(proc)
+
+    async def scenario() -> tuple[Record, float]:
+        record = Record()
+        clients = [asyncio.create_task(_paced_client(port, record, pause_s=0.25)) for _ in range(48)]
+        await asyncio.sleep(1.5)  # under load
+        terminated = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*clients), 10)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        return record, time.monotonic() - terminated
+
+    record, took = asyncio.run(scenario())
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert record.cut_off == [], output
+    assert record.sent == len(record.answers) > 100 and record.refused == 0
+    assert all(a.status == 200 for a in record.answers)
+    # Every connection was told to close, and the worker left promptly (well within the graceful timeout).
+    assert sum(a.headers.get(b"connection") == b"close" for a in record.answers) == 48
+    assert took < 5
 
 
 def test_several_workers_drain_together(table_csv: Path, stopped: list) -> None:

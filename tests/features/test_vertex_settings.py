@@ -9,6 +9,7 @@ from mab_service.config import Settings, SettingsError
 from mab_service.features.cache import FeatureCache
 from mab_service.features.vertex import VertexOptions, VertexSource
 from mab_service.features.vertex_fos import FeatureViewSource
+from tests.test_config import environment_of
 
 ENTITY_TYPE = "vertex:projects/p/locations/us-east1/featurestores/f/entityTypes/e"
 FEATURE_VIEW = "vertex-fos:projects/p/locations/us-east1/featureOnlineStores/s/featureViews/v"
@@ -23,9 +24,7 @@ def test_the_google_emulator_variable_is_read_unless_ours_is_set() -> None:
 
 def test_vertex_settings_round_trip_through_the_environment() -> None:
     s = Settings(features=FEATURE_VIEW, vertex_mapping="counts", vertex_api_version="v1beta1", cache_ttl_s=0.0)
-    env: dict[str, str] = {}
-    s.export_env(env)
-    assert Settings.from_env(env) == s
+    assert Settings.from_env(environment_of(s)) == s
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
-"""The HTTP protocol: uvicorn's httptools protocol with limits on slow and broken clients.
+"""The HTTP protocol: uvicorn's httptools protocol with limits on slow and broken clients, and admission.
 
 uvicorn bounds only the idle time between requests, so ``GuardedHttpToolsProtocol`` adds a time limit on request
 heads and bodies, a size limit on heads, and hands a request to the app only once its body is in (see its
-docstring). ``server.uvicorn_config`` passes it to uvicorn as its ``http`` protocol.
+docstring); at that moment it takes the request's admission decision (``Admission.arrive``). ``server.worker``
+passes it to uvicorn as its ``http`` protocol.
+
+It subclasses uvicorn's protocol class and uses its internals (``_start_asgi_task``, ``flow``, the cycle's
+``more_body``, ``STATUS_LINE``): pyproject pins uvicorn to the minor version this is tested on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from uvicorn.server import ServerState
 from mab_service import logs
 from mab_service.config import Settings
 from mab_service.errors import HeadersTooLarge, MabError, RequestTimeout
-from mab_service.responses import error_body
+from mab_service.http.admission import ADMITTED, Admission
+from mab_service.http.errors import error_answer
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class ClientLimits:
     def from_settings(cls, settings: Settings) -> ClientLimits:
         s = settings
         return cls(s.header_timeout_s, s.body_timeout_s, s.max_header_bytes, s.max_body_bytes)
+
+
+#: Seconds a connection idle at shutdown stays open for a request already on its way; then it is closed.
+SHUTDOWN_IDLE_S = 0.5
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -58,6 +67,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       request, 408 ``request_timeout`` and the connection is closed; if it has (it answered 413 early and the
       body is still coming), the connection is closed.
 
+    When a request goes to the app, a POST to a fast endpoint gets its admission decision (``admission``), in
+    order of arrival.
+
+    At shutdown (``shutdown``), uvicorn closes a connection with no request under way at once; but on a kept-alive
+    connection the client's next request may already be on the wire, and closing would cut it off. Here such a
+    connection is closed only once it has stayed idle ``SHUTDOWN_IDLE_S``; a request that begins meanwhile (or had
+    begun: a head or a body partly in) is answered with ``Connection: close``, and the connection closes after it.
+
     A request that arrives in one read costs a few attribute updates; only a head or a body that spans reads arms
     a timer.
     """
@@ -70,15 +87,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         limits: ClientLimits,
+        admission: Admission,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
+        self.admission = admission
         self._max_header_bytes = limits.max_header_bytes
         self._timer: asyncio.TimerHandle | None = None
         self._in_head = False  # a request head has begun and is not complete
         self._in_body = False  # a head is complete and its body is not
         self._head_room = limits.max_header_bytes  # bytes the head in progress (or the next one) may still take
         self._held: tuple[RequestResponseCycle, ASGI3Application] | None = None  # a request waiting for its body
+        self._closing = False  # shutting down: answer what comes with Connection: close, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -109,6 +129,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._cancel_timer()
         _on_headers_complete(self)
+        if self._closing and self.cycle is not None:
+            self.cycle.keep_alive = False  # uvicorn adds Connection: close and closes once the answer is out
+
+    def shutdown(self) -> None:
+        """Called by the server at shutdown: close once no request is under way, never cutting one off."""
+        self._closing = True
+        if self._idle():
+            # The client's next request may already be on its way: give it a moment to arrive and be answered.
+            self.loop.call_later(SHUTDOWN_IDLE_S, self._close_if_idle)
+        elif not self._in_head:  # a head partly in is answered with Connection: close once complete (above)
+            super().shutdown()  # the request under way is answered with Connection: close
+
+    def _idle(self) -> bool:
+        cycle = self.cycle
+        return not (self._in_head or self._in_body) and (cycle is None or cycle.response_complete)
+
+    def _close_if_idle(self) -> None:
+        if self._idle() and not self.transport.is_closing():
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         _on_message_complete(self)
@@ -127,12 +166,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if cycle.waiting_for_100_continue:  # the client sends the body only once told to
                 self._check_held()
         else:
-            _start_task(self, cycle, app)
+            self._start(cycle, app)
 
     def _start_held(self) -> None:
         assert self._held is not None
         cycle, app = self._held
         self._held = None
+        self._start(cycle, app)
+
+    def _start(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """Start the request's task, with its admission decision when it is a POST to a fast endpoint."""
+        scope = cycle.scope
+        if scope["method"] == "POST" and scope["path"] in self.admission.paths:
+            scope[ADMITTED] = self.admission.arrive()  # type: ignore[literal-required]  # an ASGI scope extension
         _start_task(self, cycle, app)
 
     def _feed_head(self, data: bytes) -> None:
@@ -198,16 +244,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, exc: MabError) -> None:
         """Answer ``exc`` (JSON, ``Connection: close``) for a request the app has not seen; close the connection."""
-        body = error_body(exc)
+        status, body, extra = error_answer(exc, "-", "-")
         headers = [
             *self.server_state.default_headers,
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
+            *extra,
             (b"connection", b"close"),
             (b"x-request-id", logs.new_request_id()),
         ]
         head = b"".join(b"%s: %s\r\n" % header for header in headers)
-        self.transport.write(STATUS_LINE[exc.status_code] + head + b"\r\n" + body)
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
         self.transport.close()
 
 
