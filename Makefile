@@ -37,6 +37,10 @@ check: ## Lint and type-check
 test: dev check ## Install, lint, type-check and run the test suite (what CI runs)
 	$(PYTHON) -m pytest
 
+.PHONY: test-perf
+test-perf: ## Timed comparisons (opt-in: a shared machine makes them flaky): metrics on against off, in process
+	$(PYTHON) -m pytest -m perf
+
 .PHONY: bench
 bench: ## Kernel benchmark: ns per sample against numpy, 1 and 2 threads
 	taskset -c 0,1 $(PYTHON) -m benchmarks.bench_kernel --versions

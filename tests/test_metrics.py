@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
@@ -206,6 +207,7 @@ class _Harness:
         return elapsed / n
 
 
+@pytest.mark.perf  # a timed comparison: run by `make test-perf`, not in CI (targets are checked by benchmarks)
 def test_metrics_cost_the_hot_path_less_than_five_percent(table_csv: Path, rand: Rand) -> None:
     # The app's /predict path in-process, metrics on against off, interleaved, fastest of several rounds of each.
     # The app is about 40% of the server's CPU per request (~35 of ~88 us: uvicorn, httptools and the socket take
