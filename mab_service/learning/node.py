@@ -166,6 +166,7 @@ class Node:
         handle = NodeHandle(str(state_dir), str(arms_path), str(events_path))
         node = cls(handle, arms, events, [arms_map, events_map])
         replayed = node._replay(settings, checkpoint)
+        _prune(node.decisions_dir, settings.decision_log_max_bytes)
         logger.info(
             "loop state ready in %.1f s: %d arms (%d MB shared), %d events held, %d journal records replayed",
             time.perf_counter() - started,
@@ -312,6 +313,20 @@ def _catalogue(settings: Settings) -> contextlib.AbstractContextManager[Path] | 
             raise FeatureSourceError(f"cannot read feature table {path}: no such file")
         return contextlib.nullcontext(path)
     return None
+
+
+def _prune(directory: Path, max_bytes: int) -> None:
+    """Delete the oldest decision log files of earlier runs until they hold at most ``max_bytes`` (each running
+    worker bounds its own files; this bounds what the workers of earlier runs left)."""
+    if not directory.is_dir():
+        return
+    files = sorted(directory.glob("*.dlog"), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    for path in files:
+        if total <= max_bytes:
+            break
+        total -= path.stat().st_size
+        path.unlink(missing_ok=True)
 
 
 def _lock(state_dir: Path) -> int:

@@ -120,3 +120,15 @@ def test_shared_files_of_a_dead_owner_are_removed(tmp_path: Path, monkeypatch: p
     mine.write_bytes(b"x")
     node.Node.open(_settings(tmp_path)).close()
     assert not stale.exists() and mine.exists()
+
+
+def test_decision_logs_of_earlier_runs_are_bounded(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, decision_log_max_bytes=10_000)
+    directory = settings.state_path() / "decisions"
+    directory.mkdir(parents=True)
+    for i in range(5):  # five files of 4,000 bytes, oldest first
+        path = directory / f"old-{i}.dlog"
+        path.write_bytes(b"x" * 4000)
+        os.utime(path, (1000 + i, 1000 + i))
+    node.Node.open(settings).close()
+    assert sorted(p.name for p in directory.iterdir()) == ["old-3.dlog", "old-4.dlog"]
