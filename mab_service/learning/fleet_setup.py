@@ -83,8 +83,6 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
     """
     try:
         from google.api_core import exceptions
-        from google.cloud import bigtable
-        from google.cloud.bigtable_admin_v2.types import ColumnFamily, ModifyColumnFamiliesRequest, Table, Type
         from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
     except ImportError as exc:
         raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
@@ -116,15 +114,29 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
                 ) from None
             say(f"subscription {resources.subscription} exists")
 
+    ensure_table(resources.table, resources.marker_ttl_s, say)
+
+
+def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] = print) -> None:
+    """Create table ``path`` with the loop's column families, or add the families it lacks.
+
+    Raises:
+        SetupError: If the client library is missing.
+    """
+    try:
+        from google.api_core import exceptions
+        from google.cloud import bigtable
+        from google.cloud.bigtable_admin_v2.types import ColumnFamily, ModifyColumnFamiliesRequest, Table, Type
+    except ImportError as exc:
+        raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
     wanted: dict[str, Any] = {
         COUNTS_FAMILY: ColumnFamily(
             value_type=Type(
                 aggregate_type=Type.Aggregate(input_type=Type(int64_type=Type.Int64()), sum=Type.Aggregate.Sum())
             )
         ),
-        MARKERS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": resources.marker_ttl_s}}),
+        MARKERS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
     }
-    path = resources.table
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
         # The handwritten admin client, because it (not the generated one) honours BIGTABLE_EMULATOR_HOST.

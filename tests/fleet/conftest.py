@@ -117,3 +117,16 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulat
     if reason:
         pytest.skip(reason)
     yield from _start("pubsub", "PUBSUB_EMULATOR_HOST", str(tmp_path_factory.mktemp("emulators") / "pubsub.log"))
+
+
+@pytest.fixture
+def fleet_table(bigtable_emulator: Emulator) -> str:
+    """A new table with the loop's column families (``projects/fleet/instances/mab/tables/arms-<random>``)."""
+    import uuid
+
+    from mab_service.features.bigtable import TablePath
+    from mab_service.learning.fleet_setup import ensure_table
+
+    path = TablePath("fleet", "mab", f"arms-{uuid.uuid4().hex[:8]}")
+    ensure_table(path, marker_ttl_s=3600, say=lambda _: None)
+    return str(path)
