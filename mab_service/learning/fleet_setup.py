@@ -87,12 +87,12 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
     except ImportError as exc:
         raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
 
-    publisher = PublisherClient()
-    try:
-        publisher.create_topic(name=resources.topic)
-        say(f"created topic {resources.topic}")
-    except exceptions.AlreadyExists:
-        say(f"topic {resources.topic} exists")
+    with PublisherClient() as publisher:
+        try:
+            publisher.create_topic(name=resources.topic)
+            say(f"created topic {resources.topic}")
+        except exceptions.AlreadyExists:
+            say(f"topic {resources.topic} exists")
 
     subscriber = SubscriberClient()
     with subscriber:
