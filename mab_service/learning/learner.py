@@ -59,6 +59,8 @@ class LearnerStats:
     """Messages that are not records of this format: acknowledged and logged, never applied."""
     failed_windows: int = 0
     """Windows given back to Pub/Sub because a write failed."""
+    writes: int = 0
+    """CheckAndMutateRow calls made."""
 
 
 def subscriber_client() -> Any:
@@ -225,6 +227,7 @@ class Learner:
             mutations.append(self._add(COUNTS_FAMILY, IMPRESSIONS, impressions, 0))
         if rewards:
             mutations.append(self._add(COUNTS_FAMILY, REWARDS, rewards, 0))
+        self.stats.writes += 1
         async with self._limit:
             matched = bool(await self._table.check_and_mutate_row(key, predicate, false_case_mutations=mutations))
         if not matched:
