@@ -2,12 +2,13 @@
 
 One emulator (``gcloud beta emulators bigtable start``, its own process group) holds ``--arms`` arms with counts.
 Each request reads ``--keys`` distinct known keys (a W400 request's candidates). This process, pinned to the CPU it
-is started on, measures its own CPU time (``time.process_time``) per row read, two ways:
+is started on, measures its own CPU time (``time.process_time``) per row read, three ways:
 
-    ours    mab_service.features.bigtable.BigtableSource.read_counts: the google-cloud-bigtable async data client,
-            chunks of --chunk keys read concurrently, a filter for the counts family, cells decoded
-    raw     no client: grpc.aio unary-stream ReadRows on a plain channel, the raw protobuf deserializer, and the
-            chunks decoded into counts by hand (row keys, qualifiers, values; no retries, no resumption)
+    ours      mab_service.features.bigtable.BigtableSource.read_counts: the google-cloud-bigtable async data
+              client, chunks of --chunk keys read concurrently, a filter for the counts family, cells decoded
+    ours-raw  the same source with raw_reads: the client's channel, answers decoded from the raw protobuf
+    raw       no client: grpc.aio unary-stream ReadRows on a plain channel, the raw protobuf deserializer, and the
+              chunks decoded into counts by hand (row keys, qualifiers, values; no retries, no resumption)
 
 ``raw`` bounds what decoding without the client could gain. Variants alternate over ``--repeats``; medians are
 printed, with the emulator's CPU per row beside them (it sends one ReadRowsResponse message per row).
@@ -43,7 +44,7 @@ from mab_service.learning.fleet_setup import ensure_table
 
 TABLE = TablePath("bench", "bench", "arms")
 METHOD = "/google.bigtable.v2.Bigtable/ReadRows"
-VARIANTS = ("ours", "raw")
+VARIANTS = ("ours", "ours-raw", "raw")
 
 #: One request's keys -> rows read.
 Reader = Callable[[list[str]], Awaitable[int]]
@@ -67,8 +68,8 @@ async def fill(arms: int) -> None:
 
 
 async def make_reader(variant: str, host: str, chunk: int) -> tuple[Reader, Callable[[], Awaitable[None]]]:
-    if variant == "ours":
-        source = BigtableSource(str(TABLE), 1.0, 1.0, chunk_size=chunk, timeout_s=30)
+    if variant in ("ours", "ours-raw"):
+        source = BigtableSource(str(TABLE), 1.0, 1.0, chunk_size=chunk, timeout_s=30, raw_reads=variant == "ours-raw")
         await source.start()
 
         async def read_ours(keys: list[str]) -> int:

@@ -10,12 +10,19 @@ an id with no row gets the prior and is not counted in ``known``.
 Reads go through the ``google-cloud-bigtable`` async data client: one ReadRows call per chunk of at most
 ``chunk_size`` keys, chunks read concurrently, with a filter that sends only family ``c``. The client honours
 ``BIGTABLE_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
+
+With ``raw_reads``, the same calls go out on the client's own channel (its credentials, its emulator) but the
+answers are decoded here from the raw protobuf, skipping the client's row objects: ~30% less CPU per row
+(docs/fleet.md). A stream that fails with UNAVAILABLE, DEADLINE_EXCEEDED or ABORTED is asked again for the keys it
+has not answered, until the fetch's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
+import urllib.parse
 import warnings
 from typing import Any, NamedTuple
 
@@ -34,6 +41,8 @@ MARKERS_FAMILY = "d"
 REWARD_SCALE = 1_000_000
 #: Keys per ReadRows call. Bigtable takes many more; chunks let a large fetch use several streams at once.
 DEFAULT_CHUNK_SIZE = 200
+READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
+_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
 #: The key ``start`` reads to check the table (no arm has it).
 PROBE_KEY = "\x00mab-service-probe"
 
@@ -91,6 +100,7 @@ class BigtableSource:
         prior_alpha, prior_beta: The prior of every arm (and the answer for an id with no row).
         chunk_size: Keys per ReadRows call.
         timeout_s: Deadline of one fetch.
+        raw_reads: Decode ReadRows answers from the raw protobuf instead of through the client's rows.
 
     Raises:
         FeatureSourceError: If ``table`` is not such a name or ``chunk_size`` is not positive.
@@ -106,6 +116,7 @@ class BigtableSource:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout_s: float = 2.0,
+        raw_reads: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise FeatureSourceError(f"chunk_size must be at least 1 (got {chunk_size})")
@@ -114,6 +125,10 @@ class BigtableSource:
         self.prior_beta = prior_beta
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
+        self.raw_reads = raw_reads
+        self._read_rows: Any = None
+        self._request: bytes = b""
+        self._metadata: tuple[tuple[str, str], ...] = ()
         self._client: Any = None
         self._table: Any = None
         self._query: Any = None
@@ -135,6 +150,28 @@ class BigtableSource:
             [row_filters.FamilyNameRegexFilter(COUNTS_FAMILY), row_filters.CellsColumnLimitFilter(1)]
         )
         self._table = self._client.get_table(self.path.instance, self.path.table)
+        if self.raw_reads:
+            from google.cloud.bigtable_v2.types import bigtable as messages
+
+            self._response_pb = messages.ReadRowsResponse.pb()
+            request = messages.ReadRowsRequest.pb()(
+                table_name=str(self.path),
+                filter={
+                    "chain": {
+                        "filters": [
+                            {"family_name_regex_filter": COUNTS_FAMILY},
+                            {"cells_per_column_limit_filter": 1},
+                        ]
+                    }
+                },
+            )
+            self._request = request.SerializeToString()
+            self._request_pb = messages.ReadRowsRequest.pb()
+            # The routing header Bigtable expects, as the client sends it.
+            self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
+            self._read_rows = self._client.transport.grpc_channel.unary_stream(
+                READ_ROWS, request_serializer=None, response_deserializer=self._response_pb.FromString
+            )
         try:
             await self.read_counts([PROBE_KEY])
         except Exception as exc:
@@ -148,7 +185,18 @@ class BigtableSource:
         impressions = np.zeros(n, np.int64)
         rewards = np.zeros(n, np.int64)
         found = np.zeros(n, np.bool_)
-        if n:
+        if n and self.raw_reads:
+            position = {id_.encode(): i for i, id_ in enumerate(ids)}
+            keys = list(position)
+            step = self.chunk_size
+            deadline = time.monotonic() + self.timeout_s
+            await asyncio.gather(
+                *(
+                    self._read_raw(keys[s : s + step], position, impressions, rewards, found, deadline)
+                    for s in range(0, n, step)
+                )
+            )
+        elif n:
             position = {id_.encode(): i for i, id_ in enumerate(ids)}
             keys = list(position)
             step = self.chunk_size
@@ -172,6 +220,60 @@ class BigtableSource:
                         elif cell.qualifier == REWARDS:
                             rewards[i] = decode_int64(cell.value)
         return Counts(impressions, rewards / REWARD_SCALE, found)
+
+    async def _read_raw(
+        self,
+        keys: list[bytes],
+        position: dict[bytes, int],
+        impressions: npt.NDArray[np.int64],
+        rewards: npt.NDArray[np.int64],
+        found: npt.NDArray[np.bool_],
+        deadline: float,
+    ) -> None:
+        """One chunk's ReadRows, decoded from the raw protobuf; asked again for unanswered keys on a retryable error.
+
+        Chunks of a row carry its key on the first, the qualifier when it changes, and a cell's value in pieces
+        when ``value_size`` says more follow; ``commit_row`` ends a row and ``reset_row`` drops what came of it.
+        """
+        waiting = set(keys)
+        while True:
+            request = self._request_pb.FromString(self._request)
+            request.rows.row_keys.extend(waiting)
+            key = qualifier = value = b""
+            try:
+                call = self._read_rows(
+                    request.SerializeToString(),
+                    timeout=max(deadline - time.monotonic(), 0.001),
+                    metadata=self._metadata,
+                )
+                async for response in call:
+                    for chunk in response.chunks:
+                        if chunk.reset_row:
+                            value = b""
+                            continue
+                        if chunk.row_key:
+                            key = chunk.row_key
+                        if chunk.HasField("qualifier"):
+                            qualifier = chunk.qualifier.value
+                        value += chunk.value
+                        if chunk.value_size:
+                            continue  # a split cell: the rest comes in the next chunks
+                        i = position[key]
+                        if qualifier == IMPRESSIONS:
+                            impressions[i] = decode_int64(value)
+                        elif qualifier == REWARDS:
+                            rewards[i] = decode_int64(value)
+                        value = b""
+                        if chunk.commit_row:
+                            found[i] = True
+                            waiting.discard(key)
+                return
+            except Exception as exc:
+                code = getattr(exc, "code", None)
+                name = getattr(code(), "name", "") if callable(code) else ""
+                if name not in _RETRYABLE or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.01)  # keys already answered keep their values; ask again for the rest
 
     async def fetch(self, ids: list[str]) -> Features:
         """Beta(prior_alpha + rewards, prior_beta + impressions - rewards) for ``ids``; the prior where no row is."""

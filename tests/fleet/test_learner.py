@@ -85,7 +85,7 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
 
 
 async def read_counts(table: str) -> tuple[list[int], list[float]]:
-    source = BigtableSource(table, 1.0, 1.0)
+    source = BigtableSource(table, 1.0, 1.0, timeout_s=30)  # the emulator is slow while learners write
     await source.start()
     try:
         counts = await source.read_counts(ARMS)
