@@ -83,14 +83,18 @@ def learn_main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await learner.start()
-        print(f"learning from {subscription} into {table}", file=sys.stderr, flush=True)
         try:
+            await learner.start()
+            print(f"learning from {subscription} into {table}", file=sys.stderr, flush=True)
             await learner.run(stop, log_every_s=args.log_every_s)
         finally:
             await learner.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except MabError as exc:
+        print(f"mab-service learn: {exc.message}", file=sys.stderr)
+        return FAILURE
     return 0
 
 

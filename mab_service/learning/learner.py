@@ -17,6 +17,7 @@ of the rewarded id (one reward). Family ``d`` is garbage-collected after the sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from mab_service.errors import MabError
 from mab_service.features.bigtable import (
     COUNTS_FAMILY,
     IMPRESSIONS,
@@ -43,6 +45,13 @@ MARKERS_PER_CALL = 100
 EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: How many ack ids go in one Acknowledge call (the request must stay under 512 KB).
 ACKS_PER_CALL = 1000
+ERROR_BACKOFF_S = 1.0
+
+
+class LearnerError(MabError):
+    """The learner cannot start: a missing library, subscription or table."""
+
+    code = "learner_failed"
 
 
 @dataclass
@@ -61,6 +70,8 @@ class LearnerStats:
     """Windows given back to Pub/Sub because a write failed."""
     writes: int = 0
     """CheckAndMutateRow calls made."""
+    errors: int = 0
+    """Steps that failed (a pull or an acknowledgement); the learner waits ``ERROR_BACKOFF_S`` and goes on."""
 
 
 def subscriber_client() -> Any:
@@ -107,12 +118,27 @@ class Learner:
         self._limit = asyncio.Semaphore(concurrency)
 
     async def start(self) -> None:
-        from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+        """Connect, and check that the subscription and the table exist.
 
+        Raises:
+            LearnerError: If the client libraries are missing, or the subscription or the table cannot be read.
+        """
+        try:
+            from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+        except ImportError as exc:
+            raise LearnerError(f"the learner needs mab-service[fleet] installed ({exc})") from None
         self._add, self._set, self._filters = AddToCell, SetCell, row_filters
         self._subscriber = subscriber_client()
         self._client = data_client(self.path.project)
         self._table = self._client.get_table(self.path.instance, self.path.table)
+        try:
+            await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
+        except Exception as exc:
+            raise LearnerError(f"cannot read subscription {self.subscription}: {exc}") from None
+        try:
+            await self._table.read_row(b"\x00mab-service-probe", operation_timeout=30)
+        except Exception as exc:
+            raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -124,7 +150,14 @@ class Learner:
         """Apply windows until ``stop`` is set (the current window finishes first)."""
         next_log = time.monotonic() + log_every_s
         while not stop.is_set():
-            await self.step(wait_s=1.0)
+            try:
+                await self.step(wait_s=1.0)
+            except Exception as exc:
+                # Pub/Sub or Bigtable away for a while: what was not acked comes back, so waiting loses nothing.
+                self.stats.errors += 1
+                logger.warning("learner step failed, retrying in %.0f s: %s", ERROR_BACKOFF_S, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ERROR_BACKOFF_S)
             if time.monotonic() >= next_log:
                 logger.info("learner %s", orjson.dumps(asdict(self.stats)).decode())
                 next_log = time.monotonic() + log_every_s

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -229,3 +230,60 @@ def test_kill_9_mid_run_and_restart_counts_exactly(
                 if learner.poll() is None:
                     learner.kill()
                     learner.wait()
+
+
+def test_learn_refuses_a_missing_subscription_or_table(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
+    resources = make_resources()
+    cases = [
+        (f"{resources.subscription}-missing", str(resources.table), "cannot read subscription"),
+        (resources.subscription, f"{resources.table}-missing", "cannot read Bigtable table"),
+    ]
+    for subscription, table, message in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "mab_service", "learn", "--events", f"pubsub:{subscription}"]
+            + ["--posteriors", f"bigtable:{table}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ.copy(),
+        )
+        assert done.returncode == 3, done.stderr
+        assert f"mab-service learn: {message}" in done.stderr
+
+
+def test_a_failed_step_is_retried_and_loses_nothing(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    from google.api_core import exceptions
+
+    resources = make_resources(ack_deadline_s=10)  # the window whose ack failed comes back after it
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        real_ack = learner._subscriber.acknowledge
+        failures = [exceptions.ServiceUnavailable("Pub/Sub is away")]
+
+        async def flaky_ack(**request: Any) -> Any:
+            if failures:
+                raise failures.pop()  # the first window is written but its ack fails: it comes back
+            return await real_ack(**request)
+
+        learner._subscriber.acknowledge = flaky_ack
+        stop = asyncio.Event()
+        task = asyncio.create_task(learner.run(stop, log_every_s=60))
+        try:
+            deadline = time.monotonic() + 60
+            while learner.stats.messages < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.errors == 1
+    assert_exact(str(resources.table), truth)
