@@ -94,6 +94,7 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
         except exceptions.AlreadyExists:
             say(f"topic {resources.topic} exists")
 
+    retention_s = resources.retention_s
     subscriber = SubscriberClient()
     with subscriber:
         try:
@@ -113,12 +114,26 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
                     f"subscription {resources.subscription} exists on topic {existing.topic}, not {resources.topic}"
                 ) from None
             say(f"subscription {resources.subscription} exists")
+            if existing.message_retention_duration:
+                retention_s = int(existing.message_retention_duration.total_seconds())
 
-    ensure_table(resources.table, resources.marker_ttl_s, say)
+    marker_ttl_s = ensure_table(resources.table, resources.marker_ttl_s, say)
+    # Exactly once rests on a marker outliving every redelivery of the message that wrote it (docs/fleet.md).
+    if marker_ttl_s is None or marker_ttl_s <= retention_s:
+        kept = "with no max-age rule" if marker_ttl_s is None else f"for {marker_ttl_s} s"
+        raise SetupError(
+            f"table {resources.table} keeps its deduplication markers (family {MARKERS_FAMILY}) {kept}, not longer "
+            f"than subscription {resources.subscription} keeps a message ({retention_s} s): a message redelivered "
+            f"after its marker is collected would count twice; give family {MARKERS_FAMILY} a max age over the "
+            "retention, or lower the retention"
+        )
 
 
-def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] = print) -> None:
+def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] = print) -> int | None:
     """Create table ``path`` with the loop's column families, or add the families it lacks.
+
+    Returns:
+        The marker family's garbage-collection max age in seconds; None if its rule is not a plain max age.
 
     Raises:
         SetupError: If the client library is missing.
@@ -147,7 +162,7 @@ def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] 
     try:
         admin.create_table(parent=instance, table_id=path.table, table=Table(column_families=wanted))
         say(f"created table {name} (families {', '.join(wanted)})")
-        return
+        return marker_ttl_s
     except exceptions.AlreadyExists:
         pass
     have = admin.get_table(name=name).column_families
@@ -160,3 +175,14 @@ def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] 
         say(f"table {name} exists; added families {', '.join(missing)}")
     else:
         say(f"table {name} exists")
+    if COUNTS_FAMILY not in missing and "aggregate_type" not in have[COUNTS_FAMILY].value_type:
+        raise SetupError(
+            f"table {name} has a family {COUNTS_FAMILY} that is not an aggregate (int64 sum) family: learners "
+            "could not add to it; use another table"
+        )
+    if MARKERS_FAMILY in missing:
+        return marker_ttl_s
+    rule = have[MARKERS_FAMILY].gc_rule
+    if "max_age" not in rule:
+        return None
+    return int(rule.max_age.total_seconds())

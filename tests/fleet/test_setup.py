@@ -111,3 +111,29 @@ def test_setup_names_a_bad_argument(flag: str, value: str, message: str) -> None
     done = run_setup(*(part for pair in args.items() for part in pair))
     assert done.returncode == 3
     assert message in done.stderr
+
+
+def test_setup_refuses_markers_that_expire_before_messages(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator
+) -> None:
+    from google.cloud.bigtable_admin_v2.types import ColumnFamily, Table
+
+    topic, subscription, table = names()
+    parent, _, table_id = table.rpartition("/tables/")
+    families = {"d": ColumnFamily(gc_rule={"max_age": {"seconds": 600}})}
+    table_admin().create_table(parent=parent, table_id=table_id, table=Table(column_families=families))
+    done = run_setup("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
+    assert done.returncode == 3
+    assert "keeps its deduplication markers (family d) for 600 s, not longer than subscription" in done.stderr
+    assert f"{subscription} keeps a message (86400 s)" in done.stderr
+
+
+def test_setup_refuses_counts_that_cannot_be_added_to(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
+    from google.cloud.bigtable_admin_v2.types import ColumnFamily, Table
+
+    topic, subscription, table = names()
+    parent, _, table_id = table.rpartition("/tables/")
+    table_admin().create_table(parent=parent, table_id=table_id, table=Table(column_families={"c": ColumnFamily()}))
+    done = run_setup("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
+    assert done.returncode == 3
+    assert "has a family c that is not an aggregate (int64 sum) family" in done.stderr
