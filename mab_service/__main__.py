@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--port", type=int, default=None, help="port to probe [env MAB_PORT]")
     health.add_argument("--timeout-s", type=float, default=2.0, help="seconds to wait for the answer")
+    commands.add_parser("setup", help="create the fleet's Pub/Sub topic, subscription and Bigtable table")
+    commands.add_parser("learn", help="apply the fleet's events from Pub/Sub to Bigtable")
     return parser
 
 
@@ -63,6 +65,11 @@ def probe(settings: config.Settings, timeout_s: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["setup"], ["learn"]):  # the fleet's commands parse their own flags
+        from mab_service.learning import cli
+
+        sys.exit(cli.main(argv))
     args = _parser().parse_args(argv)
     overrides = {f.name: getattr(args, f.name, None) for f in fields(config.Settings)}
     try:

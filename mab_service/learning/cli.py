@@ -1,0 +1,104 @@
+"""The fleet's commands: ``mab-service setup`` (create the topic, subscription and table) and ``mab-service learn``
+(run a learner). ``__main__`` hands ``setup`` and ``learn`` command lines here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from mab_service.errors import MabError
+from mab_service.learning import fleet_setup
+
+FAILURE = 3
+
+
+def setup_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mab-service setup",
+        description="Create the fleet's Pub/Sub topic and subscription and its Bigtable table where missing; "
+        "leave what exists. Safe to run twice. BIGTABLE_EMULATOR_HOST and PUBSUB_EMULATOR_HOST select emulators.",
+    )
+    parser.add_argument("--events", required=True, metavar="pubsub:projects/P/topics/T")
+    parser.add_argument("--subscription", required=True, metavar="projects/P/subscriptions/S")
+    parser.add_argument("--posteriors", required=True, metavar="bigtable:projects/P/instances/I/tables/T")
+    parser.add_argument(
+        "--retention-s",
+        type=int,
+        default=fleet_setup.DEFAULT_RETENTION_S,
+        help="how long the subscription keeps an unacknowledged message; the learners' deduplication markers "
+        f"live {fleet_setup.MARKER_MARGIN_S} s longer",
+    )
+    parser.add_argument("--ack-deadline-s", type=int, default=fleet_setup.DEFAULT_ACK_DEADLINE_S)
+    args = parser.parse_args(argv)
+    try:
+        resources = fleet_setup.FleetResources(
+            topic=fleet_setup.topic_path(args.events),
+            subscription=fleet_setup.subscription_path(args.subscription),
+            table=fleet_setup.table_path(args.posteriors),
+            retention_s=args.retention_s,
+            ack_deadline_s=args.ack_deadline_s,
+        )
+        fleet_setup.setup(resources)
+    except MabError as exc:
+        print(f"mab-service setup: {exc.message}", file=sys.stderr)
+        return FAILURE
+    return 0
+
+
+def learn_main(argv: list[str]) -> int:
+    from mab_service.learning.learner import Learner
+
+    parser = argparse.ArgumentParser(
+        prog="mab-service learn",
+        description="Apply the fleet's events and rewards from a Pub/Sub subscription to the counts in a Bigtable "
+        "table, exactly once. Several learners may share one subscription. SIGTERM finishes the current window.",
+    )
+    parser.add_argument("--events", required=True, metavar="pubsub:projects/P/subscriptions/S")
+    parser.add_argument("--posteriors", required=True, metavar="bigtable:projects/P/instances/I/tables/T")
+    parser.add_argument("--window-s", type=float, default=0.2, help="how long a window collects messages")
+    parser.add_argument("--max-messages", type=int, default=1000, help="messages per window at most")
+    parser.add_argument("--concurrency", type=int, default=64, help="rows written at once")
+    parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds between progress lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        subscription = fleet_setup.subscription_path(args.events)
+        table = fleet_setup.table_path(args.posteriors)
+    except MabError as exc:
+        print(f"mab-service learn: {exc.message}", file=sys.stderr)
+        return FAILURE
+
+    async def run() -> None:
+        learner = Learner(
+            subscription,
+            str(table),
+            window_s=args.window_s,
+            max_messages=args.max_messages,
+            concurrency=args.concurrency,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await learner.start()
+            print(f"learning from {subscription} into {table}", file=sys.stderr, flush=True)
+            await learner.run(stop, log_every_s=args.log_every_s)
+        finally:
+            await learner.close()
+
+    try:
+        asyncio.run(run())
+    except MabError as exc:
+        print(f"mab-service learn: {exc.message}", file=sys.stderr)
+        return FAILURE
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``argv`` starts with ``setup`` or ``learn``."""
+    command, rest = argv[0], argv[1:]
+    return setup_main(rest) if command == "setup" else learn_main(rest)

@@ -1,0 +1,188 @@
+"""``mab-service setup``: create the fleet's Pub/Sub topic and subscription and its Bigtable table, where missing.
+
+What exists is left as it is (safe to run twice, or from every replica at start): a topic or table that exists is
+not touched, a table that lacks one of the loop's column families gains it, and a subscription that exists on
+another topic is an error (events would silently go elsewhere). Each step says what it did.
+
+The table: family ``c`` is an aggregate family (int64 sums: the counts, to which learners add atomically);
+family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
+``retention_s + MARKER_MARGIN_S``, so that a marker outlives every redelivery of the message that wrote it (the
+subscription keeps an unacknowledged message for ``retention_s`` at most). See docs/fleet.md.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mab_service.errors import MabError
+from mab_service.features.bigtable import COUNTS_FAMILY, MARKERS_FAMILY, TablePath
+
+TOPIC = re.compile(r"^projects/([^/]+)/topics/([^/]+)$")
+SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
+#: How long a deduplication marker outlives the subscription's message retention.
+MARKER_MARGIN_S = 3600
+DEFAULT_RETENTION_S = 86400
+DEFAULT_ACK_DEADLINE_S = 60
+
+
+class SetupError(MabError):
+    """The fleet's resources cannot be created or do not fit (a bad name, a subscription on another topic)."""
+
+    code = "setup_failed"
+
+
+def topic_path(spec: str) -> str:
+    """``projects/P/topics/T`` from ``pubsub:projects/P/topics/T`` (the prefix is optional)."""
+    path = spec.removeprefix("pubsub:")
+    if TOPIC.match(path) is None:
+        raise SetupError(f"--events must be pubsub:projects/P/topics/T (got {spec!r})")
+    return path
+
+
+def subscription_path(spec: str) -> str:
+    """``projects/P/subscriptions/S`` from ``pubsub:projects/P/subscriptions/S`` (the prefix is optional)."""
+    path = spec.removeprefix("pubsub:")
+    if SUBSCRIPTION.match(path) is None:
+        raise SetupError(f"a subscription must be projects/P/subscriptions/S (got {spec!r})")
+    return path
+
+
+def table_path(spec: str) -> TablePath:
+    if not spec.startswith("bigtable:"):
+        raise SetupError(f"--posteriors must be bigtable:projects/P/instances/I/tables/T (got {spec!r})")
+    try:
+        return TablePath.parse(spec)
+    except MabError as exc:
+        raise SetupError(exc.message) from None
+
+
+@dataclass(frozen=True)
+class FleetResources:
+    """What ``setup`` makes: a topic, one subscription on it, a table."""
+
+    topic: str
+    subscription: str
+    table: TablePath
+    retention_s: int = DEFAULT_RETENTION_S
+    ack_deadline_s: int = DEFAULT_ACK_DEADLINE_S
+
+    @property
+    def marker_ttl_s(self) -> int:
+        return self.retention_s + MARKER_MARGIN_S
+
+
+def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None:
+    """Create what is missing of ``resources``; ``say`` gets one line per resource (created, or exists).
+
+    Raises:
+        SetupError: If the client libraries are missing, or a subscription exists on another topic.
+    """
+    try:
+        from google.api_core import exceptions
+        from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
+    except ImportError as exc:
+        raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
+
+    with PublisherClient() as publisher:
+        try:
+            publisher.create_topic(name=resources.topic)
+            say(f"created topic {resources.topic}")
+        except exceptions.AlreadyExists:
+            say(f"topic {resources.topic} exists")
+
+    retention_s = resources.retention_s
+    subscriber = SubscriberClient()
+    with subscriber:
+        try:
+            subscriber.create_subscription(
+                request={
+                    "name": resources.subscription,
+                    "topic": resources.topic,
+                    "ack_deadline_seconds": resources.ack_deadline_s,
+                    "message_retention_duration": {"seconds": resources.retention_s},
+                }
+            )
+            say(f"created subscription {resources.subscription}")
+        except exceptions.AlreadyExists:
+            existing = subscriber.get_subscription(subscription=resources.subscription)
+            if existing.topic != resources.topic:
+                raise SetupError(
+                    f"subscription {resources.subscription} exists on topic {existing.topic}, not {resources.topic}"
+                ) from None
+            say(f"subscription {resources.subscription} exists")
+            if existing.message_retention_duration:
+                retention_s = int(existing.message_retention_duration.total_seconds())
+
+    marker_ttl_s = ensure_table(resources.table, resources.marker_ttl_s, say)
+    # Exactly once rests on a marker outliving every redelivery of the message that wrote it (docs/fleet.md).
+    if marker_ttl_s is None or marker_ttl_s <= retention_s:
+        kept = "with no max-age rule" if marker_ttl_s is None else f"for {marker_ttl_s} s"
+        raise SetupError(
+            f"table {resources.table} keeps its deduplication markers (family {MARKERS_FAMILY}) {kept}, not longer "
+            f"than subscription {resources.subscription} keeps a message ({retention_s} s): a message redelivered "
+            f"after its marker is collected would count twice; give family {MARKERS_FAMILY} a max age over the "
+            "retention, or lower the retention"
+        )
+
+
+def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] = print) -> int | None:
+    """Create table ``path`` with the loop's column families, or add the families it lacks.
+
+    Returns:
+        The marker family's garbage-collection max age in seconds; None if its rule is not a plain max age.
+
+    Raises:
+        SetupError: If the client library is missing.
+    """
+    try:
+        from google.api_core import exceptions
+        from google.cloud import bigtable
+        from google.cloud.bigtable_admin_v2.types import ColumnFamily, ModifyColumnFamiliesRequest, Table, Type
+    except ImportError as exc:
+        raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
+    wanted: dict[str, Any] = {
+        COUNTS_FAMILY: ColumnFamily(
+            value_type=Type(
+                aggregate_type=Type.Aggregate(input_type=Type(int64_type=Type.Int64()), sum=Type.Aggregate.Sum())
+            )
+        ),
+        MARKERS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
+        # The handwritten admin client, because it (not the generated one) honours BIGTABLE_EMULATOR_HOST.
+        client = bigtable.Client(project=path.project, admin=True)  # type: ignore[no-untyped-call]
+    admin: Any = client.table_admin_client
+    instance = f"projects/{path.project}/instances/{path.instance}"
+    name = f"{instance}/tables/{path.table}"
+    try:
+        admin.create_table(parent=instance, table_id=path.table, table=Table(column_families=wanted))
+        say(f"created table {name} (families {', '.join(wanted)})")
+        return marker_ttl_s
+    except exceptions.AlreadyExists:
+        pass
+    have = admin.get_table(name=name).column_families
+    missing = [family for family in wanted if family not in have]
+    if missing:
+        modifications = [
+            ModifyColumnFamiliesRequest.Modification(id=family, create=wanted[family]) for family in missing
+        ]
+        admin.modify_column_families(name=name, modifications=modifications)
+        say(f"table {name} exists; added families {', '.join(missing)}")
+    else:
+        say(f"table {name} exists")
+    if COUNTS_FAMILY not in missing and "aggregate_type" not in have[COUNTS_FAMILY].value_type:
+        raise SetupError(
+            f"table {name} has a family {COUNTS_FAMILY} that is not an aggregate (int64 sum) family: learners "
+            "could not add to it; use another table"
+        )
+    if MARKERS_FAMILY in missing:
+        return marker_ttl_s
+    rule = have[MARKERS_FAMILY].gc_rule
+    if "max_age" not in rule:
+        return None
+    return int(rule.max_age.total_seconds())

@@ -1,0 +1,289 @@
+"""The learner against both emulators: events and rewards published with duplicates count exactly once, also when
+a learner is killed with SIGKILL mid-run and another starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from mab_service.features.bigtable import BigtableSource, TablePath
+from mab_service.learning import fleet_setup
+from mab_service.learning.learner import Learner
+from mab_service.learning.pubsub import PubSubSink
+from tests.conftest import Rand
+from tests.fleet.conftest import Emulator
+
+ARMS = [f"arm-{i:03d}" for i in range(40)]
+
+
+def make_resources(ack_deadline_s: int = 60) -> fleet_setup.FleetResources:
+    tag = uuid.uuid4().hex[:8]
+    resources = fleet_setup.FleetResources(
+        topic=f"projects/fleet/topics/events-{tag}",
+        subscription=f"projects/fleet/subscriptions/learners-{tag}",
+        table=TablePath("fleet", "mab", f"arms-{tag}"),
+        ack_deadline_s=ack_deadline_s,
+    )
+    fleet_setup.setup(resources, say=lambda _: None)
+    return resources
+
+
+class Truth:
+    """What the counts must be: each (event, id) once, whatever was published twice."""
+
+    def __init__(self) -> None:
+        self.impressions: Counter[str] = Counter()
+        self.rewards: defaultdict[str, float] = defaultdict(float)
+
+    def expected(self) -> tuple[list[int], list[float]]:
+        return [self.impressions[a] for a in ARMS], [self.rewards[a] for a in ARMS]
+
+
+async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth) -> int:
+    """Publish ``events`` answered events and rewards for some of their ids through the sink, with duplicates:
+    every reward is sent twice (two replicas), and a tenth of the messages again as they were (redelivery).
+    Returns the messages published."""
+    from google.cloud.pubsub_v1 import PublisherClient
+
+    sink = PubSubSink(resources.topic, max_records=25, max_delay_s=0.005)
+    sink.start()
+    rewards = []
+    for n in range(events):
+        event_id = f"ev{uuid.uuid4().hex[:12]}.{n}"
+        ids = [ARMS[i] for i in rand.gen.choice(len(ARMS), 5, replace=False)]
+        sink.event(event_id, ids, time.time())
+        truth.impressions.update(ids)
+        for id_ in ids[: int(rand.gen.integers(0, 3))]:
+            reward = float(rand.gen.choice([0.0, 0.25, 0.5, 1.0]))
+            truth.rewards[id_] += reward
+            rewards.append(sink.reward(event_id, id_, reward, time.time()))
+            rewards.append(sink.reward(event_id, id_, reward, time.time()))  # the same reward at another replica
+    await asyncio.gather(*rewards)
+    await sink.close()
+    assert sink.failed == 0 and sink.dropped == 0
+    # Messages published twice as they were: what a publisher's retry after a lost answer makes.
+    again = [(f"ev-again-{i}", [ARMS[i], ARMS[i + 1]]) for i in range(0, 20, 2)]
+    with PublisherClient() as publisher:
+        for event_id, ids in again:
+            truth.impressions.update(ids)
+            for _ in range(2):
+                data = orjson.dumps([["e", 0.0, event_id, ids]])
+                publisher.publish(resources.topic, data, v="1").result(timeout=30)
+        publisher.stop()
+    return sink.published + 2 * len(again)
+
+
+async def read_counts(table: str) -> tuple[list[int], list[float]]:
+    source = BigtableSource(table, 1.0, 1.0, timeout_s=30)  # the emulator is slow while learners write
+    await source.start()
+    try:
+        counts = await source.read_counts(ARMS)
+    finally:
+        await source.close()
+    return counts.impressions.tolist(), counts.rewards.tolist()
+
+
+def assert_exact(table: str, truth: Truth) -> None:
+    impressions, rewards = asyncio.run(read_counts(table))
+    want_impressions, want_rewards = truth.expected()
+    assert impressions == want_impressions
+    np.testing.assert_allclose(rewards, want_rewards, rtol=0, atol=1e-9)
+
+
+def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand) -> None:
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 300, truth))
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05, max_messages=30)
+        await learner.start()
+        try:
+            idle = 0
+            while idle < 2:
+                idle = idle + 1 if await learner.step(wait_s=1.0) == 0 else 0
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.messages == sent
+    assert learner.stats.malformed == learner.stats.failed_windows == 0
+    assert learner.stats.duplicates > 0  # the repeated rewards and messages were seen, and skipped
+    assert learner.stats.impressions == sum(truth.impressions.values())
+    assert_exact(str(resources.table), truth)
+
+
+def test_a_malformed_message_is_acknowledged_and_skipped(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator
+) -> None:
+    from google.cloud.pubsub_v1 import PublisherClient
+
+    resources = make_resources()
+    with PublisherClient() as publisher:
+        for data in (
+            b"not json",
+            b'[["x", 0, "ev1"]]',
+            b'[["r", 0, "bad id!", "arm-000", 1]]',
+            b'[["r", 0, "e", "arm-000", 2]]',
+            b'[["e", 0, "ok", ["arm-000"]]]',
+        ):
+            publisher.publish(resources.topic, data).result(timeout=30)
+        publisher.stop()
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.2)
+        await learner.start()
+        try:
+            while learner.stats.messages < 5:
+                await learner.step(wait_s=2.0)
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.malformed == 4
+    impressions, rewards = asyncio.run(read_counts(str(resources.table)))
+    assert impressions[0] == 1 and sum(impressions) == 1 and sum(rewards) == 0
+
+
+def start_learner(resources: fleet_setup.FleetResources, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mab_service",
+                "learn",
+                "--events",
+                f"pubsub:{resources.subscription}",
+                "--posteriors",
+                f"bigtable:{resources.table}",
+                "--window-s",
+                "0.02",
+                "--max-messages",
+                "5",
+                "--concurrency",
+                "4",
+            ],
+            env=os.environ.copy(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_and_restart_counts_exactly(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand, tmp_path: Path
+) -> None:
+    # A short ack deadline, so that what the killed learner held comes back within the test.
+    resources = make_resources(ack_deadline_s=10)
+    truth = Truth()
+    asyncio.run(publish(resources, rand, 1500, truth))
+    total = sum(truth.impressions.values())
+    first = start_learner(resources, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # kill it once it has written part of the stream
+            applied = sum(asyncio.run(read_counts(str(resources.table)))[0])
+            if applied >= total // 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert 0 < applied < total, "the learner must be killed mid-run"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    second = start_learner(resources, tmp_path / "second.log")
+    third = start_learner(resources, tmp_path / "third.log")  # learners share the subscription
+    try:
+        deadline = time.monotonic() + 90
+        while sum(asyncio.run(read_counts(str(resources.table)))[0]) < total and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(12)  # one more ack deadline: anything redelivered late must still count once
+        logs = "".join((tmp_path / f"{name}.log").read_text() for name in ("first", "second", "third"))
+        impressions, rewards = asyncio.run(read_counts(str(resources.table)))
+        want_impressions, want_rewards = truth.expected()
+        assert impressions == want_impressions, logs
+        np.testing.assert_allclose(rewards, want_rewards, rtol=0, atol=1e-9, err_msg=logs)
+    finally:
+        for learner in (second, third):
+            learner.terminate()
+        for learner, log in ((second, "second.log"), (third, "third.log")):
+            try:
+                assert learner.wait(timeout=15) == 0, (tmp_path / log).read_text()[-2000:]
+            finally:
+                if learner.poll() is None:
+                    learner.kill()
+                    learner.wait()
+
+
+def test_learn_refuses_a_missing_subscription_or_table(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
+    resources = make_resources()
+    cases = [
+        (f"{resources.subscription}-missing", str(resources.table), "cannot read subscription"),
+        (resources.subscription, f"{resources.table}-missing", "cannot read Bigtable table"),
+    ]
+    for subscription, table, message in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "mab_service", "learn", "--events", f"pubsub:{subscription}"]
+            + ["--posteriors", f"bigtable:{table}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ.copy(),
+        )
+        assert done.returncode == 3, done.stderr
+        assert f"mab-service learn: {message}" in done.stderr
+
+
+def test_a_failed_step_is_retried_and_loses_nothing(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    from google.api_core import exceptions
+
+    resources = make_resources(ack_deadline_s=10)  # the window whose ack failed comes back after it
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        real_ack = learner._subscriber.acknowledge
+        failures = [exceptions.ServiceUnavailable("Pub/Sub is away")]
+
+        async def flaky_ack(**request: Any) -> Any:
+            if failures:
+                raise failures.pop()  # the first window is written but its ack fails: it comes back
+            return await real_ack(**request)
+
+        learner._subscriber.acknowledge = flaky_ack
+        stop = asyncio.Event()
+        task = asyncio.create_task(learner.run(stop, log_every_s=60))
+        try:
+            deadline = time.monotonic() + 60
+            while learner.stats.messages < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.errors == 1
+    assert_exact(str(resources.table), truth)

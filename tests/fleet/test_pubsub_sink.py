@@ -1,0 +1,101 @@
+"""The Pub/Sub event sink against the emulator: records batched into messages, rewards answered once stored,
+refusals instead of silent drops."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+import pytest
+
+from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink, SinkUnavailable
+from tests.fleet.conftest import Emulator
+
+
+def make_topic() -> tuple[str, str]:
+    from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
+
+    tag = uuid.uuid4().hex[:8]
+    topic, subscription = f"projects/fleet/topics/sink-{tag}", f"projects/fleet/subscriptions/sink-{tag}"
+    with PublisherClient() as publisher:
+        publisher.create_topic(name=topic)
+    with SubscriberClient() as subscriber:
+        subscriber.create_subscription(name=subscription, topic=topic)
+    return topic, subscription
+
+
+def pull_all(subscription: str, expected: int) -> list[tuple[list[object], dict[str, str]]]:
+    from google.cloud.pubsub_v1 import SubscriberClient
+
+    got: list[tuple[list[object], dict[str, str]]] = []
+    with SubscriberClient() as subscriber:
+        for _ in range(20):
+            response = subscriber.pull(subscription=subscription, max_messages=100, timeout=5)
+            for received in response.received_messages:
+                got.append((orjson.loads(received.message.data), dict(received.message.attributes)))
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
+                )
+            if len(got) >= expected:
+                break
+    return got
+
+
+def test_records_are_batched_and_a_reward_waits_for_its_message(pubsub_emulator: Emulator) -> None:
+    topic, subscription = make_topic()
+
+    async def send() -> PubSubSink:
+        sink = PubSubSink(topic, max_records=3, max_delay_s=0.01)
+        sink.start()
+        for n in range(5):
+            sink.event(f"e{n}", [f"arm-{n}", "arm-x"], 100.0 + n)
+        await sink.reward("e4", "arm-4", 0.5, 200.0)  # the sixth record: sent with the full second batch
+        sink.event("e5", ["arm-5"], 300.0)
+        await sink.close()  # sends the rest
+        return sink
+
+    sink = asyncio.run(send())
+    assert (sink.published, sink.failed, sink.dropped) == (3, 0, 0)
+    messages = pull_all(subscription, 3)
+    assert all(attributes == {"v": FORMAT_VERSION} for _, attributes in messages)
+    records = sorted((record for batch, _ in messages for record in batch), key=str)
+    assert sorted(len(batch) for batch, _ in messages) == [1, 3, 3]
+    assert records == sorted(
+        [["e", 100.0 + n, f"e{n}", [f"arm-{n}", "arm-x"]] for n in range(5)]
+        + [["r", 200.0, "e4", "arm-4", 0.5], ["e", 300.0, "e5", ["arm-5"]]],
+        key=str,
+    )
+
+
+def test_a_reward_pubsub_refuses_is_503(pubsub_emulator: Emulator) -> None:
+    async def send() -> None:
+        sink = PubSubSink(f"projects/fleet/topics/missing-{uuid.uuid4().hex[:8]}", max_delay_s=0.001)
+        sink.start()
+        try:
+            with pytest.raises(SinkUnavailable, match="publishing to projects/fleet/topics/missing-") as refused:
+                await asyncio.wait_for(sink.reward("e1", "arm-1", 1.0, 0.0), timeout=60)
+            assert refused.value.status_code == 503
+            assert sink.failed == 1
+        finally:
+            await sink.close()
+
+    asyncio.run(send())
+
+
+def test_past_max_pending_events_are_dropped_and_rewards_refused(pubsub_emulator: Emulator) -> None:
+    topic, _ = make_topic()
+
+    async def send() -> None:
+        sink = PubSubSink(topic, max_pending=0)
+        sink.start()
+        try:
+            sink.event("e1", ["arm-1"], 0.0)
+            assert sink.dropped == 1
+            with pytest.raises(SinkUnavailable, match="pending"):
+                await sink.reward("e1", "arm-1", 1.0, 0.0)
+        finally:
+            await sink.close()
+
+    asyncio.run(send())
