@@ -9,7 +9,6 @@ import os
 import traceback
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from time import perf_counter
 
 from starlette.applications import Starlette
@@ -19,7 +18,7 @@ from starlette.responses import Response
 
 from mab_service import config, metrics
 from mab_service.errors import FeatureSourceError, MabError
-from mab_service.features.local import LocalSource
+from mab_service.features.factory import make_source
 from mab_service.features.source import FeatureSource
 from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
 from mab_service.openapi import openapi_document
@@ -30,21 +29,6 @@ from mab_service.state import AppState, Lifecycle
 from mab_service.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger("mab_service")
-
-
-def make_source(settings: config.Settings) -> FeatureSource:
-    """The feature source named by ``settings.features``."""
-    kind, _, target = settings.features.partition(":")
-    if kind == "demo":
-        return LocalSource.demo(settings.prior_alpha, settings.prior_beta)
-    if kind == "csv":
-        return LocalSource(Path(target), settings.prior_alpha, settings.prior_beta)
-    if kind in ("vertex", "vertex-fos"):
-        # Imported here: the Vertex client library is an optional dependency (mab-service[vertex]).
-        from mab_service.features.vertex import source_from_settings
-
-        return source_from_settings(settings)
-    raise FeatureSourceError(f"unknown feature source {settings.features!r}")
 
 
 def build_app(settings: config.Settings, source: FeatureSource | None = None) -> Application:

@@ -2,33 +2,37 @@
 
 Two ways to read, by ``vertex_api_version``:
 
-- ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call; calls run concurrently up to
-  ``max_concurrent_reads``. NOT_FOUND means the store does not know the key: it gets the prior.
-- ``v1beta1``: the batched, bidirectional ``StreamingFetchFeatureValues``, which only that API version offers:
-  keys go in chunks of at most 100, one stream per chunk, read concurrently. Each answer carries a status: OK
-  with the found keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and are matched
-  by key. A stream that breaks is re-requested for the keys it has not answered.
+- ``v1beta1`` (the default): the batched, bidirectional ``StreamingFetchFeatureValues``, which only that API
+  version offers: keys go in chunks of at most 100, one stream per chunk, read concurrently. Each answer carries
+  a status: OK with the found keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and
+  are matched by key. A stream that breaks is re-requested for the keys it has not answered.
+- ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call. As many calls run at once as
+  the batched path reads keys (``VertexOptions.keys_in_flight``), spread over a pool of channels (Google's front
+  ends allow 100 concurrent streams per HTTP/2 connection), so that a cold request costs about one round trip.
+  NOT_FOUND means the store does not know the key: it gets the prior.
 
-Limits, retries, deadline and readiness are those of ``read_policy.ReadPolicy``; decoding is ``vertex``'s.
+Limits, retries, deadline, shedding and readiness are those of ``read_policy.ReadPolicy``; decoding is
+``store``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.cache import Lookup
+from mab_service.features.options import FEATURE_VIEW, MAX_IDS_PER_READ, VertexOptions
 from mab_service.features.read_policy import ReadPolicy, Retryable, grpc_code_name
-from mab_service.features.vertex import MAX_IDS_PER_READ, ParameterMapping, StoreSource, VertexOptions, make_transport
+from mab_service.features.source import Lookup
+from mab_service.features.store import ParameterMapping, Part, StoreSource, make_transport
 
-FEATURE_VIEW = re.compile(r"^projects/([^/]+)/locations/([^/]+)/featureOnlineStores/([^/]+)/featureViews/([^/]+)$")
 API_VERSIONS = ("v1", "v1beta1")
 _NOT_FOUND = 5  # google.rpc.Code.NOT_FOUND
 _OK = 0
 _RETRYABLE_CODES = (14, 4)  # UNAVAILABLE, DEADLINE_EXCEEDED
+_KEY_VALUE = 1  # FeatureViewDataFormat.KEY_VALUE
 
 
 class FeatureViewSource(StoreSource):
@@ -60,71 +64,69 @@ class FeatureViewSource(StoreSource):
         self.location = match.group(2)
         self.options = options
         self.streaming = options.api_version == "v1beta1"
-        self.policy = ReadPolicy(options, feature_view)
+        # The per-key API holds as many calls in flight as the batched one holds keys.
+        self.policy = ReadPolicy(options, feature_view, None if self.streaming else options.keys_in_flight)
         self.mapping = ParameterMapping(options)
         self._credentials = credentials
-        self._client: Any = None
+        self._clients: list[Any] = []
+        self._next_client: Iterator[Any] = iter(())
         self._messages: Any = None
         self._prober: asyncio.Task[None] | None = None
+        # Where the two features sit in each key's list, learnt from the first answer and checked on every one.
+        self._slots = (-1, -1)
 
     async def start(self) -> None:
-        """Create the client (one channel per worker) and check the store; see ``VertexSource.start``.
+        """Create the clients (a pool of channels for the per-key API) and check the store; probe after.
+
+        A store that does not answer yet does not stop the start: ``health`` stays not ready until it does.
 
         Raises:
             FeatureSourceError: If the client library is missing or there are no credentials.
         """
         try:
-            from google.cloud import aiplatform_v1, aiplatform_v1beta1
-            from google.cloud.aiplatform_v1.services.feature_online_store_service.transports import (
-                grpc_asyncio as transport_v1,
-            )
-            from google.cloud.aiplatform_v1.types import feature_online_store_service as messages_v1
-            from google.cloud.aiplatform_v1beta1.services.feature_online_store_service.transports import (
-                grpc_asyncio as transport_v1beta1,
-            )
-            from google.cloud.aiplatform_v1beta1.types import feature_online_store_service as messages_v1beta1
+            if self.streaming:
+                from google.cloud.aiplatform_v1beta1 import FeatureOnlineStoreServiceAsyncClient as client_cls
+                from google.cloud.aiplatform_v1beta1.services.feature_online_store_service.transports import (
+                    grpc_asyncio as transports,
+                )
+                from google.cloud.aiplatform_v1beta1.types import feature_online_store_service as messages
+            else:
+                from google.cloud.aiplatform_v1 import (  # type: ignore[assignment]
+                    FeatureOnlineStoreServiceAsyncClient as client_cls,
+                )
+                from google.cloud.aiplatform_v1.services.feature_online_store_service.transports import (  # type: ignore[no-redef]
+                    grpc_asyncio as transports,
+                )
+                from google.cloud.aiplatform_v1.types import (  # type: ignore[no-redef]
+                    feature_online_store_service as messages,
+                )
         except ImportError as exc:
             raise FeatureSourceError(f"the vertex feature source needs mab-service[vertex] installed ({exc})") from None
-        client_cls: Any = aiplatform_v1.FeatureOnlineStoreServiceAsyncClient
-        transport_cls: Any = transport_v1.FeatureOnlineStoreServiceGrpcAsyncIOTransport
-        messages: Any = messages_v1
-        if self.streaming:
-            client_cls = aiplatform_v1beta1.FeatureOnlineStoreServiceAsyncClient
-            transport_cls = transport_v1beta1.FeatureOnlineStoreServiceGrpcAsyncIOTransport
-            messages = messages_v1beta1
-        transport = await make_transport(transport_cls, self.options, self.location, self._credentials)
-        self._client = client_cls(transport=transport)
+        transport_cls = transports.FeatureOnlineStoreServiceGrpcAsyncIOTransport
+        calls = self.options.max_concurrent_reads if self.streaming else self.options.keys_in_flight
+        for _ in range(self.options.channel_count(calls)):
+            transport = await make_transport(transport_cls, self.options, self.location, self._credentials)
+            self._clients.append(client_cls(transport=transport))
+        self._next_client = itertools.cycle(self._clients)
         self._messages = messages
         await self._begin_probing("vertex-fos-readiness-probe")
 
-    async def read(self, ids: list[str], *, probe: bool = False) -> Lookup:
-        """Read ``ids`` one key per call (v1) or in batched streams (v1beta1); see ``StoreSource.read``."""
-        assert self._client is not None, "read before start"
+    def _plan(self, ids: list[str], out: Lookup) -> tuple[list[Part], list[dict[str, int]]]:
+        """v1beta1: one stream per chunk of ``chunk_size`` keys. v1: one call per key, run by as many workers as
+        calls may be in flight, sharing an iterator over the positions (not a task per key)."""
         n = len(ids)
-        out = self._prior_lookup(n)
-        if not n:
-            return out
-        # Per chunk (v1: one chunk of every key), the ids still to be answered -> their positions in the request.
-        waiting: list[dict[str, int]]
         if self.streaming:
             step = self.options.chunk_size
             waiting = [{ids[i]: i for i in range(s, min(s + step, n))} for s in range(0, n, step)]
-            parts = [self._chunk_reader(chunk, out) for chunk in waiting]
-        else:
-            # One call per key: a few workers share an iterator over the positions instead of a task per key.
-            waiting = [{id_: i for i, id_ in enumerate(ids)}]
-            positions = iter(range(n))
-            workers = min(n, self.options.max_concurrent_reads)
-            parts = [self._key_worker(ids, positions, waiting[0], out) for _ in range(workers)]
-        if not await self.policy.fan_out(parts, probe=probe):
-            return self._with_unread(out, waiting)
-        return out
+            return [self._chunk_reader(chunk, out) for chunk in waiting], waiting
+        keys = {id_: i for i, id_ in enumerate(ids)}
+        positions = iter(range(n))
+        workers = min(n, self.policy.max_calls)
+        return [self._key_worker(ids, positions, keys, out) for _ in range(workers)], [keys]
 
     # --- v1: one key per call -------------------------------------------------------------------------------
 
-    def _key_worker(
-        self, ids: list[str], positions: Iterator[int], waiting: dict[str, int], out: Lookup
-    ) -> Callable[[float], Awaitable[None]]:
+    def _key_worker(self, ids: list[str], positions: Iterator[int], waiting: dict[str, int], out: Lookup) -> Part:
         async def work(deadline: float) -> None:
             for position in positions:
                 key = ids[position]
@@ -138,9 +140,9 @@ class FeatureViewSource(StoreSource):
         request = messages.FetchFeatureValuesRequest.pb()()
         request.feature_view = self.feature_view
         request.data_key.key = key
-        request.data_format = 1  # KEY_VALUE
+        request.data_format = _KEY_VALUE
         try:
-            response = await self._client.fetch_feature_values(
+            response = await next(self._next_client).fetch_feature_values(
                 request=messages.FetchFeatureValuesRequest.wrap(request), timeout=timeout_s
             )
         except Exception as exc:
@@ -150,6 +152,15 @@ class FeatureViewSource(StoreSource):
         self._place(messages.FetchFeatureValuesResponse.pb(response).key_values, position, out)
 
     # --- v1beta1: batched streaming -------------------------------------------------------------------------
+
+    def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Part:
+        """A fan-out part reading one chunk; a broken stream leaves in ``waiting`` what it did not answer, and the
+        retry asks for that only."""
+
+        async def read_chunk(deadline: float) -> None:
+            await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
+
+        return read_chunk
 
     async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
         """One StreamingFetchFeatureValues stream with one request for the keys in ``waiting``.
@@ -161,24 +172,22 @@ class FeatureViewSource(StoreSource):
         messages = self._messages
         request = messages.StreamingFetchFeatureValuesRequest.pb()()
         request.feature_view = self.feature_view
-        request.data_format = 1  # KEY_VALUE
+        request.data_format = _KEY_VALUE
+        add = request.data_keys.add
         for key in waiting:
-            request.data_keys.add().key = key
+            add().key = key
         wrapped = messages.StreamingFetchFeatureValuesRequest.wrap(request)
 
         async def requests() -> AsyncIterator[Any]:
             yield wrapped
 
         raw = messages.StreamingFetchFeatureValuesResponse.pb
-        stream = await self._client.streaming_fetch_feature_values(requests=requests(), timeout=timeout_s)
+        stream = await next(self._next_client).streaming_fetch_feature_values(requests=requests(), timeout=timeout_s)
         async for message in stream:
             pb = raw(message)
             code = pb.status.code
             if code == _OK:
-                for item in pb.data:
-                    position = waiting.pop(item.data_key.key, None)
-                    if position is not None:
-                        self._place(item.key_values, position, out)
+                self._place_many(pb.data, waiting, out)
             elif code == _NOT_FOUND:
                 for key in pb.data_keys_with_error:
                     waiting.pop(key.key, None)  # unknown: keeps the prior
@@ -196,24 +205,51 @@ class FeatureViewSource(StoreSource):
 
     # --- decoding ---------------------------------------------------------------------------------------------
 
-    def _place(self, key_values: Any, position: int, out: Lookup) -> None:
+    def _place_many(self, data: Any, waiting: dict[str, int], out: Lookup) -> None:
+        """Place every answered key of one message: the hot loop of the batched path, so the two features' slots
+        in each key's list are learnt once and only checked by name afterwards."""
         first_name, second_name = self.options.feature_ids
-        first = second = None
-        for pair in key_values.features:
-            if pair.name == first_name:
-                first = pair.value
-            elif pair.name == second_name:
-                second = pair.value
-        if first is None or second is None:
-            names = [pair.name for pair in key_values.features]
-            raise FeatureSourceError(
-                f"feature view {self.feature_view} has no features {self.options.feature_ids} (it has {names})"
-            )
-        params = self.mapping.decode(first, second)
+        first, second = self._slots
+        decode = self.mapping.decode
+        alpha, beta, found = out.alpha, out.beta, out.found
+        pop = waiting.pop
+        for item in data:
+            position = pop(item.data_key.key, None)
+            if position is None:
+                continue  # not asked for in this call (or answered twice)
+            features = item.key_values.features
+            if not (
+                0 <= first < len(features)
+                and 0 <= second < len(features)
+                and features[first].name == first_name
+                and features[second].name == second_name
+            ):
+                self._learn_slots(features)
+                first, second = self._slots
+            params = decode(features[first].value, features[second].value)
+            if params is not None:
+                alpha[position], beta[position] = params
+                found[position] = True
+
+    def _learn_slots(self, features: Any) -> None:
+        names = [pair.name for pair in features]
+        wanted = self.options.feature_ids
+        if wanted[0] not in names or wanted[1] not in names:
+            raise FeatureSourceError(f"feature view {self.feature_view} has no features {wanted} (it has {names})")
+        self._slots = (names.index(wanted[0]), names.index(wanted[1]))
+
+    def _place(self, key_values: Any, position: int, out: Lookup) -> None:
+        features = key_values.features
+        first, second = self._slots
+        if not (
+            0 <= first < len(features)
+            and 0 <= second < len(features)
+            and features[first].name == self.options.feature_ids[0]
+            and features[second].name == self.options.feature_ids[1]
+        ):
+            self._learn_slots(features)
+            first, second = self._slots
+        params = self.mapping.decode(features[first].value, features[second].value)
         if params is not None:
             out.alpha[position], out.beta[position] = params
             out.found[position] = True
-
-    def stats(self) -> dict[str, float]:
-        """Counters for metrics: calls, retries, failed fan-outs, invalid values, total fan-out latency."""
-        return self.policy.stats() | {"invalid_values": self.mapping.invalid}

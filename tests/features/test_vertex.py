@@ -18,7 +18,9 @@ import pytest
 
 from mab_service.emulator import Emulator, Faults, parse_table
 from mab_service.errors import FeatureSourceError
-from mab_service.features.vertex import CHECK_ID, VertexOptions, VertexSource, make_transport
+from mab_service.features.options import VertexOptions
+from mab_service.features.store import CHECK_ID, make_transport
+from mab_service.features.vertex import VertexSource
 from mab_service.features.vertex_fos import FeatureViewSource
 
 pytestmark = pytest.mark.anyio
