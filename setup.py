@@ -66,5 +66,7 @@ cache = extension(
     sources=["mab_service/features/_cache.pyx", "csrc/mab/cache_table.cpp", "csrc/mab/id_index.cpp"],
     depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
 )
+# Feature Store 2.0 answers decoded from their wire bytes: Cython alone, no C++ sources.
+wire = extension("mab_service.features._wire", sources=["mab_service/features/_wire.pyx"], depends=[])
 
-setup(ext_modules=cythonize([kernel, index, cache], compiler_directives=directives, annotate=DEBUG))
+setup(ext_modules=cythonize([kernel, index, cache, wire], compiler_directives=directives, annotate=DEBUG))

@@ -123,6 +123,7 @@ class ReadPolicy:
         self._semaphore: asyncio.Semaphore | None = None
         # Calls waiting for a permit -> since when (loop time), oldest first: the semaphore serves in that order.
         self._waiting: dict[object, float] = {}
+        self._in_use = 0
         self._random = random.Random()
         self.degrade = options.on_failure == "degrade"
         self.calls = 0
@@ -259,7 +260,7 @@ class ReadPolicy:
         fan_out = _fan_out.get()
         tries = 0
         while True:
-            if semaphore.locked():
+            if self._in_use >= self.max_calls:  # (Semaphore.locked() walks its waiters: too slow here)
                 token = object()
                 self._waiting[token] = loop.time()
                 try:
@@ -268,6 +269,7 @@ class ReadPolicy:
                     del self._waiting[token]
             else:
                 await semaphore.acquire()
+            self._in_use += 1
             try:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -295,6 +297,7 @@ class ReadPolicy:
                     if fan_out is not None:
                         fan_out.on_wire.pop(call, None)
             finally:
+                self._in_use -= 1
                 semaphore.release()
             tries += 1
             remaining = deadline - loop.time()

@@ -3,9 +3,10 @@
 Two ways to read, by ``vertex_api_version``:
 
 - ``v1beta1`` (the default): the batched, bidirectional ``StreamingFetchFeatureValues``, which only that API
-  version offers: keys go in chunks of at most 100, one stream per chunk, read concurrently. Each answer carries
-  a status: OK with the found keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and
-  are matched by key. A stream that breaks is re-requested for the keys it has not answered.
+  version offers: keys go in chunks of at most 100, one request message per chunk, read concurrently over a few
+  long-lived streams the whole worker shares (``fetch_streams``). Each answer carries a status: OK with the found
+  keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and are matched by key. Keys not
+  answered (a broken stream, an UNAVAILABLE answer) are asked for again.
 - ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call. As many calls run at once as
   the batched path reads keys (``VertexOptions.keys_in_flight``), spread over a pool of channels (Google's front
   ends allow 100 concurrent streams per HTTP/2 connection), so that a cold request costs about one round trip.
@@ -19,20 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from mab_service.errors import FeatureSourceError
+from mab_service.features._wire import encode_request
+from mab_service.features.fetch_streams import FetchStreams
 from mab_service.features.options import FEATURE_VIEW, MAX_IDS_PER_READ, VertexOptions
-from mab_service.features.read_policy import ReadPolicy, Retryable, grpc_code_name
+from mab_service.features.read_policy import ReadPolicy, grpc_code_name
 from mab_service.features.source import Lookup
 from mab_service.features.store import ParameterMapping, Part, StoreSource, make_transport
 
 API_VERSIONS = ("v1", "v1beta1")
-_NOT_FOUND = 5  # google.rpc.Code.NOT_FOUND
-_OK = 0
-_RETRYABLE_CODES = (14, 4)  # UNAVAILABLE, DEADLINE_EXCEEDED
 _KEY_VALUE = 1  # FeatureViewDataFormat.KEY_VALUE
+STREAMING_FETCH = "/google.cloud.aiplatform.v1beta1.FeatureOnlineStoreService/StreamingFetchFeatureValues"
 
 
 class FeatureViewSource(StoreSource):
@@ -74,6 +78,10 @@ class FeatureViewSource(StoreSource):
         self._prober: asyncio.Task[None] | None = None
         # Where the two features sit in each key's list, learnt from the first answer and checked on every one.
         self._slots = (-1, -1)
+        first, second = options.feature_ids
+        self._feature_names = (first.encode(), second.encode())
+        self._streams: FetchStreams | None = None
+        self._request_head = b""
 
     async def start(self) -> None:
         """Create the clients (a pool of channels for the per-key API) and check the store; probe after.
@@ -109,7 +117,31 @@ class FeatureViewSource(StoreSource):
             self._clients.append(client_cls(transport=transport))
         self._next_client = itertools.cycle(self._clients)
         self._messages = messages
+        if self.streaming:
+            from google.cloud.aiplatform_v1beta1.services.feature_online_store_service.transports.base import (
+                DEFAULT_CLIENT_INFO,
+            )
+
+            # The batched answers are read as bytes and decoded by ``_wire``: the client's own channels (TLS and
+            # credentials in production), its method, and the metadata its wrapper sends, without the per-key
+            # cost of building protobuf objects for every answer.
+            head = messages.StreamingFetchFeatureValuesRequest.pb()()
+            head.feature_view = self.feature_view
+            head.data_format = _KEY_VALUE
+            self._request_head = head.SerializeToString()
+            metadata = (DEFAULT_CLIENT_INFO.to_grpc_metadata(),)  # type: ignore[no-untyped-call]
+            methods = [
+                client.transport.grpc_channel.stream_stream(STREAMING_FETCH, response_deserializer=None)
+                for client in self._clients
+            ]
+            self._streams = FetchStreams(methods, metadata, self._feature_names, self._place_decoded)
         await self._begin_probing("vertex-fos-readiness-probe")
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
+            self._streams = None
+        await super().close()
 
     def _plan(self, ids: list[str], out: Lookup) -> tuple[list[Part], list[dict[str, int]]]:
         """v1beta1: one stream per chunk of ``chunk_size`` keys. v1: one call per key, run by as many workers as
@@ -163,73 +195,32 @@ class FeatureViewSource(StoreSource):
         return read_chunk
 
     async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
-        """One StreamingFetchFeatureValues stream with one request for the keys in ``waiting``.
+        """One request message for the keys in ``waiting``, over the worker's shared streams.
 
         Raises:
-            Retryable: If an answer reports UNAVAILABLE or DEADLINE_EXCEEDED, or the stream ends early.
-            FeatureSourceError: If an answer reports any other error.
+            Retryable: If the store answers UNAVAILABLE or DEADLINE_EXCEEDED, the stream breaks, or the keys are
+                not all answered within ``timeout_s``.
+            FeatureSourceError: If the store answers any other error.
         """
-        messages = self._messages
-        request = messages.StreamingFetchFeatureValuesRequest.pb()()
-        request.feature_view = self.feature_view
-        request.data_format = _KEY_VALUE
-        add = request.data_keys.add
-        for key in waiting:
-            add().key = key
-        wrapped = messages.StreamingFetchFeatureValuesRequest.wrap(request)
-
-        async def requests() -> AsyncIterator[Any]:
-            yield wrapped
-
-        raw = messages.StreamingFetchFeatureValuesResponse.pb
-        stream = await next(self._next_client).streaming_fetch_feature_values(requests=requests(), timeout=timeout_s)
-        async for message in stream:
-            pb = raw(message)
-            code = pb.status.code
-            if code == _OK:
-                self._place_many(pb.data, waiting, out)
-            elif code == _NOT_FOUND:
-                for key in pb.data_keys_with_error:
-                    waiting.pop(key.key, None)  # unknown: keeps the prior
-            elif code in _RETRYABLE_CODES:
-                raise Retryable(f"status {code}: {pb.status.message}")
-            else:
-                raise FeatureSourceError(
-                    f"feature store {self.feature_view} failed: status {code}: {pb.status.message}"
-                )
-            if not waiting:
-                stream.cancel()  # every key is answered: no need to wait for the server to close
-                return
-        if waiting:
-            raise Retryable(f"the stream ended with {len(waiting)} keys unanswered")
+        assert self._streams is not None
+        await self._streams.fetch(encode_request(self._request_head, waiting), waiting, out, timeout_s)
 
     # --- decoding ---------------------------------------------------------------------------------------------
 
-    def _place_many(self, data: Any, waiting: dict[str, int], out: Lookup) -> None:
-        """Place every answered key of one message: the hot loop of the batched path, so the two features' slots
-        in each key's list are learnt once and only checked by name afterwards."""
-        first_name, second_name = self.options.feature_ids
-        first, second = self._slots
-        decode = self.mapping.decode
-        alpha, beta, found = out.alpha, out.beta, out.found
-        pop = waiting.pop
-        for item in data:
-            position = pop(item.data_key.key, None)
-            if position is None:
-                continue  # not asked for in this call (or answered twice)
-            features = item.key_values.features
-            if not (
-                0 <= first < len(features)
-                and 0 <= second < len(features)
-                and features[first].name == first_name
-                and features[second].name == second_name
-            ):
-                self._learn_slots(features)
-                first, second = self._slots
-            params = decode(features[first].value, features[second].value)
-            if params is not None:
-                alpha[position], beta[position] = params
-                found[position] = True
+    def _place_decoded(
+        self,
+        out: Lookup,
+        positions: npt.NDArray[np.intp],
+        a: npt.NDArray[np.float64],
+        b: npt.NDArray[np.float64],
+        present: npt.NDArray[np.uint8],
+    ) -> None:
+        """Put one answer's decoded values (``_wire.decode_answer``) at their positions in ``out``."""
+        alpha, beta, valid = self.mapping.decode_arrays(a, b, present)
+        placed = positions[valid]
+        out.alpha[placed] = alpha[valid]
+        out.beta[placed] = beta[valid]
+        out.found[placed] = True
 
     def _learn_slots(self, features: Any) -> None:
         names = [pair.name for pair in features]
