@@ -41,6 +41,8 @@ from mab_service.emulator.table import FeatureTable
 
 #: The most entity ids one read may carry, as in Vertex (101 ids is INVALID_ARGUMENT).
 MAX_IDS_PER_READ = 100
+#: The most encoded answers per key kept for reuse (a few hundred bytes each).
+MAX_KEPT_ENTRIES = 2_000_000
 
 FEATURESTORE_SERVICE = "google.cloud.aiplatform.v1.FeaturestoreOnlineServingService"
 ONLINE_STORE_SERVICE_V1 = "google.cloud.aiplatform.v1.FeatureOnlineStoreService"
@@ -465,15 +467,17 @@ class Emulator:
 
     def _fetch_entry(self, key: str) -> bytes:
         """One key's entry in a StreamingFetchFeatureValuesResponse, encoded: in ``data`` (field 2) for a known
-        key, in ``data_keys_with_error`` (field 3) for an unknown one. Known keys' entries are kept."""
+        key, in ``data_keys_with_error`` (field 3) for an unknown one. Entries are kept for the next answers."""
         if key in self.table.rows:
             item = _FetchResponseBeta()
             item.key_values.MergeFromString(self._key_value_list(key))
             item.data_key.key = key
             entry = _field(_DATA_TAG, item.SerializeToString())
+        else:
+            entry = _error_key(key)
+        if len(self._entries) < MAX_KEPT_ENTRIES:  # unknown keys too, up to a bound: any client may send any key
             self._entries[key] = entry
-            return entry
-        return _error_key(key)
+        return entry
 
     def _key_value_list(self, key: str) -> bytes:
         """A known key's features as a serialised FeatureNameValuePairList (the same bytes in v1 and v1beta1)."""

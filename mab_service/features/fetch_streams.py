@@ -7,10 +7,12 @@ waits for its keys' answers. The API allows this: answers may come in any order 
 reader task per stream decodes each answer (``_wire.decode_answer``, from the bytes) and hands every key to the
 read that asked for it.
 
-Failures stay per read where they can: an answer with an error status fails the reads of the keys it lists (all
-reads on the stream if it lists none); a stream that breaks fails every read waiting on it, and the next read
-opens a new one. Errors reach ``read_policy.ReadPolicy.attempt`` as they would from a call of its own: retryable
-ones (UNAVAILABLE, DEADLINE_EXCEEDED, a stream that ends) are retried on a new or another stream.
+A read sends all its request messages on one stream and waits for them together, so a request costs one wait,
+not one per chunk. Failures stay per key where they can: an answer with an error status fails the keys it lists
+(every read on the stream if it lists none), and a read with such keys ends with that error once its other keys
+are answered; a stream that breaks fails every read waiting on it, and the next read opens a new one. Errors
+reach ``read_policy.ReadPolicy.attempt`` as they would from a call of its own: retryable ones (UNAVAILABLE,
+DEADLINE_EXCEEDED, a stream that ends) are retried, for the keys still unanswered, on a new or another stream.
 """
 
 from __future__ import annotations
@@ -44,12 +46,16 @@ Place = Callable[
 class _Read:
     """One request message in flight: the keys it still waits for -> their positions, where to put the values."""
 
-    __slots__ = ("done", "out", "waiting")
+    __slots__ = ("done", "error", "failed", "out", "waiting")
 
     def __init__(self, waiting: dict[str, int], out: Lookup, done: asyncio.Future[None]) -> None:
         self.waiting = waiting
         self.out = out
         self.done = done
+        # Keys the store answered with an error: they stay in ``waiting`` (unread, or asked for again), and the
+        # read ends with ``error`` once every other key is answered.
+        self.failed = 0
+        self.error: Exception | None = None
 
 
 class _Stream:
@@ -129,13 +135,15 @@ class _Stream:
                         if code in _RETRYABLE_CODES
                         else FeatureSourceError(f"the feature store answered status {code}: {message}")
                     )
-                    reads = {id(r): r for key in missing for r in self._take(key)}
                     if not missing:
                         raise error  # not said for which keys: every read on this stream fails
-                    for read in reads.values():
-                        self.unregister(read)
-                        if not read.done.done():
-                            read.done.set_exception(error)
+                    touched = []
+                    for key in missing:
+                        for read in self._take(key):
+                            read.failed += 1
+                            read.error = error
+                            touched.append(read)
+                    _finish(touched)
         except asyncio.CancelledError:
             self._fail(Retryable("the stream was closed"))
             raise
@@ -150,37 +158,37 @@ class _Stream:
         present: npt.NDArray[np.uint8],
         place: Place,
     ) -> None:
-        pending = self.pending
-        owners = [pending.pop(key, None) for key in keys]
-        read = owners[0] if owners else None
-        if read is not None and owners.count(read) == len(owners) and self.shared.keys().isdisjoint(keys):
-            # The common case: every key of the answer was asked for by one read.
-            place(read.out, take_positions(keys, read.waiting), a, b, present)
-            _finish((read,))
-            return
-        # Keys of several reads (without a cache in front, concurrent requests share ids), or keys already
-        # delivered with another read's answer.
-        groups: dict[_Read, tuple[list[int], list[int]]] = {}
-        for i, (key, owner) in enumerate(zip(keys, owners)):
-            if owner is not None:
-                group = groups.get(owner)
-                if group is None:
-                    group = groups[owner] = ([], [])
-                group[0].append(i)
-                group[1].append(owner.waiting.pop(key))
+        """Hand the keys of one OK answer to the reads waiting for them.
+
+        Nearly every key belongs to the read whose request message this answers (its ``main`` read): those go in
+        one vectorised step. Without a cache in front, concurrent requests share some ids, so a few keys may
+        belong to other reads as well, or have been delivered already with another read's answer; those go one
+        by one.
+        """
+        owners = [self.pending.pop(key, None) for key in keys]
+        main = next((owner for owner in owners if owner is not None), None)
+        if main is None:
+            return  # every key was delivered already, or its read gave up
+        positions = take_positions(keys, main.waiting)
+        mine = positions >= 0
+        if mine.all():
+            place(main.out, positions, a, b, present)
+        else:
+            place(main.out, positions[mine], a[mine], b[mine], present[mine])
+        others: dict[_Read, tuple[list[int], list[int]]] = {}
+        for i, owner in enumerate(owners):
+            if owner is not None and owner is not main:
+                _add(others, owner, i, keys[i])
         shared = self.shared
         if shared and not shared.keys().isdisjoint(keys):
             for i, key in enumerate(keys):
                 for other in shared.pop(key, ()):
-                    group = groups.get(other)
-                    if group is None:
-                        group = groups[other] = ([], [])
-                    group[0].append(i)
-                    group[1].append(other.waiting.pop(key))
-        for owner, (rows, at) in groups.items():
+                    if other is not main:
+                        _add(others, other, i, key)
+        for owner, (rows, at) in others.items():
             index = np.asarray(rows, dtype=np.intp)
             place(owner.out, np.asarray(at, dtype=np.intp), a[index], b[index], present[index])
-        _finish(list(groups))
+        _finish((main, *others))
 
     def _fail(self, exc: BaseException) -> None:
         self.broken = exc
@@ -199,10 +207,23 @@ class _Stream:
         await asyncio.gather(self.reader, return_exceptions=True)
 
 
+def _add(groups: dict[_Read, tuple[list[int], list[int]]], read: _Read, row: int, key: str) -> None:
+    """Note that answer row ``row`` (of ``key``) goes to ``read``, at the position it waits for it."""
+    position = read.waiting.pop(key, None)
+    if position is not None:
+        rows, at = groups.setdefault(read, ([], []))
+        rows.append(row)
+        at.append(position)
+
+
 def _finish(reads: Sequence[_Read]) -> None:
+    """End the reads whose every key is answered (or answered with an error)."""
     for read in reads:
-        if not read.waiting and not read.done.done():
-            read.done.set_result(None)
+        if len(read.waiting) <= read.failed and not read.done.done():
+            if read.error is None:
+                read.done.set_result(None)
+            else:
+                read.done.set_exception(read.error)
 
 
 class FetchStreams:
@@ -241,14 +262,15 @@ class FetchStreams:
                 self._streams[i] = None
         stream.call.cancel()
 
-    async def fetch(self, request: bytes, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
-        """Send ``request`` (a serialised StreamingFetchFeatureValuesRequest for the keys of ``waiting``) and wait
-        up to ``timeout_s`` for their answers, which are placed in ``out``; answered keys leave ``waiting``.
+    async def fetch(self, requests: Sequence[bytes], waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
+        """Send ``requests`` (serialised StreamingFetchFeatureValuesRequests for the keys of ``waiting``, at most 100
+        each) on one stream and wait up to ``timeout_s`` for their answers, which are placed in ``out``; answered
+        keys leave ``waiting``.
 
         Raises:
-            Retryable: If the stream broke or the store said UNAVAILABLE / DEADLINE_EXCEEDED for these keys.
-            grpc.aio.AioRpcError: The stream's error (DEADLINE_EXCEEDED when ``timeout_s`` passes is raised as
-                ``Retryable``).
+            Retryable: If the stream broke, the store said UNAVAILABLE / DEADLINE_EXCEEDED for these keys, or
+                ``timeout_s`` passed (as DEADLINE_EXCEEDED).
+            grpc.aio.AioRpcError: The stream's own error.
             FeatureSourceError: If the store answered another error for these keys.
         """
         stream = self._stream()
@@ -257,7 +279,8 @@ class FetchStreams:
         try:
             try:
                 async with stream.write_lock:
-                    await stream.call.write(request)
+                    for request in requests:
+                        await stream.call.write(request)
             except Exception as exc:
                 if stream.broken is None:
                     self.forget(stream)  # a write that failed: the stream is gone

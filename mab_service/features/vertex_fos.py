@@ -3,8 +3,8 @@
 Two ways to read, by ``vertex_api_version``:
 
 - ``v1beta1`` (the default): the batched, bidirectional ``StreamingFetchFeatureValues``, which only that API
-  version offers: keys go in chunks of at most 100, one request message per chunk, read concurrently over a few
-  long-lived streams the whole worker shares (``fetch_streams``). Each answer carries a status: OK with the found
+  version offers: keys go in request messages of at most 100, all sent at once over one of a few long-lived
+  streams the whole worker shares (``fetch_streams``). Each answer carries a status: OK with the found
   keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and are matched by key. Keys not
   answered (a broken stream, an UNAVAILABLE answer) are asked for again.
 - ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call. As many calls run at once as
@@ -144,13 +144,13 @@ class FeatureViewSource(StoreSource):
         await super().close()
 
     def _plan(self, ids: list[str], out: Lookup) -> tuple[list[Part], list[dict[str, int]]]:
-        """v1beta1: one stream per chunk of ``chunk_size`` keys. v1: one call per key, run by as many workers as
-        calls may be in flight, sharing an iterator over the positions (not a task per key)."""
+        """v1beta1: one part sending a request message per ``chunk_size`` keys on one shared stream. v1: one call
+        per key, run by as many workers as calls may be in flight, sharing an iterator over the positions (not a
+        task per key)."""
         n = len(ids)
         if self.streaming:
-            step = self.options.chunk_size
-            waiting = [{ids[i]: i for i in range(s, min(s + step, n))} for s in range(0, n, step)]
-            return [self._chunk_reader(chunk, out) for chunk in waiting], waiting
+            keys = {id_: i for i, id_ in enumerate(ids)}
+            return [self._chunk_reader(keys, out)], [keys]
         keys = {id_: i for i, id_ in enumerate(ids)}
         positions = iter(range(n))
         workers = min(n, self.policy.max_calls)
@@ -186,8 +186,8 @@ class FeatureViewSource(StoreSource):
     # --- v1beta1: batched streaming -------------------------------------------------------------------------
 
     def _chunk_reader(self, waiting: dict[str, int], out: Lookup) -> Part:
-        """A fan-out part reading one chunk; a broken stream leaves in ``waiting`` what it did not answer, and the
-        retry asks for that only."""
+        """The fan-out part reading every key of a read; what a failure leaves in ``waiting`` unanswered is all a
+        retry asks for."""
 
         async def read_chunk(deadline: float) -> None:
             await self.policy.attempt(deadline, lambda timeout_s: self._stream(waiting, out, timeout_s))
@@ -195,7 +195,7 @@ class FeatureViewSource(StoreSource):
         return read_chunk
 
     async def _stream(self, waiting: dict[str, int], out: Lookup, timeout_s: float) -> None:
-        """One request message for the keys in ``waiting``, over the worker's shared streams.
+        """The keys in ``waiting``, ``chunk_size`` per request message, on one of the worker's shared streams.
 
         Raises:
             Retryable: If the store answers UNAVAILABLE or DEADLINE_EXCEEDED, the stream breaks, or the keys are
@@ -203,7 +203,10 @@ class FeatureViewSource(StoreSource):
             FeatureSourceError: If the store answers any other error.
         """
         assert self._streams is not None
-        await self._streams.fetch(encode_request(self._request_head, waiting), waiting, out, timeout_s)
+        head, step = self._request_head, self.options.chunk_size
+        keys = list(waiting)
+        requests = [encode_request(head, keys[i : i + step]) for i in range(0, len(keys), step)]
+        await self._streams.fetch(requests, waiting, out, timeout_s)
 
     # --- decoding ---------------------------------------------------------------------------------------------
 
