@@ -136,9 +136,12 @@ class Settings:
     vertex_read_budget_s: float = 2.0
     """Seconds a Vertex read may take in all, retries included, when the cache is on: a request waits for its
     reads at most ``vertex_deadline_s``, and a read it gave up on goes on to fill the cache."""
+    vertex_v1_calls_in_flight: int = 400
+    """Calls in flight per worker with the one-key-per-call ``v1`` API (Feature Store 2.0): 400 reads a 400-candidate
+    cold request in one round trip."""
     vertex_channels: int = 0
-    """gRPC channels (HTTP/2 connections) per worker to Vertex; 0 opens enough for the calls in flight (one per 100
-    concurrent calls: the per-key ``v1`` API runs ``vertex_max_concurrent_reads`` x ``vertex_chunk_size``)."""
+    """gRPC channels (HTTP/2 connections) per worker to Vertex; 0 opens one per 100 concurrent calls (Google's limit
+    of streams per connection): 4 for ``v1``, 1 for the batched API."""
     warmup_ids: str = ""
     """File of ids to read into the cache at start, before /health turns 200: one id per line, or a CSV with an
     ``entity_id`` column. Empty: no warm-up. The ids are then re-read every TTL, in large batches."""
@@ -196,6 +199,8 @@ class Settings:
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
         _check(self.vertex_channels, self.vertex_channels >= 0, "vertex_channels", "an integer >= 0")
+        calls = self.vertex_v1_calls_in_flight
+        _check(calls, calls >= 1, "vertex_v1_calls_in_flight", "an integer >= 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features._wire import decode_answer, take_positions
-from mab_service.features.read_policy import Retryable
+from mab_service.features.read_policy import CallTimeout, Retryable
 from mab_service.features.source import Lookup
 
 logger = logging.getLogger("mab_service.vertex")
@@ -287,7 +287,9 @@ class FetchStreams:
                 raise (stream.broken or exc) from exc
             await asyncio.wait_for(read.done, timeout_s)
         except TimeoutError:
-            raise Retryable(f"DEADLINE_EXCEEDED: no answer for {len(waiting)} keys within {timeout_s:.3f} s") from None
+            raise CallTimeout(
+                f"DEADLINE_EXCEEDED: no answer for {len(waiting)} keys within {timeout_s:.3f} s"
+            ) from None
         finally:
             stream.unregister(read)
 

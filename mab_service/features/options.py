@@ -48,6 +48,9 @@ class VertexOptions:
     emulator_host: str = ""
     endpoint: str = ""
     api_version: str = "v1beta1"
+    v1_calls_in_flight: int = 400
+    """Calls in flight per worker with the one-key-per-call ``v1`` API: a 400-candidate cold request in one round
+    trip."""
     channels: int = 0
     """grpc channels (HTTP/2 connections) per worker; 0 picks enough for the calls in flight (``channel_count``)."""
 
@@ -75,6 +78,7 @@ class VertexOptions:
             emulator_host=settings.vertex_emulator_host,
             endpoint=settings.vertex_endpoint,
             api_version=settings.vertex_api_version,
+            v1_calls_in_flight=settings.vertex_v1_calls_in_flight,
             channels=settings.vertex_channels,
         )
 
@@ -89,12 +93,6 @@ class VertexOptions:
     def budget_s(self) -> float:
         """The longest a read may go on: ``read_budget_s``, never shorter than ``deadline_s``."""
         return max(self.deadline_s, self.read_budget_s)
-
-    @property
-    def keys_in_flight(self) -> int:
-        """Keys read at once per worker: ``max_concurrent_reads`` calls of up to ``chunk_size`` keys each. The
-        one-key-per-call API runs this many calls at once, so a cold request costs about one round trip."""
-        return self.max_concurrent_reads * self.chunk_size
 
     def channel_count(self, calls_in_flight: int) -> int:
         """Channels for ``calls_in_flight`` concurrent calls: Google's front ends allow 100 concurrent streams per

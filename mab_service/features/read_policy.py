@@ -83,18 +83,25 @@ class StoreHealth:
 
 
 class _FanOut:
-    """One fan-out's calls on the wire -> since when (loop time), and the store errors its calls met (retried or
-    not); its parts see it through ``_fan_out``."""
+    """One fan-out's calls on the wire -> since when (loop time), the errors its calls met (retried or not) and how
+    many of those were error statuses rather than timeouts; its parts see it through ``_fan_out``."""
 
-    __slots__ = ("on_wire", "store_errors")
+    __slots__ = ("error_statuses", "on_wire", "store_errors")
 
     def __init__(self) -> None:
         self.on_wire: dict[object, float] = {}
         self.store_errors = 0
+        self.error_statuses = 0
 
 
 #: The fan-out a part runs for: each part's task is created with it set, so ``attempt`` can record its calls.
 _fan_out: ContextVar[_FanOut | None] = ContextVar("fan_out", default=None)
+
+
+class TimedOut(FeatureSourceError):
+    """Every attempt of a read timed out, and the store answered none of them with an error: the store may be slow,
+    or this worker too busy to take its answers in time. It counts toward the breaker (a store that answers nothing
+    opens it), but while the store answers other calls, the request is shed rather than answered degraded."""
 
 
 class OwnDeadline(Exception):
@@ -103,6 +110,10 @@ class OwnDeadline(Exception):
 
 class Retryable(Exception):
     """A read that may succeed if tried again: UNAVAILABLE, DEADLINE_EXCEEDED, or a stream that ended early."""
+
+
+class CallTimeout(Retryable):
+    """No answer within the call's timeout, on a stream shared with other reads (DEADLINE_EXCEEDED)."""
 
 
 class ReadPolicy:
@@ -132,6 +143,7 @@ class ReadPolicy:
         self.skipped = 0
         self.overloads = 0
         self.shed = 0
+        self.timeouts = 0
         self.latency_s_total = 0.0
 
     @property
@@ -147,6 +159,7 @@ class ReadPolicy:
             "skipped_reads": self.skipped,
             "overloaded_reads": self.overloads,
             "shed_reads": self.shed,
+            "timed_out_calls": self.timeouts,
             "consecutive_failures": self.health.consecutive_failures,
             "latency_s_total": self.latency_s_total,
         }
@@ -225,7 +238,7 @@ class ReadPolicy:
                 if done:
                     self.health.success()
                 return "overloaded"
-            error = self._deadline_error(budget_s)
+            error = self._deadline_error(budget_s, timed_out=not state.error_statuses)
         if error is None:
             self.health.success()
             return None
@@ -238,6 +251,9 @@ class ReadPolicy:
         self.health.failure(failure.message)
         if probe:
             raise failure from error
+        if isinstance(failure, TimedOut) and self.health.ready:
+            self.overloads += 1
+            return "overloaded"
         return self._failed(failure)
 
     def _failed(self, failure: FeatureSourceError) -> str:
@@ -259,6 +275,7 @@ class ReadPolicy:
             semaphore = self._semaphore = asyncio.Semaphore(self.max_calls)
         fan_out = _fan_out.get()
         tries = 0
+        store_erred = False
         while True:
             if self._in_use >= self.max_calls:  # (Semaphore.locked() walks its waiters: too slow here)
                 token = object()
@@ -276,10 +293,13 @@ class ReadPolicy:
                     raise OwnDeadline("the deadline passed while the read waited for a permit")
                 self.calls += 1
                 call_started = loop.time()
+                timeout_s = min(self.options.call_timeout_s, remaining)
                 if fan_out is not None:
                     fan_out.on_wire[call] = call_started
                 try:
-                    await call(min(self.options.call_timeout_s, remaining))
+                    await call(timeout_s)
+                    # Any answer shows the store works: the breaker opens only when nothing gets through.
+                    self.health.success()
                     return
                 except FeatureSourceError:
                     raise
@@ -291,8 +311,13 @@ class ReadPolicy:
                         # Cut short by our own deadline after a late start in our queue, not by a slow store.
                         raise OwnDeadline("the deadline passed during the call") from exc
                     failure = exc
+                    if is_timeout(exc):
+                        self.timeouts += 1  # a slow store, or a worker too busy to see the answer in time
+                    else:
+                        store_erred = True
                     if fan_out is not None:
                         fan_out.store_errors += 1
+                        fan_out.error_statuses += store_erred
                 finally:
                     if fan_out is not None:
                         fan_out.on_wire.pop(call, None)
@@ -302,7 +327,8 @@ class ReadPolicy:
             tries += 1
             remaining = deadline - loop.time()
             if tries > self.options.retries or remaining <= 0:
-                raise FeatureSourceError(
+                error = FeatureSourceError if store_erred else TimedOut
+                raise error(
                     f"feature store {self.store} failed after {tries} attempts: {_describe(failure)}"
                 ) from failure
             self.retries += 1
@@ -310,9 +336,21 @@ class ReadPolicy:
             cap = self.options.backoff_s * (2 ** (tries - 1))
             await asyncio.sleep(min(self._random.uniform(0, cap), remaining))
 
-    def _deadline_error(self, budget_s: float) -> FeatureSourceError:
-        deadline_ms = budget_s * 1000
-        return FeatureSourceError(f"feature store {self.store} did not answer within the {deadline_ms:.0f} ms deadline")
+    def _deadline_error(self, budget_s: float, timed_out: bool = False) -> FeatureSourceError:
+        error = TimedOut if timed_out else FeatureSourceError
+        return error(f"feature store {self.store} did not answer within the {budget_s * 1000:.0f} ms deadline")
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """DEADLINE_EXCEEDED: the call's own timeout passed (api_core, raw grpc.aio, or a shared stream's wait)."""
+    if isinstance(exc, CallTimeout):
+        return True
+    import grpc
+    from google.api_core import exceptions as api_exceptions
+
+    if isinstance(exc, api_exceptions.DeadlineExceeded):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -7,9 +7,9 @@ Two ways to read, by ``vertex_api_version``:
   streams the whole worker shares (``fetch_streams``). Each answer carries a status: OK with the found
   keys' values, or NOT_FOUND listing unknown keys; answers may come in any order and are matched by key. Keys not
   answered (a broken stream, an UNAVAILABLE answer) are asked for again.
-- ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call. As many calls run at once as
-  the batched path reads keys (``VertexOptions.keys_in_flight``), spread over a pool of channels (Google's front
-  ends allow 100 concurrent streams per HTTP/2 connection), so that a cold request costs about one round trip.
+- ``v1`` (GA): ``FeatureOnlineStoreService.FetchFeatureValues``, one key per call. ``v1_calls_in_flight`` calls
+  (400) run at once, spread over a pool of channels (Google's front ends allow 100 concurrent streams per HTTP/2
+  connection), so that a cold request of 400 candidates costs about one round trip, not 25 waves of 16.
   NOT_FOUND means the store does not know the key: it gets the prior.
 
 Limits, retries, deadline, shedding and readiness are those of ``read_policy.ReadPolicy``; decoding is
@@ -68,8 +68,7 @@ class FeatureViewSource(StoreSource):
         self.location = match.group(2)
         self.options = options
         self.streaming = options.api_version == "v1beta1"
-        # The per-key API holds as many calls in flight as the batched one holds keys.
-        self.policy = ReadPolicy(options, feature_view, None if self.streaming else options.keys_in_flight)
+        self.policy = ReadPolicy(options, feature_view, None if self.streaming else options.v1_calls_in_flight)
         self.mapping = ParameterMapping(options)
         self._credentials = credentials
         self._clients: list[Any] = []
@@ -111,7 +110,7 @@ class FeatureViewSource(StoreSource):
         except ImportError as exc:
             raise FeatureSourceError(f"the vertex feature source needs mab-service[vertex] installed ({exc})") from None
         transport_cls = transports.FeatureOnlineStoreServiceGrpcAsyncIOTransport
-        calls = self.options.max_concurrent_reads if self.streaming else self.options.keys_in_flight
+        calls = self.options.max_concurrent_reads if self.streaming else self.options.v1_calls_in_flight
         for _ in range(self.options.channel_count(calls)):
             transport = await make_transport(transport_cls, self.options, self.location, self._credentials)
             self._clients.append(client_cls(transport=transport))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mab_service.emulator import Emulator, Faults, parse_table
-from mab_service.errors import FeatureSourceError
+from mab_service.errors import FeatureSourceError, Overloaded
 from mab_service.features.options import VertexOptions
 from mab_service.features.store import CHECK_ID, make_transport
 from mab_service.features.vertex import VertexSource
@@ -145,9 +145,12 @@ async def test_the_deadline_bounds_the_whole_fan_out_and_cancels_the_calls() -> 
     async with emulator() as em, source(em, deadline_s=0.1, call_timeout_s=1.0) as src:
         em.faults.latency_ms = 2000
         started = time.monotonic()
-        with pytest.raises(FeatureSourceError, match="did not answer within the 100 ms deadline"):
+        # A store that answers nothing, but no error either: the request is shed (it may be this worker that is
+        # too slow), and the failed fan-out counts toward the breaker.
+        with pytest.raises(Overloaded, match="within the 100 ms deadline"):
             await src.fetch([f"e{i}" for i in range(300)])
         assert time.monotonic() - started < 0.5
+        assert src.health().ready and src.policy.health.consecutive_failures == 1
         for _ in range(100):  # the abandoned calls end on the server too
             if em.counters.in_flight == 0:
                 break
@@ -155,13 +158,30 @@ async def test_the_deadline_bounds_the_whole_fan_out_and_cancels_the_calls() -> 
         assert em.counters.in_flight == 0
 
 
-async def test_deadline_exceeded_calls_are_retried_with_a_per_call_timeout() -> None:
-    async with emulator() as em, source(em, deadline_s=0.3, call_timeout_s=0.03, retries=20, backoff_s=0.001) as src:
+async def test_a_store_that_only_times_out_sheds_then_opens_the_breaker() -> None:
+    options = {"deadline_s": 0.3, "call_timeout_s": 0.03, "retries": 20, "backoff_s": 0.001}
+    async with emulator() as em, source(em, unready_after_failures=2, probe_interval_s=10, **options) as src:
         em.reset()
         em.faults.latency_ms = 100
-        with pytest.raises(FeatureSourceError, match="DEADLINE_EXCEEDED|deadline"):
+        with pytest.raises(Overloaded):
             await src.fetch(["e1"])
         assert em.counters.calls["StreamingReadFeatureValues"] >= 3  # each call timed out at 30 ms and was retried
+        assert src.stats()["timed_out_calls"] >= 3
+        # Nothing got through twice in a row: the store is failing, not this worker overloaded.
+        with pytest.raises(FeatureSourceError, match="DEADLINE_EXCEEDED|deadline"):
+            await src.fetch(["e1"])
+        assert not src.health().ready
+
+
+async def test_an_answer_between_timeouts_keeps_the_breaker_closed() -> None:
+    async with emulator() as em, source(em, unready_after_failures=2, retries=0, call_timeout_s=0.05) as src:
+        for _ in range(4):
+            em.faults.latency_ms = 200
+            with pytest.raises(Overloaded):
+                await src.fetch(["e1"])
+            em.faults.latency_ms = 0
+            assert (await src.fetch(["e2"])).known == 1
+        assert src.health().ready
 
 
 async def test_concurrent_reads_are_capped_per_worker() -> None:
@@ -220,13 +240,20 @@ async def test_degrade_keeps_what_was_read_and_gives_the_rest_the_prior(cls: typ
         assert features.known == len(ids) - unread
 
 
-async def test_degrade_answers_by_the_deadline_with_the_prior() -> None:
-    async with emulator() as em, source(em, on_failure="degrade", deadline_s=0.1, call_timeout_s=1.0) as src:
+async def test_degrade_answers_by_the_deadline_with_the_prior_once_the_store_is_known_to_fail() -> None:
+    options = {"on_failure": "degrade", "deadline_s": 0.1, "call_timeout_s": 1.0, "unready_after_failures": 2}
+    async with emulator() as em, source(em, probe_interval_s=10, **options) as src:
         em.faults.latency_ms = 2000
+        ids = [f"e{i}" for i in range(300)]
         started = time.monotonic()
-        features = await src.fetch([f"e{i}" for i in range(300)])
-        assert time.monotonic() - started < 0.5
+        with pytest.raises(Overloaded):
+            await src.fetch(ids)  # the first time out: shed, the store may be fine
+        features = await src.fetch(ids)  # the second in a row: the store is failing, the answer degrades
+        assert time.monotonic() - started < 0.6 and not src.health().ready
         assert features.unread == 300 and features.known == 0 and (features.alpha == 1.0).all()
+        started = time.monotonic()
+        features = await src.fetch(ids)  # the store is not read at all until the probe finds it back
+        assert time.monotonic() - started < 0.05 and features.unread == 300
 
 
 async def test_a_store_known_to_fail_is_not_read_until_the_probe_finds_it_back() -> None:
