@@ -270,13 +270,15 @@ cdef inline Py_ssize_t _put_varint(char* out, Py_ssize_t n):
     return i + 1
 
 
-def encode_request(bytes head, object keys):
+def encode_request(bytes head, object keys, int tag=0x12):
     """A StreamingFetchFeatureValuesRequest: ``head`` (its other fields, already encoded) followed by one
     ``data_keys`` entry (field 2, a FeatureViewDataKey with ``key``, field 1) per key of ``keys``.
 
     Args:
         head: The encoded ``feature_view`` and ``data_format`` fields.
         keys: The keys, str (an iterable: a dict's keys will do).
+        tag: The tag of the key field: 0x12 (``data_keys``, field 2); 0x32 is ``data_key`` (field 6) of the
+            one-key FetchFeatureValuesRequest.
 
     Returns:
         The serialised message.
@@ -296,7 +298,7 @@ def encode_request(bytes head, object keys):
     for key in encoded:
         n = PyBytes_GET_SIZE(key)
         inner = 1 + _varint_size(n) + n
-        p[0] = 0x12
+        p[0] = <char>tag
         p += 1
         p += _put_varint(p, inner)
         p[0] = 0x0A
@@ -318,3 +320,34 @@ def take_positions(list keys, dict waiting):
         value = waiting.pop(keys[i], None)
         p[i] = -1 if value is None else <cnp.npy_intp>value
     return out
+
+
+def decode_values(bytes answer, bytes first, bytes second):
+    """One FetchFeatureValuesResponse (the one-key-per-call API), from its wire bytes.
+
+    Returns:
+        ``(present, first_value, second_value)``: the ``FIRST | SECOND`` bits of the features the key's answer
+        holds, and their values as doubles (0.0 where absent).
+
+    Raises:
+        ValueError: If the bytes are not such a message.
+    """
+    cdef const uint8_t* buf = <const uint8_t*>PyBytes_AS_STRING(answer)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(answer)
+    cdef Py_ssize_t pos = 0, stop
+    cdef uint64_t number
+    cdef int wire
+    cdef int present = 0
+    cdef double a = 0.0, b = 0.0
+    while pos < end:
+        _field(buf, &pos, end, &number, &wire)
+        if number == 3 and wire == LEN:
+            _length(buf, &pos, end, &stop)
+            present |= _pairs(
+                buf, pos, stop, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first), PyBytes_AS_STRING(second),
+                PyBytes_GET_SIZE(second), &a, &b
+            )
+            pos = stop
+        else:
+            _skip(buf, &pos, end, wire)
+    return present, a, b

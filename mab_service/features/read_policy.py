@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -144,6 +145,8 @@ class ReadPolicy:
         self.overloads = 0
         self.shed = 0
         self.timeouts = 0
+        # When a call of this worker last got an answer (loop time).
+        self.answered_at = -math.inf
         self.latency_s_total = 0.0
 
     @property
@@ -242,12 +245,17 @@ class ReadPolicy:
         if error is None:
             self.health.success()
             return None
-        self.failures += 1
         failure = (
             error
             if isinstance(error, FeatureSourceError)
             else FeatureSourceError(f"feature store {self.store} failed: {_describe(error)}")
         )
+        if isinstance(failure, TimedOut) and not probe and loop.time() - self.answered_at < budget_s:
+            # Only timeouts, while the store answered other calls meanwhile: too much asked of it, or of this
+            # worker, at once. Back-pressure: shed the request, leave /health alone.
+            self.overloads += 1
+            return "overloaded"
+        self.failures += 1
         self.health.failure(failure.message)
         if probe:
             raise failure from error
@@ -300,6 +308,7 @@ class ReadPolicy:
                     await call(timeout_s)
                     # Any answer shows the store works: the breaker opens only when nothing gets through.
                     self.health.success()
+                    self.answered_at = loop.time()
                     return
                 except FeatureSourceError:
                     raise

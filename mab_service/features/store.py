@@ -77,6 +77,20 @@ class ParameterMapping:
             self.invalid += 1
         return None
 
+    def decode_present(self, present: int, first: float, second: float) -> tuple[float, float] | None:
+        """``decode`` of one entity from values already read as doubles (``_wire.decode_values``)."""
+        if not present:
+            return None
+        if self.counts:
+            clicks = first if present & 1 else 0.0
+            impressions = second if present & 2 else 0.0
+            if 0 <= clicks <= impressions < math.inf:
+                return self.prior_alpha + clicks, self.prior_beta + impressions - clicks
+        elif present == 3 and 0 < first < math.inf and 0 < second < math.inf:
+            return first, second
+        self.invalid += 1
+        return None
+
     def decode_arrays(
         self, first: npt.NDArray[np.float64], second: npt.NDArray[np.float64], present: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
