@@ -369,3 +369,16 @@ async def test_missing_application_default_credentials_fail_the_start(
     src = VertexSource(ENTITY_TYPE, VertexOptions())
     with pytest.raises(FeatureSourceError, match="no Google credentials for Vertex AI"):
         await src.start()
+
+
+async def test_concurrent_batched_reads_sharing_keys_each_get_every_value(rand) -> None:
+    # Without a cache, concurrent requests share ids; on the shared stream one answer may carry keys of several
+    # reads, or keys delivered already with another read's answer.
+    bodies = [[f"e{i}" for i in rand.gen.choice(N_ENTITIES + 50, size=250, replace=False)] for _ in range(12)]
+    async with emulator(Faults(latency_ms=5, jitter_ms=4)) as em, source(em, FeatureViewSource) as src:
+        results = await asyncio.gather(*(src.fetch(body) for body in bodies))
+        assert src._streams is not None and src._streams.opened == 1  # every read on one stream
+    for body, features in zip(bodies, results):
+        alpha, beta = expected(body)
+        assert features.alpha.tolist() == alpha.tolist() and features.beta.tolist() == beta.tolist()
+        assert features.known == sum(int(i[1:]) < N_ENTITIES for i in body)
