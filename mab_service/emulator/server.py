@@ -8,13 +8,14 @@ built from gRPC generic handlers with the package's own (raw protobuf) message c
   is INVALID_ARGUMENT) and ``ReadFeatureValues`` (one entity).
 - ``google.cloud.aiplatform.v1.FeatureOnlineStoreService``: ``FetchFeatureValues`` (one key, KEY_VALUE format;
   an unknown key is NOT_FOUND), and the same in ``v1beta1``, which adds the bidirectional
-  ``StreamingFetchFeatureValues`` (per request, one OK answer with the found keys and one NOT_FOUND answer
-  listing the unknown ones).
+  ``StreamingFetchFeatureValues`` (each request message answered on its own, concurrently with the others on the
+  stream: one OK answer with the found keys and one NOT_FOUND answer listing the unknown ones).
 - ``mab.emulator.v1.Control``: ``Stats``, ``Configure`` and ``Reset`` with JSON bodies, for tests and load tests.
 
 Faults are injected per call (per request message on the bidirectional stream): a latency drawn uniformly from
-``latency_ms +- jitter_ms``, UNAVAILABLE at ``unavailable_rate`` before anything is sent, and at ``break_rate`` a
-stream that breaks with UNAVAILABLE part-way through. Counters record calls, ids per call and peak concurrency.
+``latency_ms +- jitter_ms``, UNAVAILABLE at ``unavailable_rate`` before anything is sent (on the bidirectional
+stream: an UNAVAILABLE answer listing the request's keys), and at ``break_rate`` a stream that breaks with
+UNAVAILABLE part-way through. Counters record calls, ids per call and peak concurrency.
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@ few percent of the embedded source. Only misses run Python code:
 
 - **coalescing**: concurrent misses for the same id share one read (one read in flight per id); a request that
   finds its id already being read waits for that read instead of sending its own;
+- **reads outlive the requests that gave up**: a request waits at most ``wait_s`` for its misses; if a read is
+  not done by then, the request is shed (503 ``overloaded``: the worker is behind, the store is not failing) or,
+  while the store is known to fail, answered degraded; the read itself goes on (as long as the source allows)
+  and fills the table, so that a cold start under load converges instead of throwing its reads away;
+- **warm-up** (``preload``): ids read at start in large batches before ``health`` reports ready, and again every
+  TTL, so that a new pod serves warm answers from its first request;
 - **negative caching**: an id the store does not know is cached as unknown and served the prior;
 - **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while a background
   read refreshes it (reported again after ``retry_s`` if that read fails). One background task reads the stale
