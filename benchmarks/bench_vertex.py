@@ -115,8 +115,9 @@ TARGETS: dict[str, TargetFactory] = {
     "fos-warm": _fos("--cache-ttl-s", "3600", "--warmup-ids", "{table}"),
     "v1-cold": _fos("--cache-ttl-s", "0", "--vertex-api-version", "v1"),
     # The per-key API reads ~4,000 keys/s from the emulator: its warm-up is cut short, prewarm() reads the rest.
-    "v1-warm": _fos("--cache-ttl-s", "3600", "--vertex-api-version", "v1", "--warmup-ids", "{table}",
-                    "--warmup-timeout-s", "40"),  # fmt: skip
+    "v1-warm": _fos(
+        "--cache-ttl-s", "3600", "--vertex-api-version", "v1", "--warmup-ids", "{table}", "--warmup-timeout-s", "40"
+    ),  # fmt: skip
     "embedded": embedded_target,
     "fos-start": _fos(),
     "fos-start-warm-up": _fos("--warmup-ids", "{table}"),
@@ -267,7 +268,9 @@ def measure(
     target, emulator_pid = emulator
     port = free_port()
     bodies = files.bodies.read_bytes().splitlines()
-    connections = args.cold_connections if name in COLD else args.connections
+    connections = args.connections
+    if name in COLD:
+        connections = args.fos_cold_connections if name.startswith(("fos", "v1")) else args.cold_connections
     with running_server(TARGETS[name](port, table, target), port, args.server_cpu, log) as proc:
         prewarm(port, bodies[:1])  # the one-key-per-call API may shed a cold request: sent until it is read
         check_predict(port, bodies[0], files.n_candidates)
@@ -345,20 +348,21 @@ def measure_start(
 
 
 def summarize_start(runs: list[Start], warm_rps: float | None) -> dict[str, float]:
-    """Medians over runs: time to 90% of warm throughput (from the first slice on which every later slice stays
-    at or above it), degraded and shed answers before and after it, the warm-up time."""
+    """Medians over runs: the time to 90% of warm throughput (the end of the first 1 s slice that reaches it), how
+    many later slices fell below it (noise of the shared machine, or no convergence), degraded and shed answers
+    before and after it, and the warm-up time."""
     med = statistics.median
-    t90s, degraded_before, degraded_after, shed_after, plateaus = [], [], [], [], []
+    t90s, degraded_before, degraded_after, shed_after, plateaus, dips = [], [], [], [], [], []
     for run in runs:
         rates = [s["rps"] for s in run.slices]
         plateau = med(rates[-5:])
         reference = warm_rps or plateau
-        first = next((k for k in range(len(rates)) if all(r >= 0.9 * reference for r in rates[k:])), len(rates))
-        elapsed = sum(s["seconds"] for s in run.slices[:first])
-        t90s.append(elapsed if first < len(rates) else math.inf)
-        degraded_before.append(sum(s["degraded"] for s in run.slices[:first]))
-        degraded_after.append(sum(s["degraded"] for s in run.slices[first:]))
-        shed_after.append(sum(s["shed"] for s in run.slices[first:]))
+        first = next((k for k, r in enumerate(rates) if r >= 0.9 * reference), len(rates))
+        t90s.append(sum(s["seconds"] for s in run.slices[: first + 1]) if first < len(rates) else math.inf)
+        dips.append(sum(r < 0.9 * reference for r in rates[first + 1 :]))
+        degraded_before.append(sum(s["degraded"] for s in run.slices[: first + 1]))
+        degraded_after.append(sum(s["degraded"] for s in run.slices[first + 1 :]))
+        shed_after.append(sum(s["shed"] for s in run.slices[first + 1 :]))
         plateaus.append(plateau)
     return {
         "ready_s": med(r.ready_s for r in runs),
@@ -370,6 +374,7 @@ def summarize_start(runs: list[Start], warm_rps: float | None) -> dict[str, floa
         "degraded_after_t90": med(degraded_after),
         "degraded_total": med(sum(s["degraded"] for s in r.slices) for r in runs),
         "shed_after_t90": med(shed_after),
+        "slices_below_90_after": med(dips),
     }
 
 
@@ -433,7 +438,8 @@ def print_report(
 ) -> None:
     print(f"# {env['machine']}, {env['cpu']}, {env['cpus_available']} CPUs; {env['python']}")
     print(
-        f"# server on cpu {args.server_cpu}; wrk -t1 -c{args.connections} (cold targets: -c{args.cold_connections}) "
+        f"# server on cpu {args.server_cpu}; wrk -t1 -c{args.connections} (cold: legacy -c{args.cold_connections}, "
+        f"fos and v1 -c{args.fos_cold_connections}) "
         f"-d{args.duration}s and the emulator ({args.latency_ms} ms +- {args.jitter_ms} ms per read) on cpu "
         f"{args.client_cpu}; {WORKLOAD}; median of {args.repeats} run(s), targets interleaved"
     )
@@ -462,12 +468,13 @@ def print_report(
             "target's req/s in this run (else the last 5 s)"
         )
         header_start = ("target", "ready s", "first s req/s", "warm req/s", "last 5 s req/s", "90% of warm at s",
-                  "degraded before", "degraded after", "shed after")  # fmt: skip
+                  "later s below 90%", "degraded before", "degraded after", "shed after")  # fmt: skip
         rows = [header_start]
         for name, m in starts.items():
             rows.append((
                 name, f"{m['ready_s']:.1f}", f"{m['first_s_rps']:,.0f}", f"{m['warm_rps']:,.0f}",
-                f"{m['plateau_rps']:,.0f}", f"{m['t90_s']:.1f}", f"{m['degraded_before_t90']:.0f}",
+                f"{m['plateau_rps']:,.0f}", f"{m['t90_s']:.1f}", f"{m['slices_below_90_after']:.0f}",
+                f"{m['degraded_before_t90']:.0f}",
                 f"{m['degraded_after_t90']:.0f}", f"{m['shed_after_t90']:.0f}",
             ))  # fmt: skip
         _print_rows(rows)
@@ -491,7 +498,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_vertex", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=8, help="seconds per measured wrk run (default 8)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    parser.add_argument("--cold-connections", type=int, default=8, help="wrk connections for cold targets (default 8)")
+    parser.add_argument("--cold-connections", type=int, default=8, help="wrk connections, Legacy cold (default 8)")
+    parser.add_argument(
+        "--fos-cold-connections", type=int, default=16, help="wrk connections, Feature Store 2.0 cold (default 16)"
+    )
     parser.add_argument("--start-duration", type=int, default=30, help="seconds of each cold start (default 30)")
     parser.add_argument("--start-connections", type=int, default=16, help="wrk connections of cold starts (16)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per target (default 3)")

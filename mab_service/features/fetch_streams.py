@@ -120,16 +120,18 @@ class _Stream:
                     code, message, keys, a, b, present, missing = decode_answer(answer, first, second)
                 except ValueError as exc:
                     raise FeatureSourceError(f"an answer of the feature store does not decode: {exc}") from None
-                if code == _OK:
+                if code == _OK and keys:
                     self._place(keys, a, b, present, place)
-                elif code == _NOT_FOUND:
+                if code in (_OK, _NOT_FOUND) and missing:
+                    # Unknown keys, in a NOT_FOUND answer of their own (as the emulator sends them) or beside the
+                    # found ones.
                     touched = []
                     for key in missing:
                         for read in self._take(key):
                             read.waiting.pop(key, None)  # unknown: keeps the prior
                             touched.append(read)
                     _finish(touched)
-                else:
+                elif code not in (_OK, _NOT_FOUND):
                     error: Exception = (
                         Retryable(f"status {code}: {message}")
                         if code in _RETRYABLE_CODES

@@ -15,7 +15,7 @@ The policy tells a store that fails from a worker that overloads itself:
 - **the worker is overloaded** when its own deadline passes while parts still wait for a permit or for an
   answer, with no store error. That is back-pressure, not a failure: the fan-out reports ``overloaded`` and the
   request is shed (503 ``overloaded``); ``/health`` does not move. New fan-outs are shed at once, before they
-  queue, while the oldest call waiting for a permit has waited half a deadline (``admits``).
+  queue, while a whole wave of calls waits for permits or the oldest has waited half a deadline (``admits``).
 """
 
 from __future__ import annotations
@@ -168,13 +168,14 @@ class ReadPolicy:
         }
 
     def admits(self) -> bool:
-        """Whether a new fan-out may queue: False (and counted as shed) while the oldest call waiting for a permit
-        has waited half a deadline already, so that what is admitted can still be read in time."""
+        """Whether a new fan-out may queue: False (and counted as shed) while a whole wave of calls (``max_calls``)
+        already waits for permits, or the oldest has waited half a deadline, so that what is admitted can still be
+        read in time."""
         waiting = self._waiting
         if not waiting:
             return True
         oldest = next(iter(waiting.values()))
-        if asyncio.get_running_loop().time() - oldest < self.options.deadline_s / 2:
+        if len(waiting) < self.max_calls and asyncio.get_running_loop().time() - oldest < self.options.deadline_s / 2:
             return True
         self.shed += 1
         return False
