@@ -7,15 +7,17 @@ outcomes into readiness for ``/health``.
 
 The policy tells a store that fails from a worker that overloads itself:
 
-- **the store fails** when a call ends in an error status (after its retries), a call times out on the wire, or
-  the channel is dead. Only that counts toward ``/health``. Under ``on_failure = "degrade"`` what was not read
-  keeps the prior and the answer is marked degraded; under ``"fail"`` the first failure cancels the other parts
-  and raises ``FeatureSourceError`` (503). While the store is known to be failing (``StoreHealth.ready`` is
-  false), a request's fan-out does not call it at all: only the background check (``probe=True``) reads it;
+- **the store fails** when a call ends in an error status (after its retries) or the channel is dead, or when
+  its calls only time out and it answered none for ``unready_after_failures`` x ``probe_interval_s`` (a hung
+  store). Only that counts toward ``/health``. Under ``on_failure = "degrade"`` what was not read keeps the prior
+  and the answer is marked degraded; under ``"fail"`` the first failure cancels the other parts and raises
+  ``FeatureSourceError`` (503). While the store is known to be failing (``StoreHealth.ready`` is false), a
+  request's fan-out does not call it at all: only the background check (``probe=True``) reads it;
 - **the worker is overloaded** when its own deadline passes while parts still wait for a permit or for an
-  answer, with no store error. That is back-pressure, not a failure: the fan-out reports ``overloaded`` and the
-  request is shed (503 ``overloaded``); ``/health`` does not move. New fan-outs are shed at once, before they
-  queue, while a whole wave of calls waits for permits or the oldest has waited half a deadline (``admits``).
+  answer, or its calls time out while the store still answers others, with no error status. That is
+  back-pressure, not a failure: the fan-out reports ``overloaded`` and the request is shed (503 ``overloaded``);
+  ``/health`` does not move. New fan-outs are shed at once, before they queue, while a whole wave of calls waits
+  for permits or the oldest has waited half a deadline (``admits``).
 """
 
 from __future__ import annotations
@@ -150,6 +152,12 @@ class ReadPolicy:
         self.latency_s_total = 0.0
 
     @property
+    def _silent_s(self) -> float:
+        """How long a store must have answered nothing for its timeouts to count toward the breaker: as long as
+        ``unready_after_failures`` probes take to notice a store that is back."""
+        return self.options.unready_after_failures * self.options.probe_interval_s
+
+    @property
     def _fair_share_s(self) -> float:
         """How long a call must have been on the wire for its timeout to be the store's fault, not our queue's."""
         return min(self.options.call_timeout_s, self.options.deadline_s / 2)
@@ -251,9 +259,10 @@ class ReadPolicy:
             if isinstance(error, FeatureSourceError)
             else FeatureSourceError(f"feature store {self.store} failed: {_describe(error)}")
         )
-        if isinstance(failure, TimedOut) and not probe and loop.time() - self.answered_at < budget_s:
-            # Only timeouts, while the store answered other calls meanwhile: too much asked of it, or of this
-            # worker, at once. Back-pressure: shed the request, leave /health alone.
+        if isinstance(failure, TimedOut) and not probe and loop.time() - self.answered_at < self._silent_s:
+            # Only timeouts, and the store answered some call lately: too much asked of it, or of this worker (a
+            # busy or starved event loop takes answers late), at once. Back-pressure: shed the request, leave
+            # /health alone. Only a store silent for a while is failing.
             self.overloads += 1
             return "overloaded"
         self.failures += 1
