@@ -16,9 +16,9 @@ before the run, every body sent once):
     embedded          the embedded CSV source (the reference for the warm cache)
 
 Cold-start targets: a fresh server on the default settings, loaded with wrk ``-c{--start-connections}`` from its
-first second for ``--start-duration`` seconds, in 1 s slices; reported: req/s answered 200 per slice, the time to
-90% of the warm throughput (the matching ``-warm`` target of the same run, else the last 5 slices), and the
-degraded and shed answers before and after that point.
+first second for ``--start-duration`` seconds; its /metrics, read every second, give the answers 200, degraded
+and shed of each second. Reported: the time to 90% of the warm throughput (the matching ``-warm`` target of the
+same run, else the last 5 seconds), and the degraded and shed answers before and after that point.
     fos-start         default settings (v1beta1, cache on)
     fos-start-warm-up the same with ``--warmup-ids`` of the whole table: warm before /health turns 200
     v1-start          ``--vertex-api-version v1``
@@ -322,27 +322,36 @@ def measure_start(
     args: argparse.Namespace,
     log: Path,
 ) -> Start:
-    """Start a fresh server and load it from its first second on, in 1 s wrk runs (each its own connections)."""
+    """Start a fresh server and load it with one wrk run from its first second on; the service's own counts
+    (/metrics, flushed on each scrape) give the answers of each second."""
     target, emulator_pid = emulator
     port = free_port()
     started = time.monotonic()
     emulator_before = session_cpu_seconds(emulator_pid)
     with running_server(TARGETS[name](port, table, target), port, args.server_cpu, log) as proc:
         ready_s = time.monotonic() - started
+        url = f"http://127.0.0.1:{port}/predict"
+        argv = ["taskset", "-c", str(args.client_cpu), "wrk", "-t1", f"-c{args.start_connections}",
+                f"-d{args.start_duration}s", "-s", str(files.wrk_script), url]  # fmt: skip
         slices = []
-        for _ in range(args.start_duration):
-            before = answer_counts(port)
-            result = run_wrk(files.wrk_script, port, 1, args.start_connections, args.client_cpu)
-            after = answer_counts(port)
-            seconds = result["duration_us"] / 1e6
-            shed = int(result["errors"]["status"])
-            slices.append({
-                "seconds": seconds,
-                "rps": (int(result["requests"]) - shed) / seconds,
-                "degraded": after["degraded"] - before["degraded"],
-                "shed": shed,
-                "timeouts": int(result["errors"]["timeout"]),
-            })  # fmt: skip
+        before, at = answer_counts(port), time.monotonic()
+        wrk = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for k in range(args.start_duration):
+                time.sleep(max(0.0, at + 1.0 - time.monotonic()))
+                after, now = answer_counts(port), time.monotonic()
+                seconds = now - at
+                slices.append({
+                    "seconds": seconds,
+                    "rps": (after["200"] - before["200"]) / seconds,
+                    "degraded": after["degraded"] - before["degraded"],
+                    "shed": after["503"] - before["503"],
+                    "timeouts": 0,
+                })  # fmt: skip
+                before, at = after, now
+        finally:
+            wrk.terminate()
+            wrk.wait(timeout=10)
         cpu_s = session_cpu_seconds(proc.pid)
     return Start(ready_s, slices, cpu_s, session_cpu_seconds(emulator_pid) - emulator_before)
 
@@ -464,8 +473,8 @@ def print_report(
             )
     if starts:
         print(
-            f"\n# cold start under wrk -c{args.start_connections}, {args.start_duration} x 1 s; warm = the -warm "
-            "target's req/s in this run (else the last 5 s)"
+            f"\n# cold start under wrk -c{args.start_connections} for {args.start_duration} s, answers counted each "
+            "second; warm = the -warm target's req/s in this run (else the last 5 s)"
         )
         header_start = ("target", "ready s", "first s req/s", "warm req/s", "last 5 s req/s", "90% of warm at s",
                   "later s below 90%", "degraded before", "degraded after", "shed after")  # fmt: skip
