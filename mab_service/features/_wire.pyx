@@ -175,8 +175,8 @@ def decode_answer(bytes answer, bytes first, bytes second):
     cdef int wire, inner_wire
     # Each entry of ``data`` takes more than 8 bytes, so this bounds the keys of one message.
     cdef Py_ssize_t capacity = end // 8 + 1
-    cdef cnp.ndarray first_values = np.empty(capacity, dtype=np.float64)
-    cdef cnp.ndarray second_values = np.empty(capacity, dtype=np.float64)
+    cdef cnp.ndarray first_values = np.zeros(capacity, dtype=np.float64)  # 0.0 where a feature is absent
+    cdef cnp.ndarray second_values = np.zeros(capacity, dtype=np.float64)
     cdef cnp.ndarray present = np.zeros(capacity, dtype=np.uint8)
     cdef double* a = <double*>cnp.PyArray_DATA(first_values)
     cdef double* b = <double*>cnp.PyArray_DATA(second_values)

@@ -41,6 +41,10 @@ _RETRYABLE_CODES = (14, 4)  # UNAVAILABLE, DEADLINE_EXCEEDED
 Place = Callable[
     [Lookup, npt.NDArray[np.intp], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.uint8]], None
 ]
+#: Places one decoded answer: (out, position, present bits, first value, second value).
+PlaceOne = Callable[[Lookup, int, int, float, float], None]
+#: Up to this many keys of an answer for one read are placed one by one: numpy costs more on tiny arrays.
+_FEW = 8
 
 
 class _Read:
@@ -187,9 +191,14 @@ class _Stream:
                 for other in shared.pop(key, ()):
                     if other is not main:
                         _add(others, other, i, key)
+        place_one = self.owner.place_one
         for owner, (rows, at) in others.items():
-            index = np.asarray(rows, dtype=np.intp)
-            place(owner.out, np.asarray(at, dtype=np.intp), a[index], b[index], present[index])
+            if len(rows) <= _FEW:
+                for row, position in zip(rows, at):
+                    place_one(owner.out, position, int(present[row]), float(a[row]), float(b[row]))
+            else:
+                index = np.asarray(rows, dtype=np.intp)
+                place(owner.out, np.asarray(at, dtype=np.intp), a[index], b[index], present[index])
         _finish((main, *others))
 
     def _fail(self, exc: BaseException) -> None:
@@ -236,15 +245,22 @@ class FetchStreams:
         metadata: What the client library sends with each call.
         feature_names: UTF-8 names of the two features read per key.
         place: Puts decoded values at their positions in a read's ``out``.
+        place_one: The same for one value.
     """
 
     def __init__(
-        self, methods: Sequence[Callable[..., Any]], metadata: Any, feature_names: tuple[bytes, bytes], place: Place
+        self,
+        methods: Sequence[Callable[..., Any]],
+        metadata: Any,
+        feature_names: tuple[bytes, bytes],
+        place: Place,
+        place_one: PlaceOne,
     ) -> None:
         self.methods = list(methods)
         self.metadata = metadata
         self.feature_names = feature_names
         self.place = place
+        self.place_one = place_one
         self._streams: list[_Stream | None] = [None] * len(self.methods)
         self._next = itertools.cycle(range(len(self.methods)))
         self.opened = 0

@@ -105,8 +105,8 @@ class ParameterMapping:
             alpha, beta = self.prior_alpha + clicks, self.prior_beta + impressions - clicks
         else:
             alpha, beta = first, second
-            with np.errstate(invalid="ignore"):
-                valid = (present == 3) & (alpha > 0) & (beta > 0) & (alpha < math.inf) & (beta < math.inf)
+            # Comparisons with NaN are False (and raise no warning): NaN is invalid.
+            valid = (present == 3) & (alpha > 0) & (beta > 0) & (alpha < math.inf) & (beta < math.inf)
         self.invalid += int(np.count_nonzero(some & ~valid))
         return alpha, beta, valid
 

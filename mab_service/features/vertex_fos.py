@@ -139,7 +139,9 @@ class FeatureViewSource(StoreSource):
         channels = [client.transport.grpc_channel for client in self._clients]
         if self.streaming:
             methods = [channel.stream_stream(STREAMING_FETCH, response_deserializer=None) for channel in channels]
-            self._streams = FetchStreams(methods, (client_info,), self._feature_names, self._place_decoded)
+            self._streams = FetchStreams(
+                methods, (client_info,), self._feature_names, self._place_decoded, self._place_one
+            )
         else:
             routing = ("x-goog-request-params", f"feature_view={self.feature_view}")
             self._metadata = (client_info, routing)
@@ -189,6 +191,9 @@ class FeatureViewSource(StoreSource):
             present, first, second = decode_values(answer, *self._feature_names)
         except ValueError as exc:
             raise FeatureSourceError(f"feature store {self.feature_view} sent an answer that does not decode: {exc}")
+        self._place_one(out, position, present, first, second)
+
+    def _place_one(self, out: Lookup, position: int, present: int, first: float, second: float) -> None:
         params = self.mapping.decode_present(present, first, second)
         if params is not None:
             out.alpha[position], out.beta[position] = params
