@@ -82,4 +82,8 @@ arms = extension(
     depends=["csrc/mab/arm_table.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_arms.pxd"],
 )
 
-setup(ext_modules=cythonize([kernel, index, cache, arms, events], compiler_directives=directives, annotate=DEBUG))
+# Feature Store 2.0 answers decoded from their wire bytes: Cython alone, no C++ sources.
+wire = extension("mab_service.features._wire", sources=["mab_service/features/_wire.pyx"], depends=[])
+
+modules = [kernel, index, cache, arms, events, wire]
+setup(ext_modules=cythonize(modules, compiler_directives=directives, annotate=DEBUG))

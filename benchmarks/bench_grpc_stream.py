@@ -55,7 +55,8 @@ async def make_reader(variant: str, target: str) -> tuple[Reader, Callable[[], A
     from google.cloud.aiplatform_v1.types import featurestore_online_service as messages
 
     if variant == "ours":
-        from mab_service.features.vertex import VertexOptions, VertexSource
+        from mab_service.features.options import VertexOptions
+        from mab_service.features.vertex import VertexSource
 
         source = VertexSource(ENTITY_TYPE, VertexOptions(emulator_host=target, deadline_s=30, call_timeout_s=30))
         await source.start()

@@ -7,11 +7,9 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 from mab_service import config, metrics
-from mab_service.errors import FeatureSourceError
-from mab_service.features.local import LocalSource
+from mab_service.features.factory import make_source, parse_spec
 from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
@@ -26,24 +24,9 @@ from mab_service.state import AppState
 logger = logging.getLogger("mab_service")
 
 
-def make_source(settings: config.Settings) -> FeatureSource:
-    """The feature source named by ``settings.features``."""
-    kind, _, target = settings.features.partition(":")
-    if kind == "demo":
-        return LocalSource.demo(settings.prior_alpha, settings.prior_beta)
-    if kind == "csv":
-        return LocalSource(Path(target), settings.prior_alpha, settings.prior_beta)
-    if kind in ("vertex", "vertex-fos"):
-        # Imported here: the Vertex client library is an optional dependency (mab-service[vertex]).
-        from mab_service.features.vertex import source_from_settings
-
-        return source_from_settings(settings)
-    raise FeatureSourceError(f"unknown feature source {settings.features!r}")
-
-
 def embedded(settings: config.Settings) -> bool:
     """Whether ``settings.features`` names an embedded source, whose posteriors the loop updates."""
-    return settings.features.partition(":")[0] in ("demo", "csv")
+    return parse_spec(settings.features).kind in ("demo", "csv")
 
 
 @asynccontextmanager

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from mab_service.features import factory
 
 ENV_PREFIX = "MAB_"
 #: Variables read when a field's own MAB_ variable is not set (the convention of the tool that defines them).
@@ -25,11 +26,6 @@ ENV_ALIASES = {
 }
 #: Where prometheus-client looks for its multiprocess directory (read when it is imported).
 PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-
-_VERTEX_SPECS = {
-    "vertex": re.compile(r"^projects/[^/]+/locations/[^/]+/featurestores/[^/]+/entityTypes/[^/]+$"),
-    "vertex-fos": re.compile(r"^projects/[^/]+/locations/[^/]+/featureOnlineStores/[^/]+/featureViews/[^/]+$"),
-}
 
 
 #: The loop's sizes, each an integer >= 1.
@@ -64,8 +60,9 @@ class Settings:
     features: str = setting(
         "demo",
         "Feature source: ``demo`` (the bundled catalogue), ``csv:PATH`` (an embedded table loaded at start), "
-        "``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Vertex AI Featurestore) or "
-        "``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Feature Store 2.0).",
+        "``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Vertex AI Feature Store 2.0) or "
+        "``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Feature Store Legacy: deprecated, switched "
+        "off by Google on 2027-02-17).",
     )
     prior_alpha: float = setting(1.0, "Beta prior alpha for candidates the feature source does not know.")
     prior_beta: float = setting(1.0, "Beta prior beta for candidates the feature source does not know.")
@@ -206,8 +203,9 @@ class Settings:
     vertex_clicks_feature: str = setting("clicks", "Vertex feature holding clicks (mapping ``counts``).")
     vertex_impressions_feature: str = setting("impressions", "Vertex feature holding impressions (mapping ``counts``).")
     vertex_api_version: str = setting(
-        "v1",
-        "Vertex API version for Feature Store 2.0: ``v1`` (one key per call) or ``v1beta1`` (batched streaming).",
+        "v1beta1",
+        "Vertex API version for Feature Store 2.0: ``v1beta1`` (batched streaming, many keys per message) or ``v1`` "
+        "(GA, one key per call).",
     )
     vertex_endpoint: str = setting(
         "",
@@ -257,6 +255,30 @@ class Settings:
         30.0,
         "Seconds past expiry a cached value is still served while it is re-read in the background; 0 turns it off.",
     )
+    vertex_read_budget_s: float = setting(
+        2.0,
+        "Seconds a Vertex read may take in all, retries included, when the cache is on: a request waits for its "
+        "reads at most ``vertex_deadline_s``, and a read it gave up on goes on to fill the cache.",
+    )
+    vertex_v1_calls_in_flight: int = setting(
+        400,
+        "Calls in flight per worker with the one-key-per-call ``v1`` API (Feature Store 2.0): 400 reads a "
+        "400-candidate cold request in one round trip.",
+    )
+    vertex_channels: int = setting(
+        0,
+        "gRPC channels (HTTP/2 connections) per worker to Vertex; 0 opens one per 100 concurrent calls (Google's "
+        "limit of streams per connection): 4 for ``v1``, 1 for the batched API.",
+    )
+    warmup_ids: str = setting(
+        "",
+        "File of ids to read into the cache at start, before /health turns 200: one id per line, or a CSV with an "
+        "``entity_id`` column. Empty: no warm-up. The ids are then re-read every TTL, in large batches.",
+    )
+    warmup_timeout_s: float = setting(
+        60.0,
+        "Seconds the warm-up may take; then /health turns 200 with what was read, and the rest is read on demand.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.port, 0 <= self.port <= 65535, "port", "an integer in [0, 65535]")
@@ -289,10 +311,10 @@ class Settings:
         _check(self.sampler, self.sampler in ("auto", "kernel", "reference"), "sampler", "auto, kernel or reference")
         levels = ("critical", "error", "warning", "info", "debug")
         _check(self.log_level, self.log_level in levels, "log_level", ", ".join(levels))
-        kind, _, target = self.features.partition(":")
-        vertex = _VERTEX_SPECS.get(kind)
-        ok = self.features == "demo" or kind == "csv" or (vertex is not None and vertex.match(target) is not None)
-        _check(self.features, ok, "features", "demo or csv:PATH or vertex:ENTITY_TYPE or vertex-fos:FEATURE_VIEW")
+        try:
+            factory.parse_spec(self.features)
+        except ValueError:
+            _check(self.features, False, "features", factory.SPEC_FORMS)
         _check(self.vertex_mapping, self.vertex_mapping in ("beta", "counts"), "vertex_mapping", "beta or counts")
         _check(
             self.on_store_failure, self.on_store_failure in ("degrade", "fail"), "on_store_failure", "degrade or fail"
@@ -312,6 +334,12 @@ class Settings:
         for name in ("vertex_backoff_s", "cache_ttl_s", "cache_stale_while_revalidate_s"):
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value >= 0, name, "a finite number >= 0")
+        for name in ("vertex_read_budget_s", "warmup_timeout_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        _check(self.vertex_channels, self.vertex_channels >= 0, "vertex_channels", "an integer >= 0")
+        calls = self.vertex_v1_calls_in_flight
+        _check(calls, calls >= 1, "vertex_v1_calls_in_flight", "an integer >= 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:

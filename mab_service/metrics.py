@@ -28,7 +28,11 @@ Exposed (all workers summed):
 - ``mab_degraded_fetches_total`` and ``mab_unread_candidates_total``: fetches a failing store answered only in
   part (``on_store_failure = degrade``), and the candidates that got the prior for it;
 - the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
-  ``mab_journal_syncs_total``, ``mab_journal_dropped_total``.
+  ``mab_journal_syncs_total``, ``mab_journal_dropped_total``;
+- ``mab_feature_source_events_total{source,event}`` and ``mab_feature_source_level{source,level}``: the feature
+  source's and its cache's own counters (``SOURCE_COUNTERS``: store calls, retries, timeouts, failed, skipped,
+  overloaded and shed reads, evictions, refreshes, warm-up progress) and levels (``SOURCE_LEVELS``), copied from
+  their ``stats()`` at each flush.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -52,7 +56,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from mab_service.errors import MabError
-from mab_service.features.source import Features, FeatureSource, Health
+from mab_service.features.source import CountingSource, Features, FeatureSource, Health
 from mab_service.policy.sampler import TopK
 
 logger = logging.getLogger("mab_service.metrics")
@@ -302,6 +306,67 @@ class _LoopCounters:
                 child.inc(delta[name])
 
 
+# --- the feature source's own counters ---------------------------------------------------------------------
+
+#: ``stats()`` names that are monotonic counts, exported as ``mab_feature_source_events_total{event=...}``.
+SOURCE_COUNTERS = frozenset({
+    "calls", "retries", "timed_out_calls", "failed_reads", "skipped_reads", "overloaded_reads", "shed_reads",
+    "invalid_values", "coalesced", "refreshes", "refresh_failures", "evictions", "abandoned_waits", "warmup_read",
+    "warmup_refreshes",
+})  # fmt: skip
+#: ``stats()`` names that are levels, exported as ``mab_feature_source_level{level=...}``.
+SOURCE_LEVELS = frozenset({"entries", "max_entries", "memory_bytes", "consecutive_failures", "warmup_ids"})
+SOURCE_EVENTS = Counter(
+    "mab_feature_source_events",
+    "Counts kept by the feature source and its cache, by source and event (store calls, retries, timed-out calls, "
+    "failed, skipped, overloaded and shed reads, evictions, refreshes, warm-up ids read).",
+    ["source", "event"],
+)
+SOURCE_LEVEL = Gauge(
+    "mab_feature_source_level",
+    "Levels of the feature source and its cache, by source: entries held, memory, failed reads in a row, warm-up ids.",
+    ["source", "level"],
+    multiprocess_mode="livesum",
+)
+
+
+class _SourceCounters:
+    """Copies the ``stats()`` of a source and of every source it wraps into the two series above."""
+
+    def __init__(self, source: FeatureSource) -> None:
+        self.layers: list[tuple[str, CountingSource]] = []
+        inner: object = source
+        while inner is not None:
+            if isinstance(inner, CountingSource):
+                self.layers.append((str(getattr(inner, "name", type(inner).__name__)), inner))
+            inner = getattr(inner, "source", None)
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def flush(self) -> None:
+        for name, layer in self.layers:
+            for key, value in layer.stats().items():
+                if key in SOURCE_COUNTERS:
+                    delta = value - self.seen.get((name, key), 0.0)
+                    if delta > 0:
+                        SOURCE_EVENTS.labels(name, key).inc(delta)
+                        self.seen[(name, key)] = value
+                elif key in SOURCE_LEVELS:
+                    SOURCE_LEVEL.labels(name, key).set(value)
+
+
+@contextlib.contextmanager
+def source_watched(source: FeatureSource) -> Iterator[None]:
+    """Report the own counters of ``source`` and of what it wraps, while in the block."""
+    counters = _SourceCounters(source)
+    _sources.append(counters)
+    try:
+        yield
+    finally:
+        counters.flush()
+        _sources.remove(counters)
+
+
+_sources: list[_SourceCounters] = []
 requests = _Requests()
 candidates = _Series(CANDIDATES)
 fetch_seconds = _Series(STAGE_DURATION, ("fetch",))
@@ -324,6 +389,8 @@ def flush() -> None:
         cache.flush()
     for loop in _loops:
         loop.flush()
+    for layers in _sources:
+        layers.flush()
 
 
 async def flush_every(interval_s: float) -> None:
@@ -339,7 +406,7 @@ async def flush_every(interval_s: float) -> None:
 @contextlib.asynccontextmanager
 async def recording(source: FeatureSource, flush_interval_s: float) -> AsyncIterator[None]:
     """While in the block: flush every ``flush_interval_s`` and report the cache of ``source``; flush at the end."""
-    with cache_watched(source):
+    with cache_watched(source), source_watched(source):
         flusher = asyncio.create_task(flush_every(flush_interval_s), name="metrics-flush")
         try:
             yield

@@ -67,22 +67,26 @@ def post_many(url: str, n: int, concurrency: int = 4) -> list[tuple[int, dict[st
         return list(pool.map(lambda _: one(client), range(n)))
 
 
-def check_answers(results: list[tuple[int, dict[str, object], float]], policy: str) -> tuple[int, int]:
-    """Every answer is a well-formed 200, or under ``fail`` a 503 naming the store; returns (degraded, failed)."""
-    degraded = failed = 0
+def check_answers(results: list[tuple[int, dict[str, object], float]], policy: str, shed: int = 0) -> tuple[int, int]:
+    """Every answer is a well-formed 200, or under ``fail`` a 503 naming the store, or one of at most ``shed`` 503
+    ``overloaded`` answers; returns (degraded, failed or shed)."""
+    degraded = failed = overloaded = 0
     for status, answer, _ in results:
         if status == 200:
             assert len(answer["ids"]) == 10 and isinstance(answer["degraded"], bool)  # type: ignore[arg-type]
             degraded += bool(answer["degraded"])
+        elif status == 503 and answer["error"] == "overloaded":
+            overloaded += 1
         else:
             assert policy == "fail" and status == 503, (status, answer)
             assert answer["error"] == "feature_source_unavailable" and answer["message"], answer
             failed += 1
+    assert overloaded <= shed, overloaded
     if policy == "degrade":
         assert failed == 0
     else:
         assert degraded == 0
-    return degraded, failed
+    return degraded, failed + overloaded
 
 
 def health(url: str) -> int:
@@ -95,7 +99,9 @@ def test_latency_beyond_the_deadline_costs_no_request_more_than_the_deadline(
 ) -> None:
     control.configure(latency_ms=2000)
     results = post_many(servers[policy].url, 16)
-    degraded, failed = check_answers(results, policy)
+    # Until the breaker opens, a store that times out without an error may be this worker's own overload: those
+    # requests (at most the 3 fan-outs that open it, and those started meanwhile: 4 run at once) are shed.
+    degraded, failed = check_answers(results, policy, shed=3 + 4)
     assert degraded + failed == 16  # no read finished in time
     assert max(seconds for *_, seconds in results) < LATEST_S
     assert health(servers[policy].url) == 503  # three fan-outs in a row failed: the store is known to fail

@@ -8,13 +8,14 @@ built from gRPC generic handlers with the package's own (raw protobuf) message c
   is INVALID_ARGUMENT) and ``ReadFeatureValues`` (one entity).
 - ``google.cloud.aiplatform.v1.FeatureOnlineStoreService``: ``FetchFeatureValues`` (one key, KEY_VALUE format;
   an unknown key is NOT_FOUND), and the same in ``v1beta1``, which adds the bidirectional
-  ``StreamingFetchFeatureValues`` (per request, one OK answer with the found keys and one NOT_FOUND answer
-  listing the unknown ones).
+  ``StreamingFetchFeatureValues`` (each request message answered on its own, concurrently with the others on the
+  stream: one OK answer with the found keys and one NOT_FOUND answer listing the unknown ones).
 - ``mab.emulator.v1.Control``: ``Stats``, ``Configure`` and ``Reset`` with JSON bodies, for tests and load tests.
 
 Faults are injected per call (per request message on the bidirectional stream): a latency drawn uniformly from
-``latency_ms +- jitter_ms``, UNAVAILABLE at ``unavailable_rate`` before anything is sent, and at ``break_rate`` a
-stream that breaks with UNAVAILABLE part-way through. Counters record calls, ids per call and peak concurrency.
+``latency_ms +- jitter_ms``, UNAVAILABLE at ``unavailable_rate`` before anything is sent (on the bidirectional
+stream: an UNAVAILABLE answer listing the request's keys), and at ``break_rate`` a stream that breaks with
+UNAVAILABLE part-way through. Counters record calls, ids per call and peak concurrency.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from mab_service.emulator.table import FeatureTable
 
 #: The most entity ids one read may carry, as in Vertex (101 ids is INVALID_ARGUMENT).
 MAX_IDS_PER_READ = 100
+#: The most encoded answers per key kept for reuse (a few hundred bytes each).
+MAX_KEPT_ENTRIES = 2_000_000
 
 FEATURESTORE_SERVICE = "google.cloud.aiplatform.v1.FeaturestoreOnlineServingService"
 ONLINE_STORE_SERVICE_V1 = "google.cloud.aiplatform.v1.FeatureOnlineStoreService"
@@ -125,6 +128,7 @@ class Emulator:
         # Serialised per-entity answers, per feature selection: built on first use, reused by every later call.
         self._encoded: dict[tuple[int, ...], dict[str, bytes]] = {}
         self._key_values: dict[str, bytes] = {}
+        self._entries: dict[str, bytes] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class Emulator:
         self.table = table
         self._encoded = {}
         self._key_values = {}
+        self._entries = {}
 
     def reset(self) -> None:
         """Zero the counters (calls still in flight stay counted as in flight)."""
@@ -219,7 +224,7 @@ class Emulator:
                     "StreamingFetchFeatureValues": grpc.stream_stream_rpc_method_handler(
                         self._streaming_fetch,
                         request_deserializer=_StreamingFetchRequest.FromString,
-                        response_serializer=_StreamingFetchResponse.SerializeToString,
+                        response_serializer=None,  # the answers are built as bytes (``_fetch_entry``)
                     ),
                 },
             ),
@@ -295,35 +300,78 @@ class Emulator:
 
     async def _streaming_fetch(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        async for request in requests:
-            keys = [k.key for k in request.data_keys]
-            with self._call("StreamingFetchFeatureValues", len(keys)):
-                if not FEATURE_VIEW.match(request.feature_view):
-                    await self._invalid(context, f"feature_view {request.feature_view!r} is not a valid resource name")
-                if not 1 <= len(keys) <= MAX_IDS_PER_READ:
-                    await self._invalid(
-                        context, f"data_keys must hold 1 to {MAX_IDS_PER_READ} keys per request (got {len(keys)})"
-                    )
-                await self._before_answer(context)
-                found = _StreamingFetchResponse()
-                found.status.code = code_pb2.OK
-                missing = _StreamingFetchResponse()
-                missing.status.code = code_pb2.NOT_FOUND
-                missing.status.message = "keys not found in the feature view"
-                for key in keys:
-                    if key in self.table.rows:
-                        item = found.data.add()
-                        item.data_key.key = key
-                        item.key_values.MergeFromString(self._key_value_list(key))
-                    else:
-                        missing.data_keys_with_error.add().key = key
-                answers = [m for m in (found, missing) if m.data or m.data_keys_with_error]
-                stop_after = self._break_point(len(answers))
-                for sent, answer in enumerate(answers):
-                    if sent == stop_after:
-                        await self._break(context)
-                    yield answer
+    ) -> AsyncIterator[bytes]:
+        """Each request message is answered on its own, concurrently with the others (answers may come in any
+        order, as the API says): a client can keep one stream open and send many requests over it."""
+        outbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        answering: set[asyncio.Task[None]] = set()
+
+        async def take_requests() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(self._answer_fetch(request, outbox))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+                await asyncio.gather(*answering)
+            finally:
+                outbox.put_nowait(("end", None))
+
+        taker = asyncio.create_task(take_requests())
+        try:
+            while True:
+                kind, item = await outbox.get()
+                if kind == "answer":
+                    yield item
+                elif kind == "end":
+                    return
+                elif kind == "invalid":
+                    await self._invalid(context, item)
+                else:  # "break"
+                    await self._break(context)
+        finally:
+            taker.cancel()
+            for task in list(answering):
+                task.cancel()
+
+    async def _answer_fetch(self, request: Any, outbox: asyncio.Queue[tuple[str, Any]]) -> None:
+        """Answer one StreamingFetchFeatureValues request into ``outbox``: an OK message with the found keys and a
+        NOT_FOUND message listing the unknown ones, or one UNAVAILABLE message listing every key (an injected
+        outage), or a break of the whole stream."""
+        keys = [k.key for k in request.data_keys]
+        with self._call("StreamingFetchFeatureValues", len(keys)):
+            if not FEATURE_VIEW.match(request.feature_view):
+                outbox.put_nowait(("invalid", f"feature_view {request.feature_view!r} is not a valid resource name"))
+                return
+            if not 1 <= len(keys) <= MAX_IDS_PER_READ:
+                outbox.put_nowait(
+                    ("invalid", f"data_keys must hold 1 to {MAX_IDS_PER_READ} keys per request (got {len(keys)})")
+                )
+                return
+            if self._outage():
+                outbox.put_nowait(("answer", _STATUS_UNAVAILABLE + b"".join(map(_error_key, keys))))
+                return
+            await self._delay()
+            # Built as bytes from each key's encoded entry: a repeated message field is the concatenation of its
+            # entries, so an answer costs one join, not a message tree per key.
+            entries = self._entries
+            found: list[bytes] = []
+            missing: list[bytes] = []
+            for key in keys:
+                entry = entries.get(key)
+                if entry is None:
+                    entry = self._fetch_entry(key)
+                (found if entry[:1] == _DATA_TAG else missing).append(entry)
+            answers = []
+            if found:
+                answers.append(_STATUS_OK + b"".join(found))
+            if missing:
+                answers.append(_STATUS_NOT_FOUND + b"".join(missing))
+            stop_after = self._break_point(len(answers))
+            for sent, answer in enumerate(answers):
+                if sent == stop_after:
+                    outbox.put_nowait(("break", None))
+                    return
+                outbox.put_nowait(("answer", answer))
 
     # --- control --------------------------------------------------------------------------------------------
 
@@ -365,14 +413,24 @@ class Emulator:
         return tuple(self.table.column(n) for n in names)
 
     async def _before_answer(self, context: grpc.aio.ServicerContext) -> None:
+        if self._outage():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+        await self._delay()
+
+    def _outage(self) -> bool:
+        """Whether this call (or request message) fails UNAVAILABLE; counted."""
         faults = self.faults
         if faults.unavailable_next:
             faults.unavailable_next -= 1
             self.counters.injected_unavailable += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+            return True
         if faults.unavailable_rate and self._rng.random() < faults.unavailable_rate:
             self.counters.injected_unavailable += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "emulated outage")
+            return True
+        return False
+
+    async def _delay(self) -> None:
+        faults = self.faults
         delay_ms = faults.latency_ms + (self._rng.uniform(-1.0, 1.0) * faults.jitter_ms if faults.jitter_ms else 0.0)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000.0)
@@ -408,6 +466,20 @@ class Emulator:
                 value.double_value = float(row[j])
         return bytes(message.SerializeToString())
 
+    def _fetch_entry(self, key: str) -> bytes:
+        """One key's entry in a StreamingFetchFeatureValuesResponse, encoded: in ``data`` (field 2) for a known
+        key, in ``data_keys_with_error`` (field 3) for an unknown one. Entries are kept for the next answers."""
+        if key in self.table.rows:
+            item = _FetchResponseBeta()
+            item.key_values.MergeFromString(self._key_value_list(key))
+            item.data_key.key = key
+            entry = _field(_DATA_TAG, item.SerializeToString())
+        else:
+            entry = _error_key(key)
+        if len(self._entries) < MAX_KEPT_ENTRIES:  # unknown keys too, up to a bound: any client may send any key
+            self._entries[key] = entry
+        return entry
+
     def _key_value_list(self, key: str) -> bytes:
         """A known key's features as a serialised FeatureNameValuePairList (the same bytes in v1 and v1beta1)."""
         cached: bytes | None = self._key_values.get(key)
@@ -423,6 +495,42 @@ class Emulator:
                     pair.value.double_value = float(row[j])
             cached = self._key_values[key] = bytes(pairs.SerializeToString())
         return cached
+
+
+#: Tags of StreamingFetchFeatureValuesResponse fields (field number << 3 | 2, length-delimited).
+_DATA_TAG = b"\x12"
+_ERROR_KEY_TAG = b"\x1a"
+
+
+def _status(code: int, message: str) -> bytes:
+    status = _StreamingFetchResponse()
+    status.status.code = code
+    status.status.message = message
+    return bytes(status.SerializeToString())
+
+
+#: The status field of each answer, encoded (an OK status is an empty message, present so that clients see it).
+_STATUS_OK = b"\x0a\x00"
+_STATUS_NOT_FOUND = _status(code_pb2.NOT_FOUND, "keys not found in the feature view")
+_STATUS_UNAVAILABLE = _status(code_pb2.UNAVAILABLE, "emulated outage")
+
+
+def _error_key(key: str) -> bytes:
+    """``key`` as an entry of ``data_keys_with_error``."""
+    data_key = _FetchResponseBeta().data_key
+    data_key.key = key
+    return _field(_ERROR_KEY_TAG, data_key.SerializeToString())
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, varint length, payload."""
+    n = len(payload)
+    length = bytearray()
+    while n >= 0x80:
+        length.append((n & 0x7F) | 0x80)
+        n >>= 7
+    length.append(n)
+    return tag + bytes(length) + payload
 
 
 class _InFlight:

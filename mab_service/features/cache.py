@@ -7,6 +7,12 @@ few percent of the embedded source. Only misses run Python code:
 
 - **coalescing**: concurrent misses for the same id share one read (one read in flight per id); a request that
   finds its id already being read waits for that read instead of sending its own;
+- **reads outlive the requests that gave up**: a request waits at most ``wait_s`` for its misses; if a read is
+  not done by then, the request is shed (503 ``overloaded``: the worker is behind, the store is not failing) or,
+  while the store is known to fail, answered degraded; the read itself goes on (as long as the source allows)
+  and fills the table, so that a cold start under load converges instead of throwing its reads away;
+- **warm-up** (``preload``): ids read at start in large batches before ``health`` reports ready, and again every
+  TTL, so that a new pod serves warm answers from its first request;
 - **negative caching**: an id the store does not know is cached as unknown and served the prior;
 - **stale while revalidate**: for ``stale_s`` seconds past expiry an entry is still served while a background
   read refreshes it (reported again after ``retry_s`` if that read fails). One background task reads the stale
@@ -28,16 +34,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from itertools import islice
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from mab_service.errors import Overloaded
 from mab_service.features._cache import CacheTable
-from mab_service.features.source import Features, FeatureSource, Health
+from mab_service.features.source import Features, FeatureSource, Health, Lookup, ReadableSource
 
 logger = logging.getLogger("mab_service.cache")
 
@@ -53,26 +58,25 @@ REFRESH_BATCH = 500
 REFRESH_RETRY_S = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """What a source read: parameters aligned with the ids (the prior where unknown) and which ids it knew.
-
-    ``unread`` lists the positions a failing store did not answer (they hold the prior and are neither known nor
-    unknown); None when every id was read.
-    """
-
-    alpha: npt.NDArray[np.float64]
-    beta: npt.NDArray[np.float64]
-    found: npt.NDArray[np.bool_]
-    unread: npt.NDArray[np.intp] | None = None
+#: Ids per warm-up read: large reads (the source splits them into its chunks and reads those concurrently).
+WARMUP_BATCH = 2_000
+#: Seconds between warm-up progress lines in the log.
+WARMUP_LOG_S = 1.0
 
 
-@runtime_checkable
-class ReadableSource(FeatureSource, Protocol):
-    """A source that says which ids it knew, so that unknown ids can be cached as such."""
+class WarmUp:
+    """Progress of the warm-up: the ids to preload and how many were read; ``/health`` waits for it."""
 
-    async def read(self, ids: list[str]) -> Lookup:
-        """Parameters of ``ids`` (distinct) and which of them the source knew."""
+    __slots__ = ("ids", "total", "read", "done", "started_at", "timeout_s", "refreshes")
+
+    def __init__(self, ids: list[str] | None = None, timeout_s: float = 0.0) -> None:
+        self.ids = ids or []
+        self.total = len(self.ids)
+        self.read = 0
+        self.done = not self.ids
+        self.started_at = 0.0
+        self.timeout_s = timeout_s
+        self.refreshes = 0
 
 
 class _Read:
@@ -97,6 +101,8 @@ class FeatureCache:
         stale_s: How long past expiry an entry is still served while it is refreshed in the background; 0 turns
             stale serving off.
         retry_s: How long a stale entry whose refresh failed waits before it is refreshed again.
+        wait_s: How long a request waits for the reads of its misses; None: as long as they take. A read a
+            request gave up on goes on (as long as the source lets it) and fills the table.
         prior_alpha: Served for ids the source does not know; finite and > 0.
         prior_beta: Likewise.
         clock: Monotonic seconds; tests pass their own.
@@ -113,6 +119,7 @@ class FeatureCache:
         max_entries: int,
         stale_s: float = 0.0,
         retry_s: float = 1.0,
+        wait_s: float | None = None,
         prior_alpha: float = 1.0,
         prior_beta: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -126,6 +133,7 @@ class FeatureCache:
         self.ttl_s = ttl_s
         self.stale_s = stale_s
         self.retry_s = retry_s
+        self.wait_s = wait_s
         self._clock = clock
         self._table = CacheTable(max_entries)
         self._in_flight: dict[str, _Read] = {}
@@ -145,19 +153,116 @@ class FeatureCache:
         self.coalesced = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self.abandoned = 0
+        self.warmup = WarmUp()
+        self._warmer: asyncio.Task[None] | None = None
+
+    def preload(self, ids: Iterable[str], timeout_s: float) -> None:
+        """Read ``ids`` into the table at start, before ``health`` reports ready, and keep them fresh after.
+
+        Call before ``start``. The warm-up reads ``WARMUP_BATCH`` ids at a time and logs its progress; it gives up
+        after ``timeout_s`` (``health`` then turns ready with what was read). Afterwards these ids are read again
+        in large batches every ``ttl_s`` less its jitter, so that no request waits on the store for them.
+        """
+        self.warmup = WarmUp(list(dict.fromkeys(ids)), timeout_s)
 
     async def start(self) -> None:
         await self.source.start()
+        if self.warmup.ids:
+            self._warmer = asyncio.create_task(self._warm(), name="cache-warm-up")
 
     def health(self) -> Health:
+        warmup = self.warmup
+        if not warmup.done:
+            return Health(False, f"warming up the feature cache: {warmup.read:,} of {warmup.total:,} ids read")
         return self.source.health()
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        for task in (self._refresher, self._warmer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.source.close()
         self._table.clear()
+
+    async def _warm(self) -> None:
+        """The warm-up, then the refresh of the warm-up ids every TTL, until closed."""
+        warmup = self.warmup
+        loop = asyncio.get_running_loop()
+        warmup.started_at = loop.time()
+        try:
+            await asyncio.wait_for(self._warm_up(warmup), warmup.timeout_s)
+        except TimeoutError:
+            logger.warning(
+                "warm-up stopped after %.1f s with %d of %d ids read; serving, the rest are read on demand",
+                warmup.timeout_s,
+                warmup.read,
+                warmup.total,
+            )
+        finally:
+            warmup.done = True
+        while True:
+            await asyncio.sleep(self.ttl_s * (1.0 - TTL_JITTER))
+            refreshed = await self._read_all(warmup.ids)
+            warmup.refreshes += refreshed
+
+    async def _warm_up(self, warmup: WarmUp) -> None:
+        loop = asyncio.get_running_loop()
+        # A store that is not ready yet would answer nothing: wait for its first successful check.
+        while not self.source.health().ready:
+            await asyncio.sleep(0.05)
+        logger.info("warm-up: reading %d ids in batches of %d", warmup.total, WARMUP_BATCH)
+        logged = loop.time()
+
+        def progress(n: int) -> None:
+            nonlocal logged
+            warmup.read += n
+            if loop.time() - logged >= WARMUP_LOG_S:
+                logged = loop.time()
+                logger.info(
+                    "warm-up: %d of %d ids read (%.0f%%)", warmup.read, warmup.total, 100 * warmup.read / warmup.total
+                )
+
+        await self._read_all(warmup.ids, progress)
+        logger.info(
+            "warm-up: %d ids read in %.2f s; the feature cache holds %d entries",
+            warmup.read,
+            loop.time() - warmup.started_at,
+            len(self._table),
+        )
+
+    async def _read_all(self, ids: list[str], progress: Callable[[int], None] | None = None) -> int:
+        """Read ``ids`` into the table, ``WARMUP_BATCH`` at a time, two reads in flight; returns how many were
+        read. A batch the source could not read (failing or overloaded) is tried again, while time allows."""
+        done = 0
+        batches = [ids[i : i + WARMUP_BATCH] for i in range(0, len(ids), WARMUP_BATCH)]
+
+        async def worker(queue: list[list[str]]) -> None:
+            nonlocal done
+            while queue:
+                batch = [id_ for id_ in queue.pop() if id_ not in self._in_flight]
+                if not batch:
+                    continue
+                task = self._start_read(batch).task
+                assert task is not None
+                try:
+                    result = await task
+                except Exception as exc:  # the store failed for good: wait for it and try the batch again
+                    logger.warning("warm-up read failed, retrying: %s", exc)
+                    queue.append(batch)
+                    await asyncio.sleep(self.retry_s)
+                    continue
+                read = len(batch) - (0 if result.unread is None else len(result.unread))
+                done += read
+                if progress is not None:
+                    progress(read)
+                if result.unread is not None:
+                    queue.append([batch[i] for i in result.unread.tolist()])
+                    await asyncio.sleep(0.05)
+
+        batches.reverse()  # workers pop from the end: read in file order
+        await asyncio.gather(worker(batches), worker(batches))
+        return done
 
     async def fetch(self, ids: list[str]) -> Features:
         now = self._clock()
@@ -221,17 +326,35 @@ class FeatureCache:
         if own:
             waits[self._start_read(own)] = (own_at, list(range(len(own))))
         known = unread = 0
+        loop = asyncio.get_running_loop()
+        give_up_at = None if self.wait_s is None else loop.time() + self.wait_s
         for read, (at, index) in waits.items():
-            assert read.task is not None
-            # Shielded: a request that goes away must not cancel a read other requests wait for.
-            result = await asyncio.shield(read.task)
+            task = read.task
+            assert task is not None
+            if not task.done():
+                # Never cancelled from here: a request that goes away, or stops waiting, must not cancel a read
+                # that other requests wait for, or that fills the table for the next ones.
+                if give_up_at is None:
+                    await asyncio.shield(task)
+                else:
+                    await asyncio.wait((task,), timeout=max(0.0, give_up_at - loop.time()))
+            if not task.done():
+                self.abandoned += 1
+                if self.source.health().ready:
+                    raise _overloaded(self.wait_s)  # our own queue is slow, not the store: shed the request
+                unread += len(at)  # the store is failing: these keep the prior
+                continue
+            result = task.result()
             positions = misses[at]
             rows = np.asarray(index, dtype=np.intp)
             alpha[positions] = result.alpha[rows]
             beta[positions] = result.beta[rows]
             known += int(np.count_nonzero(result.found[rows]))
             if result.unread is not None:
-                unread += int(np.count_nonzero(np.isin(rows, result.unread)))
+                not_read = int(np.count_nonzero(np.isin(rows, result.unread)))
+                if not_read and result.overloaded:
+                    raise _overloaded(self.wait_s)
+                unread += not_read
         return known, unread
 
     def _start_read(self, ids: list[str]) -> _Read:
@@ -252,8 +375,9 @@ class FeatureCache:
                 kept[result.unread] = False
                 ids = [id_ for id_, keep in zip(ids, kept.tolist()) if keep]
                 alpha, beta, found = alpha[kept], beta[kept], found[kept]
-            expires = self._clock() + self.ttl_s * (1.0 - TTL_JITTER * self._rng.random(len(ids)))
-            self._table.insert(ids, alpha, beta, found, expires)
+            if ids:
+                expires = self._clock() + self.ttl_s * (1.0 - TTL_JITTER * self._rng.random(len(ids)))
+                self._table.insert(ids, alpha, beta, found, expires)
             return result
         finally:
             for id_ in read.ids:
@@ -307,7 +431,7 @@ class FeatureCache:
         found = (features.alpha != self._prior_alpha) | (features.beta != self._prior_beta)
         return Lookup(features.alpha, features.beta, found)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Counters for metrics: lookups, hits, misses, stale served, coalesced misses, refreshes, memory."""
         table = self._table
         return {
@@ -318,12 +442,21 @@ class FeatureCache:
             "coalesced": self.coalesced,
             "refreshes": self.refreshes,
             "refresh_failures": self.refresh_failures,
+            "abandoned_waits": self.abandoned,
+            "warmup_ids": self.warmup.total,
+            "warmup_read": self.warmup.read,
+            "warmup_refreshes": self.warmup.refreshes,
             "entries": len(table),
             "max_entries": table.capacity,
             "evictions": table.evictions,
             "memory_bytes": table.memory_bytes,
             "entry_bytes": CacheTable.entry_bytes(),
         }
+
+
+def _overloaded(wait_s: float | None) -> Overloaded:
+    waited = "" if wait_s is None else f" within {wait_s * 1000:.0f} ms"
+    return Overloaded(f"the worker could not read the features{waited}; retry")
 
 
 def _retrieve(task: asyncio.Task[Lookup]) -> None:

@@ -14,7 +14,8 @@ from mab_service.errors import FeatureSourceError
 from mab_service.features._cache import CacheTable
 from mab_service.features.cache import TTL_JITTER, FeatureCache
 from mab_service.features.local import LocalSource
-from mab_service.features.vertex import VertexOptions, VertexSource
+from mab_service.features.options import VertexOptions
+from mab_service.features.vertex import VertexSource
 
 ENTITY_TYPE = "projects/p/locations/l/featurestores/f/entityTypes/e"
 

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from mab_service.emulator import Emulator, Faults, parse_table
-from mab_service.errors import FeatureSourceError
-from mab_service.features.vertex import CHECK_ID, VertexOptions, VertexSource, make_transport
+from mab_service.errors import FeatureSourceError, Overloaded
+from mab_service.features.options import VertexOptions
+from mab_service.features.store import CHECK_ID, make_transport
+from mab_service.features.vertex import VertexSource
 from mab_service.features.vertex_fos import FeatureViewSource
 
 pytestmark = pytest.mark.anyio
@@ -143,9 +145,12 @@ async def test_the_deadline_bounds_the_whole_fan_out_and_cancels_the_calls() -> 
     async with emulator() as em, source(em, deadline_s=0.1, call_timeout_s=1.0) as src:
         em.faults.latency_ms = 2000
         started = time.monotonic()
-        with pytest.raises(FeatureSourceError, match="did not answer within the 100 ms deadline"):
+        # No answer in time, but no error either, and the store answered the start's check a moment ago: the
+        # request is shed (it may be this worker that is too slow), and nothing counts toward the breaker.
+        with pytest.raises(Overloaded, match="within the 100 ms deadline"):
             await src.fetch([f"e{i}" for i in range(300)])
         assert time.monotonic() - started < 0.5
+        assert src.health().ready and src.policy.health.consecutive_failures == 0
         for _ in range(100):  # the abandoned calls end on the server too
             if em.counters.in_flight == 0:
                 break
@@ -153,13 +158,31 @@ async def test_the_deadline_bounds_the_whole_fan_out_and_cancels_the_calls() -> 
         assert em.counters.in_flight == 0
 
 
-async def test_deadline_exceeded_calls_are_retried_with_a_per_call_timeout() -> None:
-    async with emulator() as em, source(em, deadline_s=0.3, call_timeout_s=0.03, retries=20, backoff_s=0.001) as src:
+async def test_a_store_that_only_times_out_sheds_then_opens_the_breaker() -> None:
+    options = {"deadline_s": 0.3, "call_timeout_s": 0.03, "retries": 20, "backoff_s": 0.001}
+    # A store silent for 2 x 0.1 s is hung: its timeouts count toward the breaker from then on.
+    async with emulator() as em, source(em, unready_after_failures=2, probe_interval_s=0.1, **options) as src:
         em.reset()
         em.faults.latency_ms = 100
-        with pytest.raises(FeatureSourceError, match="DEADLINE_EXCEEDED|deadline"):
+        with pytest.raises(Overloaded):
             await src.fetch(["e1"])
         assert em.counters.calls["StreamingReadFeatureValues"] >= 3  # each call timed out at 30 ms and was retried
+        assert src.stats()["timed_out_calls"] >= 3
+        # Nothing got through twice in a row: the store is failing, not this worker overloaded.
+        with pytest.raises(FeatureSourceError, match="DEADLINE_EXCEEDED|deadline"):
+            await src.fetch(["e1"])
+        assert not src.health().ready
+
+
+async def test_an_answer_between_timeouts_keeps_the_breaker_closed() -> None:
+    async with emulator() as em, source(em, unready_after_failures=2, retries=0, call_timeout_s=0.05) as src:
+        for _ in range(4):
+            em.faults.latency_ms = 200
+            with pytest.raises(Overloaded):
+                await src.fetch(["e1"])
+            em.faults.latency_ms = 0
+            assert (await src.fetch(["e2"])).known == 1
+        assert src.health().ready
 
 
 async def test_concurrent_reads_are_capped_per_worker() -> None:
@@ -218,13 +241,21 @@ async def test_degrade_keeps_what_was_read_and_gives_the_rest_the_prior(cls: typ
         assert features.known == len(ids) - unread
 
 
-async def test_degrade_answers_by_the_deadline_with_the_prior() -> None:
-    async with emulator() as em, source(em, on_failure="degrade", deadline_s=0.1, call_timeout_s=1.0) as src:
+async def test_degrade_answers_by_the_deadline_with_the_prior_once_the_store_is_known_to_fail() -> None:
+    options = {"on_failure": "degrade", "deadline_s": 0.1, "call_timeout_s": 1.0, "unready_after_failures": 2}
+    async with emulator() as em, source(em, probe_interval_s=0.02, **options) as src:
         em.faults.latency_ms = 2000
+        ids = [f"e{i}" for i in range(300)]
+        await asyncio.sleep(0.05)  # the start's check was the store's last answer: it is silent from now on
         started = time.monotonic()
-        features = await src.fetch([f"e{i}" for i in range(300)])
-        assert time.monotonic() - started < 0.5
+        with pytest.raises(Overloaded):
+            await src.fetch(ids)  # the first time out: shed, the store may be fine
+        features = await src.fetch(ids)  # the second in a row: the store is failing, the answer degrades
+        assert time.monotonic() - started < 0.6 and not src.health().ready
         assert features.unread == 300 and features.known == 0 and (features.alpha == 1.0).all()
+        started = time.monotonic()
+        features = await src.fetch(ids)  # the store is not read at all until the probe finds it back
+        assert time.monotonic() - started < 0.05 and features.unread == 300
 
 
 async def test_a_store_known_to_fail_is_not_read_until_the_probe_finds_it_back() -> None:
@@ -340,3 +371,16 @@ async def test_missing_application_default_credentials_fail_the_start(
     src = VertexSource(ENTITY_TYPE, VertexOptions())
     with pytest.raises(FeatureSourceError, match="no Google credentials for Vertex AI"):
         await src.start()
+
+
+async def test_concurrent_batched_reads_sharing_keys_each_get_every_value(rand) -> None:
+    # Without a cache, concurrent requests share ids; on the shared stream one answer may carry keys of several
+    # reads, or keys delivered already with another read's answer.
+    bodies = [[f"e{i}" for i in rand.gen.choice(N_ENTITIES + 50, size=250, replace=False)] for _ in range(12)]
+    async with emulator(Faults(latency_ms=5, jitter_ms=4)) as em, source(em, FeatureViewSource) as src:
+        results = await asyncio.gather(*(src.fetch(body) for body in bodies))
+        assert src._streams is not None and src._streams.opened == 1  # every read on one stream
+    for body, features in zip(bodies, results):
+        alpha, beta = expected(body)
+        assert features.alpha.tolist() == alpha.tolist() and features.beta.tolist() == beta.tolist()
+        assert features.known == sum(int(i[1:]) < N_ENTITIES for i in body)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mab_service.app import make_source
 from mab_service.config import Settings, SettingsError
 from mab_service.features.cache import FeatureCache
-from mab_service.features.vertex import VertexOptions, VertexSource
+from mab_service.features.factory import make_source
+from mab_service.features.options import VertexOptions
+from mab_service.features.vertex import VertexSource
 from mab_service.features.vertex_fos import FeatureViewSource
 from tests.test_config import environment_of
 
@@ -30,7 +31,10 @@ def test_vertex_settings_round_trip_through_the_environment() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MAB_FEATURES": "vertex:projects/p/locations/l"}, "features must be demo or csv:PATH or vertex:ENTITY_TYPE"),
+        (
+            {"MAB_FEATURES": "vertex:projects/p/locations/l"},
+            "features must be demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE",
+        ),
         ({"MAB_FEATURES": "vertex-fos:" + ENTITY_TYPE[7:]}, "features must be demo or csv:PATH"),
         ({"MAB_VERTEX_MAPPING": "ratio"}, "vertex_mapping must be beta or counts"),
         ({"MAB_VERTEX_API_VERSION": "v2"}, "vertex_api_version must be v1 or v1beta1"),

@@ -1,0 +1,132 @@
+"""The one place the ``--features`` spec is read: ``parse_spec`` checks it, ``make_source`` builds the source.
+
+Specs (``Settings.features``):
+
+- ``demo``: the bundled catalogue (``local.LocalSource``);
+- ``csv:PATH``: an embedded table loaded at start (``local.LocalSource``);
+- ``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V``: Feature Store 2.0
+  (``vertex_fos.FeatureViewSource``), behind the cache unless ``cache_ttl_s`` is 0;
+- ``vertex:projects/P/locations/L/featurestores/F/entityTypes/E``: Feature Store (Legacy), deprecated, switched
+  off by Google on 2027-02-17 (``vertex.VertexSource``), behind the cache likewise.
+
+Backends are imported only when built: the Vertex client library is an optional dependency.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mab_service.errors import FeatureSourceError
+from mab_service.features.options import ENTITY_TYPE, FEATURE_VIEW, VertexOptions
+from mab_service.features.source import FeatureSource
+
+if TYPE_CHECKING:
+    from mab_service.config import Settings
+
+#: What ``parse_spec`` accepts, for error messages.
+SPEC_FORMS = "demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE"
+#: The Vertex backends by spec prefix, and the resource name each reads.
+_RESOURCES = {"vertex": ENTITY_TYPE, "vertex-fos": FEATURE_VIEW}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``--features`` value: the backend and what it reads (a path or a Vertex resource name)."""
+
+    kind: str
+    target: str = ""
+
+    @property
+    def vertex(self) -> bool:
+        return self.kind in _RESOURCES
+
+
+def parse_spec(features: str) -> SourceSpec:
+    """Check ``features`` and split it into backend and target.
+
+    Raises:
+        ValueError: If it is none of ``SPEC_FORMS``.
+    """
+    kind, _, target = features.partition(":")
+    if features == "demo":
+        return SourceSpec("demo")
+    if kind == "csv" and target:
+        return SourceSpec("csv", target)
+    resource = _RESOURCES.get(kind)
+    if resource is not None and resource.match(target):
+        return SourceSpec(kind, target)
+    raise ValueError(f"features must be {SPEC_FORMS} (got {features!r})")
+
+
+def make_source(settings: Settings) -> FeatureSource:
+    """The feature source ``settings.features`` names, with the cache and warm-up the settings ask for.
+
+    Raises:
+        FeatureSourceError: If the spec is malformed, or the warm-up file cannot be read or is given for a source
+            without a cache.
+    """
+    try:
+        spec = parse_spec(settings.features)
+    except ValueError as exc:
+        raise FeatureSourceError(str(exc)) from None
+    if spec.kind in ("demo", "csv"):
+        from mab_service.features.local import LocalSource
+
+        if settings.warmup_ids:
+            raise FeatureSourceError("warmup_ids needs a Vertex source: the embedded table is in memory already")
+        if spec.kind == "demo":
+            return LocalSource.demo(settings.prior_alpha, settings.prior_beta)
+        return LocalSource(Path(spec.target), settings.prior_alpha, settings.prior_beta)
+    options = VertexOptions.from_settings(settings)
+    source: FeatureSource
+    if spec.kind == "vertex":
+        from mab_service.features.vertex import VertexSource
+
+        source = VertexSource(spec.target, options)
+    else:
+        from mab_service.features.vertex_fos import FeatureViewSource
+
+        source = FeatureViewSource(spec.target, options)
+    if settings.cache_ttl_s <= 0:
+        if settings.warmup_ids:
+            raise FeatureSourceError("warmup_ids needs the feature cache (cache_ttl_s > 0)")
+        return source
+    from mab_service.features.cache import REFRESH_RETRY_S, FeatureCache
+
+    cache = FeatureCache(
+        source,
+        ttl_s=settings.cache_ttl_s,
+        max_entries=settings.cache_max_entries,
+        stale_s=settings.cache_stale_while_revalidate_s,
+        retry_s=max(REFRESH_RETRY_S, settings.vertex_deadline_s),
+        wait_s=settings.vertex_deadline_s,
+        prior_alpha=settings.prior_alpha,
+        prior_beta=settings.prior_beta,
+    )
+    if settings.warmup_ids:
+        cache.preload(load_ids(Path(settings.warmup_ids)), settings.warmup_timeout_s)
+    return cache
+
+
+def load_ids(path: Path) -> list[str]:
+    """The ids of a warm-up file: one id per line (blank lines and ``#`` comments skipped), or a CSV whose header
+    names ``entity_id`` (the embedded table's and the emulator's format).
+
+    Raises:
+        FeatureSourceError: If the file cannot be read.
+    """
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            first = f.readline()
+            header = [h.strip() for h in next(csv.reader([first]), [])]
+            if "," in first and "entity_id" in header:
+                column = header.index("entity_id")
+                return [row[column].strip() for row in csv.reader(f) if len(row) > column and row[column].strip()]
+            lines = (line.strip() for line in itertools.chain([first], f))
+            return [line for line in lines if line and not line.startswith("#")]
+    except OSError as exc:
+        raise FeatureSourceError(f"cannot read warm-up ids {path}: {exc.strerror}") from None
