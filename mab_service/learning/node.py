@@ -37,6 +37,7 @@ import orjson
 
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
+from mab_service.features.factory import parse_spec
 from mab_service.learning import journal
 from mab_service.learning._arms import ArmTable
 from mab_service.learning._events import EventRing
@@ -304,11 +305,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 def _catalogue(settings: Settings) -> contextlib.AbstractContextManager[Path] | None:
     """The CSV file the arm table starts from: the demo catalogue, ``csv:PATH``, or none (a Vertex source)."""
-    kind, _, target = settings.features.partition(":")
-    if kind == "demo":
+    spec = parse_spec(settings.features)
+    if spec.kind == "demo":
         return resources.as_file(resources.files("mab_service.data").joinpath("demo.csv"))
-    if kind == "csv":
-        path = Path(target)
+    if spec.kind == "csv":
+        path = Path(spec.target)
         if not path.is_file():
             raise FeatureSourceError(f"cannot read feature table {path}: no such file")
         return contextlib.nullcontext(path)

@@ -99,10 +99,14 @@ def test_a_compressed_soak_reports_every_fault_and_leaves_nothing_running(tmp_pa
     doc = orjson.loads(out.read_bytes())
     fig = doc["figures"]
     kinds = [p["kind"] for p in fig["phases"]]
+    SHED = "503 overloaded"
     assert kinds[:9] == ["quiet", "unavailable", "quiet", "latency", "quiet", "breaks", "quiet", "kill", "quiet"]
     overall = fig["overall"]
     assert 350 <= overall["sent"] <= 400 and overall["answered"] == overall["sent"]
-    assert set(overall["by_kind"]) <= {OK, DEGRADED}, overall["by_kind"]  # degrade: never an error
+    # Degrade: never an error. A store slower than the deadline is shed as 503 overloaded while it is not yet known to
+    # be failing (docs/reliability.md); that, and only in the latency phase.
+    assert set(overall["by_kind"]) <= {OK, DEGRADED, SHED}, overall["by_kind"]
+    assert all(SHED not in p["by_kind"] for i, p in enumerate(fig["phases"]) if i != 3), fig["phases"]
     assert overall["latency"]["max_ms"] < 5000
     # Reads slower than the deadline, and a store that is gone: answers marked degraded, /health 503 meanwhile.
     latency, kill = fig["phases"][3], fig["phases"][7]
