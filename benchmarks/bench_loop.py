@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def measure_reward(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             done = subprocess.run(argv_wrk, capture_output=True, text=True, timeout=args.duration + 120)
             cpu_s = bench_service.session_cpu_seconds(proc.pid) - cpu_before
             after = httpx.get(f"http://127.0.0.1:{port}/loop").json()
+        shutil.rmtree(state, ignore_errors=True)
         wrk = workload.parse_wrk_output(done.stdout)
         duration_s = wrk["duration_us"] / 1e6  # type: ignore[operator]
         accepted = after["rewards_accepted"] - before["rewards_accepted"]

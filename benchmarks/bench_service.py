@@ -15,7 +15,9 @@ than req/s on a noisy host.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import functools
 import importlib.metadata
 import os
 import platform
@@ -66,13 +68,21 @@ def plain_target(port: int, features: Path, workers: int = 1) -> list[str]:
 
 def project_target(port: int, features: Path, workers: int = 1) -> list[str]:
     """Argv for mab_service through its own CLI, embedded CSV feature source, learning loop on (its state in a
-    fresh temporary directory)."""
-    state = tempfile.mkdtemp(prefix="mab-bench-state-")
+    fresh directory under one temporary root that is deleted when the benchmark exits: a run at full speed writes
+    about 100 MB/s of decision log)."""
+    state = tempfile.mkdtemp(prefix="state-", dir=_state_root())
     return [
         sys.executable, "-m", "mab_service", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--features", f"csv:{features}",
         "--state-dir", state,
     ]  # fmt: skip
+
+
+@functools.cache
+def _state_root() -> str:
+    root = tempfile.mkdtemp(prefix="mab-bench-state-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[str]:
