@@ -1,8 +1,8 @@
 """The learning loop's cost: /predict with the loop on against off, and durable /reward throughput.
 
 ``predict``: W400 bodies against a server with the loop on (events held, impressions counted, journal and
-decision log written) and one with ``--no-learning``, alternating (A B A B ...) over ``--repeats``, each a fresh
-server pinned to one core and loaded by wrk on the other; medians and the ratio on/off.
+decision log written), one with the loop on and ``--no-decision-log``, and one with ``--no-learning``, alternating
+over ``--repeats``, each a fresh server pinned to one core and loaded by wrk on the other; medians and the ratios.
 
 ``reward``: a server with the loop on, its state on the disk of ``--state-root``; ``--events`` answers of ``top_k``
 50 are made first, then wrk posts one reward for every (event, id) pair, each pair once, so every answer is a
@@ -67,10 +67,18 @@ end
 """
 
 
+def _no_decision_log(port: int, features: Path, workers: int = 1) -> list[str]:
+    return [*bench_service.project_target(port, features, workers), "--no-decision-log"]
+
+
 def measure_predict(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     table, files = workload.write_workloads(work, ["W400"])
     w400 = files["W400"]
-    targets = {"on": bench_service.project_target, "off": bench_service.project_nolearn_target}
+    targets = {
+        "on": bench_service.project_target,
+        "on-no-decision-log": _no_decision_log,
+        "off": bench_service.project_nolearn_target,
+    }
     runs: dict[str, list[bench_service.Measurement]] = {name: [] for name in targets}
     for i in range(args.repeats):
         for name, target in targets.items():
@@ -79,6 +87,7 @@ def measure_predict(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             print(f"  predict loop {name} run {i + 1}: {runs[name][-1].rps:,.0f} req/s", file=sys.stderr)
     result: dict[str, Any] = {name: bench_service.summarize(r, w400.n_candidates) for name, r in runs.items()}
     result["ratio_rps"] = result["on"]["rps"] / result["off"]["rps"]
+    result["ratio_rps_no_decision_log"] = result["on-no-decision-log"]["rps"] / result["off"]["rps"]
     result["ratio_cpu_per_request"] = result["on"]["cpu_us_per_request"] / result["off"]["cpu_us_per_request"]
     return result
 
@@ -215,13 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"write + fdatasync on the state disk: {report['fsync_ms']:.2f} ms (median)")
     if "predict" in report:
         p = report["predict"]
-        for side in ("on", "off"):
+        for side in ("on", "on-no-decision-log", "off"):
             m = p[side]
             print(
-                f"/predict W400 loop {side:3}: {m['rps']:>9,.0f} req/s  {m['cpu_us_per_request']:6.1f} us CPU/req  "
+                f"/predict W400 loop {side:18}: {m['rps']:>9,.0f} req/s  {m['cpu_us_per_request']:6.1f} us CPU/req  "
                 f"p99 {m['p99_ms']:.2f} ms  other load {m['other_load']:.0%}"
             )
         print(f"loop on / off: req/s {p['ratio_rps']:.3f}x, CPU per request {p['ratio_cpu_per_request']:.3f}x")
+        print(f"loop on without the decision log / off: req/s {p['ratio_rps_no_decision_log']:.3f}x")
     if "reward" in report:
         r = report["reward"]
         endpoint = "/reward" if args.batch == 1 else f"/rewards x{args.batch}"
