@@ -46,24 +46,6 @@ function init(args)
     prepared[#prepared + 1] = wrk.format("POST", target, headers, line)
   end
 end
-
-function request()
-  local r = prepared[cursor]
-  cursor = cursor % #prepared + 1
-  return r
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{marker}{{"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}},' ..
-    '"latency_us":{{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p99.9":%d}}}}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.min, latency.mean, latency.max,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
-end
 """
 
 
@@ -131,9 +113,8 @@ def measure_reward(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 bodies, target = _batched(bodies, args.batch), "/rewards"
             script = work / f"reward-{i}.lua"
             script.write_text(
-                _REWARD_SCRIPT.format(
-                    path=_lua_string(str(bodies)), target=_lua_string(target), marker=workload.WRK_MARKER
-                ),
+                _REWARD_SCRIPT.format(path=_lua_string(str(bodies)), target=_lua_string(target))
+                + workload.WRK_SCRIPT_TAIL,
                 encoding="utf-8",
             )
             before = httpx.get(f"http://127.0.0.1:{port}/loop").json()

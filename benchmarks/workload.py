@@ -227,7 +227,12 @@ function init(args)
   end
   cursor = ((thread_index or 0) * 37) % #prepared + 1
 end
+"""
 
+#: The end of every wrk script here: ``request()`` hands out ``prepared`` in rotation from ``cursor``, and ``done()``
+#: prints the one result line :func:`parse_wrk_output` reads.
+WRK_SCRIPT_TAIL = (
+    """
 function request()
   local r = prepared[cursor]
   cursor = cursor % #prepared + 1
@@ -237,15 +242,18 @@ end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
-    '{marker}{{"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}},' ..
-    '"latency_us":{{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p99.9":%d}}}}\\n',
+    '"""
+    + WRK_MARKER
+    + """{"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p99.9":%d}}\\n',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     latency.min, latency.mean, latency.max,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9)))
 end
 """
+)
 
 
 def write_wrk_script(path: str | Path, bodies: Sequence[bytes]) -> Path:
@@ -268,7 +276,7 @@ def write_wrk_script(path: str | Path, bodies: Sequence[bytes]) -> Path:
     if not bodies:
         raise ValueError("bodies must not be empty")
     quoted = ",\n".join(_lua_long_string(b.decode("ascii")) for b in bodies)
-    script = _WRK_SCRIPT_TEMPLATE.format(n=len(bodies), bodies=quoted, marker=WRK_MARKER)
+    script = _WRK_SCRIPT_TEMPLATE.format(n=len(bodies), bodies=quoted) + WRK_SCRIPT_TAIL
     path = Path(path)
     path.write_text(script, encoding="ascii")
     return path

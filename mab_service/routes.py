@@ -65,9 +65,7 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
 
 async def reward(state: AppState, body: bytes) -> tuple[int, bytes]:
     """``POST /reward``: credit an arm an answer returned; 202 once the reward is on disk, 200 if a duplicate."""
-    loop = state["loop"]
-    if loop is None:
-        raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
+    loop = _loop(state)
     query = schemas.decode_reward(body)
     if await loop.reward(query.event_id, query.id, query.reward):
         return 202, b'{"status":"accepted"}'
@@ -77,9 +75,7 @@ async def reward(state: AppState, body: bytes) -> tuple[int, bytes]:
 async def rewards(state: AppState, body: bytes) -> tuple[int, bytes]:
     """``POST /rewards``: many rewards in one request and one group commit; 200 with a result per reward, in order,
     once the accepted ones are on disk (for pipelines that forward clicks in batches)."""
-    loop = state["loop"]
-    if loop is None:
-        raise LearningOff("the learning loop is off (--no-learning): rewards are not taken")
+    loop = _loop(state)
     items = schemas.decode_rewards(body, MAX_REWARDS_PER_REQUEST)
     outcomes = await loop.rewards([(item.event_id, item.id, item.reward) for item in items])
     results = [
@@ -140,7 +136,7 @@ async def arm(request: Request) -> OrjsonResponse:
 
 async def arms(request: Request) -> OrjsonResponse:
     """``GET /arms?top=N&order=impressions|rewards|mean``: the leading arms, with 95% intervals."""
-    loop = _loop(request)
+    loop = _loop(request.scope["state"])
     top = request.query_params.get("top", "20")
     order = request.query_params.get("order", "impressions")
     if not top.isdigit() or not 1 <= int(top) <= MAX_TOP_ARMS:
@@ -173,8 +169,9 @@ async def dashboard_page(request: Request) -> Response:
     return Response(dashboard.page(), media_type="text/html; charset=utf-8")
 
 
-def _loop(request: Request) -> Loop:
-    loop: Loop | None = request.scope["state"]["loop"]
+def _loop(state: AppState) -> Loop:
+    """This worker's loop; LearningOff (404) when the loop is off."""
+    loop = state["loop"]
     if loop is None:
         raise LearningOff("the learning loop is off (--no-learning)")
     return loop

@@ -54,12 +54,7 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
         MalformedBody: the body is not JSON.
         ValidationFailed: the JSON does not match the contract; ``field`` names where.
     """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedBody(f"body is not valid JSON: {exc}") from None
-    if type(doc) is not dict:
-        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    doc = _json_object(body)
 
     user_id = doc.get("user_id")
     if type(user_id) is not str:
@@ -106,13 +101,7 @@ def decode_reward(body: bytes) -> RewardRequest:
         MalformedBody: the body is not JSON.
         ValidationFailed: the JSON does not match the contract; ``field`` names where.
     """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedBody(f"body is not valid JSON: {exc}") from None
-    if type(doc) is not dict:
-        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
-    return _reward_item(doc)
+    return _reward_item(_json_object(body))
 
 
 def decode_rewards(body: bytes, max_items: int) -> list[RewardRequest]:
@@ -122,12 +111,7 @@ def decode_rewards(body: bytes, max_items: int) -> list[RewardRequest]:
         MalformedBody: the body is not JSON.
         ValidationFailed: the JSON does not match the contract; ``field`` names where (``rewards[3].reward``).
     """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedBody(f"body is not valid JSON: {exc}") from None
-    if type(doc) is not dict:
-        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    doc = _json_object(body)
     items = doc.get("rewards")
     if type(items) is not list or not items:
         raise ValidationFailed(_expected("a non-empty array of rewards", items, "rewards"), field="rewards")
@@ -141,6 +125,17 @@ def decode_rewards(body: bytes, max_items: int) -> list[RewardRequest]:
             where = f"rewards[{i}]" + (f".{exc.field}" if exc.field else "")
             raise ValidationFailed(f"{where}: {exc.message}", field=where) from None
     return decoded
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body parsed as a JSON object (MalformedBody if it is not JSON, ValidationFailed if not an object)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBody(f"body is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise ValidationFailed(f"body must be a JSON object (got {_json_type(doc)})")
+    return doc
 
 
 def _reward_item(doc: object) -> RewardRequest:
