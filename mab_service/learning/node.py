@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -181,44 +181,22 @@ class Node:
     def _replay(self, settings: Settings, checkpoint: Checkpoint) -> int:
         """Counts from the checkpoint and the journal; the events of the last window, with their rewards."""
         prior = settings.prior_alpha, settings.prior_beta
-        impressions: Counter[str] = Counter()
-        rewards: dict[str, float] = {}
+        paths = [p for p in journal_files(self.journal_dir) if p.name not in checkpoint.folded]
+        tally = Tally.of(paths, horizon=time.time() - settings.reward_window_s)
         for arm_id, (shown, got) in checkpoint.arms.items():
-            impressions[arm_id] += shown
-            rewards[arm_id] = rewards.get(arm_id, 0.0) + got
-        horizon = time.time() - settings.reward_window_s
-        recent: dict[str, tuple[float, list[str]]] = {}
-        rewarded: dict[str, list[str]] = {}
-        seen: set[tuple[str, str]] = set()
-        records = 0
-        for path in journal_files(self.journal_dir):
-            if path.name in checkpoint.folded:
-                continue
-            for record in journal.read_records(path):
-                records += 1
-                if record[0] == "e":
-                    _, t, event_id, ids = record
-                    impressions.update(ids)
-                    if t >= horizon:
-                        recent[event_id] = (t, ids)
-                elif record[0] == "r":
-                    _, t, event_id, arm_id, value = record
-                    if (event_id, arm_id) in seen:
-                        continue
-                    seen.add((event_id, arm_id))
-                    rewards[arm_id] = rewards.get(arm_id, 0.0) + value
-                    rewarded.setdefault(event_id, []).append(arm_id)
-        for arm_id in impressions.keys() | rewards.keys():
-            shown = impressions.get(arm_id, 0)
-            got = rewards.get(arm_id, 0.0)
+            tally.impressions[arm_id] += shown
+            tally.rewards[arm_id] = tally.rewards.get(arm_id, 0.0) + got
+        for arm_id in tally.impressions.keys() | tally.rewards.keys():
+            shown = tally.impressions.get(arm_id, 0)
+            got = tally.rewards.get(arm_id, 0.0)
             # A reward always follows a counted impression; after a power loss the impression may be the part that
             # was not yet synced. Count it then, so beta never falls below the arm's beta0.
             shown = max(shown, int(np.ceil(got)))
             if not self.arms.add(arm_id, shown, got, *prior):
                 logger.warning("arm table full: the counts of %r are not restored", arm_id)
-        for event_id, (t, ids) in recent.items():
-            self.events.restore(event_id, ids, t, rewarded.get(event_id, []))
-        return records
+        for event_id, (t, ids) in tally.recent.items():
+            self.events.restore(event_id, ids, t, tally.rewarded.get(event_id, []))
+        return tally.records
 
     # -- folding the journal into the checkpoint ----------------------------------------------------------------
 
@@ -238,6 +216,39 @@ class Checkpoint:
     """Per arm: impressions and rewards of the folded files."""
 
 
+@dataclass
+class Tally:
+    """What journal files add up to: per arm, impressions and rewards (each (event, id) rewarded once), and, for
+    the events written after ``horizon``, their ids and the ids rewarded."""
+
+    impressions: Counter[str] = field(default_factory=Counter)
+    rewards: dict[str, float] = field(default_factory=dict)
+    recent: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    rewarded: dict[str, list[str]] = field(default_factory=dict)
+    records: int = 0
+
+    @classmethod
+    def of(cls, paths: list[Path], horizon: float | None = None) -> Tally:
+        tally = cls()
+        seen: set[tuple[str, str]] = set()
+        for path in paths:
+            for record in journal.read_records(path):
+                tally.records += 1
+                if record[0] == "e":
+                    _, t, event_id, ids = record
+                    tally.impressions.update(ids)
+                    if horizon is not None and t >= horizon:
+                        tally.recent[event_id] = (t, ids)
+                elif record[0] == "r":
+                    _, t, event_id, arm_id, value = record
+                    if (event_id, arm_id) in seen:
+                        continue
+                    seen.add((event_id, arm_id))
+                    tally.rewards[arm_id] = tally.rewards.get(arm_id, 0.0) + value
+                    tally.rewarded.setdefault(event_id, []).append(arm_id)
+        return tally
+
+
 def journal_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -255,16 +266,12 @@ def fold(state_dir: Path, older_than: float) -> int:
     if not ripe:
         return 0
     checkpoint = _read_checkpoint(state_dir)
+    tally = Tally.of([p for p in ripe if p.name not in checkpoint.folded])
     counts = {arm_id: [shown, got] for arm_id, (shown, got) in checkpoint.arms.items()}
-    for path in ripe:
-        if path.name in checkpoint.folded:
-            continue
-        for record in journal.read_records(path):
-            if record[0] == "e":
-                for arm_id in record[3]:
-                    counts.setdefault(arm_id, [0, 0.0])[0] += 1
-            elif record[0] == "r":
-                counts.setdefault(record[3], [0, 0.0])[1] += record[4]
+    for arm_id, shown in tally.impressions.items():
+        counts.setdefault(arm_id, [0, 0.0])[0] += shown
+    for arm_id, got in tally.rewards.items():
+        counts.setdefault(arm_id, [0, 0.0])[1] += got
     present = {p.name for p in journal_files(directory)}
     folded = {name for name in checkpoint.folded if name in present} | {p.name for p in ripe}
     document = {"version": 1, "folded": sorted(folded), "arms": [[k, v[0], v[1]] for k, v in counts.items()]}
