@@ -1,11 +1,21 @@
 """The Pub/Sub event sink: a replica's events and rewards, batched into messages on the fleet's topic.
 
 A message's data is a JSON array of records, the journal's shapes: ``["e", t, event_id, [ids]]`` for an answered
-event (one impression per id) and ``["r", t, event_id, id, reward]`` for an accepted reward; attribute ``v`` is the
-format's version. Records are buffered and published together every ``max_delay_s`` or ``max_records``, whichever
-comes first, so that ``event`` costs the request path an append and no system call. ``reward`` returns once the
-message that carries it is stored by Pub/Sub (the fleet's "durable"), or raises ``SinkUnavailable``; a caller
-answers 202 only after it. Learners (``learner.Learner``) apply the messages to Bigtable exactly once.
+event (one impression per id) and ``["r", t, event_id, id, reward]`` for an accepted reward. Its attributes: ``v``,
+the format's version, and ``k``, the message's key ``<publisher id>/<sequence>``, unique per message and the same on
+every retry of it, so that learners count a message's impressions once however often it is published or delivered
+(``learner.Learner``).
+
+Records are buffered and published together every ``max_delay_s`` or ``max_records``, whichever comes first, so
+that ``event`` costs the request path an append and no system call. ``reward`` returns once the message that
+carries it is stored by Pub/Sub (the fleet's "durable"), or raises ``SinkUnavailable``; a caller answers 202 only
+after it.
+
+Nothing answered is dropped. A message Pub/Sub refuses stays in the outbox and is published again every
+``retry_s`` with its key, its events and without its rewards: a reward is the client's to retry (it was answered
+503), and if the refused attempt was stored after all, the learner counts that reward once either way. The outbox
+holds at most ``max_pending`` messages (sent and not yet stored, or waiting to be sent again); when it is full,
+``event`` and ``reward`` raise ``SinkUnavailable`` so the replica answers 503 instead of losing what it answered.
 
 The publisher honours ``PUBSUB_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
 """
@@ -14,20 +24,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from mab_service.errors import MabError
 
-FORMAT_VERSION = "1"
+logger = logging.getLogger("mab_service.pubsub")
+
+FORMAT_VERSION = "2"
 
 
 class SinkUnavailable(MabError):
-    """Pub/Sub did not take a reward's message: nothing was counted; the client may retry."""
+    """Pub/Sub did not take a record: nothing was counted; the client may retry."""
 
     status_code = 503
     code = "events_unavailable"
+
+
+@dataclass
+class _Message:
+    key: str
+    records: list[Any]
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    attempts: int = 0
 
 
 class PubSubSink:
@@ -37,23 +60,46 @@ class PubSubSink:
         topic: The topic the learners' subscription reads.
         max_records: Records per message at most.
         max_delay_s: How long a record waits for others before its message is sent.
-        max_pending: Messages sent but not yet stored by Pub/Sub; past it events are dropped (and counted in
-            ``dropped``) and rewards refused, so a broker that is down costs bounded memory.
+        max_pending: Messages in the outbox (sent and not yet stored, or refused and waiting to be sent again) at
+            most; past it new records are refused, so a broker that is down costs bounded memory and no loss.
+        retry_s: How long a refused message waits before it is sent again.
+        publisher_id: This sink's part of the message keys; random by default (a replica's restart is a new one).
     """
 
-    def __init__(self, topic: str, *, max_records: int = 1000, max_delay_s: float = 0.02, max_pending: int = 1000):
+    def __init__(
+        self,
+        topic: str,
+        *,
+        max_records: int = 1000,
+        max_delay_s: float = 0.02,
+        max_pending: int = 1000,
+        retry_s: float = 1.0,
+        publisher_id: str | None = None,
+    ) -> None:
         self.topic = topic
         self.max_records = max_records
         self.max_delay_s = max_delay_s
         self.max_pending = max_pending
+        self.retry_s = retry_s
+        self.publisher_id = publisher_id or secrets.token_hex(6)
         self.published = 0
+        """Messages Pub/Sub stored."""
         self.failed = 0
-        self.dropped = 0
+        """Publish attempts Pub/Sub refused (each is sent again)."""
+        self.refused = 0
+        """Records refused because the outbox was full (answered 503)."""
         self._publisher: Any = None
-        self._records: list[Any] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._pending: set[concurrent.futures.Future[str]] = set()
+        self._seq = 0
+        self._current: _Message | None = None
+        self._outbox: dict[str, _Message] = {}
+        self._retry: list[_Message] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def pending(self) -> int:
+        """Messages in the outbox: sent and not yet stored, or waiting to be sent again."""
+        return len(self._outbox)
 
     def start(self) -> None:
         from google.cloud.pubsub_v1 import PublisherClient, types
@@ -61,76 +107,113 @@ class PubSubSink:
         # The client's own batching would add its latency to ours: one message per publish call.
         self._publisher = PublisherClient(batch_settings=types.BatchSettings(max_messages=1, max_latency=0))
 
+    def check(self) -> None:
+        """Raise ``SinkUnavailable`` if the outbox is full: what the replica checks before it answers."""
+        if len(self._outbox) >= self.max_pending:
+            self.refused += 1
+            raise SinkUnavailable(
+                f"{len(self._outbox)} messages to {self.topic} are not yet stored by Pub/Sub; retry later"
+            )
+
     def event(self, event_id: str, ids: list[str], t: float) -> None:
-        """Queue an answered event's impressions; never waits."""
-        if len(self._pending) >= self.max_pending:
-            self.dropped += 1
-            return
+        """Queue an answered event's impressions; never waits.
+
+        Raises:
+            SinkUnavailable: If the outbox is full (nothing was queued).
+        """
+        self.check()
         self._add(["e", t, event_id, ids])
 
     async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
         """Queue an accepted reward and wait until Pub/Sub has stored its message.
 
         Raises:
-            SinkUnavailable: If Pub/Sub refused the message or too many are pending.
+            SinkUnavailable: If Pub/Sub refused the message or the outbox is full.
         """
-        if len(self._pending) >= self.max_pending:
-            raise SinkUnavailable(f"{len(self._pending)} messages to {self.topic} are pending; retry later")
+        self.check()
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._add(["r", t, event_id, id_, reward])
+        message = self._add(["r", t, event_id, id_, reward])
+        message.waiters.append(waiter)
         await waiter
 
-    def _add(self, record: list[Any]) -> None:
-        self._records.append(record)
-        if len(self._records) >= self.max_records:
+    def _add(self, record: list[Any]) -> _Message:
+        message = self._current
+        if message is None:
+            self._seq += 1
+            message = self._current = _Message(f"{self.publisher_id}/{self._seq}", [])
+            self._outbox[message.key] = message
+        message.records.append(record)
+        if len(message.records) >= self.max_records:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
+        return message
 
     def flush(self) -> None:
         """Publish what is queued as one message."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._records:
-            return
-        data = orjson.dumps(self._records)
-        waiters = self._waiters
-        self._records = []
-        self._waiters = []
-        future = self._publisher.publish(self.topic, data, v=FORMAT_VERSION)
-        self._pending.add(future)
+        message, self._current = self._current, None
+        if message is not None:
+            self._send(message)
+
+    def _send(self, message: _Message) -> None:
+        message.attempts += 1
+        data = orjson.dumps(message.records)
+        future = self._publisher.publish(self.topic, data, v=FORMAT_VERSION, k=message.key)
         loop = asyncio.get_running_loop()
 
         def done(f: concurrent.futures.Future[str]) -> None:
-            loop.call_soon_threadsafe(self._settle, f, waiters)
+            loop.call_soon_threadsafe(self._settle, message, f)
 
         future.add_done_callback(done)
 
-    def _settle(self, future: concurrent.futures.Future[str], waiters: list[asyncio.Future[None]]) -> None:
-        self._pending.discard(future)
+    def _settle(self, message: _Message, future: concurrent.futures.Future[str]) -> None:
         error = future.exception()
+        waiters, message.waiters = message.waiters, []
         if error is None:
             self.published += 1
-        else:
-            self.failed += 1
+            del self._outbox[message.key]
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        self.failed += 1
+        if message.attempts == 1 or message.attempts % 60 == 0:
+            logger.warning(
+                "publishing %s to %s failed (attempt %d): %s", message.key, self.topic, message.attempts, error
+            )
         for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
+            if not waiter.done():
                 waiter.set_exception(SinkUnavailable(f"publishing to {self.topic} failed: {error}"))
+        # The events go again, under the same key; the rewards were answered 503 and are the clients' to retry.
+        message.records = [record for record in message.records if record[0] == "e"]
+        if not message.records:
+            del self._outbox[message.key]
+            return
+        self._retry.append(message)
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(self.retry_s, self._resend)
 
-    async def close(self) -> None:
-        """Publish what is queued and wait for every pending message."""
+    def _resend(self) -> None:
+        self._retry_timer = None
+        retry, self._retry = self._retry, []
+        for message in retry:
+            self._send(message)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Publish what is queued and wait, up to ``timeout_s``, until the outbox is empty."""
         if self._publisher is None:
             return
         self.flush()
-        pending = list(self._pending)
-        if pending:
-            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=30)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._outbox and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._outbox:
+            logger.error("%d messages to %s were not stored by Pub/Sub at close", len(self._outbox), self.topic)
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         await asyncio.to_thread(self._publisher.stop)
         self._publisher.transport.close()
         self._publisher = None

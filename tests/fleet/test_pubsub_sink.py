@@ -57,9 +57,11 @@ def test_records_are_batched_and_a_reward_waits_for_its_message(pubsub_emulator:
         return sink
 
     sink = asyncio.run(send())
-    assert (sink.published, sink.failed, sink.dropped) == (3, 0, 0)
+    assert (sink.published, sink.failed, sink.refused, sink.pending) == (3, 0, 0, 0)
     messages = pull_all(subscription, 3)
-    assert all(attributes == {"v": FORMAT_VERSION} for _, attributes in messages)
+    assert all(attributes["v"] == FORMAT_VERSION for _, attributes in messages)
+    keys = sorted(attributes["k"] for _, attributes in messages)
+    assert keys == [f"{sink.publisher_id}/{n}" for n in (1, 2, 3)]
     records = sorted((record for batch, _ in messages for record in batch), key=str)
     assert sorted(len(batch) for batch, _ in messages) == [1, 3, 3]
     assert records == sorted(
@@ -84,18 +86,49 @@ def test_a_reward_pubsub_refuses_is_503(pubsub_emulator: Emulator) -> None:
     asyncio.run(send())
 
 
-def test_past_max_pending_events_are_dropped_and_rewards_refused(pubsub_emulator: Emulator) -> None:
+def test_past_max_pending_events_and_rewards_are_refused(pubsub_emulator: Emulator) -> None:
     topic, _ = make_topic()
 
     async def send() -> None:
         sink = PubSubSink(topic, max_pending=0)
         sink.start()
         try:
-            sink.event("e1", ["arm-1"], 0.0)
-            assert sink.dropped == 1
-            with pytest.raises(SinkUnavailable, match="pending"):
+            with pytest.raises(SinkUnavailable, match="not yet stored") as refused:
+                sink.event("e1", ["arm-1"], 0.0)
+            assert refused.value.status_code == 503
+            with pytest.raises(SinkUnavailable, match="not yet stored"):
                 await sink.reward("e1", "arm-1", 1.0, 0.0)
+            assert sink.refused == 2
         finally:
             await sink.close()
 
     asyncio.run(send())
+
+
+def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsub_emulator: Emulator) -> None:
+    """Pub/Sub refuses while the topic is missing; once it exists the events arrive, once, and the 503'd reward
+    does not."""
+    from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
+
+    tag = uuid.uuid4().hex[:8]
+    topic, subscription = f"projects/fleet/topics/later-{tag}", f"projects/fleet/subscriptions/later-{tag}"
+
+    async def send() -> PubSubSink:
+        sink = PubSubSink(topic, max_delay_s=0.001, retry_s=0.2)
+        sink.start()
+        sink.event("e1", ["arm-1", "arm-2"], 1.0)
+        with pytest.raises(SinkUnavailable, match="failed"):
+            await asyncio.wait_for(sink.reward("e1", "arm-1", 1.0, 2.0), timeout=60)
+        assert sink.pending == 1  # the event waits to be sent again
+        with PublisherClient() as publisher:
+            publisher.create_topic(name=topic)
+        with SubscriberClient() as subscriber:
+            subscriber.create_subscription(name=subscription, topic=topic)
+        await sink.close(timeout_s=60)
+        return sink
+
+    sink = asyncio.run(send())
+    assert sink.pending == 0 and sink.failed >= 1 and sink.published == 1
+    messages = pull_all(subscription, 1)
+    assert [batch for batch, _ in messages] == [[["e", 1.0, "e1", ["arm-1", "arm-2"]]]]
+    assert messages[0][1]["k"] == f"{sink.publisher_id}/1"
