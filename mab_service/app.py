@@ -14,6 +14,7 @@ from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
 from mab_service.learning import node
+from mab_service.learning.fleet import Fleet
 from mab_service.learning.loop import Loop
 from mab_service.learning.posteriors import SharedArmsSource
 from mab_service.openapi import openapi_document
@@ -35,9 +36,20 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
     if not settings.learning:
         yield None
         return
+    fleet = None
+    if settings.events:
+        fleet = Fleet(
+            settings.events.removeprefix("pubsub:"),
+            parse_spec(settings.features).target,
+            window_s=settings.reward_window_s,
+            max_delay_s=settings.events_max_delay_s,
+            max_pending=settings.events_max_pending,
+            propagation_s=settings.event_propagation_s,
+            timeout_s=settings.vertex_read_budget_s,
+        )
     with node.using(settings) as current:
-        loop = Loop(current, settings, apply_counts=embedded(settings))
-        loop.start()
+        loop = Loop(current, settings, apply_counts=embedded(settings), fleet=fleet)
+        await loop.start()
         try:
             yield loop
         finally:

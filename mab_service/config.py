@@ -62,7 +62,8 @@ class Settings:
         "Feature source: ``demo`` (the bundled catalogue), ``csv:PATH`` (an embedded table loaded at start), "
         "``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V`` (Vertex AI Feature Store 2.0) or "
         "``vertex:projects/P/locations/L/featurestores/F/entityTypes/E`` (Feature Store Legacy: deprecated, switched "
-        "off by Google on 2027-02-17).",
+        "off by Google on 2027-02-17) or ``bigtable:projects/P/instances/I/tables/T`` (the fleet's counts, kept by "
+        "``mab-service learn``; docs/fleet.md).",
     )
     prior_alpha: float = setting(1.0, "Beta prior alpha for candidates the feature source does not know.")
     prior_beta: float = setting(1.0, "Beta prior beta for candidates the feature source does not know.")
@@ -140,6 +141,32 @@ class Settings:
         "Directory of the loop's durable state (journal, checkpoint, decision log). Empty means "
         "``$XDG_STATE_HOME/mab-service/port-PORT`` (``~/.local/state/mab-service/port-8000``), so a restart on the "
         "same port finds its state. One node serves from one state directory (a second one on it refuses to start).",
+    )
+    events: str = setting(
+        "",
+        "Fleet mode: ``pubsub:projects/P/topics/T``, the topic every replica publishes its events and rewards to, "
+        "for ``mab-service learn`` to count into the ``bigtable:`` table that ``features`` names (docs/fleet.md). "
+        "Empty: the node's own loop.",
+    )
+    events_max_delay_s: float = setting(
+        0.02,
+        "Fleet mode: seconds an answered event waits for others before its Pub/Sub message and its membership row "
+        "are sent.",
+    )
+    events_max_pending: int = setting(
+        1000,
+        "Fleet mode: Pub/Sub messages not yet stored per worker at most (and 100 times as many membership rows not "
+        "yet written); past it /predict and /reward answer 503 ``events_unavailable`` rather than lose an event.",
+    )
+    event_propagation_s: float = setting(
+        1.0,
+        "Fleet mode: seconds a reward for an event whose membership row is not in Bigtable yet (answered a moment "
+        "ago, maybe by another replica) looks for it again before it is answered 404 ``unknown_event``.",
+    )
+    fleet_cache_ttl_s: float = setting(
+        1.0,
+        "Seconds counts read from Bigtable are served from the cache: with the learners' window, the bound on how "
+        "long a reward takes to show in every replica's answers.",
     )
     reward_window_s: float = setting(
         600.0,
@@ -312,9 +339,23 @@ class Settings:
         levels = ("critical", "error", "warning", "info", "debug")
         _check(self.log_level, self.log_level in levels, "log_level", ", ".join(levels))
         try:
-            factory.parse_spec(self.features)
+            spec = factory.parse_spec(self.features)
         except ValueError:
             _check(self.features, False, "features", factory.SPEC_FORMS)
+        if self.events:
+            _check(self.events, factory.TOPIC.match(self.events) is not None, "events", "pubsub:projects/P/topics/T")
+            _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
+            _check(self.learning, self.learning, "learning", "on when events is set")
+        for name in ("events_max_delay_s", "event_propagation_s"):
+            value = getattr(self, name)
+            _check(value, math.isfinite(value) and value >= 0, name, "a finite number >= 0")
+        _check(
+            self.fleet_cache_ttl_s,
+            math.isfinite(self.fleet_cache_ttl_s) and self.fleet_cache_ttl_s >= 0,
+            "fleet_cache_ttl_s",
+            "a finite number >= 0",
+        )
+        _check(self.events_max_pending, self.events_max_pending >= 1, "events_max_pending", "an integer >= 1")
         _check(self.vertex_mapping, self.vertex_mapping in ("beta", "counts"), "vertex_mapping", "beta or counts")
         _check(
             self.on_store_failure, self.on_store_failure in ("degrade", "fail"), "on_store_failure", "degrade or fail"

@@ -29,6 +29,10 @@ Exposed (all workers summed):
   part (``on_store_failure = degrade``), and the candidates that got the prior for it;
 - the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
   ``mab_journal_syncs_total``, ``mab_journal_dropped_total``;
+- fleet mode (``learning.fleet``): ``mab_events_published_total``, ``mab_events_publish_failures_total`` (attempts
+  Pub/Sub refused; sent again), ``mab_events_refused_total`` (records answered 503: the outbox was full),
+  ``mab_events_outbox_messages``; ``mab_event_rows_written_total``, ``mab_event_rows_failed_total`` and
+  ``mab_event_rows_pending`` (events' membership rows in Bigtable);
 - ``mab_feature_source_events_total{source,event}`` and ``mab_feature_source_level{source,level}``: the feature
   source's and its cache's own counters (``SOURCE_COUNTERS``: store calls, retries, timeouts, failed, skipped,
   overloaded and shed reads, evictions, refreshes, warm-up progress) and levels (``SOURCE_LEVELS``), copied from
@@ -267,6 +271,34 @@ class _CacheCounters:
             CACHE_STALE.inc(stale)
 
 
+EVENTS_PUBLISHED = Counter("mab_events_published", "Fleet mode: messages of events and rewards Pub/Sub stored.")
+EVENTS_PUBLISH_FAILURES = Counter(
+    "mab_events_publish_failures", "Fleet mode: publish attempts Pub/Sub refused (their events are sent again)."
+)
+EVENTS_REFUSED = Counter(
+    "mab_events_refused", "Fleet mode: events and rewards answered 503 because the outbox to Pub/Sub was full."
+)
+EVENTS_OUTBOX = Gauge(
+    "mab_events_outbox_messages",
+    "Fleet mode: messages to Pub/Sub not yet stored (in flight, or waiting to be sent again).",
+    multiprocess_mode="livesum",
+)
+EVENT_ROWS_WRITTEN = Counter("mab_event_rows_written", "Fleet mode: events' membership rows written to Bigtable.")
+EVENT_ROWS_FAILED = Counter(
+    "mab_event_rows_failed", "Fleet mode: membership row writes Bigtable refused (they are sent again)."
+)
+EVENT_ROWS_PENDING = Gauge(
+    "mab_event_rows_pending", "Fleet mode: membership rows not yet written to Bigtable.", multiprocess_mode="livesum"
+)
+_FLEET_COUNTERS = (
+    (EVENTS_PUBLISHED, "messages_published"),
+    (EVENTS_PUBLISH_FAILURES, "publish_failures"),
+    (EVENTS_REFUSED, "records_refused"),
+    (EVENT_ROWS_WRITTEN, "event_rows_written"),
+    (EVENT_ROWS_FAILED, "event_rows_failed"),
+)
+
+
 class _LoopCounters:
     """Copies a worker's loop counters (``learning.loop.Loop``) into the metrics."""
 
@@ -279,7 +311,9 @@ class _LoopCounters:
 
     def _now(self) -> dict[str, float]:
         loop, refusals = self.loop, self.loop.refusals
+        fleet = loop.fleet.stats() if loop.fleet is not None else {}
         return {
+            **{key: fleet[key] for _, key in _FLEET_COUNTERS if key in fleet},
             "impressions": loop.impressions,
             "unrecorded": loop.impressions_unrecorded,
             "accepted": loop.rewards_accepted,
@@ -304,6 +338,13 @@ class _LoopCounters:
         for name, child in self.results.items():
             if delta[name] > 0:
                 child.inc(delta[name])
+        for counter, key in _FLEET_COUNTERS:
+            if delta.get(key, 0) > 0:
+                counter.inc(delta[key])
+        if self.loop.fleet is not None:
+            fleet = self.loop.fleet.stats()
+            EVENTS_OUTBOX.set(fleet["outbox_messages"])
+            EVENT_ROWS_PENDING.set(fleet["event_rows_pending"])
 
 
 # --- the feature source's own counters ---------------------------------------------------------------------

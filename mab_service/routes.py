@@ -118,6 +118,18 @@ async def arm(request: Request) -> OrjsonResponse:
     state: AppState = request.scope["state"]
     arm_id = request.path_params["id"]
     loop = state["loop"]
+    if loop is not None and loop.fleet is not None:
+        # The fleet's counts as the learners have written them, read past the cache.
+        counted = await loop.fleet.counts(arm_id)
+        if counted is None:
+            return OrjsonResponse(
+                {"error": "unknown_arm", "message": f"no arm {arm_id!r}: no learner has counted it yet"},
+                status_code=404,
+            )
+        shown, got = counted
+        settings = state["settings"]
+        alpha, beta = settings.prior_alpha + got, settings.prior_beta + shown - got
+        return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})
     found = None if loop is None else loop.arm(arm_id)
     if found is None or (loop is not None and not loop.apply_counts):
         # Not counted yet, or a store that computes the posteriors itself: ask the source.
@@ -143,6 +155,9 @@ async def arms(request: Request) -> OrjsonResponse:
         raise ValidationFailed(f"top must be an integer in [1, {MAX_TOP_ARMS}] (got {top!r})", field="top")
     if order not in ("impressions", "rewards", "mean"):
         raise ValidationFailed(f"order must be impressions, rewards or mean (got {order!r})", field="order")
+    if loop.fleet is not None:
+        leading, total, partial = await loop.fleet_top(int(top), order)
+        return OrjsonResponse({"arms": leading, "total": total, "partial": partial})
     leading, total = loop.top(int(top), order)
     return OrjsonResponse({"arms": leading, "total": total})
 

@@ -37,6 +37,11 @@ COUNTS_FAMILY = "c"
 IMPRESSIONS = b"i"
 REWARDS = b"r"
 MARKERS_FAMILY = "d"
+#: Events' membership rows (``learning.fleet``): which ids an answer returned, and which are rewarded.
+EVENTS_FAMILY = "e"
+#: Membership rows' keys: this prefix and the event id. Counts and membership are in different families, so even an
+#: arm id that began with it would read only its counts.
+EVENT_ROW_PREFIX = b"\x00e/"
 #: Rewards are stored as integers in millionths: Bigtable's atomic additions take only int64.
 REWARD_SCALE = 1_000_000
 #: Keys per ReadRows call. Bigtable takes many more; chunks let a large fetch use several streams at once.

@@ -7,7 +7,9 @@ Specs (``Settings.features``):
 - ``vertex-fos:projects/P/locations/L/featureOnlineStores/S/featureViews/V``: Feature Store 2.0
   (``vertex_fos.FeatureViewSource``), behind the cache unless ``cache_ttl_s`` is 0;
 - ``vertex:projects/P/locations/L/featurestores/F/entityTypes/E``: Feature Store (Legacy), deprecated, switched
-  off by Google on 2027-02-17 (``vertex.VertexSource``), behind the cache likewise.
+  off by Google on 2027-02-17 (``vertex.VertexSource``), behind the cache likewise;
+- ``bigtable:projects/P/instances/I/tables/T``: the fleet's counts, kept by the learners (``bigtable.BigtableSource``),
+  behind the cache with ``fleet_cache_ttl_s``.
 
 Backends are imported only when built: the Vertex client library is an optional dependency.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +31,10 @@ if TYPE_CHECKING:
     from mab_service.config import Settings
 
 #: What ``parse_spec`` accepts, for error messages.
-SPEC_FORMS = "demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE"
+SPEC_FORMS = "demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE or bigtable:TABLE"
+TABLE = re.compile(r"^projects/[^/]+/instances/[^/]+/tables/[^/]+$")
+#: ``Settings.events``: the fleet's topic.
+TOPIC = re.compile(r"^pubsub:projects/[^/]+/topics/[^/]+$")
 #: The Vertex backends by spec prefix, and the resource name each reads.
 _RESOURCES = {"vertex": ENTITY_TYPE, "vertex-fos": FEATURE_VIEW}
 
@@ -56,6 +62,8 @@ def parse_spec(features: str) -> SourceSpec:
         return SourceSpec("demo")
     if kind == "csv" and target:
         return SourceSpec("csv", target)
+    if kind == "bigtable" and TABLE.match(target):
+        return SourceSpec("bigtable", target)
     resource = _RESOURCES.get(kind)
     if resource is not None and resource.match(target):
         return SourceSpec(kind, target)
@@ -81,17 +89,24 @@ def make_source(settings: Settings) -> FeatureSource:
         if spec.kind == "demo":
             return LocalSource.demo(settings.prior_alpha, settings.prior_beta)
         return LocalSource(Path(spec.target), settings.prior_alpha, settings.prior_beta)
-    options = VertexOptions.from_settings(settings)
     source: FeatureSource
-    if spec.kind == "vertex":
+    ttl_s = settings.cache_ttl_s
+    if spec.kind == "bigtable":
+        from mab_service.features.bigtable import BigtableSource
+
+        source = BigtableSource(
+            spec.target, settings.prior_alpha, settings.prior_beta, timeout_s=settings.vertex_read_budget_s
+        )
+        ttl_s = settings.fleet_cache_ttl_s
+    elif spec.kind == "vertex":
         from mab_service.features.vertex import VertexSource
 
-        source = VertexSource(spec.target, options)
+        source = VertexSource(spec.target, VertexOptions.from_settings(settings))
     else:
         from mab_service.features.vertex_fos import FeatureViewSource
 
-        source = FeatureViewSource(spec.target, options)
-    if settings.cache_ttl_s <= 0:
+        source = FeatureViewSource(spec.target, VertexOptions.from_settings(settings))
+    if ttl_s <= 0:
         if settings.warmup_ids:
             raise FeatureSourceError("warmup_ids needs the feature cache (cache_ttl_s > 0)")
         return source
@@ -99,7 +114,7 @@ def make_source(settings: Settings) -> FeatureSource:
 
     cache = FeatureCache(
         source,
-        ttl_s=settings.cache_ttl_s,
+        ttl_s=ttl_s,
         max_entries=settings.cache_max_entries,
         stale_s=settings.cache_stale_while_revalidate_s,
         retry_s=max(REFRESH_RETRY_S, settings.vertex_deadline_s),

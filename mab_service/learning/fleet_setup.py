@@ -7,7 +7,8 @@ another topic is an error (events would silently go elsewhere). Each step says w
 The table: family ``c`` is an aggregate family (int64 sums: the counts, to which learners add atomically);
 family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
 ``retention_s + MARKER_MARGIN_S``, so that a marker outlives every redelivery of the message that wrote it (the
-subscription keeps an unacknowledged message for ``retention_s`` at most). See docs/fleet.md.
+subscription keeps an unacknowledged message for ``retention_s`` at most); family ``e`` holds the serving replicas'
+event membership rows (``learning.fleet``), collected after the same age. See docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mab_service.errors import MabError
-from mab_service.features.bigtable import COUNTS_FAMILY, MARKERS_FAMILY, TablePath
+from mab_service.features.bigtable import COUNTS_FAMILY, EVENTS_FAMILY, MARKERS_FAMILY, TablePath
 
 TOPIC = re.compile(r"^projects/([^/]+)/topics/([^/]+)$")
 SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
@@ -151,6 +152,8 @@ def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] 
             )
         ),
         MARKERS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
+        # Events' membership rows: a reward is only taken within the replicas' reward window, far shorter.
+        EVENTS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)

@@ -12,6 +12,8 @@ back and the caller answers 503, so a retry can be accepted later.
 The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rewards), read by the arm table's
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
 (``apply_counts`` is off): the loop counts and logs events for the pipeline that computes them, and adds nothing.
+In fleet mode (``fleet``) events and rewards go to Pub/Sub and the events' membership to Bigtable, where the
+learners count them for every replica (``learning.fleet``); the node's tables hold this node's events only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +36,10 @@ from mab_service.config import Settings
 from mab_service.errors import MabError
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
+from mab_service.learning.fleet import Fleet
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
+from mab_service.learning.pubsub import SinkUnavailable
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
 SERIES_STEP_S = 10
@@ -68,8 +73,9 @@ class Refusals:
 class Loop:
     """One worker's loop over the node's shared tables, with its own journal and decision log."""
 
-    def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
+    def __init__(self, node: Node, settings: Settings, *, apply_counts: bool, fleet: Fleet | None = None) -> None:
         self.node = node
+        self.fleet = fleet
         self.arms = node.arms
         self.events = node.events
         self.apply_counts = apply_counts
@@ -106,12 +112,16 @@ class Loop:
         # Per SERIES_STEP_S bucket: [bucket start, impressions, reward sum, accepted] of this worker.
         self.series: deque[list[float]] = deque(maxlen=SERIES_POINTS)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.journal.start()
         if self.decisions is not None:
             self.decisions.start()
+        if self.fleet is not None:
+            await self.fleet.start()
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.journal.close()
         if self.decisions is not None:
             await asyncio.to_thread(self.decisions.close)
@@ -141,7 +151,11 @@ class Loop:
 
         Raises:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
+            SinkUnavailable: In fleet mode, the event could not be kept (Pub/Sub or Bigtable away too long).
         """
+        fleet = self.fleet
+        if fleet is not None:
+            fleet.check()
         now = time.time()
         while not self.events.hold(event_id, candidates, ranking, now):
             if client_event_id:
@@ -149,14 +163,17 @@ class Loop:
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
             # A client sent, as its own, the id this worker was about to make (they are predictable): take the next.
             event_id = self.new_event_id()
-        if rows is None:
-            rows = np.full(len(candidates), -1, dtype=np.int32)
-        self.impressions_unrecorded += self.arms.add_impressions(
-            candidates, rows, ranking, self.prior_alpha, self.prior_beta
-        )
+        if fleet is not None:
+            fleet.event(event_id, ids, now)  # Pub/Sub and Bigtable keep it; the learners count it
+        else:
+            if rows is None:
+                rows = np.full(len(candidates), -1, dtype=np.int32)
+            self.impressions_unrecorded += self.arms.add_impressions(
+                candidates, rows, ranking, self.prior_alpha, self.prior_beta
+            )
+            self.journal.event(now, event_id, ids)
         self.impressions += len(ids)
         self._bucket(now)[1] += len(ids)
-        self.journal.event(now, event_id, ids)
         if self.decisions is not None:
             self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
         return event_id
@@ -184,6 +201,8 @@ class Loop:
             JournalUnavailable: the disk refuses; none of these rewards was recorded.
         """
         now = time.time()
+        if self.fleet is not None:
+            return await self._fleet_rewards(self.fleet, items, now)
         outcomes: list[bool | MabError] = []
         accepted: list[tuple[str, str, float]] = []
         refusals = self.refusals
@@ -196,17 +215,9 @@ class Loop:
                 refusals.duplicate += 1
                 outcomes.append(False)
             elif status == _events.UNKNOWN_EVENT:
-                refusals.unknown_event += 1
-                outcomes.append(
-                    UnknownEvent(
-                        f"no event {event_id!r} is held: unknown, or older than the reward window of "
-                        f"{self.window_s:g} s",
-                        field="event_id",
-                    )
-                )
+                outcomes.append(self._unknown_event(event_id))
             else:
-                refusals.not_in_event += 1
-                outcomes.append(NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id"))
+                outcomes.append(self._not_in_event(event_id, arm_id))
         if not accepted:
             return outcomes
         try:
@@ -218,17 +229,72 @@ class Loop:
             raise
         # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
         # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
-        total = 0.0
         for _, arm_id, value in accepted:
             if self.arms.get(arm_id) is not None:
                 self.arms.add(arm_id, 0, value, self.prior_alpha, self.prior_beta)
-            total += value
+        self._accepted(accepted, now)
+        return outcomes
+
+    async def _fleet_rewards(
+        self, fleet: Fleet, items: list[tuple[str, str, float]], now: float
+    ) -> list[bool | MabError]:
+        """``rewards`` in fleet mode: checked against the events' membership rows, published, then marked."""
+        events = await fleet.read_events(sorted({event_id for event_id, _, _ in items}))
+        outcomes: list[bool | MabError] = []
+        accepted: list[tuple[str, str, float]] = []
+        positions: list[int] = []
+        taken: set[tuple[str, str]] = set()
+        for event_id, arm_id, value in items:
+            event = events.get(event_id)
+            if event is None or now - event.t > self.window_s:
+                outcomes.append(self._unknown_event(event_id))
+            elif arm_id not in event.ids:
+                outcomes.append(self._not_in_event(event_id, arm_id))
+            elif arm_id in event.rewarded or (event_id, arm_id) in taken:
+                self.refusals.duplicate += 1
+                outcomes.append(False)
+            else:
+                taken.add((event_id, arm_id))
+                positions.append(len(outcomes))
+                accepted.append((event_id, arm_id, value))
+                outcomes.append(True)
+        if not accepted:
+            return outcomes
+        try:
+            await fleet.publish_rewards(accepted, now)
+        except SinkUnavailable:
+            self.refusals.unavailable += len(accepted)
+            raise
+        # Stored in Pub/Sub: counted once by the learners. The mark tells a copy posted anywhere it is a duplicate.
+        fresh = await asyncio.gather(*(fleet.mark(event_id, arm_id, value) for event_id, arm_id, value in accepted))
+        counted = []
+        for position, reward, first in zip(positions, accepted, fresh):
+            if first:
+                counted.append(reward)
+            else:
+                outcomes[position] = False
+                self.refusals.duplicate += 1
+        self._accepted(counted, now)
+        return outcomes
+
+    def _accepted(self, accepted: list[tuple[str, str, float]], now: float) -> None:
+        total = sum(value for _, _, value in accepted)
         self.rewards_accepted += len(accepted)
         self.rewards_total += total
         bucket = self._bucket(now)
         bucket[2] += total
         bucket[3] += len(accepted)
-        return outcomes
+
+    def _unknown_event(self, event_id: str) -> UnknownEvent:
+        self.refusals.unknown_event += 1
+        return UnknownEvent(
+            f"no event {event_id!r} is held: unknown, or older than the reward window of {self.window_s:g} s",
+            field="event_id",
+        )
+
+    def _not_in_event(self, event_id: str, arm_id: str) -> NotInEvent:
+        self.refusals.not_in_event += 1
+        return NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id")
 
     def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
@@ -244,9 +310,6 @@ class Loop:
         """The ``n`` leading arms by ``order`` (mean, impressions or rewards) and how many arms the table holds."""
         records = self.arms.records()
         rows = np.flatnonzero((records["flags"] & _arms.FLAG_WASTED) == 0)
-        total = len(rows)
-        if total == 0:
-            return [], 0
         table = records[rows]
         shown = table["impressions"].astype(np.float64)
         got = table["rewards"]
@@ -254,27 +317,16 @@ class Loop:
             alpha, beta = table["alpha0"] + got, table["beta0"] + shown - got
         else:
             alpha, beta = table["alpha0"], table["beta0"]
-        key = {"impressions": shown, "rewards": got}.get(order)
-        if key is None:
-            key = alpha / (alpha + beta)
-        n = min(n, total)
-        leading = np.argpartition(-key, n - 1)[:n] if n < total else np.arange(total)
-        leading = leading[np.lexsort((leading, -key[leading]))]
-        low, high = _intervals(alpha[leading], beta[leading])
-        arms = [
-            {
-                "id": self.arms.id_at(int(rows[i])),
-                "alpha": float(alpha[i]),
-                "beta": float(beta[i]),
-                "impressions": int(shown[i]),
-                "rewards": float(got[i]),
-                "mean": float(alpha[i] / (alpha[i] + beta[i])),
-                "low": float(lo),
-                "high": float(hi),
-            }
-            for i, lo, hi in zip(leading.tolist(), low.tolist(), high.tolist())
-        ]
-        return arms, total
+        return leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order), len(rows)
+
+    async def fleet_top(self, n: int, order: str) -> tuple[list[dict[str, Any]], int, bool]:
+        """``top`` in fleet mode, over the counts in Bigtable (the first ``fleet.SCAN_ROWS`` arms); and whether the
+        table holds more than were read."""
+        assert self.fleet is not None
+        ids, shown, got, partial = await self.fleet.scan()
+        alpha = self.prior_alpha + got
+        beta = self.prior_beta + shown - got
+        return leading_arms(ids.__getitem__, alpha, beta, shown, got, n, order), len(ids), partial
 
     def stats(self) -> dict[str, Any]:
         now = time.time()
@@ -296,6 +348,7 @@ class Loop:
                 "unavailable": self.refusals.unavailable,
                 "event_id_in_use": self.refusals.event_id_in_use,
             },
+            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "journal": {
                 "error": self.journal.error,
                 "syncs": self.journal.syncs,
@@ -313,6 +366,42 @@ class Loop:
         if not series or series[-1][0] != start:
             series.append([start, 0, 0.0, 0])
         return series[-1]
+
+
+def leading_arms(
+    id_at: Callable[[int], str],
+    alpha: npt.NDArray[np.float64],
+    beta: npt.NDArray[np.float64],
+    shown: npt.NDArray[np.float64],
+    got: npt.NDArray[np.float64],
+    n: int,
+    order: str,
+) -> list[dict[str, Any]]:
+    """The ``n`` leading arms by ``order`` (mean, impressions or rewards), with 95% intervals; ``id_at(i)`` names
+    the arm of position ``i``."""
+    total = len(alpha)
+    if total == 0:
+        return []
+    key = {"impressions": shown, "rewards": got}.get(order)
+    if key is None:
+        key = alpha / (alpha + beta)
+    n = min(n, total)
+    leading = np.argpartition(-key, n - 1)[:n] if n < total else np.arange(total)
+    leading = leading[np.lexsort((leading, -key[leading]))]
+    low, high = _intervals(alpha[leading], beta[leading])
+    return [
+        {
+            "id": id_at(i),
+            "alpha": float(alpha[i]),
+            "beta": float(beta[i]),
+            "impressions": int(shown[i]),
+            "rewards": float(got[i]),
+            "mean": float(alpha[i] / (alpha[i] + beta[i])),
+            "low": float(lo),
+            "high": float(hi),
+        }
+        for i, lo, hi in zip(leading.tolist(), low.tolist(), high.tolist())
+    ]
 
 
 def _intervals(alpha: npt.NDArray[np.float64], beta: npt.NDArray[np.float64]) -> tuple[Any, Any]:

@@ -55,7 +55,7 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
     assert first.stdout.splitlines() == [
         f"created topic {topic}",
         f"created subscription {subscription}",
-        f"created table {table} (families c, d)",
+        f"created table {table} (families c, d, e)",
     ]
     second = run_setup(*args)
     assert second.returncode == 0, second.stderr
@@ -68,9 +68,10 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
         made = subscriber.get_subscription(subscription=subscription)
     assert made.topic == topic
     families = table_families(table)
-    assert set(families) == {"c", "d"}
+    assert set(families) == {"c", "d", "e"}
     assert families["c"].value_type.aggregate_type.sum is not None
     assert families["d"].gc_rule.max_age.seconds == 7200 + 3600
+    assert families["e"].gc_rule.max_age.seconds == 7200 + 3600
 
 
 def test_setup_adds_missing_families(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
@@ -81,8 +82,8 @@ def test_setup_adds_missing_families(bigtable_emulator: Emulator, pubsub_emulato
     table_admin().create_table(parent=parent, table_id=table_id, table=Table(column_families={"other": ColumnFamily()}))
     done = run_setup("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
     assert done.returncode == 0, done.stderr
-    assert f"table {table} exists; added families c, d" in done.stdout
-    assert set(table_families(table)) == {"c", "d", "other"}
+    assert f"table {table} exists; added families c, d, e" in done.stdout
+    assert set(table_families(table)) == {"c", "d", "e", "other"}
 
 
 def test_setup_refuses_a_subscription_on_another_topic(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:

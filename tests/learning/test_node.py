@@ -37,7 +37,7 @@ def _answer_and_reward(settings: Settings, n: int) -> dict[str, tuple[int, float
     async def run() -> dict[str, tuple[int, float]]:
         with node.using(settings) as current:
             loop = Loop(current, settings, apply_counts=True)
-            loop.start()
+            await loop.start()
             ids = ["article-0001", "brand-new"]
             alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)
             for i in range(n):

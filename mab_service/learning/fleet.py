@@ -1,0 +1,393 @@
+"""A serving replica's side of the fleet loop: events and rewards to Pub/Sub, event membership in Bigtable.
+
+With ``--features bigtable:TABLE --events pubsub:TOPIC`` the posteriors come from the counts the learners keep in
+Bigtable (``features.bigtable.BigtableSource``, behind the cache), and this replica adds nothing to them itself:
+
+- every answer is published as an event record (its impressions) through ``pubsub.PubSubSink``, and its returned
+  ids are written to the event's **membership row** ``\\x00e/<event_id>`` in the same table (family ``e``, cell
+  ``i``: the ids as JSON, with the answer's time as the cell's timestamp), batched into MutateRows calls;
+- a reward, on whichever replica it arrives, is checked against that row (unknown or expired event: 404; an id the
+  event did not return: 422; a reward already marked: 200 duplicate), published, and then marked in the row
+  (``e:r/<id>``, one CheckAndMutateRow) so that a copy of it posted to any replica is answered ``duplicate``.
+  202 means the reward's message is stored by Pub/Sub; the learners count it once (docs/fleet.md).
+
+Membership lives in Bigtable, not in a replica's memory, so it scales with the table, and family ``e``'s
+garbage-collection rule (``mab-service setup``) bounds it. A row is written within ``events_max_delay_s`` of the
+answer; a reward for an event whose row is not there yet is looked up again for ``event_propagation_s`` before it is
+called unknown, so a client that rewards at once on another replica is not refused.
+
+When a dependency is down (docs/fleet.md, "When Pub/Sub or Bigtable is away"): events and membership rows wait in
+bounded buffers and are sent again; once a buffer is full, /predict answers 503 ``events_unavailable`` rather than
+answer something that would not be counted; /reward answers 503 while Pub/Sub does not store its message or Bigtable
+cannot be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from mab_service.errors import MabError
+from mab_service.features.bigtable import (
+    COUNTS_FAMILY,
+    EVENT_ROW_PREFIX,
+    EVENTS_FAMILY,
+    IMPRESSIONS,
+    REWARD_SCALE,
+    REWARDS,
+    BigtableSource,
+    TablePath,
+    data_client,
+    decode_int64,
+)
+from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
+
+logger = logging.getLogger("mab_service.fleet")
+
+MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
+#: Membership rows per MutateRows call at most.
+ROWS_PER_CALL = 1000
+#: Membership rows that may wait per pending Pub/Sub message allowed (~600 bytes each).
+ROWS_PER_PENDING = 100
+#: How often a reward for an event not yet in Bigtable looks again.
+LOOKUP_RETRY_S = 0.05
+MEMBERS = b"i"
+#: Arms /arms?top reads at most in fleet mode.
+SCAN_ROWS = 10_000
+
+
+class BigtableUnavailable(MabError):
+    """Bigtable could not be read or written in time: nothing was recorded; the client may retry."""
+
+    status_code = 503
+    code = "bigtable_unavailable"
+
+
+@dataclass
+class Event:
+    """An event's membership row as read back: the ids it returned, when, and the ids already rewarded."""
+
+    ids: frozenset[str]
+    t: float
+    rewarded: frozenset[str]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: int, value: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(tag << 3 | 2) + _varint(len(value)) + value
+
+
+def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:
+    """One ``MutateRowsRequest.Entry``, encoded: SetCell ``e:i`` = the ids as JSON at the answer's time.
+
+    Encoded here rather than through the client's message classes: it runs once per answer, and a dozen byte
+    concatenations cost a few microseconds where building the client's objects costs tens.
+    """
+    value = orjson.dumps(ids)
+    # SetCell: family_name (1), column_qualifier (2), timestamp_micros (3, varint; milliseconds, Bigtable's
+    # granularity), value (4).
+    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01i\x18" + _varint(int(t * 1000) * 1000)
+    set_cell += _field(4, value)
+    mutation = _field(1, set_cell)
+    return _field(2, _field(1, EVENT_ROW_PREFIX + event_id.encode()) + _field(2, mutation))
+
+
+class MembershipRows:
+    """Writes events' membership rows in MutateRows calls of up to ``ROWS_PER_CALL``, every ``max_delay_s``.
+
+    Rows Bigtable refuses are sent again every ``retry_s``; at most ``max_pending`` wait (queued, in flight or to be
+    sent again), and ``check`` raises past it.
+    """
+
+    def __init__(self, path: TablePath, *, max_delay_s: float, max_pending: int, retry_s: float = 1.0) -> None:
+        self.path = path
+        self.max_delay_s = max_delay_s
+        self.max_pending = max_pending
+        self.retry_s = retry_s
+        self.written = 0
+        self.failed = 0
+        self.pending = 0
+        self._queue: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._call: Any = None
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._head = b""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, client: Any) -> None:
+        from google.cloud.bigtable_v2.types import bigtable as messages
+
+        self._head = _field(1, str(self.path).encode())
+        # The routing header Bigtable expects, as the client sends it.
+        self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
+        self._call = client.transport.grpc_channel.unary_stream(
+            MUTATE_ROWS, request_serializer=None, response_deserializer=messages.MutateRowsResponse.pb().FromString
+        )
+
+    def check(self) -> None:
+        if self.pending >= self.max_pending:
+            raise SinkUnavailable(f"{self.pending} event rows are not yet written to Bigtable {self.path}; retry later")
+
+    def add(self, entry: bytes) -> None:
+        self._queue.append(entry)
+        self.pending += 1
+        if len(self._queue) >= ROWS_PER_CALL:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._queue:
+            entries, self._queue = self._queue, []
+            task = asyncio.get_running_loop().create_task(self._write(entries))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, entries: list[bytes]) -> None:
+        while True:
+            failed: list[bytes] = []
+            try:
+                call = self._call(self._head + b"".join(entries), timeout=10.0, metadata=self._metadata)
+                async for response in call:
+                    failed.extend(entries[e.index] for e in response.entries if e.status.code != 0)
+            except Exception as exc:
+                logger.warning("writing %d event rows to %s failed: %s", len(entries), self.path, exc)
+                failed = entries
+            done = len(entries) - len(failed)
+            self.written += done
+            self.pending -= done
+            if not failed:
+                return
+            self.failed += len(failed)
+            entries = failed  # SetCell at the same timestamp: writing a row twice leaves it as once
+            await asyncio.sleep(self.retry_s)
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        self.flush()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                logger.error("%d event rows were not written to %s at close", self.pending, self.path)
+
+
+def _literal(value: bytes) -> bytes:
+    """An RE2 pattern matching exactly ``value``: every byte that is not alphanumeric as ``\\xHH``."""
+    return b"".join(bytes([c]) if chr(c).isalnum() else b"\\x%02x" % c for c in value)
+
+
+class Fleet:
+    """A replica's events and rewards to the fleet's topic and table.
+
+    Args:
+        topic: ``projects/P/topics/T``.
+        table: ``projects/P/instances/I/tables/T``.
+        window_s: The reward window: a reward for an older event is refused as unknown.
+        max_delay_s: How long an event waits before its message and its row are sent.
+        max_pending: Messages (Pub/Sub) and, times ``ROWS_PER_PENDING``, rows (Bigtable) waiting at most.
+        propagation_s: How long a reward for an event whose row is not in Bigtable yet waits for it.
+        timeout_s: Deadline of one Bigtable read or check.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        table: str,
+        *,
+        window_s: float,
+        max_delay_s: float = 0.02,
+        max_pending: int = 1000,
+        propagation_s: float = 1.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.path = TablePath.parse(table)
+        self.window_s = window_s
+        self.propagation_s = propagation_s
+        self.timeout_s = timeout_s
+        self.sink = PubSubSink(topic, max_delay_s=max_delay_s, max_pending=max_pending)
+        self.rows = MembershipRows(self.path, max_delay_s=max_delay_s, max_pending=max_pending * ROWS_PER_PENDING)
+        self.counts_source = BigtableSource(table, 0.0, 0.0, timeout_s=timeout_s)
+        self.marks_failed = 0
+        self._client: Any = None
+        self._table: Any = None
+
+    async def start(self) -> None:
+        """Connect to Pub/Sub and Bigtable.
+
+        Raises:
+            FeatureSourceError: If the client libraries are missing.
+        """
+        from google.cloud.bigtable.data import ReadRowsQuery, SetCell, row_filters
+
+        self._query, self._set, self._filters = ReadRowsQuery, SetCell, row_filters
+        self._client = data_client(self.path.project)
+        self._table = self._client.get_table(self.path.instance, self.path.table)
+        self.rows.start(self._client)
+        self.sink.start()
+        await self.counts_source.start()
+
+    async def close(self) -> None:
+        await self.sink.close()
+        await self.rows.close()
+        await self.counts_source.close()
+        if self._client is not None:
+            await self._client.close()
+
+    def check(self) -> None:
+        """Raise ``SinkUnavailable`` (503) if an answer's event could not be kept: a buffer is full."""
+        self.sink.check()
+        self.rows.check()
+
+    def event(self, event_id: str, ids: list[str], t: float) -> None:
+        """Queue an answered event: its impressions to Pub/Sub, its membership to Bigtable. Never waits."""
+        self.sink.event(event_id, ids, t)
+        self.rows.add(membership_entry(event_id, ids, t))
+
+    async def read_events(self, event_ids: list[str]) -> dict[str, Event]:
+        """The membership rows of ``event_ids`` that exist; rows not there yet are looked for again for
+        ``propagation_s`` (they may be on their way from another replica).
+
+        Raises:
+            BigtableUnavailable: If Bigtable cannot be read.
+        """
+        found: dict[str, Event] = {}
+        missing = set(event_ids)
+        deadline = time.monotonic() + self.propagation_s
+        while True:
+            keys: list[str | bytes] = [EVENT_ROW_PREFIX + e.encode() for e in missing]
+            try:
+                rows = await self._table.read_rows(
+                    self._query(row_keys=keys, row_filter=self._filters.FamilyNameRegexFilter(EVENTS_FAMILY)),
+                    operation_timeout=self.timeout_s,
+                )
+            except Exception as exc:
+                raise BigtableUnavailable(f"cannot read events from Bigtable {self.path}: {exc}") from None
+            for row in rows:
+                event_id = row.row_key[len(EVENT_ROW_PREFIX) :].decode()
+                ids: frozenset[str] = frozenset()
+                t = 0.0
+                rewarded = []
+                for cell in row.cells:
+                    if cell.qualifier == MEMBERS:
+                        ids, t = frozenset(orjson.loads(cell.value)), cell.timestamp_micros / 1e6
+                    elif cell.qualifier.startswith(b"r/"):
+                        rewarded.append(cell.qualifier[2:].decode())
+                if ids:
+                    found[event_id] = Event(ids, t, frozenset(rewarded))
+                    missing.discard(event_id)
+            if not missing or time.monotonic() >= deadline:
+                return found
+            await asyncio.sleep(LOOKUP_RETRY_S)
+
+    async def publish_rewards(self, accepted: list[tuple[str, str, float]], now: float) -> None:
+        """Publish ``accepted`` rewards and wait until Pub/Sub stored them.
+
+        Raises:
+            SinkUnavailable: If Pub/Sub did not store one of them (the others are counted once if retried).
+        """
+        results = await asyncio.gather(
+            *(self.sink.reward(event_id, arm_id, value, now) for event_id, arm_id, value in accepted),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def mark(self, event_id: str, arm_id: str, value: float) -> bool:
+        """Mark ``arm_id`` rewarded in the event's row; False if a copy of the reward marked it first.
+
+        The reward is stored in Pub/Sub already and counted once whatever this says: if Bigtable fails here, the
+        answer is "accepted" and a later copy may be answered "accepted" too.
+        """
+        f = self._filters
+        qualifier = b"r/" + arm_id.encode()
+        predicate = f.RowFilterChain(
+            [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + _literal(qualifier) + b"$")]
+        )
+        try:
+            return not await self._table.check_and_mutate_row(
+                EVENT_ROW_PREFIX + event_id.encode(),
+                predicate,
+                false_case_mutations=[self._set(EVENTS_FAMILY, qualifier, orjson.dumps(value))],
+                operation_timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            self.marks_failed += 1
+            logger.warning("marking a reward of event %s in %s failed: %s", event_id, self.path, exc)
+            return True
+
+    async def counts(self, arm_id: str) -> tuple[int, float] | None:
+        """(impressions, rewards) of ``arm_id`` as the learners have written them now, read past the cache; None
+        if no learner has written the arm.
+
+        Raises:
+            BigtableUnavailable: If Bigtable cannot be read.
+        """
+        try:
+            counts = await self.counts_source.read_counts([arm_id])
+        except Exception as exc:
+            raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
+        if not counts.found[0]:
+            return None
+        return int(counts.impressions[0]), float(counts.rewards[0])
+
+    async def scan(self) -> tuple[list[str], Any, Any, bool]:
+        """The counts of the table's first ``SCAN_ROWS`` arms in key order: (ids, impressions, rewards, and whether
+        there are more). For the dashboard and /arms?top; a fleet's whole catalogue is Bigtable's to query.
+
+        Raises:
+            BigtableUnavailable: If Bigtable cannot be read.
+        """
+        f = self._filters
+        query = self._query(
+            limit=SCAN_ROWS + 1,
+            row_filter=f.RowFilterChain([f.FamilyNameRegexFilter(COUNTS_FAMILY), f.CellsColumnLimitFilter(1)]),
+        )
+        try:
+            rows = await self._table.read_rows(query, operation_timeout=10 * self.timeout_s)
+        except Exception as exc:
+            raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
+        partial = len(rows) > SCAN_ROWS
+        rows = rows[:SCAN_ROWS]
+        shown = np.zeros(len(rows))
+        got = np.zeros(len(rows))
+        for i, row in enumerate(rows):
+            for cell in row.cells:
+                if cell.qualifier == IMPRESSIONS:
+                    shown[i] = decode_int64(cell.value)
+                elif cell.qualifier == REWARDS:
+                    got[i] = decode_int64(cell.value) / REWARD_SCALE
+        return [row.row_key.decode(errors="replace") for row in rows], shown, got, partial
+
+    def stats(self) -> dict[str, Any]:
+        sink, rows = self.sink, self.rows
+        return {
+            "messages_published": sink.published,
+            "publish_failures": sink.failed,
+            "records_refused": sink.refused,
+            "outbox_messages": sink.pending,
+            "event_rows_written": rows.written,
+            "event_rows_failed": rows.failed,
+            "event_rows_pending": rows.pending,
+            "reward_marks_failed": self.marks_failed,
+        }
