@@ -20,6 +20,7 @@ has not answered, until the fetch's deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import urllib.parse
@@ -30,7 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.source import Features, Health
+from mab_service.features.source import Features, Health, Lookup
+
+logger = logging.getLogger("mab_service.bigtable")
 
 TABLE = re.compile(r"^projects/([^/]+)/instances/([^/]+)/tables/([^/]+)$")
 COUNTS_FAMILY = "c"
@@ -139,6 +142,7 @@ class BigtableSource:
         self._query: Any = None
         self._filter: Any = None
         self._ready = Health(False, "bigtable source not started")
+        self.failed_reads = 0
 
     async def start(self) -> None:
         """Connect and read one key, so that a missing table or no credentials stop the service at start.
@@ -280,12 +284,40 @@ class BigtableSource:
                     raise
                 await asyncio.sleep(0.01)  # keys already answered keep their values; ask again for the rest
 
-    async def fetch(self, ids: list[str]) -> Features:
-        """Beta(prior_alpha + rewards, prior_beta + impressions - rewards) for ``ids``; the prior where no row is."""
-        counts = await self.read_counts(ids)
+    async def read(self, ids: list[str]) -> Lookup:
+        """Beta(prior_alpha + rewards, prior_beta + impressions - rewards) of ``ids``, and which have a row.
+
+        If Bigtable cannot be read within ``timeout_s``, every id gets the prior and is reported ``unread``: the
+        answer is marked degraded and the cache does not keep it (the policy of ``on_store_failure = degrade``).
+        """
+        try:
+            counts = await self.read_counts(ids)
+        except Exception as exc:
+            self.failed_reads += 1
+            if self.failed_reads == 1 or self.failed_reads % 100 == 0:
+                logger.warning(
+                    "reading %d ids from Bigtable %s failed (%d so far): %s",
+                    len(ids),
+                    self.path,
+                    self.failed_reads,
+                    exc,
+                )
+            n = len(ids)
+            return Lookup(
+                np.full(n, self.prior_alpha), np.full(n, self.prior_beta), np.zeros(n, np.bool_), np.arange(n)
+            )
         alpha = self.prior_alpha + counts.rewards
         beta = self.prior_beta + (counts.impressions - counts.rewards)
-        return Features(alpha, beta, int(np.count_nonzero(counts.found)))
+        return Lookup(alpha, beta, counts.found)
+
+    async def fetch(self, ids: list[str]) -> Features:
+        """``read``, as the pipeline takes it."""
+        lookup = await self.read(ids)
+        unread = 0 if lookup.unread is None else len(lookup.unread)
+        return Features(lookup.alpha, lookup.beta, int(np.count_nonzero(lookup.found)), unread)
+
+    def stats(self) -> dict[str, float]:
+        return {"failed_reads": self.failed_reads}
 
     def health(self) -> Health:
         return self._ready

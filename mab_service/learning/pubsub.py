@@ -63,6 +63,8 @@ class PubSubSink:
         max_pending: Messages in the outbox (sent and not yet stored, or refused and waiting to be sent again) at
             most; past it new records are refused, so a broker that is down costs bounded memory and no loss.
         retry_s: How long a refused message waits before it is sent again.
+        publish_timeout_s: How long one attempt may take, the client's own retries included: a reward waits this
+            long at most before it is answered 503.
         publisher_id: This sink's part of the message keys; random by default (a replica's restart is a new one).
     """
 
@@ -74,6 +76,7 @@ class PubSubSink:
         max_delay_s: float = 0.02,
         max_pending: int = 1000,
         retry_s: float = 1.0,
+        publish_timeout_s: float = 5.0,
         publisher_id: str | None = None,
     ) -> None:
         self.topic = topic
@@ -81,6 +84,7 @@ class PubSubSink:
         self.max_delay_s = max_delay_s
         self.max_pending = max_pending
         self.retry_s = retry_s
+        self.publish_timeout_s = publish_timeout_s
         self.publisher_id = publisher_id or secrets.token_hex(6)
         self.published = 0
         """Messages Pub/Sub stored."""
@@ -95,6 +99,7 @@ class PubSubSink:
         self._retry: list[_Message] = []
         self._timer: asyncio.TimerHandle | None = None
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._publish_retry: Any = None
 
     @property
     def pending(self) -> int:
@@ -102,10 +107,24 @@ class PubSubSink:
         return len(self._outbox)
 
     def start(self) -> None:
+        from google.api_core import exceptions, retry
         from google.cloud.pubsub_v1 import PublisherClient, types
 
         # The client's own batching would add its latency to ours: one message per publish call.
         self._publisher = PublisherClient(batch_settings=types.BatchSettings(max_messages=1, max_latency=0))
+        # The client's default retries a publish for 60 s; a reward's client should hear sooner, and the outbox
+        # sends the events again anyway.
+        transient = retry.if_exception_type(
+            exceptions.Aborted,
+            exceptions.DeadlineExceeded,
+            exceptions.InternalServerError,
+            exceptions.ResourceExhausted,
+            exceptions.ServiceUnavailable,
+            exceptions.Unknown,
+        )
+        self._publish_retry = retry.Retry(
+            predicate=transient, initial=0.05, maximum=1.0, multiplier=2.0, timeout=self.publish_timeout_s
+        )
 
     def check(self) -> None:
         """Raise ``SinkUnavailable`` if the outbox is full: what the replica checks before it answers."""
@@ -161,7 +180,9 @@ class PubSubSink:
     def _send(self, message: _Message) -> None:
         message.attempts += 1
         data = orjson.dumps(message.records)
-        future = self._publisher.publish(self.topic, data, v=FORMAT_VERSION, k=message.key)
+        future = self._publisher.publish(
+            self.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, v=FORMAT_VERSION, k=message.key
+        )
         loop = asyncio.get_running_loop()
 
         def done(f: concurrent.futures.Future[str]) -> None:

@@ -1,0 +1,402 @@
+"""The fleet end to end: serving replicas, learners, Google's Pub/Sub and Bigtable emulators, and their faults.
+
+Replicas (``mab-service serve --features bigtable:... --events pubsub:...``) and learners (``mab-service learn``) are
+real processes on loopback ports. They reach each emulator through a ``Proxy``, so that a test can take an engine
+away from them (every connection cut, new ones refused) and give it back, or restart the emulator behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from tests.conftest import unused_tcp_port, wait_until
+from tests.fleet.conftest import Emulator, _missing, stop
+from tests.fleet.proxy import Proxy
+
+ARMS = [f"arm-{i:02d}" for i in range(30)]
+JSON = {"content-type": "application/json"}
+
+
+def start_pubsub(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A Pub/Sub emulator of the test's own (so it can be restarted) on a free port, once it listens."""
+    port = unused_tcp_port()
+    with log.open("ab") as out:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port=127.0.0.1:{port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    if not wait_until(listening, timeout_s=60, interval_s=0.1):
+        stop(proc)
+        pytest.fail(f"the Pub/Sub emulator did not listen within 60 s (log: {log})")
+    return proc, port
+
+
+@dataclass
+class Fleet:
+    """The engines, their proxies, and the fleet's names; replicas and learners started by the test."""
+
+    tmp: Path
+    topic: str
+    subscription: str
+    table: str
+    bigtable: Proxy
+    pubsub: Proxy
+    pubsub_proc: subprocess.Popen[bytes]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    def env(self, pubsub_host: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAB_")}
+        env["BIGTABLE_EMULATOR_HOST"] = self.bigtable.host
+        env["PUBSUB_EMULATOR_HOST"] = pubsub_host or self.pubsub.host
+        return env
+
+    def setup(self, pubsub_host: str | None = None) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "mab_service", "setup", "--events", f"pubsub:{self.topic}"]
+            + ["--subscription", self.subscription, "--posteriors", f"bigtable:{self.table}"],
+            env=self.env(pubsub_host),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def log(self, name: str) -> IO[bytes]:
+        log = (self.tmp / f"{name}.log").open("ab")
+        self.logs.append(log)
+        return log
+
+    def replica(self, name: str, *args: str) -> str:
+        """Start a replica and wait until it is ready; its URL."""
+        port = unused_tcp_port()
+        log = self.log(name)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--features", f"bigtable:{self.table}", "--events", f"pubsub:{self.topic}"]
+            + ["--state-dir", str(self.tmp / name), "--max-held-members", "1000000", *args],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"replica {name} exited; see {self.tmp / name}.log"
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(ready, timeout_s=60, interval_s=0.1), f"replica {name} not ready"
+        return url
+
+    def learner(self, name: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mab_service", "learn", "--events", f"pubsub:{self.subscription}"]
+            + ["--posteriors", f"bigtable:{self.table}", "--window-s", "0.1", "--log-every-s", "2"],
+            env=self.env(),
+            stdout=self.log(name),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, bigtable_emulator: Emulator) -> Iterator[Fleet]:
+    reason = _missing("pubsub", "google.cloud.pubsub_v1", "google-cloud-pubsub")
+    if reason:
+        pytest.skip(reason)
+    proc, port = start_pubsub(tmp_path / "pubsub.log")
+    tag = uuid.uuid4().hex[:8]
+    bigtable = Proxy(int(bigtable_emulator.host.rpartition(":")[2]))
+    pubsub = Proxy(port)
+    made = Fleet(
+        tmp_path,
+        f"projects/fleet/topics/events-{tag}",
+        f"projects/fleet/subscriptions/learners-{tag}",
+        f"projects/fleet/instances/mab/tables/faults-{tag}",
+        bigtable,
+        pubsub,
+        proc,
+    )
+    made.setup()
+    try:
+        yield made
+    finally:
+        for started in made.procs:
+            if started.poll() is None:
+                os.killpg(started.pid, signal.SIGTERM)
+        for started in made.procs:
+            try:
+                started.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(started.pid, signal.SIGKILL)
+                started.wait()
+        stop(made.pubsub_proc)
+        bigtable.close()
+        pubsub.close()
+        for log in made.logs:
+            log.close()
+
+
+@dataclass
+class Truth:
+    """What the counts must be: every impression answered, every reward answered 202, once."""
+
+    impressions: Counter[str] = field(default_factory=Counter)
+    rewards: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    accepted: int = 0
+    duplicates: int = 0
+    retries: list[tuple[str, str, float, int]] = field(default_factory=list)
+    """Rewards answered 503: the client sends them again later."""
+
+
+class Traffic:
+    """Decisions against the replicas, each reward posted to the replica that did not answer, then repeated to the
+    one that did."""
+
+    def __init__(self, urls: list[str], truth: Truth, seed: int) -> None:
+        self.urls = urls
+        self.truth = truth
+        self.rand = random.Random(seed)
+        self.n = 0
+
+    async def run(self, decisions: int, *, concurrency: int = 16) -> None:
+        limit = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=30, headers=JSON) as client:
+
+            async def one(i: int) -> None:
+                async with limit:
+                    await self.decide(client, i)
+
+            start = self.n
+            self.n += decisions
+            await asyncio.gather(*(one(i) for i in range(start, start + decisions)))
+
+    async def decide(self, client: httpx.AsyncClient, i: int) -> None:
+        answering = i % len(self.urls)
+        candidates = self.rand.sample(ARMS, 12)
+        rewards = [(self.rand.random() < 0.4, self.rand.choice([0.0, 0.25, 1.0])) for _ in range(3)]
+        answer = await client.post(
+            self.urls[answering] + "/predict", json={"user_id": f"u{i}", "candidates": candidates, "top_k": 3}
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        self.truth.impressions.update(body["ids"])
+        for id_, (rewarded, value) in zip(body["ids"], rewards):
+            if rewarded:
+                await self.reward(client, body["event_id"], id_, value, answering)
+
+    async def reward(self, client: httpx.AsyncClient, event_id: str, id_: str, value: float, answering: int) -> None:
+        other = (answering + 1) % len(self.urls)
+        payload = {"event_id": event_id, "id": id_, "reward": value}
+        first = await client.post(self.urls[other] + "/reward", json=payload)
+        if first.status_code == 503:
+            assert first.json()["error"] == "events_unavailable", first.text
+            self.truth.retries.append((event_id, id_, value, answering))
+            return
+        assert first.status_code == 202, first.text
+        self.truth.rewards[id_] += value
+        self.truth.accepted += 1
+        again = await client.post(self.urls[answering] + "/reward", json=payload)
+        if again.status_code != 503:
+            assert (again.status_code, again.json()) == (200, {"status": "duplicate"}), again.text
+            self.truth.duplicates += 1
+
+    async def retry(self) -> None:
+        retries, self.truth.retries = self.truth.retries, []
+        async with httpx.AsyncClient(timeout=30, headers=JSON) as client:
+            for event_id, id_, value, answering in retries:
+                await self.reward(client, event_id, id_, value, answering)
+        assert not self.truth.retries
+
+
+def counts(url: str) -> dict[str, tuple[int, float]]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        got = {}
+        for arm in ARMS:
+            answer = client.get(f"/arms/{arm}")
+            if answer.status_code == 404:
+                got[arm] = (0, 0.0)
+            else:
+                assert answer.status_code == 200, answer.text
+                body = answer.json()
+                got[arm] = (body["impressions"], round(body["rewards"], 6))
+        return got
+
+
+def expected(truth: Truth) -> dict[str, tuple[int, float]]:
+    return {arm: (truth.impressions[arm], round(truth.rewards[arm], 6)) for arm in ARMS}
+
+
+def converge(urls: list[str], truth: Truth, timeout_s: float = 90.0) -> None:
+    """Wait until every replica's /arms give exactly the truth; fail with the difference if they do not."""
+    want = expected(truth)
+    last: dict[str, dict[str, tuple[int, float]]] = {}
+
+    def exact() -> bool:
+        for url in urls:
+            last[url] = counts(url)
+        return all(got == want for got in last.values())
+
+    if not wait_until(exact, timeout_s=timeout_s, interval_s=0.5):
+        diff = {url: {a: (got[a], want[a]) for a in ARMS if got[a] != want[a]} for url, got in last.items()}
+        pytest.fail(f"the replicas' counts did not converge to the truth: (got, want) {diff}")
+
+
+def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count_exactly(fleet: Fleet) -> None:
+    """Thousands of decisions; each reward posted to the other replica and repeated to the first; one learner
+    killed with SIGKILL and restarted mid-run; Pub/Sub taken away and its emulator restarted: every replica's
+    /arms converge to the exact ground truth."""
+    urls = [fleet.replica("replica-a"), fleet.replica("replica-b")]
+    learners = [fleet.learner("learner-0"), fleet.learner("learner-1")]
+    truth = Truth()
+    traffic = Traffic(urls, truth, seed=13)
+
+    asyncio.run(traffic.run(600))
+    learners[0].send_signal(signal.SIGKILL)  # mid-run: what it pulled and did not ack comes back
+    learners[0].wait()
+    asyncio.run(traffic.run(600))
+    learners[0] = fleet.learner("learner-0-again")
+    asyncio.run(traffic.run(600))
+    # Google's emulator keeps messages in memory and forgets them when it stops (Pub/Sub itself never loses a stored
+    # message): let the learners catch up before it restarts, so the truth is still what Pub/Sub held.
+    converge(urls, truth)
+
+    fleet.pubsub.down()  # Pub/Sub away: replicas keep answered events in their outbox, rewards get 503
+    stop(fleet.pubsub_proc)
+    asyncio.run(traffic.run(300))
+    assert truth.retries, "no reward was refused while Pub/Sub was away"
+    fleet.pubsub_proc, port = start_pubsub(fleet.tmp / "pubsub.log")
+    fleet.setup(pubsub_host=f"127.0.0.1:{port}")  # the new emulator knows nothing: set it up before it is reached
+    fleet.pubsub.up(port)
+    asyncio.run(traffic.run(600))
+    asyncio.run(traffic.retry())
+    converge(urls, truth)
+    assert truth.duplicates > 1000 and traffic.n == 2700
+    with httpx.Client(timeout=10) as client:
+        for url in urls:
+            fleet_stats = client.get(url + "/loop").json()["fleet"]
+            assert fleet_stats["outbox_messages"] == 0 and fleet_stats["event_rows_pending"] == 0
+            assert fleet_stats["records_refused"] == 0
+    assert all(learner.poll() is None for learner in learners)
+
+
+def _pull_events(subscription: str, host: str, want: int) -> int:
+    """Impressions records on ``subscription`` (pulled and acked until ``want`` or 30 s)."""
+    import orjson
+    from google.cloud.pubsub_v1 import SubscriberClient
+
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    seen = 0
+    deadline = time.monotonic() + 30
+    with SubscriberClient() as subscriber:
+        while seen < want and time.monotonic() < deadline:
+            response = subscriber.pull(subscription=subscription, max_messages=100, timeout=5)
+            for received in response.received_messages:
+                seen += sum(1 for record in orjson.loads(received.message.data) if record[0] == "e")
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
+                )
+    return seen
+
+
+def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_reward_is_503(fleet: Fleet) -> None:
+    """The written policy (docs/fleet.md): answered events wait in a bounded outbox and are all delivered once
+    Pub/Sub is back; past the bound /predict answers 503 events_unavailable; /reward answers 503 throughout."""
+    url = fleet.replica("replica", "--events-max-pending", "3", "--events-max-delay-s", "0.001")
+    with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
+        first = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2}).json()
+        fleet.pubsub.down()
+        answered, refused = 1, 0
+        for i in range(20):
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            if answer.status_code == 200:
+                answered += 1
+            else:
+                assert (answer.status_code, answer.json()["error"]) == (503, "events_unavailable"), answer.text
+                refused += 1
+            time.sleep(0.02)
+        assert refused > 0 and answered >= 3
+        reward = client.post("/reward", json={"event_id": first["event_id"], "id": first["ids"][0], "reward": 1})
+        assert (reward.status_code, reward.json()["error"]) == (503, "events_unavailable")
+        fleet.pubsub.up()
+        assert wait_until(lambda: client.get("/loop").json()["fleet"]["outbox_messages"] == 0, timeout_s=30)
+        again = client.post("/reward", json={"event_id": first["event_id"], "id": first["ids"][0], "reward": 1})
+        assert again.status_code == 202, again.text
+        assert client.get("/loop").json()["fleet"]["records_refused"] == refused + 1  # and the reward
+    assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
+
+
+def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet) -> None:
+    """The written policy: /predict answers from the cache or the prior (degraded) while membership rows wait in a
+    bounded buffer; past it /predict answers 503; /reward answers 503 bigtable_unavailable; once Bigtable is back
+    the rows are written and a reward for an event answered during the outage is accepted."""
+    url = fleet.replica(
+        "replica", "--events-max-pending", "1", "--events-max-delay-s", "0.001", "--vertex-deadline-s", "0.05"
+    )
+    with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
+        fleet.bigtable.down()
+        during = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2})
+        assert during.status_code == 200, during.text
+        assert during.json()["degraded"] is True  # the prior: counts not read
+        reward = client.post(
+            "/reward", json={"event_id": during.json()["event_id"], "id": during.json()["ids"][0], "reward": 1}
+        )
+        assert (reward.status_code, reward.json()["error"]) == (503, "bigtable_unavailable"), reward.text
+        statuses = Counter(
+            client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2}).status_code
+            for i in range(120)
+        )
+        assert statuses[503] > 0 and statuses[200] >= 90, statuses
+        fleet.bigtable.up()
+        assert wait_until(lambda: client.get("/loop").json()["fleet"]["event_rows_pending"] == 0, timeout_s=30)
+        reward = client.post(
+            "/reward", json={"event_id": during.json()["event_id"], "id": during.json()["ids"][0], "reward": 1}
+        )
+        assert reward.status_code == 202, reward.text
+
+
+def test_bad_fleet_settings_are_refused_at_start(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mab_service", "serve", "--events", "pubsub:projects/p/topics/t", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAB_")},
+    )
+    assert done.returncode != 0
+    assert "features" in done.stderr and "bigtable:" in done.stderr
