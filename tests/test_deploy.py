@@ -28,7 +28,9 @@ from tests.conftest import unused_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted(p for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+#: The single-node service; deploy/fleet/ is an overlay of it, deploy/kustomization.yaml points at it.
+BASE = DEPLOY / "base"
+MANIFESTS = sorted(p for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
 HADOLINT_VERSION = "2.15.1"
 #: The oldest Kubernetes the manifests support (autoscaling/v2, policy/v1 and startup probes are older), and the
 #: newest the installed schemas know.
@@ -149,7 +151,7 @@ def test_dockerignore_sends_the_sources_and_nothing_else() -> None:
 
 
 def _manifest(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / name).read_text())
+    loaded: dict[str, Any] = yaml.safe_load((BASE / name).read_text())
     return loaded
 
 
