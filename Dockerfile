@@ -11,7 +11,9 @@ FROM python:3.11.11-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+# The extras the image serves with: Vertex sources, and the fleet (bigtable:, --events pubsub:, `learn`, `setup`).
+ARG EXTRAS="vertex fleet"
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *(r for e in sys.argv[1:] for r in p['optional-dependencies'][e]), sep='\n')" $EXTRAS \
         > requirements.txt \
     && pip wheel --wheel-dir /wheels/deps --requirement requirements.txt
 COPY setup.py README.md ./

@@ -110,15 +110,20 @@ def test_dockerfile_builds_in_one_stage_and_runs_slim_as_non_root() -> None:
 def test_dockerfile_dependency_list_is_the_projects(tmp_path: Path) -> None:
     # The build stage lists the dependencies from pyproject.toml alone (so that layer caches); run that command.
     dockerfile = (ROOT / "Dockerfile").read_text()
-    command = re.search(r'RUN python -c "(.+?)" \\', dockerfile)
-    assert command is not None
+    command = re.search(r'RUN python -c "(.+?)" \$EXTRAS \\', dockerfile)
+    extras = re.search(r'ARG EXTRAS="(.*)"', dockerfile)
+    assert command is not None and extras is not None
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    done = subprocess.run([sys.executable, "-c", command.group(1)], cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", command.group(1), *extras.group(1).split()], cwd=tmp_path, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     listed = [Requirement(line) for line in done.stdout.splitlines()]
     import tomllib  # Python 3.11+
 
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for e in ("vertex", "fleet") for r in project["optional-dependencies"][e]]
+    assert extras.group(1).split() == ["vertex", "fleet"]  # the image runs the Vertex sources and the fleet
     assert [str(r) for r in listed] == [str(Requirement(d)) for d in declared]
 
 
