@@ -46,6 +46,7 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
             max_pending=settings.events_max_pending,
             propagation_s=settings.event_propagation_s,
             timeout_s=settings.vertex_read_budget_s,
+            publish_timeout_s=settings.events_publish_timeout_s,
         )
     with node.using(settings) as current:
         loop = Loop(current, settings, apply_counts=embedded(settings), fleet=fleet)

@@ -158,6 +158,11 @@ class Settings:
         "Fleet mode: Pub/Sub messages not yet stored per worker at most (and 100 times as many membership rows not "
         "yet written); past it /predict and /reward answer 503 ``events_unavailable`` rather than lose an event.",
     )
+    events_publish_timeout_s: float = setting(
+        5.0,
+        "Fleet mode: seconds a publish may take, the client's retries included: a reward waits this long at most "
+        "for Pub/Sub before it is answered 503 (its events are sent again later).",
+    )
     event_propagation_s: float = setting(
         1.0,
         "Fleet mode: seconds a reward for an event whose membership row is not in Bigtable yet (answered a moment "
@@ -346,6 +351,12 @@ class Settings:
             _check(self.events, factory.TOPIC.match(self.events) is not None, "events", "pubsub:projects/P/topics/T")
             _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
             _check(self.learning, self.learning, "learning", "on when events is set")
+        _check(
+            self.events_publish_timeout_s,
+            math.isfinite(self.events_publish_timeout_s) and self.events_publish_timeout_s > 0,
+            "events_publish_timeout_s",
+            "a finite number > 0",
+        )
         for name in ("events_max_delay_s", "event_propagation_s"):
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value >= 0, name, "a finite number >= 0")

@@ -207,6 +207,7 @@ class Fleet:
         max_pending: Messages (Pub/Sub) and, times ``ROWS_PER_PENDING``, rows (Bigtable) waiting at most.
         propagation_s: How long a reward for an event whose row is not in Bigtable yet waits for it.
         timeout_s: Deadline of one Bigtable read or check.
+        publish_timeout_s: How long a publish may take before a reward waiting for it is answered 503.
     """
 
     def __init__(
@@ -219,12 +220,15 @@ class Fleet:
         max_pending: int = 1000,
         propagation_s: float = 1.0,
         timeout_s: float = 2.0,
+        publish_timeout_s: float = 5.0,
     ) -> None:
         self.path = TablePath.parse(table)
         self.window_s = window_s
         self.propagation_s = propagation_s
         self.timeout_s = timeout_s
-        self.sink = PubSubSink(topic, max_delay_s=max_delay_s, max_pending=max_pending)
+        self.sink = PubSubSink(
+            topic, max_delay_s=max_delay_s, max_pending=max_pending, publish_timeout_s=publish_timeout_s
+        )
         self.rows = MembershipRows(self.path, max_delay_s=max_delay_s, max_pending=max_pending * ROWS_PER_PENDING)
         self.counts_source = BigtableSource(table, 0.0, 0.0, timeout_s=timeout_s)
         self.marks_failed = 0

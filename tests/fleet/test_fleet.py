@@ -193,7 +193,7 @@ class Traffic:
         self.rand = random.Random(seed)
         self.n = 0
 
-    async def run(self, decisions: int, *, concurrency: int = 16) -> None:
+    async def run(self, decisions: int, *, concurrency: int = 32) -> None:
         limit = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(timeout=30, headers=JSON) as client:
 
@@ -280,32 +280,32 @@ def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count
     """Thousands of decisions; each reward posted to the other replica and repeated to the first; one learner
     killed with SIGKILL and restarted mid-run; Pub/Sub taken away and its emulator restarted: every replica's
     /arms converge to the exact ground truth."""
-    urls = [fleet.replica("replica-a"), fleet.replica("replica-b")]
+    urls = [fleet.replica(name, "--events-publish-timeout-s", "1") for name in ("replica-a", "replica-b")]
     learners = [fleet.learner("learner-0"), fleet.learner("learner-1")]
     truth = Truth()
     traffic = Traffic(urls, truth, seed=13)
 
-    asyncio.run(traffic.run(600))
+    asyncio.run(traffic.run(500))
     learners[0].send_signal(signal.SIGKILL)  # mid-run: what it pulled and did not ack comes back
     learners[0].wait()
-    asyncio.run(traffic.run(600))
+    asyncio.run(traffic.run(500))
     learners[0] = fleet.learner("learner-0-again")
-    asyncio.run(traffic.run(600))
+    asyncio.run(traffic.run(500))
     # Google's emulator keeps messages in memory and forgets them when it stops (Pub/Sub itself never loses a stored
     # message): let the learners catch up before it restarts, so the truth is still what Pub/Sub held.
     converge(urls, truth)
 
     fleet.pubsub.down()  # Pub/Sub away: replicas keep answered events in their outbox, rewards get 503
     stop(fleet.pubsub_proc)
-    asyncio.run(traffic.run(300))
+    asyncio.run(traffic.run(100))
     assert truth.retries, "no reward was refused while Pub/Sub was away"
     fleet.pubsub_proc, port = start_pubsub(fleet.tmp / "pubsub.log")
     fleet.setup(pubsub_host=f"127.0.0.1:{port}")  # the new emulator knows nothing: set it up before it is reached
     fleet.pubsub.up(port)
-    asyncio.run(traffic.run(600))
+    asyncio.run(traffic.run(500))
     asyncio.run(traffic.retry())
     converge(urls, truth)
-    assert truth.duplicates > 1000 and traffic.n == 2700
+    assert truth.duplicates > 1000 and traffic.n == 2100
     with httpx.Client(timeout=10) as client:
         for url in urls:
             fleet_stats = client.get(url + "/loop").json()["fleet"]

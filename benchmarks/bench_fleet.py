@@ -1,0 +1,276 @@
+"""Fleet mode benchmark: what events cost /predict, and how long a reward takes to show in every replica.
+
+Google's Bigtable and Pub/Sub emulators run for the whole benchmark (in their own process groups, stopped at the
+end); ``mab-service setup`` makes the topic, subscription and table, and the table gets counts for the workload's
+arms.
+
+``throughput``: W400 against a fresh server per run, pinned to ``--server-cpus`` and loaded by wrk on
+``--client-cpus`` (the emulators share the client's core), targets alternating over ``--repeats``, medians:
+    embedded          the default service: embedded CSV source, the node's own loop
+    bigtable          ``--features bigtable:T``, the cache kept ``--long-ttl-s``, the loop on but no events
+    bigtable-events   the same with ``--events pubsub:TOPIC``: every answer published and its membership row written
+    bigtable-events-ttl1  the same with the default ``fleet_cache_ttl_s`` (1 s): every hot id read again each second
+The issue's target is bigtable-events / bigtable >= 0.85.
+
+``freshness``: two replicas with events (default settings) and one learner; ``--rewards`` times, one answer from
+replica A, a reward for its first id posted to replica B, then both replicas' ``GET /arms/{id}`` (read past the
+cache) polled every 10 ms until the reward shows. Reported: the lag's median, p95 and max per replica. An answer's
+posteriors lag that by at most ``fleet_cache_ttl_s`` more (the cache).
+
+    python -m benchmarks.bench_fleet [--parts throughput,freshness] [--entities 20000] [--duration 8]
+                                     [--repeats 3] [--rewards 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks import bench_service, workload
+from benchmarks.bench_service import free_port, stop_group
+
+PROJECT = "bench"
+
+
+@contextlib.contextmanager
+def emulator(kind: str, variable: str, cpu: str, log: Path) -> Iterator[str]:
+    """Google's ``kind`` emulator on a free port, pinned to ``cpu``; ``variable`` points at it while in the block."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["taskset", "-c", cpu, "gcloud", "beta", "emulators", kind, "start", f"--host-port=127.0.0.1:{port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the {kind} emulator did not start: {bench_service.tail(log)}") from None
+                time.sleep(0.1)
+        os.environ[variable] = f"127.0.0.1:{port}"
+        yield os.environ[variable]
+    finally:
+        os.environ.pop(variable, None)
+        stop_group(proc)
+
+
+def fill_counts(table: str, table_csv: Path) -> int:
+    """Give every arm of the workload's table counts in Bigtable (impressions = alpha + beta, rewards = alpha)."""
+    import asyncio
+
+    from google.cloud.bigtable.data import AddToCell, RowMutationEntry
+
+    from mab_service.features.bigtable import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath, data_client
+
+    rows = [line.split(",") for line in table_csv.read_text().splitlines()[1:]]
+    path = TablePath.parse(table)
+
+    async def write() -> None:
+        client = data_client(path.project)
+        target = client.get_table(path.instance, path.table)
+        for s in range(0, len(rows), 5000):
+            entries = [
+                RowMutationEntry(
+                    id_.encode(),
+                    [
+                        AddToCell(COUNTS_FAMILY, IMPRESSIONS, int(float(a) + float(b)), 0),
+                        AddToCell(COUNTS_FAMILY, REWARDS, int(float(a) * REWARD_SCALE), 0),
+                    ],
+                )
+                for id_, a, b in rows[s : s + 5000]
+            ]
+            await target.bulk_mutate_rows(entries, operation_timeout=120)
+        await client.close()
+
+    asyncio.run(write())
+    return len(rows)
+
+
+def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path) -> bench_service.TargetFactory:
+    def argv(port: int, features: Path, workers: int = 1) -> list[str]:
+        state = tempfile.mkdtemp(prefix="state-", dir=bench_service._state_root())
+        cmd = [
+            sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--features", f"bigtable:{table}", "--state-dir", state,
+            "--warmup-ids", str(warmup),
+        ]  # fmt: skip
+        if topic is not None:
+            cmd += ["--events", f"pubsub:{topic}"]
+        if ttl_s is not None:
+            cmd += ["--fleet-cache-ttl-s", str(ttl_s)]
+        return cmd
+
+    return argv
+
+
+def measure_throughput(args: argparse.Namespace, work: Path, table: str, topic: str) -> dict[str, Any]:
+    table_csv, files = workload.write_workloads(work, ["W400"], n_entities=args.entities)
+    w400 = files["W400"]
+    targets: dict[str, bench_service.TargetFactory] = {
+        "embedded": bench_service.project_target,
+        "bigtable": serve_argv(table, None, args.long_ttl_s, table_csv),
+        "bigtable-events": serve_argv(table, topic, args.long_ttl_s, table_csv),
+        "bigtable-events-ttl1": serve_argv(table, topic, None, table_csv),
+    }
+    runs: dict[str, list[bench_service.Measurement]] = {name: [] for name in targets}
+    for i in range(args.repeats):
+        for name, target in targets.items():
+            log = work / f"{name}-{i}.log"
+            runs[name].append(bench_service.measure(target, table_csv, w400, args, log))
+            print(f"  {name} run {i + 1}: {runs[name][-1].rps:,.0f} req/s", file=sys.stderr)
+    result: dict[str, Any] = {name: bench_service.summarize(r, w400.n_candidates) for name, r in runs.items()}
+    result["events_ratio"] = result["bigtable-events"]["rps"] / result["bigtable"]["rps"]
+    result["ttl1_ratio"] = result["bigtable-events-ttl1"]["rps"] / result["bigtable"]["rps"]
+    return result
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=orjson.dumps(body), headers={"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.status, orjson.loads(answer.read())
+
+
+def _rewards(url: str, arm: str) -> float:
+    try:
+        with urllib.request.urlopen(f"{url}/arms/{arm}", timeout=30) as answer:
+            return float(orjson.loads(answer.read())["rewards"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return 0.0
+        raise
+
+
+def measure_freshness(
+    args: argparse.Namespace, work: Path, table: str, topic: str, subscription: str
+) -> dict[str, Any]:
+    servers = []
+    learner_log = (work / "learner.log").open("wb")
+    learner = subprocess.Popen(
+        ["taskset", "-c", args.client_cpus, sys.executable, "-m", "mab_service", "learn",
+         "--events", f"pubsub:{subscription}", "--posteriors", f"bigtable:{table}", *args.learner_args.split()],
+        stdout=learner_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    lags: dict[str, list[float]] = {"A": [], "B": []}
+    try:
+        urls = []
+        for name in ("A", "B"):
+            port = free_port()
+            argv = serve_argv(table, topic, None, work / "table.csv")(port, Path(), 1)
+            server = bench_service.running_server(argv, port, args.server_cpus, work / f"replica-{name}.log")
+            servers.append(server)
+            server.__enter__()
+            urls.append(f"http://127.0.0.1:{port}")
+        for n in range(args.rewards):
+            arm = f"fresh-{uuid.uuid4().hex[:8]}"
+            _, answer = _post(urls[0] + "/predict", {"user_id": f"u{n}", "candidates": [arm], "top_k": 1})
+            status, _ = _post(urls[1] + "/reward", {"event_id": answer["event_id"], "id": arm, "reward": 1})
+            assert status == 202
+            accepted = time.monotonic()
+            waiting = {"A": urls[0], "B": urls[1]}
+            while waiting:
+                for name, url in list(waiting.items()):
+                    if _rewards(url, arm) >= 1.0:
+                        lags[name].append(time.monotonic() - accepted)
+                        del waiting[name]
+                if time.monotonic() - accepted > 30:
+                    raise RuntimeError(f"reward for {arm} not visible within 30 s (learner log {learner_log.name})")
+                time.sleep(0.01)
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+        stop_group(learner)
+        learner_log.close()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        return {
+            "median_s": statistics.median(ordered),
+            "p95_s": ordered[int(0.95 * (len(ordered) - 1))],
+            "max_s": ordered[-1],
+        }
+
+    return {name: summary(values) for name, values in lags.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="throughput,freshness")
+    parser.add_argument("--entities", type=int, default=20_000, help="arms in the table (default 20000)")
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--server-cpus", default="1")
+    parser.add_argument("--client-cpus", default="0")
+    parser.add_argument("--long-ttl-s", type=float, default=600.0, help="cache TTL of the no-refresh targets")
+    parser.add_argument("--rewards", type=int, default=100)
+    parser.add_argument("--learner-args", default="", help="extra flags for `mab-service learn`")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    bench_service.require_tools()
+    parts = args.parts.split(",")
+    results: dict[str, Any] = {"environment": bench_service.environment(), "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        work = Path(tmp)
+        with (
+            emulator("bigtable", "BIGTABLE_EMULATOR_HOST", args.client_cpus, work / "bigtable.log"),
+            emulator("pubsub", "PUBSUB_EMULATOR_HOST", args.client_cpus, work / "pubsub.log"),
+        ):
+            from mab_service.learning import fleet_setup
+
+            tag = uuid.uuid4().hex[:8]
+            table = f"projects/{PROJECT}/instances/mab/tables/arms-{tag}"
+            topic, subscription = f"projects/{PROJECT}/topics/events-{tag}", f"projects/{PROJECT}/subscriptions/l-{tag}"
+            fleet_setup.setup(
+                fleet_setup.FleetResources(topic, subscription, fleet_setup.table_path(f"bigtable:{table}")),
+                say=lambda _: None,
+            )
+            table_csv, _ = workload.write_workloads(work, ["W400"], n_entities=args.entities)
+            print(f"  {fill_counts(table, table_csv):,} arms counted in {table}", file=sys.stderr)
+            if "throughput" in parts:
+                results["throughput"] = measure_throughput(args, work, table, topic)
+            if "freshness" in parts:
+                results["freshness"] = measure_freshness(args, work, table, topic, subscription)
+    if args.json:
+        print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+        return
+    if "throughput" in results:
+        t = results["throughput"]
+        print(f"W400, one worker on cpu {args.server_cpus}, wrk -c{args.connections} on {args.client_cpus}, "
+              f"medians of {args.repeats} x {args.duration} s")  # fmt: skip
+        print(f"{'target':24} {'req/s':>9} {'us CPU/req':>11} {'p99 ms':>7}")
+        for name in ("embedded", "bigtable", "bigtable-events", "bigtable-events-ttl1"):
+            r = t[name]
+            print(f"{name:24} {r['rps']:9,.0f} {r['cpu_us_per_request']:11.1f} {r['p99_ms']:7.2f}")
+        print(f"events on / off: {t['events_ratio']:.2f}x; with the 1 s cache: {t['ttl1_ratio']:.2f}x")
+    if "freshness" in results:
+        for name, s in results["freshness"].items():
+            print(f"reward -> /arms on replica {name}: median {s['median_s']:.3f} s, p95 {s['p95_s']:.3f} s, "
+                  f"max {s['max_s']:.3f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
