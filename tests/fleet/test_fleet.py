@@ -312,6 +312,10 @@ def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count
             assert fleet_stats["outbox_messages"] == 0 and fleet_stats["event_rows_pending"] == 0
             assert fleet_stats["records_refused"] == 0
     assert all(learner.poll() is None for learner in learners)
+    # The dashboard's view: the leading arms from the table, on any replica.
+    leading = httpx.get(urls[1] + "/arms", params={"top": 3, "order": "impressions"}, timeout=30).json()
+    assert leading["total"] == len([a for a in ARMS if truth.impressions[a]]) and not leading["partial"]
+    assert [arm["impressions"] for arm in leading["arms"]] == sorted(truth.impressions.values(), reverse=True)[:3]
 
 
 def _pull_events(subscription: str, host: str, want: int) -> int:
