@@ -28,7 +28,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -118,9 +118,12 @@ def subscriber_client() -> Any:
 # bytes against the client's own request.
 
 
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
     if n < 0x80:
-        return bytes((n,))
+        return _SMALL[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -134,15 +137,28 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+_SPECIAL = re.compile(rb"[^A-Za-z0-9_/:-]")
+
+
 def _quote(marker: bytes) -> bytes:
     # Markers are ASCII (event ids and keys are checked); RE2 takes \xHH for the bytes that mean something in a pattern.
-    return b"".join(bytes([c]) if chr(c).isalnum() or c in b"_/:-" else b"\\x%02x" % c for c in marker)
+    return _SPECIAL.sub(lambda m: b"\\x%02x" % m[0][0], marker)
 
 
-def set_marker(marker: bytes, timestamp_micros: int) -> bytes:
-    """A false-case mutation of the request: write marker cell ``d:<marker>`` (empty value)."""
-    cell = _field(1, MARKERS_FAMILY.encode()) + _field(2, marker) + b"\x18" + _varint(timestamp_micros)
-    return _field(5, _field(1, cell))
+_MARKER_CELL = _field(1, MARKERS_FAMILY.encode()) + b"\x12"  # family_name, then column_qualifier's tag
+
+
+def set_marker(marker: bytes, timestamp: bytes) -> bytes:
+    """A false-case mutation of the request: write marker cell ``d:<marker>`` (empty value) at ``timestamp``
+    (``timestamp_field``). Several per event: written out by hand."""
+    cell = _MARKER_CELL + _varint(len(marker)) + marker + timestamp
+    set_cell = b"\x0a" + _varint(len(cell)) + cell
+    return b"\x2a" + _varint(len(set_cell)) + set_cell
+
+
+def timestamp_field(timestamp_micros: int) -> bytes:
+    """SetCell's timestamp_micros field."""
+    return b"\x18" + _varint(timestamp_micros)
 
 
 def add_count(qualifier: bytes, value: int) -> bytes:
@@ -159,15 +175,21 @@ def add_count(qualifier: bytes, value: int) -> bytes:
 _FAMILY_FILTER = _field(1, _field(5, MARKERS_FAMILY.encode()))
 
 
-def check_and_mutate(table_name: bytes, key: bytes, marks: list[_Mark]) -> bytes:
+#: One marker of an arm's row and what it guards, a message's impressions of the arm or one reward: the marker as a
+#: pattern (``_quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
+#: window makes several per event.
+Mark = tuple[bytes, bytes, int, int]
+
+
+def check_and_mutate(table_name: bytes, key: bytes, marks: list[Mark]) -> bytes:
     """The request: unless a cell ``d:<one of marks>`` is in row ``key``, write the marks and add their counts."""
-    pattern = b"^(?:" + b"|".join([mark.quoted for mark in marks]) + b")$"
+    pattern = b"^(?:" + b"|".join([mark[0] for mark in marks]) + b")$"
     predicate = _field(6, _field(1, _FAMILY_FILTER + _field(1, _field(6, pattern))))
     impressions = rewards = 0
-    for mark in marks:
-        impressions += mark.impressions
-        rewards += mark.reward
-    mutations = b"".join([mark.mutation for mark in marks])
+    for _, _, n, reward in marks:
+        impressions += n
+        rewards += reward
+    mutations = b"".join([mark[1] for mark in marks])
     if impressions:
         mutations += add_count(IMPRESSIONS, impressions)
     if rewards:
@@ -175,33 +197,16 @@ def check_and_mutate(table_name: bytes, key: bytes, marks: list[_Mark]) -> bytes
     return table_name + _field(2, key) + predicate + mutations
 
 
-@dataclass(slots=True)
-class _Mark:
-    """One marker of an arm's row and what it guards: a message's impressions of the arm, or one reward."""
-
-    quoted: bytes
-    """The marker as a pattern (``_quote``)."""
-    mutation: bytes
-    """The mutation writing it (``set_marker``)."""
-    impressions: int
-    reward: int
-    """Millionths."""
-
-    @property
-    def units(self) -> int:
-        """Impressions, or one reward."""
-        return self.impressions or 1
-
-
 class _Window:
     """A window's records, per arm, with the window's own duplicates taken out."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[_Mark]] = {}
+        self.rows: defaultdict[str, list[Mark]] = defaultdict(list)
         self.keys: set[str] = set()
         self.rewards: set[tuple[str, str]] = set()
         self.duplicates = 0
         self.timestamp_micros = time.time_ns() // 1_000_000 * 1000  # Bigtable's default granularity: milliseconds
+        self._timestamp = timestamp_field(self.timestamp_micros)
 
     def add(self, key: str, shown: Counter[str], rewards: list[tuple[str, str, int]]) -> None:
         """A message's impressions (per arm) and rewards ``(id, event_id, millionths)``."""
@@ -211,24 +216,16 @@ class _Window:
         elif shown:
             self.keys.add(key)
             marker = b"m/" + key.encode()
-            quoted, mutation = _quote(marker), set_marker(marker, self.timestamp_micros)
+            quoted, mutation = _quote(marker), set_marker(marker, self._timestamp)
             for id_, n in shown.items():
-                mark = _Mark(quoted, mutation, n, 0)
-                if (marks := rows.get(id_)) is None:
-                    rows[id_] = [mark]
-                else:
-                    marks.append(mark)
+                rows[id_].append((quoted, mutation, n, 0))
         for id_, event_id, millionths in rewards:
             if (id_, event_id) in self.rewards:
                 self.duplicates += 1
                 continue
             self.rewards.add((id_, event_id))
             marker = b"r/" + event_id.encode()
-            mark = _Mark(_quote(marker), set_marker(marker, self.timestamp_micros), 0, millionths)
-            if (marks := rows.get(id_)) is None:
-                rows[id_] = [mark]
-            else:
-                marks.append(mark)
+            rows[id_].append((_quote(marker), set_marker(marker, self._timestamp), 0, millionths))
 
 
 def parse(data: bytes) -> tuple[Counter[str], list[tuple[str, str, int]]] | None:
@@ -342,6 +339,7 @@ class Learner:
         self.stats = LearnerStats()
         self.metrics = LearnerMetrics(self.stats)
         self._subscriber: Any = None
+        self._ack_deadline_s = 10
         self._client: Any = None
         self._call: Any = None
         self._table_name = _field(1, str(self.path).encode())
@@ -366,9 +364,10 @@ class Learner:
             response_deserializer=messages.CheckAndMutateRowResponse.pb().FromString,
         )
         try:
-            await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
+            subscription = await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
         except Exception as exc:
             raise LearnerError(f"cannot read subscription {self.subscription}: {exc}") from None
+        self._ack_deadline_s = max(int(subscription.ack_deadline_seconds), 10)
         try:
             table = self._client.get_table(self.path.instance, self.path.table)
             await table.read_row(PROBE_KEY.encode(), operation_timeout=30)
@@ -419,16 +418,17 @@ class Learner:
             window.add(key, *parsed)
         self.stats.duplicates += window.duplicates
         ack_ids = [m.ack_id for m in received]
+        lease = asyncio.ensure_future(self._lease(ack_ids))
         try:
             await self._apply(window.rows)
         except Exception as exc:
             # Written rows keep their markers, so the redelivered window skips them.
             self.stats.failed_windows += 1
             logger.warning("window of %d messages given back: %s", len(received), exc)
-            await self._subscriber.modify_ack_deadline(
-                subscription=self.subscription, ack_ids=ack_ids, ack_deadline_seconds=0
-            )
+            await self._modify_ack_deadline(ack_ids, 0)
             return 0
+        finally:
+            lease.cancel()
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
             await self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL])
         now = time.time()
@@ -439,6 +439,22 @@ class Learner:
         self.stats.messages += len(received)
         self.stats.windows += 1
         return len(received)
+
+    async def _modify_ack_deadline(self, ack_ids: list[str], deadline_s: int) -> None:
+        for s in range(0, len(ack_ids), ACKS_PER_CALL):
+            await self._subscriber.modify_ack_deadline(
+                subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL], ack_deadline_seconds=deadline_s
+            )
+
+    async def _lease(self, ack_ids: list[str]) -> None:
+        """Extend a window's ack deadline every half of it while the window is written: a big window (a backlog) or
+        a slow table would otherwise have its messages delivered again meanwhile (counted once, written twice)."""
+        while True:
+            await asyncio.sleep(self._ack_deadline_s / 2)
+            try:
+                await self._modify_ack_deadline(ack_ids, self._ack_deadline_s)
+            except Exception as exc:  # the messages may come again: the markers count them once
+                logger.warning("extending the ack deadline of %d messages failed: %s", len(ack_ids), exc)
 
     async def _pull(self, wait_s: float, max_messages: int | None = None) -> list[Any]:
         from google.api_core import exceptions
@@ -454,7 +470,7 @@ class Learner:
             return []
         return list(response.received_messages)
 
-    async def _apply(self, rows: dict[str, list[_Mark]]) -> None:
+    async def _apply(self, rows: dict[str, list[Mark]]) -> None:
         """Write every row of the window, ``concurrency`` at once; the first failure cancels the rest and raises."""
         work = iter(rows.items())
         writers = [asyncio.ensure_future(self._writer(work)) for _ in range(min(self.concurrency, len(rows)))]
@@ -466,7 +482,7 @@ class Learner:
             await asyncio.gather(*writers, return_exceptions=True)
             raise
 
-    async def _writer(self, work: Iterator[tuple[str, list[_Mark]]]) -> None:
+    async def _writer(self, work: Iterator[tuple[str, list[Mark]]]) -> None:
         for id_, marks in work:
             key = id_.encode()
             for s in range(0, len(marks), MARKERS_PER_CALL):
@@ -475,18 +491,18 @@ class Learner:
                     # Some marker is there already: apply each alone, under its own check.
                     for mark in chunk:
                         if await self._write(key, [mark]):
-                            self.stats.duplicates += mark.units
+                            self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
 
-    async def _write(self, key: bytes, marks: list[_Mark]) -> bool:
+    async def _write(self, key: bytes, marks: list[Mark]) -> bool:
         """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""
         self.stats.writes += 1
         request = check_and_mutate(self._table_name, key, marks)
         response = await self._call(request, timeout=WRITE_TIMEOUT_S, metadata=self._metadata)
         matched = bool(response.predicate_matched)
         if not matched:
-            for mark in marks:
-                if mark.impressions:
-                    self.stats.impressions += mark.impressions
+            for _, _, n, _ in marks:
+                if n:
+                    self.stats.impressions += n
                 else:
                     self.stats.rewards += 1
         return matched

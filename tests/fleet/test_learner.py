@@ -339,7 +339,7 @@ def test_a_request_is_the_clients_own_request_in_bytes() -> None:
     window.add("pub.1/7", shown, [("arm-1", "ev.9", 250_000)])  # the same message again in the window
     assert window.duplicates == 3 + 1
     marks = window.rows["arm-1"]
-    assert [(m.impressions, m.reward) for m in marks] == [(2, 0), (0, 250_000)]
+    assert [(m[2], m[3]) for m in marks] == [(2, 0), (0, 250_000)]
     table = "projects/p/instances/i/tables/t"
     ours = learner_module.check_and_mutate(learner_module._field(1, table.encode()), b"arm-1", marks)
     ts = window.timestamp_micros
