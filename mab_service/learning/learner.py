@@ -132,6 +132,11 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def table_field(table: str) -> bytes:
+    """The request's table_name field, the same for every call."""
+    return _field(1, table.encode())
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (bytes, string or message)."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
@@ -140,7 +145,7 @@ def _field(number: int, payload: bytes) -> bytes:
 _SPECIAL = re.compile(rb"[^A-Za-z0-9_/:-]")
 
 
-def _quote(marker: bytes) -> bytes:
+def quote(marker: bytes) -> bytes:
     # Markers are ASCII (event ids and keys are checked); RE2 takes \xHH for the bytes that mean something in a pattern.
     return _SPECIAL.sub(lambda m: b"\\x%02x" % m[0][0], marker)
 
@@ -176,7 +181,7 @@ _FAMILY_FILTER = _field(1, _field(5, MARKERS_FAMILY.encode()))
 
 
 #: One marker of an arm's row and what it guards, a message's impressions of the arm or one reward: the marker as a
-#: pattern (``_quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
+#: pattern (``quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
 #: window makes several per event.
 Mark = tuple[bytes, bytes, int, int]
 
@@ -216,7 +221,7 @@ class _Window:
         elif shown:
             self.keys.add(key)
             marker = b"m/" + key.encode()
-            quoted, mutation = _quote(marker), set_marker(marker, self._timestamp)
+            quoted, mutation = quote(marker), set_marker(marker, self._timestamp)
             for id_, n in shown.items():
                 rows[id_].append((quoted, mutation, n, 0))
         for id_, event_id, millionths in rewards:
@@ -225,7 +230,7 @@ class _Window:
                 continue
             self.rewards.add((id_, event_id))
             marker = b"r/" + event_id.encode()
-            rows[id_].append((_quote(marker), set_marker(marker, self._timestamp), 0, millionths))
+            rows[id_].append((quote(marker), set_marker(marker, self._timestamp), 0, millionths))
 
 
 def parse(data: bytes) -> tuple[Counter[str], list[tuple[str, str, int]]] | None:
@@ -341,8 +346,8 @@ class Learner:
         self._subscriber: Any = None
         self._ack_deadline_s = 10
         self._client: Any = None
-        self._call: Any = None
-        self._table_name = _field(1, str(self.path).encode())
+        self._decode: Any = None
+        self._table_name = table_field(str(self.path))
         # The routing header Bigtable expects, as the client sends it.
         self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
 
@@ -358,11 +363,7 @@ class Learner:
             raise LearnerError(f"the learner needs mab-service[fleet] installed ({exc})") from None
         self._subscriber = subscriber_client()
         self._client = data_client(self.path.project)
-        self._call = self._client.transport.grpc_channel.unary_unary(
-            CHECK_AND_MUTATE_ROW,
-            request_serializer=None,
-            response_deserializer=messages.CheckAndMutateRowResponse.pb().FromString,
-        )
+        self._decode = messages.CheckAndMutateRowResponse.pb().FromString
         try:
             subscription = await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
         except Exception as exc:
@@ -472,8 +473,13 @@ class Learner:
 
     async def _apply(self, rows: dict[str, list[Mark]]) -> None:
         """Write every row of the window, ``concurrency`` at once; the first failure cancels the rest and raises."""
+        # The client's channel of the moment: it replaces its channel every ~40 minutes (a call made on the old one
+        # fails once that is closed), so the stub is taken per window.
+        call = self._client.transport.grpc_channel.unary_unary(
+            CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._decode
+        )
         work = iter(rows.items())
-        writers = [asyncio.ensure_future(self._writer(work)) for _ in range(min(self.concurrency, len(rows)))]
+        writers = [asyncio.ensure_future(self._writer(call, work)) for _ in range(min(self.concurrency, len(rows)))]
         try:
             await asyncio.gather(*writers)
         except BaseException:
@@ -482,22 +488,22 @@ class Learner:
             await asyncio.gather(*writers, return_exceptions=True)
             raise
 
-    async def _writer(self, work: Iterator[tuple[str, list[Mark]]]) -> None:
+    async def _writer(self, call: Any, work: Iterator[tuple[str, list[Mark]]]) -> None:
         for id_, marks in work:
             key = id_.encode()
             for s in range(0, len(marks), MARKERS_PER_CALL):
                 chunk = marks[s : s + MARKERS_PER_CALL]
-                if await self._write(key, chunk):
+                if await self._write(call, key, chunk):
                     # Some marker is there already: apply each alone, under its own check.
                     for mark in chunk:
-                        if await self._write(key, [mark]):
+                        if await self._write(call, key, [mark]):
                             self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
 
-    async def _write(self, key: bytes, marks: list[Mark]) -> bool:
+    async def _write(self, call: Any, key: bytes, marks: list[Mark]) -> bool:
         """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""
         self.stats.writes += 1
         request = check_and_mutate(self._table_name, key, marks)
-        response = await self._call(request, timeout=WRITE_TIMEOUT_S, metadata=self._metadata)
+        response = await call(request, timeout=WRITE_TIMEOUT_S, metadata=self._metadata)
         matched = bool(response.predicate_matched)
         if not matched:
             for _, _, n, _ in marks:

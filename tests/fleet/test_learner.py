@@ -341,7 +341,7 @@ def test_a_request_is_the_clients_own_request_in_bytes() -> None:
     marks = window.rows["arm-1"]
     assert [(m[2], m[3]) for m in marks] == [(2, 0), (0, 250_000)]
     table = "projects/p/instances/i/tables/t"
-    ours = learner_module.check_and_mutate(learner_module._field(1, table.encode()), b"arm-1", marks)
+    ours = learner_module.check_and_mutate(learner_module.table_field(table), b"arm-1", marks)
     ts = window.timestamp_micros
     theirs = bigtable.CheckAndMutateRowRequest(
         table_name=table,
@@ -412,3 +412,30 @@ def test_learn_serves_its_metrics(
             if learner.poll() is None:
                 learner.kill()
                 learner.wait()
+
+
+def test_writes_follow_the_clients_channel_when_it_is_replaced(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 30, truth))
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05, max_messages=5)
+        await learner.start()
+        try:
+            await learner.step(wait_s=2.0)
+            # What the client does every ~40 minutes: a new channel in, the old one closed after a grace period.
+            channel = learner._client.transport.grpc_channel
+            old = channel.swap_channel(channel.create_channel())
+            await old.close()
+            while learner.stats.messages < sent:
+                assert await learner.step(wait_s=2.0) > 0
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.failed_windows == 0
+    assert_exact(str(resources.table), truth)
