@@ -6,7 +6,7 @@ Both emulators start on free loopback ports, in their own process groups, on the
 a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records, to one
 topic with one subscription per window size of ``--window-events``. Then, one window size after the other, one
 learner in this process drains its subscription into a table of its own, its windows cut at that many events
-(``max_messages`` = window events / records per message): what a window of ``window_s`` holds at a steady rate of
+(``max_messages`` = window events / events per message): what a window of ``window_s`` holds at a steady rate of
 window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
 thread, gRPC's and the clients' own included, which tick with wall time, and the emulator makes wall time long), those
 of its event loop's thread alone (``time.thread_time``: the work per event and per call), wall time, the emulators'
@@ -82,6 +82,12 @@ async def publish(topic: str, args: argparse.Namespace) -> int:
     return len(rewards)
 
 
+def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
+    """Messages holding ``window_events`` events: a message's records are its events and their rewards."""
+    events_per_message: float = args.records / (1 + args.top_k * args.reward_rate)
+    return max(1, round(window_events / events_per_message))
+
+
 async def drain(
     subscription: str, table: str, window_events: int, args: argparse.Namespace
 ) -> tuple[Learner, float, float, float]:
@@ -90,7 +96,7 @@ async def drain(
         subscription,
         table,
         window_s=5.0,
-        max_messages=max(1, window_events // args.records),
+        max_messages=messages_per_window(window_events, args),
         concurrency=args.concurrency,
     )
     await learner.start()
@@ -230,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             markers = asyncio.run(markers_per_row(resources.table))
             s = learner.stats
             print(
-                f"window {window} events: {s.windows} windows, {s.messages} messages; learner CPU {cpu:.2f} s "
+                f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
+                f"{s.messages} messages; learner CPU {cpu:.2f} s "
                 f"({cpu / args.events * 1e6:.1f} us per event, {args.events / cpu:,.0f} events/s per core), "
                 f"event loop's thread {loop:.2f} s ({loop / args.events * 1e6:.1f} us per event, "
                 f"{args.events / loop:,.0f} events/s), wall {wall:.2f} s; "
