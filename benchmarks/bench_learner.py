@@ -102,8 +102,10 @@ async def drain(
     await learner.start()
     cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
-    while idle < 2:
-        idle = idle + 1 if await learner.step(wait_s=1.0) == 0 else 0
+    while idle < 2:  # two empty pulls: drained (a window given back is not one)
+        failed = learner.stats.failed_windows
+        handled = await learner.step(wait_s=1.0)
+        idle = idle + 1 if handled == 0 and learner.stats.failed_windows == failed else 0
     cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
     wall = time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
     await learner.close()
