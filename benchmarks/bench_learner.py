@@ -1,12 +1,18 @@
 """Events per second per core of the learner, applying a backlog from the Pub/Sub emulator to the Bigtable emulator.
 
-Both emulators start on free loopback ports (their own process groups). ``--events`` answered events of ``--top-k``
-ids drawn from ``--arms`` arms (Zipf-like popularity, exponent 1.1), and a reward for ``--reward-rate`` of the
-impressions, go through the sink in messages of ``--records`` records. Then one learner, in this process (pin it with
-taskset), drains the backlog: its CPU seconds (``time.process_time``), wall time, and the emulators' CPU are printed,
-with the events and the CheckAndMutateRow calls per second of learner CPU.
+Both emulators start on free loopback ports, in their own process groups, on the cores this process is not pinned to
+(so that ``taskset -c 1`` gives the learner a core to itself, as far as the machine's other users allow).
+``--events`` answered events of ``--top-k`` ids drawn from ``--arms`` arms (Zipf-like popularity, exponent 1.1), and
+a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records, to one
+topic with one subscription per window size of ``--window-events``. Then, one window size after the other, one
+learner in this process drains its subscription into a table of its own, its windows cut at that many events
+(``max_messages`` = window events / events per message): what a window of ``window_s`` holds at a steady rate of
+window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
+thread, gRPC's and the clients' own included, which tick with wall time, and the emulator makes wall time long), those
+of its event loop's thread alone (``time.thread_time``: the work per event and per call), wall time, the emulators'
+CPU, events per learner CPU second, CheckAndMutateRow calls, and the markers left in the table.
 
-    PYTHONPATH=$PWD taskset -c 1 python -m benchmarks.bench_learner [--events 20000] [--top-k 10] [--arms 10000]
+    PYTHONPATH=$PWD taskset -c 1 python -m benchmarks.bench_learner [--events 50000] [--window-events 5000,25000]
 """
 
 from __future__ import annotations
@@ -20,23 +26,34 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from benchmarks.bench_service import free_port, session_cpu_seconds
-from mab_service.features.bigtable import TablePath
+from mab_service.features.bigtable import MARKERS_FAMILY, TablePath, data_client
 from mab_service.learning import fleet_setup
-from mab_service.learning.learner import Learner
+from mab_service.learning.learner import (
+    CHECK_AND_MUTATE_ROW,
+    Learner,
+    check_and_mutate,
+    quote,
+    set_marker,
+    table_field,
+    timestamp_field,
+)
 from mab_service.learning.pubsub import PubSubSink
 
 
 def start(kind: str, variable: str) -> subprocess.Popen[bytes]:
     port = free_port()
+    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
     proc = subprocess.Popen(
         ["gcloud", "beta", "emulators", kind, "start", f"--host-port=127.0.0.1:{port}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=(lambda: os.sched_setaffinity(0, others)) if others else None,
     )
     os.environ[variable] = f"127.0.0.1:{port}"
     return proc
@@ -46,7 +63,7 @@ async def publish(topic: str, args: argparse.Namespace) -> int:
     rng = np.random.default_rng(11)
     weights = 1.0 / np.arange(1, args.arms + 1) ** 1.1
     weights /= weights.sum()
-    sink = PubSubSink(topic, max_records=args.records, max_delay_s=0.05, max_pending=100_000)
+    sink = PubSubSink(topic, max_records=args.records, max_delay_s=60.0, max_pending=100_000)
     sink.start()
     rewards = []
     prefix = uuid.uuid4().hex[:8]
@@ -56,60 +73,182 @@ async def publish(topic: str, args: argparse.Namespace) -> int:
         sink.event(event_id, ids, 0.0)
         for id_ in ids:
             if rng.random() < args.reward_rate:
-                rewards.append(sink.reward(event_id, id_, 1.0, 0.0))
+                rewards.append(asyncio.ensure_future(sink.reward(event_id, id_, 1.0, 0.0)))
+        if n % 1000 == 999:
+            await asyncio.sleep(0)  # let the sink's callbacks run
+    sink.flush()
     await asyncio.gather(*rewards)
     await sink.close()
     return len(rewards)
 
 
-async def drain(resources: fleet_setup.FleetResources, args: argparse.Namespace) -> tuple[Learner, float, float]:
+def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
+    """Messages holding ``window_events`` events: a message's records are its events and their rewards."""
+    events_per_message: float = args.records / (1 + args.top_k * args.reward_rate)
+    return max(1, round(window_events / events_per_message))
+
+
+async def drain(
+    subscription: str, table: str, window_events: int, args: argparse.Namespace
+) -> tuple[Learner, float, float, float]:
+    # Windows cut by size: a long window_s, so that each holds window_events (the backlog is there already).
     learner = Learner(
-        resources.subscription, str(resources.table), window_s=args.window_s, concurrency=args.concurrency
+        subscription,
+        table,
+        window_s=5.0,
+        max_messages=messages_per_window(window_events, args),
+        concurrency=args.concurrency,
     )
     await learner.start()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
-    while idle < 2:
-        idle = idle + 1 if await learner.step(wait_s=1.0) == 0 else 0
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
+    while idle < 2:  # two empty pulls: drained (a window given back is not one)
+        failed = learner.stats.failed_windows
+        handled = await learner.step(wait_s=1.0)
+        idle = idle + 1 if handled == 0 and learner.stats.failed_windows == failed else 0
+    cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
+    wall = time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
     await learner.close()
-    return learner, cpu, wall
+    return learner, cpu, loop, wall
+
+
+async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[str]:
+    """CPU of the event loop's thread per CheckAndMutateRow of 3 new markers and one addition, three ways, in turns:
+    the client's ``check_and_mutate_row``; the learner's request bytes on the client's channel (what it does); the same
+    bytes on a plain gRPC channel to the emulator (without the client's two interceptors)."""
+    import urllib.parse
+
+    import grpc
+    from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+    from google.cloud.bigtable_v2.types import bigtable as messages
+
+    client = data_client(path.project)
+    table = client.get_table(path.instance, path.table)
+    metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(path))}"),)
+    decode = messages.CheckAndMutateRowResponse.pb().FromString
+    ours = client.transport.grpc_channel.unary_unary(CHECK_AND_MUTATE_ROW, None, decode)
+    plain_channel = grpc.aio.insecure_channel(os.environ["BIGTABLE_EMULATOR_HOST"])
+    plain = plain_channel.unary_unary(CHECK_AND_MUTATE_ROW, None, decode)
+    prefix = table_field(str(path))
+    ts = time.time_ns() // 1_000_000 * 1000
+    stamp = timestamp_field(ts)
+
+    async def client_call(key: bytes, markers: list[bytes]) -> None:
+        predicate = row_filters.RowFilterChain(
+            [
+                row_filters.FamilyNameRegexFilter(MARKERS_FAMILY),
+                row_filters.ColumnQualifierRegexFilter(b"^(?:" + b"|".join(quote(m) for m in markers) + b")$"),
+            ]
+        )
+        mutations = [SetCell(MARKERS_FAMILY, m, b"", ts) for m in markers] + [AddToCell("c", b"i", 3, 0)]
+        await table.check_and_mutate_row(key, predicate, false_case_mutations=mutations)
+
+    async def bytes_call(call: Any, key: bytes, markers: list[bytes]) -> None:
+        request = check_and_mutate(prefix, key, [(quote(m), set_marker(m, stamp), 1, 0) for m in markers])
+        await call(request, timeout=30, metadata=metadata)
+
+    ways = {
+        "the client's check_and_mutate_row": client_call,
+        "request bytes on the client's channel (the learner)": lambda k, m: bytes_call(ours, k, m),
+        "request bytes on a plain channel": lambda k, m: bytes_call(plain, k, m),
+    }
+    spent = dict.fromkeys(ways, 0.0)
+    for turn in range(2):
+        for name, way in ways.items():
+            work = iter(range(calls // 2))
+            tag = f"{name[:6]}{turn}".encode()
+
+            async def worker() -> None:
+                for i in work:
+                    await way(b"arm-%07d" % (i % 1000), [b"m/%s/%d/%d" % (tag, i, j) for j in range(3)])
+
+            t0 = time.thread_time()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            spent[name] += time.thread_time() - t0
+    await plain_channel.close()
+    await client.close()
+    return [f"{name}: {spent[name] / (calls // 2 * 2) * 1e6:.0f} us" for name in ways]
+
+
+async def markers_per_row(path: TablePath) -> list[int]:
+    """Marker cells in each row of the table."""
+    from google.cloud.bigtable.data import ReadRowsQuery, row_filters
+
+    client = data_client(path.project)
+    try:
+        table = client.get_table(path.instance, path.table)
+        rows = await table.read_rows(
+            ReadRowsQuery(
+                row_filter=row_filters.RowFilterChain(
+                    [row_filters.FamilyNameRegexFilter(MARKERS_FAMILY), row_filters.StripValueTransformerFilter(True)]
+                )
+            ),
+            operation_timeout=600,
+        )
+        return [len(row.cells) for row in rows]
+    finally:
+        await client.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_learner", description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--arms", type=int, default=10_000)
     parser.add_argument("--reward-rate", type=float, default=0.05)
-    parser.add_argument("--records", type=int, default=1000, help="records per message")
-    parser.add_argument("--window-s", type=float, default=0.2)
+    parser.add_argument("--records", type=int, default=250, help="records per message (a replica's 20 ms)")
+    parser.add_argument(
+        "--window-events", default="5000,25000", help="events per window, comma-separated: one learner run each"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--calls", type=int, default=4000, help="calls of each way in the per-call comparison (0: none)"
+    )
     args = parser.parse_args(argv)
+    windows = [int(w) for w in args.window_events.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the emulators below are stopped
     emulators = [start("bigtable", "BIGTABLE_EMULATOR_HOST"), start("pubsub", "PUBSUB_EMULATOR_HOST")]
     try:
         time.sleep(5)
         tag = uuid.uuid4().hex[:8]
-        resources = fleet_setup.FleetResources(
-            topic=f"projects/bench/topics/events-{tag}",
-            subscription=f"projects/bench/subscriptions/learners-{tag}",
-            table=TablePath("bench", "bench", f"arms-{tag}"),
-        )
-        fleet_setup.setup(resources, say=lambda _: None)
-        rewards = asyncio.run(publish(resources.topic, args))
-        emulator_cpu0 = sum(session_cpu_seconds(e.pid) for e in emulators)
-        learner, cpu, wall = asyncio.run(drain(resources, args))
-        emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
-        stats = learner.stats
+        runs = [
+            fleet_setup.FleetResources(
+                topic=f"projects/bench/topics/events-{tag}",
+                subscription=f"projects/bench/subscriptions/learners-{tag}-{w}",
+                table=TablePath("bench", "bench", f"arms-{tag}-{w}"),
+            )
+            for w in windows
+        ]
+        for resources in runs:
+            fleet_setup.setup(resources, say=lambda _: None)
+        if args.calls:
+            calls_table = TablePath("bench", "bench", f"calls-{tag}")
+            fleet_setup.ensure_table(calls_table, marker_ttl_s=3600, say=lambda _: None)
+            lines = asyncio.run(compare_calls(calls_table, args.calls, args.concurrency))
+            print("event loop CPU per CheckAndMutateRow (3 markers), side by side:", "; ".join(lines))
+        rewards = asyncio.run(publish(runs[0].topic, args))
         print(
-            f"{args.events} events of top_k {args.top_k} over {args.arms} arms, {rewards} rewards, "
-            f"{stats.messages} messages, {stats.windows} windows"
+            f"{args.events} events of top_k {args.top_k} over {args.arms} arms (Zipf 1.1), {rewards} rewards, "
+            f"messages of {args.records} records; learner pinned to CPUs {sorted(os.sched_getaffinity(0))}"
         )
-        print(f"learner CPU {cpu:.2f} s, wall {wall:.2f} s, emulators' CPU {emulator_cpu:.2f} s")
-        print(
-            f"per learner CPU second: {args.events / cpu:,.0f} events, {stats.impressions / cpu:,.0f} impressions, "
-            f"{stats.writes / cpu:,.0f} CheckAndMutateRow calls ({stats.writes} in all)"
-        )
+        for window, resources in zip(windows, runs):
+            emulator_cpu0 = sum(session_cpu_seconds(e.pid) for e in emulators)
+            learner, cpu, loop, wall = asyncio.run(drain(resources.subscription, str(resources.table), window, args))
+            emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
+            markers = asyncio.run(markers_per_row(resources.table))
+            s = learner.stats
+            print(
+                f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
+                f"{s.messages} messages; learner CPU {cpu:.2f} s "
+                f"({cpu / args.events * 1e6:.1f} us per event, {args.events / cpu:,.0f} events/s per core), "
+                f"event loop's thread {loop:.2f} s ({loop / args.events * 1e6:.1f} us per event, "
+                f"{args.events / loop:,.0f} events/s), wall {wall:.2f} s; "
+                f"{s.writes} CheckAndMutateRow ({s.writes / args.events:.3f} per event, "
+                f"{loop / s.writes * 1e6:.0f} us of the loop's CPU each); emulators' CPU {emulator_cpu:.2f} s "
+                f"({emulator_cpu / s.writes * 1e3:.2f} ms per call); {sum(markers)} markers in {len(markers)} rows "
+                f"(at most {max(markers, default=0)} in one); impressions {s.impressions}, rewards {s.rewards}, "
+                f"duplicates {s.duplicates}"
+            )
     finally:
         for e in emulators:
             os.killpg(e.pid, signal.SIGKILL)

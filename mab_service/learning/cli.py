@@ -49,7 +49,7 @@ def setup_main(argv: list[str]) -> int:
 
 
 def learn_main(argv: list[str]) -> int:
-    from mab_service.learning.learner import Learner
+    from mab_service.learning.learner import DEFAULT_METRICS_PORT, DEFAULT_WINDOW_S, Learner, LearnerError
 
     parser = argparse.ArgumentParser(
         prog="mab-service learn",
@@ -58,10 +58,22 @@ def learn_main(argv: list[str]) -> int:
     )
     parser.add_argument("--events", required=True, metavar="pubsub:projects/P/subscriptions/S")
     parser.add_argument("--posteriors", required=True, metavar="bigtable:projects/P/instances/I/tables/T")
-    parser.add_argument("--window-s", type=float, default=0.2, help="how long a window collects messages")
+    parser.add_argument(
+        "--window-s",
+        type=float,
+        default=DEFAULT_WINDOW_S,
+        help="how long a window collects messages after its first (a write per arm it touches per window)",
+    )
     parser.add_argument("--max-messages", type=int, default=1000, help="messages per window at most")
     parser.add_argument("--concurrency", type=int, default=64, help="rows written at once")
     parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="port of the Prometheus /metrics endpoint (0: none)",
+    )
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address the /metrics endpoint listens on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -83,11 +95,23 @@ def learn_main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        server = None
         try:
             await learner.start()
+            if args.metrics_port:
+                from prometheus_client import start_http_server
+
+                try:
+                    server, _ = start_http_server(
+                        args.metrics_port, args.metrics_host, registry=learner.metrics.registry
+                    )
+                except OSError as exc:
+                    raise LearnerError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
             print(f"learning from {subscription} into {table}", file=sys.stderr, flush=True)
             await learner.run(stop, log_every_s=args.log_every_s)
         finally:
+            if server is not None:
+                server.shutdown()
             await learner.close()
 
     try:

@@ -1,17 +1,22 @@
 """The fleet's learner: Pub/Sub messages of events and rewards in, exact counts in Bigtable out.
 
-Each window (``window_s``, or ``max_messages`` messages) the learner pulls messages from the subscription,
-aggregates their records per arm, and for each arm makes one ``CheckAndMutateRow`` call: if none of the window's
-deduplication markers for that arm is in its row, it writes them all and adds the window's impressions and rewards
-to the arm's counts (``AddToCell`` on the aggregate family), in one atomic step of that row. If one is there (a
-redelivered message, a reward posted to two replicas, a learner that died after writing and before acking), the
-arm's records are applied one by one with the same check, so each (event, arm) counts exactly once whatever order
+Each window (``window_s`` after its first message, or ``max_messages`` messages) the learner pulls messages from the
+subscription, aggregates their records per arm, and for each arm makes one ``CheckAndMutateRow`` call: if none of
+the window's deduplication markers for that arm is in its row, it writes them all and adds the window's impressions
+and rewards to the arm's counts (``AddToCell`` on the aggregate family), in one atomic step of that row. If one is
+there (a redelivered message, a reward posted to two replicas, a learner that died after writing and before
+acking), the arm's markers are applied one by one with the same check, so each counts exactly once whatever order
 learners see them in. Messages are acknowledged only after every arm of the window is written; a failed write
 gives the whole window back to Pub/Sub (the markers make the second pass skip what the first wrote).
 
-Markers: ``d:e/<event_id>`` in the row of each id the event returned (one impression), ``d:r/<event_id>`` in the row
-of the rewarded id (one reward). Family ``d`` is garbage-collected after the subscription's retention plus a margin
-(``fleet_setup``), so a marker outlives every redelivery of the message that wrote it. docs/fleet.md argues it.
+Markers, in the row of the arm they guard: ``d:m/<k>`` for a message's impressions of that arm, ``k`` being the
+message's key (``<publisher id>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
+``d:r/<event_id>`` for the reward of that (event, arm), which two replicas may publish in two messages. Family ``d``
+is garbage-collected after the subscription's retention plus a margin (``fleet_setup``), so a marker outlives every
+redelivery of the message that wrote it. docs/fleet.md argues it.
+
+The calls go out on the Bigtable client's own gRPC channel (its credentials, its emulator, its refresh) as protobuf
+bytes built here: through the client's ``check_and_mutate_row`` a call costs ~3.5 times the CPU (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -22,30 +27,47 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+import urllib.parse
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import orjson
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
 from mab_service.features.bigtable import (
     COUNTS_FAMILY,
     IMPRESSIONS,
     MARKERS_FAMILY,
+    PROBE_KEY,
     REWARD_SCALE,
     REWARDS,
     TablePath,
     data_client,
 )
+from mab_service.learning.pubsub import FORMAT_VERSION
 
 logger = logging.getLogger("mab_service.learner")
 
 #: Markers checked by one CheckAndMutateRow (its filter and mutation list stay small).
 MARKERS_PER_CALL = 100
 EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: A message key: ``<publisher id>/<sequence>`` (``pubsub.PubSubSink``).
+MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
+#: Arm ids are row keys: Bigtable takes 1 to 4096 bytes (the service's ids are at most 4096 characters).
+MAX_ROW_KEY_BYTES = 4096
 #: How many ack ids go in one Acknowledge call (the request must stay under 512 KB).
 ACKS_PER_CALL = 1000
 ERROR_BACKOFF_S = 1.0
+#: Deadline of one CheckAndMutateRow; one that runs out fails its window (its outcome is unknown, the markers decide).
+WRITE_TIMEOUT_S = 30.0
+CHECK_AND_MUTATE_ROW = "/google.bigtable.v2.Bigtable/CheckAndMutateRow"
+DEFAULT_WINDOW_S = 0.5
+DEFAULT_METRICS_PORT = 9464
 
 
 class LearnerError(MabError):
@@ -57,13 +79,14 @@ class LearnerError(MabError):
 @dataclass
 class LearnerStats:
     messages: int = 0
+    """Messages acknowledged."""
     windows: int = 0
     impressions: int = 0
     """Impressions added to Bigtable (duplicates excluded)."""
     rewards: int = 0
     """Rewards added to Bigtable (duplicates excluded)."""
     duplicates: int = 0
-    """Records whose marker was already written: redeliveries and repeated rewards."""
+    """Impressions and rewards skipped because their marker was already there: redeliveries, repeated rewards."""
     malformed: int = 0
     """Messages that are not records of this format: acknowledged and logged, never applied."""
     failed_windows: int = 0
@@ -87,9 +110,210 @@ def subscriber_client() -> Any:
     return SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=grpc.aio.insecure_channel(host)))
 
 
-def _quote(marker: bytes) -> bytes:
-    # Markers are ASCII (event ids are checked); RE2 takes \xHH for the bytes that mean something in a pattern.
-    return b"".join(bytes([c]) if chr(c).isalnum() or c in b"_/:-" else b"\\x%02x" % c for c in marker)
+# The CheckAndMutateRow request, written as protobuf bytes (google/bigtable/v2/bigtable.proto and data.proto). Field
+# numbers: CheckAndMutateRowRequest table_name 1, row_key 2, predicate_filter 6, false_mutations 5; RowFilter chain 1,
+# family_name_regex_filter 5, column_qualifier_regex_filter 6; Chain filters 1; Mutation set_cell 1, add_to_cell 5;
+# SetCell family_name 1, column_qualifier 2, timestamp_micros 3; AddToCell family_name 1, column_qualifier 2,
+# timestamp 3, input 4; Value raw_value 8, raw_timestamp_micros 9, int_value 6. tests/fleet/test_learner.py checks the
+# bytes against the client's own request.
+
+
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def table_field(table: str) -> bytes:
+    """The request's table_name field, the same for every call."""
+    return _field(1, table.encode())
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (bytes, string or message)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+_SPECIAL = re.compile(rb"[^A-Za-z0-9_/:-]")
+
+
+def quote(marker: bytes) -> bytes:
+    # Markers are ASCII (event ids and keys are checked); RE2 takes \xHH for the bytes that mean something in a pattern.
+    return _SPECIAL.sub(lambda m: b"\\x%02x" % m[0][0], marker)
+
+
+_MARKER_CELL = _field(1, MARKERS_FAMILY.encode()) + b"\x12"  # family_name, then column_qualifier's tag
+
+
+def set_marker(marker: bytes, timestamp: bytes) -> bytes:
+    """A false-case mutation of the request: write marker cell ``d:<marker>`` (empty value) at ``timestamp``
+    (``timestamp_field``). Several per event: written out by hand."""
+    cell = _MARKER_CELL + _varint(len(marker)) + marker + timestamp
+    set_cell = b"\x0a" + _varint(len(cell)) + cell
+    return b"\x2a" + _varint(len(set_cell)) + set_cell
+
+
+def timestamp_field(timestamp_micros: int) -> bytes:
+    """SetCell's timestamp_micros field."""
+    return b"\x18" + _varint(timestamp_micros)
+
+
+def add_count(qualifier: bytes, value: int) -> bytes:
+    """A false-case mutation of the request: add ``value`` to ``c:<qualifier>``'s one aggregate cell (timestamp 0)."""
+    add = (
+        _field(1, COUNTS_FAMILY.encode())
+        + _field(2, _field(8, qualifier))
+        + _field(3, b"\x48\x00")
+        + _field(4, b"\x30" + _varint(value))
+    )
+    return _field(5, _field(5, add))
+
+
+_FAMILY_FILTER = _field(1, _field(5, MARKERS_FAMILY.encode()))
+
+
+#: One marker of an arm's row and what it guards, a message's impressions of the arm or one reward: the marker as a
+#: pattern (``quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
+#: window makes several per event.
+Mark = tuple[bytes, bytes, int, int]
+
+
+def check_and_mutate(table_name: bytes, key: bytes, marks: list[Mark]) -> bytes:
+    """The request: unless a cell ``d:<one of marks>`` is in row ``key``, write the marks and add their counts."""
+    pattern = b"^(?:" + b"|".join([mark[0] for mark in marks]) + b")$"
+    predicate = _field(6, _field(1, _FAMILY_FILTER + _field(1, _field(6, pattern))))
+    impressions = rewards = 0
+    for _, _, n, reward in marks:
+        impressions += n
+        rewards += reward
+    mutations = b"".join([mark[1] for mark in marks])
+    if impressions:
+        mutations += add_count(IMPRESSIONS, impressions)
+    if rewards:
+        mutations += add_count(REWARDS, rewards)
+    return table_name + _field(2, key) + predicate + mutations
+
+
+class _Window:
+    """A window's records, per arm, with the window's own duplicates taken out."""
+
+    def __init__(self) -> None:
+        self.rows: defaultdict[str, list[Mark]] = defaultdict(list)
+        self.keys: set[str] = set()
+        self.rewards: set[tuple[str, str]] = set()
+        self.duplicates = 0
+        self.timestamp_micros = time.time_ns() // 1_000_000 * 1000  # Bigtable's default granularity: milliseconds
+        self._timestamp = timestamp_field(self.timestamp_micros)
+
+    def add(self, key: str, shown: Counter[str], rewards: list[tuple[str, str, int]]) -> None:
+        """A message's impressions (per arm) and rewards ``(id, event_id, millionths)``."""
+        rows = self.rows
+        if key in self.keys:  # the same message twice in one window (published or delivered again)
+            self.duplicates += sum(shown.values())
+        elif shown:
+            self.keys.add(key)
+            marker = b"m/" + key.encode()
+            quoted, mutation = quote(marker), set_marker(marker, self._timestamp)
+            for id_, n in shown.items():
+                rows[id_].append((quoted, mutation, n, 0))
+        for id_, event_id, millionths in rewards:
+            if (id_, event_id) in self.rewards:
+                self.duplicates += 1
+                continue
+            self.rewards.add((id_, event_id))
+            marker = b"r/" + event_id.encode()
+            rows[id_].append((quote(marker), set_marker(marker, self._timestamp), 0, millionths))
+
+
+def parse(data: bytes) -> tuple[Counter[str], list[tuple[str, str, int]]] | None:
+    """A message's impressions per arm and its rewards ``(id, event_id, millionths)``; None if it is malformed."""
+    try:
+        records = orjson.loads(data)
+        if type(records) is not list:
+            return None
+        shown: Counter[str] = Counter()
+        rewards: list[tuple[str, str, int]] = []
+        for record in records:
+            kind = record[0]
+            if kind == "e":
+                ids = record[3]
+                if type(ids) is not list:
+                    return None
+                shown.update(ids)
+            elif kind == "r":
+                event_id, id_, reward = record[2], record[3], record[4]
+                if type(event_id) is not str or EVENT_ID.match(event_id) is None or type(id_) is not str:
+                    return None
+                if type(reward) not in (int, float) or not 0.0 <= reward <= 1.0:
+                    return None
+                rewards.append((id_, event_id, round(reward * REWARD_SCALE)))
+            else:
+                return None
+        for id_ in shown:  # distinct ids only: far fewer than the impressions
+            if type(id_) is not str or not 0 < len(id_.encode()) <= MAX_ROW_KEY_BYTES:
+                return None
+        if any(not 0 < len(id_.encode()) <= MAX_ROW_KEY_BYTES for id_, _, _ in rewards):
+            return None
+    except (orjson.JSONDecodeError, TypeError, IndexError, KeyError, UnicodeEncodeError):
+        return None
+    return shown, rewards
+
+
+class LearnerMetrics:
+    """The learner's Prometheus metrics, in a registry of their own.
+
+    The counters are ``LearnerStats`` read at each scrape (the hot path adds to plain ints); the histograms and the
+    gauge are observed once per window (and once per message for the lag).
+    """
+
+    def __init__(self, stats: LearnerStats) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(stats))
+        self.window_seconds = Histogram(
+            "mab_learner_window_seconds",
+            "Time to apply one window: its rows written and its messages acknowledged.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.lag_seconds = Histogram(
+            "mab_learner_lag_seconds",
+            "From a message's publish time (Pub/Sub's clock) to its acknowledgement.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0),
+            registry=self.registry,
+        )
+        self.last_ack = Gauge(
+            "mab_learner_last_ack_timestamp_seconds",
+            "Unix time of the last acknowledged window.",
+            registry=self.registry,
+        )
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: LearnerStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        docs = {
+            "messages": "Messages acknowledged.",
+            "windows": "Windows applied and acknowledged.",
+            "impressions": "Impressions added to Bigtable.",
+            "rewards": "Rewards added to Bigtable.",
+            "duplicates": "Impressions and rewards skipped: their marker was there (redelivered or repeated).",
+            "malformed": "Messages acknowledged and skipped: not records of this format.",
+            "failed_windows": "Windows given back to Pub/Sub because a write failed.",
+            "errors": "Steps that failed (pull, write or acknowledgement) and were retried.",
+            "writes": "CheckAndMutateRow calls.",
+        }
+        for f in fields(self.stats):
+            yield CounterMetricFamily(f"mab_learner_{f.name}", docs[f.name], value=getattr(self.stats, f.name))
 
 
 class Learner:
@@ -104,7 +328,13 @@ class Learner:
     """
 
     def __init__(
-        self, subscription: str, table: str, *, window_s: float = 0.2, max_messages: int = 1000, concurrency: int = 64
+        self,
+        subscription: str,
+        table: str,
+        *,
+        window_s: float = DEFAULT_WINDOW_S,
+        max_messages: int = 1000,
+        concurrency: int = 64,
     ) -> None:
         self.subscription = subscription
         self.path = TablePath.parse(table)
@@ -112,10 +342,14 @@ class Learner:
         self.max_messages = max_messages
         self.concurrency = concurrency
         self.stats = LearnerStats()
+        self.metrics = LearnerMetrics(self.stats)
         self._subscriber: Any = None
+        self._ack_deadline_s = 10
         self._client: Any = None
-        self._table: Any = None
-        self._limit = asyncio.Semaphore(concurrency)
+        self._decode: Any = None
+        self._table_name = table_field(str(self.path))
+        # The routing header Bigtable expects, as the client sends it.
+        self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
 
     async def start(self) -> None:
         """Connect, and check that the subscription and the table exist.
@@ -124,19 +358,20 @@ class Learner:
             LearnerError: If the client libraries are missing, or the subscription or the table cannot be read.
         """
         try:
-            from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+            from google.cloud.bigtable_v2.types import bigtable as messages
         except ImportError as exc:
             raise LearnerError(f"the learner needs mab-service[fleet] installed ({exc})") from None
-        self._add, self._set, self._filters = AddToCell, SetCell, row_filters
         self._subscriber = subscriber_client()
         self._client = data_client(self.path.project)
-        self._table = self._client.get_table(self.path.instance, self.path.table)
+        self._decode = messages.CheckAndMutateRowResponse.pb().FromString
         try:
-            await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
+            subscription = await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
         except Exception as exc:
             raise LearnerError(f"cannot read subscription {self.subscription}: {exc}") from None
+        self._ack_deadline_s = max(int(subscription.ack_deadline_seconds), 10)
         try:
-            await self._table.read_row(b"\x00mab-service-probe", operation_timeout=30)
+            table = self._client.get_table(self.path.instance, self.path.table)
+            await table.read_row(PROBE_KEY.encode(), operation_timeout=30)
         except Exception as exc:
             raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
 
@@ -170,29 +405,57 @@ class Learner:
             return 0
         window_end = time.monotonic() + self.window_s
         while len(received) < self.max_messages and (left := window_end - time.monotonic()) > 0:
-            more = await self._pull(left, self.max_messages - len(received))
-            received.extend(more)
-        ack_ids = [m.ack_id for m in received]
-        per_arm: dict[bytes, dict[bytes, tuple[int, int]]] = {}
+            received.extend(await self._pull(left, self.max_messages - len(received)))
+        started = time.perf_counter()
+        window = _Window()
         for message in received:
-            if not self._collect(message.message.data, per_arm):
+            attributes = message.message.attributes
+            key = attributes.get("k", "")
+            parsed = parse(message.message.data) if attributes.get("v") == FORMAT_VERSION else None
+            if parsed is None or MESSAGE_KEY.match(key) is None:
                 self.stats.malformed += 1
                 logger.warning("malformed message %s skipped", message.message.message_id)
+                continue
+            window.add(key, *parsed)
+        self.stats.duplicates += window.duplicates
+        ack_ids = [m.ack_id for m in received]
+        lease = asyncio.ensure_future(self._lease(ack_ids))
         try:
-            await asyncio.gather(*(self._apply(key, items) for key, items in per_arm.items()))
+            await self._apply(window.rows)
         except Exception as exc:
             # Written rows keep their markers, so the redelivered window skips them.
             self.stats.failed_windows += 1
             logger.warning("window of %d messages given back: %s", len(received), exc)
-            await self._subscriber.modify_ack_deadline(
-                subscription=self.subscription, ack_ids=ack_ids, ack_deadline_seconds=0
-            )
+            await self._modify_ack_deadline(ack_ids, 0)
             return 0
+        finally:
+            lease.cancel()
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
             await self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL])
+        now = time.time()
+        self.metrics.window_seconds.observe(time.perf_counter() - started)
+        self.metrics.last_ack.set(now)
+        for message in received:
+            self.metrics.lag_seconds.observe(now - message.message.publish_time.timestamp())
         self.stats.messages += len(received)
         self.stats.windows += 1
         return len(received)
+
+    async def _modify_ack_deadline(self, ack_ids: list[str], deadline_s: int) -> None:
+        for s in range(0, len(ack_ids), ACKS_PER_CALL):
+            await self._subscriber.modify_ack_deadline(
+                subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL], ack_deadline_seconds=deadline_s
+            )
+
+    async def _lease(self, ack_ids: list[str]) -> None:
+        """Extend a window's ack deadline every half of it while the window is written: a big window (a backlog) or
+        a slow table would otherwise have its messages delivered again meanwhile (counted once, written twice)."""
+        while True:
+            await asyncio.sleep(self._ack_deadline_s / 2)
+            try:
+                await self._modify_ack_deadline(ack_ids, self._ack_deadline_s)
+            except Exception as exc:  # the messages may come again: the markers count them once
+                logger.warning("extending the ack deadline of %d messages failed: %s", len(ack_ids), exc)
 
     async def _pull(self, wait_s: float, max_messages: int | None = None) -> list[Any]:
         from google.api_core import exceptions
@@ -208,62 +471,44 @@ class Learner:
             return []
         return list(response.received_messages)
 
-    def _collect(self, data: bytes, per_arm: dict[bytes, dict[bytes, tuple[int, int]]]) -> bool:
-        """Add a message's records to ``per_arm`` (row key -> marker -> (impressions, reward millionths))."""
+    async def _apply(self, rows: dict[str, list[Mark]]) -> None:
+        """Write every row of the window, ``concurrency`` at once; the first failure cancels the rest and raises."""
+        # The client's channel of the moment: it replaces its channel every ~40 minutes (a call made on the old one
+        # fails once that is closed), so the stub is taken per window.
+        call = self._client.transport.grpc_channel.unary_unary(
+            CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._decode
+        )
+        work = iter(rows.items())
+        writers = [asyncio.ensure_future(self._writer(call, work)) for _ in range(min(self.concurrency, len(rows)))]
         try:
-            records = orjson.loads(data)
-            parsed: list[tuple[bytes, bytes, tuple[int, int]]] = []
-            for record in records:
-                kind, event_id = record[0], record[2]
-                if not isinstance(event_id, str) or EVENT_ID.match(event_id) is None:
-                    return False
-                if kind == "e":
-                    marker = b"e/" + event_id.encode()
-                    parsed.extend((id_.encode(), marker, (1, 0)) for id_ in record[3] if isinstance(id_, str))
-                elif kind == "r":
-                    reward = float(record[4])
-                    if not 0.0 <= reward <= 1.0 or not isinstance(record[3], str):
-                        return False
-                    parsed.append((record[3].encode(), b"r/" + event_id.encode(), (0, round(reward * REWARD_SCALE))))
-                else:
-                    return False
-        except (orjson.JSONDecodeError, TypeError, IndexError, ValueError):
-            return False
-        for key, marker, counts in parsed:
-            items = per_arm.setdefault(key, {})
-            if marker in items:  # the same record twice in one window (a duplicate delivered alongside)
-                self.stats.duplicates += 1
-            else:
-                items[marker] = counts
-        return True
+            await asyncio.gather(*writers)
+        except BaseException:
+            for writer in writers:
+                writer.cancel()
+            await asyncio.gather(*writers, return_exceptions=True)
+            raise
 
-    async def _apply(self, key: bytes, items: dict[bytes, tuple[int, int]]) -> None:
-        markers = list(items.items())
-        for s in range(0, len(markers), MARKERS_PER_CALL):
-            chunk = markers[s : s + MARKERS_PER_CALL]
-            if await self._write(key, chunk):
-                # Some marker is there already: apply each record alone, under its own check.
-                for one in chunk:
-                    if await self._write(key, [one]):
-                        self.stats.duplicates += 1
+    async def _writer(self, call: Any, work: Iterator[tuple[str, list[Mark]]]) -> None:
+        for id_, marks in work:
+            key = id_.encode()
+            for s in range(0, len(marks), MARKERS_PER_CALL):
+                chunk = marks[s : s + MARKERS_PER_CALL]
+                if await self._write(call, key, chunk):
+                    # Some marker is there already: apply each alone, under its own check.
+                    for mark in chunk:
+                        if await self._write(call, key, [mark]):
+                            self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
 
-    async def _write(self, key: bytes, chunk: list[tuple[bytes, tuple[int, int]]]) -> bool:
-        """Write ``chunk``'s markers and add its counts unless one of its markers is in the row; whether one was."""
-        f = self._filters
-        pattern = b"^(?:" + b"|".join(_quote(marker) for marker, _ in chunk) + b")$"
-        predicate = f.RowFilterChain([f.FamilyNameRegexFilter(MARKERS_FAMILY), f.ColumnQualifierRegexFilter(pattern)])
-        impressions = sum(counts[0] for _, counts in chunk)
-        rewards = sum(counts[1] for _, counts in chunk)
-        mutations: list[Any] = [self._set(MARKERS_FAMILY, marker, b"") for marker, _ in chunk]
-        # Timestamp 0: every addition lands in one aggregate cell per column.
-        if impressions:
-            mutations.append(self._add(COUNTS_FAMILY, IMPRESSIONS, impressions, 0))
-        if rewards:
-            mutations.append(self._add(COUNTS_FAMILY, REWARDS, rewards, 0))
+    async def _write(self, call: Any, key: bytes, marks: list[Mark]) -> bool:
+        """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""
         self.stats.writes += 1
-        async with self._limit:
-            matched = bool(await self._table.check_and_mutate_row(key, predicate, false_case_mutations=mutations))
+        request = check_and_mutate(self._table_name, key, marks)
+        response = await call(request, timeout=WRITE_TIMEOUT_S, metadata=self._metadata)
+        matched = bool(response.predicate_matched)
         if not matched:
-            self.stats.impressions += impressions
-            self.stats.rewards += sum(1 for _, counts in chunk if counts[1] or counts[0] == 0)
+            for _, _, n, _ in marks:
+                if n:
+                    self.stats.impressions += n
+                else:
+                    self.stats.rewards += 1
         return matched

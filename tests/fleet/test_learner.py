@@ -1,5 +1,5 @@
 """The learner against both emulators: events and rewards published with duplicates count exactly once, also when
-a learner is killed with SIGKILL mid-run and another starts."""
+a learner is killed with SIGKILL mid-run and another starts; its requests, byte for byte against the client's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -19,10 +20,10 @@ import orjson
 import pytest
 
 from mab_service.features.bigtable import BigtableSource, TablePath
-from mab_service.learning import fleet_setup
+from mab_service.learning import fleet_setup, learner as learner_module
 from mab_service.learning.learner import Learner
-from mab_service.learning.pubsub import PubSubSink
-from tests.conftest import Rand
+from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
+from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
 
 ARMS = [f"arm-{i:03d}" for i in range(40)]
@@ -46,6 +47,8 @@ class Truth:
     def __init__(self) -> None:
         self.impressions: Counter[str] = Counter()
         self.rewards: defaultdict[str, float] = defaultdict(float)
+        self.reward_count = 0
+        """Distinct (event, id) rewards."""
 
     def expected(self) -> tuple[list[int], list[float]]:
         return [self.impressions[a] for a in ARMS], [self.rewards[a] for a in ARMS]
@@ -68,21 +71,33 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
         for id_ in ids[: int(rand.gen.integers(0, 3))]:
             reward = float(rand.gen.choice([0.0, 0.25, 0.5, 1.0]))
             truth.rewards[id_] += reward
+            truth.reward_count += 1
             rewards.append(sink.reward(event_id, id_, reward, time.time()))
             rewards.append(sink.reward(event_id, id_, reward, time.time()))  # the same reward at another replica
     await asyncio.gather(*rewards)
     await sink.close()
     assert sink.failed == 0 and sink.refused == 0
-    # Messages published twice as they were: what a publisher's retry after a lost answer makes.
-    again = [(f"ev-again-{i}", [ARMS[i], ARMS[i + 1]]) for i in range(0, 20, 2)]
+    # Messages published twice under one key, as a publisher's retry after a lost answer makes them; two events of a
+    # message share an arm (its impressions of that arm are counted under one marker). The second copy of every other
+    # one is what the sink sends again after a refusal: the same events, the rewards left out.
+    again = 0
     with PublisherClient() as publisher:
-        for event_id, ids in again:
-            truth.impressions.update(ids)
-            for _ in range(2):
-                data = orjson.dumps([["e", 0.0, event_id, ids]])
-                publisher.publish(resources.topic, data, v="1").result(timeout=30)
+        for i in range(0, 20, 2):
+            records: list[list[Any]] = [
+                ["e", 0.0, f"ev-again-{i}", [ARMS[i], ARMS[i + 1]]],
+                ["e", 0.0, f"ev-again-{i}b", [ARMS[i + 1], ARMS[i + 2]]],
+            ]
+            truth.impressions.update([ARMS[i], ARMS[i + 1], ARMS[i + 1], ARMS[i + 2]])
+            first = records + [["r", 0.0, f"ev-again-{i}", ARMS[i], 0.5]]
+            truth.rewards[ARMS[i]] += 0.5
+            truth.reward_count += 1
+            for data in (first, first if i % 4 else records):
+                publisher.publish(resources.topic, orjson.dumps(data), v=FORMAT_VERSION, k=f"again/{i}").result(
+                    timeout=30
+                )
+                again += 1
         publisher.stop()
-    return sink.published + 2 * len(again)
+    return sink.published + again
 
 
 async def read_counts(table: str) -> tuple[list[int], list[float]]:
@@ -123,6 +138,7 @@ def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_e
     assert learner.stats.malformed == learner.stats.failed_windows == 0
     assert learner.stats.duplicates > 0  # the repeated rewards and messages were seen, and skipped
     assert learner.stats.impressions == sum(truth.impressions.values())
+    assert learner.stats.rewards == truth.reward_count
     assert_exact(str(resources.table), truth)
 
 
@@ -132,34 +148,53 @@ def test_a_malformed_message_is_acknowledged_and_skipped(
     from google.cloud.pubsub_v1 import PublisherClient
 
     resources = make_resources()
+    good = b'[["e", 0, "ok", ["arm-000"]]]'
+    cases: list[tuple[bytes, dict[str, str]]] = [
+        (data, {"v": FORMAT_VERSION, "k": f"p/{n + 2}"})
+        for n, data in enumerate(
+            [
+                b"not json",
+                b'{"e": 1}',
+                b'[["x", 0, "ev1"]]',
+                b'[["r", 0, "bad id!", "arm-000", 1]]',
+                b'[["r", 0, "e", "arm-000", 2]]',
+                b'[["r", 0, "e", "arm-000", true]]',
+                b'[["e", 0, "e", ["arm-000", 7]]]',
+                b'[["e", 0, "e", [""]]]',
+            ]
+        )
+    ]
+    cases += [
+        (good, {"v": FORMAT_VERSION}),  # no key
+        (good, {"k": "p/20"}),  # no version
+        (good, {"v": "1", "k": "p/21"}),  # another version
+        (good, {"v": FORMAT_VERSION, "k": "p/not-a-sequence"}),
+    ]
     with PublisherClient() as publisher:
-        for data in (
-            b"not json",
-            b'[["x", 0, "ev1"]]',
-            b'[["r", 0, "bad id!", "arm-000", 1]]',
-            b'[["r", 0, "e", "arm-000", 2]]',
-            b'[["e", 0, "ok", ["arm-000"]]]',
-        ):
-            publisher.publish(resources.topic, data).result(timeout=30)
+        for data, attributes in cases:
+            publisher.publish(resources.topic, data, **attributes).result(timeout=30)
+        publisher.publish(resources.topic, good, v=FORMAT_VERSION, k="p/1").result(timeout=30)
         publisher.stop()
 
     async def learn() -> Learner:
         learner = Learner(resources.subscription, str(resources.table), window_s=0.2)
         await learner.start()
         try:
-            while learner.stats.messages < 5:
+            while learner.stats.messages < len(cases) + 1:
                 await learner.step(wait_s=2.0)
         finally:
             await learner.close()
         return learner
 
     learner = asyncio.run(learn())
-    assert learner.stats.malformed == 4
+    assert learner.stats.malformed == len(cases)
     impressions, rewards = asyncio.run(read_counts(str(resources.table)))
     assert impressions[0] == 1 and sum(impressions) == 1 and sum(rewards) == 0
 
 
-def start_learner(resources: fleet_setup.FleetResources, log: Path) -> subprocess.Popen[bytes]:
+def start_learner(
+    resources: fleet_setup.FleetResources, log: Path, metrics_port: int = 0, window_s: float = 0.02
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [
@@ -172,11 +207,15 @@ def start_learner(resources: fleet_setup.FleetResources, log: Path) -> subproces
                 "--posteriors",
                 f"bigtable:{resources.table}",
                 "--window-s",
-                "0.02",
+                str(window_s),
                 "--max-messages",
                 "5",
                 "--concurrency",
                 "4",
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-host",
+                "127.0.0.1",
             ],
             env=os.environ.copy(),
             stdout=out,
@@ -286,4 +325,117 @@ def test_a_failed_step_is_retried_and_loses_nothing(
 
     learner = asyncio.run(learn())
     assert learner.stats.errors == 1
+    assert_exact(str(resources.table), truth)
+
+
+def test_a_request_is_the_clients_own_request_in_bytes() -> None:
+    pytest.importorskip("google.cloud.bigtable")
+    from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+    from google.cloud.bigtable_v2.types import bigtable
+
+    window = learner_module._Window()
+    shown: Counter[str] = Counter(["arm-1", "arm-1", "arm-2"])  # two events of one message showed arm-1
+    window.add("pub.1/7", shown, [("arm-1", "ev.9", 250_000)])
+    window.add("pub.1/7", shown, [("arm-1", "ev.9", 250_000)])  # the same message again in the window
+    assert window.duplicates == 3 + 1
+    marks = window.rows["arm-1"]
+    assert [(m[2], m[3]) for m in marks] == [(2, 0), (0, 250_000)]
+    table = "projects/p/instances/i/tables/t"
+    ours = learner_module.check_and_mutate(learner_module.table_field(table), b"arm-1", marks)
+    ts = window.timestamp_micros
+    theirs = bigtable.CheckAndMutateRowRequest(
+        table_name=table,
+        row_key=b"arm-1",
+        predicate_filter=row_filters.RowFilterChain(
+            [
+                row_filters.FamilyNameRegexFilter("d"),
+                row_filters.ColumnQualifierRegexFilter(rb"^(?:m/pub\x2e1/7|r/ev\x2e9)$"),
+            ]
+        )._to_pb(),
+        false_mutations=[
+            m._to_pb()
+            for m in (
+                SetCell("d", b"m/pub.1/7", b"", ts),
+                SetCell("d", b"r/ev.9", b"", ts),
+                AddToCell("c", b"i", 2, 0),
+                AddToCell("c", b"r", 250_000, 0),
+            )
+        ],
+    )
+    assert bigtable.CheckAndMutateRowRequest.deserialize(ours) == theirs
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def test_learn_serves_its_metrics(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand, tmp_path: Path
+) -> None:
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 40, truth))
+    port = unused_tcp_port()
+    learner = start_learner(resources, tmp_path / "learner.log", metrics_port=port)
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                text = ""
+            if text and metric(text, "mab_learner_messages_total") >= sent:
+                break
+            time.sleep(0.2)
+        assert text, (tmp_path / "learner.log").read_text()
+        assert metric(text, "mab_learner_messages_total") == sent
+        assert metric(text, "mab_learner_impressions_total") == sum(truth.impressions.values())
+        assert metric(text, "mab_learner_rewards_total") == truth.reward_count
+        assert metric(text, "mab_learner_duplicates_total") > 0
+        assert metric(text, "mab_learner_writes_total") >= metric(text, "mab_learner_windows_total") > 0
+        for name in ("malformed", "failed_windows", "errors"):
+            assert metric(text, f"mab_learner_{name}_total") == 0
+        assert metric(text, "mab_learner_window_seconds_count") == metric(text, "mab_learner_windows_total")
+        assert metric(text, "mab_learner_lag_seconds_count") == sent
+        assert 0 < metric(text, "mab_learner_lag_seconds_sum") / sent < 60
+        assert abs(metric(text, "mab_learner_last_ack_timestamp_seconds") - time.time()) < 60
+    finally:
+        learner.terminate()
+        try:
+            assert learner.wait(timeout=15) == 0, (tmp_path / "learner.log").read_text()[-2000:]
+        finally:
+            if learner.poll() is None:
+                learner.kill()
+                learner.wait()
+
+
+def test_writes_follow_the_clients_channel_when_it_is_replaced(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 30, truth))
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05, max_messages=5)
+        await learner.start()
+        try:
+            await learner.step(wait_s=2.0)
+            # What the client does every ~40 minutes: a new channel in, the old one closed after a grace period.
+            channel = learner._client.transport.grpc_channel
+            old = channel.swap_channel(channel.create_channel())
+            await old.close()
+            while learner.stats.messages < sent:
+                assert await learner.step(wait_s=2.0) > 0
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.failed_windows == 0
     assert_exact(str(resources.table), truth)
