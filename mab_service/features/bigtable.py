@@ -134,7 +134,6 @@ class BigtableSource:
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
         self.raw_reads = raw_reads
-        self._read_rows: Any = None
         self._request: bytes = b""
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._client: Any = None
@@ -178,9 +177,6 @@ class BigtableSource:
             self._request_pb = messages.ReadRowsRequest.pb()
             # The routing header Bigtable expects, as the client sends it.
             self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
-            self._read_rows = self._client.transport.grpc_channel.unary_stream(
-                READ_ROWS, request_serializer=None, response_deserializer=self._response_pb.FromString
-            )
         try:
             await self.read_counts([PROBE_KEY])
         except Exception as exc:
@@ -250,7 +246,12 @@ class BigtableSource:
             request.rows.row_keys.extend(waiting)
             key = qualifier = value = b""
             try:
-                call = self._read_rows(
+                # The stub is taken from the client's channel per call: the client replaces its channel every
+                # 35-45 minutes and closes the old one.
+                read_rows = self._client.transport.grpc_channel.unary_stream(
+                    READ_ROWS, request_serializer=None, response_deserializer=self._response_pb.FromString
+                )
+                call = read_rows(
                     request.SerializeToString(),
                     timeout=max(deadline - time.monotonic(), 0.001),
                     metadata=self._metadata,

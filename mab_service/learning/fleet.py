@@ -125,7 +125,8 @@ class MembershipRows:
         self.pending = 0
         self._queue: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._call: Any = None
+        self._client: Any = None
+        self._response: Any = None
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._head = b""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,9 +137,8 @@ class MembershipRows:
         self._head = _field(1, str(self.path).encode())
         # The routing header Bigtable expects, as the client sends it.
         self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
-        self._call = client.transport.grpc_channel.unary_stream(
-            MUTATE_ROWS, request_serializer=None, response_deserializer=messages.MutateRowsResponse.pb().FromString
-        )
+        self._client = client
+        self._response = messages.MutateRowsResponse.pb().FromString
 
     def check(self) -> None:
         if self.pending >= self.max_pending:
@@ -166,7 +166,12 @@ class MembershipRows:
         while True:
             failed: list[bytes] = []
             try:
-                call = self._call(self._head + b"".join(entries), timeout=10.0, metadata=self._metadata)
+                # The stub is taken from the client's channel per call: the client replaces its channel every
+                # 35-45 minutes and closes the old one.
+                mutate_rows = self._client.transport.grpc_channel.unary_stream(
+                    MUTATE_ROWS, request_serializer=None, response_deserializer=self._response
+                )
+                call = mutate_rows(self._head + b"".join(entries), timeout=10.0, metadata=self._metadata)
                 async for response in call:
                     failed.extend(entries[e.index] for e in response.entries if e.status.code != 0)
             except Exception as exc:

@@ -123,7 +123,16 @@ class Fleet:
     def learner(self, name: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mab_service", "learn", "--events", f"pubsub:{self.subscription}"]
-            + ["--posteriors", f"bigtable:{self.table}", "--window-s", "0.1", "--log-every-s", "2"],
+            + [
+                "--posteriors",
+                f"bigtable:{self.table}",
+                "--window-s",
+                "0.1",
+                "--log-every-s",
+                "2",
+                "--metrics-port",
+                "0",
+            ],
             env=self.env(),
             stdout=self.log(name),
             stderr=subprocess.STDOUT,
