@@ -226,6 +226,13 @@ class BigtableSource:
                             rewards[i] = decode_int64(cell.value)
         return Counts(impressions, rewards / REWARD_SCALE, found)
 
+    def _read_rows(self) -> Any:
+        """The raw ReadRows stub, taken from the client's channel each time: the client replaces its channel every
+        35-45 minutes and closes the old one."""
+        return self._client.transport.grpc_channel.unary_stream(
+            READ_ROWS, request_serializer=None, response_deserializer=self._response_pb.FromString
+        )
+
     async def _read_raw(
         self,
         keys: list[bytes],
@@ -246,12 +253,7 @@ class BigtableSource:
             request.rows.row_keys.extend(waiting)
             key = qualifier = value = b""
             try:
-                # The stub is taken from the client's channel per call: the client replaces its channel every
-                # 35-45 minutes and closes the old one.
-                read_rows = self._client.transport.grpc_channel.unary_stream(
-                    READ_ROWS, request_serializer=None, response_deserializer=self._response_pb.FromString
-                )
-                call = read_rows(
+                call = self._read_rows()(
                     request.SerializeToString(),
                     timeout=max(deadline - time.monotonic(), 0.001),
                     metadata=self._metadata,

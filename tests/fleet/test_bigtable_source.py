@@ -111,7 +111,7 @@ def test_raw_reads_ask_again_for_what_a_broken_stream_did_not_answer(fleet_table
 
         def flaky(request: bytes, **options: Any) -> Any:
             requested.append(len(messages.ReadRowsRequest.pb().FromString(request).rows.row_keys))
-            stream = real(request, **options)
+            stream = real()(request, **options)
             if len(requested) > 1:
                 return stream
 
@@ -122,7 +122,7 @@ def test_raw_reads_ask_again_for_what_a_broken_stream_did_not_answer(fleet_table
 
             return broken()
 
-        source._read_rows = flaky
+        source._read_rows = lambda: flaky  # type: ignore[method-assign]
         try:
             return await source.fetch(list(counts))
         finally:
