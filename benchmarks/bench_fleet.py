@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -174,6 +175,7 @@ def measure_freshness(
         stdout=learner_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     lags: dict[str, list[float]] = {"A": [], "B": []}
+    retried = 0
     try:
         urls = []
         for name in ("A", "B"):
@@ -186,7 +188,15 @@ def measure_freshness(
         for n in range(args.rewards):
             arm = f"fresh-{uuid.uuid4().hex[:8]}"
             _, answer = _post(urls[0] + "/predict", {"user_id": f"u{n}", "candidates": [arm], "top_k": 1})
-            status, _ = _post(urls[1] + "/reward", {"event_id": answer["event_id"], "id": arm, "reward": 1})
+            for attempt in range(10):  # a busy emulator may make the replica answer 503; the client retries
+                try:
+                    status, _ = _post(urls[1] + "/reward", {"event_id": answer["event_id"], "id": arm, "reward": 1})
+                    break
+                except urllib.error.HTTPError as exc:
+                    if exc.code != 503 or attempt == 9:
+                        raise
+                    retried += 1
+                    time.sleep(0.2)
             assert status == 202
             accepted = time.monotonic()
             waiting = {"A": urls[0], "B": urls[1]}
@@ -212,7 +222,7 @@ def measure_freshness(
             "max_s": ordered[-1],
         }
 
-    return {name: summary(values) for name, values in lags.items()}
+    return {**{name: summary(values) for name, values in lags.items()}, "rewards_retried_after_503": retried}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,17 +253,25 @@ def main(argv: list[str] | None = None) -> None:
 
             tag = uuid.uuid4().hex[:8]
             table = f"projects/{PROJECT}/instances/mab/tables/arms-{tag}"
-            topic, subscription = f"projects/{PROJECT}/topics/events-{tag}", f"projects/{PROJECT}/subscriptions/l-{tag}"
-            fleet_setup.setup(
-                fleet_setup.FleetResources(topic, subscription, fleet_setup.table_path(f"bigtable:{table}")),
-                say=lambda _: None,
-            )
+
+            def resources(part: str) -> tuple[str, str]:
+                """A topic and subscription of the part's own: the throughput runs leave a backlog behind."""
+                topic = f"projects/{PROJECT}/topics/{part}-{tag}"
+                subscription = f"projects/{PROJECT}/subscriptions/{part}-{tag}"
+                fleet_setup.setup(
+                    fleet_setup.FleetResources(topic, subscription, fleet_setup.table_path(f"bigtable:{table}")),
+                    say=lambda _: None,
+                )
+                return topic, subscription
+
+            resources("fill")
             table_csv, _ = workload.write_workloads(work, ["W400"], n_entities=args.entities)
             print(f"  {fill_counts(table, table_csv):,} arms counted in {table}", file=sys.stderr)
-            if "throughput" in parts:
-                results["throughput"] = measure_throughput(args, work, table, topic)
             if "freshness" in parts:
-                results["freshness"] = measure_freshness(args, work, table, topic, subscription)
+                results["freshness"] = measure_freshness(args, work, table, *resources("freshness"))
+                print(orjson.dumps(results["freshness"]).decode(), file=sys.stderr)
+            if "throughput" in parts:
+                results["throughput"] = measure_throughput(args, work, table, resources("throughput")[0])
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
         return
@@ -268,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"events on / off: {t['events_ratio']:.2f}x; with the 1 s cache: {t['ttl1_ratio']:.2f}x")
     if "freshness" in results:
         for name, s in results["freshness"].items():
+            if name not in ("A", "B"):
+                print(f"{name}: {s}")
+                continue
             print(f"reward -> /arms on replica {name}: median {s['median_s']:.3f} s, p95 {s['p95_s']:.3f} s, "
                   f"max {s['max_s']:.3f} s")  # fmt: skip
 
