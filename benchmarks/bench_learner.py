@@ -33,15 +33,15 @@ import numpy as np
 from benchmarks.bench_service import free_port, session_cpu_seconds
 from mab_service.features.bigtable import MARKERS_FAMILY, TablePath, data_client
 from mab_service.learning import fleet_setup
-from mab_service.learning.learner import (
+from mab_service.learning.bigtable_requests import (
     CHECK_AND_MUTATE_ROW,
-    Learner,
     check_and_mutate,
     quote,
     set_marker,
     table_field,
     timestamp_field,
 )
+from mab_service.learning.learner import Learner
 from mab_service.learning.pubsub import PubSubSink
 
 

@@ -47,11 +47,11 @@ from mab_service.features.bigtable import (
     data_client,
     decode_int64,
 )
+from mab_service.learning.bigtable_requests import MUTATE_ROWS, membership_entry, quote, table_field
 from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
 
 logger = logging.getLogger("mab_service.fleet")
 
-MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
 #: Membership rows per MutateRows call at most.
 ROWS_PER_CALL = 1000
 #: Membership rows that may wait per pending Pub/Sub message allowed (~600 bytes each).
@@ -77,35 +77,6 @@ class Event:
     ids: frozenset[str]
     t: float
     rewarded: frozenset[str]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(tag: int, value: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(tag << 3 | 2) + _varint(len(value)) + value
-
-
-def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:
-    """One ``MutateRowsRequest.Entry``, encoded: SetCell ``e:i`` = the ids as JSON at the answer's time.
-
-    Encoded here rather than through the client's message classes: it runs once per answer, and a dozen byte
-    concatenations cost a few microseconds where building the client's objects costs tens.
-    """
-    value = orjson.dumps(ids)
-    # SetCell: family_name (1), column_qualifier (2), timestamp_micros (3, varint; milliseconds, Bigtable's
-    # granularity), value (4).
-    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01i\x18" + _varint(int(t * 1000) * 1000)
-    set_cell += _field(4, value)
-    mutation = _field(1, set_cell)
-    return _field(2, _field(1, EVENT_ROW_PREFIX + event_id.encode()) + _field(2, mutation))
 
 
 class MembershipRows:
@@ -134,7 +105,7 @@ class MembershipRows:
     def start(self, client: Any) -> None:
         from google.cloud.bigtable_v2.types import bigtable as messages
 
-        self._head = _field(1, str(self.path).encode())
+        self._head = table_field(str(self.path))
         # The routing header Bigtable expects, as the client sends it.
         self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
         self._client = client
@@ -194,11 +165,6 @@ class MembershipRows:
                 task.cancel()
             if late:
                 logger.error("%d event rows were not written to %s at close", self.pending, self.path)
-
-
-def _literal(value: bytes) -> bytes:
-    """An RE2 pattern matching exactly ``value``: every byte that is not alphanumeric as ``\\xHH``."""
-    return b"".join(bytes([c]) if chr(c).isalnum() else b"\\x%02x" % c for c in value)
 
 
 class Fleet:
@@ -331,7 +297,7 @@ class Fleet:
         f = self._filters
         qualifier = b"r/" + arm_id.encode()
         predicate = f.RowFilterChain(
-            [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + _literal(qualifier) + b"$")]
+            [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + quote(qualifier) + b"$")]
         )
         try:
             return not await self._table.check_and_mutate_row(

@@ -40,14 +40,19 @@ from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
 from mab_service.features.bigtable import (
-    COUNTS_FAMILY,
-    IMPRESSIONS,
-    MARKERS_FAMILY,
     PROBE_KEY,
     REWARD_SCALE,
-    REWARDS,
     TablePath,
     data_client,
+)
+from mab_service.learning.bigtable_requests import (
+    CHECK_AND_MUTATE_ROW,
+    Mark,
+    check_and_mutate,
+    quote,
+    set_marker,
+    table_field,
+    timestamp_field,
 )
 from mab_service.learning.pubsub import FORMAT_VERSION
 
@@ -65,7 +70,6 @@ ACKS_PER_CALL = 1000
 ERROR_BACKOFF_S = 1.0
 #: Deadline of one CheckAndMutateRow; one that runs out fails its window (its outcome is unknown, the markers decide).
 WRITE_TIMEOUT_S = 30.0
-CHECK_AND_MUTATE_ROW = "/google.bigtable.v2.Bigtable/CheckAndMutateRow"
 DEFAULT_WINDOW_S = 0.5
 DEFAULT_METRICS_PORT = 9464
 
@@ -108,98 +112,6 @@ def subscriber_client() -> Any:
     import grpc
 
     return SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=grpc.aio.insecure_channel(host)))
-
-
-# The CheckAndMutateRow request, written as protobuf bytes (google/bigtable/v2/bigtable.proto and data.proto). Field
-# numbers: CheckAndMutateRowRequest table_name 1, row_key 2, predicate_filter 6, false_mutations 5; RowFilter chain 1,
-# family_name_regex_filter 5, column_qualifier_regex_filter 6; Chain filters 1; Mutation set_cell 1, add_to_cell 5;
-# SetCell family_name 1, column_qualifier 2, timestamp_micros 3; AddToCell family_name 1, column_qualifier 2,
-# timestamp 3, input 4; Value raw_value 8, raw_timestamp_micros 9, int_value 6. tests/fleet/test_learner.py checks the
-# bytes against the client's own request.
-
-
-_SMALL = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def table_field(table: str) -> bytes:
-    """The request's table_name field, the same for every call."""
-    return _field(1, table.encode())
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (bytes, string or message)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-_SPECIAL = re.compile(rb"[^A-Za-z0-9_/:-]")
-
-
-def quote(marker: bytes) -> bytes:
-    # Markers are ASCII (event ids and keys are checked); RE2 takes \xHH for the bytes that mean something in a pattern.
-    return _SPECIAL.sub(lambda m: b"\\x%02x" % m[0][0], marker)
-
-
-_MARKER_CELL = _field(1, MARKERS_FAMILY.encode()) + b"\x12"  # family_name, then column_qualifier's tag
-
-
-def set_marker(marker: bytes, timestamp: bytes) -> bytes:
-    """A false-case mutation of the request: write marker cell ``d:<marker>`` (empty value) at ``timestamp``
-    (``timestamp_field``). Several per event: written out by hand."""
-    cell = _MARKER_CELL + _varint(len(marker)) + marker + timestamp
-    set_cell = b"\x0a" + _varint(len(cell)) + cell
-    return b"\x2a" + _varint(len(set_cell)) + set_cell
-
-
-def timestamp_field(timestamp_micros: int) -> bytes:
-    """SetCell's timestamp_micros field."""
-    return b"\x18" + _varint(timestamp_micros)
-
-
-def add_count(qualifier: bytes, value: int) -> bytes:
-    """A false-case mutation of the request: add ``value`` to ``c:<qualifier>``'s one aggregate cell (timestamp 0)."""
-    add = (
-        _field(1, COUNTS_FAMILY.encode())
-        + _field(2, _field(8, qualifier))
-        + _field(3, b"\x48\x00")
-        + _field(4, b"\x30" + _varint(value))
-    )
-    return _field(5, _field(5, add))
-
-
-_FAMILY_FILTER = _field(1, _field(5, MARKERS_FAMILY.encode()))
-
-
-#: One marker of an arm's row and what it guards, a message's impressions of the arm or one reward: the marker as a
-#: pattern (``quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
-#: window makes several per event.
-Mark = tuple[bytes, bytes, int, int]
-
-
-def check_and_mutate(table_name: bytes, key: bytes, marks: list[Mark]) -> bytes:
-    """The request: unless a cell ``d:<one of marks>`` is in row ``key``, write the marks and add their counts."""
-    pattern = b"^(?:" + b"|".join([mark[0] for mark in marks]) + b")$"
-    predicate = _field(6, _field(1, _FAMILY_FILTER + _field(1, _field(6, pattern))))
-    impressions = rewards = 0
-    for _, _, n, reward in marks:
-        impressions += n
-        rewards += reward
-    mutations = b"".join([mark[1] for mark in marks])
-    if impressions:
-        mutations += add_count(IMPRESSIONS, impressions)
-    if rewards:
-        mutations += add_count(REWARDS, rewards)
-    return table_name + _field(2, key) + predicate + mutations
 
 
 class _Window:

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from mab_service.features.bigtable import BigtableSource, TablePath
-from mab_service.learning import fleet_setup, learner as learner_module
+from mab_service.learning import bigtable_requests, fleet_setup, learner as learner_module
 from mab_service.learning.learner import Learner
 from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
@@ -341,7 +341,7 @@ def test_a_request_is_the_clients_own_request_in_bytes() -> None:
     marks = window.rows["arm-1"]
     assert [(m[2], m[3]) for m in marks] == [(2, 0), (0, 250_000)]
     table = "projects/p/instances/i/tables/t"
-    ours = learner_module.check_and_mutate(learner_module.table_field(table), b"arm-1", marks)
+    ours = bigtable_requests.check_and_mutate(bigtable_requests.table_field(table), b"arm-1", marks)
     ts = window.timestamp_micros
     theirs = bigtable.CheckAndMutateRowRequest(
         table_name=table,
