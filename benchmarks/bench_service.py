@@ -1,11 +1,13 @@
-"""End-to-end service benchmark: mab_service against the plain Starlette and Go baselines, side by side.
+"""End-to-end service benchmark: mab_service against the plain Starlette and Go baselines and the floor, side by side.
 
 For every measurement a fresh server is started pinned to one core (``taskset -c 0``), probed on ``/health``,
 warmed up, and then loaded by ``wrk`` pinned to the other core (``taskset -c 1``); ``--workers 2
 --server-cpus 0,1 --client-cpus 0,1`` measures all cores of a 2-core machine, wrk sharing them. Targets alternate
 (A B A B ...) across ``--repeats`` and medians are reported, which keeps slow drift on a shared machine from
 favouring one side. Server CPU time is read from ``/proc`` to give CPU-seconds per request, which is steadier
-than req/s on a noisy host.
+than req/s on a noisy host. The ``floor`` target (a bare uvicorn + httptools app answering a constant) gives, per
+request, the server CPU microseconds the other targets spend above what uvicorn and the kernel cost ("CPU us over
+floor").
 
     python -m benchmarks.bench_service [--duration 10] [--connections 32] [--workloads W400,W2000 | --sizes 10,100]
                                        [--targets project,plain,go] [--repeats 3] [--workers 1]
@@ -90,6 +92,12 @@ def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[
     return [*project_target(port, features, workers)[:-2], "--no-learning"]
 
 
+def floor_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for the floor (benchmarks/baselines/floor.py): uvicorn + httptools answering a constant, one worker
+    (its answer is not checked: it ranks nothing)."""
+    return [sys.executable, "-m", "benchmarks.baselines.floor", "--port", str(port)]
+
+
 def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
     """Argv for the Go port on fasthttp (benchmarks/baselines/go), built on first use; ``workers`` sets
     GOMAXPROCS.
@@ -116,7 +124,10 @@ TARGETS: dict[str, TargetFactory] = {
     "project-nolearn": project_nolearn_target,
     "plain": plain_target,
     "go": go_target,
+    "floor": floor_target,
 }
+#: Targets whose /predict answer is a constant, not a ranking: ``check_predict`` skips them.
+UNCHECKED = frozenset({"floor"})
 
 
 class TargetError(RuntimeError):
@@ -303,13 +314,20 @@ def run_wrk(script: Path, port: int, duration_s: int, connections: int, cpu: int
 
 
 def measure(
-    argv_for: TargetFactory, table: Path, files: workload.WorkloadFiles, args: argparse.Namespace, log_path: Path
+    argv_for: TargetFactory,
+    table: Path,
+    files: workload.WorkloadFiles,
+    args: argparse.Namespace,
+    log_path: Path,
+    *,
+    check: bool = True,
 ) -> Measurement:
-    """Start one server, check it, warm it up, load it with wrk and stop it again."""
+    """Start one server, check its answer (unless ``check`` is off), warm it up, load it with wrk and stop it."""
     port = free_port()
     first_body = files.bodies.read_bytes().split(b"\n", 1)[0]
     with running_server(argv_for(port, table, args.workers), port, args.server_cpus, log_path) as proc:
-        check_predict(port, first_body, files.n_candidates)
+        if check:
+            check_predict(port, first_body, files.n_candidates)
         run_wrk(files.wrk_script, port, WARMUP_S, args.connections, args.client_cpus)
         cores = cpu_set(args.server_cpus)
         cpu_before, busy_before = session_cpu_seconds(proc.pid), cores_busy_seconds(cores)
@@ -393,6 +411,28 @@ def ratios(results: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str
     return out
 
 
+def against_go_and_floor(results: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per target and workload, when measured in the same run: req/s relative to the Go port (``x_go``), and the
+    microseconds per request above the floor (``over_floor_us``: one core's time per request, 1e6 / req/s, minus
+    the floor's; ``over_floor_cpu_us``: the same in server CPU per request)."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for (target, name), res in results.items():
+        mine = res.get("median")
+        if mine is None:
+            continue
+        row: dict[str, float] = {}
+        go = results.get(("go", name), {}).get("median")
+        if go is not None and target != "go":
+            row["x_go"] = mine["rps"] / go["rps"]
+        floor = results.get(("floor", name), {}).get("median")
+        if floor is not None and target != "floor":
+            row["over_floor_us"] = 1e6 / mine["rps"] - 1e6 / floor["rps"]
+            row["over_floor_cpu_us"] = mine["cpu_us_per_request"] - floor["cpu_us_per_request"]
+        if row:
+            out[(target, name)] = row
+    return out
+
+
 def results_document(
     env: dict[str, Any],
     args: argparse.Namespace,
@@ -416,6 +456,9 @@ def results_document(
             for (target, name), res in results.items()
         ],
         f"ratios_vs_{BASELINE}": ratios(results),
+        "against_go_and_floor": [
+            {"target": target, "workload": name, **row} for (target, name), row in against_go_and_floor(results).items()
+        ],
     }
 
 
@@ -432,16 +475,18 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, results: dict[tup
         print("# server and wrk share cores: req/s includes wrk's share of them (and other load counts wrk)")
     header = (
         "target", "workload", "req/s", "pairs/s", "p50 ms", "p99 ms", "CPU us/req", "other load", "errors",
-        f"x {BASELINE}",
+        f"x {BASELINE}", "x go", "CPU us over floor",
     )  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     rel = ratios(results)
+    against = against_go_and_floor(results)
     for (target, name), res in results.items():
         if "median" not in res:
             rows.append((target, name, "FAILED", *[""] * (len(header) - 3)))
             continue
         m = res["median"]
         ratio = rel.get(target, {}).get(name)
+        other = against.get((target, name), {})
         rows.append(
             (
                 target,
@@ -454,6 +499,8 @@ def print_table(env: dict[str, Any], args: argparse.Namespace, results: dict[tup
                 f"{m['other_load']:.0%}",
                 str(m["errors"]),
                 f"{ratio['rps']:.2f}" if ratio else "",
+                f"{other['x_go']:.2f}" if "x_go" in other else "",
+                f"{other['over_floor_cpu_us']:.1f}" if "over_floor_cpu_us" in other else "",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -590,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"[{rep + 1}/{args.repeats}] {target} {name} ...", end=" ", file=sys.stderr, flush=True)
                     log_path = Path(tmp) / f"{target}-{name}-{rep}.log"
                     try:
-                        m = measure(TARGETS[target], table, files[name], args, log_path)
+                        m = measure(TARGETS[target], table, files[name], args, log_path, check=target not in UNCHECKED)
                     except (TargetError, subprocess.TimeoutExpired) as exc:
                         res["error"] = str(exc)
                         print("FAILED", file=sys.stderr)

@@ -29,7 +29,7 @@ EVENT_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
 MAX_ARM_ID_CHARS = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is built at ~3x the cost, once per request
 class PredictRequest:
     user_id: str
     candidates: list[str]

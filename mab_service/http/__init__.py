@@ -4,8 +4,8 @@ Read in the order a request meets it:
 
 - ``protocol.py``: uvicorn's httptools protocol with limits on slow and broken clients (head and body time limits,
   a head size limit; a request reaches the app only once its body is in), where a POST to a fast endpoint is
-  admitted or marked over the limit on arrival, and where connections close at shutdown without cutting a request
-  off;
+  admitted or marked over the limit on arrival and its answer leaves in one write, and where connections close at
+  shutdown without cutting a request off;
 - ``admission.py``: the per-worker ``Admission`` (the in-flight limit and the drain flag) that the protocol, the
   app and the server share;
 - ``edge.py``: the ASGI app: fast endpoints ahead of Starlette, request ids, ``Connection: close`` while

@@ -31,6 +31,7 @@ from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError, MabError, Overloaded, PayloadTooLarge, UnsupportedMediaType
 from mab_service.http.admission import ADMITTED, Admission
 from mab_service.http.errors import Headers, error_answer
+from mab_service.http.protocol import ANSWER
 from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
 from mab_service.types import Message, Receive, Scope, Send
 
@@ -99,13 +100,14 @@ class Edge:
         REQUEST_ID.set(request_id)
         admission = self.admission
         admitted = scope.get(ADMITTED)
-        if admitted is None:  # a server that does not decide on arrival
+        whole = admitted is not None  # our protocol decided on arrival, and takes the answer in one message
+        if not whole:  # a server that does not decide on arrival
             admitted = admission.arrive()
         if not admitted:
             status, payload, extra = self.overloaded
             if self.metrics:
                 metrics.shed.n += 1
-            await _send_json(send, status, payload, request_id, extra, admission.draining)
+            await _send_json(send, status, payload, request_id, extra, admission.draining, whole)
         else:
             try:
                 extra = []
@@ -117,7 +119,7 @@ class Edge:
                     status, payload = await endpoint(scope["state"], body)
                 except Exception as exc:
                     status, payload, extra = error_answer(exc, "POST", path)
-                await _send_json(send, status, payload, request_id, extra, admission.draining)
+                await _send_json(send, status, payload, request_id, extra, admission.draining, whole)
             finally:
                 admission.leave()  # answered: no longer counts against the limit
         self._record("POST", path, path, status, started, request_id, scope)
@@ -178,15 +180,20 @@ class Edge:
         await send({"type": "lifespan.shutdown.complete"})
 
 
-async def _send_json(send: Send, status: int, payload: bytes, request_id: bytes, extra: Headers, closing: bool) -> None:
-    """Send a whole JSON answer: its head, with the request id (and ``Connection: close`` if ``closing``), then
-    its body."""
+async def _send_json(
+    send: Send, status: int, payload: bytes, request_id: bytes, extra: Headers, closing: bool, whole: bool
+) -> None:
+    """Send a JSON answer with the request id (and ``Connection: close`` if ``closing``): in one message if the
+    server takes it ``whole`` (``protocol.ANSWER``: one write), else as a head and a body."""
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *extra]
     headers.append((b"x-request-id", request_id))
     if closing:
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
+    if whole:
+        await send({"type": ANSWER, "status": status, "headers": headers, "body": payload})
+    else:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 async def _starlette_error(request: Request, exc: Exception) -> Response:

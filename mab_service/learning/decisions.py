@@ -42,8 +42,12 @@ SUFFIX = ".dlog"
 FLUSH_S = 0.5
 #: Past this many buffered bytes the writer thread is woken at once.
 WAKE_BYTES = 4 * 1024 * 1024
-#: Most buffers one writev takes (Linux's IOV_MAX); a multiple of the five pieces of a record.
-IOV_MAX = 1020
+#: Most buffers one writev takes (Linux's IOV_MAX).
+IOV_MAX = 1024
+#: Pieces of a record (``encode``): head, body, alpha, beta, ranking.
+PIECES = 5
+#: Records one writev takes whole.
+RECORDS_PER_WRITE = IOV_MAX // PIECES
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +120,8 @@ class DecisionLog:
         self.dropped = 0
         # Records as their pieces (bytes and arrays), by reference: the thread hands them to writev.
         self._pieces: list[Any] = []
+        self._sizes: list[int] = []  # of each queued record, so that a write is checked without a look at its pieces
         self._bytes = 0
-        self._count = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -140,8 +144,8 @@ class DecisionLog:
                 self.dropped += 1
                 return
             self._pieces += pieces
+            self._sizes.append(size)
             self._bytes += size
-            self._count += 1
             if self._bytes > WAKE_BYTES:
                 self._wake.set()
 
@@ -164,18 +168,18 @@ class DecisionLog:
     def _flush(self) -> None:
         with self._lock:
             pieces, self._pieces = self._pieces, []
+            sizes, self._sizes = self._sizes, []
             size, self._bytes = self._bytes, 0
-            count, self._count = self._count, 0
-        if not pieces:
+        count = len(sizes)
+        if not count:
             return
         try:
             if self._fd < 0 or self._size >= self.file_bytes:
                 self._rotate()
-            for start in range(0, len(pieces), IOV_MAX):  # the kernel copies the pieces: no copy in Python
-                batch = pieces[start : start + IOV_MAX]
-                expected = sum(int(memoryview(piece).nbytes) for piece in batch)
-                written = os.writev(self._fd, batch)
-                if written != expected:
+            for first in range(0, count, RECORDS_PER_WRITE):  # the kernel copies the pieces: no copy in Python
+                last = first + RECORDS_PER_WRITE
+                written = os.writev(self._fd, pieces[first * PIECES : last * PIECES])
+                if written != sum(sizes[first:last]):
                     raise OSError(28, "short write (disk full)")
         except OSError as exc:
             self.dropped += count
