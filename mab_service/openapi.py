@@ -76,8 +76,9 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "422": _error("The JSON does not match PredictRequest."),
                         "431": _HEADERS_TOO_LARGE,
                         "503": {
-                            "description": "The feature source failed (feature_source_unavailable) or the worker "
-                            "holds as many requests as it admits (overloaded; retry after Retry-After seconds).",
+                            "description": "The feature source failed (feature_source_unavailable), the worker "
+                            "holds as many requests as it admits (overloaded; retry after Retry-After seconds), or, "
+                            "in fleet mode, the answer's event could not be kept (events_unavailable).",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                         },
@@ -110,7 +111,9 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "431": _HEADERS_TOO_LARGE,
                         "503": _error(
                             "The journal cannot record durably now (journal_unavailable: full or read-only disk), "
-                            "or the worker is overloaded; nothing was counted, retry later."
+                            "or the worker is overloaded, or in fleet mode Pub/Sub did not store it "
+                            "(events_unavailable) or Bigtable cannot be read (bigtable_unavailable); nothing was "
+                            "counted, retry later (a retry is counted once)."
                         ),
                     },
                 }
@@ -153,7 +156,9 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "431": _HEADERS_TOO_LARGE,
                         "503": _error(
                             "The journal cannot record durably now (journal_unavailable): none of the batch was "
-                            "counted; or the worker is overloaded. Retry the whole batch."
+                            "counted; or the worker is overloaded; or in fleet mode Pub/Sub or Bigtable is away "
+                            "(events_unavailable, bigtable_unavailable). Retry the whole batch: each reward is "
+                            "counted once."
                         ),
                     },
                 }
@@ -171,7 +176,11 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         },
                     ],
                     "responses": {
-                        "200": _json("The leading arms.", {"type": "object", "required": ["arms", "total"]}),
+                        "200": _json(
+                            "The leading arms; in fleet mode from the table's first 10,000 arms, with `partial` "
+                            "true when it holds more.",
+                            {"type": "object", "required": ["arms", "total"]},
+                        ),
                         "404": _error("The learning loop is off (learning_off)."),
                         "422": _error("A bad top or order."),
                         "431": _HEADERS_TOO_LARGE,
