@@ -42,6 +42,8 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
             settings.events.removeprefix("pubsub:"),
             parse_spec(settings.features).target,
             window_s=settings.reward_window_s,
+            prior_alpha=settings.prior_alpha,
+            prior_beta=settings.prior_beta,
             max_delay_s=settings.events_max_delay_s,
             max_pending=settings.events_max_pending,
             propagation_s=settings.event_propagation_s,

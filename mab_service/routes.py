@@ -120,15 +120,13 @@ async def arm(request: Request) -> OrjsonResponse:
     loop = state["loop"]
     if loop is not None and loop.fleet is not None:
         # The fleet's counts as the learners have written them, read past the cache.
-        counted = await loop.fleet.counts(arm_id)
+        counted = await loop.fleet.arm(arm_id)
         if counted is None:
             return OrjsonResponse(
                 {"error": "unknown_arm", "message": f"no arm {arm_id!r}: no learner has counted it yet"},
                 status_code=404,
             )
-        shown, got = counted
-        settings = state["settings"]
-        alpha, beta = settings.prior_alpha + got, settings.prior_beta + shown - got
+        alpha, beta, shown, got = counted
         return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})
     found = None if loop is None else loop.arm(arm_id)
     if found is None or (loop is not None and not loop.apply_counts):

@@ -81,6 +81,12 @@ class Counts(NamedTuple):
     rewards: npt.NDArray[np.float64]
     found: npt.NDArray[np.bool_]
 
+    def posterior(
+        self, prior_alpha: float, prior_beta: float
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Beta(prior_alpha + rewards, prior_beta + impressions - rewards): alpha and beta."""
+        return prior_alpha + self.rewards, prior_beta + (self.impressions - self.rewards)
+
 
 def decode_int64(value: bytes) -> int:
     """A Bigtable int64 cell: eight bytes, big-endian, two's complement (what additions write)."""
@@ -98,6 +104,15 @@ def data_client(project: str) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
         return BigtableDataClientAsync(project=project)
+
+
+def _store(row: Any, i: int, impressions: npt.NDArray[np.int64], rewards: npt.NDArray[np.int64]) -> None:
+    """A counts row of the client's into position ``i`` of the arrays."""
+    for cell in row.cells:
+        if cell.qualifier == IMPRESSIONS:
+            impressions[i] = decode_int64(cell.value)
+        elif cell.qualifier == REWARDS:
+            rewards[i] = decode_int64(cell.value)
 
 
 class BigtableSource:
@@ -219,12 +234,32 @@ class BigtableSource:
                 for row in rows:
                     i = position[row.row_key]
                     found[i] = True
-                    for cell in row.cells:
-                        if cell.qualifier == IMPRESSIONS:
-                            impressions[i] = decode_int64(cell.value)
-                        elif cell.qualifier == REWARDS:
-                            rewards[i] = decode_int64(cell.value)
+                    _store(row, i, impressions, rewards)
         return Counts(impressions, rewards / REWARD_SCALE, found)
+
+    async def scan(self, limit: int) -> tuple[list[str], Counts]:
+        """The ids and counts of the table's first ``limit`` arms in key order (the dashboard's view in fleet mode:
+        a fleet's whole catalogue is Bigtable's to query)."""
+        assert self._table is not None, "read before start"
+        rows = await self._table.read_rows(
+            self._query(limit=limit, row_filter=self._filter), operation_timeout=10 * self.timeout_s
+        )
+        impressions = np.zeros(len(rows), np.int64)
+        rewards = np.zeros(len(rows), np.int64)
+        for i, row in enumerate(rows):
+            _store(row, i, impressions, rewards)
+        ids = [row.row_key.decode(errors="replace") for row in rows]
+        return ids, Counts(impressions, rewards / REWARD_SCALE, np.ones(len(rows), np.bool_))
+
+    @property
+    def client(self) -> Any:
+        """The data client, for work beside the counts on the same connection (``learning.fleet``)."""
+        return self._client
+
+    @property
+    def table(self) -> Any:
+        """The client's table object."""
+        return self._table
 
     def _read_rows(self) -> Any:
         """The raw ReadRows stub, taken from the client's channel each time: the client replaces its channel every
@@ -309,8 +344,7 @@ class BigtableSource:
             return Lookup(
                 np.full(n, self.prior_alpha), np.full(n, self.prior_beta), np.zeros(n, np.bool_), np.arange(n)
             )
-        alpha = self.prior_alpha + counts.rewards
-        beta = self.prior_beta + (counts.impressions - counts.rewards)
+        alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
         return Lookup(alpha, beta, counts.found)
 
     async def fetch(self, ids: list[str]) -> Features:

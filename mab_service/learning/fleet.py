@@ -31,21 +31,15 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
 from mab_service.errors import MabError
 from mab_service.features.bigtable import (
-    COUNTS_FAMILY,
     EVENT_ROW_PREFIX,
     EVENTS_FAMILY,
-    IMPRESSIONS,
-    REWARD_SCALE,
-    REWARDS,
     BigtableSource,
+    Counts,
     TablePath,
-    data_client,
-    decode_int64,
 )
 from mab_service.learning.bigtable_requests import MUTATE_ROWS, membership_entry, quote, table_field
 from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
@@ -174,6 +168,7 @@ class Fleet:
         topic: ``projects/P/topics/T``.
         table: ``projects/P/instances/I/tables/T``.
         window_s: The reward window: a reward for an older event is refused as unknown.
+        prior_alpha, prior_beta: The prior of every arm (``/arms/{id}``'s posterior).
         max_delay_s: How long an event waits before its message and its row are sent.
         max_pending: Messages (Pub/Sub) and, times ``ROWS_PER_PENDING``, rows (Bigtable) waiting at most.
         propagation_s: How long a reward for an event whose row is not in Bigtable yet waits for it.
@@ -187,6 +182,8 @@ class Fleet:
         table: str,
         *,
         window_s: float,
+        prior_alpha: float = 1.0,
+        prior_beta: float = 1.0,
         max_delay_s: float = 0.02,
         max_pending: int = 1000,
         propagation_s: float = 1.0,
@@ -201,32 +198,31 @@ class Fleet:
             topic, max_delay_s=max_delay_s, max_pending=max_pending, publish_timeout_s=publish_timeout_s
         )
         self.rows = MembershipRows(self.path, max_delay_s=max_delay_s, max_pending=max_pending * ROWS_PER_PENDING)
-        self.counts_source = BigtableSource(table, 0.0, 0.0, timeout_s=timeout_s)
+        self.prior_alpha = prior_alpha
+        self.prior_beta = prior_beta
+        # One client for the counts, the membership rows and the marks.
+        self.source = BigtableSource(table, prior_alpha, prior_beta, timeout_s=timeout_s)
         self.marks_failed = 0
-        self._client: Any = None
         self._table: Any = None
 
     async def start(self) -> None:
         """Connect to Pub/Sub and Bigtable.
 
         Raises:
-            FeatureSourceError: If the client libraries are missing.
+            FeatureSourceError: If the client libraries are missing or the table cannot be read.
         """
         from google.cloud.bigtable.data import ReadRowsQuery, SetCell, row_filters
 
         self._query, self._set, self._filters = ReadRowsQuery, SetCell, row_filters
-        self._client = data_client(self.path.project)
-        self._table = self._client.get_table(self.path.instance, self.path.table)
-        self.rows.start(self._client)
+        await self.source.start()
+        self._table = self.source.table
+        self.rows.start(self.source.client)
         self.sink.start()
-        await self.counts_source.start()
 
     async def close(self) -> None:
         await self.sink.close()
         await self.rows.close()
-        await self.counts_source.close()
-        if self._client is not None:
-            await self._client.close()
+        await self.source.close()
 
     def check(self) -> None:
         """Raise ``SinkUnavailable`` (503) if an answer's event could not be kept: a buffer is full."""
@@ -311,48 +307,36 @@ class Fleet:
             logger.warning("marking a reward of event %s in %s failed: %s", event_id, self.path, exc)
             return True
 
-    async def counts(self, arm_id: str) -> tuple[int, float] | None:
-        """(impressions, rewards) of ``arm_id`` as the learners have written them now, read past the cache; None
-        if no learner has written the arm.
+    async def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
+        """(alpha, beta, impressions, rewards) of ``arm_id`` from the counts the learners have written now, read
+        past the cache; None if no learner has written the arm.
 
         Raises:
             BigtableUnavailable: If Bigtable cannot be read.
         """
         try:
-            counts = await self.counts_source.read_counts([arm_id])
+            counts = await self.source.read_counts([arm_id])
         except Exception as exc:
             raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
         if not counts.found[0]:
             return None
-        return int(counts.impressions[0]), float(counts.rewards[0])
+        alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
+        return float(alpha[0]), float(beta[0]), int(counts.impressions[0]), float(counts.rewards[0])
 
-    async def scan(self) -> tuple[list[str], Any, Any, bool]:
-        """The counts of the table's first ``SCAN_ROWS`` arms in key order: (ids, impressions, rewards, and whether
-        there are more). For the dashboard and /arms?top; a fleet's whole catalogue is Bigtable's to query.
+    async def scan(self) -> tuple[list[str], Counts, bool]:
+        """The ids and counts of the table's first ``SCAN_ROWS`` arms, and whether it holds more.
 
         Raises:
             BigtableUnavailable: If Bigtable cannot be read.
         """
-        f = self._filters
-        query = self._query(
-            limit=SCAN_ROWS + 1,
-            row_filter=f.RowFilterChain([f.FamilyNameRegexFilter(COUNTS_FAMILY), f.CellsColumnLimitFilter(1)]),
-        )
         try:
-            rows = await self._table.read_rows(query, operation_timeout=10 * self.timeout_s)
+            ids, counts = await self.source.scan(SCAN_ROWS + 1)
         except Exception as exc:
             raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
-        partial = len(rows) > SCAN_ROWS
-        rows = rows[:SCAN_ROWS]
-        shown = np.zeros(len(rows))
-        got = np.zeros(len(rows))
-        for i, row in enumerate(rows):
-            for cell in row.cells:
-                if cell.qualifier == IMPRESSIONS:
-                    shown[i] = decode_int64(cell.value)
-                elif cell.qualifier == REWARDS:
-                    got[i] = decode_int64(cell.value) / REWARD_SCALE
-        return [row.row_key.decode(errors="replace") for row in rows], shown, got, partial
+        if len(ids) <= SCAN_ROWS:
+            return ids, counts, False
+        kept = Counts(counts.impressions[:SCAN_ROWS], counts.rewards[:SCAN_ROWS], counts.found[:SCAN_ROWS])
+        return ids[:SCAN_ROWS], kept, True
 
     def stats(self) -> dict[str, Any]:
         sink, rows = self.sink, self.rows

@@ -323,10 +323,10 @@ class Loop:
         """``top`` in fleet mode, over the counts in Bigtable (the first ``fleet.SCAN_ROWS`` arms); and whether the
         table holds more than were read."""
         assert self.fleet is not None
-        ids, shown, got, partial = await self.fleet.scan()
-        alpha = self.prior_alpha + got
-        beta = self.prior_beta + shown - got
-        return leading_arms(ids.__getitem__, alpha, beta, shown, got, n, order), len(ids), partial
+        ids, counts, partial = await self.fleet.scan()
+        alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
+        shown = counts.impressions.astype(np.float64)
+        return leading_arms(ids.__getitem__, alpha, beta, shown, counts.rewards, n, order), len(ids), partial
 
     def stats(self) -> dict[str, Any]:
         now = time.time()
