@@ -13,7 +13,7 @@ from mab_service.features.factory import make_source, parse_spec
 from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
-from mab_service.learning import node
+from mab_service.learning import fleet_setup, node
 from mab_service.learning.fleet import Fleet
 from mab_service.learning.loop import Loop
 from mab_service.learning.posteriors import SharedArmsSource
@@ -39,7 +39,7 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
     fleet = None
     if settings.events:
         fleet = Fleet(
-            settings.events.removeprefix("pubsub:"),
+            fleet_setup.topic_path(settings.events),
             parse_spec(settings.features).target,
             window_s=settings.reward_window_s,
             prior_alpha=settings.prior_alpha,

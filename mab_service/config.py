@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mab_service.features import factory
+from mab_service.learning import fleet_setup
 
 ENV_PREFIX = "MAB_"
 #: Variables read when a field's own MAB_ variable is not set (the convention of the tool that defines them).
@@ -348,7 +349,13 @@ class Settings:
         except ValueError:
             _check(self.features, False, "features", factory.SPEC_FORMS)
         if self.events:
-            _check(self.events, factory.TOPIC.match(self.events) is not None, "events", "pubsub:projects/P/topics/T")
+            topic = self.events.removeprefix("pubsub:")
+            _check(
+                self.events,
+                topic != self.events and fleet_setup.TOPIC.match(topic) is not None,
+                "events",
+                "pubsub:projects/P/topics/T",
+            )
             _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
             _check(self.learning, self.learning, "learning", "on when events is set")
         _check(

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import itertools
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mab_service.errors import FeatureSourceError
+from mab_service.features.bigtable import TABLE
 from mab_service.features.options import ENTITY_TYPE, FEATURE_VIEW, VertexOptions
 from mab_service.features.source import FeatureSource
 
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 #: What ``parse_spec`` accepts, for error messages.
 SPEC_FORMS = "demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE or bigtable:TABLE"
-TABLE = re.compile(r"^projects/[^/]+/instances/[^/]+/tables/[^/]+$")
-#: ``Settings.events``: the fleet's topic.
-TOPIC = re.compile(r"^pubsub:projects/[^/]+/topics/[^/]+$")
 #: The Vertex backends by spec prefix, and the resource name each reads.
 _RESOURCES = {"vertex": ENTITY_TYPE, "vertex-fos": FEATURE_VIEW}
 
@@ -62,7 +59,7 @@ def parse_spec(features: str) -> SourceSpec:
         return SourceSpec("demo")
     if kind == "csv" and target:
         return SourceSpec("csv", target)
-    if kind == "bigtable" and TABLE.match(target):
+    if kind == "bigtable" and TABLE.match(target):  # the backend's own pattern (no client library imported)
         return SourceSpec("bigtable", target)
     resource = _RESOURCES.get(kind)
     if resource is not None and resource.match(target):
