@@ -298,6 +298,16 @@ _FLEET_COUNTERS = (
     (EVENT_ROWS_FAILED, "event_rows_failed"),
 )
 
+_FLEET_GAUGES = ((EVENTS_OUTBOX, "outbox_messages"), (EVENT_ROWS_PENDING, "event_rows_pending"))
+_FLEET_KEYS = [key for _, key in (*_FLEET_COUNTERS, *_FLEET_GAUGES)]
+#: The loop's own counters, by their ``_LoopCounters._now`` key (the rewards by result are ``REWARDS``'s children).
+_LOOP_COUNTERS = (
+    (IMPRESSIONS, "impressions"),
+    (IMPRESSIONS_UNRECORDED, "unrecorded"),
+    (JOURNAL_SYNCS, "syncs"),
+    (JOURNAL_DROPPED, "dropped"),
+)
+
 
 class _LoopCounters:
     """Copies a worker's loop counters (``learning.loop.Loop``) into the metrics."""
@@ -313,7 +323,7 @@ class _LoopCounters:
         loop, refusals = self.loop, self.loop.refusals
         fleet = loop.fleet.stats() if loop.fleet is not None else {}
         return {
-            **{key: fleet[key] for _, key in _FLEET_COUNTERS if key in fleet},
+            **{key: fleet[key] for key in _FLEET_KEYS if key in fleet},
             "impressions": loop.impressions,
             "unrecorded": loop.impressions_unrecorded,
             "accepted": loop.rewards_accepted,
@@ -329,22 +339,13 @@ class _LoopCounters:
         now = self._now()
         delta = {key: value - self.seen.get(key, 0) for key, value in now.items()}
         self.seen = now
-        for counter, key in ((IMPRESSIONS, "impressions"), (IMPRESSIONS_UNRECORDED, "unrecorded")):
-            if delta[key] > 0:
-                counter.inc(delta[key])
-        for counter, key in ((JOURNAL_SYNCS, "syncs"), (JOURNAL_DROPPED, "dropped")):
-            if delta[key] > 0:
-                counter.inc(delta[key])
-        for name, child in self.results.items():
-            if delta[name] > 0:
-                child.inc(delta[name])
-        for counter, key in _FLEET_COUNTERS:
+        counters = (*_LOOP_COUNTERS, *((child, name) for name, child in self.results.items()), *_FLEET_COUNTERS)
+        for counter, key in counters:
             if delta.get(key, 0) > 0:
                 counter.inc(delta[key])
-        if self.loop.fleet is not None:
-            fleet = self.loop.fleet.stats()
-            EVENTS_OUTBOX.set(fleet["outbox_messages"])
-            EVENT_ROWS_PENDING.set(fleet["event_rows_pending"])
+        for gauge, key in _FLEET_GAUGES:
+            if key in now:
+                gauge.set(now[key])
 
 
 # --- the feature source's own counters ---------------------------------------------------------------------
