@@ -125,9 +125,9 @@ def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path)
     return argv
 
 
-def measure_throughput(args: argparse.Namespace, work: Path, table: str, topic: str) -> dict[str, Any]:
-    table_csv, files = workload.write_workloads(work, ["W400"], n_entities=args.entities)
-    w400 = files["W400"]
+def measure_throughput(
+    args: argparse.Namespace, work: Path, table_csv: Path, w400: workload.WorkloadFiles, table: str, topic: str
+) -> dict[str, Any]:
     targets: dict[str, bench_service.TargetFactory] = {
         "embedded": bench_service.project_target,
         "bigtable": serve_argv(table, None, args.long_ttl_s, table_csv),
@@ -165,7 +165,7 @@ def _rewards(url: str, arm: str) -> float:
 
 
 def measure_freshness(
-    args: argparse.Namespace, work: Path, table: str, topic: str, subscription: str
+    args: argparse.Namespace, work: Path, table_csv: Path, table: str, topic: str, subscription: str
 ) -> dict[str, Any]:
     servers = []
     learner_log = (work / "learner.log").open("wb")
@@ -180,7 +180,7 @@ def measure_freshness(
         urls = []
         for name in ("A", "B"):
             port = free_port()
-            argv = serve_argv(table, topic, None, work / "table.csv")(port, Path(), 1)
+            argv = serve_argv(table, topic, None, table_csv)(port, Path(), 1)
             server = bench_service.running_server(argv, port, args.server_cpus, work / f"replica-{name}.log")
             servers.append(server)
             server.__enter__()
@@ -265,13 +265,14 @@ def main(argv: list[str] | None = None) -> None:
                 return topic, subscription
 
             resources("fill")
-            table_csv, _ = workload.write_workloads(work, ["W400"], n_entities=args.entities)
+            table_csv, files = workload.write_workloads(work, ["W400"], n_entities=args.entities)
             print(f"  {fill_counts(table, table_csv):,} arms counted in {table}", file=sys.stderr)
             if "freshness" in parts:
-                results["freshness"] = measure_freshness(args, work, table, *resources("freshness"))
+                results["freshness"] = measure_freshness(args, work, table_csv, table, *resources("freshness"))
                 print(orjson.dumps(results["freshness"]).decode(), file=sys.stderr)
             if "throughput" in parts:
-                results["throughput"] = measure_throughput(args, work, table, resources("throughput")[0])
+                topic = resources("throughput")[0]
+                results["throughput"] = measure_throughput(args, work, table_csv, files["W400"], table, topic)
     if args.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
         return
