@@ -134,13 +134,7 @@ def measure_throughput(
         "bigtable-events": serve_argv(table, topic, args.long_ttl_s, table_csv),
         "bigtable-events-ttl1": serve_argv(table, topic, None, table_csv),
     }
-    runs: dict[str, list[bench_service.Measurement]] = {name: [] for name in targets}
-    for i in range(args.repeats):
-        for name, target in targets.items():
-            log = work / f"{name}-{i}.log"
-            runs[name].append(bench_service.measure(target, table_csv, w400, args, log))
-            print(f"  {name} run {i + 1}: {runs[name][-1].rps:,.0f} req/s", file=sys.stderr)
-    result: dict[str, Any] = {name: bench_service.summarize(r, w400.n_candidates) for name, r in runs.items()}
+    result: dict[str, Any] = bench_service.measure_interleaved(targets, table_csv, w400, args, work, "throughput")
     result["events_ratio"] = result["bigtable-events"]["rps"] / result["bigtable"]["rps"]
     result["ttl1_ratio"] = result["bigtable-events-ttl1"]["rps"] / result["bigtable"]["rps"]
     return result

@@ -61,13 +61,7 @@ def measure_predict(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "on-no-decision-log": _no_decision_log,
         "off": bench_service.project_nolearn_target,
     }
-    runs: dict[str, list[bench_service.Measurement]] = {name: [] for name in targets}
-    for i in range(args.repeats):
-        for name, target in targets.items():
-            log = work / f"predict-{name}-{i}.log"
-            runs[name].append(bench_service.measure(target, table, w400, args, log))
-            print(f"  predict loop {name} run {i + 1}: {runs[name][-1].rps:,.0f} req/s", file=sys.stderr)
-    result: dict[str, Any] = {name: bench_service.summarize(r, w400.n_candidates) for name, r in runs.items()}
+    result: dict[str, Any] = bench_service.measure_interleaved(targets, table, w400, args, work, "predict")
     result["ratio_rps"] = result["on"]["rps"] / result["off"]["rps"]
     result["ratio_rps_no_decision_log"] = result["on-no-decision-log"]["rps"] / result["off"]["rps"]
     result["ratio_cpu_per_request"] = result["on"]["cpu_us_per_request"] / result["off"]["cpu_us_per_request"]

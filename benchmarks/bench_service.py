@@ -33,7 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -346,6 +346,24 @@ def measure(
         cpu_s=cpu_s,
         other_load=other_s / (result["duration_us"] / 1e6) / len(cores),
     )
+
+
+def measure_interleaved(
+    targets: Mapping[str, TargetFactory],
+    table: Path,
+    files: workload.WorkloadFiles,
+    args: argparse.Namespace,
+    work: Path,
+    part: str,
+) -> dict[str, dict[str, float]]:
+    """Each target measured ``args.repeats`` times, the targets alternating so that the machine's drift falls on
+    all of them; the medians per target (``summarize``). Logs go to ``work/<part>-<target>-<run>.log``."""
+    runs: dict[str, list[Measurement]] = {name: [] for name in targets}
+    for i in range(args.repeats):
+        for name, target in targets.items():
+            runs[name].append(measure(target, table, files, args, work / f"{part}-{name}-{i}.log"))
+            print(f"  {part} {name} run {i + 1}: {runs[name][-1].rps:,.0f} req/s", file=sys.stderr)
+    return {name: summarize(r, files.n_candidates) for name, r in runs.items()}
 
 
 # --- reporting ------------------------------------------------------------------------------------------------
