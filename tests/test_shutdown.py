@@ -59,6 +59,20 @@ async def _read_answer(reader: asyncio.StreamReader) -> Answer:
     return Answer(int(lines[0].split(b" ")[1]), headers, body, time.monotonic())
 
 
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, record: Record) -> Answer | None:
+    """One request and its answer on a keep-alive connection, recorded; None (the connection closed) if cut off."""
+    writer.write(_request())
+    record.sent += 1
+    try:
+        answer = await _read_answer(reader)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        record.cut_off.append(repr(exc))
+        writer.close()
+        return None
+    record.answers.append(answer)
+    return answer
+
+
 async def _client(port: int, routing: asyncio.Event, record: Record) -> None:
     """Requests back to back on one keep-alive connection; a new connection only while the LB routes here."""
     writer = None
@@ -71,15 +85,9 @@ async def _client(port: int, routing: asyncio.Event, record: Record) -> None:
             except OSError:
                 record.refused += 1
                 return
-        writer.write(_request())
-        record.sent += 1
-        try:
-            answer = await _read_answer(reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            record.cut_off.append(repr(exc))
-            writer.close()
+        answer = await _exchange(reader, writer, record)
+        if answer is None:
             return
-        record.answers.append(answer)
         if answer.headers.get(b"connection") == b"close":
             writer.close()
             writer = None
@@ -95,15 +103,9 @@ async def _paced_client(port: int, record: Record, pause_s: float) -> None:
         record.refused += 1
         return
     while True:
-        writer.write(_request())
-        record.sent += 1
-        try:
-            answer = await _read_answer(reader)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            record.cut_off.append(repr(exc))
-            writer.close()
+        answer = await _exchange(reader, writer, record)
+        if answer is None:
             return
-        record.answers.append(answer)
         if answer.headers.get(b"connection") == b"close":
             writer.close()
             return
