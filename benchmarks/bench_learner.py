@@ -116,7 +116,6 @@ async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[s
     """CPU of the event loop's thread per CheckAndMutateRow of 3 new markers and one addition, three ways, in turns:
     the client's ``check_and_mutate_row``; the learner's request bytes on the client's channel (what it does); the same
     bytes on a plain gRPC channel to the emulator (without the client's two interceptors)."""
-    import urllib.parse
 
     import grpc
     from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
@@ -124,7 +123,7 @@ async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[s
 
     client = data_client(path.project)
     table = client.get_table(path.instance, path.table)
-    metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(path))}"),)
+    metadata = path.routing
     decode = messages.CheckAndMutateRowResponse.pb().FromString
     ours = client.transport.grpc_channel.unary_unary(CHECK_AND_MUTATE_ROW, None, decode)
     plain_channel = grpc.aio.insecure_channel(os.environ["BIGTABLE_EMULATOR_HOST"])

@@ -75,6 +75,12 @@ class TablePath(NamedTuple):
     def __str__(self) -> str:
         return f"projects/{self.project}/instances/{self.instance}/tables/{self.table}"
 
+    @property
+    def routing(self) -> tuple[tuple[str, str], ...]:
+        """The routing header Bigtable expects on a call for this table, as the client sends it (for the calls
+        made on the client's channel with request bytes of our own)."""
+        return (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self))}"),)
+
 
 class Counts(NamedTuple):
     impressions: npt.NDArray[np.int64]
@@ -190,8 +196,7 @@ class BigtableSource:
             )
             self._request = request.SerializeToString()
             self._request_pb = messages.ReadRowsRequest.pb()
-            # The routing header Bigtable expects, as the client sends it.
-            self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
+            self._metadata = self.path.routing
         try:
             await self.read_counts([PROBE_KEY])
         except Exception as exc:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +99,7 @@ class MembershipRows:
         from google.cloud.bigtable_v2.types import bigtable as messages
 
         self._head = table_field(str(self.path))
-        # The routing header Bigtable expects, as the client sends it.
-        self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
+        self._metadata = self.path.routing
         self._client = client
         self._response = messages.MutateRowsResponse.pb().FromString
 

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import time
-import urllib.parse
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -260,8 +259,7 @@ class Learner:
         self._client: Any = None
         self._decode: Any = None
         self._table_name = table_field(str(self.path))
-        # The routing header Bigtable expects, as the client sends it.
-        self._metadata = (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self.path))}"),)
+        self._metadata = self.path.routing
 
     async def start(self) -> None:
         """Connect, and check that the subscription and the table exist.
