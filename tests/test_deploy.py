@@ -178,15 +178,26 @@ def test_kustomization_lists_every_manifest() -> None:
     assert sorted(_manifest("kustomization.yaml")["resources"]) == sorted(p.name for p in MANIFESTS)
 
 
+def _quantity(value: str) -> int:
+    """Bytes of a Kubernetes quantity such as ``512Mi`` or ``2Gi``."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", value).groups()  # type: ignore[union-attr]
+    return int(number) * units.get(unit, 1)
+
+
 def test_manifests_fit_together() -> None:
     config = _manifest("configmap.yaml")
-    deployment = _manifest("deployment.yaml")
-    service, hpa, pdb = _manifest("service.yaml"), _manifest("hpa.yaml"), _manifest("pdb.yaml")
-    pod = deployment["spec"]["template"]
+    node = _manifest("statefulset.yaml")
+    service, headless, pdb = _manifest("service.yaml"), _manifest("service-headless.yaml"), _manifest("pdb.yaml")
+    pod = node["spec"]["template"]
     labels = pod["metadata"]["labels"]
-    for selector in (deployment["spec"]["selector"]["matchLabels"], pdb["spec"]["selector"]["matchLabels"]):
+    for selector in (node["spec"]["selector"]["matchLabels"], pdb["spec"]["selector"]["matchLabels"]):
         assert selector.items() <= labels.items()
-    assert service["spec"]["selector"].items() <= labels.items()
+    for svc in (service, headless):
+        assert svc["spec"]["selector"].items() <= labels.items()
+    # The StatefulSet's governing Service is headless; clients use the other one.
+    assert node["spec"]["serviceName"] == headless["metadata"]["name"] and headless["spec"]["clusterIP"] == "None"
+    assert service["spec"]["type"] == "ClusterIP" and "sessionAffinity" not in service["spec"]
     (container,) = pod["spec"]["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert container["image"] == f"mab-service:{__version__}"
@@ -196,39 +207,58 @@ def test_manifests_fit_together() -> None:
     assert all(key.startswith(ENV_PREFIX) and isinstance(value, str) for key, value in data.items())
     settings = Settings.from_env(data)
     assert {f"{ENV_PREFIX}{name.upper()}" for name in Settings.__dataclass_fields__} >= data.keys()
-    assert settings.workers == 1 and settings.host == "0.0.0.0"
+    assert settings.host == "0.0.0.0"
+    # The node scales up: one worker per core, requested and allowed.
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == str(settings.workers)
+    assert settings.workers > 1
 
     (port,) = container["ports"]
     assert port["containerPort"] == settings.port and port["name"] == "http"
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["ports"][0]["targetPort"] == headless["spec"]["ports"][0]["targetPort"] == "http"
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/live"
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
 
-    # The kubelet's SIGKILL must not come before the drain and the graceful shutdown are over.
+    # The kubelet's SIGKILL must not come before the drain, the graceful shutdown and the supervisor's 5 s for a
+    # late worker are over.
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace > settings.drain_delay_s + settings.timeout_graceful_shutdown_s
+    assert grace > settings.drain_delay_s + settings.timeout_graceful_shutdown_s + 5
     assert settings.drain_delay_s > 0
     # Readiness notices the drain well within it.
     probe = container["readinessProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] < settings.drain_delay_s
 
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    resources = container["resources"]
-    assert resources["requests"]["cpu"] and resources["limits"]["memory"]
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment["metadata"]["name"],
-    }
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
-    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     # The read-only root needs a writable /tmp for the metrics files.
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_node_is_one_pod_with_its_state_on_a_persistent_volume() -> None:
+    # One bandit: one StatefulSet pod, no autoscaler (a second pod would be a second bandit), and what it learned on
+    # a PersistentVolumeClaim that outlives the pod, never an emptyDir.
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in MANIFESTS}
+    assert "HorizontalPodAutoscaler" not in kinds and "Deployment" not in kinds
+    node = _manifest("statefulset.yaml")
+    assert node["kind"] == "StatefulSet" and node["spec"]["replicas"] == 1
+    settings = Settings.from_env(_manifest("configmap.yaml")["data"])
+    pod = node["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == settings.state_dir]
+    assert mount["name"] not in {v["name"] for v in pod["volumes"]}  # not a pod volume: no emptyDir for it
+    (claim,) = [c for c in node["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert _quantity(claim["spec"]["resources"]["requests"]["storage"]) >= settings.workers * (
+        settings.decision_log_max_bytes
+    )
+    assert node["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # A freshly provisioned volume is root's: the pod's group must own it for user 10001 to write.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # Node drains go through (a budget of 0 would block them until someone deleted the pod by hand).
+    assert _manifest("pdb.yaml")["spec"]["maxUnavailable"] >= 1
 
 
 def test_the_image_health_check_command_follows_health(server_factory, table_csv: Path) -> None:
