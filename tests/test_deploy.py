@@ -8,6 +8,7 @@ can run outside Docker (the dependency list) are run here.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -490,3 +491,157 @@ def test_fleet_service_settings_are_valid(fleet: Objects) -> None:
     assert settings.features == env["MAB_FEATURES"] and settings.features.startswith("bigtable:")
     assert getattr(settings, "events") == env["MAB_EVENTS"]
     assert settings.workers == 1 and settings.metrics
+
+
+# --- across both: the node's memory, the API keys, the network policies --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base() -> Objects:
+    return _by_kind_and_name(_render(DEPLOY))
+
+
+def _workloads(objects: Objects) -> dict[str, dict[str, Any]]:
+    """Pod templates by ``Kind/name`` of every workload rendered."""
+    kinds = ("StatefulSet", "Deployment", "Job")
+    return {f"{kind}/{name}": o["spec"]["template"] for (kind, name), o in objects.items() if kind in kinds}
+
+
+def _serving_pod(objects: Objects) -> dict[str, Any]:
+    """The pod template of the service: the base's StatefulSet or the fleet's Deployment."""
+    (pod,) = [p for key, p in _workloads(objects).items() if key.endswith("/mab-service")]
+    return pod
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_the_shm_volume_holds_the_loop_tables(which: str, request: pytest.FixtureRequest) -> None:
+    from mab_service.learning._arms import ArmTable
+    from mab_service.learning._events import EventRing
+    from mab_service.learning.node import NEW_ARM_ID_BYTES, _catalogue
+
+    objects: Objects = request.getfixturevalue(which)
+    pod = _serving_pod(objects)["spec"]
+    (container,) = pod["containers"]
+    env = _environment(container, objects)
+    shm_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    shm = next(v for v in pod["volumes"] if v["name"] == shm_mount["name"])["emptyDir"]
+    assert shm["medium"] == "Memory"
+    room = _quantity(shm["sizeLimit"])
+    # The settings deployed, and the defaults (an operator who deletes the overrides must still start).
+    for settings in (Settings.from_env(env), Settings()):
+        rows, id_bytes = 0, 0
+        catalogue = _catalogue(settings) if settings.features == "demo" else None
+        if catalogue is not None:
+            with catalogue as path:
+                rows, id_bytes = ArmTable.csv_rows_upper_bound(str(path))
+        arms = ArmTable.bytes_needed(rows + settings.max_new_arms, id_bytes + settings.max_new_arms * NEW_ARM_ID_BYTES)
+        events = EventRing.bytes_needed(settings.max_held_events, settings.max_held_members)
+        assert arms + events < room, f"{(arms + events) / 2**20:.0f} MiB of tables, {room / 2**20:.0f} MiB of shm"
+    # The tables count against the container's memory once touched: the limit holds them and the workers.
+    assert _quantity(container["resources"]["limits"]["memory"]) >= room + 2**27 * int(env["MAB_WORKERS"])
+
+
+SECRET, SECRET_KEY, KEYS_DIR = "mab-service-api-keys", "api-keys", "/etc/mab-service/keys"
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_the_api_keys_secret_is_mounted_where_the_setting_points(which: str, request: pytest.FixtureRequest) -> None:
+    objects: Objects = request.getfixturevalue(which)
+    pod = _serving_pod(objects)["spec"]
+    (container,) = pod["containers"]
+    path = _environment(container, objects)["MAB_API_KEYS_FILE"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == SECRET
+    assert volume["secret"]["optional"] is False  # no keys, no pod: never an open service by accident
+    assert "items" not in volume["secret"]  # every key of the Secret is a file named after it
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    # A directory mount (a subPath mount is never updated when the Secret changes), read-only.
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert path == f"{mount['mountPath']}/{SECRET_KEY}" and mount["mountPath"] == KEYS_DIR
+    # The Secret is the operator's, made with kubectl; applying the manifests never overwrites the keys.
+    assert not any(kind == "Secret" for kind, _ in objects)
+
+
+def test_the_documented_secret_command_makes_the_secret_the_pods_mount(tmp_path: Path) -> None:
+    if not shutil.which("kubectl"):
+        pytest.skip("the command is kubectl's; kubectl is not installed")
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    command = re.search(r"^kubectl create secret generic .+$", docs, re.MULTILINE)
+    assert command is not None
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-0123456789abcdef\nk-fedcba9876543210\n")
+    argv = command.group(0).replace("KEYS-FILE", str(keys)).split()
+    done = subprocess.run([*argv, "--dry-run=client", "-o", "yaml"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    secret = yaml.safe_load(done.stdout)
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(secret, version, strict=True)
+    assert secret["metadata"]["name"] == SECRET and list(secret["data"]) == [SECRET_KEY]
+    assert base64.b64decode(secret["data"][SECRET_KEY]).decode() == keys.read_text()
+
+
+def _peers_are_prometheus(rule: dict[str, Any]) -> bool:
+    return all(
+        "namespaceSelector" in peer
+        and peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "prometheus"
+        for peer in rule["from"]
+    )
+
+
+def _container_ports(pod: dict[str, Any]) -> dict[str | int, int]:
+    """Each port of the pod's containers, by name and by number."""
+    ports: dict[str | int, int] = {}
+    for container in pod["spec"]["containers"]:
+        for port in container.get("ports", []):
+            ports[port["containerPort"]] = port["containerPort"]
+            if "name" in port:
+                ports[port["name"]] = port["containerPort"]
+    return ports
+
+
+def _egress_ports(policies: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    return {
+        (p["port"], p["protocol"]) for pol in policies for rule in pol["spec"].get("egress", []) for p in rule["ports"]
+    }
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_network_policies_select_the_pods_and_admit_their_ports(which: str, request: pytest.FixtureRequest) -> None:
+    objects: Objects = request.getfixturevalue(which)
+    workloads = _workloads(objects)
+    policies = [o for (kind, _), o in objects.items() if kind == "NetworkPolicy"]
+    assert policies
+    for policy in policies:
+        selected = [
+            p
+            for p in workloads.values()
+            if _selects(policy["spec"]["podSelector"]["matchLabels"], p["metadata"]["labels"])
+        ]
+        assert selected, f"{policy['metadata']['name']} selects no pod that exists"
+        for pod in selected:
+            ports = _container_ports(pod)
+            for rule in policy["spec"].get("ingress", []):
+                assert rule["from"], "a rule without peers admits everyone"
+                for port in rule["ports"]:
+                    assert port["port"] in ports, f"{policy['metadata']['name']} admits {port['port']}, not a port"
+
+    for key, pod in workloads.items():
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])]
+        # Every pod is under a policy for both directions: what is not listed is refused.
+        assert {t for p in mine for t in p["spec"]["policyTypes"]} == {"Ingress", "Egress"}, key
+        rules = [rule for p in mine for rule in p["spec"].get("ingress", [])]
+        ports = _container_ports(pod)
+        admitted = {ports[port["port"]] for rule in rules for port in rule["ports"]}
+        assert admitted == {n for n in ports.values()}, f"{key}: every port it serves is admitted, nothing else"
+        egress = _egress_ports(mine)
+        assert {(53, "UDP"), (53, "TCP")} <= egress, f"{key} cannot resolve names"
+        if key.endswith("/mab-service"):
+            # Clients and Prometheus (the metrics path shares the service port).
+            assert any(_peers_are_prometheus(r) for r in rules) and any(not _peers_are_prometheus(r) for r in rules)
+        elif key.endswith("/mab-learner"):
+            assert rules and all(_peers_are_prometheus(r) for r in rules)  # only Prometheus, on 9464
+            assert admitted == {9464}
+        else:
+            assert key == "Job/mab-setup" and not rules  # nothing comes in
+        # Google's APIs (and the metadata server's credentials) for the fleet's pods only.
+        assert ((443, "TCP") in egress) == (which == "fleet"), key
