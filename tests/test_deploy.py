@@ -8,6 +8,7 @@ can run outside Docker (the dependency list) are run here.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -178,15 +179,26 @@ def test_kustomization_lists_every_manifest() -> None:
     assert sorted(_manifest("kustomization.yaml")["resources"]) == sorted(p.name for p in MANIFESTS)
 
 
+def _quantity(value: str) -> int:
+    """Bytes of a Kubernetes quantity such as ``512Mi`` or ``2Gi``."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", value).groups()  # type: ignore[union-attr]
+    return int(number) * units.get(unit, 1)
+
+
 def test_manifests_fit_together() -> None:
     config = _manifest("configmap.yaml")
-    deployment = _manifest("deployment.yaml")
-    service, hpa, pdb = _manifest("service.yaml"), _manifest("hpa.yaml"), _manifest("pdb.yaml")
-    pod = deployment["spec"]["template"]
+    node = _manifest("statefulset.yaml")
+    service, headless, pdb = _manifest("service.yaml"), _manifest("service-headless.yaml"), _manifest("pdb.yaml")
+    pod = node["spec"]["template"]
     labels = pod["metadata"]["labels"]
-    for selector in (deployment["spec"]["selector"]["matchLabels"], pdb["spec"]["selector"]["matchLabels"]):
+    for selector in (node["spec"]["selector"]["matchLabels"], pdb["spec"]["selector"]["matchLabels"]):
         assert selector.items() <= labels.items()
-    assert service["spec"]["selector"].items() <= labels.items()
+    for svc in (service, headless):
+        assert svc["spec"]["selector"].items() <= labels.items()
+    # The StatefulSet's governing Service is headless; clients use the other one.
+    assert node["spec"]["serviceName"] == headless["metadata"]["name"] and headless["spec"]["clusterIP"] == "None"
+    assert service["spec"]["type"] == "ClusterIP" and "sessionAffinity" not in service["spec"]
     (container,) = pod["spec"]["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     assert container["image"] == f"mab-service:{__version__}"
@@ -196,39 +208,58 @@ def test_manifests_fit_together() -> None:
     assert all(key.startswith(ENV_PREFIX) and isinstance(value, str) for key, value in data.items())
     settings = Settings.from_env(data)
     assert {f"{ENV_PREFIX}{name.upper()}" for name in Settings.__dataclass_fields__} >= data.keys()
-    assert settings.workers == 1 and settings.host == "0.0.0.0"
+    assert settings.host == "0.0.0.0"
+    # The node scales up: one worker per core, requested and allowed.
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == str(settings.workers)
+    assert settings.workers > 1
 
     (port,) = container["ports"]
     assert port["containerPort"] == settings.port and port["name"] == "http"
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["ports"][0]["targetPort"] == headless["spec"]["ports"][0]["targetPort"] == "http"
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/live"
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
 
-    # The kubelet's SIGKILL must not come before the drain and the graceful shutdown are over.
+    # The kubelet's SIGKILL must not come before the drain, the graceful shutdown and the supervisor's 5 s for a
+    # late worker are over.
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace > settings.drain_delay_s + settings.timeout_graceful_shutdown_s
+    assert grace > settings.drain_delay_s + settings.timeout_graceful_shutdown_s + 5
     assert settings.drain_delay_s > 0
     # Readiness notices the drain well within it.
     probe = container["readinessProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] < settings.drain_delay_s
 
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    resources = container["resources"]
-    assert resources["requests"]["cpu"] and resources["limits"]["memory"]
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment["metadata"]["name"],
-    }
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["resource"]["name"] == "cpu"
-    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+    assert resources["requests"]["memory"] and resources["limits"]["memory"]
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     # The read-only root needs a writable /tmp for the metrics files.
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_node_is_one_pod_with_its_state_on_a_persistent_volume() -> None:
+    # One bandit: one StatefulSet pod, no autoscaler (a second pod would be a second bandit), and what it learned on
+    # a PersistentVolumeClaim that outlives the pod, never an emptyDir.
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in MANIFESTS}
+    assert "HorizontalPodAutoscaler" not in kinds and "Deployment" not in kinds
+    node = _manifest("statefulset.yaml")
+    assert node["kind"] == "StatefulSet" and node["spec"]["replicas"] == 1
+    settings = Settings.from_env(_manifest("configmap.yaml")["data"])
+    pod = node["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == settings.state_dir]
+    assert mount["name"] not in {v["name"] for v in pod["volumes"]}  # not a pod volume: no emptyDir for it
+    (claim,) = [c for c in node["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert _quantity(claim["spec"]["resources"]["requests"]["storage"]) >= settings.workers * (
+        settings.decision_log_max_bytes
+    )
+    assert node["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # A freshly provisioned volume is root's: the pod's group must own it for user 10001 to write.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    # Node drains go through (a budget of 0 would block them until someone deleted the pod by hand).
+    assert _manifest("pdb.yaml")["spec"]["maxUnavailable"] >= 1
 
 
 def test_the_image_health_check_command_follows_health(server_factory, table_csv: Path) -> None:
@@ -460,3 +491,157 @@ def test_fleet_service_settings_are_valid(fleet: Objects) -> None:
     assert settings.features == env["MAB_FEATURES"] and settings.features.startswith("bigtable:")
     assert getattr(settings, "events") == env["MAB_EVENTS"]
     assert settings.workers == 1 and settings.metrics
+
+
+# --- across both: the node's memory, the API keys, the network policies --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base() -> Objects:
+    return _by_kind_and_name(_render(DEPLOY))
+
+
+def _workloads(objects: Objects) -> dict[str, dict[str, Any]]:
+    """Pod templates by ``Kind/name`` of every workload rendered."""
+    kinds = ("StatefulSet", "Deployment", "Job")
+    return {f"{kind}/{name}": o["spec"]["template"] for (kind, name), o in objects.items() if kind in kinds}
+
+
+def _serving_pod(objects: Objects) -> dict[str, Any]:
+    """The pod template of the service: the base's StatefulSet or the fleet's Deployment."""
+    (pod,) = [p for key, p in _workloads(objects).items() if key.endswith("/mab-service")]
+    return pod
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_the_shm_volume_holds_the_loop_tables(which: str, request: pytest.FixtureRequest) -> None:
+    from mab_service.learning._arms import ArmTable
+    from mab_service.learning._events import EventRing
+    from mab_service.learning.node import NEW_ARM_ID_BYTES, _catalogue
+
+    objects: Objects = request.getfixturevalue(which)
+    pod = _serving_pod(objects)["spec"]
+    (container,) = pod["containers"]
+    env = _environment(container, objects)
+    shm_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    shm = next(v for v in pod["volumes"] if v["name"] == shm_mount["name"])["emptyDir"]
+    assert shm["medium"] == "Memory"
+    room = _quantity(shm["sizeLimit"])
+    # The settings deployed, and the defaults (an operator who deletes the overrides must still start).
+    for settings in (Settings.from_env(env), Settings()):
+        rows, id_bytes = 0, 0
+        catalogue = _catalogue(settings) if settings.features == "demo" else None
+        if catalogue is not None:
+            with catalogue as path:
+                rows, id_bytes = ArmTable.csv_rows_upper_bound(str(path))
+        arms = ArmTable.bytes_needed(rows + settings.max_new_arms, id_bytes + settings.max_new_arms * NEW_ARM_ID_BYTES)
+        events = EventRing.bytes_needed(settings.max_held_events, settings.max_held_members)
+        assert arms + events < room, f"{(arms + events) / 2**20:.0f} MiB of tables, {room / 2**20:.0f} MiB of shm"
+    # The tables count against the container's memory once touched: the limit holds them and the workers.
+    assert _quantity(container["resources"]["limits"]["memory"]) >= room + 2**27 * int(env["MAB_WORKERS"])
+
+
+SECRET, SECRET_KEY, KEYS_DIR = "mab-service-api-keys", "api-keys", "/etc/mab-service/keys"
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_the_api_keys_secret_is_mounted_where_the_setting_points(which: str, request: pytest.FixtureRequest) -> None:
+    objects: Objects = request.getfixturevalue(which)
+    pod = _serving_pod(objects)["spec"]
+    (container,) = pod["containers"]
+    path = _environment(container, objects)["MAB_API_KEYS_FILE"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == SECRET
+    assert volume["secret"]["optional"] is False  # no keys, no pod: never an open service by accident
+    assert "items" not in volume["secret"]  # every key of the Secret is a file named after it
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    # A directory mount (a subPath mount is never updated when the Secret changes), read-only.
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert path == f"{mount['mountPath']}/{SECRET_KEY}" and mount["mountPath"] == KEYS_DIR
+    # The Secret is the operator's, made with kubectl; applying the manifests never overwrites the keys.
+    assert not any(kind == "Secret" for kind, _ in objects)
+
+
+def test_the_documented_secret_command_makes_the_secret_the_pods_mount(tmp_path: Path) -> None:
+    if not shutil.which("kubectl"):
+        pytest.skip("the command is kubectl's; kubectl is not installed")
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    command = re.search(r"^kubectl create secret generic .+$", docs, re.MULTILINE)
+    assert command is not None
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k-0123456789abcdef\nk-fedcba9876543210\n")
+    argv = command.group(0).replace("KEYS-FILE", str(keys)).split()
+    done = subprocess.run([*argv, "--dry-run=client", "-o", "yaml"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    secret = yaml.safe_load(done.stdout)
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(secret, version, strict=True)
+    assert secret["metadata"]["name"] == SECRET and list(secret["data"]) == [SECRET_KEY]
+    assert base64.b64decode(secret["data"][SECRET_KEY]).decode() == keys.read_text()
+
+
+def _peers_are_prometheus(rule: dict[str, Any]) -> bool:
+    return all(
+        "namespaceSelector" in peer
+        and peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "prometheus"
+        for peer in rule["from"]
+    )
+
+
+def _container_ports(pod: dict[str, Any]) -> dict[str | int, int]:
+    """Each port of the pod's containers, by name and by number."""
+    ports: dict[str | int, int] = {}
+    for container in pod["spec"]["containers"]:
+        for port in container.get("ports", []):
+            ports[port["containerPort"]] = port["containerPort"]
+            if "name" in port:
+                ports[port["name"]] = port["containerPort"]
+    return ports
+
+
+def _egress_ports(policies: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    return {
+        (p["port"], p["protocol"]) for pol in policies for rule in pol["spec"].get("egress", []) for p in rule["ports"]
+    }
+
+
+@pytest.mark.parametrize("which", ["base", "fleet"])
+def test_network_policies_select_the_pods_and_admit_their_ports(which: str, request: pytest.FixtureRequest) -> None:
+    objects: Objects = request.getfixturevalue(which)
+    workloads = _workloads(objects)
+    policies = [o for (kind, _), o in objects.items() if kind == "NetworkPolicy"]
+    assert policies
+    for policy in policies:
+        selected = [
+            p
+            for p in workloads.values()
+            if _selects(policy["spec"]["podSelector"]["matchLabels"], p["metadata"]["labels"])
+        ]
+        assert selected, f"{policy['metadata']['name']} selects no pod that exists"
+        for pod in selected:
+            ports = _container_ports(pod)
+            for rule in policy["spec"].get("ingress", []):
+                assert rule["from"], "a rule without peers admits everyone"
+                for port in rule["ports"]:
+                    assert port["port"] in ports, f"{policy['metadata']['name']} admits {port['port']}, not a port"
+
+    for key, pod in workloads.items():
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], pod["metadata"]["labels"])]
+        # Every pod is under a policy for both directions: what is not listed is refused.
+        assert {t for p in mine for t in p["spec"]["policyTypes"]} == {"Ingress", "Egress"}, key
+        rules = [rule for p in mine for rule in p["spec"].get("ingress", [])]
+        ports = _container_ports(pod)
+        admitted = {ports[port["port"]] for rule in rules for port in rule["ports"]}
+        assert admitted == {n for n in ports.values()}, f"{key}: every port it serves is admitted, nothing else"
+        egress = _egress_ports(mine)
+        assert {(53, "UDP"), (53, "TCP")} <= egress, f"{key} cannot resolve names"
+        if key.endswith("/mab-service"):
+            # Clients and Prometheus (the metrics path shares the service port).
+            assert any(_peers_are_prometheus(r) for r in rules) and any(not _peers_are_prometheus(r) for r in rules)
+        elif key.endswith("/mab-learner"):
+            assert rules and all(_peers_are_prometheus(r) for r in rules)  # only Prometheus, on 9464
+            assert admitted == {9464}
+        else:
+            assert key == "Job/mab-setup" and not rules  # nothing comes in
+        # Google's APIs (and the metadata server's credentials) for the fleet's pods only.
+        assert ((443, "TCP") in egress) == (which == "fleet"), key
