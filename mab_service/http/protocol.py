@@ -116,12 +116,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_room = limits.max_header_bytes  # bytes the head in progress (or the next one) may still take
         self._held: tuple[RequestResponseCycle, ASGI3Application] | None = None  # a request waiting for its body
         self._closing = False  # shutting down: answer what comes with Connection: close, then close
+        self._refused = False  # opened past max_connections: its first bytes get 503 overloaded
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
         if len(self.server_state.connections) > self.limits.max_connections:  # this one is counted there too
-            self.__class__ = RefusedConnection  # the same object, whose first bytes get the refusal
+            # No room for a head: the first bytes take the slow path (_feed_head), which refuses the connection.
+            # (A flag tested in data_received would cost every read; swapping the class would not do, as uvloop
+            # keeps the bound data_received of the protocol it was given.)
+            self._refused = True
+            self._head_room = -1
             # Imported here: prometheus-client must not be imported before serve() has exported its directory; the
             # app imports it before any connection is made.
             from mab_service import metrics
@@ -209,6 +214,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _feed_head(self, data: bytes) -> None:
         """Feed a read longer than the head in progress may still take: the head must end within its room."""
+        if self._refused:
+            if not self.transport.is_closing():
+                limit, retry_after_s = self.limits.max_connections, self.admission.retry_after_s
+                message = f"the worker holds its limit of {limit} connections; retry after {retry_after_s} s"
+                self._refuse(Overloaded(message, retry_after_s=retry_after_s))
+            return
         while not self._in_body and len(data) > self._head_room:
             room = self._head_room
             self._head_room = 0
@@ -282,18 +293,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head = b"".join(b"%s: %s\r\n" % header for header in headers)
         self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
         self.transport.close()
-
-
-class RefusedConnection(GuardedHttpToolsProtocol):
-    """A connection past ``max_connections`` (``GuardedHttpToolsProtocol``): its first bytes are answered 503
-    ``overloaded`` with ``Connection: close``, and it is closed."""
-
-    def data_received(self, data: bytes) -> None:
-        if not self.transport.is_closing():
-            limit = self.limits.max_connections
-            retry_after_s = self.admission.retry_after_s
-            message = f"the worker holds its limit of {limit} connections; retry after {retry_after_s} s"
-            self._refuse(Overloaded(message, retry_after_s=retry_after_s))
 
 
 class AnswerCycle(RequestResponseCycle):
