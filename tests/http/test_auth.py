@@ -24,6 +24,7 @@ from mab_service.config import Settings
 from mab_service.http.admission import Admission
 from mab_service.http.auth import ApiKeys, KeysFileError, parse_keys
 from mab_service.http.edge import Edge
+from mab_service.openapi import openapi_document
 from tests.conftest import Server, stop_process, unused_tcp_port, wait_until
 
 KEY = "k1-0123456789abcdef"
@@ -272,3 +273,19 @@ def test_a_bad_keys_file_stops_the_start_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stdout + done.stderr
     assert f"setting api_keys_file: {bad} line 2: a key must not hold whitespace or control characters" in lines[0]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_the_openapi_document_shows_the_optional_key() -> None:
+    document = openapi_document(100, 4096)
+    scheme = document["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "api_keys_file" in scheme["description"]
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            if path in ("/health", "/live", "/metrics", "/dashboard"):
+                assert "security" not in operation and "401" not in responses, path
+            else:
+                assert operation["security"] == [{}, {"bearer": []}], path  # {}: no key needed when keys are off
+                assert responses["401"]["headers"]["WWW-Authenticate"]["schema"]["const"] == "Bearer"
+            if path not in ("/health", "/live", "/metrics"):  # admitted, so may be shed
+                assert "503" in responses, path
