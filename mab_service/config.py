@@ -116,8 +116,19 @@ class Settings:
     )
     max_in_flight: int = setting(
         64,
-        "Requests to /predict and /reward one worker holds at once; one arriving beyond that gets 503 ``overloaded`` "
-        "at once.",
+        "Requests one worker holds at once (every endpoint but the probes /health, /live and /metrics); one arriving "
+        "beyond that gets 503 ``overloaded`` at once.",
+    )
+    max_connections: int = setting(
+        2048,
+        "Open connections one worker keeps; the first request on a connection beyond that gets 503 ``overloaded`` "
+        "with ``Connection: close``.",
+    )
+    api_keys_file: str = setting(
+        "",
+        "File of API keys, one per line (``#`` comments; each key 16 characters or more, no spaces): every endpoint "
+        "but /health, /live and /metrics then needs ``Authorization: Bearer <key>``, else 401 ``unauthorized``. "
+        "Re-read within about a second of a change. Empty: no authentication.",
     )
     retry_after_s: int = setting(1, "Seconds sent in the Retry-After header of an ``overloaded`` 503.")
     metrics: bool = setting(True, "Record request metrics and serve them at /metrics in the Prometheus text format.")
@@ -340,6 +351,7 @@ class Settings:
         drain = self.drain_delay_s
         _check(drain, math.isfinite(drain) and drain >= 0, "drain_delay_s", "a finite number >= 0")
         _check(self.max_in_flight, self.max_in_flight >= 1, "max_in_flight", "an integer >= 1")
+        _check(self.max_connections, self.max_connections >= 1, "max_connections", "an integer >= 1")
         _check(self.retry_after_s, self.retry_after_s >= 0, "retry_after_s", "an integer >= 0")
         _check(self.sampler, self.sampler in ("auto", "kernel", "reference"), "sampler", "auto, kernel or reference")
         levels = ("critical", "error", "warning", "info", "debug")

@@ -46,6 +46,14 @@ class HeadersTooLarge(MabError):
     code = "headers_too_large"
 
 
+class Unauthorized(MabError):
+    """A request without a known API key while ``api_keys_file`` is set; answered with ``WWW-Authenticate: Bearer``
+    (http/errors.py)."""
+
+    status_code = 401
+    code = "unauthorized"
+
+
 class UnsupportedMediaType(MabError):
     status_code = 415
     code = "unsupported_media_type"

@@ -24,7 +24,8 @@ Exposed (all workers summed):
 - ``mab_feature_fetch_errors_total{source,error}``: failed fetches by error code;
 - ``mab_cache_lookups_total{result}`` (``hit`` or ``miss``) and ``mab_cache_stale_served_total``: the feature
   cache, when the source has one;
-- ``mab_shed_requests_total``: /predict requests answered 503 ``overloaded``;
+- ``mab_shed_requests_total``: requests answered 503 ``overloaded`` (``max_in_flight``), and
+  ``mab_refused_connections_total``: connections refused past ``max_connections``;
 - ``mab_degraded_fetches_total`` and ``mab_unread_candidates_total``: fetches a failing store answered only in
   part (``on_store_failure = degrade``), and the candidates that got the prior for it;
 - the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
@@ -170,7 +171,10 @@ FETCH_ERRORS = Counter(
 )
 CACHE_LOOKUPS = Counter("mab_cache_lookups", "Ids looked up in the feature cache, by result (hit, miss).", ["result"])
 CACHE_STALE = Counter("mab_cache_stale_served", "Ids served from an expired cache entry while it was re-read.")
-SHED = Counter("mab_shed_requests", "/predict requests answered 503 overloaded: the worker held max_in_flight.")
+SHED = Counter("mab_shed_requests", "Requests answered 503 overloaded: the worker held max_in_flight.")
+REFUSED_CONNECTIONS = Counter(
+    "mab_refused_connections", "Connections refused (503 overloaded, then closed): the worker held max_connections."
+)
 DEGRADED = Counter(
     "mab_degraded_fetches", "Feature fetches that a failing store answered only in part: the rest got the prior."
 )
@@ -415,6 +419,7 @@ fetch_seconds = _Series(STAGE_DURATION, ("fetch",))
 sample_rank_seconds = _Series(STAGE_DURATION, ("sample_rank",))
 encode_seconds = _Series(STAGE_DURATION, ("encode",))
 shed = _Count(SHED)
+refused_connections = _Count(REFUSED_CONNECTIONS)
 degraded = _Count(DEGRADED)
 unread = _Count(UNREAD)
 _caches: list[_CacheCounters] = []
@@ -425,7 +430,7 @@ def flush() -> None:
     """Copy what this worker accumulated into prometheus-client (its shared file in multiprocess mode)."""
     for series in (*requests.series.values(), candidates, fetch_seconds, sample_rank_seconds, encode_seconds):
         series.flush()
-    for count in (shed, degraded, unread):
+    for count in (shed, refused_connections, degraded, unread):
         count.flush()
     for cache in _caches:
         cache.flush()

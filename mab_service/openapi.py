@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mab_service import __version__
+from mab_service.routes import PROBES, PUBLIC
 
 _ERROR = {
     "type": "object",
@@ -39,8 +40,41 @@ _HEADERS_TOO_LARGE = _error(
 )
 
 
+#: How a client authenticates when the service runs with ``api_keys_file``: one of the keys in that file.
+_BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An API key from the service's api_keys_file, sent as `Authorization: Bearer <key>`. Needed only "
+    "when the service runs with api_keys_file (off by default); the probes and the dashboard's page never need it.",
+}
+_UNAUTHORIZED = {
+    **_error("No known API key (unauthorized): only when the service runs with api_keys_file."),
+    "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+}
+_OVERLOADED = {
+    **_error("The worker holds as many requests as it admits (overloaded); retry after Retry-After seconds."),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+}
+
+
 def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
-    """The document for this configuration (limits are part of the contract)."""
+    """The document for this configuration (limits are part of the contract), with the optional bearer key and the
+    answers every admitted path may give (401, 503) on all paths but the public ones (``routes.PUBLIC``)."""
+    document = _document(max_candidates, max_body_bytes)
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            if path not in PROBES:
+                responses.setdefault("503", _OVERLOADED)
+            if path not in PUBLIC:
+                # Either no credentials (the default: keys off) or a bearer key: the key is optional in the contract.
+                operation["security"] = [{}, {"bearer": []}]
+                responses["401"] = _UNAUTHORIZED
+    document["components"]["securitySchemes"] = {"bearer": _BEARER}
+    return document
+
+
+def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {

@@ -31,6 +31,7 @@ from mab_service import logs
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.http.admission import Admission
+from mab_service.http.auth import ApiKeys, KeysFileError
 from mab_service.http.drain import DrainingServer
 from mab_service.http.protocol import ClientLimits, GuardedHttpToolsProtocol
 from mab_service.learning import node
@@ -122,9 +123,9 @@ def worker(settings: Settings) -> DrainingServer:
     # Imported here, not at the top: prometheus-client, which the app imports, reads PROMETHEUS_MULTIPROC_DIR when
     # it is first imported, and serve() sets it only after this module is imported.
     from mab_service.app import build_app
-    from mab_service.routes import FAST_ENDPOINTS
+    from mab_service.routes import PROBES
 
-    admission = Admission.from_settings(settings, frozenset(FAST_ENDPOINTS))
+    admission = Admission.from_settings(settings, PROBES)
     app = build_app(settings, admission=admission)
     # httptools, with limits on slow and broken clients and admission on arrival.
     protocol = partial(GuardedHttpToolsProtocol, limits=ClientLimits.from_settings(settings), admission=admission)
@@ -163,10 +164,17 @@ def _shared_socket(settings: Settings) -> socket.socket:
 def serve(settings: Settings) -> None:
     """Run the service with ``settings`` until SIGTERM or SIGINT; exits with status 3 if it cannot start.
 
+    Checks the API keys file (if set) first: every worker loads it again, and one unusable at start stops the start.
     Prepares the Prometheus multiprocess directory (a fresh temporary one unless ``metrics_dir`` is set, which
     is wiped), then serves in this process (one worker) or under a ``Supervisor``, which hands ``settings`` to
     every worker.
     """
+    if settings.api_keys_file:
+        try:
+            ApiKeys(settings.api_keys_file)
+        except KeysFileError as exc:
+            logger.error("cannot start: setting api_keys_file: %s", exc)
+            sys.exit(STARTUP_FAILURE)
     owned_dir = None
     if settings.metrics:
         if settings.metrics_dir:

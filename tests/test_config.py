@@ -58,6 +58,7 @@ def test_only_the_metrics_directory_is_exported() -> None:
         ({"MAB_FEATURES": "redis:x"}, "features must be demo or csv:PATH"),
         ({"MAB_SAMPLER": "fast"}, "sampler must be auto, kernel or reference"),
         ({"MAB_MAX_BODY_BYTES": "10"}, "max_body_bytes must be an integer >= 1024"),
+        ({"MAB_MAX_CONNECTIONS": "0"}, "max_connections must be an integer >= 1 (got 0)"),
     ],
 )
 def test_bad_settings_name_the_key_and_value(env: dict[str, str], message: str) -> None:

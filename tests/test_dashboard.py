@@ -7,6 +7,7 @@ when MAB_KEEP_SCREENSHOT is set).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -427,3 +428,60 @@ def test_screenshot(live: Live, chromium: str, tmp_path: Path) -> None:
     if KEEP_SCREENSHOT:
         SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+# --- With API keys on ---------------------------------------------------------------------------------------------
+
+API_KEY = "dashboard-key-0123456789"
+# Runs the page's own key handling (its first script) in Node, against a live service with API keys on: a fake tab
+# (sessionStorage, location, history) opened as /dashboard?top=10#key=...&view=1, then keys typed in the form.
+KEY_DRIVER = """
+const kept = new Map();
+const storage = {
+  getItem: (k) => (kept.has(k) ? kept.get(k) : null),
+  setItem: (k, v) => kept.set(k, String(v)),
+  removeItem: (k) => kept.delete(k),
+};
+const replaced = [];
+const hash = "#key=" + encodeURIComponent(process.env.KEY) + "&view=1";
+const loc = { hash, pathname: "/dashboard", search: "?top=10" };
+const keys = apiKeys(storage, loc, { replaceState: (state, title, url) => replaced.push(url) });
+const status = async (headers) => (await fetch(process.env.URL + "/loop", { headers })).status;
+(async () => {
+  const out = { replaced, known: keys.known(), fromFragment: await status(keys.headers()) };
+  keys.set("   ");
+  out.cleared = keys.headers();
+  out.none = await status(keys.headers());
+  keys.set(" not-a-known-key-0000 ");
+  out.wrong = await status(keys.headers());
+  keys.set(process.env.KEY);
+  out.typed = await status(keys.headers());
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node to run the page's script")
+def test_with_api_keys_the_page_sends_the_key_it_is_given(
+    server_factory: Callable[..., Server], catalogue: Path, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(f"{API_KEY}\n")
+    server = server_factory(args=["--features", f"csv:{catalogue}", "--api-keys-file", str(keys_file)])
+    html = dashboard.page().decode("utf-8")
+    found = re.search(r'<script id="api-key">(.*?)</script>', html, re.S)
+    assert found is not None
+    # The page itself is served without a key (it holds no data); what it fetches needs one, and it sends it.
+    assert httpx.get(server.url + "/dashboard").status_code == 200
+    assert httpx.get(server.url + "/loop").status_code == 401
+    assert "...keys.headers()" in html and 'r.reason.code === "unauthorized"' in html
+    script = tmp_path / "keys.js"
+    script.write_text(found.group(1) + KEY_DRIVER)
+    env = {**os.environ, "URL": server.url, "KEY": API_KEY}
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, env=env, timeout=60, check=True)
+    out = json.loads(done.stdout)
+    # The key leaves the address bar at once; the rest of the fragment and the query stay.
+    assert out["replaced"] == ["/dashboard?top=10#view=1"]
+    assert out["known"] is True and out["fromFragment"] == 200
+    assert out["cleared"] == {} and out["none"] == 401
+    assert out["wrong"] == 401 and out["typed"] == 200

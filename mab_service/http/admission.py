@@ -1,4 +1,4 @@
-"""Admission: how many requests to the fast endpoints one worker holds, and whether it is draining."""
+"""Admission: how many requests one worker holds, and whether it is draining."""
 
 from __future__ import annotations
 
@@ -11,29 +11,30 @@ ADMITTED = "mab.admitted"
 class Admission:
     """One worker's admission and drain state, shared by its protocol, its app and its server.
 
-    A request to a fast endpoint (``paths``) is admitted while fewer than ``limit`` admitted ones are unanswered;
-    otherwise it is answered 503 ``overloaded`` at once, without reading its body. The protocol decides when the
-    request's body is in and its task is created (``arrive``), in order of arrival: a worker that runs CPU-bound
-    requests one after another never has more than one inside the app, so a count taken there would stay at one
-    however long the queue of requests read but not yet run. The app releases the slot as soon as the answer is
-    out (``leave``). Under a server that does not decide (an in-process test client), the app decides itself.
+    A request to any path but the probes (``probes``: /health, /live, /metrics, which must answer however busy the
+    worker is) is admitted while fewer than ``limit`` admitted ones are unanswered; otherwise it is answered 503
+    ``overloaded`` at once, without reading its body. The protocol decides when the request's body is in and its
+    task is created (``arrive``), in order of arrival: a worker that runs CPU-bound requests one after another never
+    has more than one inside the app, so a count taken there would stay at one however long the queue of requests
+    read but not yet run. The app releases the slot as soon as the answer is out (``leave``). Under a server that
+    does not decide (an in-process test client), the app decides itself.
 
     ``draining`` is set by the server on SIGTERM: /health answers 503 and every answer carries
     ``Connection: close``.
     """
 
-    __slots__ = ("draining", "held", "limit", "paths", "retry_after_s")
+    __slots__ = ("draining", "held", "limit", "probes", "retry_after_s")
 
-    def __init__(self, limit: int, retry_after_s: int, paths: frozenset[str] = frozenset()) -> None:
+    def __init__(self, limit: int, retry_after_s: int, probes: frozenset[str] = frozenset()) -> None:
         self.limit = limit
         self.retry_after_s = retry_after_s
-        self.paths = paths
+        self.probes = probes
         self.held = 0
         self.draining = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, paths: frozenset[str]) -> Admission:
-        return cls(settings.max_in_flight, settings.retry_after_s, paths)
+    def from_settings(cls, settings: Settings, probes: frozenset[str]) -> Admission:
+        return cls(settings.max_in_flight, settings.retry_after_s, probes)
 
     def arrive(self) -> bool:
         """Take a slot for a request that arrives now: False if all ``limit`` are held (answer it ``overloaded``)."""

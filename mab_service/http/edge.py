@@ -1,10 +1,15 @@
 """The ASGI app the server runs: every request passes here once, whatever its route.
 
+- With API keys on (``api_keys_file``, ``auth.py``), a request to anything but the public paths (the probes
+  /health, /live, /metrics, and the dashboard's page, which holds no data and asks for the key itself) without a
+  known ``Authorization: Bearer`` key is answered 401 ``unauthorized`` before any other work. The client
+  of every request (``clients.CLIENT``) is its key's label, or its peer address when keys are off.
 - ``POST`` to a fast endpoint (``/predict``, ``/reward``): admitted or answered 503 ``overloaded`` at once
   (``Admission``), its JSON body read within ``max_body_bytes``, handed to the endpoint as bytes, its answer sent in
   one head and one body. Starlette's Request, Response and middleware would cost more per request than ranking
   400 candidates, so none of them is on this path.
-- Anything else goes to Starlette (``router``): the slow routes, 404 and 405.
+- Anything else goes to Starlette (``router``): the slow routes, 404 and 405; admitted as the fast endpoints are,
+  but for the probes.
 - Both: a request id (the client's ``X-Request-ID`` or a new one) in the answer and in every log line, ``Connection:
   close`` while draining, one metrics observation and one access-log line (when on), and errors answered by
   ``errors.error_answer``.
@@ -14,9 +19,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from time import perf_counter
 from typing import Any
 
@@ -27,9 +34,18 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from mab_service import metrics
+from mab_service.clients import CLIENT
 from mab_service.config import Settings
-from mab_service.errors import FeatureSourceError, MabError, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from mab_service.errors import (
+    FeatureSourceError,
+    MabError,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from mab_service.http.admission import ADMITTED, Admission
+from mab_service.http.auth import ApiKeys
 from mab_service.http.errors import Headers, error_answer
 from mab_service.http.protocol import ANSWER
 from mab_service.logs import REQUEST_ID, log_access, new_request_id, request_id_from
@@ -40,7 +56,7 @@ Endpoint = Callable[[Any, bytes], Awaitable[tuple[int, bytes]]]
 
 
 class Edge:
-    """The ASGI app: fast endpoints ahead of Starlette, admission, request ids, metrics, access log, errors.
+    """The ASGI app: API keys, fast endpoints ahead of Starlette, admission, request ids, metrics, access log, errors.
 
     Args:
         fast: Path -> endpoint for the POST endpoints served without Starlette.
@@ -49,6 +65,10 @@ class Edge:
         lifespan: A factory of the context manager whose value is the state every request sees.
         settings: The service configuration.
         admission: This worker's admission and drain state, shared with its protocol and server.
+        public: The paths served without an API key when keys are on; by default the probes (``admission.probes``).
+
+    Raises:
+        auth.KeysFileError: If ``settings.api_keys_file`` is set and holds no usable keys.
     """
 
     def __init__(
@@ -59,6 +79,7 @@ class Edge:
         lifespan: Callable[[], AbstractAsyncContextManager[Mapping[str, Any]]],
         settings: Settings,
         admission: Admission,
+        public: frozenset[str] | None = None,
     ) -> None:
         self.fast = dict(fast)
         self.label = label
@@ -68,6 +89,12 @@ class Edge:
         self.metrics = settings.metrics
         self.access_log = settings.access_log
         self.max_body_bytes = settings.max_body_bytes
+        self.probes = admission.probes
+        self.public = admission.probes if public is None else public
+        self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
+        how = "send the header Authorization: Bearer <key>"
+        self.no_key = error_answer(Unauthorized(f"this endpoint needs an API key: {how}"), "-", "-")
+        self.unknown_key = error_answer(Unauthorized(f"the API key is not known here: {how}"), "-", "-")
         fast_routes = [Route(path, _served_ahead, methods=["POST"]) for path in self.fast]
         self.router = Starlette(
             routes=[*fast_routes, *routes],
@@ -83,6 +110,17 @@ class Edge:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            keys = self.keys
+            if keys is None:  # keys off: the one test the fast path pays
+                peer = scope.get("client")
+                CLIENT.set("addr:" + peer[0] if peer else "addr:")
+            elif scope["path"] not in self.public:
+                authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+                client = keys.client(authorization)
+                if client is None:
+                    await self._unauthorized(scope, send, self.no_key if authorization is None else self.unknown_key)
+                    return
+                CLIENT.set(client)
             endpoint = self.fast.get(scope["path"]) if scope["method"] == "POST" else None
             if endpoint is not None:
                 await self._fast(endpoint, scope, receive, send)
@@ -124,14 +162,42 @@ class Edge:
                 admission.leave()  # answered: no longer counts against the limit
         self._record("POST", path, path, status, started, request_id, scope)
 
-    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """An HTTP request for Starlette."""
+    async def _unauthorized(self, scope: Scope, send: Send, answer: tuple[int, bytes, Headers]) -> None:
+        """Answer 401 a request without a known key: nothing of it is read, its admission slot (if any) is given
+        back."""
         started = perf_counter()
-        request_id = next((request_id_from(v) for k, v in scope["headers"] if k == b"x-request-id"), None)
-        request_id = request_id or new_request_id()
+        request_id = _request_id(scope)
         REQUEST_ID.set(request_id)
+        admitted = scope.get(ADMITTED)
+        status, payload, extra = answer
+        try:
+            await _send_json(send, status, payload, request_id, extra, self.admission.draining, admitted is not None)
+        finally:
+            if admitted:
+                self.admission.leave()
+        path = scope["path"]
+        self._record(scope["method"], path, self.label(path), status, started, request_id, scope)
+
+    async def _routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An HTTP request for Starlette: admitted (but for the probes) as the fast endpoints are."""
+        started = perf_counter()
+        request_id = _request_id(scope)
+        REQUEST_ID.set(request_id)
+        admission = self.admission
+        path = scope["path"]
+        admitted = scope.get(ADMITTED)
+        whole = admitted is not None  # our protocol decided on arrival
+        if not whole and path not in self.probes:  # a server that does not decide on arrival
+            admitted = admission.arrive()
+        if admitted is False:
+            status, payload, extra = self.overloaded
+            if self.metrics:
+                metrics.shed.n += 1
+            await _send_json(send, status, payload, request_id, extra, admission.draining, whole)
+            self._record(scope["method"], path, self.label(path), status, started, request_id, scope)
+            return
         status = 500  # if the app fails before it answers, the server answers 500
-        draining = self.admission.draining
+        draining = admission.draining
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -146,7 +212,8 @@ class Edge:
         try:
             await self.router(scope, receive, send_with_id)
         finally:
-            path = scope["path"]
+            if admitted:
+                admission.leave()
             self._record(scope["method"], path, self.label(path), status, started, request_id, scope)
 
     def _record(
@@ -163,7 +230,7 @@ class Edge:
         started = False
         await receive()  # lifespan.startup
         try:
-            async with self.lifespan() as state:
+            async with self.lifespan() as state, self._watching_keys():
                 scope["state"].update(state)
                 await send({"type": "lifespan.startup.complete"})
                 started = True
@@ -178,6 +245,20 @@ class Edge:
             await send({"type": f"lifespan.{phase}.failed", "message": traceback.format_exc()})
             raise
         await send({"type": "lifespan.shutdown.complete"})
+
+    @asynccontextmanager
+    async def _watching_keys(self) -> AsyncIterator[None]:
+        """While the app runs, the keys file is checked for changes (once a second): no per-request cost."""
+        if self.keys is None:
+            yield
+            return
+        watch = asyncio.create_task(self.keys.watch(), name="mab-api-keys-watch")
+        try:
+            yield
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
 
 async def _send_json(
@@ -205,6 +286,12 @@ async def _starlette_error(request: Request, exc: Exception) -> Response:
 
 async def _served_ahead(request: Request) -> Response:
     raise AssertionError("a POST to a fast endpoint is answered by the edge, ahead of Starlette")
+
+
+def _request_id(scope: Scope) -> bytes:
+    """The client's request id (``X-Request-ID``, if usable) or a new one."""
+    request_id = next((request_id_from(v) for k, v in scope["headers"] if k == b"x-request-id"), None)
+    return request_id or new_request_id()
 
 
 def _request_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None, bytes]:

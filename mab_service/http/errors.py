@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from starlette.exceptions import HTTPException
 
-from mab_service.errors import MabError, Overloaded
+from mab_service.errors import MabError, Overloaded, Unauthorized
 
 logger = logging.getLogger("mab_service")
 
@@ -34,6 +34,10 @@ def _overloaded(exc: Overloaded) -> tuple[int, bytes, Headers]:
     return exc.status_code, orjson.dumps(exc.to_json()), [(b"retry-after", b"%d" % exc.retry_after_s)]
 
 
+def _unauthorized(exc: Unauthorized) -> tuple[int, bytes, Headers]:
+    return exc.status_code, orjson.dumps(exc.to_json()), [(b"www-authenticate", b"Bearer")]
+
+
 def _starlette(exc: HTTPException) -> tuple[int, bytes, Headers]:
     code = STARLETTE_CODES.get(exc.status_code, "http_error")
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
@@ -48,6 +52,7 @@ def _unexpected(exc: BaseException) -> tuple[int, bytes, Headers]:
 #: here decides, as Starlette picks an exception handler.
 ANSWERS: dict[type[BaseException], Callable[[Any], tuple[int, bytes, Headers]]] = {
     Overloaded: _overloaded,
+    Unauthorized: _unauthorized,
     MabError: _domain,
     HTTPException: _starlette,
     Exception: _unexpected,

@@ -1,9 +1,9 @@
 """The HTTP protocol: uvicorn's httptools protocol with limits on slow and broken clients, and admission.
 
 uvicorn bounds only the idle time between requests, so ``GuardedHttpToolsProtocol`` adds a time limit on request
-heads and bodies, a size limit on heads, and hands a request to the app only once its body is in (see its
-docstring); at that moment it takes the request's admission decision (``Admission.arrive``). ``server.worker``
-passes it to uvicorn as its ``http`` protocol.
+heads and bodies, a size limit on heads, a cap on open connections, and hands a request to the app only once its
+body is in (see its docstring); at that moment it takes the request's admission decision (``Admission.arrive``).
+``server.worker`` passes it to uvicorn as its ``http`` protocol.
 
 A fast endpoint's answer leaves in one write (``AnswerCycle``): uvicorn writes a head and its body with a system call
 each, two TCP segments, which on loopback cost more than everything else uvicorn does for a request.
@@ -27,7 +27,7 @@ from uvicorn.server import ServerState
 
 from mab_service import logs
 from mab_service.config import Settings
-from mab_service.errors import HeadersTooLarge, MabError, RequestTimeout
+from mab_service.errors import HeadersTooLarge, MabError, Overloaded, RequestTimeout
 from mab_service.http.admission import ADMITTED, Admission
 from mab_service.http.errors import Headers, error_answer
 
@@ -39,17 +39,19 @@ ANSWER = "mab.http.answer"
 
 @dataclass(frozen=True)
 class ClientLimits:
-    """How long a request may take to arrive and how large it may be (``GuardedHttpToolsProtocol``)."""
+    """How long a request may take to arrive, how large it may be, and how many connections a worker keeps
+    (``GuardedHttpToolsProtocol``)."""
 
     header_timeout_s: float
     body_timeout_s: float
     max_header_bytes: int
     max_body_bytes: int
+    max_connections: int = 2048
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClientLimits:
         s = settings
-        return cls(s.header_timeout_s, s.body_timeout_s, s.max_header_bytes, s.max_body_bytes)
+        return cls(s.header_timeout_s, s.body_timeout_s, s.max_header_bytes, s.max_body_bytes, s.max_connections)
 
 
 #: Seconds a connection idle at shutdown stays open for a request already on its way; then it is closed.
@@ -76,8 +78,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       request, 408 ``request_timeout`` and the connection is closed; if it has (it answered 413 early and the
       body is still coming), the connection is closed.
 
-    When a request goes to the app, a POST to a fast endpoint gets its admission decision (``admission``), in
-    order of arrival.
+    When a request goes to the app, it gets its admission decision (``admission``), in order of arrival, unless it
+    is to a probe (``Admission.probes``).
+
+    A connection that opens while the worker already has ``max_connections`` is refused: its first request is
+    answered 503 ``overloaded`` with ``Connection: close`` without reaching the app, and the connection is closed
+    (one that sends nothing is closed after ``header_timeout_s``, as any other). Answering the request rather than
+    closing at once lets the client read why: a close before its request arrives would make the request meet a
+    reset.
 
     At shutdown (``shutdown``), uvicorn closes a connection with no request under way at once; but on a kept-alive
     connection the client's next request may already be on the wire, and closing would cut it off. Here such a
@@ -108,10 +116,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_room = limits.max_header_bytes  # bytes the head in progress (or the next one) may still take
         self._held: tuple[RequestResponseCycle, ASGI3Application] | None = None  # a request waiting for its body
         self._closing = False  # shutting down: answer what comes with Connection: close, then close
+        self._refused = False  # opened past max_connections: its first bytes get 503 overloaded
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+        if len(self.server_state.connections) > self.limits.max_connections:  # this one is counted there too
+            # No room for a head: the first bytes take the slow path (_feed_head), which refuses the connection.
+            # (A flag tested in data_received would cost every read; swapping the class would not do, as uvloop
+            # keeps the bound data_received of the protocol it was given.)
+            self._refused = True
+            self._head_room = -1
+            # Imported here: prometheus-client must not be imported before serve() has exported its directory; the
+            # app imports it before any connection is made.
+            from mab_service import metrics
+
+            metrics.refused_connections.n += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
@@ -184,15 +204,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._start(cycle, app)
 
     def _start(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        """Start the request's task; a POST to a fast endpoint gets its admission decision and may be answered whole."""
+        """Start the request's task; a request to anything but a probe gets its admission decision and may be
+        answered whole."""
         scope = cycle.scope
-        if scope["method"] == "POST" and scope["path"] in self.admission.paths:
+        if scope["path"] not in self.admission.probes:
             scope[ADMITTED] = self.admission.arrive()  # type: ignore[literal-required]  # an ASGI scope extension
             cycle.__class__ = AnswerCycle  # the same object, with a send that also takes ANSWER
         _start_task(self, cycle, app)
 
     def _feed_head(self, data: bytes) -> None:
         """Feed a read longer than the head in progress may still take: the head must end within its room."""
+        if self._refused:
+            if not self.transport.is_closing():
+                limit, retry_after_s = self.limits.max_connections, self.admission.retry_after_s
+                message = f"the worker holds its limit of {limit} connections; retry after {retry_after_s} s"
+                self._refuse(Overloaded(message, retry_after_s=retry_after_s))
+            return
         while not self._in_body and len(data) > self._head_room:
             room = self._head_room
             self._head_room = 0

@@ -20,6 +20,6 @@ def test_requests_are_admitted_in_order_of_arrival_up_to_the_limit() -> None:
 
 
 def test_admission_comes_from_the_settings() -> None:
-    admission = Admission.from_settings(Settings(max_in_flight=7, retry_after_s=3), frozenset({"/predict"}))
-    assert (admission.limit, admission.retry_after_s, admission.paths) == (7, 3, frozenset({"/predict"}))
+    admission = Admission.from_settings(Settings(max_in_flight=7, retry_after_s=3), frozenset({"/health"}))
+    assert (admission.limit, admission.retry_after_s, admission.probes) == (7, 3, frozenset({"/health"}))
     assert admission.held == 0 and admission.draining is False
