@@ -546,7 +546,8 @@ class Journal:
         with self._lock:
             if measured is not None:
                 self._used, self._free, self._reserve = measured
-                self._since_scan -= before
+                # A rotation may have measured meanwhile (and zeroed the count): never count below nothing.
+                self._since_scan = max(0, self._since_scan - before)
             self._scanned_at = time.monotonic()
 
     def _sync_once(self) -> None:

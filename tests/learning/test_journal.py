@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mab_service.learning import journal
+from mab_service.learning import journal, node
 from mab_service.learning.journal import Journal, JournalUnavailable
 
 pytestmark = pytest.mark.anyio
@@ -237,6 +237,8 @@ async def test_a_failed_cut_back_refuses_rewards_until_repaired_and_never_replay
     assert [r for r in records if r[0] == "r"] == [["r", 1.0, "e1", "a", 1.0], ["r", 4.0, "e2", "b", 1.0]]
     assert records.count(["e", 2.0, "e2", ["b"]]) == 1
     assert b'"r",2.0,"e2","b"' in damaged.read_bytes()  # still there, past the limit replay stops at
+    tally = node.Tally.of(sorted(tmp_path.glob("*.jnl")))  # what a restart counts
+    assert tally.rewards == {"a": 1.0, "b": 1.0} and tally.impressions == {"a": 1, "b": 1}
 
 
 async def test_a_cut_back_that_fails_once_is_done_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,8 +272,6 @@ async def test_a_cut_back_that_fails_once_is_done_again(tmp_path: Path, monkeypa
 
 
 async def test_the_disk_budget_refuses_rewards_and_recovers_once_files_are_folded(tmp_path: Path) -> None:
-    from mab_service.learning import node
-
     directory = tmp_path / "journal"
     budget = journal.Budget(max_bytes=2000, min_free_bytes=0)
     j = Journal(
