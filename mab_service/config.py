@@ -36,6 +36,7 @@ LOOP_SIZES = (
     "max_new_arms",
     "journal_segment_bytes",
     "journal_buffer_max_bytes",
+    "journal_max_bytes",
     "decision_log_max_bytes",
     "decision_log_file_bytes",
 )
@@ -220,6 +221,18 @@ class Settings:
         "Most journal bytes a worker holds while the disk refuses writes; past it impressions are dropped and counted "
         "(``mab_journal_dropped_total``) and ``/reward`` answers 503.",
     )
+    journal_max_bytes: int = setting(
+        2 * 1024 * 1024 * 1024,
+        "Most bytes the node's journal files take together (all workers'): a write that would pass it is refused, so "
+        "``/reward`` answers 503 ``journal_unavailable`` and impressions are held in memory (then dropped and counted) "
+        "until the checkpoint folds old files. Checked at every file rotation and every second, not per write. The "
+        "default is half of the deploy's 4 GiB volume; the journal needs ~2.5 reward windows of answers.",
+    )
+    journal_min_free_bytes: int = setting(
+        256 * 1024 * 1024,
+        "Bytes the journal's volume keeps free (at most 5% of its size): below it the journal refuses writes as past "
+        "``journal_max_bytes``.",
+    )
     checkpoint_interval_s: float = setting(
         60.0,
         "Seconds between folds of sealed journal files older than the reward window into the checkpoint.",
@@ -348,6 +361,8 @@ class Settings:
         _check(delay, math.isfinite(delay) and 0 <= delay <= 1, "commit_delay_s", "a number in [0, 1]")
         for name in LOOP_SIZES:
             _check(getattr(self, name), getattr(self, name) >= 1, name, "an integer >= 1")
+        reserve = self.journal_min_free_bytes
+        _check(reserve, reserve >= 0, "journal_min_free_bytes", "an integer >= 0")
         drain = self.drain_delay_s
         _check(drain, math.isfinite(drain) and drain >= 0, "drain_delay_s", "a finite number >= 0")
         _check(self.max_in_flight, self.max_in_flight >= 1, "max_in_flight", "an integer >= 1")

@@ -9,7 +9,9 @@ estimates the probability of each arm at each position (the propensities off-pol
 
 Records are buffered in memory and written by one thread every ``FLUSH_S`` (never fsynced: the log is for
 analysis, the journal is what must survive). Each worker writes its own files, ``{name}-{seq}.dlog``; a file is
-closed past ``file_bytes`` and the oldest of this worker's files are deleted to keep them within ``max_bytes``.
+closed past ``file_bytes`` and the oldest of this worker's files are deleted to keep them within ``max_bytes``;
+the node's owner prunes the files replaced workers and earlier runs left (``node.prune_decisions``), by name: a
+writer is ``{hex time}-{pid}``, so its newest file, the one it may have open, is spared while its process runs.
 While the disk refuses writes, records are dropped and counted.
 
 Record layout (little-endian): magic ``MABD``, then five u32 — meta length, body length, candidates n, ranked k,

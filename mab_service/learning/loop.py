@@ -95,6 +95,7 @@ class Loop:
             segment_bytes=settings.journal_segment_bytes,
             segment_age_s=settings.reward_window_s / 2,
             buffer_max_bytes=settings.journal_buffer_max_bytes,
+            budget=node.journal_budget,
         )
         self.decisions: DecisionLog | None = None
         if settings.decision_log:

@@ -7,7 +7,8 @@ itself), or an app's lifespan when no node is open in its process (tests, embedd
 2. builds both tables in files under ``/dev/shm``: the catalogue streamed from its CSV into the arm table, then the
    counts of the checkpoint and of every journal file not yet folded into it, then the events of the last reward
    window with the rewards they got (so that a duplicate is still a duplicate after a restart);
-3. folds journal files older than the window into the checkpoint every ``checkpoint_interval_s`` (a thread);
+3. folds closed journal files whose records are all older than the window into the checkpoint every
+   ``checkpoint_interval_s``, and keeps the decision log files within the node's budget (a thread);
 4. deletes the shared files when it closes.
 
 Workers map the same files (``Node.attach``) from the ``NodeHandle`` the owner gives them, so an impression or a
@@ -20,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import mmap
 import os
 import secrets
+import struct
 import threading
 import time
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,7 +42,7 @@ import orjson
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.features.factory import parse_spec
-from mab_service.learning import journal
+from mab_service.learning import decisions, journal
 from mab_service.learning._arms import ArmTable
 from mab_service.learning._events import EventRing
 
@@ -46,7 +50,15 @@ logger = logging.getLogger("mab_service.learning")
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "mab-service-"
-CHECKPOINT = "checkpoint.json"
+CHECKPOINT = "checkpoint.bin"
+#: The checkpoint's earlier format, read once (when no CHECKPOINT exists) and replaced by the next fold.
+LEGACY_CHECKPOINT = "checkpoint.json"
+#: The checkpoint's header: magic, version, arms, bytes of ids, bytes of folded file names.
+_CHECKPOINT_HEAD = struct.Struct("<4sIQQQ")
+_CHECKPOINT_MAGIC = b"MABK"
+_CHECKPOINT_VERSION = 1
+#: Most seconds between two prunes of the decision log (folds come every ``checkpoint_interval_s``).
+PRUNE_S = 10.0
 #: Bytes of id text reserved per arm first seen at run time.
 NEW_ARM_ID_BYTES = 32
 
@@ -58,6 +70,9 @@ class NodeHandle:
     state_dir: str
     arms_path: str
     events_path: str
+    journal_max_bytes: int = 0
+    """The node's journal budget (``Budget``), 0 for none."""
+    journal_min_free_bytes: int = 0
 
 
 class Node:
@@ -72,6 +87,7 @@ class Node:
         self._lock_fd = -1
         self._folder: threading.Thread | None = None
         self._stop = threading.Event()
+        self._finished: frozenset[str] = frozenset()  # journal writers of earlier runs: none of them appends any more
 
     @property
     def journal_dir(self) -> Path:
@@ -80,6 +96,14 @@ class Node:
     @property
     def decisions_dir(self) -> Path:
         return self.state_dir / "decisions"
+
+    @property
+    def journal_budget(self) -> journal.Budget | None:
+        """The disk the journals of the node's workers may take together."""
+        handle = self.handle
+        if not handle.journal_max_bytes:
+            return None
+        return journal.Budget(handle.journal_max_bytes, handle.journal_min_free_bytes)
 
     @classmethod
     def open(cls, settings: Settings) -> Node:
@@ -133,7 +157,9 @@ class Node:
     def _build(cls, settings: Settings, state_dir: Path) -> Node:
         started = time.perf_counter()
         _remove_stale_shared_files()
-        checkpoint = _read_checkpoint(state_dir)
+        # Taken before any worker of this run writes: the writers of the files present now are all finished.
+        finished = frozenset(journal.segment_of(p)[0] for p in journal_files(state_dir / "journal"))
+        checkpoint = read_checkpoint(state_dir)
         catalogue = _catalogue(settings)
         with contextlib.ExitStack() as stack:
             rows, id_bytes = 0, 0
@@ -164,10 +190,17 @@ class Node:
             events = EventRing.create(
                 events_map, settings.max_held_events, settings.max_held_members, settings.reward_window_s
             )
-        handle = NodeHandle(str(state_dir), str(arms_path), str(events_path))
+        handle = NodeHandle(
+            str(state_dir),
+            str(arms_path),
+            str(events_path),
+            settings.journal_max_bytes,
+            settings.journal_min_free_bytes,
+        )
         node = cls(handle, arms, events, [arms_map, events_map])
+        node._finished = finished
         replayed = node._replay(settings, checkpoint)
-        _prune(node.decisions_dir, settings.decision_log_max_bytes)
+        prune_decisions(node.decisions_dir, settings.decision_log_max_bytes * settings.workers)
         logger.info(
             "loop state ready in %.1f s: %d arms (%d MB shared), %d events held, %d journal records replayed",
             time.perf_counter() - started,
@@ -201,9 +234,19 @@ class Node:
     # -- folding the journal into the checkpoint ----------------------------------------------------------------
 
     def _fold_every(self, settings: Settings) -> None:
-        while not self._stop.wait(settings.checkpoint_interval_s):
+        interval_s = settings.checkpoint_interval_s
+        folded_at = time.monotonic()
+        while not self._stop.wait(min(interval_s, PRUNE_S)):
             try:
-                fold(self.state_dir, time.time() - settings.reward_window_s * 1.5 - settings.checkpoint_interval_s)
+                prune_decisions(self.decisions_dir, settings.decision_log_max_bytes * settings.workers)
+            except Exception:
+                logger.exception("pruning the decision log failed; it is tried again")
+            if time.monotonic() - folded_at < interval_s:
+                continue
+            folded_at = time.monotonic()
+            try:
+                older_than = time.time() - settings.reward_window_s * 1.5 - interval_s
+                fold(self.state_dir, older_than, finished=self._finished)
             except Exception:
                 logger.exception("checkpoint failed; the journal files stay and are tried again")
 
@@ -213,7 +256,7 @@ class Checkpoint:
     folded: set[str]
     """Journal files already counted here (deleted after the checkpoint is written; listed in case that failed)."""
     arms: dict[str, tuple[int, float]]
-    """Per arm: impressions and rewards of the folded files."""
+    """Per arm with counts: impressions and rewards of the folded files."""
 
 
 @dataclass
@@ -226,27 +269,30 @@ class Tally:
     recent: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
     rewarded: dict[str, list[str]] = field(default_factory=dict)
     records: int = 0
+    seen: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def of(cls, paths: list[Path], horizon: float | None = None) -> Tally:
         tally = cls()
-        seen: set[tuple[str, str]] = set()
         for path in paths:
-            for record in journal.read_records(path):
-                tally.records += 1
-                if record[0] == "e":
-                    _, t, event_id, ids = record
-                    tally.impressions.update(ids)
-                    if horizon is not None and t >= horizon:
-                        tally.recent[event_id] = (t, ids)
-                elif record[0] == "r":
-                    _, t, event_id, arm_id, value = record
-                    if (event_id, arm_id) in seen:
-                        continue
-                    seen.add((event_id, arm_id))
-                    tally.rewards[arm_id] = tally.rewards.get(arm_id, 0.0) + value
-                    tally.rewarded.setdefault(event_id, []).append(arm_id)
+            tally.add(journal.read_records(path), horizon)
         return tally
+
+    def add(self, records: Iterable[list[Any]], horizon: float | None = None) -> None:
+        for record in records:
+            self.records += 1
+            if record[0] == "e":
+                _, t, event_id, ids = record
+                self.impressions.update(ids)
+                if horizon is not None and t >= horizon:
+                    self.recent[event_id] = (t, ids)
+            elif record[0] == "r":
+                _, t, event_id, arm_id, value = record
+                if (event_id, arm_id) in self.seen:
+                    continue
+                self.seen.add((event_id, arm_id))
+                self.rewards[arm_id] = self.rewards.get(arm_id, 0.0) + value
+                self.rewarded.setdefault(event_id, []).append(arm_id)
 
 
 def journal_files(directory: Path) -> list[Path]:
@@ -255,35 +301,127 @@ def journal_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{journal.SUFFIX}"))
 
 
-def fold(state_dir: Path, older_than: float) -> int:
-    """Fold the journal files last written before ``older_than`` (unix time) into the checkpoint; delete them.
+def closed_files(paths: list[Path], finished: Collection[str] = ()) -> list[Path]:
+    """The journal files nobody appends to any more: each followed by a newer file of its writer (a writer never
+    goes back to a file), or ending in ``journal.CLOSED``, or of a writer in ``finished`` (present when the node
+    started) or whose process is gone. Names and contents decide, never clocks."""
+    writers: dict[str, list[tuple[int, Path]]] = {}
+    for path in paths:
+        writer, seq = journal.segment_of(path)
+        writers.setdefault(writer, []).append((seq, path))
+    done: list[Path] = []
+    for writer, segments in writers.items():
+        segments.sort()
+        done += [path for _, path in segments[:-1]]
+        last = segments[-1][1]
+        if writer in finished or journal.closed(last) or not _writer_alive(writer):
+            done.append(last)
+    return sorted(done)
+
+
+def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = ()) -> int:
+    """Fold the closed journal files whose records are all older than ``older_than`` (unix time, the records' own)
+    into the checkpoint; delete them.
 
     A file is folded only when every event in it is past the reward window, so the events a restart must hold
-    again are always in unfolded files. Returns how many files were folded.
+    again are always in unfolded files; and only when it is closed (``closed_files``), so no record can still be
+    added to it. The file's mtime only lets a file written since ``older_than`` be skipped unread. Returns how
+    many files were folded.
     """
     directory = state_dir / "journal"
-    ripe = [p for p in journal_files(directory) if p.stat().st_mtime < older_than]
-    if not ripe:
+    files = journal_files(directory)
+    checkpoint = read_checkpoint(state_dir)
+    leftovers = [p for p in files if p.name in checkpoint.folded]  # counted; their deletion failed last time
+    tally = Tally()
+    ripe: list[Path] = []
+    for path in closed_files([p for p in files if p.name not in checkpoint.folded], finished):
+        try:
+            if path.stat().st_mtime >= older_than:
+                continue
+            records = list(journal.read_records(path))
+        except FileNotFoundError:
+            continue
+        newest = max((r[1] for r in records if r[0] in ("e", "r")), default=-math.inf)
+        if newest < older_than:
+            tally.add(records)
+            ripe.append(path)
+    if not ripe and not leftovers and not (state_dir / LEGACY_CHECKPOINT).exists():
         return 0
-    checkpoint = _read_checkpoint(state_dir)
-    tally = Tally.of([p for p in ripe if p.name not in checkpoint.folded])
     counts = {arm_id: [shown, got] for arm_id, (shown, got) in checkpoint.arms.items()}
     for arm_id, shown in tally.impressions.items():
         counts.setdefault(arm_id, [0, 0.0])[0] += shown
     for arm_id, got in tally.rewards.items():
         counts.setdefault(arm_id, [0, 0.0])[1] += got
-    present = {p.name for p in journal_files(directory)}
+    arms = {arm_id: (int(shown), float(got)) for arm_id, (shown, got) in counts.items() if shown or got}
+    present = {p.name for p in files}
     folded = {name for name in checkpoint.folded if name in present} | {p.name for p in ripe}
-    document = {"version": 1, "folded": sorted(folded), "arms": [[k, v[0], v[1]] for k, v in counts.items()]}
-    _write_atomically(state_dir / CHECKPOINT, orjson.dumps(document))
-    for path in ripe:
-        path.unlink(missing_ok=True)
-    logger.info("checkpoint: folded %d journal files; %d arms with feedback", len(ripe), len(counts))
+    journal.write_atomically(state_dir / CHECKPOINT, encode_checkpoint(Checkpoint(folded, arms)))
+    (state_dir / LEGACY_CHECKPOINT).unlink(missing_ok=True)  # upgraded: its counts are in the new file
+    for path in ripe + leftovers:
+        journal.remove(path)
+    if ripe:
+        logger.info("checkpoint: folded %d journal files; %d arms with feedback", len(ripe), len(arms))
     return len(ripe)
 
 
-def _read_checkpoint(state_dir: Path) -> Checkpoint:
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint file: a header (``_CHECKPOINT_HEAD``), per arm its impressions (int64), then per arm its
+    rewards (float64), then per arm its id's length (uint32), the ids (UTF-8), the folded file names (UTF-8, one
+    per line), and the CRC-32 of all that (uint32), little-endian. About 20 bytes plus the id per arm with counts,
+    and nothing else that grows."""
+    ids = [arm_id.encode() for arm_id in checkpoint.arms]
+    n = len(ids)
+    values = checkpoint.arms.values()
+    impressions = np.fromiter((shown for shown, _ in values), "<i8", n)
+    rewards = np.fromiter((got for _, got in values), "<f8", n)
+    lengths = np.fromiter(map(len, ids), "<u4", n)
+    blob = b"".join(ids)
+    folded = "\n".join(sorted(checkpoint.folded)).encode()
+    head = _CHECKPOINT_HEAD.pack(_CHECKPOINT_MAGIC, _CHECKPOINT_VERSION, n, len(blob), len(folded))
+    body = b"".join((head, impressions.tobytes(), rewards.tobytes(), lengths.tobytes(), blob, folded))
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """The checkpoint ``encode_checkpoint`` wrote, exactly.
+
+    Raises:
+        ValueError: the file is not a checkpoint of a known version, or is damaged.
+    """
+    size = _CHECKPOINT_HEAD.size
+    if len(data) < size + 4:
+        raise ValueError("too short")
+    magic, version, n, id_bytes, folded_bytes = _CHECKPOINT_HEAD.unpack_from(data)
+    if magic != _CHECKPOINT_MAGIC or version != _CHECKPOINT_VERSION:
+        raise ValueError(f"not a version {_CHECKPOINT_VERSION} checkpoint")
+    if len(data) != size + 20 * n + id_bytes + folded_bytes + 4:
+        raise ValueError("wrong length")
+    if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
+        raise ValueError("checksum mismatch")
+    impressions = np.frombuffer(data, "<i8", n, size).tolist()
+    rewards = np.frombuffer(data, "<f8", n, size + 8 * n).tolist()
+    ends = np.cumsum(np.frombuffer(data, "<u4", n, size + 16 * n), dtype=np.int64).tolist()
+    at = size + 20 * n
+    blob = data[at : at + id_bytes]
+    arms: dict[str, tuple[int, float]] = {}
+    start = 0
+    for end, shown, got in zip(ends, impressions, rewards):
+        arms[blob[start:end].decode()] = (shown, got)
+        start = end
+    folded = data[at + id_bytes : at + id_bytes + folded_bytes].decode()
+    return Checkpoint(set(folded.split("\n")) if folded else set(), arms)
+
+
+def read_checkpoint(state_dir: Path) -> Checkpoint:
+    """The state directory's checkpoint; the earlier JSON one if the directory has no other; empty if none."""
     path = state_dir / CHECKPOINT
+    try:
+        return decode_checkpoint(path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise FeatureSourceError(f"cannot read the checkpoint {path}: {exc}") from None
+    path = state_dir / LEGACY_CHECKPOINT
     try:
         document = orjson.loads(path.read_bytes())
     except FileNotFoundError:
@@ -292,22 +430,6 @@ def _read_checkpoint(state_dir: Path) -> Checkpoint:
         raise FeatureSourceError(f"cannot read the checkpoint {path}: {exc}") from None
     arms = {str(arm_id): (int(shown), float(got)) for arm_id, shown, got in document["arms"]}
     return Checkpoint(set(document["folded"]), arms)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _catalogue(settings: Settings) -> contextlib.AbstractContextManager[Path] | None:
@@ -323,18 +445,42 @@ def _catalogue(settings: Settings) -> contextlib.AbstractContextManager[Path] | 
     return None
 
 
-def _prune(directory: Path, max_bytes: int) -> None:
-    """Delete the oldest decision log files of earlier runs until they hold at most ``max_bytes`` (each running
-    worker bounds its own files; this bounds what the workers of earlier runs left)."""
+def prune_decisions(directory: Path, max_bytes: int) -> int:
+    """Delete the oldest decision log files until the node's hold at most ``max_bytes`` (``decision_log_max_bytes``
+    per worker times the workers); never the newest file of a running writer, the one it may have open. Each
+    running worker bounds its own files; this bounds what replaced workers and earlier runs left. Returns how many
+    files were deleted."""
     if not directory.is_dir():
-        return
-    files = sorted(directory.glob("*.dlog"), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files)
-    for path in files:
+        return 0
+    listed: list[tuple[float, str, Path, int]] = []
+    for path in directory.glob(f"*{decisions.SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            listed.append((stat.st_mtime, path.name, path, stat.st_size))
+    listed.sort()
+    newest: dict[str, tuple[int, Path]] = {}
+    for _, _, path, _ in listed:
+        writer, seq = journal.segment_of(path)
+        if writer not in newest or seq > newest[writer][0]:
+            newest[writer] = (seq, path)
+    open_files = {path for writer, (_, path) in newest.items() if _writer_alive(writer)}
+    total = sum(size for *_, size in listed)
+    deleted = 0
+    for _, _, path, size in listed:
         if total <= max_bytes:
             break
-        total -= path.stat().st_size
+        if path in open_files:
+            continue
         path.unlink(missing_ok=True)
+        total -= size
+        deleted += 1
+    return deleted
+
+
+def _writer_alive(writer: str) -> bool:
+    """Whether the process a writer's name (``{hex time}-{pid}``) names still runs; True when the name has no pid."""
+    pid = writer.rpartition("-")[2]
+    return not pid.isdigit() or _alive(int(pid))
 
 
 def _lock(state_dir: Path) -> int:

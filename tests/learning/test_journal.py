@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from mab_service.learning import journal
+from mab_service.learning import journal, node
 from mab_service.learning.journal import Journal, JournalUnavailable
 
 pytestmark = pytest.mark.anyio
@@ -29,7 +30,8 @@ def _journal(directory: Path, **overrides: float) -> Journal:
 
 
 def _records(directory: Path) -> list[list[object]]:
-    return [r for path in sorted(directory.glob("*.jnl")) for r in journal.read_records(path)]
+    """The events and rewards of the directory's files (not the marks of a clean close)."""
+    return [r for path in sorted(directory.glob("*.jnl")) for r in journal.read_records(path) if r != ["c"]]
 
 
 async def test_records_round_trip_and_rewards_wait_for_sync(tmp_path: Path) -> None:
@@ -189,3 +191,141 @@ async def _eventually(predicate: object, timeout_s: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+async def test_a_failed_cut_back_refuses_rewards_until_repaired_and_never_replays_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = _journal(tmp_path)
+    j.start()
+    j.event(1.0, "e1", ["a"])
+    await asyncio.wait_for(j.reward(1.0, "e1", "a", 1.0), 5)
+    real_sync, real_write_atomically = os.fdatasync, journal.write_atomically
+    broken = True
+
+    def fdatasync(fd: int) -> None:
+        if broken:
+            raise OSError(errno.EIO, "Input/output error")
+        real_sync(fd)
+
+    def ftruncate(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")  # never repaired this way: the sidecar has to do
+
+    def write_atomically(path: Path, data: bytes) -> None:
+        if broken:
+            raise OSError(errno.EIO, "Input/output error")
+        real_write_atomically(path, data)
+
+    monkeypatch.setattr(journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(journal.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(journal, "write_atomically", write_atomically)
+    j.event(2.0, "e2", ["b"])
+    with pytest.raises(JournalUnavailable):
+        await asyncio.wait_for(j.reward(2.0, "e2", "b", 1.0), 5)
+    damaged = tmp_path / "w-000001.jnl"
+    assert b'"r",2.0,"e2","b"' in damaged.read_bytes()  # the refused reward is still in the file
+    await asyncio.sleep(0.2)  # several retries, all failing
+    with pytest.raises(JournalUnavailable, match="cannot cut"):
+        j.reward(3.0, "e2", "b", 1.0)  # refused while the tail is readable
+    broken = False
+    assert await _eventually(lambda: j.error is None and j.held_bytes == 0)
+    assert journal.limit_of(damaged) is not None
+    await asyncio.wait_for(j.reward(4.0, "e2", "b", 1.0), 5)
+    await j.close()
+    records = _records(tmp_path)
+    # Replayed: the accepted rewards only, the cut event once (written again in the next file).
+    assert [r for r in records if r[0] == "r"] == [["r", 1.0, "e1", "a", 1.0], ["r", 4.0, "e2", "b", 1.0]]
+    assert records.count(["e", 2.0, "e2", ["b"]]) == 1
+    assert b'"r",2.0,"e2","b"' in damaged.read_bytes()  # still there, past the limit replay stops at
+    tally = node.Tally.of(sorted(tmp_path.glob("*.jnl")))  # what a restart counts
+    assert tally.rewards == {"a": 1.0, "b": 1.0} and tally.impressions == {"a": 1, "b": 1}
+
+
+async def test_a_cut_back_that_fails_once_is_done_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    j = _journal(tmp_path)
+    j.start()
+    real_sync, real_truncate = os.fdatasync, os.ftruncate
+    failures = {"fdatasync": 1, "ftruncate": 1}
+
+    def fdatasync(fd: int) -> None:
+        if failures["fdatasync"]:
+            failures["fdatasync"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_sync(fd)
+
+    def ftruncate(fd: int, length: int) -> None:
+        if failures["ftruncate"]:
+            failures["ftruncate"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_truncate(fd, length)
+
+    monkeypatch.setattr(journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(journal.os, "ftruncate", ftruncate)
+    with pytest.raises(JournalUnavailable):
+        await asyncio.wait_for(j.reward(1.0, "e1", "a", 1.0), 5)
+    assert await _eventually(lambda: j.error is None)
+    await asyncio.wait_for(j.reward(2.0, "e1", "a", 1.0), 5)
+    await j.close()
+    assert (tmp_path / "w-000001.jnl").stat().st_size == 0  # cut back on the second try: no sidecar needed
+    assert journal.limit_of(tmp_path / "w-000001.jnl") is None
+    assert [r for r in _records(tmp_path) if r[0] == "r"] == [["r", 2.0, "e1", "a", 1.0]]
+
+
+async def test_the_disk_budget_refuses_rewards_and_recovers_once_files_are_folded(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    budget = journal.Budget(max_bytes=2000, min_free_bytes=0)
+    j = Journal(
+        directory,
+        "w",
+        commit_delay_s=0.001,
+        sync_s=0.05,
+        segment_bytes=300,
+        segment_age_s=300.0,
+        buffer_max_bytes=500,
+        budget=budget,
+    )
+    j.start()
+    accepted = 0
+    with pytest.raises(JournalUnavailable, match="disk budget is reached"):
+        for i in range(1000):
+            await asyncio.wait_for(j.reward(1.0, f"e{i}", "a", 1.0), 5)
+            accepted += 1
+    assert 0 < accepted < 100
+    assert sum(p.stat().st_size for p in directory.glob("*.jnl")) <= budget.max_bytes
+    for i in range(50):  # impressions meanwhile: held up to the buffer's bound, then dropped and counted
+        j.event(1.0, f"x{i}", ["a"])
+    assert await _eventually(lambda: j.dropped_events > 0)
+    with pytest.raises(JournalUnavailable, match="--journal-max-bytes"):
+        j.reward(1.0, "late", "a", 1.0)
+    assert node.fold(tmp_path, older_than=1e18) > 0  # every file but the open one
+    assert await _eventually(lambda: j.error is None)  # seen at the next look at the directory
+    await asyncio.wait_for(j.reward(2.0, "late", "a", 1.0), 5)
+    await j.close()
+    assert node.read_checkpoint(tmp_path).arms["a"][1] >= accepted - 10
+
+
+async def test_a_volume_under_its_free_reserve_refuses_rewards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A volume of 100 MiB with 4 MiB free, simulated where the journal looks (a real one would need a mount).
+    volume = {"total": 100 << 20, "free": 4 << 20, "used": 96 << 20}
+    monkeypatch.setattr(journal.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(**volume))  # type: ignore[attr-defined]
+    j = _journal(tmp_path)
+    j.budget = journal.Budget(max_bytes=1 << 40, min_free_bytes=1 << 40)  # kept free: 5% of the volume, 5 MiB
+    j.start()
+    with pytest.raises(JournalUnavailable, match="--journal-min-free-bytes"):
+        j.reward(1.0, "e", "a", 1.0)
+    volume["free"] = 50 << 20  # room again: taken at the next retry
+    assert await _eventually(lambda: j.error is None)
+    await asyncio.wait_for(j.reward(2.0, "e", "a", 1.0), 5)
+    await j.close()
+    assert [r for r in _records(tmp_path) if r[0] == "r"] == [["r", 2.0, "e", "a", 1.0]]
+
+
+async def test_a_clean_close_marks_the_file_closed(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    j.start()
+    await asyncio.wait_for(j.reward(1.0, "e", "a", 1.0), 5)
+    (path,) = tmp_path.glob("*.jnl")
+    assert not journal.closed(path)
+    await j.close()
+    assert journal.closed(path)
+    assert list(journal.read_records(path))[-1] == ["c"]

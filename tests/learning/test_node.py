@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
-from mab_service.learning import _events, node
+from mab_service.learning import _events, journal, node
+from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.loop import Loop
 
 
@@ -132,3 +134,155 @@ def test_decision_logs_of_earlier_runs_are_bounded(tmp_path: Path) -> None:
         os.utime(path, (1000 + i, 1000 + i))
     node.Node.open(settings).close()
     assert sorted(p.name for p in directory.iterdir()) == ["old-3.dlog", "old-4.dlog"]
+
+
+def _writer() -> str:
+    """A journal or decision log writer's name as a worker of this process makes it."""
+    return f"{time.time_ns():x}-{os.getpid()}"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])  # its pid is a process that has exited
+    proc.wait()
+    return proc.pid
+
+
+def test_an_open_journal_file_is_not_folded_whatever_its_mtime(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    directory = state / "journal"
+
+    async def run() -> None:
+        j = Journal(
+            directory,
+            _writer(),
+            commit_delay_s=0.001,
+            sync_s=0.05,
+            segment_bytes=1,  # every write after the first goes to a new file
+            segment_age_s=300.0,
+            buffer_max_bytes=1 << 20,
+        )
+        j.start()
+        await asyncio.wait_for(j.reward(1.0, "old", "a", 1.0), 5)  # file 1: a record of long ago
+        await asyncio.wait_for(j.reward(time.time(), "new", "b", 1.0), 5)  # file 2, still open: a recent one
+        first, second = journal_files = node.journal_files(directory)
+        for path in journal_files:
+            os.utime(path, (1.0, 1.0))  # a clock that jumped: both files look written long ago
+        # File 1 is closed (file 2 follows it) and its records are old: folded. File 2 is open: not, whatever
+        # its mtime, nor even with a horizon past its records.
+        assert node.fold(state, older_than=time.time() - 100) == 1
+        assert not first.exists() and second.exists()
+        assert node.fold(state, older_than=1e18) == 0
+        await j.close()
+        os.utime(second, (1.0, 1.0))
+        assert node.fold(state, older_than=time.time() - 100) == 0  # closed now, but its record is recent
+        assert node.fold(state, older_than=1e18) == 1
+
+    asyncio.run(run())
+    assert node.read_checkpoint(state).arms == {"a": (0, 1.0), "b": (0, 1.0)}
+
+
+def test_files_of_a_dead_writer_are_folded(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    record = journal.frame(b'["e",1.0,"e1",["a","b"]]')
+    dead = f"{time.time_ns():x}-{_dead_pid()}"
+    (directory / f"{dead}-000001.jnl").write_bytes(record)  # its last file, never marked closed (kill -9)
+    (directory / f"{_writer()}-000001.jnl").write_bytes(record)  # a running writer's open file
+    assert node.fold(tmp_path, older_than=1e18) == 1
+    assert len(node.journal_files(directory)) == 1
+    assert node.read_checkpoint(tmp_path).arms == {"a": (1, 0.0), "b": (1, 0.0)}
+
+
+def test_the_checkpoint_is_compact_and_read_back_exactly(tmp_path: Path) -> None:
+    arms = {f"arm-{i}": (i + 1, i / 3) for i in range(1000)} | {"é": (2, 1.0)}
+    checkpoint = node.Checkpoint({"w-000001.jnl"}, arms)
+    data = node.encode_checkpoint(checkpoint)
+    # Header, 20 bytes and the id per arm, the folded names, a checksum: nothing else.
+    assert len(data) == 32 + sum(20 + len(a.encode()) for a in arms) + len("w-000001.jnl") + 4
+    assert node.decode_checkpoint(data) == checkpoint
+    damaged = bytearray(data)
+    damaged[40] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        node.decode_checkpoint(bytes(damaged))
+
+
+def test_a_checkpoint_holds_only_arms_with_counts_and_restarts_to_the_same_counts(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    before = _answer_and_reward(settings, 3)
+    state = settings.state_path()
+    assert node.fold(state, older_than=1e18) >= 1
+    checkpoint = node.read_checkpoint(state)
+    assert checkpoint.arms == before  # the two arms with counts; not the 1,998 catalogue arms without
+    size = (state / node.CHECKPOINT).stat().st_size
+    assert size == 32 + sum(20 + len(a) for a in before) + len("\n".join(checkpoint.folded)) + 4
+    with node.using(settings) as again:
+        assert {arm: again.arms.get(arm)[2:4] for arm in before} == before  # type: ignore[index]
+
+
+def test_a_json_checkpoint_is_read_once_and_upgraded(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    state = settings.state_path()
+    state.mkdir(parents=True)
+    legacy = {"version": 1, "folded": ["gone-000001.jnl"], "arms": [["article-0001", 7, 3.0], ["unseen", 0, 0.0]]}
+    (state / node.LEGACY_CHECKPOINT).write_bytes(orjson.dumps(legacy))
+    with node.using(settings) as current:
+        assert current.arms.get("article-0001")[2:4] == (7, 3.0)  # type: ignore[index]
+    assert node.fold(state, older_than=0) == 0  # nothing to fold, but the checkpoint is rewritten
+    assert not (state / node.LEGACY_CHECKPOINT).exists()
+    assert node.read_checkpoint(state).arms == {"article-0001": (7, 3.0)}  # the arm without counts is gone
+    with node.using(settings) as again:
+        assert again.arms.get("article-0001")[2:4] == (7, 3.0)  # type: ignore[index]
+
+
+def test_decision_logs_of_dead_workers_are_pruned_while_running(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, decision_log_max_bytes=10_000, workers=1, checkpoint_interval_s=0.05)
+    directory = settings.state_path() / "decisions"
+    directory.mkdir(parents=True)
+    current = node.Node.open(settings)
+    try:
+        dead, live = f"{time.time_ns():x}-{_dead_pid()}", _writer()
+        files = [directory / f"{dead}-{i:06d}.dlog" for i in range(1, 5)]
+        files += [directory / f"{live}-000001.dlog", directory / f"{live}-000002.dlog"]
+        for age, path in enumerate(files):  # oldest first; 24,000 bytes for a budget of 10,000
+            path.write_bytes(b"x" * 4000)
+            os.utime(path, (1000 + age, 1000 + age))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(list(directory.iterdir())) > 2:
+            time.sleep(0.05)
+        assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in files[-2:])
+        # Past the budget, only the file a running writer may have open stays.
+        files[-2].write_bytes(b"x" * 20_000)
+        assert node.prune_decisions(directory, 10_000) == 1
+        assert [p.name for p in directory.iterdir()] == [files[-1].name]
+    finally:
+        current.close()
+
+
+def test_rewards_get_503_past_the_node_journal_budget(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, journal_max_bytes=3000, journal_min_free_bytes=0)
+
+    async def run() -> int:
+        with node.using(settings) as current:
+            loop = Loop(current, settings, apply_counts=True)
+            await loop.start()
+            ids = ["article-0001"]
+            alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)
+            accepted = 0
+            try:
+                for i in range(200):
+                    event_id = loop.answered(
+                        f"e{i}", True, "u", b"{}", ids, alpha, beta, rows, np.array([0]), ids, i, None
+                    )
+                    await loop.reward(event_id, ids[0], 1.0)
+                    accepted += 1
+            except JournalUnavailable as exc:
+                assert "disk budget is reached" in str(exc)
+                assert (exc.status_code, exc.code) == (503, "journal_unavailable")
+            assert loop.refusals.unavailable == 1
+            await loop.close()
+            return accepted
+
+    accepted = asyncio.run(run())
+    assert 0 < accepted < 200
+    journal_bytes = sum(p.stat().st_size for p in node.journal_files(settings.state_path() / "journal"))
+    assert journal_bytes <= 3000 + len(journal.CLOSED)
