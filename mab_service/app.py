@@ -19,7 +19,7 @@ from mab_service.learning.loop import Loop
 from mab_service.learning.posteriors import SharedArmsSource
 from mab_service.openapi import openapi_document
 from mab_service.policy.sampler import SAMPLERS
-from mab_service.routes import FAST_ENDPOINTS, PROBES, PUBLIC, ROUTES, endpoint_label
+from mab_service.routes import FAST_ENDPOINTS, PROBES, ROUTES, endpoint_label
 from mab_service.state import AppState
 
 logger = logging.getLogger("mab_service")
@@ -106,7 +106,7 @@ def build_app(
                 loop=loop,
             )
 
-    return Edge(FAST_ENDPOINTS, ROUTES, endpoint_label, lifespan, settings, admission, PUBLIC)
+    return Edge(FAST_ENDPOINTS, ROUTES, endpoint_label, lifespan, settings, admission)
 
 
 def create_app() -> Edge:

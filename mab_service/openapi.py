@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mab_service import __version__
-from mab_service.routes import PROBES, PUBLIC
+from mab_service.routes import PROBES
 
 _ERROR = {
     "type": "object",
@@ -59,14 +59,13 @@ _OVERLOADED = {
 
 def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
     """The document for this configuration (limits are part of the contract), with the optional bearer key and the
-    answers every admitted path may give (401, 503) on all paths but the public ones (``routes.PUBLIC``)."""
+    answers every admitted path may give (401, 503) on all paths but the probes (``routes.PROBES``)."""
     document = _document(max_candidates, max_body_bytes)
     for path, operations in document["paths"].items():
         for operation in operations.values():
             responses = operation["responses"]
             if path not in PROBES:
                 responses.setdefault("503", _OVERLOADED)
-            if path not in PUBLIC:
                 # Either no credentials (the default: keys off) or a bearer key: the key is optional in the contract.
                 operation["security"] = [{}, {"bearer": []}]
                 responses["401"] = _UNAUTHORIZED

@@ -212,9 +212,6 @@ ROUTES = [
 #: The probes: outside admission (they must answer however busy the worker is) and outside authentication (probes and
 #: scrapers carry no key).
 PROBES = frozenset({"/health", "/live", "/metrics"})
-#: Served without an API key when keys are on: the probes, and the dashboard's page (the same bytes for everyone, no
-#: data: a browser cannot send a key when it opens a page, so the page asks for it and sends it to /arms and /loop).
-PUBLIC = PROBES | {"/dashboard"}
 #: Paths that are their own ``endpoint`` label in the metrics; any other path is counted as ``other``.
 ENDPOINTS = frozenset(FAST_ENDPOINTS) | {route.path for route in ROUTES if "{" not in route.path} | {"/arms/{id}"}
 

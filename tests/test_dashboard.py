@@ -471,8 +471,9 @@ def test_with_api_keys_the_page_sends_the_key_it_is_given(
     html = dashboard.page().decode("utf-8")
     found = re.search(r'<script id="api-key">(.*?)</script>', html, re.S)
     assert found is not None
-    # The page itself is served without a key (it holds no data); what it fetches needs one, and it sends it.
-    assert httpx.get(server.url + "/dashboard").status_code == 200
+    # The page needs the key like every route but the probes; what it fetches needs one too, and it sends it.
+    assert httpx.get(server.url + "/dashboard").status_code == 401
+    assert httpx.get(server.url + "/dashboard", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert httpx.get(server.url + "/loop").status_code == 401
     assert "...keys.headers()" in html and 'r.reason.code === "unauthorized"' in html
     script = tmp_path / "keys.js"

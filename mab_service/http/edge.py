@@ -1,8 +1,7 @@
 """The ASGI app the server runs: every request passes here once, whatever its route.
 
-- With API keys on (``api_keys_file``, ``auth.py``), a request to anything but the public paths (the probes
-  /health, /live, /metrics, and the dashboard's page, which holds no data and asks for the key itself) without a
-  known ``Authorization: Bearer`` key is answered 401 ``unauthorized`` before any other work. The client
+- With API keys on (``api_keys_file``, ``auth.py``), a request to anything but the probes (/health, /live,
+  /metrics: probes and scrapers carry no key) without a known ``Authorization: Bearer`` key is answered 401 ``unauthorized`` before any other work. The client
   of every request (``clients.CLIENT``) is its key's label, or its peer address when keys are off.
 - ``POST`` to a fast endpoint (``/predict``, ``/reward``): admitted or answered 503 ``overloaded`` at once
   (``Admission``), its JSON body read within ``max_body_bytes``, handed to the endpoint as bytes, its answer sent in
@@ -65,7 +64,6 @@ class Edge:
         lifespan: A factory of the context manager whose value is the state every request sees.
         settings: The service configuration.
         admission: This worker's admission and drain state, shared with its protocol and server.
-        public: The paths served without an API key when keys are on; by default the probes (``admission.probes``).
 
     Raises:
         auth.KeysFileError: If ``settings.api_keys_file`` is set and holds no usable keys.
@@ -79,7 +77,6 @@ class Edge:
         lifespan: Callable[[], AbstractAsyncContextManager[Mapping[str, Any]]],
         settings: Settings,
         admission: Admission,
-        public: frozenset[str] | None = None,
     ) -> None:
         self.fast = dict(fast)
         self.label = label
@@ -90,7 +87,6 @@ class Edge:
         self.access_log = settings.access_log
         self.max_body_bytes = settings.max_body_bytes
         self.probes = admission.probes
-        self.public = admission.probes if public is None else public
         self.keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
         how = "send the header Authorization: Bearer <key>"
         self.no_key = error_answer(Unauthorized(f"this endpoint needs an API key: {how}"), "-", "-")
@@ -114,7 +110,7 @@ class Edge:
             if keys is None:  # keys off: the one test the fast path pays
                 peer = scope.get("client")
                 CLIENT.set("addr:" + peer[0] if peer else "addr:")
-            elif scope["path"] not in self.public:
+            elif scope["path"] not in self.probes:
                 authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
                 client = keys.client(authorization)
                 if client is None:

@@ -222,12 +222,14 @@ def test_every_route_but_the_public_ones_needs_a_key(secured: LoggedServer) -> N
         assert client.post("/reward", json=reward, headers=bearer(KEY)).status_code == 202
 
 
-def test_probes_and_the_dashboard_page_need_no_key(secured: LoggedServer) -> None:
+def test_the_probes_need_no_key_and_the_dashboard_page_does(secured: LoggedServer) -> None:
     with secured.client() as client:
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/live").status_code == 200
         assert "mab_requests_total" in client.get("/metrics").text
-        page = client.get("/dashboard")
+        refused = client.get("/dashboard")
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        page = client.get("/dashboard", headers=bearer(KEY))
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
@@ -282,7 +284,7 @@ def test_the_openapi_document_shows_the_optional_key() -> None:
     for path, operations in document["paths"].items():
         for operation in operations.values():
             responses = operation["responses"]
-            if path in ("/health", "/live", "/metrics", "/dashboard"):
+            if path in ("/health", "/live", "/metrics"):
                 assert "security" not in operation and "401" not in responses, path
             else:
                 assert operation["security"] == [{}, {"bearer": []}], path  # {}: no key needed when keys are off
