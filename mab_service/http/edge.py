@@ -1,8 +1,9 @@
 """The ASGI app the server runs: every request passes here once, whatever its route.
 
 - With API keys on (``api_keys_file``, ``auth.py``), a request to anything but the probes (/health, /live,
-  /metrics: probes and scrapers carry no key) without a known ``Authorization: Bearer`` key is answered 401 ``unauthorized`` before any other work. The client
-  of every request (``clients.CLIENT``) is its key's label, or its peer address when keys are off.
+  /metrics: probes and scrapers carry no key) without a known ``Authorization: Bearer`` key is answered 401
+  ``unauthorized`` before any other work. The client of every request (``clients.CLIENT``) is its key's label, or
+  its peer address when keys are off.
 - ``POST`` to a fast endpoint (``/predict``, ``/reward``): admitted or answered 503 ``overloaded`` at once
   (``Admission``), its JSON body read within ``max_body_bytes``, handed to the endpoint as bytes, its answer sent in
   one head and one body. Starlette's Request, Response and middleware would cost more per request than ranking
