@@ -37,3 +37,7 @@ class SharedArmsSource:
     @property
     def size(self) -> int:
         return len(self.arms)
+
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.prior_alpha, self.prior_beta
