@@ -9,9 +9,9 @@ an id with no row gets the prior and is not counted in ``known``.
 
 Rewards and impressions reach the table through different learners, so a reward can be counted before the
 impressions of its answer (or after they were lost): the posterior clamps rewards to [0, impressions], and beta is
-never below the prior. A counts cell that is not a Bigtable int64 (8 bytes) makes its arm's rewards NaN, so its
-posterior is NaN: the pipeline ranks it by the prior and counts it (``source.ParameterCheck``), the other ids of the
-read keep their counts, and the cells are counted in ``stats()["invalid_values"]``.
+never below the prior. A counts cell that is not a Bigtable int64 (8 bytes) fails only its own arm, not the read:
+its counts read as 0 (``Counts.invalid`` marks it) and ``read`` gives it NaN, which the pipeline ranks by the prior
+and counts (``source.ParameterCheck``); such cells are also counted in ``stats()["invalid_values"]``.
 
 Reads go through the ``google-cloud-bigtable`` async data client: one ReadRows call per chunk of at most
 ``chunk_size`` keys, chunks read concurrently, with a filter that sends only family ``c``. The client honours
@@ -92,6 +92,8 @@ class Counts(NamedTuple):
     impressions: npt.NDArray[np.int64]
     rewards: npt.NDArray[np.float64]
     found: npt.NDArray[np.bool_]
+    invalid: npt.NDArray[np.intp] | None = None
+    """Positions whose row holds a counts cell that could not be decoded (their counts read as 0); None if none."""
 
     def posterior(
         self, prior_alpha: float, prior_beta: float
@@ -100,10 +102,9 @@ class Counts(NamedTuple):
 
         Rewards are taken in [0, impressions] (impressions at least 0), so alpha >= prior_alpha and
         beta >= prior_beta: a reward counted before its impressions waits for them instead of making beta invalid.
-        NaN rewards (an undecodable cell) stay NaN.
         """
         impressions = np.maximum(self.impressions, 0).astype(np.float64)
-        rewards = np.minimum(np.maximum(self.rewards, 0.0), impressions)  # np.maximum/minimum keep NaN
+        rewards = np.minimum(np.maximum(self.rewards, 0.0), impressions)
         return prior_alpha + rewards, prior_beta + (impressions - rewards)
 
 
@@ -145,9 +146,11 @@ class _Cells:
         (self.impressions if qualifier == IMPRESSIONS else self.rewards)[i] = decode_int64(value)
 
     def counts(self, found: npt.NDArray[np.bool_]) -> Counts:
-        rewards = self.rewards / REWARD_SCALE
-        rewards[self.bad] = np.nan  # the posterior of an arm with a bad cell is NaN: the pipeline gives it the prior
-        return Counts(self.impressions, rewards, found)
+        if not self.bad:
+            return Counts(self.impressions, self.rewards / REWARD_SCALE, found)
+        invalid = np.unique(np.array(self.bad, np.intp))
+        self.impressions[invalid] = self.rewards[invalid] = 0  # the other cell of the row may be fine; not alone
+        return Counts(self.impressions, self.rewards / REWARD_SCALE, found, invalid)
 
 
 def _store(row: Any, i: int, cells: _Cells) -> None:
@@ -272,8 +275,9 @@ class BigtableSource:
                     i = position[row.row_key]
                     found[i] = True
                     _store(row, i, cells)
-        self.invalid_values += len(cells.bad)
-        return cells.counts(found)
+        counts = cells.counts(found)
+        self.invalid_values += 0 if counts.invalid is None else len(counts.invalid)
+        return counts
 
     async def scan(self, limit: int) -> tuple[list[str], Counts]:
         """The ids and counts of the table's first ``limit`` arms in key order (the dashboard's view in fleet mode:
@@ -378,6 +382,8 @@ class BigtableSource:
                 np.full(n, self.prior_alpha), np.full(n, self.prior_beta), np.zeros(n, np.bool_), np.arange(n)
             )
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
+        if counts.invalid is not None:
+            alpha[counts.invalid] = beta[counts.invalid] = np.nan  # for the pipeline's check: prior, counted, logged
         return Lookup(alpha, beta, counts.found)
 
     async def fetch(self, ids: list[str]) -> Features:
