@@ -84,6 +84,8 @@ arms = extension(
 
 # Feature Store 2.0 answers decoded from their wire bytes: Cython alone, no C++ sources.
 wire = extension("mab_service.features._wire", sources=["mab_service/features/_wire.pyx"], depends=[])
+# The check of the parameters a source read, before sampling: Cython alone.
+params = extension("mab_service.features._params", sources=["mab_service/features/_params.pyx"], depends=[])
 
-modules = [kernel, index, cache, arms, events, wire]
+modules = [kernel, index, cache, arms, events, wire, params]
 setup(ext_modules=cythonize(modules, compiler_directives=directives, annotate=DEBUG))

@@ -67,8 +67,12 @@ class Settings:
         "off by Google on 2027-02-17) or ``bigtable:projects/P/instances/I/tables/T`` (the fleet's counts, kept by "
         "``mab-service learn``; docs/fleet.md).",
     )
-    prior_alpha: float = setting(1.0, "Beta prior alpha for candidates the feature source does not know.")
-    prior_beta: float = setting(1.0, "Beta prior beta for candidates the feature source does not know.")
+    prior_alpha: float = setting(
+        1.0, "Beta prior alpha for candidates the feature source does not know, or holds no valid parameters for."
+    )
+    prior_beta: float = setting(
+        1.0, "Beta prior beta for candidates the feature source does not know, or holds no valid parameters for."
+    )
     max_candidates: int = setting(
         10_000,
         "Most candidates one request may carry (after removing duplicates the count can only shrink).",

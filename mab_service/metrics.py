@@ -28,6 +28,8 @@ Exposed (all workers summed):
   ``mab_refused_connections_total``: connections refused past ``max_connections``;
 - ``mab_degraded_fetches_total`` and ``mab_unread_candidates_total``: fetches a failing store answered only in
   part (``on_store_failure = degrade``), and the candidates that got the prior for it;
+- ``mab_invalid_parameters_total{source}``: candidates ranked by the prior because the store held no valid Beta
+  parameters for them (``features.source.ParameterCheck``; counted on every answer that uses them);
 - the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
   ``mab_journal_syncs_total``, ``mab_journal_dropped_total``;
 - fleet mode (``learning.fleet``): ``mab_events_published_total``, ``mab_events_publish_failures_total`` (attempts
@@ -60,6 +62,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from mab_service import pipeline
 from mab_service.errors import MabError
 from mab_service.features.source import CountingSource, Features, FeatureSource, Health
 from mab_service.policy.sampler import TopK
@@ -179,6 +182,12 @@ DEGRADED = Counter(
     "mab_degraded_fetches", "Feature fetches that a failing store answered only in part: the rest got the prior."
 )
 UNREAD = Counter("mab_unread_candidates", "Candidates a failing feature store did not read: they got the prior.")
+INVALID_PARAMETERS = Counter(
+    "mab_invalid_parameters",
+    "Candidates ranked by the prior because the store held no valid Beta parameters for them (alpha or beta not "
+    "finite and > 0), by source.",
+    ["source"],
+)
 IMPRESSIONS = Counter("mab_impressions", "Ids returned in answers (impressions) the loop counted.")
 IMPRESSIONS_UNRECORDED = Counter(
     "mab_impressions_unrecorded", "Impressions of new arms the shared arm table had no room for (served by the prior)."
@@ -426,12 +435,30 @@ _caches: list[_CacheCounters] = []
 _loops: list[_LoopCounters] = []
 
 
+class _InvalidCounters:
+    """Copies the pipeline's count of replaced parameters (``ParameterCheck.stats``) into the metrics."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def flush(self) -> None:
+        for source, replaced in pipeline.parameter_check.stats().by_source.items():
+            delta = replaced - self.seen.get(source, 0)
+            if delta > 0:
+                INVALID_PARAMETERS.labels(source).inc(delta)
+                self.seen[source] = replaced
+
+
+_invalid = _InvalidCounters()
+
+
 def flush() -> None:
     """Copy what this worker accumulated into prometheus-client (its shared file in multiprocess mode)."""
     for series in (*requests.series.values(), candidates, fetch_seconds, sample_rank_seconds, encode_seconds):
         series.flush()
     for count in (shed, refused_connections, degraded, unread):
         count.flush()
+    _invalid.flush()
     for cache in _caches:
         cache.flush()
     for loop in _loops:
@@ -561,6 +588,10 @@ class MeteredSource:
 
     def health(self) -> Health:
         return self.source.health()
+
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.source.prior
 
     async def close(self) -> None:
         await self.source.close()

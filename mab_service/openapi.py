@@ -352,7 +352,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                     "properties": {
                         "id": {"type": "string"},
                         "alpha": {"type": "number", "description": "alpha0 + rewards"},
-                        "beta": {"type": "number", "description": "beta0 + impressions - rewards"},
+                        "beta": {"type": "number", "description": "beta0 + max(impressions - rewards, 0)"},
                         "impressions": {"type": "integer"},
                         "rewards": {"type": "number"},
                     },

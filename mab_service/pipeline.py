@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from mab_service.features.source import Features, FeatureSource
+from mab_service.features.source import Features, FeatureSource, ParameterCheck, count_invalid
 from mab_service.policy.sampler import TopK
 from mab_service.schemas import PredictRequest
 
@@ -18,11 +18,15 @@ class Recommendation:
     scores: npt.NDArray[np.float64]
     known: int
     degraded: bool
-    """Some candidates got the prior because the feature store could not be read in time."""
+    """Some candidates got the prior because the feature store could not be read in time (not for invalid values)."""
     ranking: npt.NDArray[np.int64]
     """Positions in the request's candidates of ``ids``, best first."""
     features: Features
     """The posterior parameters the sample was drawn from, aligned with the candidates."""
+
+
+#: This worker's policy for stored values that are no Beta parameters; ``metrics`` reads its counts.
+parameter_check = ParameterCheck()
 
 
 async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK, seed: int | None) -> Recommendation:
@@ -32,6 +36,8 @@ async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK,
     """
     candidates = request.candidates
     features = await source.fetch(candidates)
+    if count_invalid(features.alpha, features.beta):  # one C pass; the kernel refuses what it counts
+        features = parameter_check.replace(features, candidates, source)
     k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))
     indices, scores = top_k(features.alpha, features.beta, k, seed=seed)
     ids = [candidates[i] for i in indices.tolist()]

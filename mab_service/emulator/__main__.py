@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unavailable-rate", type=float, default=0.0, help="fraction of reads failing UNAVAILABLE")
     parser.add_argument("--break-rate", type=float, default=0.0, help="fraction of streams breaking part-way")
     parser.add_argument("--seed", type=int, default=None, help="seed of the fault and latency draws")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="load nan, inf and -inf values as they are (a store holding values that are no Beta parameters)",
+    )
     return parser
 
 
@@ -48,7 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
         unavailable_rate=args.unavailable_rate,
         break_rate=args.break_rate,
     )
-    emulator = Emulator(load_table(args.features), faults, seed=args.seed)
+    emulator = Emulator(load_table(args.features, allow_non_finite=args.allow_non_finite), faults, seed=args.seed)
     port = await emulator.start(args.host, args.port)
     print(f"listening on {args.host}:{port} ({len(emulator.table.rows)} entities)", flush=True)
     stop = asyncio.Event()

@@ -3,6 +3,10 @@
 Every column but ``entity_id`` is a feature named after its header. A column whose every value is an integer
 literal is an INT64 feature, any other a DOUBLE feature, so one file can serve both the ``alpha``/``beta``
 mapping (DOUBLE or INT64) and the ``clicks``/``impressions`` counts (INT64).
+
+A real store holds whatever was written to it, valid Beta parameters or not. Zero and negative values always load;
+``nan``, ``inf`` and ``-inf`` load only with ``allow_non_finite`` (``--allow-non-finite``), so that a typo in a table
+meant to be valid is still caught, while a table meant to hold bad values can.
 """
 
 from __future__ import annotations
@@ -33,23 +37,24 @@ class FeatureTable:
         return self.features.index(name)
 
 
-def load_table(path: Path | None) -> FeatureTable:
+def load_table(path: Path | None, *, allow_non_finite: bool = False) -> FeatureTable:
     """Load ``path``, or the bundled demo catalogue when None.
 
     Raises:
-        TableError: If the file cannot be read, lacks ``entity_id``, or holds a bad or duplicate row.
+        TableError: If the file cannot be read, lacks ``entity_id``, or holds a bad or duplicate row (a value that
+            is not finite is bad unless ``allow_non_finite``).
     """
     if path is None:
         with resources.files("mab_service.data").joinpath("demo.csv").open(encoding="utf-8") as f:
             return parse_table(f, "demo.csv")
     try:
         with path.open(encoding="utf-8", newline="") as f:
-            return parse_table(f, str(path))
+            return parse_table(f, str(path), allow_non_finite=allow_non_finite)
     except OSError as exc:
         raise TableError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def parse_table(lines: Iterable[str], where: str) -> FeatureTable:
+def parse_table(lines: Iterable[str], where: str, *, allow_non_finite: bool = False) -> FeatureTable:
     """Parse CSV text; see :func:`load_table`."""
     reader = csv.reader(lines)
     header = [h.strip() for h in next(reader, [])]
@@ -81,7 +86,7 @@ def parse_table(lines: Iterable[str], where: str) -> FeatureTable:
                 value = float(text)
             except ValueError:
                 raise TableError(f"{where}: entity {entity!r}: {header[feature_cols[j]]} is not a number") from None
-            if not math.isfinite(value):
+            if not math.isfinite(value) and not allow_non_finite:
                 raise TableError(f"{where}: entity {entity!r}: {header[feature_cols[j]]} is not finite")
             parsed.append(value)
         rows[entity] = tuple(parsed)

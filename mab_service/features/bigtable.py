@@ -7,6 +7,12 @@ learners add to them atomically (``mab_service.learning.learner``); family ``d``
 and is never read here. The posterior of an arm is Beta(prior_alpha + rewards, prior_beta + impressions - rewards);
 an id with no row gets the prior and is not counted in ``known``.
 
+Rewards and impressions reach the table through different learners, so a reward can be counted before the
+impressions of its answer (or after they were lost): the posterior clamps rewards to [0, impressions], and beta is
+never below the prior. A counts cell that is not a Bigtable int64 (8 bytes) fails only its own arm, not the read:
+its counts read as 0 (``Counts.invalid`` marks it) and ``read`` gives it NaN, which the pipeline ranks by the prior
+and counts (``source.ParameterCheck``); such cells are also counted in ``stats()["invalid_values"]``.
+
 Reads go through the ``google-cloud-bigtable`` async data client: one ReadRows call per chunk of at most
 ``chunk_size`` keys, chunks read concurrently, with a filter that sends only family ``c``. The client honours
 ``BIGTABLE_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
@@ -86,12 +92,20 @@ class Counts(NamedTuple):
     impressions: npt.NDArray[np.int64]
     rewards: npt.NDArray[np.float64]
     found: npt.NDArray[np.bool_]
+    invalid: npt.NDArray[np.intp] | None = None
+    """Positions whose row holds a counts cell that could not be decoded (their counts read as 0); None if none."""
 
     def posterior(
         self, prior_alpha: float, prior_beta: float
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """Beta(prior_alpha + rewards, prior_beta + impressions - rewards): alpha and beta."""
-        return prior_alpha + self.rewards, prior_beta + (self.impressions - self.rewards)
+        """Beta(prior_alpha + rewards, prior_beta + impressions - rewards): alpha and beta.
+
+        Rewards are taken in [0, impressions] (impressions at least 0), so alpha >= prior_alpha and
+        beta >= prior_beta: a reward counted before its impressions waits for them instead of making beta invalid.
+        """
+        impressions = np.maximum(self.impressions, 0).astype(np.float64)
+        rewards = np.minimum(np.maximum(self.rewards, 0.0), impressions)
+        return prior_alpha + rewards, prior_beta + (impressions - rewards)
 
 
 def decode_int64(value: bytes) -> int:
@@ -112,13 +126,37 @@ def data_client(project: str) -> Any:
         return BigtableDataClientAsync(project=project)
 
 
-def _store(row: Any, i: int, impressions: npt.NDArray[np.int64], rewards: npt.NDArray[np.int64]) -> None:
-    """A counts row of the client's into position ``i`` of the arrays."""
+class _Cells:
+    """Counts being decoded: impressions and rewards (millionths) by position, and the positions with a bad cell."""
+
+    __slots__ = ("impressions", "rewards", "bad")
+
+    def __init__(self, n: int) -> None:
+        self.impressions = np.zeros(n, np.int64)
+        self.rewards = np.zeros(n, np.int64)
+        self.bad: list[int] = []
+
+    def put(self, i: int, qualifier: bytes, value: bytes) -> None:
+        """One cell's value at position ``i``; a value that is not 8 bytes marks the position bad, not the read."""
+        if qualifier != IMPRESSIONS and qualifier != REWARDS:
+            return
+        if len(value) != 8:
+            self.bad.append(i)
+            return
+        (self.impressions if qualifier == IMPRESSIONS else self.rewards)[i] = decode_int64(value)
+
+    def counts(self, found: npt.NDArray[np.bool_]) -> Counts:
+        if not self.bad:
+            return Counts(self.impressions, self.rewards / REWARD_SCALE, found)
+        invalid = np.unique(np.array(self.bad, np.intp))
+        self.impressions[invalid] = self.rewards[invalid] = 0  # the other cell of the row may be fine; not alone
+        return Counts(self.impressions, self.rewards / REWARD_SCALE, found, invalid)
+
+
+def _store(row: Any, i: int, cells: _Cells) -> None:
+    """A counts row of the client's into position ``i``."""
     for cell in row.cells:
-        if cell.qualifier == IMPRESSIONS:
-            impressions[i] = decode_int64(cell.value)
-        elif cell.qualifier == REWARDS:
-            rewards[i] = decode_int64(cell.value)
+        cells.put(i, cell.qualifier, cell.value)
 
 
 class BigtableSource:
@@ -163,6 +201,7 @@ class BigtableSource:
         self._filter: Any = None
         self._ready = Health(False, "bigtable source not started")
         self.failed_reads = 0
+        self.invalid_values = 0
 
     async def start(self) -> None:
         """Connect and read one key, so that a missing table or no credentials stop the service at start.
@@ -207,8 +246,7 @@ class BigtableSource:
         """The impressions and rewards of ``ids`` (distinct), aligned with them; ``found`` where a row exists."""
         assert self._table is not None, "read before start"
         n = len(ids)
-        impressions = np.zeros(n, np.int64)
-        rewards = np.zeros(n, np.int64)
+        cells = _Cells(n)
         found = np.zeros(n, np.bool_)
         if n and self.raw_reads:
             position = {id_.encode(): i for i, id_ in enumerate(ids)}
@@ -216,10 +254,7 @@ class BigtableSource:
             step = self.chunk_size
             deadline = time.monotonic() + self.timeout_s
             await asyncio.gather(
-                *(
-                    self._read_raw(keys[s : s + step], position, impressions, rewards, found, deadline)
-                    for s in range(0, n, step)
-                )
+                *(self._read_raw(keys[s : s + step], position, cells, found, deadline) for s in range(0, n, step))
             )
         elif n:
             position = {id_.encode(): i for i, id_ in enumerate(ids)}
@@ -239,8 +274,10 @@ class BigtableSource:
                 for row in rows:
                     i = position[row.row_key]
                     found[i] = True
-                    _store(row, i, impressions, rewards)
-        return Counts(impressions, rewards / REWARD_SCALE, found)
+                    _store(row, i, cells)
+        counts = cells.counts(found)
+        self.invalid_values += 0 if counts.invalid is None else len(counts.invalid)
+        return counts
 
     async def scan(self, limit: int) -> tuple[list[str], Counts]:
         """The ids and counts of the table's first ``limit`` arms in key order (the dashboard's view in fleet mode:
@@ -249,12 +286,11 @@ class BigtableSource:
         rows = await self._table.read_rows(
             self._query(limit=limit, row_filter=self._filter), operation_timeout=10 * self.timeout_s
         )
-        impressions = np.zeros(len(rows), np.int64)
-        rewards = np.zeros(len(rows), np.int64)
+        cells = _Cells(len(rows))
         for i, row in enumerate(rows):
-            _store(row, i, impressions, rewards)
+            _store(row, i, cells)
         ids = [row.row_key.decode(errors="replace") for row in rows]
-        return ids, Counts(impressions, rewards / REWARD_SCALE, np.ones(len(rows), np.bool_))
+        return ids, cells.counts(np.ones(len(rows), np.bool_))
 
     @property
     def client(self) -> Any:
@@ -277,8 +313,7 @@ class BigtableSource:
         self,
         keys: list[bytes],
         position: dict[bytes, int],
-        impressions: npt.NDArray[np.int64],
-        rewards: npt.NDArray[np.int64],
+        cells: _Cells,
         found: npt.NDArray[np.bool_],
         deadline: float,
     ) -> None:
@@ -311,10 +346,7 @@ class BigtableSource:
                         if chunk.value_size:
                             continue  # a split cell: the rest comes in the next chunks
                         i = position[key]
-                        if qualifier == IMPRESSIONS:
-                            impressions[i] = decode_int64(value)
-                        elif qualifier == REWARDS:
-                            rewards[i] = decode_int64(value)
+                        cells.put(i, qualifier, value)
                         value = b""
                         if chunk.commit_row:
                             found[i] = True
@@ -350,6 +382,8 @@ class BigtableSource:
                 np.full(n, self.prior_alpha), np.full(n, self.prior_beta), np.zeros(n, np.bool_), np.arange(n)
             )
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
+        if counts.invalid is not None:
+            alpha[counts.invalid] = beta[counts.invalid] = np.nan  # for the pipeline's check: prior, counted, logged
         return Lookup(alpha, beta, counts.found)
 
     async def fetch(self, ids: list[str]) -> Features:
@@ -359,7 +393,11 @@ class BigtableSource:
         return Features(lookup.alpha, lookup.beta, int(np.count_nonzero(lookup.found)), unread)
 
     def stats(self) -> dict[str, float]:
-        return {"failed_reads": self.failed_reads}
+        return {"failed_reads": self.failed_reads, "invalid_values": self.invalid_values}
+
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.prior_alpha, self.prior_beta
 
     def health(self) -> Health:
         return self._ready

@@ -171,6 +171,10 @@ class FeatureCache:
         if self.warmup.ids:
             self._warmer = asyncio.create_task(self._warm(), name="cache-warm-up")
 
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self._prior_alpha, self._prior_beta
+
     def health(self) -> Health:
         warmup = self.warmup
         if not warmup.done:

@@ -67,6 +67,10 @@ class LocalSource:
     def size(self) -> int:
         return 0 if self._index is None else len(self._index)
 
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.prior_alpha, self.prior_beta
+
 
 def load_table(lines: Iterable[str], where: str) -> IdIndex:
     """Read and check an ``entity_id,alpha,beta`` CSV; raise FeatureSourceError listing every bad line."""

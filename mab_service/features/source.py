@@ -7,15 +7,33 @@ too and are counted in ``unread`` (``on_store_failure = degrade``), or the fetch
 cached state, never with a live call, so readiness probes cost nothing. Every backend (the embedded table, the
 Vertex Featurestore, Feature Store 2.0) and the cache in front of any of them implement the same protocol, and
 import nothing from one another: only this module, the errors, and their own client.
+
+A store may hold a value that is no Beta parameter (0, negative, NaN, infinite: a reward counted before its
+impressions, a cell written by hand). Sources pass such values on as they read them (NaN where a cell could not be
+decoded); ``ParameterCheck`` is the one policy for them, applied by the pipeline between the fetch and the kernel:
+the candidate is ranked by the prior, counted, and logged at most once a minute. A bad value is not a store
+failure: it does not mark the answer degraded.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+# Re-exported: the pipeline runs it on every request, before ``ParameterCheck.replace``.
+from mab_service.features._params import count_invalid as count_invalid
+
+logger = logging.getLogger("mab_service.features")
+
+#: Seconds between two warnings about invalid parameters (per worker); the count in between is in the next one.
+INVALID_LOG_INTERVAL_S = 60.0
 
 
 class Features(NamedTuple):
@@ -56,6 +74,11 @@ class Health:
 class FeatureSource(Protocol):
     name: str
 
+    @property
+    def prior(self) -> tuple[float, float]:
+        """(alpha, beta) for an id the source does not know, and for one whose stored values are no Beta
+        parameters."""
+
     async def start(self) -> None:
         """Load or connect; raise FeatureSourceError if the source cannot be used."""
 
@@ -87,3 +110,77 @@ class CountingSource(Protocol):
 
     def stats(self) -> dict[str, float]:
         """The counters, by name."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidParameters:
+    """What ``ParameterCheck`` replaced so far: candidates by source (monotonic)."""
+
+    by_source: Mapping[str, int]
+
+
+class ParameterCheck:
+    """The policy for stored values that are no Beta parameters: rank the candidate by the prior, count, log.
+
+    ``count_invalid`` (one C pass over both arrays, ~0.4 us at 400 candidates) finds whether there is anything to
+    do; only then does ``replace`` run. It writes the source's prior over every position whose alpha or beta is not
+    finite and > 0, in the fetched arrays themselves (a copy only if a source handed out read-only arrays), so the
+    kernel, the answer and the loop's decision record all see the same valid values.
+
+    Args:
+        log_interval_s: Least seconds between two warnings; each names one example and how many were replaced
+            since the previous warning.
+        clock: Monotonic seconds; tests pass their own.
+    """
+
+    def __init__(
+        self, log_interval_s: float = INVALID_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.log_interval_s = log_interval_s
+        self._clock = clock
+        self._by_source: dict[str, int] = {}
+        self._unlogged = 0
+        self._logged_at = -math.inf
+
+    def replace(self, features: Features, ids: Sequence[str], source: FeatureSource) -> Features:
+        """``features`` with the prior of ``source`` wherever alpha or beta is invalid; ``ids`` are aligned."""
+        alpha, beta = features.alpha, features.beta
+        # Comparisons with NaN are False: NaN fails `> 0`, and `< inf` catches the infinities.
+        bad = np.flatnonzero(~((alpha > 0) & (alpha < math.inf) & (beta > 0) & (beta < math.inf)))
+        if not len(bad):
+            return features
+        if not (alpha.flags.writeable and beta.flags.writeable):
+            alpha, beta = alpha.copy(), beta.copy()
+            features = features._replace(alpha=alpha, beta=beta)
+        first = int(bad[0])
+        example, bad_alpha, bad_beta = ids[first], float(alpha[first]), float(beta[first])
+        prior_alpha, prior_beta = source.prior
+        alpha[bad] = prior_alpha
+        beta[bad] = prior_beta
+        name = store_name(source)
+        self._by_source[name] = self._by_source.get(name, 0) + len(bad)
+        self._unlogged += len(bad)
+        now = self._clock()
+        if now - self._logged_at >= self.log_interval_s:
+            logger.warning(
+                "%d candidates ranked by the prior since the last report: the store held no valid Beta parameters "
+                "for them (finite and > 0); e.g. %r from %s: alpha=%r, beta=%r",
+                self._unlogged,
+                example,
+                name,
+                bad_alpha,
+                bad_beta,
+            )
+            self._unlogged = 0
+            self._logged_at = now
+        return features
+
+    def stats(self) -> InvalidParameters:
+        return InvalidParameters(dict(self._by_source))
+
+
+def store_name(source: object) -> str:
+    """The name of the store under ``source`` and the layers around it (a cache, metrics): where values come from."""
+    while getattr(source, "source", None) is not None:
+        source = source.source  # type: ignore[attr-defined]  # any wrapping layer keeps what it wraps here
+    return str(getattr(source, "name", type(source).__name__))

@@ -35,6 +35,9 @@ CLOUD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 #: back long before the channel noticed. Capped at 2 s, a worker is back within ~2 s of the store.
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
 
+#: The parameters of an entity whose stored values are no Beta parameters (``ParameterMapping``).
+INVALID = (math.nan, math.nan)
+
 #: A fan-out part: reads its share of the ids before the deadline (loop time) it is given.
 Part = Callable[[float], Awaitable[None]]
 
@@ -48,7 +51,8 @@ class ParameterMapping:
     ``beta``: the values are alpha and beta themselves (DOUBLE or INT64). ``counts``: they are clicks and
     impressions, and alpha = prior_alpha + clicks, beta = prior_beta + impressions - clicks. Empty values mean an
     unknown entity; values that give no valid parameters (not finite and > 0, clicks > impressions) are counted
-    in ``invalid`` and treated as unknown, so one bad row cannot fail a request.
+    in ``invalid`` and come back as ``INVALID`` (NaN): the entity is known, its values are not usable, and the
+    pipeline's ``ParameterCheck`` ranks it by the prior and counts it, as for every source.
     """
 
     def __init__(self, options: VertexOptions) -> None:
@@ -66,7 +70,7 @@ class ParameterMapping:
             impressions = second.int64_value or second.double_value
             if not 0 <= clicks <= impressions < math.inf:
                 self.invalid += 1
-                return None
+                return INVALID
             return self.prior_alpha + clicks, self.prior_beta + impressions - clicks
         a = first.double_value or first.int64_value
         b = second.double_value or second.int64_value
@@ -75,6 +79,7 @@ class ParameterMapping:
             return float(a), float(b)
         if first.ByteSize() or second.ByteSize():
             self.invalid += 1
+            return INVALID
         return None
 
     def decode_present(self, present: int, first: float, second: float) -> tuple[float, float] | None:
@@ -89,14 +94,15 @@ class ParameterMapping:
         elif present == 3 and 0 < first < math.inf and 0 < second < math.inf:
             return first, second
         self.invalid += 1
-        return None
+        return INVALID
 
     def decode_arrays(
         self, first: npt.NDArray[np.float64], second: npt.NDArray[np.float64], present: npt.NDArray[np.uint8]
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
         """``decode`` for many entities at once, from values already read as doubles (``_wire.decode_answer``):
         ``present`` has bit 1 where the first value exists and bit 2 where the second does. Returns alpha, beta and
-        which entries are valid; entries with some value but no valid parameters are counted in ``invalid``."""
+        which entries hold values; entries with some value but no valid parameters are NaN, counted in ``invalid``.
+        """
         some = present != 0
         if self.counts:
             clicks = np.where(present & 1, first, 0.0)
@@ -107,8 +113,11 @@ class ParameterMapping:
             alpha, beta = first, second
             # Comparisons with NaN are False (and raise no warning): NaN is invalid.
             valid = (present == 3) & (alpha > 0) & (beta > 0) & (alpha < math.inf) & (beta < math.inf)
-        self.invalid += int(np.count_nonzero(some & ~valid))
-        return alpha, beta, valid
+        bad = some & ~valid
+        if bad.any():
+            self.invalid += int(np.count_nonzero(bad))
+            alpha, beta = np.where(bad, math.nan, alpha), np.where(bad, math.nan, beta)
+        return alpha, beta, some
 
 
 # --- client construction ----------------------------------------------------------------------------------------
@@ -234,6 +243,10 @@ class StoreSource:
 
     def health(self) -> Health:
         return self.policy.health.status()
+
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.options.prior_alpha, self.options.prior_beta
 
     async def close(self) -> None:
         if self._prober is not None:

@@ -235,8 +235,8 @@ class FeatureViewSource(StoreSource):
         present: npt.NDArray[np.uint8],
     ) -> None:
         """Put one answer's decoded values (``_wire.decode_answer``) at their positions in ``out``."""
-        alpha, beta, valid = self.mapping.decode_arrays(a, b, present)
-        placed = positions[valid]
-        out.alpha[placed] = alpha[valid]
-        out.beta[placed] = beta[valid]
+        alpha, beta, held = self.mapping.decode_arrays(a, b, present)
+        placed = positions[held]
+        out.alpha[placed] = alpha[held]
+        out.beta[placed] = beta[held]
         out.found[placed] = True

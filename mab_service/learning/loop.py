@@ -39,6 +39,7 @@ from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.fleet import Fleet
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
+from mab_service.learning.posteriors import posterior
 from mab_service.learning.pubsub import SinkUnavailable
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
@@ -305,7 +306,7 @@ class Loop:
         alpha0, beta0, shown, got, _ = found
         if not self.apply_counts:
             return alpha0, beta0, shown, got
-        return alpha0 + got, beta0 + shown - got, shown, got
+        return *posterior(alpha0, beta0, shown, got), shown, got
 
     def top(self, n: int, order: str) -> tuple[list[dict[str, Any]], int]:
         """The ``n`` leading arms by ``order`` (mean, impressions or rewards) and how many arms the table holds."""
@@ -315,7 +316,7 @@ class Loop:
         shown = table["impressions"].astype(np.float64)
         got = table["rewards"]
         if self.apply_counts:
-            alpha, beta = table["alpha0"] + got, table["beta0"] + shown - got
+            alpha, beta = posterior(table["alpha0"], table["beta0"], shown, got)
         else:
             alpha, beta = table["alpha0"], table["beta0"]
         return leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order), len(rows)

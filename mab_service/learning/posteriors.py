@@ -1,14 +1,41 @@
 """The embedded posterior store as a feature source: the node's shared arm table, read by every worker.
 
 Its catalogue comes from the same CSV as ``features.local.LocalSource`` (or the bundled demo catalogue), loaded
-once per node by the node's owner; each read gives Beta(alpha0 + rewards, beta0 + impressions - rewards) as the
-loop has counted it, and the table's row of each id so that the loop counts impressions without a second lookup.
+once per node by the node's owner; each read gives Beta(alpha0 + rewards, beta0 + max(impressions - rewards, 0)) as
+the loop has counted it, and the table's row of each id so that the loop counts impressions without a second lookup.
+
+Every value that reaches the kernel from here is valid: alpha0 and beta0 are checked when the catalogue loads, counts
+are never negative, and a reward counted before (or without) its impression leaves beta at beta0 instead of pushing
+it to 0 or below (``ArmTable.gather`` computes it so; ``posterior`` is the same rule for the loop's other readers).
 """
 
 from __future__ import annotations
 
+from typing import Any, overload
+
+import numpy as np
+import numpy.typing as npt
+
 from mab_service.features.source import Features, Health
 from mab_service.learning._arms import ArmTable
+
+Floats = npt.NDArray[np.float64]
+
+
+@overload
+def posterior(alpha0: float, beta0: float, impressions: float, rewards: float) -> tuple[float, float]: ...
+@overload
+def posterior(alpha0: Floats, beta0: Floats, impressions: Floats, rewards: Floats) -> tuple[Floats, Floats]: ...
+def posterior(
+    alpha0: float | Floats, beta0: float | Floats, impressions: float | Floats, rewards: float | Floats
+) -> Any:
+    """An arm's posterior from its catalogue prior and counts, as ``ArmTable.gather`` gives it to the pipeline:
+    Beta(alpha0 + rewards, beta0 + max(impressions - rewards, 0))."""
+    alpha = alpha0 + rewards
+    beta = beta0 + np.maximum(np.subtract(impressions, rewards), 0.0)
+    if isinstance(alpha, np.ndarray):
+        return alpha, beta
+    return float(alpha), float(beta)
 
 
 class SharedArmsSource:
@@ -37,3 +64,7 @@ class SharedArmsSource:
     @property
     def size(self) -> int:
         return len(self.arms)
+
+    @property
+    def prior(self) -> tuple[float, float]:
+        return self.prior_alpha, self.prior_beta

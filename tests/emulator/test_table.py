@@ -31,3 +31,15 @@ def test_bad_tables_name_the_line(lines: list[str], message: str) -> None:
 def test_the_demo_catalogue_is_the_default() -> None:
     table = load_table(None)
     assert len(table.rows) == 2000 and table.features[:2] == ("alpha", "beta")
+
+
+def test_a_table_may_hold_values_that_are_no_parameters_when_asked(tmp_path) -> None:
+    lines = ["entity_id,alpha,beta", "a,nan,1", "b,inf,-inf", "c,0,-2"]
+    table = parse_table(lines, "t.csv", allow_non_finite=True)
+    assert str(table.rows["a"][0]) == "nan" and table.rows["b"] == (float("inf"), float("-inf"))
+    assert table.rows["c"] == (0.0, -2.0)  # 0 and negative values load either way
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(TableError, match="entity 'a': alpha is not finite"):
+        load_table(path)
+    assert load_table(path, allow_non_finite=True).rows["b"][1] == float("-inf")

@@ -19,6 +19,7 @@ import pytest
 from mab_service.emulator import Emulator, Faults, parse_table
 from mab_service.errors import FeatureSourceError, Overloaded
 from mab_service.features.options import VertexOptions
+from mab_service.features.source import ParameterCheck
 from mab_service.features.store import CHECK_ID, make_transport
 from mab_service.features.vertex import VertexSource
 from mab_service.features.vertex_fos import FeatureViewSource
@@ -105,12 +106,24 @@ async def test_counts_mapping_adds_clicks_and_misses_to_the_prior() -> None:
         assert features.known == 2
 
 
-async def test_invalid_stored_values_get_the_prior_and_are_counted() -> None:
-    rows = ["entity_id,alpha,beta", "ok,2.0,3.0", "zero,0.0,3.0", "negative,-1.0,3.0"]
-    async with emulator(rows=rows) as em, source(em) as src:
-        features = await src.fetch(["zero", "ok", "negative"])
-        np.testing.assert_array_equal(features.alpha, [1.0, 2.0, 1.0])
-        assert features.known == 1 and src.stats()["invalid_values"] == 2
+@pytest.mark.parametrize("cls", [VertexSource, FeatureViewSource], ids=["legacy", "fos"])
+async def test_invalid_stored_values_come_back_nan_for_the_check_and_are_counted(cls: type) -> None:
+    rows = ["entity_id,alpha,beta", "ok,2.0,3.0", "zero,0.0,3.0", "negative,-1.0,3.0", "nan,nan,3.0", "inf,2.0,inf"]
+    ids = ["zero", "ok", "negative", "nan", "inf", "nobody"]
+    em = Emulator(parse_table(rows, "table.csv", allow_non_finite=True), None, seed=7)
+    em.port = await em.start()  # type: ignore[attr-defined]
+    try:
+        async with source(em, cls, prior_alpha=5.0, prior_beta=6.0) as src:
+            features = await src.fetch(ids)
+            # The store holds rows for them (known), but no Beta parameters: NaN, for the pipeline's check.
+            np.testing.assert_array_equal(features.alpha, [np.nan, 2.0, np.nan, np.nan, np.nan, 5.0])
+            np.testing.assert_array_equal(features.beta, [np.nan, 3.0, np.nan, np.nan, np.nan, 6.0])
+            assert features.known == 5 and src.stats()["invalid_values"] == 4
+            checked = ParameterCheck().replace(features, ids, src)
+            np.testing.assert_array_equal(checked.alpha, [5.0, 2.0, 5.0, 5.0, 5.0, 5.0])
+            np.testing.assert_array_equal(checked.beta, [6.0, 3.0, 6.0, 6.0, 6.0, 6.0])
+    finally:
+        await em.stop(None)
 
 
 async def test_unavailable_is_retried_within_the_deadline() -> None:

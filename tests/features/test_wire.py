@@ -109,15 +109,16 @@ def test_positions_are_taken_from_the_waiting_keys() -> None:
 @pytest.mark.parametrize("mapping", ["beta", "counts"])
 def test_the_array_mapping_matches_the_per_entity_one(mapping: str) -> None:
     options = VertexOptions(mapping=mapping, prior_alpha=2.0, prior_beta=3.0)
-    first = np.array([1.0, 0.0, 5.0, math.nan, 4.0, 2.0, math.inf])
-    second = np.array([2.0, 3.0, 4.0, 1.0, 0.0, 9.0, 1.0])
-    present = np.array([3, 3, 3, 3, 3, 1, 3], dtype=np.uint8)
+    first = np.array([1.0, 0.0, 5.0, math.nan, 4.0, 2.0, math.inf, 0.0])
+    second = np.array([2.0, 3.0, 4.0, 1.0, 0.0, 9.0, 1.0, 0.0])
+    present = np.array([3, 3, 3, 3, 3, 1, 3, 0], dtype=np.uint8)
     vector = ParameterMapping(options)
-    alpha, beta, valid = vector.decode_arrays(first, second, present)
+    alpha, beta, held = vector.decode_arrays(first, second, present)
     scalar = ParameterMapping(options)
     for i in range(len(first)):
         expected = scalar.decode_present(int(present[i]), float(first[i]), float(second[i]))
-        assert bool(valid[i]) == (expected is not None), i
-        if expected is not None:
-            assert (alpha[i], beta[i]) == expected
+        assert bool(held[i]) == (expected is not None), i
+        if expected is not None:  # invalid values are NaN in both (assert_array_equal takes NaN as equal to NaN)
+            np.testing.assert_array_equal((alpha[i], beta[i]), expected)
     assert vector.invalid == scalar.invalid > 0
+    assert not held[-1]  # no value at all: an unknown entity

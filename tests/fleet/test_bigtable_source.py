@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features.bigtable import REWARD_SCALE, BigtableSource, Counts, TablePath, data_client
-from mab_service.features.source import Features
+from mab_service.features.source import Features, ParameterCheck
+from tests.conftest import Server
 from tests.fleet.conftest import Emulator
+from tests.test_bad_values import expected_answer, invalid_counted
 
 PRIOR = (2.0, 3.0)
 
@@ -29,6 +32,22 @@ async def add_counts(table: str, counts: dict[str, tuple[int, float]]) -> None:
                 [AddToCell("c", b"i", impressions, 0), AddToCell("c", b"r", round(rewards * REWARD_SCALE), 0)],
             )
             for id_, (impressions, rewards) in counts.items()
+        ]
+        await client.get_table(path.instance, path.table).bulk_mutate_rows(entries)
+    finally:
+        await client.close()
+
+
+async def set_cells(table: str, cells: dict[str, dict[bytes, bytes]]) -> None:
+    """Write counts cells' raw bytes (what a learner never writes: anything but an 8-byte int64)."""
+    from google.cloud.bigtable.data import RowMutationEntry, SetCell
+
+    path = TablePath.parse(table)
+    client = data_client(path.project)
+    try:
+        entries = [
+            RowMutationEntry(id_.encode(), [SetCell("c", qualifier, value) for qualifier, value in row.items()])
+            for id_, row in cells.items()
         ]
         await client.get_table(path.instance, path.table).bulk_mutate_rows(entries)
     finally:
@@ -133,3 +152,53 @@ def test_raw_reads_ask_again_for_what_a_broken_stream_did_not_answer(fleet_table
     np.testing.assert_array_equal(features.alpha, [2.5] * 50)
     np.testing.assert_array_equal(features.beta, [3.0 + i + 0.5 for i in range(50)])
     assert features.known == 50
+
+
+async def bad_counts(table: str) -> None:
+    """Rows no learner writes as they are, but a store can hold: rewards ahead of impressions (a reward counted before
+    the impressions of its answer), negative counts, and cells that are not 8 bytes."""
+    await add_counts(table, {"ahead": (2, 5.0), "ok": (10, 1.0), "negative": (-4, 0.0)})
+    await set_cells(table, {"short": {b"i": b"\x00\x01\x02\x03"}, "long": {b"r": bytes(9)}})
+    await add_counts(table, {"long": (6, 0.0)})  # a good impressions cell beside the bad rewards cell
+
+
+@READERS
+def test_counts_that_give_no_posterior_are_clamped_or_left_to_the_check(fleet_table: str, raw_reads: bool) -> None:
+    asyncio.run(bad_counts(fleet_table))
+    ids = ["ahead", "ok", "short", "negative", "long", "none"]
+
+    async def read() -> tuple[Features, dict[str, float]]:
+        source = BigtableSource(fleet_table, *PRIOR, raw_reads=raw_reads)
+        await source.start()
+        try:
+            return await source.fetch(ids), source.stats()
+        finally:
+            await source.close()
+
+    features, stats = asyncio.run(read())
+    # ahead: 5 rewards, 2 impressions -> rewards taken as 2, beta at the prior; negative impressions -> the prior.
+    # short, long: a cell that is not 8 bytes: NaN for the pipeline's check; the rest of the read keeps its counts.
+    nan = np.nan
+    np.testing.assert_array_equal(features.alpha, [2.0 + 2, 2.0 + 1, nan, 2.0, nan, 2.0])
+    np.testing.assert_array_equal(features.beta, [3.0, 3.0 + 9, nan, 3.0, nan, 3.0])
+    assert features.known == 5 and features.unread == 0 and stats["invalid_values"] == 2
+    checked = ParameterCheck().replace(features, ids, BigtableSource(fleet_table, *PRIOR))
+    np.testing.assert_array_equal(checked.alpha, [4.0, 3.0, 2.0, 2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(checked.beta, [3.0, 12.0, 3.0, 3.0, 3.0, 3.0])
+
+
+def test_predict_ranks_bad_counts_by_the_prior_and_counts_them(
+    fleet_table: str, server_factory: Callable[..., Server]
+) -> None:
+    asyncio.run(bad_counts(fleet_table))
+    env = {"MAB_PRIOR_ALPHA": str(PRIOR[0]), "MAB_PRIOR_BETA": str(PRIOR[1])}
+    server = server_factory(env=env, args=["--features", f"bigtable:{fleet_table}", "--no-learning"])
+    candidates = ["short", "ahead", "ok", "negative", "long", "none"]
+    want = expected_answer(candidates, {"ahead": (4.0, 3.0), "ok": (3.0, 12.0)}, 23)
+    with server.client() as http:
+        for n in (1, 2):  # the second from the cache (or read again after its 1 s): checked and counted again
+            answer = http.post("/predict", json={"user_id": "u", "candidates": candidates, "seed": 23})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["degraded"] is False  # a bad value is not a store failure
+            assert (answer.json()["ids"], answer.json()["scores"]) == want
+            assert invalid_counted(http, "bigtable") == 2 * n

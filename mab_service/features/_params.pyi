@@ -1,0 +1,3 @@
+import numpy.typing as npt
+
+def count_invalid(alpha: npt.ArrayLike, beta: npt.ArrayLike) -> int: ...
