@@ -19,6 +19,7 @@ from starlette.routing import Route
 from mab_service import dashboard, metrics, pipeline, schemas
 from mab_service.config import Settings
 from mab_service.errors import LearningOff, ValidationFailed
+from mab_service.features.source import count_invalid
 from mab_service.learning.loop import Loop
 from mab_service.responses import OrjsonResponse
 from mab_service.state import AppState
@@ -145,6 +146,8 @@ async def arm(request: Request) -> OrjsonResponse:
             )
         shown, got = (0, 0.0) if found is None else (found[2], found[3])
         alpha, beta = float(features.alpha[0]), float(features.beta[0])
+        if count_invalid(features.alpha, features.beta):  # what /predict ranks it by: the prior
+            alpha, beta = state["source"].prior
     else:
         alpha, beta, shown, got = found
     return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})

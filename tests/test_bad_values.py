@@ -208,3 +208,6 @@ def test_vertex_values_that_are_no_parameters_are_ranked_by_the_prior(
             assert (answer.json()["ids"], answer.json()["scores"]) == want
             assert invalid_counted(http, source) == n * len(BAD)
         assert http.get("/health").status_code == 200
+        for arm_id in BAD:  # /arms reports what /predict ranks it by
+            arm = http.get(f"/arms/{arm_id}").json()
+            assert (arm["alpha"], arm["beta"]) == PRIOR, arm
