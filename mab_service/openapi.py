@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from mab_service import __version__
+from mab_service.ids import EVENT_ID_PATTERN, ID_PATTERN, ID_RULE, MAX_ID_BYTES, MIN_ID_BYTES
+
+#: An id (candidate, reward id) by the id rule: JSON Schema counts characters, so maxLength is the byte limit (a
+#: character is at least one byte) and the description states the rule in bytes; the pattern excludes controls.
+_ID = {
+    "type": "string",
+    "minLength": MIN_ID_BYTES,
+    "maxLength": MAX_ID_BYTES,
+    "pattern": ID_PATTERN,
+}
+_EVENT_ID = {"type": "string", "pattern": EVENT_ID_PATTERN}
 
 _ERROR = {
     "type": "object",
@@ -273,7 +284,7 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         "user_id": {"type": "string", "maxLength": 1024},
                         "candidates": {
                             "type": "array",
-                            "items": {"type": "string"},
+                            "items": {**_ID, "description": f"An id: {ID_RULE}."},
                             "minItems": 1,
                             "maxItems": max_candidates,
                             "description": "Candidate ids; duplicates are ranked once (first occurrence).",
@@ -294,7 +305,7 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         },
                         "event_id": {
                             "type": ["string", "null"],
-                            "pattern": "^[A-Za-z0-9._:-]{1,128}$",
+                            "pattern": EVENT_ID_PATTERN,
                             "description": "The client's own event id for this answer (409 while one with that id "
                             "is held); absent or null, the service makes one.",
                         },
@@ -304,12 +315,8 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                     "type": "object",
                     "required": ["event_id", "id"],
                     "properties": {
-                        "event_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                        "id": {
-                            "type": "string",
-                            "maxLength": 4096,
-                            "description": "An id the event's answer returned.",
-                        },
+                        "event_id": _EVENT_ID,
+                        "id": {**_ID, "description": f"An id the event's answer returned: {ID_RULE}."},
                         "reward": {"type": "number", "minimum": 0, "maximum": 1, "default": 1},
                     },
                 },

@@ -378,6 +378,22 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
     return kIdOk;
 }
 
+std::size_t first_bad_id(const IdRef* ids, std::size_t n, std::size_t max_bytes) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+        const IdRef id = ids[i];
+        if (id.size == 0 || id.size > max_bytes) return i;
+        // No early exit inside an id: the loop then has no branch and the compiler vectorises it.
+        const auto* p = reinterpret_cast<const unsigned char*>(id.data);
+        unsigned bad = 0;
+        for (std::size_t j = 0; j < id.size; ++j) {
+            const unsigned c = p[j];
+            bad |= static_cast<unsigned>(c < 0x20u) | static_cast<unsigned>(c == 0x7Fu);
+        }
+        if (bad != 0) return i;
+    }
+    return n;
+}
+
 uint64_t hash_id(IdRef id) noexcept { return hash_bytes(id.data, id.size, process_secret()); }
 
 void draw_hash_key(uint64_t key[kHashKeyWords]) noexcept { fill_key(key); }
