@@ -389,8 +389,11 @@ def test_unique_rejects_non_strings_naming_the_first_one() -> None:
 @pytest.mark.parametrize(
     ("ids", "message"),
     [
-        (["a", "b", "c", ""], r"^candidates\[3\] must be 1 to 1024 bytes of UTF-8 without control characters "
-         r"\(got an empty string\)$"),
+        (
+            ["a", "b", "c", ""],
+            r"^candidates\[3\] must be 1 to 1024 bytes of UTF-8 without control characters "
+            r"\(got an empty string\)$",
+        ),
         (["a", "x" * (MAX_ID_BYTES + 1)], r"^candidates\[1\] .* \(got 1025 bytes\)$"),
         # 342 three-byte characters: 1,026 bytes in 342 characters; the rule counts bytes.
         (["日" * 342], r"^candidates\[0\] .* \(got 1026 bytes\)$"),
@@ -403,6 +406,19 @@ def test_unique_rejects_non_strings_naming_the_first_one() -> None:
 def test_unique_applies_the_id_rule(ids: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         unique(ids)
+
+
+def test_unique_finds_a_control_byte_at_every_position() -> None:
+    # Ids of 1 to 20 bytes cover the byte loop (< 8 bytes) and the word loop with and without an overlapping tail.
+    for size in range(1, 21):
+        for at in range(size):
+            for byte in range(0x80):
+                text = "a" * at + chr(byte) + "a" * (size - at - 1)
+                if byte < 0x20 or byte == 0x7F:
+                    with pytest.raises(ValueError, match=r"control character"):
+                        unique(["ok", text])
+                else:
+                    assert unique(["ok", text]) == ["ok", text] or text == "ok"
 
 
 def test_unique_takes_ids_at_the_rule_limits() -> None:
