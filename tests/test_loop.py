@@ -4,7 +4,9 @@ that change the next answers, durability across kill -9, two workers, replay, an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import signal
 import subprocess
 import time
@@ -132,15 +134,15 @@ def test_a_client_event_id_is_refused_while_held(loop_server: Server) -> None:
         assert _reward(c, "client:evt-1.A_b", answer["ids"][0]).status_code == 202  # type: ignore[index]
 
 
-def test_a_client_taking_the_next_generated_id_does_not_break_answers(loop_server: Server) -> None:
+def test_event_ids_are_unguessable(loop_server: Server) -> None:
+    # 128 random bits each: no shared prefix, no counter; consecutive ids differ in about half their bits.
     with loop_server.client() as c:
-        made = str(_predict(c, ["x"])["event_id"])
-        prefix, counter = made[:12], int(made[12:], 16)
-        taken = [f"{prefix}{counter + i:x}" for i in range(1, 4)]
-        for event_id in taken:  # a client claims the ids this worker would make next
-            assert _predict(c, ["x"], event_id=event_id)["event_id"] == event_id
-        following = _predict(c, ["x", "y"])
-        assert following["event_id"] not in taken and following["event_id"] != made
+        made = [str(_predict(c, ["x"])["event_id"]) for _ in range(40)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", event_id) for event_id in made), made
+    assert len({event_id[:6] for event_id in made}) > 30
+    for before, after in itertools.pairwise(made):
+        # Binomial(128, 1/2) has a standard deviation of 5.7: outside [24, 104] is beyond 7 of them.
+        assert 24 <= (int(before, 16) ^ int(after, 16)).bit_count() <= 104
 
 
 def test_rewards_change_the_next_answers(loop_server: Server) -> None:

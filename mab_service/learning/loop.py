@@ -19,7 +19,6 @@ learners count them for every replica (``learning.fleet``); the node's tables ho
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import random
 import secrets
@@ -82,9 +81,6 @@ class Loop:
         self.prior_alpha = settings.prior_alpha
         self.prior_beta = settings.prior_beta
         self.window_s = settings.reward_window_s
-        # Event ids: a random prefix per process and a counter; unique across workers and restarts, 14-20 chars.
-        self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
         self._seeds = random.Random(secrets.randbits(64))
         name = f"{time.time_ns():x}-{os.getpid()}"
         self.journal = Journal(
@@ -126,11 +122,37 @@ class Loop:
         if self.decisions is not None:
             await asyncio.to_thread(self.decisions.close)
 
-    def new_event_id(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+    @staticmethod
+    def new_event_id() -> str:
+        """A fresh event id: 128 bits from the OS in hex (32 characters of the event id rule), about 0.5 us.
+
+        Random, not a counter: an id says nothing of the ids before or after it, so a client cannot guess another
+        client's event and reward it. Unique across workers, replicas and restarts with odds of 2**-64 at 2**32
+        ids; a hold of an id still held is refused anyway, and the loop then draws another.
+        """
+        return os.urandom(16).hex()
 
     def new_seed(self) -> int:
         return self._seeds.getrandbits(64)
+
+    async def claim(self, event_id: str, ids: list[str]) -> None:
+        """Take a client's own event id before its answer is recorded (``answered`` with ``client_event_id``).
+
+        On a node the ring decides in ``answered``, atomically across its workers, and this does nothing. In fleet
+        mode the id must be free on every replica: one CheckAndMutateRow on the event's membership row, which it
+        writes (``Fleet.claim``).
+
+        Raises:
+            EventIdInUse: In fleet mode, the id is taken on some replica.
+            SinkUnavailable, BigtableUnavailable: In fleet mode, the event could not be kept or Bigtable not asked.
+        """
+        fleet = self.fleet
+        if fleet is None:
+            return
+        fleet.check()  # before the claim: a refusal after it would leave the id taken by an answer never sent
+        if not await fleet.claim(event_id, ids, time.time()):
+            self.refusals.event_id_in_use += 1
+            raise EventIdInUse(f"event_id {event_id!r} is taken by an earlier answer; send a new one", field="event_id")
 
     def answered(
         self,
@@ -149,6 +171,8 @@ class Loop:
     ) -> str:
         """Record an answer about to be sent: its event, its impressions, its decision; return the event id.
 
+        A client's own event id (``client_event_id``) must have been through ``claim`` first.
+
         Raises:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
             SinkUnavailable: In fleet mode, the event could not be kept (Pub/Sub or Bigtable away too long).
@@ -161,10 +185,11 @@ class Loop:
             if client_event_id:
                 self.refusals.event_id_in_use += 1
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
-            # A client sent, as its own, the id this worker was about to make (they are predictable): take the next.
+            # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
         if fleet is not None:
-            fleet.event(event_id, ids, now)  # Pub/Sub and Bigtable keep it; the learners count it
+            # Pub/Sub and Bigtable keep it; the learners count it. A client's own id wrote its row in ``claim``.
+            fleet.event(event_id, ids, now, claimed=client_event_id)
         else:
             if rows is None:
                 rows = np.full(len(candidates), -1, dtype=np.int32)
