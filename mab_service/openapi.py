@@ -83,8 +83,17 @@ def openapi_document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]
                         ),
                         "413": _error(f"The body is larger than {max_body_bytes} bytes."),
                         "415": _error("The content type is not application/json."),
-                        "409": _error("The client's event_id is still held by an earlier answer (event_id_in_use)."),
+                        "409": _error(
+                            "The client's event_id is still held by an earlier answer (event_id_in_use); in fleet "
+                            "mode, held on any replica."
+                        ),
                         "422": _error("The JSON does not match PredictRequest."),
+                        "429": {
+                            "description": "The client holds its share of the node's held events (too_many_events, "
+                            "max_client_share); nothing was held or counted: retry after Retry-After seconds.",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                        },
                         "431": _HEADERS_TOO_LARGE,
                         "503": {
                             "description": "The feature source failed (feature_source_unavailable), the worker "

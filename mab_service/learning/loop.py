@@ -19,6 +19,7 @@ learners count them for every replica (``learning.fleet``); the node's tables ho
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import secrets
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mab_service.clients import CLIENT
 from mab_service.config import Settings
-from mab_service.errors import MabError
+from mab_service.errors import MabError, Overloaded
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.fleet import Fleet
@@ -60,6 +62,96 @@ class EventIdInUse(MabError):
     code = "event_id_in_use"
 
 
+class TooManyEvents(Overloaded):
+    """The client holds its share of the node's held events (``max_client_share``); nothing of the answer was held
+    or counted. An ``Overloaded`` so that the answer carries Retry-After: when enough of its holds expire."""
+
+    status_code = 429
+    code = "too_many_events"
+
+
+class FairHolding:
+    """What each client holds in the node's event ring through this worker, within the reward window, and its budget.
+
+    A client (``clients.CLIENT``; ``""`` outside a request, where all are one) may hold at most ``max_events`` events
+    and ``max_members`` members: its share of the ring, divided among the workers. Holds are counted in one-second
+    buckets per client (a deque of ``[second, events, members]``), so an answer costs a dict lookup, a look at the
+    deque's ends and an addition. A bucket is let go one second after its last event may leave the window: the count
+    errs on the side of holding longer, never shorter.
+    """
+
+    def __init__(self, max_events: int, max_members: int, window_s: float) -> None:
+        self.max_events = max_events
+        self.max_members = max_members
+        self.window_s = window_s
+        self.refused = 0
+        # client -> [buckets, events, members]
+        self._clients: dict[str, list[Any]] = {}
+        self._sweep_s = min(60.0, window_s / 4)
+        self._next_sweep = 0.0
+
+    def admit(self, client: str, n: int, now: float) -> list[Any]:
+        """The client's holds, if one more event of ``n`` members fits its budget; pass them to ``add`` once held.
+
+        Raises:
+            TooManyEvents: It does not fit; Retry-After is when enough of the client's holds will have expired.
+        """
+        if now >= self._next_sweep:
+            self._sweep(now)
+        holds = self._clients.get(client)
+        if holds is None:
+            holds = self._clients[client] = [deque(), 0, 0]
+            return holds
+        buckets: deque[list[float]] = holds[0]
+        horizon = now - self.window_s - 1.0
+        while buckets and buckets[0][0] < horizon:
+            _, events, members = buckets.popleft()
+            holds[1] -= events
+            holds[2] -= members
+        if holds[1] + 1 <= self.max_events and holds[2] + n <= self.max_members:
+            return holds
+        self.refused += 1
+        raise TooManyEvents(
+            f"this client holds {holds[1]} events of {holds[2]} ids within the reward window, its share of the "
+            f"node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
+            "nothing more until some of them expire",
+            retry_after_s=self._retry_after_s(holds, n, now),
+        )
+
+    def add(self, holds: list[Any], n: int, now: float) -> None:
+        """Count one held event of ``n`` members for the client of ``holds``."""
+        buckets: deque[list[float]] = holds[0]
+        second = math.floor(now)
+        if buckets and buckets[-1][0] == second:
+            bucket = buckets[-1]
+            bucket[1] += 1
+            bucket[2] += n
+        else:
+            buckets.append([second, 1, n])
+        holds[1] += 1
+        holds[2] += n
+
+    def _retry_after_s(self, holds: list[Any], n: int, now: float) -> int:
+        events, members = holds[1], holds[2]
+        for second, freed_events, freed_members in holds[0]:
+            events -= freed_events
+            members -= freed_members
+            if events + 1 <= self.max_events and members + n <= self.max_members:
+                return max(1, math.ceil(second + 1.0 + self.window_s - now))
+        return max(1, math.ceil(self.window_s))  # more ids than the whole budget: never (the window, to say so)
+
+    def _sweep(self, now: float) -> None:
+        """Let go of clients whose holds have all expired, so that clients that leave cost no memory."""
+        self._next_sweep = now + self._sweep_s
+        horizon = now - self.window_s - 1.0
+        for client in [c for c, holds in self._clients.items() if not holds[0] or holds[0][-1][0] < horizon]:
+            del self._clients[client]
+
+    def clients(self) -> int:
+        """Clients with holds counted (some may have expired since the last sweep)."""
+        return len(self._clients)
+
+
 @dataclass
 class Refusals:
     duplicate: int = 0
@@ -67,6 +159,7 @@ class Refusals:
     not_in_event: int = 0
     unavailable: int = 0
     event_id_in_use: int = 0
+    too_many_events: int = 0
 
 
 class Loop:
@@ -81,6 +174,14 @@ class Loop:
         self.prior_alpha = settings.prior_alpha
         self.prior_beta = settings.prior_beta
         self.window_s = settings.reward_window_s
+        self.max_held_ids = settings.max_held_ids
+        # The client share of the ring, counted per worker: each worker sees about 1/workers of a client's answers.
+        share = settings.max_client_share / settings.workers
+        self.holding = FairHolding(
+            max(1, int(settings.max_held_events * share)),
+            max(1, int(settings.max_held_members * share)),
+            settings.reward_window_s,
+        )
         self._seeds = random.Random(secrets.randbits(64))
         name = f"{time.time_ns():x}-{os.getpid()}"
         self.journal = Journal(
@@ -149,8 +250,12 @@ class Loop:
         fleet = self.fleet
         if fleet is None:
             return
-        fleet.check()  # before the claim: a refusal after it would leave the id taken by an answer never sent
-        if not await fleet.claim(event_id, ids, time.time()):
+        # Before the claim, what answered would refuse: a refusal after it would leave the id taken for nothing.
+        fleet.check()
+        held_ids = ids[: self.max_held_ids]
+        now = time.time()
+        self._admit(len(held_ids), now)
+        if not await fleet.claim(event_id, held_ids, now):
             self.refusals.event_id_in_use += 1
             raise EventIdInUse(f"event_id {event_id!r} is taken by an earlier answer; send a new one", field="event_id")
 
@@ -181,24 +286,29 @@ class Loop:
         if fleet is not None:
             fleet.check()
         now = time.time()
-        while not self.events.hold(event_id, candidates, ranking, now):
+        # Only the first max_held_ids ids are held: impressions and rewardable. The rest are returned, not counted.
+        cap = self.max_held_ids
+        held, held_ids = (ranking, ids) if len(ids) <= cap else (ranking[:cap], ids[:cap])
+        holds = self._admit(len(held_ids), now)
+        while not self.events.hold(event_id, candidates, held, now):
             if client_event_id:
                 self.refusals.event_id_in_use += 1
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
             # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
+        self.holding.add(holds, len(held_ids), now)
         if fleet is not None:
             # Pub/Sub and Bigtable keep it; the learners count it. A client's own id wrote its row in ``claim``.
-            fleet.event(event_id, ids, now, claimed=client_event_id)
+            fleet.event(event_id, held_ids, now, claimed=client_event_id)
         else:
             if rows is None:
                 rows = np.full(len(candidates), -1, dtype=np.int32)
             self.impressions_unrecorded += self.arms.add_impressions(
-                candidates, rows, ranking, self.prior_alpha, self.prior_beta
+                candidates, rows, held, self.prior_alpha, self.prior_beta
             )
-            self.journal.event(now, event_id, ids)
-        self.impressions += len(ids)
-        self._bucket(now)[1] += len(ids)
+            self.journal.event(now, event_id, held_ids)
+        self.impressions += len(held_ids)
+        self._bucket(now)[1] += len(held_ids)
         if self.decisions is not None:
             self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
         return event_id
@@ -302,6 +412,14 @@ class Loop:
         self._accepted(counted, now)
         return outcomes
 
+    def _admit(self, n: int, now: float) -> list[Any]:
+        """The holds of this request's client, if an event of ``n`` ids fits its budget (``FairHolding.admit``)."""
+        try:
+            return self.holding.admit(CLIENT.get(), n, now)
+        except TooManyEvents:
+            self.refusals.too_many_events += 1
+            raise
+
     def _accepted(self, accepted: list[tuple[str, str, float]], now: float) -> None:
         total = sum(value for _, _, value in accepted)
         self.rewards_accepted += len(accepted)
@@ -319,7 +437,11 @@ class Loop:
 
     def _not_in_event(self, event_id: str, arm_id: str) -> NotInEvent:
         self.refusals.not_in_event += 1
-        return NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id")
+        return NotInEvent(
+            f"id {arm_id!r} is not among the held ids of event {event_id!r}: not returned by it, or ranked below "
+            f"its first {self.max_held_ids} ids, which alone are held (max_held_ids)",
+            field="id",
+        )
 
     def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
@@ -372,7 +494,9 @@ class Loop:
                 "not_in_event": self.refusals.not_in_event,
                 "unavailable": self.refusals.unavailable,
                 "event_id_in_use": self.refusals.event_id_in_use,
+                "too_many_events": self.refusals.too_many_events,
             },
+            "clients_holding": self.holding.clients(),
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "journal": {
                 "error": self.journal.error,
