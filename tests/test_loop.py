@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -259,6 +260,46 @@ def test_ids_ranked_below_max_held_ids_are_returned_not_held(tmp_path: Path) -> 
                 await loop.close()
 
     asyncio.run(run())
+
+
+_KILLED_WORKER = """
+import mmap, sys, time
+from mab_service.learning._events import ACCEPTED, EventRing
+with open(sys.argv[1], "r+b") as f:
+    ring = EventRing.attach(mmap.mmap(f.fileno(), 0))
+assert ring.reward(sys.argv[2], "k-0", time.time()) == ACCEPTED
+print("marked", flush=True)
+time.sleep(60)  # killed here: after the mark, before its journal has the reward
+"""
+
+
+def test_a_reward_whose_worker_was_killed_after_marking_is_counted_when_sent_again(tmp_path: Path) -> None:
+    settings = _holding_settings(tmp_path)
+
+    async def run() -> None:
+        with node.using(settings) as current:
+            loop = Loop(current, settings, apply_counts=True)
+            await loop.start()
+            try:
+                event_id = _answer(loop, current, ["k-0", "k-1"])
+                worker = subprocess.Popen(
+                    [sys.executable, "-c", _KILLED_WORKER, current.handle.events_path, event_id],
+                    stdout=subprocess.PIPE,
+                )
+                assert worker.stdout is not None and worker.stdout.readline() == b"marked\n"
+                assert await loop.reward(event_id, "k-0", 1.0) is False  # its worker lives: a duplicate, as before
+                worker.kill()
+                worker.wait()
+                worker.stdout.close()
+                assert await loop.reward(event_id, "k-0", 1.0) is True  # 202: its worker died, nothing recorded it
+                assert await loop.reward(event_id, "k-0", 1.0) is False
+                assert current.arms.get("k-0")[2:4] == (1, 1.0)  # type: ignore[index]
+            finally:
+                await loop.close()
+
+    asyncio.run(run())
+    with node.using(settings) as again:  # the journal has it once
+        assert again.arms.get("k-0")[2:4] == (1, 1.0)  # type: ignore[index]
 
 
 def test_rewards_change_the_next_answers(loop_server: Server) -> None:

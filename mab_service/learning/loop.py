@@ -7,7 +7,8 @@ the event to this worker's journal and the decision to its decision log. None of
 ``reward`` checks a reward against the held event (unknown, not returned by it, already rewarded) with one
 compare-exchange in shared memory, writes it to the journal, waits for the group commit and then adds it to the
 arm's counts: the caller answers 202 only once the reward is on disk. If the disk refuses, the event's mark is taken
-back and the caller answers 503, so a retry can be accepted later.
+back and the caller answers 503, so a retry can be accepted later. The mark is pending in this process's name until
+the journal has the reward; if the process dies in between, a retry takes the mark over and is counted.
 
 The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rewards), read by the arm table's
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
@@ -362,6 +363,10 @@ class Loop:
                 self.events.unmark(event_id, arm_id)
             refusals.unavailable += len(accepted)
             raise
+        # Durable: the marks, pending in this process's name until now, become final. Had this process died before
+        # the journal had them, a reward sent again would have taken them over.
+        for event_id, arm_id, _ in accepted:
+            self.events.confirm(event_id, arm_id)
         # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
         # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
         for _, arm_id, value in accepted:
