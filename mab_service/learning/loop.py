@@ -71,27 +71,35 @@ class TooManyEvents(Overloaded):
     code = "too_many_events"
 
 
+class ClientHolds:
+    """One client's holds through this worker: ``[second, events, members]`` buckets, oldest first, and their sums."""
+
+    __slots__ = ("buckets", "events", "members")
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[float]] = deque()
+        self.events = 0
+        self.members = 0
+
+
 class FairHolding:
     """What each client holds in the node's event ring through this worker, within the reward window, and its budget.
 
     A client (``clients.CLIENT``; ``""`` outside a request, where all are one) may hold at most ``max_events`` events
     and ``max_members`` members: its share of the ring, divided among the workers. Holds are counted in one-second
-    buckets per client (a deque of ``[second, events, members]``), so an answer costs a dict lookup, a look at the
-    deque's ends and an addition. A bucket is let go one second after its last event may leave the window: the count
-    errs on the side of holding longer, never shorter.
+    buckets per client, so an answer costs a dict lookup, a look at the deque's ends and an addition. A bucket is let
+    go one second after its last event may have left the window: the count errs on the side of holding longer.
     """
 
     def __init__(self, max_events: int, max_members: int, window_s: float) -> None:
         self.max_events = max_events
         self.max_members = max_members
         self.window_s = window_s
-        self.refused = 0
-        # client -> [buckets, events, members]
-        self._clients: dict[str, list[Any]] = {}
+        self._clients: dict[str, ClientHolds] = {}
         self._sweep_s = min(60.0, window_s / 4)
         self._next_sweep = 0.0
 
-    def admit(self, client: str, n: int, now: float) -> list[Any]:
+    def admit(self, client: str, n: int, now: float) -> ClientHolds:
         """The client's holds, if one more event of ``n`` members fits its budget; pass them to ``add`` once held.
 
         Raises:
@@ -101,27 +109,26 @@ class FairHolding:
             self._sweep(now)
         holds = self._clients.get(client)
         if holds is None:
-            holds = self._clients[client] = [deque(), 0, 0]
+            holds = self._clients[client] = ClientHolds()
             return holds
-        buckets: deque[list[float]] = holds[0]
+        buckets = holds.buckets
         horizon = now - self.window_s - 1.0
         while buckets and buckets[0][0] < horizon:
             _, events, members = buckets.popleft()
-            holds[1] -= events
-            holds[2] -= members
-        if holds[1] + 1 <= self.max_events and holds[2] + n <= self.max_members:
+            holds.events -= int(events)
+            holds.members -= int(members)
+        if holds.events + 1 <= self.max_events and holds.members + n <= self.max_members:
             return holds
-        self.refused += 1
         raise TooManyEvents(
-            f"this client holds {holds[1]} events of {holds[2]} ids within the reward window, its share of the "
-            f"node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
+            f"this client holds {holds.events} events of {holds.members} ids within the reward window, its share of "
+            f"the node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
             "nothing more until some of them expire",
             retry_after_s=self._retry_after_s(holds, n, now),
         )
 
-    def add(self, holds: list[Any], n: int, now: float) -> None:
+    def add(self, holds: ClientHolds, n: int, now: float) -> None:
         """Count one held event of ``n`` members for the client of ``holds``."""
-        buckets: deque[list[float]] = holds[0]
+        buckets = holds.buckets
         second = math.floor(now)
         if buckets and buckets[-1][0] == second:
             bucket = buckets[-1]
@@ -129,14 +136,14 @@ class FairHolding:
             bucket[2] += n
         else:
             buckets.append([second, 1, n])
-        holds[1] += 1
-        holds[2] += n
+        holds.events += 1
+        holds.members += n
 
-    def _retry_after_s(self, holds: list[Any], n: int, now: float) -> int:
-        events, members = holds[1], holds[2]
-        for second, freed_events, freed_members in holds[0]:
-            events -= freed_events
-            members -= freed_members
+    def _retry_after_s(self, holds: ClientHolds, n: int, now: float) -> int:
+        events, members = holds.events, holds.members
+        for second, freed_events, freed_members in holds.buckets:
+            events -= int(freed_events)
+            members -= int(freed_members)
             if events + 1 <= self.max_events and members + n <= self.max_members:
                 return max(1, math.ceil(second + 1.0 + self.window_s - now))
         return max(1, math.ceil(self.window_s))  # more ids than the whole budget: never (the window, to say so)
@@ -145,7 +152,7 @@ class FairHolding:
         """Let go of clients whose holds have all expired, so that clients that leave cost no memory."""
         self._next_sweep = now + self._sweep_s
         horizon = now - self.window_s - 1.0
-        for client in [c for c, holds in self._clients.items() if not holds[0] or holds[0][-1][0] < horizon]:
+        for client in [c for c, h in self._clients.items() if not h.buckets or h.buckets[-1][0] < horizon]:
             del self._clients[client]
 
     def clients(self) -> int:
@@ -417,7 +424,7 @@ class Loop:
         self._accepted(counted, now)
         return outcomes
 
-    def _admit(self, n: int, now: float) -> list[Any]:
+    def _admit(self, n: int, now: float) -> ClientHolds:
         """The holds of this request's client, if an event of ``n`` ids fits its budget (``FairHolding.admit``)."""
         try:
             return self.holding.admit(CLIENT.get(), n, now)
