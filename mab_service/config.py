@@ -33,6 +33,7 @@ PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 LOOP_SIZES = (
     "max_held_events",
     "max_held_members",
+    "max_held_ids",
     "max_new_arms",
     "journal_segment_bytes",
     "journal_buffer_max_bytes",
@@ -204,6 +205,17 @@ class Settings:
         "Most returned ids held over all held events (the oldest events go first when it is full), 16 bytes each of "
         "shared memory taken at start. The defaults take ~264 MB.",
     )
+    max_held_ids: int = setting(
+        1000,
+        "Ids held per answer: an answer's first (best-ranked) ids up to this many are its impressions and may be "
+        "rewarded; ids ranked below are returned but neither counted nor rewardable (``422 not_in_event``).",
+    )
+    max_client_share: float = setting(
+        0.25,
+        "Share of ``max_held_events`` and of ``max_held_members`` one client may hold within the reward window (each "
+        "worker its part); past it its answers are ``429 too_many_events`` with Retry-After (docs/learning.md, "
+        '"Fair holding").',
+    )
     max_new_arms: int = setting(
         1_000_000,
         "Room for arms first seen at run time (not in the catalogue) in the node's arm table.",
@@ -361,6 +373,8 @@ class Settings:
         for name in ("reward_window_s", "impressions_sync_s", "checkpoint_interval_s"):
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        share = self.max_client_share
+        _check(share, math.isfinite(share) and 0 < share <= 1, "max_client_share", "a number in (0, 1]")
         delay = self.commit_delay_s
         _check(delay, math.isfinite(delay) and 0 <= delay <= 1, "commit_delay_s", "a number in [0, 1]")
         for name in LOOP_SIZES:

@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from mab_service import __version__
+from mab_service.ids import EVENT_ID_PATTERN, ID_PATTERN, ID_RULE, MAX_ID_BYTES, MIN_ID_BYTES
 from mab_service.routes import PROBES
+
+#: An id (candidate, reward id) by the id rule: JSON Schema counts characters, so maxLength is the byte limit (a
+#: character is at least one byte) and the description states the rule in bytes; the pattern excludes controls.
+_ID = {
+    "type": "string",
+    "minLength": MIN_ID_BYTES,
+    "maxLength": MAX_ID_BYTES,
+    "pattern": ID_PATTERN,
+}
+_EVENT_ID = {"type": "string", "pattern": EVENT_ID_PATTERN}
 
 _ERROR = {
     "type": "object",
@@ -105,8 +116,17 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         ),
                         "413": _error(f"The body is larger than {max_body_bytes} bytes."),
                         "415": _error("The content type is not application/json."),
-                        "409": _error("The client's event_id is still held by an earlier answer (event_id_in_use)."),
+                        "409": _error(
+                            "The client's event_id is still held by an earlier answer (event_id_in_use); in fleet "
+                            "mode, held on any replica."
+                        ),
                         "422": _error("The JSON does not match PredictRequest."),
+                        "429": {
+                            "description": "The client holds its share of the node's held events (too_many_events, "
+                            "max_client_share); nothing was held or counted: retry after Retry-After seconds.",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                        },
                         "431": _HEADERS_TOO_LARGE,
                         "503": {
                             "description": "The feature source failed (feature_source_unavailable), the worker "
@@ -306,7 +326,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         "user_id": {"type": "string", "maxLength": 1024},
                         "candidates": {
                             "type": "array",
-                            "items": {"type": "string"},
+                            "items": {**_ID, "description": f"An id: {ID_RULE}."},
                             "minItems": 1,
                             "maxItems": max_candidates,
                             "description": "Candidate ids; duplicates are ranked once (first occurrence).",
@@ -327,7 +347,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         },
                         "event_id": {
                             "type": ["string", "null"],
-                            "pattern": "^[A-Za-z0-9._:-]{1,128}$",
+                            "pattern": EVENT_ID_PATTERN,
                             "description": "The client's own event id for this answer (409 while one with that id "
                             "is held); absent or null, the service makes one.",
                         },
@@ -337,12 +357,8 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                     "type": "object",
                     "required": ["event_id", "id"],
                     "properties": {
-                        "event_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                        "id": {
-                            "type": "string",
-                            "maxLength": 4096,
-                            "description": "An id the event's answer returned.",
-                        },
+                        "event_id": _EVENT_ID,
+                        "id": {**_ID, "description": f"An id the event's answer returned: {ID_RULE}."},
                         "reward": {"type": "number", "minimum": 0, "maximum": 1, "default": 1},
                     },
                 },

@@ -46,6 +46,8 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
     event_id = None
     if loop is not None:
+        if query.event_id is not None:
+            await loop.claim(query.event_id, result.ids)
         features = result.features
         event_id = loop.answered(
             query.event_id or loop.new_event_id(),

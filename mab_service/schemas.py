@@ -1,13 +1,12 @@
 """The /predict request and answer: decoding, validation, encoding.
 
-Validation is a handful of type checks on the decoded object; the per-candidate work (type check and
-duplicate removal) runs in C (``features._index.unique``). Duplicate candidates are dropped, keeping the
-first occurrence: each id is ranked once, so an answer never lists an id twice.
+Validation is a handful of type checks on the decoded object; the per-candidate work (type check, the id rule of
+``mab_service.ids`` and duplicate removal) runs in C (``features._index.unique``). Duplicate candidates are dropped,
+keeping the first occurrence: each id is ranked once, so an answer never lists an id twice.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +16,13 @@ import orjson
 
 from mab_service.errors import MalformedBody, ValidationFailed
 from mab_service.features._index import unique
+from mab_service.ids import EVENT_ID, EVENT_ID_RULE, id_message, id_problem
 
 MAX_SEED = 2**64
 MAX_USER_ID_CHARS = 1024
 #: Floats up to this magnitude hold every integer exactly, so ``3.0`` may stand for ``3`` (JSON Schema's ``integer``,
 #: which the OpenAPI document uses, includes it); past it a float need not be the number the client wrote.
 EXACT_FLOAT_INT = 2**53
-#: What a client's own event id may hold (the ids the service makes match it too).
-EVENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-EVENT_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
-MAX_ARM_ID_CHARS = 4096
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass is built at ~3x the cost, once per request
@@ -73,7 +69,7 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
         )
     try:
         candidates = unique(candidates)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         # The message is "candidates[3] must be a string (got int)": the path is its first word.
         message = str(exc)
         raise ValidationFailed(message, field=message.split(" ", 1)[0]) from None
@@ -146,8 +142,9 @@ def _reward_item(doc: object) -> RewardRequest:
     arm_id = doc.get("id")
     if type(arm_id) is not str:
         raise ValidationFailed(_expected("a string", arm_id, "id"), field="id")
-    if len(arm_id) > MAX_ARM_ID_CHARS:
-        raise ValidationFailed(f"id must be at most {MAX_ARM_ID_CHARS} characters", field="id")
+    problem = id_problem(arm_id)
+    if problem is not None:
+        raise ValidationFailed(id_message("id", problem), field="id")
     reward = doc.get("reward", 1.0)
     if type(reward) is int:
         reward = float(reward)

@@ -59,6 +59,9 @@ def test_only_the_metrics_directory_is_exported() -> None:
         ({"MAB_SAMPLER": "fast"}, "sampler must be auto, kernel or reference"),
         ({"MAB_MAX_BODY_BYTES": "10"}, "max_body_bytes must be an integer >= 1024"),
         ({"MAB_MAX_CONNECTIONS": "0"}, "max_connections must be an integer >= 1 (got 0)"),
+        ({"MAB_MAX_CLIENT_SHARE": "0"}, "max_client_share must be a number in (0, 1] (got 0.0)"),
+        ({"MAB_MAX_CLIENT_SHARE": "1.5"}, "max_client_share must be a number in (0, 1]"),
+        ({"MAB_MAX_HELD_IDS": "0"}, "max_held_ids must be an integer >= 1"),
     ],
 )
 def test_bad_settings_name_the_key_and_value(env: dict[str, str], message: str) -> None:

@@ -3,19 +3,28 @@ that change the next answers, durability across kill -9, two workers, replay, an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
-from mab_service.learning import replay
+from mab_service.clients import CLIENT
+from mab_service.config import Settings
+from mab_service.learning import node, replay
+from mab_service.learning.journal import read_records
+from mab_service.learning.loop import Loop, NotInEvent, TooManyEvents, UnknownEvent
 from tests.conftest import EmulatorProcess, Server, wait_until
 
 JSON = {"content-type": "application/json"}
@@ -132,15 +141,165 @@ def test_a_client_event_id_is_refused_while_held(loop_server: Server) -> None:
         assert _reward(c, "client:evt-1.A_b", answer["ids"][0]).status_code == 202  # type: ignore[index]
 
 
-def test_a_client_taking_the_next_generated_id_does_not_break_answers(loop_server: Server) -> None:
+def test_event_ids_are_unguessable(loop_server: Server) -> None:
+    # 128 random bits each: no shared prefix, no counter; consecutive ids differ in about half their bits.
     with loop_server.client() as c:
-        made = str(_predict(c, ["x"])["event_id"])
-        prefix, counter = made[:12], int(made[12:], 16)
-        taken = [f"{prefix}{counter + i:x}" for i in range(1, 4)]
-        for event_id in taken:  # a client claims the ids this worker would make next
-            assert _predict(c, ["x"], event_id=event_id)["event_id"] == event_id
-        following = _predict(c, ["x", "y"])
-        assert following["event_id"] not in taken and following["event_id"] != made
+        made = [str(_predict(c, ["x"])["event_id"]) for _ in range(40)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", event_id) for event_id in made), made
+    assert len({event_id[:6] for event_id in made}) > 30
+    for before, after in itertools.pairwise(made):
+        # Binomial(128, 1/2) has a standard deviation of 5.7: outside [24, 104] is beyond 7 of them.
+        assert 24 <= (int(before, 16) ^ int(after, 16)).bit_count() <= 104
+
+
+def test_one_client_cannot_evict_another_clients_event(loop_server: Server) -> None:
+    # Default holding settings: 1,100 answers of 10,000 ids each would be 11,000,000 members, more than the ring's
+    # 10,000,000; with 1,000 held per answer they are 1,100,000, and the first event stays rewardable.
+    candidates = [f"flood-{i:05d}" for i in range(10_000)]
+    flood = orjson.dumps({"user_id": "u", "candidates": candidates})
+    with loop_server.client() as c:
+        first = _predict(c, [f"keep-{i}" for i in range(5)])
+        for _ in range(1100):
+            r = c.post("/predict", content=flood, headers=JSON)
+            assert r.status_code == 200, r.text
+        assert len(r.json()["ids"]) == 10_000  # all returned, the first 1,000 held
+        last = r.json()
+        assert _reward(c, first["event_id"], first["ids"][0]).status_code == 202  # type: ignore[index]
+        assert _reward(c, last["event_id"], last["ids"][999]).status_code == 202
+        below = _reward(c, last["event_id"], last["ids"][1000])
+        assert (below.status_code, below.json()["error"]) == (422, "not_in_event")
+        assert "ranked below its first 1000 ids" in below.json()["message"]
+        held = c.get("/loop").json()
+        assert held["events_held"] == 1101 and held["events_evicted_early"] == 0
+        assert held["impressions_total"] == 5 + 1100 * 1000
+
+
+def _holding_settings(tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "features": "demo",
+        "state_dir": str(tmp_path / "state"),
+        "max_held_events": 40,
+        "max_held_members": 4000,
+        "max_new_arms": 1000,
+        "decision_log": False,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _answer(loop: Loop, current: node.Node, ids: list[str], event_id: str | None = None) -> str:
+    alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)
+    ranking = np.arange(len(ids))
+    return loop.answered(
+        event_id or loop.new_event_id(), event_id is not None, "u", b"{}", ids, alpha, beta, rows, ranking, ids, 1, None
+    )
+
+
+def test_a_client_past_its_share_is_refused_and_others_are_not(tmp_path: Path) -> None:
+    # A share of 0.25 of 40 events and 4,000 ids: 10 events and 1,000 ids per client (one worker).
+    settings = _holding_settings(tmp_path)
+
+    async def run() -> None:
+        with node.using(settings) as current:
+            loop = Loop(current, settings, apply_counts=True)
+            await loop.start()
+            try:
+                token = CLIENT.set("addr:10.0.0.1")
+                first = _answer(loop, current, ["a-0", "a-1"])
+                for i in range(9):
+                    _answer(loop, current, [f"a-{i}"])
+                shown = loop.impressions
+                with pytest.raises(TooManyEvents) as refused:
+                    _answer(loop, current, ["a-x"], event_id="client-a.11")
+                assert refused.value.status_code == 429 and refused.value.code == "too_many_events"
+                # Its holds expire a window (600 s) after they were made: that is when it may hold again.
+                assert 600 <= refused.value.retry_after_s <= 602
+                assert loop.impressions == shown  # nothing counted ...
+                with pytest.raises(UnknownEvent):
+                    await loop.reward("client-a.11", "a-x", 1.0)  # ... and nothing held
+                CLIENT.reset(token)
+
+                token = CLIENT.set("addr:10.0.0.2")  # another client holds as before
+                others = [_answer(loop, current, [f"b-{i}", "a-0"]) for i in range(10)]
+                with pytest.raises(TooManyEvents):
+                    _answer(loop, current, ["b-x"])
+                CLIENT.reset(token)
+                assert await loop.reward(first, "a-1", 1.0)  # the first client's event is still held
+                assert all([await loop.reward(event_id, "a-0", 1.0) for event_id in others])
+
+                # The budget counts ids too: 1,000 per client.
+                token = CLIENT.set("key:big")
+                _answer(loop, current, [f"m-{i}" for i in range(600)])
+                with pytest.raises(TooManyEvents, match="holds 1 events of 600 ids"):
+                    _answer(loop, current, [f"n-{i}" for i in range(401)])
+                _answer(loop, current, [f"n-{i}" for i in range(400)])
+                CLIENT.reset(token)
+                assert loop.stats()["refusals"]["too_many_events"] == 3
+            finally:
+                await loop.close()
+
+    asyncio.run(run())
+
+
+def test_ids_ranked_below_max_held_ids_are_returned_not_held(tmp_path: Path) -> None:
+    settings = _holding_settings(tmp_path, max_held_ids=3)
+
+    async def run() -> None:
+        with node.using(settings) as current:
+            loop = Loop(current, settings, apply_counts=True)
+            await loop.start()
+            try:
+                ids = ["h-0", "h-1", "h-2", "h-3", "h-4"]
+                event_id = _answer(loop, current, ids)
+                assert loop.impressions == 3
+                assert [loop.arm(i)[2] if loop.arm(i) else 0 for i in ids] == [1, 1, 1, 0, 0]  # type: ignore[index]
+                assert await loop.reward(event_id, "h-2", 1.0)
+                with pytest.raises(NotInEvent, match="ranked below its first 3 ids"):
+                    await loop.reward(event_id, "h-3", 1.0)
+            finally:
+                await loop.close()
+
+    asyncio.run(run())
+
+
+_KILLED_WORKER = """
+import mmap, sys, time
+from mab_service.learning._events import ACCEPTED, EventRing
+with open(sys.argv[1], "r+b") as f:
+    ring = EventRing.attach(mmap.mmap(f.fileno(), 0))
+assert ring.reward(sys.argv[2], "k-0", time.time()) == ACCEPTED
+print("marked", flush=True)
+time.sleep(60)  # killed here: after the mark, before its journal has the reward
+"""
+
+
+def test_a_reward_whose_worker_was_killed_after_marking_is_counted_when_sent_again(tmp_path: Path) -> None:
+    settings = _holding_settings(tmp_path)
+
+    async def run() -> None:
+        with node.using(settings) as current:
+            loop = Loop(current, settings, apply_counts=True)
+            await loop.start()
+            try:
+                event_id = _answer(loop, current, ["k-0", "k-1"])
+                worker = subprocess.Popen(
+                    [sys.executable, "-c", _KILLED_WORKER, current.handle.events_path, event_id],
+                    stdout=subprocess.PIPE,
+                )
+                assert worker.stdout is not None and worker.stdout.readline() == b"marked\n"
+                assert await loop.reward(event_id, "k-0", 1.0) is False  # its worker lives: a duplicate, as before
+                worker.kill()
+                worker.wait()
+                worker.stdout.close()
+                assert await loop.reward(event_id, "k-0", 1.0) is True  # 202: its worker died, nothing recorded it
+                assert await loop.reward(event_id, "k-0", 1.0) is False
+                assert current.arms.get("k-0")[2:4] == (1, 1.0)  # type: ignore[index]
+            finally:
+                await loop.close()
+
+    asyncio.run(run())
+    with node.using(settings) as again:  # the journal has it once
+        assert again.arms.get("k-0")[2:4] == (1, 1.0)  # type: ignore[index]
 
 
 def test_rewards_change_the_next_answers(loop_server: Server) -> None:
@@ -251,6 +410,15 @@ def test_kill_9_after_202_then_restart_gives_the_same_counts(table_csv: Path, st
         stop_process(proc)
 
 
+def _journal_writers(state_dir: Path, writers: dict[str, str]) -> dict[str, str]:
+    """``writers`` updated with event id -> the journal writer (worker) that recorded it, from the journal files."""
+    for path in (state_dir / "journal").glob("*.jnl"):
+        for record in read_records(path):
+            if record[0] == "e":
+                writers[record[2]] = path.name.rsplit("-", 1)[0]
+    return writers
+
+
 def test_two_workers_share_events_and_counts(table_csv: Path, state_dir: Path) -> None:
     from tests.conftest import stop_process, unused_tcp_port
 
@@ -258,14 +426,17 @@ def test_two_workers_share_events_and_counts(table_csv: Path, state_dir: Path) -
     url = f"http://127.0.0.1:{port}"
     proc = _spawn(table_csv, state_dir, port, "--workers", "2")
     try:
-        # A fresh connection per request, so that both workers answer (their event ids differ in their prefix).
+        # A fresh connection per request, so that both workers answer (each journals its events in its own files).
         answers: list[dict[str, object]] = []
-        prefixes: set[str] = set()
-        while len(answers) < 40 or (len(prefixes) < 2 and len(answers) < 400):
-            with httpx.Client(base_url=url, timeout=10) as c:
-                answers.append(_predict(c, ["w-a", "w-b"]))
-            prefixes.add(str(answers[-1]["event_id"])[:12])
-        assert len(prefixes) == 2, prefixes
+        writers: dict[str, str] = {}
+        while len(answers) < 400:
+            for _ in range(20):
+                with httpx.Client(base_url=url, timeout=10) as c:
+                    answers.append(_predict(c, ["w-a", "w-b"]))
+            assert wait_until(lambda: all(a["event_id"] in _journal_writers(state_dir, writers) for a in answers))
+            if len({writers[str(a["event_id"])] for a in answers}) == 2:
+                break
+        assert len({writers[str(a["event_id"])] for a in answers}) == 2
         for i, answer in enumerate(answers):
             with httpx.Client(base_url=url, timeout=10) as c:  # the reward may reach the other worker
                 assert _reward(c, answer["event_id"], "w-a").status_code == 202

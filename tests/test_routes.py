@@ -71,8 +71,8 @@ def test_unknown_candidates_get_the_prior(server: Server, server_factory, table_
 
 def test_unicode_ids(server: Server) -> None:
     with server.client() as client:
-        body = post(client, {"user_id": "ü", "candidates": ["é-unicode", "日本", "🙂", ""], "seed": 3}).json()
-    assert sorted(body["ids"]) == sorted(["é-unicode", "日本", "🙂", ""])
+        body = post(client, {"user_id": "ü", "candidates": ["é-unicode", "日本", "🙂", " "], "seed": 3}).json()
+    assert sorted(body["ids"]) == sorted(["é-unicode", "日本", "🙂", " "])
     assert body["user_id"] == "ü"
 
 
@@ -166,6 +166,13 @@ INVALID = [
     ({"user_id": "u", "candidates": ["a", 3]}, "candidates[1]", "candidates[1] must be a string (got int)"),
     ({"user_id": "u", "candidates": ["a", None]}, "candidates[1]", "must be a string"),
     ({"user_id": "u", "candidates": [["a"]]}, "candidates[0]", "must be a string"),
+    (
+        {"user_id": "u", "candidates": ["a", "b", "c", "x" * 2000]},
+        "candidates[3]",
+        "candidates[3] must be 1 to 1024 bytes of UTF-8 without control characters (got 2000 bytes)",
+    ),
+    ({"user_id": "u", "candidates": ["a", ""]}, "candidates[1]", "(got an empty string)"),
+    ({"user_id": "u", "candidates": ["a\nb"]}, "candidates[0]", "(got a control character U+000A at character 1)"),
     ({"user_id": "u", "candidates": ["a"], "top_k": 0}, "top_k", "top_k must be an integer >= 1"),
     ({"user_id": "u", "candidates": ["a"], "top_k": -3}, "top_k", "top_k must be an integer >= 1"),
     ({"user_id": "u", "candidates": ["a"], "top_k": 1.5}, "top_k", "top_k must be an integer >= 1"),

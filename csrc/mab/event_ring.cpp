@@ -2,8 +2,12 @@
 #include "mab/event_ring.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
+
+#include <signal.h>
+#include <unistd.h>
 
 namespace mab {
 
@@ -17,7 +21,7 @@ namespace mab {
 namespace {
 
 constexpr uint64_t kMagic = 0x31474E4952564D41ULL;  // "AMVRING1" read as little-endian bytes
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;  // 2: member words have a pending flag
 
 // Slot state: seq << 4 | flags. seq 0 means "never used"; the first event is seq 1.
 constexpr uint64_t kWriting = 1;  // a hold is filling the slot: its fields are not to be trusted
@@ -26,10 +30,34 @@ constexpr uint64_t kDead = 4;     // evicted: its members (or its index entry) w
 constexpr uint64_t kLost = 8;     // its hold lost a race for the id, or was abandoned half done
 constexpr unsigned kSeqShift = 4;
 
-// Member word: owner seq << 2 | flags.
+// Member word: owner seq << 3 | flags; or, while a reward's mark is pending (kMemberPending), the owner's low 32
+// bits << 32 | the marking process's id << 3 | flags. 32 bits name the owner well enough: a member is only read for
+// an event whose slot still holds it, and a slot is reused within max_events < 2^32 events (owner_of).
 constexpr uint64_t kMemberRewarded = 1;
 constexpr uint64_t kMemberWriting = 2;
-constexpr unsigned kOwnerShift = 2;
+constexpr uint64_t kMemberPending = 4;  // with kMemberRewarded: marked, the reward not yet durable
+constexpr unsigned kOwnerShift = 3;
+constexpr uint64_t kPidMask = (uint64_t{1} << 29) - 1;  // Linux pids are below 2^22
+
+// The owner of a member word: its event's sequence number, for a pending word the one of the same low 32 bits
+// nearest `near` (the event the reader is looking at, or writing).
+inline uint64_t owner_of(uint64_t word, uint64_t near) noexcept {
+    if (!(word & kMemberPending)) return word >> kOwnerShift;
+    const auto low = static_cast<uint32_t>(word >> 32);
+    const uint32_t behind = static_cast<uint32_t>(near) - low;
+    return behind < 0x80000000u ? near - behind : near + (low - static_cast<uint32_t>(near));
+}
+
+inline uint64_t pending_word(uint64_t seq, uint64_t pid) noexcept {
+    return (seq & 0xFFFFFFFFu) << 32 | (pid & kPidMask) << kOwnerShift | kMemberPending | kMemberRewarded;
+}
+
+inline uint64_t pending_pid(uint64_t word) noexcept { return (word >> kOwnerShift) & kPidMask; }
+
+// Whether process `pid` exists (a zombie, killed but not yet reaped, still does). EPERM: it exists as another user.
+inline bool process_alive(uint64_t pid) noexcept {
+    return pid != 0 && (kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM);
+}
 
 // Index probes stop at an empty entry or after this many entries (four cache lines). With at most one live
 // entry per event slot and at least four entries per slot (load <= 0.25), linear probing makes a run of 32
@@ -392,7 +420,7 @@ bool write_members(const EventRingView* r, uint64_t seq, uint64_t pos, const IdR
     for (std::size_t i = 0; i < n; ++i, at = at + 1 == r->max_members ? 0 : at + 1) {
         Member* m = base + at;
         const uint64_t hash = hash_id_keyed(members[i], r->key);
-        const uint64_t owner = load_acquire(&m->word) >> kOwnerShift;
+        const uint64_t owner = owner_of(load_acquire(&m->word), seq);
         if (owner > seq) return false;
         // The member's previous owner loses it now, so that event is evicted (counted if still in the window).
         if (owner != 0 && owner != last_owner) {
@@ -420,7 +448,7 @@ uint64_t* find_member(const EventRingView* r, uint64_t seq, uint64_t pos, uint64
         const uint64_t hash = load_relaxed(&m->hash);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         const uint64_t after = load_relaxed(&m->word);
-        if ((before >> kOwnerShift) != seq || (after >> kOwnerShift) != seq || (after & kMemberWriting)) {
+        if (owner_of(before, seq) != seq || owner_of(after, seq) != seq || (after & kMemberWriting)) {
             *lapped = true;
             return nullptr;
         }
@@ -589,10 +617,31 @@ int reward_event(const EventRingView* r, IdRef event_id, IdRef member, double no
     bool lapped = false;
     uint64_t* w = find_member(r, seq, snap.member_pos, snap.n_members, mh, &word, &lapped);
     if (w == nullptr) return lapped ? kRewardUnknownEvent : kRewardNotInEvent;
-    if (word & kMemberRewarded) return kRewardDuplicate;
-    if (cas(w, word, word | kMemberRewarded)) return kRewardAccepted;
-    // Lost the race to another reward of the same pair, or the member was overwritten meanwhile.
-    return (word >> kOwnerShift) == seq && (word & kMemberRewarded) ? kRewardDuplicate : kRewardUnknownEvent;
+    const auto pid = static_cast<uint64_t>(getpid()) & kPidMask;
+    for (;;) {
+        if (word & kMemberRewarded) {
+            if (!(word & kMemberPending)) return kRewardDuplicate;
+            // Pending: its reward is on its way to a journal, or its process died before it got there (then no
+            // journal has it, and this reward takes the mark over, so that it is counted once after all).
+            const uint64_t marker = pending_pid(word);
+            if (marker == pid || process_alive(marker)) return kRewardDuplicate;
+        }
+        if (cas(w, word, pending_word(seq, pid))) return kRewardAccepted;
+        // Lost a race: another reward of the pair marked it (look again), or the member was overwritten.
+        if (owner_of(word, seq) != seq || (word & kMemberWriting)) return kRewardUnknownEvent;
+    }
+}
+
+int confirm_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept {
+    const uint64_t h = hash_id_keyed(event_id, r->key);
+    Snapshot snap;
+    if (find_confirmed(r, event_id, h, 0.0, false, &snap) < 0) return 0;
+    const uint64_t seq = seq_of(snap.state);
+    uint64_t word = 0;
+    bool lapped = false;
+    uint64_t* w = find_member(r, seq, snap.member_pos, snap.n_members, hash_id_keyed(member, r->key), &word, &lapped);
+    if (w == nullptr || word != pending_word(seq, static_cast<uint64_t>(getpid()))) return 0;
+    return cas(w, word, seq << kOwnerShift | kMemberRewarded) ? 1 : 0;
 }
 
 int unmark_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept {
@@ -604,7 +653,7 @@ int unmark_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept
     bool lapped = false;
     uint64_t* w = find_member(r, seq, snap.member_pos, snap.n_members, hash_id_keyed(member, r->key), &word, &lapped);
     if (w == nullptr || !(word & kMemberRewarded)) return 0;
-    return cas(w, word, word & ~kMemberRewarded) ? 1 : 0;
+    return cas(w, word, seq << kOwnerShift) ? 1 : 0;
 }
 
 namespace {

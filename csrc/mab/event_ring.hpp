@@ -134,9 +134,19 @@ int hold_event(const EventRingView* ring, IdRef event_id, const IdRef* members, 
 // Marks (event_id, member) rewarded with a compare-exchange: of any number of processes racing on one pair,
 // exactly one gets kRewardAccepted. A member id that occurs twice in an event counts once. O(members of the
 // event) plus O(1) expected for the event lookup.
+//
+// The mark is pending, in this process's name, until confirm_reward makes it final (once the reward is durable):
+// a pending mark answers kRewardDuplicate while its process lives, and is taken over (kRewardAccepted, pending in
+// the caller's name) once that process is gone, so a reward whose process was killed between the mark and its
+// journal is counted when it is sent again. A process that dies after its journal has the reward but before it
+// confirms leaves it to be recorded twice; replay counts each (event, id) once.
 int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now) noexcept;
 
-// Clears the mark that reward_event set on (event_id, member), so that the pair may be accepted again. Returns
+// Makes this process's pending mark on (event_id, member) final. Returns 1 if it did, 0 if there was no such mark
+// (another process's, a final one, none) or the event is no longer in the ring (time is not checked).
+int confirm_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept;
+
+// Clears the mark (pending or final) on (event_id, member), so that the pair may be accepted again. Returns
 // 1 if a mark was cleared, 0 if there was none or the event is no longer in the ring (time is not checked).
 int unmark_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept;
 

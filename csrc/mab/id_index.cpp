@@ -378,6 +378,46 @@ int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::si
     return kIdOk;
 }
 
+namespace {
+
+// Whether any byte of w is a control byte (< 0x20 or 0x7F). Exact: the two classic "has a byte < n" and "has a zero
+// byte" tests (Hacker's Delight 6-1) can only miss or invent a byte above the first one that matches, never decide
+// the answer for the word.
+inline bool has_control_byte(uint64_t w) noexcept {
+    constexpr uint64_t kOnes = 0x0101010101010101ull;
+    constexpr uint64_t kHigh = 0x8080808080808080ull;
+    const uint64_t below_space = (w - kOnes * 0x20) & ~w & kHigh;
+    const uint64_t del = w ^ (kOnes * 0x7F);
+    const uint64_t is_del = (del - kOnes) & ~del & kHigh;
+    return (below_space | is_del) != 0;
+}
+
+}  // namespace
+
+std::size_t first_bad_id(const IdRef* ids, std::size_t n, std::size_t max_bytes) noexcept {
+    using hash_detail::read8;
+    for (std::size_t i = 0; i < n; ++i) {
+        const IdRef id = ids[i];
+        const std::size_t size = id.size;
+        if (size == 0 || size > max_bytes) return i;
+        const char* p = id.data;
+        if (size >= 8) {
+            // Eight bytes at a time; the last word overlaps the one before it when size is not a multiple of 8.
+            uint64_t bad = 0;
+            std::size_t j = 0;
+            for (; j + 8 <= size; j += 8) bad |= static_cast<uint64_t>(has_control_byte(read8(p + j)));
+            if (j < size) bad |= static_cast<uint64_t>(has_control_byte(read8(p + size - 8)));
+            if (bad != 0) return i;
+        } else {
+            for (std::size_t j = 0; j < size; ++j) {
+                const unsigned c = static_cast<unsigned char>(p[j]);
+                if (c < 0x20u || c == 0x7Fu) return i;
+            }
+        }
+    }
+    return n;
+}
+
 uint64_t hash_id(IdRef id) noexcept { return hash_bytes(id.data, id.size, process_secret()); }
 
 void draw_hash_key(uint64_t key[kHashKeyWords]) noexcept { fill_key(key); }

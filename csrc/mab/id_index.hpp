@@ -65,6 +65,11 @@ int gather_params_fill(const IdTable* table, const IdRef* ids, std::size_t n, do
 constexpr std::size_t kUniqueStackIds = 2048;
 int unique_indices_fill(const IdRef* ids, std::size_t n, uint32_t* keep, std::size_t* n_keep) noexcept;
 
+// The id rule (mab_service/ids.py): an id is 1 to max_bytes bytes with no control byte (0x00-0x1F, 0x7F). In UTF-8
+// every byte of a multi-byte character is >= 0x80, so the control bytes are exactly the control characters.
+// Returns the position of the first id that breaks the rule, or n if every id keeps it. One pass over the bytes.
+std::size_t first_bad_id(const IdRef* ids, std::size_t n, std::size_t max_bytes) noexcept;
+
 // The seeded hash both structures use, exposed for tests and benchmarks.
 uint64_t hash_id(IdRef id) noexcept;
 

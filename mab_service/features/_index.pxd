@@ -28,6 +28,7 @@ cdef extern from "mab/id_index.hpp" namespace "mab" nogil:
     int gather_params_fill(const IdTable* table, const IdRef* ids, size_t n, double prior_alpha,
                            double prior_beta, double* alpha_out, double* beta_out, size_t* n_known) noexcept
     int unique_indices_fill(const IdRef* ids, size_t n, uint32_t* keep, size_t* n_keep) noexcept
+    size_t first_bad_id(const IdRef* ids, size_t n, size_t max_bytes) noexcept
     uint64_t hash_id(IdRef id) noexcept
 
 

@@ -16,7 +16,12 @@ from cpython.object cimport PyObject
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint32_t
 
+from mab_service.ids import MAX_ID_BYTES, id_message, id_problem
+
 cnp.import_array()
+
+# Read once: the per-id check runs in C++ against this number.
+cdef size_t _max_id_bytes = MAX_ID_BYTES
 
 
 cdef extern from "Python.h":
@@ -272,9 +277,12 @@ cdef class IdIndex:
 def unique(ids):
     """The distinct ids in order of first occurrence; ``ids`` itself (no copy) when there are no duplicates.
 
+    Every id must keep the id rule (``mab_service.ids``), checked in the same C++ pass over the bytes.
+
     Raises:
         TypeError: If ``ids`` is not a list or an item is not a str.
-        ValueError: If an id holds a lone surrogate.
+        ValueError: If an id breaks the id rule ("candidates[3] must be 1 to 1024 bytes ... (got 2000 bytes)") or
+            holds a lone surrogate.
     """
     if not isinstance(ids, list):
         raise TypeError(f"ids must be a list (got {type(ids).__name__})")
@@ -283,13 +291,17 @@ def unique(ids):
     cdef uint32_t keep_on_stack[STACK_IDS]
     cdef IdRef* refs = <IdRef*>_scratch(refs_on_stack, n, sizeof(IdRef))
     cdef uint32_t* keep = NULL
-    cdef size_t kept = 0
+    cdef size_t kept = 0, bad
     cdef Py_ssize_t j
     cdef PyObject* item
     cdef list out
     try:
         keep = <uint32_t*>_scratch(keep_on_stack, n, sizeof(uint32_t))
         id_views(ids, n, refs, "candidates")
+        bad = first_bad_id(refs, <size_t>n, _max_id_bytes)
+        if bad < <size_t>n:
+            # Rare, so the wording is left to Python: the id's own problem, in the rule's words.
+            raise ValueError(id_message(f"candidates[{bad}]", id_problem(ids[bad])))
         _raise_on_status(unique_indices_fill(refs, <size_t>n, keep, &kept))
         if kept == <size_t>n:
             return ids

@@ -58,6 +58,7 @@ cdef extern from "mab/event_ring.hpp" namespace "mab" nogil:
                    const uint8_t* rewarded, double created, double now) noexcept
     int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now) noexcept
     int unmark_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept
+    int confirm_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept
     void event_ring_stats(const EventRingView* ring, double now, EventRingStats* out) noexcept
 
 

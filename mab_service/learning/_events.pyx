@@ -273,6 +273,8 @@ cdef class EventRing:
     def reward(self, event_id, id, double now):
         """Marks ``(event_id, id)`` rewarded if it was not, atomically across processes.
 
+        The mark is pending in this process's name until ``confirm`` (see there).
+
         Returns:
             ACCEPTED the first time for the pair (exactly once, however many processes race on it);
             DUPLICATE after that; UNKNOWN_EVENT if the event is not held (never recorded, evicted, or
@@ -288,6 +290,26 @@ cdef class EventRing:
         _event_view(event_id, &eid)
         _view(<PyObject*>id, &member, "id", -1)
         return reward_event(&self.ring, eid, member, now)
+
+    def confirm(self, event_id, id):
+        """Makes this process's ACCEPTED mark of ``(event_id, id)`` final: call it once the reward is durable.
+
+        Until then the mark is pending in this process's name: a reward of the same pair is DUPLICATE while this
+        process lives, and takes the mark over (ACCEPTED) once it has died, so a reward lost with its process is
+        counted when it is sent again.
+
+        Returns:
+            True if a pending mark of this process was made final; False if there was none (or the event left).
+
+        Raises:
+            TypeError: If ``event_id`` or ``id`` is not a str.
+            ValueError: If ``event_id`` is empty or too long.
+        """
+        self._check_open()
+        cdef IdRef eid, member
+        _event_view(event_id, &eid)
+        _view(<PyObject*>id, &member, "id", -1)
+        return confirm_reward(&self.ring, eid, member) == 1
 
     def unmark(self, event_id, id):
         """Undoes an ACCEPTED reward of ``(event_id, id)`` (its durable write failed), so a retry may be accepted.

@@ -120,6 +120,24 @@ def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:
     """One ``MutateRowsRequest.Entry`` (``learning.fleet``): SetCell ``e:i`` = the ids as JSON, at the answer's time
     (milliseconds, Bigtable's granularity). Fields: Entry row_key 1, mutations 2; Mutation set_cell 1; SetCell
     family_name 1, column_qualifier 2, timestamp_micros 3, value 4."""
+    return field(2, field(1, EVENT_ROW_PREFIX + event_id.encode()) + field(2, _membership_mutation(ids, t)))
+
+
+def _membership_mutation(ids: list[str], t: float) -> bytes:
+    """The Mutation writing ``e:i``: SetCell of the ids as JSON at ``t`` in milliseconds."""
     set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01i\x18" + varint(int(t * 1000) * 1000)
     set_cell += field(4, orjson.dumps(ids))
-    return field(2, field(1, EVENT_ROW_PREFIX + event_id.encode()) + field(2, field(1, set_cell)))
+    return field(1, set_cell)
+
+
+#: The predicate of a claim: the row has a cell ``e:i`` (family regex ``e``, qualifier regex ``^i$``).
+_MEMBERS_FILTER = field(6, field(1, field(1, field(5, EVENTS_FAMILY.encode())) + field(1, field(6, b"^i$"))))
+
+
+def claim_event(table_name: bytes, event_id: str, ids: list[str], t: float) -> bytes:
+    """A CheckAndMutateRowRequest claiming a client's own event id across the fleet: unless the event's membership
+    row has its ``e:i`` cell already (the id is taken, on any replica), write it, as ``membership_entry`` would.
+    Bigtable applies the check and the write atomically, so of replicas racing on one id exactly one sees
+    ``predicate_matched`` false."""
+    key = field(2, EVENT_ROW_PREFIX + event_id.encode())
+    return table_name + key + _MEMBERS_FILTER + field(5, _membership_mutation(ids, t))

@@ -40,7 +40,14 @@ from mab_service.features.bigtable import (
     Counts,
     TablePath,
 )
-from mab_service.learning.bigtable_requests import MUTATE_ROWS, membership_entry, quote, table_field
+from mab_service.learning.bigtable_requests import (
+    CHECK_AND_MUTATE_ROW,
+    MUTATE_ROWS,
+    claim_event,
+    membership_entry,
+    quote,
+    table_field,
+)
 from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
 
 logger = logging.getLogger("mab_service.fleet")
@@ -201,7 +208,10 @@ class Fleet:
         # One client for the counts, the membership rows and the marks.
         self.source = BigtableSource(table, prior_alpha, prior_beta, timeout_s=timeout_s)
         self.marks_failed = 0
+        self.claims_refused = 0
         self._table: Any = None
+        self._table_name = table_field(str(self.path))
+        self._claimed: Any = None
 
     async def start(self) -> None:
         """Connect to Pub/Sub and Bigtable.
@@ -210,8 +220,10 @@ class Fleet:
             FeatureSourceError: If the client libraries are missing or the table cannot be read.
         """
         from google.cloud.bigtable.data import ReadRowsQuery, SetCell, row_filters
+        from google.cloud.bigtable_v2.types import bigtable as messages
 
         self._query, self._set, self._filters = ReadRowsQuery, SetCell, row_filters
+        self._claimed = messages.CheckAndMutateRowResponse.pb().FromString
         await self.source.start()
         self._table = self.source.table
         self.rows.start(self.source.client)
@@ -227,10 +239,39 @@ class Fleet:
         self.sink.check()
         self.rows.check()
 
-    def event(self, event_id: str, ids: list[str], t: float) -> None:
-        """Queue an answered event: its impressions to Pub/Sub, its membership to Bigtable. Never waits."""
+    def event(self, event_id: str, ids: list[str], t: float, *, claimed: bool = False) -> None:
+        """Queue an answered event: its impressions to Pub/Sub, its membership to Bigtable (unless ``claim`` wrote
+        it already). Never waits."""
         self.sink.event(event_id, ids, t)
-        self.rows.add(membership_entry(event_id, ids, t))
+        if not claimed:
+            self.rows.add(membership_entry(event_id, ids, t))
+
+    async def claim(self, event_id: str, ids: list[str], t: float) -> bool:
+        """Take a client's own event id for the whole fleet: write the event's membership row unless it exists.
+
+        One CheckAndMutateRow, atomic in Bigtable: of any replicas claiming one id, exactly one gets True. A row
+        stays until family ``e``'s garbage collection removes it, so an id is taken for at least the reward window
+        (longer, until the collection runs). The service's own ids are random and need no claim.
+
+        Returns:
+            True if this call wrote the row; False if the id is taken.
+
+        Raises:
+            BigtableUnavailable: If Bigtable did not answer in time (nothing is known to be written).
+        """
+        try:
+            call = self.source.client.transport.grpc_channel.unary_unary(
+                CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._claimed
+            )
+            response = await call(
+                claim_event(self._table_name, event_id, ids, t), timeout=self.timeout_s, metadata=self.path.routing
+            )
+        except Exception as exc:
+            raise BigtableUnavailable(f"cannot claim event {event_id!r} in Bigtable {self.path}: {exc}") from None
+        if response.predicate_matched:
+            self.claims_refused += 1
+            return False
+        return True
 
     async def read_events(self, event_ids: list[str]) -> dict[str, Event]:
         """The membership rows of ``event_ids`` that exist; rows not there yet are looked for again for
@@ -347,4 +388,5 @@ class Fleet:
             "event_rows_failed": rows.failed,
             "event_rows_pending": rows.pending,
             "reward_marks_failed": self.marks_failed,
+            "event_id_claims_refused": self.claims_refused,
         }

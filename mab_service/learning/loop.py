@@ -7,7 +7,8 @@ the event to this worker's journal and the decision to its decision log. None of
 ``reward`` checks a reward against the held event (unknown, not returned by it, already rewarded) with one
 compare-exchange in shared memory, writes it to the journal, waits for the group commit and then adds it to the
 arm's counts: the caller answers 202 only once the reward is on disk. If the disk refuses, the event's mark is taken
-back and the caller answers 503, so a retry can be accepted later.
+back and the caller answers 503, so a retry can be accepted later. The mark is pending in this process's name until
+the journal has the reward; if the process dies in between, a retry takes the mark over and is counted.
 
 The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rewards), read by the arm table's
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
@@ -19,7 +20,7 @@ learners count them for every replica (``learning.fleet``); the node's tables ho
 from __future__ import annotations
 
 import asyncio
-import itertools
+import math
 import os
 import random
 import secrets
@@ -32,8 +33,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mab_service.clients import CLIENT
 from mab_service.config import Settings
-from mab_service.errors import MabError
+from mab_service.errors import MabError, Overloaded
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.fleet import Fleet
@@ -62,6 +64,103 @@ class EventIdInUse(MabError):
     code = "event_id_in_use"
 
 
+class TooManyEvents(Overloaded):
+    """The client holds its share of the node's held events (``max_client_share``); nothing of the answer was held
+    or counted. An ``Overloaded`` so that the answer carries Retry-After: when enough of its holds expire."""
+
+    status_code = 429
+    code = "too_many_events"
+
+
+class ClientHolds:
+    """One client's holds through this worker: ``[second, events, members]`` buckets, oldest first, and their sums."""
+
+    __slots__ = ("buckets", "events", "members")
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[float]] = deque()
+        self.events = 0
+        self.members = 0
+
+
+class FairHolding:
+    """What each client holds in the node's event ring through this worker, within the reward window, and its budget.
+
+    A client (``clients.CLIENT``; ``""`` outside a request, where all are one) may hold at most ``max_events`` events
+    and ``max_members`` members: its share of the ring, divided among the workers. Holds are counted in one-second
+    buckets per client, so an answer costs a dict lookup, a look at the deque's ends and an addition. A bucket is let
+    go one second after its last event may have left the window: the count errs on the side of holding longer.
+    """
+
+    def __init__(self, max_events: int, max_members: int, window_s: float) -> None:
+        self.max_events = max_events
+        self.max_members = max_members
+        self.window_s = window_s
+        self._clients: dict[str, ClientHolds] = {}
+        self._sweep_s = min(60.0, window_s / 4)
+        self._next_sweep = 0.0
+
+    def admit(self, client: str, n: int, now: float) -> ClientHolds:
+        """The client's holds, if one more event of ``n`` members fits its budget; pass them to ``add`` once held.
+
+        Raises:
+            TooManyEvents: It does not fit; Retry-After is when enough of the client's holds will have expired.
+        """
+        if now >= self._next_sweep:
+            self._sweep(now)
+        holds = self._clients.get(client)
+        if holds is None:
+            holds = self._clients[client] = ClientHolds()
+            return holds
+        buckets = holds.buckets
+        horizon = now - self.window_s - 1.0
+        while buckets and buckets[0][0] < horizon:
+            _, events, members = buckets.popleft()
+            holds.events -= int(events)
+            holds.members -= int(members)
+        if holds.events + 1 <= self.max_events and holds.members + n <= self.max_members:
+            return holds
+        raise TooManyEvents(
+            f"this client holds {holds.events} events of {holds.members} ids within the reward window, its share of "
+            f"the node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
+            "nothing more until some of them expire",
+            retry_after_s=self._retry_after_s(holds, n, now),
+        )
+
+    def add(self, holds: ClientHolds, n: int, now: float) -> None:
+        """Count one held event of ``n`` members for the client of ``holds``."""
+        buckets = holds.buckets
+        second = math.floor(now)
+        if buckets and buckets[-1][0] == second:
+            bucket = buckets[-1]
+            bucket[1] += 1
+            bucket[2] += n
+        else:
+            buckets.append([second, 1, n])
+        holds.events += 1
+        holds.members += n
+
+    def _retry_after_s(self, holds: ClientHolds, n: int, now: float) -> int:
+        events, members = holds.events, holds.members
+        for second, freed_events, freed_members in holds.buckets:
+            events -= int(freed_events)
+            members -= int(freed_members)
+            if events + 1 <= self.max_events and members + n <= self.max_members:
+                return max(1, math.ceil(second + 1.0 + self.window_s - now))
+        return max(1, math.ceil(self.window_s))  # more ids than the whole budget: never (the window, to say so)
+
+    def _sweep(self, now: float) -> None:
+        """Let go of clients whose holds have all expired, so that clients that leave cost no memory."""
+        self._next_sweep = now + self._sweep_s
+        horizon = now - self.window_s - 1.0
+        for client in [c for c, h in self._clients.items() if not h.buckets or h.buckets[-1][0] < horizon]:
+            del self._clients[client]
+
+    def clients(self) -> int:
+        """Clients with holds counted (some may have expired since the last sweep)."""
+        return len(self._clients)
+
+
 @dataclass
 class Refusals:
     duplicate: int = 0
@@ -69,6 +168,7 @@ class Refusals:
     not_in_event: int = 0
     unavailable: int = 0
     event_id_in_use: int = 0
+    too_many_events: int = 0
 
 
 class Loop:
@@ -83,9 +183,14 @@ class Loop:
         self.prior_alpha = settings.prior_alpha
         self.prior_beta = settings.prior_beta
         self.window_s = settings.reward_window_s
-        # Event ids: a random prefix per process and a counter; unique across workers and restarts, 14-20 chars.
-        self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
+        self.max_held_ids = settings.max_held_ids
+        # The client share of the ring, counted per worker: each worker sees about 1/workers of a client's answers.
+        share = settings.max_client_share / settings.workers
+        self.holding = FairHolding(
+            max(1, int(settings.max_held_events * share)),
+            max(1, int(settings.max_held_members * share)),
+            settings.reward_window_s,
+        )
         self._seeds = random.Random(secrets.randbits(64))
         name = f"{time.time_ns():x}-{os.getpid()}"
         self.journal = Journal(
@@ -128,11 +233,41 @@ class Loop:
         if self.decisions is not None:
             await asyncio.to_thread(self.decisions.close)
 
-    def new_event_id(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+    @staticmethod
+    def new_event_id() -> str:
+        """A fresh event id: 128 bits from the OS in hex (32 characters of the event id rule), about 0.5 us.
+
+        Random, not a counter: an id says nothing of the ids before or after it, so a client cannot guess another
+        client's event and reward it. Unique across workers, replicas and restarts with odds of 2**-64 at 2**32
+        ids; a hold of an id still held is refused anyway, and the loop then draws another.
+        """
+        return os.urandom(16).hex()
 
     def new_seed(self) -> int:
         return self._seeds.getrandbits(64)
+
+    async def claim(self, event_id: str, ids: list[str]) -> None:
+        """Take a client's own event id before its answer is recorded (``answered`` with ``client_event_id``).
+
+        On a node the ring decides in ``answered``, atomically across its workers, and this does nothing. In fleet
+        mode the id must be free on every replica: one CheckAndMutateRow on the event's membership row, which it
+        writes (``Fleet.claim``).
+
+        Raises:
+            EventIdInUse: In fleet mode, the id is taken on some replica.
+            SinkUnavailable, BigtableUnavailable: In fleet mode, the event could not be kept or Bigtable not asked.
+        """
+        fleet = self.fleet
+        if fleet is None:
+            return
+        # Before the claim, what answered would refuse: a refusal after it would leave the id taken for nothing.
+        fleet.check()
+        held_ids = ids[: self.max_held_ids]
+        now = time.time()
+        self._admit(len(held_ids), now)
+        if not await fleet.claim(event_id, held_ids, now):
+            self.refusals.event_id_in_use += 1
+            raise EventIdInUse(f"event_id {event_id!r} is taken by an earlier answer; send a new one", field="event_id")
 
     def answered(
         self,
@@ -151,6 +286,8 @@ class Loop:
     ) -> str:
         """Record an answer about to be sent: its event, its impressions, its decision; return the event id.
 
+        A client's own event id (``client_event_id``) must have been through ``claim`` first.
+
         Raises:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
             SinkUnavailable: In fleet mode, the event could not be kept (Pub/Sub or Bigtable away too long).
@@ -159,23 +296,29 @@ class Loop:
         if fleet is not None:
             fleet.check()
         now = time.time()
-        while not self.events.hold(event_id, candidates, ranking, now):
+        # Only the first max_held_ids ids are held: impressions and rewardable. The rest are returned, not counted.
+        cap = self.max_held_ids
+        held, held_ids = (ranking, ids) if len(ids) <= cap else (ranking[:cap], ids[:cap])
+        holds = self._admit(len(held_ids), now)
+        while not self.events.hold(event_id, candidates, held, now):
             if client_event_id:
                 self.refusals.event_id_in_use += 1
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
-            # A client sent, as its own, the id this worker was about to make (they are predictable): take the next.
+            # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
+        self.holding.add(holds, len(held_ids), now)
         if fleet is not None:
-            fleet.event(event_id, ids, now)  # Pub/Sub and Bigtable keep it; the learners count it
+            # Pub/Sub and Bigtable keep it; the learners count it. A client's own id wrote its row in ``claim``.
+            fleet.event(event_id, held_ids, now, claimed=client_event_id)
         else:
             if rows is None:
                 rows = np.full(len(candidates), -1, dtype=np.int32)
             self.impressions_unrecorded += self.arms.add_impressions(
-                candidates, rows, ranking, self.prior_alpha, self.prior_beta
+                candidates, rows, held, self.prior_alpha, self.prior_beta
             )
-            self.journal.event(now, event_id, ids)
-        self.impressions += len(ids)
-        self._bucket(now)[1] += len(ids)
+            self.journal.event(now, event_id, held_ids)
+        self.impressions += len(held_ids)
+        self._bucket(now)[1] += len(held_ids)
         if self.decisions is not None:
             self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
         return event_id
@@ -229,6 +372,10 @@ class Loop:
                 self.events.unmark(event_id, arm_id)
             refusals.unavailable += len(accepted)
             raise
+        # Durable: the marks, pending in this process's name until now, become final. Had this process died before
+        # the journal had them, a reward sent again would have taken them over.
+        for event_id, arm_id, _ in accepted:
+            self.events.confirm(event_id, arm_id)
         # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
         # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
         for _, arm_id, value in accepted:
@@ -279,6 +426,14 @@ class Loop:
         self._accepted(counted, now)
         return outcomes
 
+    def _admit(self, n: int, now: float) -> ClientHolds:
+        """The holds of this request's client, if an event of ``n`` ids fits its budget (``FairHolding.admit``)."""
+        try:
+            return self.holding.admit(CLIENT.get(), n, now)
+        except TooManyEvents:
+            self.refusals.too_many_events += 1
+            raise
+
     def _accepted(self, accepted: list[tuple[str, str, float]], now: float) -> None:
         total = sum(value for _, _, value in accepted)
         self.rewards_accepted += len(accepted)
@@ -296,7 +451,11 @@ class Loop:
 
     def _not_in_event(self, event_id: str, arm_id: str) -> NotInEvent:
         self.refusals.not_in_event += 1
-        return NotInEvent(f"id {arm_id!r} was not returned by event {event_id!r}", field="id")
+        return NotInEvent(
+            f"id {arm_id!r} is not among the held ids of event {event_id!r}: not returned by it, or ranked below "
+            f"its first {self.max_held_ids} ids, which alone are held (max_held_ids)",
+            field="id",
+        )
 
     def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
@@ -349,7 +508,9 @@ class Loop:
                 "not_in_event": self.refusals.not_in_event,
                 "unavailable": self.refusals.unavailable,
                 "event_id_in_use": self.refusals.event_id_in_use,
+                "too_many_events": self.refusals.too_many_events,
             },
+            "clients_holding": self.holding.clients(),
             **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
             "journal": {
                 "error": self.journal.error,

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mab_service.features._index import IdIndex, _hash, unique
+from mab_service.ids import MAX_ID_BYTES, id_problem
 
 PRIOR = (1.0, 20.0)
 
@@ -53,6 +54,10 @@ AWKWARD_IDS = [
     "c1 ",
 ]
 AWKWARD_IDS += [f"{'k' * n}{last}" for n in (0, 2, 3, 6, 7, 14, 15, 16, 31, 40) for last in "01"]
+#: The awkward ids a request may carry (the table holds any; requests keep the id rule).
+REQUEST_IDS = [i for i in AWKWARD_IDS if id_problem(i) is None]
+#: Text that keeps the id rule's character half (no control characters, no lone surrogates).
+id_text = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20)
 
 
 def reference(ids: list[str], alpha: np.ndarray, beta: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -322,15 +327,15 @@ def test_gather_accepts_integer_priors_and_rejects_non_numbers() -> None:
 
 
 def test_unique_keeps_first_occurrences_in_order() -> None:
-    ids = ["b", "a", "b", "c", "a", "", "", "日本", "b"]
+    ids = ["b", "a", "b", "c", "a", " ", " ", "日本", "b"]
     out = unique(ids)
-    assert out == ["b", "a", "c", "", "日本"]
+    assert out == ["b", "a", "c", " ", "日本"]
     assert out is not ids
-    assert ids == ["b", "a", "b", "c", "a", "", "", "日本", "b"]  # the input is left alone
+    assert ids == ["b", "a", "b", "c", "a", " ", " ", "日本", "b"]  # the input is left alone
 
 
 def test_unique_returns_the_same_list_when_there_are_no_duplicates() -> None:
-    ids = ["a", "b", "c", "日本", ""]
+    ids = ["a", "b", "c", "日本", " "]
     assert unique(ids) is ids
     empty: list[str] = []
     assert unique(empty) is empty
@@ -344,7 +349,7 @@ def test_unique_returns_the_first_objects_themselves() -> None:
 
 
 def test_unique_tells_apart_ids_that_differ_only_in_the_last_byte() -> None:
-    ids = list(AWKWARD_IDS)
+    ids = list(REQUEST_IDS)
     assert unique(ids) is ids
     doubled = ids + ids[::-1]
     assert unique(doubled) == ids
@@ -381,8 +386,59 @@ def test_unique_rejects_non_strings_naming_the_first_one() -> None:
         unique(["a", "b", "\ud83c"])
 
 
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (
+            ["a", "b", "c", ""],
+            r"^candidates\[3\] must be 1 to 1024 bytes of UTF-8 without control characters "
+            r"\(got an empty string\)$",
+        ),
+        (["a", "x" * (MAX_ID_BYTES + 1)], r"^candidates\[1\] .* \(got 1025 bytes\)$"),
+        # 342 three-byte characters: 1,026 bytes in 342 characters; the rule counts bytes.
+        (["日" * 342], r"^candidates\[0\] .* \(got 1026 bytes\)$"),
+        (["a", "b\x00c"], r"^candidates\[1\] .* \(got a control character U\+0000 at character 1\)$"),
+        (["a\n"], r"^candidates\[0\] .* \(got a control character U\+000A at character 1\)$"),
+        (["ok"] * 600 + ["\x7f"], r"^candidates\[600\] .* \(got a control character U\+007F at character 0\)$"),
+        (["ok", "\x1f" * 2000], r"^candidates\[1\] .* \(got 2000 bytes\)$"),
+    ],
+)
+def test_unique_applies_the_id_rule(ids: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        unique(ids)
+
+
+def test_unique_finds_a_control_byte_at_every_position() -> None:
+    # Ids of 1 to 20 bytes cover the byte loop (< 8 bytes) and the word loop with and without an overlapping tail.
+    for size in range(1, 21):
+        for at in range(size):
+            for byte in range(0x80):
+                text = "a" * at + chr(byte) + "a" * (size - at - 1)
+                if byte < 0x20 or byte == 0x7F:
+                    with pytest.raises(ValueError, match=r"control character"):
+                        unique(["ok", text])
+                else:
+                    assert unique(["ok", text]) == ["ok", text] or text == "ok"
+
+
+def test_unique_takes_ids_at_the_rule_limits() -> None:
+    ids = ["x" * MAX_ID_BYTES, "日" * (MAX_ID_BYTES // 3), "a", "\x80\x9f\u00a0\u2028", "🎲" * 256, " "]
+    assert unique(ids) is ids
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(max_size=20), max_size=100))
+@given(st.lists(st.text(max_size=20), max_size=60))
+def test_property_unique_checks_the_rule_as_id_problem_does(ids: list[str]) -> None:
+    bad = [i for i, x in enumerate(ids) if id_problem(x) is not None]
+    if not bad:
+        assert unique(ids) == list(dict.fromkeys(ids))
+        return
+    with pytest.raises(ValueError, match=rf"^candidates\[{bad[0]}\] "):
+        unique(ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(id_text, max_size=100))
 def test_property_unique_equals_dict_fromkeys(ids: list[str]) -> None:
     out = unique(ids)
     assert out == list(dict.fromkeys(ids))

@@ -7,6 +7,8 @@ import mmap
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -453,6 +455,7 @@ def _race_worker(path: str, barrier, results, index: int, events: int, members: 
             # Half the processes walk the members backwards, so that races happen everywhere.
             mm = m if index % 2 == 0 else members - 1 - m
             if ring.reward(f"event-{e}", f"c{mm}", now) == ACCEPTED:
+                assert ring.confirm(f"event-{e}", f"c{mm}")  # durable, as the loop confirms after its journal
                 accepted.append((e, mm))
     barrier.wait()
     won = [k for k in range(hold_ids) if ring.hold(f"client:{k}", IDS, np.arange(3, dtype=np.intp), time.time())]
@@ -625,3 +628,73 @@ def test_ring_in_a_dev_shm_file_survives_reattach(tmp_path: Path) -> None:
         again.close()
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A reward's mark is pending until its journal has it
+
+
+_MARKER = """
+import mmap, sys, time
+from mab_service.learning._events import ACCEPTED, EventRing
+with open(sys.argv[1], "r+b") as f:
+    ring = EventRing.attach(mmap.mmap(f.fileno(), 0))
+assert ring.reward("ev", "c1", time.time()) == ACCEPTED
+assert ring.confirm("ev", "c1")  # this one reached its journal
+assert ring.reward("ev", "c2", time.time()) == ACCEPTED  # this one is killed before its journal has it
+print("marked", flush=True)
+time.sleep(60)
+"""
+
+
+def _file_ring(tmp_path: Path) -> tuple[EventRing, mmap.mmap]:
+    path = tmp_path / "events.ring"
+    size = EventRing.bytes_needed(64, 4096)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    with open(path, "r+b") as f:
+        buf = mmap.mmap(f.fileno(), 0)
+    return EventRing.create(buf, 64, 4096, 600.0), buf
+
+
+def test_a_mark_whose_process_was_killed_before_its_journal_is_taken_over(tmp_path: Path) -> None:
+    ring, buf = _file_ring(tmp_path)
+    assert ring.hold("ev", IDS, picks(0, 1, 2, 3), time.time())
+    marker = subprocess.Popen(
+        [sys.executable, "-c", _MARKER, str(tmp_path / "events.ring")],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    )
+    try:
+        assert marker.stdout is not None and marker.stdout.readline() == b"marked\n"
+        now = time.time()
+        # While the marking process lives, its pending mark answers as a final one does.
+        assert ring.reward("ev", "c2", now) == DUPLICATE
+        assert ring.reward("ev", "c1", now) == DUPLICATE
+        assert not ring.confirm("ev", "c2")  # not this process's mark
+    finally:
+        marker.send_signal(signal.SIGKILL)
+        marker.wait()  # reaped: the process is gone
+        marker.stdout.close()  # type: ignore[union-attr]
+    now = time.time()
+    assert ring.reward("ev", "c1", now) == DUPLICATE  # final: its journal had it
+    assert ring.reward("ev", "c2", now) == ACCEPTED  # the retry takes the dead process's mark over ...
+    assert ring.reward("ev", "c2", now) == DUPLICATE  # ... once: pending in this (live) process's name
+    assert ring.confirm("ev", "c2")
+    assert ring.reward("ev", "c2", now) == DUPLICATE
+    assert not ring.confirm("ev", "c2")  # final already
+    ring.close()
+    buf.close()
+
+
+def test_a_pending_mark_can_be_unmarked_and_confirmed_only_once() -> None:
+    ring = make_ring()
+    assert ring.hold("e", IDS, picks(0, 1), T0)
+    assert ring.reward("e", "c0", T0) == ACCEPTED
+    ring.unmark("e", "c0")  # the journal refused: a retry may be accepted
+    assert not ring.confirm("e", "c0")
+    assert ring.reward("e", "c0", T0) == ACCEPTED
+    assert ring.confirm("e", "c0") and not ring.confirm("e", "c0")
+    ring.unmark("e", "c0")
+    assert ring.reward("e", "c0", T0) == ACCEPTED
+    assert not ring.confirm("e", "c1") and not ring.confirm("gone", "c0")
