@@ -106,7 +106,8 @@ class LearnerStats:
     """Deliveries of messages that cannot be decoded (not a JSON array, no key, another version): nacked, never
     acknowledged, so that the subscription's dead-letter policy forwards them after its delivery attempts."""
     failed_windows: int = 0
-    """Windows given back to Pub/Sub because a write failed."""
+    """Attempts to write a window that failed: retried with its messages held while the error is transient (Bigtable
+    away), else the window is given back to Pub/Sub."""
     writes: int = 0
     """CheckAndMutateRow calls made."""
     errors: int = 0
@@ -239,6 +240,23 @@ def _check(record: Any, ids_ok: dict[Any, bool]) -> str | None:
     return None
 
 
+#: gRPC status codes of a write that will not succeed however often it is tried: its window is given back (and after
+#: the subscription's delivery attempts its messages reach the dead-letter topic) instead of blocking the learner.
+PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "UNIMPLEMENTED"})
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again (Bigtable away or slow, a channel replaced)."""
+    code = getattr(exc, "code", None)
+    if not callable(code):
+        return True
+    try:
+        name = getattr(code(), "name", "")
+    except Exception:
+        return True
+    return name not in PERMANENT_CODES
+
+
 class _Throttled:
     """Logs a warning at most every ``every_s``; the next line says how many were held back meanwhile."""
 
@@ -297,7 +315,7 @@ class _StatsCollector(Collector):
             "rewards": "Rewards added to Bigtable.",
             "duplicates": "Impressions and rewards skipped: their marker was there (redelivered or repeated).",
             "malformed": "Deliveries of undecodable messages: nacked, dead-lettered after the delivery attempts.",
-            "failed_windows": "Windows given back to Pub/Sub because a write failed.",
+            "failed_windows": "Window writes that failed: retried with the messages held, or given back.",
             "errors": "Steps that failed (pull, write or acknowledgement) and were retried.",
             "writes": "CheckAndMutateRow calls.",
         }
@@ -349,6 +367,10 @@ class Learner:
         self._metadata = self.path.routing
         self._invalid_log = _Throttled()
         self._undecodable_log = _Throttled()
+        self._retry_log = _Throttled()
+        self._stop = asyncio.Event()
+        self._written: set[str] = set()
+        """Rows of the window being written that are done: a retry of the window writes only the others."""
 
     async def start(self) -> None:
         """Connect, and check that the subscription and the table exist.
@@ -381,7 +403,9 @@ class Learner:
             await self._subscriber.transport.close()
 
     async def run(self, stop: asyncio.Event, log_every_s: float = 10.0) -> None:
-        """Apply windows until ``stop`` is set (the current window finishes first)."""
+        """Apply windows until ``stop`` is set (the current window finishes first, or is given back if its writes
+        are failing)."""
+        self._stop = stop
         next_log = time.monotonic() + log_every_s
         while not stop.is_set():
             try:
@@ -423,14 +447,30 @@ class Learner:
         self.stats.duplicates += window.duplicates
         ack_ids = [m.ack_id for m in kept]
         lease = asyncio.ensure_future(self._lease(ack_ids))
+        rows: dict[str, list[Mark]] = window.rows
         try:
-            await self._apply(window.rows)
-        except Exception as exc:
-            # Written rows keep their markers, so the redelivered window skips them.
-            self.stats.failed_windows += 1
-            logger.warning("window of %d messages given back: %s", len(received), exc)
-            await self._modify_ack_deadline([m.ack_id for m in received], 0)
-            return 0
+            while True:
+                try:
+                    await self._apply(rows)
+                    break
+                except Exception as exc:
+                    self.stats.failed_windows += 1
+                    if self._stop.is_set() or not _transient(exc):
+                        # Written rows keep their markers, so the redelivered window skips them.
+                        logger.warning("window of %d messages given back: %s", len(received), exc)
+                        await self._modify_ack_deadline([m.ack_id for m in received], 0)
+                        return 0
+                    # Held, not given back: every redelivery spends one of the subscription's delivery attempts,
+                    # and past them Pub/Sub sends good messages to the dead-letter topic (an outage must not).
+                    self._retry_log.warning(
+                        "writing a window of %d messages failed, retrying in %.0f s with its messages held: %s",
+                        len(kept),
+                        ERROR_BACKOFF_S,
+                        exc,
+                    )
+                    rows = {id_: marks for id_, marks in rows.items() if id_ not in self._written}
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
         finally:
             lease.cancel()
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
@@ -515,6 +555,7 @@ class Learner:
         call = self._client.transport.grpc_channel.unary_unary(
             CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._decode
         )
+        self._written = set()
         work = iter(rows.items())
         writers = [asyncio.ensure_future(self._writer(call, work)) for _ in range(min(self.concurrency, len(rows)))]
         try:
@@ -535,6 +576,7 @@ class Learner:
                     for mark in chunk:
                         if await self._write(call, key, [mark]):
                             self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
+            self._written.add(id_)
 
     async def _write(self, call: Any, key: bytes, marks: list[Mark]) -> bool:
         """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""

@@ -27,6 +27,7 @@ from mab_service.learning.learner import Learner
 from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
+from tests.fleet.proxy import Proxy
 
 ARMS = [f"arm-{i:03d}" for i in range(40)]
 
@@ -405,6 +406,53 @@ def test_a_failed_step_is_retried_and_loses_nothing(
     learner = asyncio.run(learn())
     assert learner.stats.errors == 1
     assert_exact(str(resources.table), truth)
+
+
+def test_a_window_bigtable_refuses_is_retried_with_its_messages_held(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bigtable away for longer than the subscription's delivery attempts would last if each failed write gave its
+    window back: the learner keeps the messages (extending their deadline) and retries the writes, so none is
+    redelivered, none reaches the dead-letter topic, and the counts are exact once Bigtable is back."""
+    from google.cloud.pubsub_v1 import SubscriberClient
+
+    resources = make_resources(ack_deadline_s=10)
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+    proxy = Proxy(int(bigtable_emulator.host.rpartition(":")[2]))
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", proxy.host)
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        proxy.down()
+        stop = asyncio.Event()
+        task = asyncio.create_task(learner.run(stop, log_every_s=60))
+        try:
+            deadline = time.monotonic() + 60
+            while learner.stats.failed_windows <= 2 * resources.max_delivery_attempts:
+                assert time.monotonic() < deadline, learner.stats
+                await asyncio.sleep(0.1)
+            proxy.up()
+            deadline = time.monotonic() + 120
+            while learner.stats.messages < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+            await learner.close()
+        return learner
+
+    try:
+        learner = asyncio.run(learn())
+    finally:
+        proxy.close()
+    monkeypatch.undo()
+    assert learner.stats.messages == sent
+    assert_exact(str(resources.table), truth)
+    with SubscriberClient() as subscriber:
+        dead = subscriber.pull(subscription=resources.dead_letter_subscription, max_messages=10, timeout=5)
+    assert list(dead.received_messages) == []
 
 
 def test_a_request_is_the_clients_own_request_in_bytes() -> None:
