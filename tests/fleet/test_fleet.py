@@ -374,6 +374,30 @@ def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_
     assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
 
 
+def test_past_the_outbox_byte_bound_predict_is_503(fleet: Fleet) -> None:
+    """``--events-max-pending-bytes`` bounds the outbox whatever its message count: with Pub/Sub away, answers with
+    long ids fill 4,000 bytes within a few messages, then /predict answers 503 events_unavailable; once Pub/Sub is
+    back every answered event is delivered."""
+    url = fleet.replica("replica", "--events-max-pending-bytes", "4000", "--events-max-delay-s", "0.001")
+    long_ids = [f"{arm}-{'x' * 200}" for arm in ARMS[:5]]
+    with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
+        fleet.pubsub.down()
+        answered, refused = 0, 0
+        for i in range(30):
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": long_ids, "top_k": 3})
+            if answer.status_code == 200:
+                answered += 1
+            else:
+                assert (answer.status_code, answer.json()["error"]) == (503, "events_unavailable"), answer.text
+                refused += 1
+        fleet_stats = client.get("/loop").json()["fleet"]
+        assert refused > 0 and 0 < answered < 10, (answered, refused)
+        assert fleet_stats["outbox_bytes"] >= 4000 and fleet_stats["records_refused"] == refused
+        fleet.pubsub.up()
+        assert wait_until(lambda: client.get("/loop").json()["fleet"]["outbox_messages"] == 0, timeout_s=30)
+    assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
+
+
 def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet) -> None:
     """The written policy: /predict answers from the cache or the prior (degraded) while membership rows wait in a
     bounded buffer; past it /predict answers 503; /reward answers 503 bigtable_unavailable; once Bigtable is back
@@ -476,3 +500,12 @@ def test_bad_fleet_settings_are_refused_at_start(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "features" in done.stderr and "bigtable:" in done.stderr
+
+
+def test_the_outbox_byte_bound_is_a_checked_setting() -> None:
+    from mab_service.config import Settings, SettingsError
+
+    assert Settings().events_max_pending_bytes == 64 * 1024 * 1024
+    assert Settings.from_env({"MAB_EVENTS_MAX_PENDING_BYTES": "4096"}).events_max_pending_bytes == 4096
+    with pytest.raises(SettingsError, match=r"events_max_pending_bytes must be an integer >= 1 \(got 0\)"):
+        Settings(events_max_pending_bytes=0)
