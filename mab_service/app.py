@@ -46,9 +46,11 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
             prior_beta=settings.prior_beta,
             max_delay_s=settings.events_max_delay_s,
             max_pending=settings.events_max_pending,
+            max_pending_bytes=settings.events_max_pending_bytes,
             propagation_s=settings.event_propagation_s,
             timeout_s=settings.vertex_read_budget_s,
             publish_timeout_s=settings.events_publish_timeout_s,
+            shutdown_timeout_s=settings.timeout_graceful_shutdown_s,
         )
     with node.using(settings) as current:
         loop = Loop(current, settings, apply_counts=embedded(settings), fleet=fleet)

@@ -118,7 +118,9 @@ class Settings:
     )
     timeout_graceful_shutdown_s: float = setting(
         10.0,
-        "Seconds requests in flight get to finish once the listener is closed; then they are cancelled.",
+        "Seconds requests in flight get to finish once the listener is closed; then they are cancelled. In fleet mode "
+        "also the time the worker then has to deliver what it answered (its outbox to Pub/Sub, membership rows to "
+        "Bigtable) before it exits.",
     )
     max_in_flight: int = setting(
         64,
@@ -175,6 +177,12 @@ class Settings:
         1000,
         "Fleet mode: Pub/Sub messages not yet stored per worker at most (and 100 times as many membership rows not "
         "yet written); past it /predict and /reward answer 503 ``events_unavailable`` rather than lose an event.",
+    )
+    events_max_pending_bytes: int = setting(
+        67_108_864,
+        "Fleet mode: bytes of those Pub/Sub messages per worker at most (64 MiB); past it /predict and /reward answer "
+        "503 ``events_unavailable``, as past ``events_max_pending``, so the outbox's memory is bounded whatever the "
+        "records' sizes.",
     )
     events_publish_timeout_s: float = setting(
         5.0,
@@ -419,6 +427,8 @@ class Settings:
             "a finite number >= 0",
         )
         _check(self.events_max_pending, self.events_max_pending >= 1, "events_max_pending", "an integer >= 1")
+        pending_bytes = self.events_max_pending_bytes
+        _check(pending_bytes, pending_bytes >= 1, "events_max_pending_bytes", "an integer >= 1")
         _check(self.vertex_mapping, self.vertex_mapping in ("beta", "counts"), "vertex_mapping", "beta or counts")
         _check(
             self.on_store_failure, self.on_store_failure in ("degrade", "fail"), "on_store_failure", "degrade or fail"

@@ -34,8 +34,8 @@ Exposed (all workers summed):
   ``mab_journal_syncs_total``, ``mab_journal_dropped_total``;
 - fleet mode (``learning.fleet``): ``mab_events_published_total``, ``mab_events_publish_failures_total`` (attempts
   Pub/Sub refused; sent again), ``mab_events_refused_total`` (records answered 503: the outbox was full),
-  ``mab_events_outbox_messages``; ``mab_event_rows_written_total``, ``mab_event_rows_failed_total`` and
-  ``mab_event_rows_pending`` (events' membership rows in Bigtable);
+  ``mab_events_outbox_messages``, ``mab_events_outbox_bytes``; ``mab_event_rows_written_total``,
+  ``mab_event_rows_failed_total`` and ``mab_event_rows_pending`` (events' membership rows in Bigtable);
 - ``mab_feature_source_events_total{source,event}`` and ``mab_feature_source_level{source,level}``: the feature
   source's and its cache's own counters (``SOURCE_COUNTERS``: store calls, retries, timeouts, failed, skipped,
   overloaded and shed reads, evictions, refreshes, warm-up progress) and levels (``SOURCE_LEVELS``), copied from
@@ -296,6 +296,11 @@ EVENTS_OUTBOX = Gauge(
     "Fleet mode: messages to Pub/Sub not yet stored (in flight, or waiting to be sent again).",
     multiprocess_mode="livesum",
 )
+EVENTS_OUTBOX_BYTES = Gauge(
+    "mab_events_outbox_bytes",
+    "Fleet mode: bytes of the messages to Pub/Sub not yet stored (bounded by events_max_pending_bytes).",
+    multiprocess_mode="livesum",
+)
 EVENT_ROWS_WRITTEN = Counter("mab_event_rows_written", "Fleet mode: events' membership rows written to Bigtable.")
 EVENT_ROWS_FAILED = Counter(
     "mab_event_rows_failed", "Fleet mode: membership row writes Bigtable refused (they are sent again)."
@@ -311,7 +316,11 @@ _FLEET_COUNTERS = (
     (EVENT_ROWS_FAILED, "event_rows_failed"),
 )
 
-_FLEET_GAUGES = ((EVENTS_OUTBOX, "outbox_messages"), (EVENT_ROWS_PENDING, "event_rows_pending"))
+_FLEET_GAUGES = (
+    (EVENTS_OUTBOX, "outbox_messages"),
+    (EVENTS_OUTBOX_BYTES, "outbox_bytes"),
+    (EVENT_ROWS_PENDING, "event_rows_pending"),
+)
 _FLEET_KEYS = [key for _, key in (*_FLEET_COUNTERS, *_FLEET_GAUGES)]
 #: The loop's own counters, by their ``_LoopCounters._now`` key (the rewards by result are ``REWARDS``'s children).
 _LOOP_COUNTERS = (

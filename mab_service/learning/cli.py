@@ -18,8 +18,9 @@ FAILURE = 3
 def setup_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mab-service setup",
-        description="Create the fleet's Pub/Sub topic and subscription and its Bigtable table where missing; "
-        "leave what exists. Safe to run twice. BIGTABLE_EMULATOR_HOST and PUBSUB_EMULATOR_HOST select emulators.",
+        description="Create the fleet's Pub/Sub topic and subscription (with a dead-letter topic) and its Bigtable "
+        "table where missing; leave what exists. Safe to run twice. BIGTABLE_EMULATOR_HOST and PUBSUB_EMULATOR_HOST "
+        "select emulators.",
     )
     parser.add_argument("--events", required=True, metavar="pubsub:projects/P/topics/T")
     parser.add_argument("--subscription", required=True, metavar="projects/P/subscriptions/S")
@@ -32,6 +33,14 @@ def setup_main(argv: list[str]) -> int:
         f"live {fleet_setup.MARKER_MARGIN_S} s longer",
     )
     parser.add_argument("--ack-deadline-s", type=int, default=fleet_setup.DEFAULT_ACK_DEADLINE_S)
+    parser.add_argument(
+        "--max-delivery-attempts",
+        type=int,
+        default=fleet_setup.DEFAULT_MAX_DELIVERY_ATTEMPTS,
+        help="deliveries of a message the learners cannot decode before the subscription forwards it to the "
+        f"dead-letter topic <topic>{fleet_setup.DEAD_LETTER_SUFFIX} ({fleet_setup.MIN_DELIVERY_ATTEMPTS} to "
+        f"{fleet_setup.MAX_DELIVERY_ATTEMPTS})",
+    )
     args = parser.parse_args(argv)
     try:
         resources = fleet_setup.FleetResources(
@@ -40,6 +49,7 @@ def setup_main(argv: list[str]) -> int:
             table=fleet_setup.table_path(args.posteriors),
             retention_s=args.retention_s,
             ack_deadline_s=args.ack_deadline_s,
+            max_delivery_attempts=args.max_delivery_attempts,
         )
         fleet_setup.setup(resources)
     except MabError as exc:

@@ -94,6 +94,8 @@ class MembershipRows:
         self.written = 0
         self.failed = 0
         self.pending = 0
+        self.undelivered = 0
+        """Rows still not written when ``close`` gave up on them."""
         self._queue: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._client: Any = None
@@ -157,13 +159,21 @@ class MembershipRows:
             await asyncio.sleep(self.retry_s)
 
     async def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued now and wait, up to ``timeout_s``, for every row; count and log what is left."""
         self.flush()
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=timeout_s)
             for task in late:
                 task.cancel()
             if late:
-                logger.error("%d event rows were not written to %s at close", self.pending, self.path)
+                self.undelivered = self.pending
+                logger.error(
+                    "%d event rows were not written to %s within %.1f s at close: rewards for their events will be "
+                    "refused as unknown",
+                    self.pending,
+                    self.path,
+                    timeout_s,
+                )
 
 
 class Fleet:
@@ -176,6 +186,8 @@ class Fleet:
         prior_alpha, prior_beta: The prior of every arm (``/arms/{id}``'s posterior).
         max_delay_s: How long an event waits before its message and its row are sent.
         max_pending: Messages (Pub/Sub) and, times ``ROWS_PER_PENDING``, rows (Bigtable) waiting at most.
+        max_pending_bytes: Bytes of the messages waiting for Pub/Sub at most.
+        shutdown_timeout_s: How long ``close`` waits for Pub/Sub and Bigtable to take what this replica answered.
         propagation_s: How long a reward for an event whose row is not in Bigtable yet waits for it.
         timeout_s: Deadline of one Bigtable read or check.
         publish_timeout_s: How long a publish may take before a reward waiting for it is answered 503.
@@ -191,16 +203,23 @@ class Fleet:
         prior_beta: float = 1.0,
         max_delay_s: float = 0.02,
         max_pending: int = 1000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
         propagation_s: float = 1.0,
         timeout_s: float = 2.0,
         publish_timeout_s: float = 5.0,
+        shutdown_timeout_s: float = 30.0,
     ) -> None:
         self.path = TablePath.parse(table)
         self.window_s = window_s
         self.propagation_s = propagation_s
         self.timeout_s = timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.sink = PubSubSink(
-            topic, max_delay_s=max_delay_s, max_pending=max_pending, publish_timeout_s=publish_timeout_s
+            topic,
+            max_delay_s=max_delay_s,
+            max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
+            publish_timeout_s=publish_timeout_s,
         )
         self.rows = MembershipRows(self.path, max_delay_s=max_delay_s, max_pending=max_pending * ROWS_PER_PENDING)
         self.prior_alpha = prior_alpha
@@ -230,8 +249,10 @@ class Fleet:
         self.sink.start()
 
     async def close(self) -> None:
-        await self.sink.close()
-        await self.rows.close()
+        """Deliver what this replica answered: the pending batch and the outbox to Pub/Sub and the membership rows
+        to Bigtable, both at once, within ``shutdown_timeout_s``; what is left is logged and counted (``stats``)."""
+        timeout_s = self.shutdown_timeout_s
+        await asyncio.gather(self.sink.close(timeout_s), self.rows.close(timeout_s))
         await self.source.close()
 
     def check(self) -> None:
@@ -384,6 +405,9 @@ class Fleet:
             "publish_failures": sink.failed,
             "records_refused": sink.refused,
             "outbox_messages": sink.pending,
+            "outbox_bytes": sink.pending_bytes,
+            "messages_undelivered": sink.undelivered,
+            "event_rows_undelivered": rows.undelivered,
             "event_rows_written": rows.written,
             "event_rows_failed": rows.failed,
             "event_rows_pending": rows.pending,

@@ -1,8 +1,13 @@
 """``mab-service setup``: create the fleet's Pub/Sub topic and subscription and its Bigtable table, where missing.
 
 What exists is left as it is (safe to run twice, or from every replica at start): a topic or table that exists is
-not touched, a table that lacks one of the loop's column families gains it, and a subscription that exists on
-another topic is an error (events would silently go elsewhere). Each step says what it did.
+not touched, a table that lacks one of the loop's column families gains it, a subscription without a dead-letter
+policy gains one, and a subscription that exists on another topic is an error (events would silently go elsewhere).
+Each step says what it did.
+
+Dead letters: a message the learners cannot decode is nacked, never acknowledged; the subscription's dead-letter
+policy forwards it after ``max_delivery_attempts`` deliveries to the topic ``<topic>-dead-letter``, which has a
+subscription of its own (``<subscription>-dead-letter``) so that what lands there is kept for a person to read.
 
 The table: family ``c`` is an aggregate family (int64 sums: the counts, to which learners add atomically);
 family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
@@ -28,6 +33,13 @@ SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
 MARKER_MARGIN_S = 3600
 DEFAULT_RETENTION_S = 86400
 DEFAULT_ACK_DEADLINE_S = 60
+#: Deliveries of a message before the subscription forwards it to the dead-letter topic; Pub/Sub takes 5 to 100.
+DEFAULT_MAX_DELIVERY_ATTEMPTS = 5
+MIN_DELIVERY_ATTEMPTS, MAX_DELIVERY_ATTEMPTS = 5, 100
+#: What the dead-letter topic and its subscription are called after the events topic and the learners' subscription.
+DEAD_LETTER_SUFFIX = "-dead-letter"
+#: How long the dead-letter subscription keeps a message: Pub/Sub's longest retention, 7 days.
+DEAD_LETTER_RETENTION_S = 7 * 86400
 
 
 class SetupError(MabError):
@@ -63,21 +75,42 @@ def table_path(spec: str) -> TablePath:
 
 @dataclass(frozen=True)
 class FleetResources:
-    """What ``setup`` makes: a topic, one subscription on it, a table."""
+    """What ``setup`` makes: a topic, one subscription on it, a table; a dead-letter topic and its subscription."""
 
     topic: str
     subscription: str
     table: TablePath
     retention_s: int = DEFAULT_RETENTION_S
     ack_deadline_s: int = DEFAULT_ACK_DEADLINE_S
+    max_delivery_attempts: int = DEFAULT_MAX_DELIVERY_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if not MIN_DELIVERY_ATTEMPTS <= self.max_delivery_attempts <= MAX_DELIVERY_ATTEMPTS:
+            raise SetupError(
+                f"--max-delivery-attempts must be in [{MIN_DELIVERY_ATTEMPTS}, {MAX_DELIVERY_ATTEMPTS}] "
+                f"(got {self.max_delivery_attempts})"
+            )
 
     @property
     def marker_ttl_s(self) -> int:
         return self.retention_s + MARKER_MARGIN_S
 
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.topic + DEAD_LETTER_SUFFIX
+
+    @property
+    def dead_letter_subscription(self) -> str:
+        return self.subscription + DEAD_LETTER_SUFFIX
+
 
 def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None:
     """Create what is missing of ``resources``; ``say`` gets one line per resource (created, or exists).
+
+    The learners' subscription gets a dead-letter policy (to ``resources.dead_letter_topic``, after
+    ``max_delivery_attempts``), also when it exists without one. On real Pub/Sub the forwarding also needs the
+    project's Pub/Sub service agent to hold the publisher role on the dead-letter topic and the subscriber role on
+    the subscription (docs/fleet.md, "Dead letters"); the emulators need nothing.
 
     Raises:
         SetupError: If the client libraries are missing, or a subscription exists on another topic.
@@ -89,15 +122,33 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
         raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
 
     with PublisherClient() as publisher:
-        try:
-            publisher.create_topic(name=resources.topic)
-            say(f"created topic {resources.topic}")
-        except exceptions.AlreadyExists:
-            say(f"topic {resources.topic} exists")
+        for topic in (resources.topic, resources.dead_letter_topic):
+            try:
+                publisher.create_topic(name=topic)
+                say(f"created topic {topic}")
+            except exceptions.AlreadyExists:
+                say(f"topic {topic} exists")
 
     retention_s = resources.retention_s
+    dead_letter_policy = {
+        "dead_letter_topic": resources.dead_letter_topic,
+        "max_delivery_attempts": resources.max_delivery_attempts,
+    }
     subscriber = SubscriberClient()
     with subscriber:
+        # The dead letters' own subscription first: a message forwarded to a topic nobody subscribes to is lost.
+        try:
+            subscriber.create_subscription(
+                request={
+                    "name": resources.dead_letter_subscription,
+                    "topic": resources.dead_letter_topic,
+                    "ack_deadline_seconds": resources.ack_deadline_s,
+                    "message_retention_duration": {"seconds": DEAD_LETTER_RETENTION_S},
+                }
+            )
+            say(f"created subscription {resources.dead_letter_subscription}")
+        except exceptions.AlreadyExists:
+            say(f"subscription {resources.dead_letter_subscription} exists")
         try:
             subscriber.create_subscription(
                 request={
@@ -105,16 +156,36 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
                     "topic": resources.topic,
                     "ack_deadline_seconds": resources.ack_deadline_s,
                     "message_retention_duration": {"seconds": resources.retention_s},
+                    "dead_letter_policy": dead_letter_policy,
                 }
             )
-            say(f"created subscription {resources.subscription}")
+            say(
+                f"created subscription {resources.subscription} (dead letters to {resources.dead_letter_topic} after "
+                f"{resources.max_delivery_attempts} deliveries)"
+            )
         except exceptions.AlreadyExists:
             existing = subscriber.get_subscription(subscription=resources.subscription)
             if existing.topic != resources.topic:
                 raise SetupError(
                     f"subscription {resources.subscription} exists on topic {existing.topic}, not {resources.topic}"
                 ) from None
-            say(f"subscription {resources.subscription} exists")
+            if existing.dead_letter_policy.dead_letter_topic:
+                # One set by hand (another topic, other attempts) is the operator's choice: left as it is.
+                say(
+                    f"subscription {resources.subscription} exists (dead letters to "
+                    f"{existing.dead_letter_policy.dead_letter_topic})"
+                )
+            else:
+                subscriber.update_subscription(
+                    request={
+                        "subscription": {"name": resources.subscription, "dead_letter_policy": dead_letter_policy},
+                        "update_mask": {"paths": ["dead_letter_policy"]},
+                    }
+                )
+                say(
+                    f"subscription {resources.subscription} exists; added its dead-letter policy (to "
+                    f"{resources.dead_letter_topic} after {resources.max_delivery_attempts} deliveries)"
+                )
             if existing.message_retention_duration:
                 retention_s = int(existing.message_retention_duration.total_seconds())
 

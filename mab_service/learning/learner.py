@@ -9,6 +9,13 @@ acking), the arm's markers are applied one by one with the same check, so each c
 learners see them in. Messages are acknowledged only after every arm of the window is written; a failed write
 gives the whole window back to Pub/Sub (the markers make the second pass skip what the first wrote).
 
+A message is applied record by record: a record that breaks the format (an id outside the id rule, a reward outside
+[0, 1], an event id outside its rule, a record of another shape) is skipped, counted by reason and logged, and every
+other record of the message counts, since each was answered 202 or 200 on its own. A message that cannot be decoded
+at all (not a JSON array, no key, another format version) is not acknowledged but nacked, so that the subscription's
+dead-letter policy (``fleet_setup``) forwards it to the dead-letter topic after its delivery attempts: kept for a
+person to read, never dropped.
+
 Markers, in the row of the arm they guard: ``d:m/<k>`` for a message's impressions of that arm, ``k`` being the
 message's key (``<publisher id>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
 ``d:r/<event_id>`` for the reward of that (event, arm), which two replicas may publish in two messages. Family ``d``
@@ -29,8 +36,8 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 import orjson
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -62,8 +69,13 @@ MARKERS_PER_CALL = 100
 EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: A message key: ``<publisher id>/<sequence>`` (``pubsub.PubSubSink``).
 MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
-#: Arm ids are row keys: Bigtable takes 1 to 4096 bytes (the service's ids are at most 4096 characters).
-MAX_ROW_KEY_BYTES = 4096
+#: The id rule's longest id in bytes (row keys: Bigtable takes up to 4096).
+MAX_ID_BYTES = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Why a record is skipped: the ``reason`` label of ``mab_learner_invalid_records_total``.
+INVALID_REASONS = ("record", "event_id", "id", "reward")
+#: Seconds between two log lines about skipped records or undecodable messages (the counters count them all).
+LOG_EVERY_S = 10.0
 #: How many ack ids go in one Acknowledge call (the request must stay under 512 KB).
 ACKS_PER_CALL = 1000
 ERROR_BACKOFF_S = 1.0
@@ -91,13 +103,17 @@ class LearnerStats:
     duplicates: int = 0
     """Impressions and rewards skipped because their marker was already there: redeliveries, repeated rewards."""
     malformed: int = 0
-    """Messages that are not records of this format: acknowledged and logged, never applied."""
+    """Deliveries of messages that cannot be decoded (not a JSON array, no key, another version): nacked, never
+    acknowledged, so that the subscription's dead-letter policy forwards them after its delivery attempts."""
     failed_windows: int = 0
-    """Windows given back to Pub/Sub because a write failed."""
+    """Attempts to write a window that failed: retried with its messages held while the error is transient (Bigtable
+    away), else the window is given back to Pub/Sub."""
     writes: int = 0
     """CheckAndMutateRow calls made."""
     errors: int = 0
     """Steps that failed (a pull or an acknowledgement); the learner waits ``ERROR_BACKOFF_S`` and goes on."""
+    invalid_records: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INVALID_REASONS, 0))
+    """Records skipped, by reason (``INVALID_REASONS``): the other records of their message are applied."""
 
 
 def subscriber_client() -> Any:
@@ -144,38 +160,118 @@ class _Window:
             rows[id_].append((quote(marker), set_marker(marker, self._timestamp), 0, millionths))
 
 
-def parse(data: bytes) -> tuple[Counter[str], list[tuple[str, str, int]]] | None:
-    """A message's impressions per arm and its rewards ``(id, event_id, millionths)``; None if it is malformed."""
+def valid_id(value: object) -> bool:
+    """Whether ``value`` is an id: 1 to 1,024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F)."""
+    # the id rule (mab_service/ids.py)
+    if type(value) is not str or _CONTROL.search(value) is not None:
+        return False
+    try:
+        return 0 < len(value.encode()) <= MAX_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate: not UTF-8
+        return False
+
+
+class Parsed(NamedTuple):
+    """A message's valid records, and what was skipped of it."""
+
+    shown: Counter[str]
+    """Impressions per arm."""
+    rewards: list[tuple[str, str, int]]
+    """``(id, event_id, millionths)``."""
+    invalid: Counter[str]
+    """Records skipped, by reason (``INVALID_REASONS``)."""
+    example: Any
+    """The first record skipped, for the log; None if none was."""
+
+
+def parse(data: bytes) -> Parsed | None:
+    """A message's valid records, each on its own; None if the message cannot be decoded at all (not a JSON array)."""
     try:
         records = orjson.loads(data)
-        if type(records) is not list:
-            return None
-        shown: Counter[str] = Counter()
-        rewards: list[tuple[str, str, int]] = []
-        for record in records:
-            kind = record[0]
-            if kind == "e":
-                ids = record[3]
-                if type(ids) is not list:
-                    return None
-                shown.update(ids)
-            elif kind == "r":
-                event_id, id_, reward = record[2], record[3], record[4]
-                if type(event_id) is not str or EVENT_ID.match(event_id) is None or type(id_) is not str:
-                    return None
-                if type(reward) not in (int, float) or not 0.0 <= reward <= 1.0:
-                    return None
-                rewards.append((id_, event_id, round(reward * REWARD_SCALE)))
-            else:
-                return None
-        for id_ in shown:  # distinct ids only: far fewer than the impressions
-            if type(id_) is not str or not 0 < len(id_.encode()) <= MAX_ROW_KEY_BYTES:
-                return None
-        if any(not 0 < len(id_.encode()) <= MAX_ROW_KEY_BYTES for id_, _, _ in rewards):
-            return None
-    except (orjson.JSONDecodeError, TypeError, IndexError, KeyError, UnicodeEncodeError):
+    except orjson.JSONDecodeError:
         return None
-    return shown, rewards
+    if type(records) is not list:
+        return None
+    shown: Counter[str] = Counter()
+    rewards: list[tuple[str, str, int]] = []
+    invalid: Counter[str] = Counter()
+    example = None
+    ids_ok: dict[Any, bool] = {}  # per distinct id: a message repeats its arms far more than it has them
+    for record in records:
+        reason = _check(record, ids_ok)
+        if reason is not None:
+            invalid[reason] += 1
+            if example is None:
+                example = record
+        elif record[0] == "e":
+            shown.update(record[3])
+        else:
+            reward = record[4]
+            rewards.append((record[3], record[2], round(reward * REWARD_SCALE)))
+    return Parsed(shown, rewards, invalid, example)
+
+
+def _check(record: Any, ids_ok: dict[Any, bool]) -> str | None:
+    """Why ``record`` cannot be applied (an ``INVALID_REASONS`` entry), or None if it can."""
+    if type(record) is not list or len(record) < 4:
+        return "record"
+    kind, t, event_id = record[0], record[1], record[2]
+    if type(t) not in (int, float):
+        return "record"
+    if kind == "e":
+        ids = record[3]
+        if type(ids) is not list:
+            return "record"
+    elif kind == "r" and len(record) >= 5:
+        ids = [record[3]]
+        reward = record[4]
+        if type(reward) not in (int, float) or not 0.0 <= reward <= 1.0:
+            return "reward"
+    else:
+        return "record"
+    if type(event_id) is not str or EVENT_ID.match(event_id) is None:
+        return "event_id"
+    for id_ in ids:
+        ok = ids_ok.get(id_) if type(id_) is str else False
+        if ok is None:
+            ok = ids_ok[id_] = valid_id(id_)
+        if not ok:
+            return "id"
+    return None
+
+
+#: gRPC status codes of a write that will not succeed however often it is tried: its window is given back (and after
+#: the subscription's delivery attempts its messages reach the dead-letter topic) instead of blocking the learner.
+PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "UNIMPLEMENTED"})
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again (Bigtable away or slow, a channel replaced)."""
+    code = getattr(exc, "code", None)
+    if not callable(code):
+        return True
+    try:
+        name = getattr(code(), "name", "")
+    except Exception:
+        return True
+    return name not in PERMANENT_CODES
+
+
+class _Throttled:
+    """Logs a warning at most every ``every_s``; the next line says how many were held back meanwhile."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._next = 0.0
+        self._held = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held, self._next = self._held, 0, now + self.every_s
+        logger.warning(message + (f" ({held} more such lines held back)" if held else ""), *args)
 
 
 class LearnerMetrics:
@@ -218,13 +314,22 @@ class _StatsCollector(Collector):
             "impressions": "Impressions added to Bigtable.",
             "rewards": "Rewards added to Bigtable.",
             "duplicates": "Impressions and rewards skipped: their marker was there (redelivered or repeated).",
-            "malformed": "Messages acknowledged and skipped: not records of this format.",
-            "failed_windows": "Windows given back to Pub/Sub because a write failed.",
+            "malformed": "Deliveries of undecodable messages: nacked, dead-lettered after the delivery attempts.",
+            "failed_windows": "Window writes that failed: retried with the messages held, or given back.",
             "errors": "Steps that failed (pull, write or acknowledgement) and were retried.",
             "writes": "CheckAndMutateRow calls.",
         }
         for f in fields(self.stats):
-            yield CounterMetricFamily(f"mab_learner_{f.name}", docs[f.name], value=getattr(self.stats, f.name))
+            if f.name in docs:
+                yield CounterMetricFamily(f"mab_learner_{f.name}", docs[f.name], value=getattr(self.stats, f.name))
+        invalid = CounterMetricFamily(
+            "mab_learner_invalid_records",
+            "Records skipped (the rest of their message applied), by reason: record, event_id, id, reward.",
+            labels=["reason"],
+        )
+        for reason, n in self.stats.invalid_records.items():
+            invalid.add_metric([reason], n)
+        yield invalid
 
 
 class Learner:
@@ -260,6 +365,12 @@ class Learner:
         self._decode: Any = None
         self._table_name = table_field(str(self.path))
         self._metadata = self.path.routing
+        self._invalid_log = _Throttled()
+        self._undecodable_log = _Throttled()
+        self._retry_log = _Throttled()
+        self._stop = asyncio.Event()
+        self._written: set[str] = set()
+        """Rows of the window being written that are done: a retry of the window writes only the others."""
 
     async def start(self) -> None:
         """Connect, and check that the subscription and the table exist.
@@ -292,7 +403,9 @@ class Learner:
             await self._subscriber.transport.close()
 
     async def run(self, stop: asyncio.Event, log_every_s: float = 10.0) -> None:
-        """Apply windows until ``stop`` is set (the current window finishes first)."""
+        """Apply windows until ``stop`` is set (the current window finishes first, or is given back if its writes
+        are failing)."""
+        self._stop = stop
         next_log = time.monotonic() + log_every_s
         while not stop.is_set():
             try:
@@ -318,38 +431,92 @@ class Learner:
             received.extend(await self._pull(left, self.max_messages - len(received)))
         started = time.perf_counter()
         window = _Window()
+        kept: list[Any] = []
+        undecodable: list[Any] = []
         for message in received:
             attributes = message.message.attributes
             key = attributes.get("k", "")
             parsed = parse(message.message.data) if attributes.get("v") == FORMAT_VERSION else None
             if parsed is None or MESSAGE_KEY.match(key) is None:
-                self.stats.malformed += 1
-                logger.warning("malformed message %s skipped", message.message.message_id)
+                undecodable.append(message)
                 continue
-            window.add(key, *parsed)
+            kept.append(message)
+            window.add(key, parsed.shown, parsed.rewards)
+            if parsed.invalid:
+                self._skipped(message.message.message_id, parsed)
         self.stats.duplicates += window.duplicates
-        ack_ids = [m.ack_id for m in received]
+        ack_ids = [m.ack_id for m in kept]
         lease = asyncio.ensure_future(self._lease(ack_ids))
+        rows: dict[str, list[Mark]] = window.rows
         try:
-            await self._apply(window.rows)
-        except Exception as exc:
-            # Written rows keep their markers, so the redelivered window skips them.
-            self.stats.failed_windows += 1
-            logger.warning("window of %d messages given back: %s", len(received), exc)
-            await self._modify_ack_deadline(ack_ids, 0)
-            return 0
+            while True:
+                try:
+                    await self._apply(rows)
+                    break
+                except Exception as exc:
+                    self.stats.failed_windows += 1
+                    if self._stop.is_set() or not _transient(exc):
+                        # Written rows keep their markers, so the redelivered window skips them.
+                        logger.warning("window of %d messages given back: %s", len(received), exc)
+                        await self._modify_ack_deadline([m.ack_id for m in received], 0)
+                        return 0
+                    # Held, not given back: every redelivery spends one of the subscription's delivery attempts,
+                    # and past them Pub/Sub sends good messages to the dead-letter topic (an outage must not).
+                    self._retry_log.warning(
+                        "writing a window of %d messages failed, retrying in %.0f s with its messages held: %s",
+                        len(kept),
+                        ERROR_BACKOFF_S,
+                        exc,
+                    )
+                    rows = {id_: marks for id_, marks in rows.items() if id_ not in self._written}
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
         finally:
             lease.cancel()
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
             await self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL])
+        if undecodable:
+            await self._give_back(undecodable)
         now = time.time()
         self.metrics.window_seconds.observe(time.perf_counter() - started)
         self.metrics.last_ack.set(now)
-        for message in received:
+        for message in kept:
             self.metrics.lag_seconds.observe(now - message.message.publish_time.timestamp())
-        self.stats.messages += len(received)
+        self.stats.messages += len(kept)
         self.stats.windows += 1
         return len(received)
+
+    def _skipped(self, message_id: str, parsed: Parsed) -> None:
+        invalid = self.stats.invalid_records
+        for reason, n in parsed.invalid.items():
+            invalid[reason] += n
+        example = orjson.dumps(parsed.example)[:200].decode(errors="replace")
+        self._invalid_log.warning(
+            "message %s: %d invalid records skipped (%s), the rest applied; the first: %s",
+            message_id,
+            sum(parsed.invalid.values()),
+            ", ".join(f"{reason} {n}" for reason, n in sorted(parsed.invalid.items())),
+            example,
+        )
+
+    async def _give_back(self, undecodable: list[Any]) -> None:
+        """Nack messages that cannot be decoded: never acknowledged, they go to the dead-letter topic once the
+        subscription's ``max_delivery_attempts`` are spent (``mab-service setup`` sets the policy)."""
+        self.stats.malformed += len(undecodable)
+        first = undecodable[0]
+        self._undecodable_log.warning(
+            "%d undecodable messages nacked (for the dead-letter topic), e.g. %s (delivery attempt %d, attributes "
+            "%s): %r",
+            len(undecodable),
+            first.message.message_id,
+            first.delivery_attempt,
+            dict(first.message.attributes),
+            bytes(first.message.data[:100]),
+        )
+        try:
+            await self._modify_ack_deadline([m.ack_id for m in undecodable], 0)
+        except Exception as exc:  # they come back after the ack deadline instead: the same, later
+            logger.warning("nacking %d undecodable messages failed: %s", len(undecodable), exc)
 
     async def _modify_ack_deadline(self, ack_ids: list[str], deadline_s: int) -> None:
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
@@ -388,6 +555,7 @@ class Learner:
         call = self._client.transport.grpc_channel.unary_unary(
             CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._decode
         )
+        self._written = set()
         work = iter(rows.items())
         writers = [asyncio.ensure_future(self._writer(call, work)) for _ in range(min(self.concurrency, len(rows)))]
         try:
@@ -408,6 +576,7 @@ class Learner:
                     for mark in chunk:
                         if await self._write(call, key, [mark]):
                             self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
+            self._written.add(id_)
 
     async def _write(self, call: Any, key: bytes, marks: list[Mark]) -> bool:
         """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""

@@ -14,8 +14,11 @@ after it.
 Nothing answered is dropped. A message Pub/Sub refuses stays in the outbox and is published again every
 ``retry_s`` with its key, its events and without its rewards: a reward is the client's to retry (it was answered
 503), and if the refused attempt was stored after all, the learner counts that reward once either way. The outbox
-holds at most ``max_pending`` messages (sent and not yet stored, or waiting to be sent again); when it is full,
-``event`` and ``reward`` raise ``SinkUnavailable`` so the replica answers 503 instead of losing what it answered.
+holds at most ``max_pending`` messages and ``max_pending_bytes`` bytes of them (sent and not yet stored, or waiting
+to be sent again, and the batch being filled); when it is full, ``event`` and ``reward`` raise ``SinkUnavailable``
+so the replica answers 503 instead of losing what it answered. ``close`` (the replica's shutdown) sends the batch and
+whatever waits to be sent again at once, and waits for the outbox within its deadline; what is still there is
+logged and counted (``undelivered``).
 
 The publisher honours ``PUBSUB_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -36,6 +40,8 @@ from mab_service.errors import MabError
 logger = logging.getLogger("mab_service.pubsub")
 
 FORMAT_VERSION = "2"
+#: A message's data at most before it is sent, whatever ``max_records`` says: Pub/Sub refuses messages over 10 MB.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class SinkUnavailable(MabError):
@@ -48,7 +54,10 @@ class SinkUnavailable(MabError):
 @dataclass
 class _Message:
     key: str
-    records: list[Any]
+    records: list[bytes]
+    """Each record's JSON, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
+    size: int = 1
+    """Bytes of the message's data: the records, their commas and the brackets."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     attempts: int = 0
 
@@ -62,6 +71,8 @@ class PubSubSink:
         max_delay_s: How long a record waits for others before its message is sent.
         max_pending: Messages in the outbox (sent and not yet stored, or refused and waiting to be sent again) at
             most; past it new records are refused, so a broker that is down costs bounded memory and no loss.
+        max_pending_bytes: Bytes of the outbox's messages at most (the batch being filled included); past it new
+            records are refused, as past ``max_pending``: the bound on memory whatever the records' sizes.
         retry_s: How long a refused message waits before it is sent again.
         publish_timeout_s: How long one attempt may take, the client's own retries included: a reward waits this
             long at most before it is answered 503.
@@ -75,6 +86,7 @@ class PubSubSink:
         max_records: int = 1000,
         max_delay_s: float = 0.02,
         max_pending: int = 1000,
+        max_pending_bytes: int = 64 * 1024 * 1024,
         retry_s: float = 1.0,
         publish_timeout_s: float = 5.0,
         publisher_id: str | None = None,
@@ -83,6 +95,7 @@ class PubSubSink:
         self.max_records = max_records
         self.max_delay_s = max_delay_s
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.retry_s = retry_s
         self.publish_timeout_s = publish_timeout_s
         self.publisher_id = publisher_id or secrets.token_hex(6)
@@ -92,6 +105,9 @@ class PubSubSink:
         """Publish attempts Pub/Sub refused (each is sent again)."""
         self.refused = 0
         """Records refused because the outbox was full (answered 503)."""
+        self.undelivered = 0
+        """Messages still in the outbox when ``close`` gave up on them (logged)."""
+        self._bytes = 0
         self._publisher: Any = None
         self._seq = 0
         self._current: _Message | None = None
@@ -105,6 +121,11 @@ class PubSubSink:
     def pending(self) -> int:
         """Messages in the outbox: sent and not yet stored, or waiting to be sent again."""
         return len(self._outbox)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the messages in the outbox, the batch being filled included."""
+        return self._bytes
 
     def start(self) -> None:
         from google.api_core import exceptions, retry
@@ -128,10 +149,11 @@ class PubSubSink:
 
     def check(self) -> None:
         """Raise ``SinkUnavailable`` if the outbox is full: what the replica checks before it answers."""
-        if len(self._outbox) >= self.max_pending:
+        if len(self._outbox) >= self.max_pending or self._bytes >= self.max_pending_bytes:
             self.refused += 1
             raise SinkUnavailable(
-                f"{len(self._outbox)} messages to {self.topic} are not yet stored by Pub/Sub; retry later"
+                f"{len(self._outbox)} messages ({self._bytes} bytes) to {self.topic} are not yet stored by Pub/Sub; "
+                "retry later"
             )
 
     def event(self, event_id: str, ids: list[str], t: float) -> None:
@@ -161,8 +183,12 @@ class PubSubSink:
             self._seq += 1
             message = self._current = _Message(f"{self.publisher_id}/{self._seq}", [])
             self._outbox[message.key] = message
-        message.records.append(record)
-        if len(message.records) >= self.max_records:
+            self._bytes += message.size
+        encoded = orjson.dumps(record)
+        message.records.append(encoded)
+        message.size += len(encoded) + 1
+        self._bytes += len(encoded) + 1
+        if len(message.records) >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
@@ -179,7 +205,7 @@ class PubSubSink:
 
     def _send(self, message: _Message) -> None:
         message.attempts += 1
-        data = orjson.dumps(message.records)
+        data = b"[" + b",".join(message.records) + b"]"
         future = self._publisher.publish(
             self.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, v=FORMAT_VERSION, k=message.key
         )
@@ -195,7 +221,7 @@ class PubSubSink:
         waiters, message.waiters = message.waiters, []
         if error is None:
             self.published += 1
-            del self._outbox[message.key]
+            self._drop(message)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -209,13 +235,21 @@ class PubSubSink:
             if not waiter.done():
                 waiter.set_exception(SinkUnavailable(f"publishing to {self.topic} failed: {error}"))
         # The events go again, under the same key; the rewards were answered 503 and are the clients' to retry.
-        message.records = [record for record in message.records if record[0] == "e"]
+        events = [record for record in message.records if _is_event(record)]
+        if len(events) < len(message.records):
+            size = 1 + sum(len(record) + 1 for record in events)
+            self._bytes -= message.size - size
+            message.records, message.size = events, size
         if not message.records:
-            del self._outbox[message.key]
+            self._drop(message)
             return
         self._retry.append(message)
         if self._retry_timer is None:
             self._retry_timer = asyncio.get_running_loop().call_later(self.retry_s, self._resend)
+
+    def _drop(self, message: _Message) -> None:
+        del self._outbox[message.key]
+        self._bytes -= message.size
 
     def _resend(self) -> None:
         self._retry_timer = None
@@ -224,17 +258,39 @@ class PubSubSink:
             self._send(message)
 
     async def close(self, timeout_s: float = 30.0) -> None:
-        """Publish what is queued and wait, up to ``timeout_s``, until the outbox is empty."""
+        """Publish the batch and what waits to be sent again now, and wait, up to ``timeout_s``, until Pub/Sub has
+        stored the whole outbox; what it has not by then is logged and counted in ``undelivered``."""
         if self._publisher is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         self.flush()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self._outbox and asyncio.get_running_loop().time() < deadline:
+        if self._retry_timer is not None:  # no waiting out the retry delay at shutdown
+            self._retry_timer.cancel()
+        self._resend()
+        while self._outbox and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        if self._outbox:
-            logger.error("%d messages to %s were not stored by Pub/Sub at close", len(self._outbox), self.topic)
         if self._retry_timer is not None:
             self._retry_timer.cancel()
-        await asyncio.to_thread(self._publisher.stop)
-        self._publisher.transport.close()
-        self._publisher = None
+            self._retry_timer = None
+        if self._outbox:
+            self.undelivered = len(self._outbox)
+            events = sum(_is_event(record) for message in self._outbox.values() for record in message.records)
+            logger.error(
+                "%d messages (%d events) to %s were not stored by Pub/Sub within %.1f s at close: their impressions "
+                "are not counted",
+                self.undelivered,
+                events,
+                self.topic,
+                timeout_s,
+            )
+        publisher, self._publisher = self._publisher, None
+        # stop() waits for the publishes in flight (up to publish_timeout_s each): not past the deadline.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(publisher.stop), max(deadline - loop.time(), 0.1))
+        publisher.transport.close()
+
+
+def _is_event(record: bytes) -> bool:
+    """Whether an encoded record is an event's (``["e", ...``), not a reward's."""
+    return record.startswith(b'["e"')

@@ -86,8 +86,16 @@ class Proxy:
         self._loop.call_soon_threadsafe(restore)
 
     def close(self) -> None:
-        self.down()
-        self._loop.call_soon_threadsafe(self._server.close)
+        async def shut() -> None:
+            self._up = False
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+            self._server.close()
+            # Aborted and closing transports finish on the loop's next turns: stopped before, they are left unclosed.
+            await asyncio.sleep(0.2)
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

@@ -374,6 +374,30 @@ def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_
     assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
 
 
+def test_past_the_outbox_byte_bound_predict_is_503(fleet: Fleet) -> None:
+    """``--events-max-pending-bytes`` bounds the outbox whatever its message count: with Pub/Sub away, answers with
+    long ids fill 4,000 bytes within a few messages, then /predict answers 503 events_unavailable; once Pub/Sub is
+    back every answered event is delivered."""
+    url = fleet.replica("replica", "--events-max-pending-bytes", "4000", "--events-max-delay-s", "0.001")
+    long_ids = [f"{arm}-{'x' * 200}" for arm in ARMS[:5]]
+    with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
+        fleet.pubsub.down()
+        answered, refused = 0, 0
+        for i in range(30):
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": long_ids, "top_k": 3})
+            if answer.status_code == 200:
+                answered += 1
+            else:
+                assert (answer.status_code, answer.json()["error"]) == (503, "events_unavailable"), answer.text
+                refused += 1
+        fleet_stats = client.get("/loop").json()["fleet"]
+        assert refused > 0 and 0 < answered < 10, (answered, refused)
+        assert fleet_stats["outbox_bytes"] >= 4000 and fleet_stats["records_refused"] == refused
+        fleet.pubsub.up()
+        assert wait_until(lambda: client.get("/loop").json()["fleet"]["outbox_messages"] == 0, timeout_s=30)
+    assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
+
+
 def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet) -> None:
     """The written policy: /predict answers from the cache or the prior (degraded) while membership rows wait in a
     bounded buffer; past it /predict answers 503; /reward answers 503 bigtable_unavailable; once Bigtable is back
@@ -403,6 +427,69 @@ def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet)
         assert reward.status_code == 202, reward.text
 
 
+def test_a_replica_stopped_with_sigterm_delivers_every_event_it_answered(fleet: Fleet) -> None:
+    """A rolling restart: a replica whose answers wait up to 5 s in its batch (``--events-max-delay-s``) is sent
+    SIGTERM right after its last answer; it exits 0 once it has delivered them, and a learner then counts exactly
+    the impressions it answered; a reward for one of its events is accepted by a replica that took over (the
+    event's membership row reached Bigtable too)."""
+    url = fleet.replica("replica-a", "--events-max-delay-s", "5", "--events-max-pending", "1000000")
+    stopping = fleet.procs[-1]
+    truth = Truth()
+    answered: list[dict[str, object]] = []
+
+    async def predict(n: int) -> None:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=JSON) as client:
+
+            async def one(i: int) -> None:
+                async with limit:
+                    answer = await client.post(
+                        "/predict", json={"user_id": f"u{i}", "candidates": ARMS[i % 20 : i % 20 + 8], "top_k": 3}
+                    )
+                assert answer.status_code == 200, answer.text
+                answered.append(answer.json())
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+
+    asyncio.run(predict(300))
+    os.killpg(stopping.pid, signal.SIGTERM)  # within the batch's 5 s: nothing of it has been sent yet
+    assert stopping.wait(timeout=60) == 0
+    log = (fleet.tmp / "replica-a.log").read_text()
+    assert "not stored by Pub/Sub" not in log and "not written to" not in log, log[-3000:]
+    for body in answered:
+        truth.impressions.update(body["ids"])  # type: ignore[arg-type]
+    fleet.learner("learner")
+    other = fleet.replica("replica-b")
+    converge([other], truth)
+    event = answered[-1]
+    reward = httpx.post(
+        other + "/reward",
+        json={"event_id": event["event_id"], "id": event["ids"][0], "reward": 1},
+        timeout=30,  # type: ignore[index]
+    )
+    assert reward.status_code == 202, reward.text
+
+
+def test_a_replica_stopped_while_pubsub_is_away_gives_up_within_its_timeout_and_says_what_it_lost(
+    fleet: Fleet,
+) -> None:
+    """Shutdown is bounded by the graceful-shutdown timeout: with Pub/Sub away, a replica sent SIGTERM tries for
+    ``--timeout-graceful-shutdown-s`` to deliver, then exits 0, logging how many answered events it could not."""
+    url = fleet.replica("replica", "--timeout-graceful-shutdown-s", "2", "--events-max-delay-s", "0.001")
+    stopping = fleet.procs[-1]
+    fleet.pubsub.down()
+    with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
+        for i in range(5):
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            assert answer.status_code == 200, answer.text
+        outbox = client.get("/loop").json()["fleet"]
+    assert outbox["outbox_messages"] >= 1 and outbox["outbox_bytes"] > 0
+    os.killpg(stopping.pid, signal.SIGTERM)
+    assert stopping.wait(timeout=60) == 0
+    log = (fleet.tmp / "replica.log").read_text()
+    assert f"messages (5 events) to {fleet.topic} were not stored by Pub/Sub within 2.0 s at close" in log, log[-3000:]
+
+
 def test_bad_fleet_settings_are_refused_at_start(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "mab_service", "serve", "--events", "pubsub:projects/p/topics/t", "--port", "1"],
@@ -413,3 +500,12 @@ def test_bad_fleet_settings_are_refused_at_start(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "features" in done.stderr and "bigtable:" in done.stderr
+
+
+def test_the_outbox_byte_bound_is_a_checked_setting() -> None:
+    from mab_service.config import Settings, SettingsError
+
+    assert Settings().events_max_pending_bytes == 64 * 1024 * 1024
+    assert Settings.from_env({"MAB_EVENTS_MAX_PENDING_BYTES": "4096"}).events_max_pending_bytes == 4096
+    with pytest.raises(SettingsError, match=r"events_max_pending_bytes must be an integer >= 1 \(got 0\)"):
+        Settings(events_max_pending_bytes=0)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mab_service.features.bigtable import BigtableSource, TablePath
 from mab_service.learning import bigtable_requests, fleet_setup, learner as learner_module
@@ -25,6 +27,7 @@ from mab_service.learning.learner import Learner
 from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
+from tests.fleet.proxy import Proxy
 
 ARMS = [f"arm-{i:03d}" for i in range(40)]
 
@@ -100,11 +103,11 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
     return sink.published + again
 
 
-async def read_counts(table: str) -> tuple[list[int], list[float]]:
+async def read_counts(table: str, arms: list[str] = ARMS) -> tuple[list[int], list[float]]:
     source = BigtableSource(table, 1.0, 1.0, timeout_s=30)  # the emulator is slow while learners write
     await source.start()
     try:
-        counts = await source.read_counts(ARMS)
+        counts = await source.read_counts(arms)
     finally:
         await source.close()
     return counts.impressions.tolist(), counts.rewards.tolist()
@@ -142,29 +145,98 @@ def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_e
     assert_exact(str(resources.table), truth)
 
 
-def test_a_malformed_message_is_acknowledged_and_skipped(
+def drain(resources: fleet_setup.FleetResources, until: Any, window_s: float = 0.2) -> Learner:
+    """A learner's steps on ``resources`` until ``until(learner)`` holds and a step finds nothing more."""
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=window_s)
+        await learner.start()
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if await learner.step(wait_s=2.0) == 0 and until(learner):
+                    break
+        finally:
+            await learner.close()
+        return learner
+
+    return asyncio.run(learn())
+
+
+def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
     bigtable_emulator: Emulator, pubsub_emulator: Emulator
 ) -> None:
+    """Every kind of bad record inside messages of good ones: each good record counts in Bigtable, each bad one is
+    counted by reason, no message is dropped or dead-lettered."""
     from google.cloud.pubsub_v1 import PublisherClient
+
+    resources = make_resources()
+    bad: dict[str, list[Any]] = {
+        "id": [
+            ["e", 0, "ev-b1", [ARMS[0], "tab\there"]],  # a control character, with a good id beside it
+            ["e", 0, "ev-b2", ["del\x7f"]],
+            ["e", 0, "ev-b3", ["x" * 1025]],  # 1,025 bytes
+            ["e", 0, "ev-b4", ["\u00e9" * 513]],  # 513 characters, 1,026 bytes of UTF-8
+            ["e", 0, "ev-b5", [""]],
+            ["e", 0, "ev-b6", [ARMS[0], 7]],
+            ["r", 0, "ev-b7", "nul\x00", 1.0],
+            ["r", 0, "ev-b8", ["arm-000"], 1.0],
+        ],
+        "event_id": [["e", 0, "bad id!", [ARMS[1]]], ["r", 0, "e" * 129, ARMS[1], 1.0], ["e", 0, 17, [ARMS[1]]]],
+        "reward": [["r", 0, "ev-b9", ARMS[2], 2], ["r", 0, "ev-b10", ARMS[2], -0.5], ["r", 0, "ev-b11", ARMS[2], True]],
+        "record": [["x", 0, "ev-b12", [ARMS[3]]], ["e", 0, "ev-b13"], ["e", "now", "ev-b14", [ARMS[3]]], 5, {"e": 1}],
+    }
+    truth = Truth()
+    longest = "\u00e9" * 512  # 1,024 bytes: the longest id there is
+    arms = ARMS + [longest]
+    messages = []
+    for n, (reason, records) in enumerate(bad.items()):
+        good: list[Any] = [
+            ["e", 0, f"ev-{n}a", [ARMS[n], ARMS[n + 1], longest]],
+            ["r", 0, f"ev-{n}a", ARMS[n], 0.5],
+            ["e", 0, f"ev-{n}b", [ARMS[n + 1]]],
+        ]
+        truth.impressions.update([ARMS[n], ARMS[n + 1], longest, ARMS[n + 1]])
+        truth.rewards[ARMS[n]] += 0.5
+        # The bad records between the good ones, as a replica's batch would hold them.
+        messages.append((good[:1] + records + good[1:], {"v": FORMAT_VERSION, "k": f"p/{n + 1}"}))
+    with PublisherClient() as publisher:
+        for records, attributes in messages:
+            publisher.publish(resources.topic, orjson.dumps(records), **attributes).result(timeout=30)
+        publisher.stop()
+
+    learner = drain(resources, lambda learner: learner.stats.messages >= len(messages))
+    assert learner.stats.messages == len(messages) and learner.stats.malformed == 0
+    assert learner.stats.invalid_records == {reason: len(records) for reason, records in bad.items()}
+    assert learner.stats.impressions == sum(truth.impressions.values())
+    assert learner.stats.rewards == len(bad)
+    impressions, rewards = asyncio.run(read_counts(str(resources.table), arms))
+    assert impressions == [truth.impressions[a] for a in arms]
+    assert rewards == [truth.rewards[a] for a in arms]
+    exposed = {
+        (sample.name, sample.labels.get("reason")): sample.value
+        for family in text_string_to_metric_families(generate_latest(learner.metrics.registry).decode())
+        for sample in family.samples
+    }
+    for reason, records in bad.items():
+        assert exposed["mab_learner_invalid_records_total", reason] == len(records)
+
+
+def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator
+) -> None:
+    """Messages that are not records of this format are never acknowledged: each is nacked on every delivery,
+    and the subscription's dead-letter policy (``setup``: 5 deliveries) forwards it, whole, to the dead-letter
+    topic, where its subscription keeps it. Google's emulator implements the forwarding."""
+    from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
 
     resources = make_resources()
     good = b'[["e", 0, "ok", ["arm-000"]]]'
     cases: list[tuple[bytes, dict[str, str]]] = [
-        (data, {"v": FORMAT_VERSION, "k": f"p/{n + 2}"})
-        for n, data in enumerate(
-            [
-                b"not json",
-                b'{"e": 1}',
-                b'[["x", 0, "ev1"]]',
-                b'[["r", 0, "bad id!", "arm-000", 1]]',
-                b'[["r", 0, "e", "arm-000", 2]]',
-                b'[["r", 0, "e", "arm-000", true]]',
-                b'[["e", 0, "e", ["arm-000", 7]]]',
-                b'[["e", 0, "e", [""]]]',
-            ]
-        )
-    ]
-    cases += [
+        (b"not json", {"v": FORMAT_VERSION, "k": "p/2"}),
+        (b'{"e": 1}', {"v": FORMAT_VERSION, "k": "p/3"}),
+        (b'"text"', {"v": FORMAT_VERSION, "k": "p/4"}),
+        (b"\xff\xfe", {"v": FORMAT_VERSION, "k": "p/5"}),  # not UTF-8
         (good, {"v": FORMAT_VERSION}),  # no key
         (good, {"k": "p/20"}),  # no version
         (good, {"v": "1", "k": "p/21"}),  # another version
@@ -176,20 +248,28 @@ def test_a_malformed_message_is_acknowledged_and_skipped(
         publisher.publish(resources.topic, good, v=FORMAT_VERSION, k="p/1").result(timeout=30)
         publisher.stop()
 
-    async def learn() -> Learner:
-        learner = Learner(resources.subscription, str(resources.table), window_s=0.2)
-        await learner.start()
-        try:
-            while learner.stats.messages < len(cases) + 1:
-                await learner.step(wait_s=2.0)
-        finally:
-            await learner.close()
-        return learner
-
-    learner = asyncio.run(learn())
-    assert learner.stats.malformed == len(cases)
+    attempts = resources.max_delivery_attempts
+    learner = drain(resources, lambda learner: learner.stats.malformed >= attempts * len(cases))
+    assert learner.stats.messages == 1
+    assert learner.stats.malformed == attempts * len(cases)  # nacked on each delivery, never acknowledged
     impressions, rewards = asyncio.run(read_counts(str(resources.table)))
     assert impressions[0] == 1 and sum(impressions) == 1 and sum(rewards) == 0
+    dead: list[tuple[bytes, dict[str, str]]] = []
+    with SubscriberClient() as subscriber:
+        deadline = time.monotonic() + 60
+        while len(dead) < len(cases) and time.monotonic() < deadline:
+            response = subscriber.pull(subscription=resources.dead_letter_subscription, max_messages=100, timeout=5)
+            dead += [(m.message.data, dict(m.message.attributes)) for m in response.received_messages]
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=resources.dead_letter_subscription,
+                    ack_ids=[m.ack_id for m in response.received_messages],
+                )
+    assert sorted((data, sorted(attributes.items())) for data, attributes in cases) == sorted(
+        (data, sorted((k, v) for k, v in attributes.items() if not k.startswith("CloudPubSubDeadLetter")))
+        for data, attributes in dead
+    )
+    assert {attributes["CloudPubSubDeadLetterSourceDeliveryCount"] for _, attributes in dead} == {str(attempts)}
 
 
 def start_learner(
@@ -326,6 +406,53 @@ def test_a_failed_step_is_retried_and_loses_nothing(
     learner = asyncio.run(learn())
     assert learner.stats.errors == 1
     assert_exact(str(resources.table), truth)
+
+
+def test_a_window_bigtable_refuses_is_retried_with_its_messages_held(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bigtable away for longer than the subscription's delivery attempts would last if each failed write gave its
+    window back: the learner keeps the messages (extending their deadline) and retries the writes, so none is
+    redelivered, none reaches the dead-letter topic, and the counts are exact once Bigtable is back."""
+    from google.cloud.pubsub_v1 import SubscriberClient
+
+    resources = make_resources(ack_deadline_s=10)
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+    proxy = Proxy(int(bigtable_emulator.host.rpartition(":")[2]))
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", proxy.host)
+
+    async def learn() -> Learner:
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        proxy.down()
+        stop = asyncio.Event()
+        task = asyncio.create_task(learner.run(stop, log_every_s=60))
+        try:
+            deadline = time.monotonic() + 60
+            while learner.stats.failed_windows <= 2 * resources.max_delivery_attempts:
+                assert time.monotonic() < deadline, learner.stats
+                await asyncio.sleep(0.1)
+            proxy.up()
+            deadline = time.monotonic() + 120
+            while learner.stats.messages < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+            await learner.close()
+        return learner
+
+    try:
+        learner = asyncio.run(learn())
+    finally:
+        proxy.close()
+    monkeypatch.undo()
+    assert learner.stats.messages == sent
+    assert_exact(str(resources.table), truth)
+    with SubscriberClient() as subscriber:
+        dead = subscriber.pull(subscription=resources.dead_letter_subscription, max_messages=10, timeout=5)
+    assert list(dead.received_messages) == []
 
 
 def test_a_request_is_the_clients_own_request_in_bytes() -> None:

@@ -132,3 +132,78 @@ def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsu
     messages = pull_all(subscription, 1)
     assert [batch for batch, _ in messages] == [[["e", 1.0, "e1", ["arm-1", "arm-2"]]]]
     assert messages[0][1]["k"] == f"{sink.publisher_id}/1"
+
+
+def test_past_max_pending_bytes_events_and_rewards_are_refused(pubsub_emulator: Emulator) -> None:
+    """The outbox is bounded in bytes as well as in messages: a batch's bytes count from the first record."""
+    topic, subscription = make_topic()
+    big = [f"arm-{n}-" + "x" * 100 for n in range(3)]
+
+    async def send() -> PubSubSink:
+        sink = PubSubSink(topic, max_delay_s=60, max_pending_bytes=1000)  # one batch, sent by close
+        sink.start()
+        sent = []
+        try:
+            while True:
+                record = ["e", float(len(sent)), f"e{len(sent)}", big]
+                try:
+                    sink.event(record[2], big, record[1])
+                except SinkUnavailable as exc:
+                    assert exc.status_code == 503 and "bytes" in exc.message
+                    break
+                sent.append(record)
+            assert sink.pending == 1 and sink.pending_bytes == len(orjson.dumps(sent)) >= 1000
+            assert len(sent) == 3  # ~350 bytes each: the fourth would pass 1000
+            with pytest.raises(SinkUnavailable, match="not yet stored"):
+                await sink.reward("e0", big[0], 1.0, 0.0)
+            assert sink.refused == 2
+        finally:
+            await sink.close()
+        assert (sink.pending, sink.pending_bytes, sink.published) == (0, 0, 1)
+        return sink
+
+    asyncio.run(send())
+    (message,) = pull_all(subscription, 1)
+    assert [record[2] for record in message[0]] == ["e0", "e1", "e2"]
+
+
+def test_close_sends_what_waits_for_a_retry_at_once(pubsub_emulator: Emulator) -> None:
+    """A replica stopping delivers what Pub/Sub refused a moment ago without waiting out the retry delay."""
+    from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
+
+    tag = uuid.uuid4().hex[:8]
+    topic, subscription = f"projects/fleet/topics/close-{tag}", f"projects/fleet/subscriptions/close-{tag}"
+
+    async def send() -> PubSubSink:
+        sink = PubSubSink(topic, max_delay_s=0.001, retry_s=3600)
+        sink.start()
+        sink.event("e1", ["arm-1"], 1.0)
+        with pytest.raises(SinkUnavailable, match="failed"):
+            await asyncio.wait_for(sink.reward("e1", "arm-1", 1.0, 2.0), timeout=60)
+        with PublisherClient() as publisher:
+            publisher.create_topic(name=topic)
+        with SubscriberClient() as subscriber:
+            subscriber.create_subscription(name=subscription, topic=topic)
+        await sink.close(timeout_s=60)
+        return sink
+
+    sink = asyncio.run(send())
+    assert (sink.pending, sink.published, sink.undelivered) == (0, 1, 0)
+    assert [batch for batch, _ in pull_all(subscription, 1)] == [[["e", 1.0, "e1", ["arm-1"]]]]
+
+
+def test_close_counts_and_logs_what_it_could_not_deliver(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def send() -> PubSubSink:
+        sink = PubSubSink(f"projects/fleet/topics/never-{uuid.uuid4().hex[:8]}", max_delay_s=0.001, retry_s=0.1)
+        sink.start()
+        sink.event("e1", ["arm-1"], 1.0)
+        sink.event("e2", ["arm-2"], 1.0)
+        await sink.close(timeout_s=1.0)
+        return sink
+
+    sink = asyncio.run(send())
+    assert sink.undelivered == 1 and sink.published == 0
+    assert "1 messages (2 events) to projects/fleet/topics/never-" in caplog.text
+    assert "were not stored by Pub/Sub within 1.0 s at close" in caplog.text

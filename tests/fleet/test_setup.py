@@ -1,4 +1,5 @@
-"""``mab-service setup`` against both emulators: creates what is missing, leaves what exists, safe twice."""
+"""``mab-service setup`` against both emulators: creates what is missing, leaves what exists, safe twice; the
+learners' subscription forwards what they cannot decode to a dead-letter topic, also one that existed before."""
 
 from __future__ import annotations
 
@@ -54,19 +55,27 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
         f"created topic {topic}",
-        f"created subscription {subscription}",
+        f"created topic {topic}-dead-letter",
+        f"created subscription {subscription}-dead-letter",
+        f"created subscription {subscription} (dead letters to {topic}-dead-letter after 5 deliveries)",
         f"created table {table} (families c, d, e)",
     ]
     second = run_setup(*args)
     assert second.returncode == 0, second.stderr
     assert second.stdout.splitlines() == [
         f"topic {topic} exists",
-        f"subscription {subscription} exists",
+        f"topic {topic}-dead-letter exists",
+        f"subscription {subscription}-dead-letter exists",
+        f"subscription {subscription} exists (dead letters to {topic}-dead-letter)",
         f"table {table} exists",
     ]
     with pubsub_v1.SubscriberClient() as subscriber:
         made = subscriber.get_subscription(subscription=subscription)
+        dead = subscriber.get_subscription(subscription=f"{subscription}-dead-letter")
     assert made.topic == topic
+    assert made.dead_letter_policy.dead_letter_topic == f"{topic}-dead-letter"
+    assert made.dead_letter_policy.max_delivery_attempts == 5
+    assert dead.topic == f"{topic}-dead-letter"
     families = table_families(table)
     assert set(families) == {"c", "d", "e"}
     assert families["c"].value_type.aggregate_type.sum is not None
@@ -86,6 +95,36 @@ def test_setup_adds_missing_families(bigtable_emulator: Emulator, pubsub_emulato
     assert set(table_families(table)) == {"c", "d", "e", "other"}
 
 
+def test_setup_adds_a_dead_letter_policy_to_an_existing_subscription(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator
+) -> None:
+    """A deployment set up before dead letters: running setup again gives its subscription the policy, keeping
+    the subscription (and the messages it holds)."""
+    from google.cloud import pubsub_v1
+
+    topic, subscription, table = names()
+    with pubsub_v1.PublisherClient() as publisher:
+        publisher.create_topic(name=topic)
+    with pubsub_v1.SubscriberClient() as subscriber:
+        subscriber.create_subscription(
+            request={"name": subscription, "topic": topic, "message_retention_duration": {"seconds": 86400}}
+        )
+    with pubsub_v1.PublisherClient() as publisher:  # published before the policy, delivered after it
+        publisher.publish(topic, b"held", v="2", k="p/1").result(timeout=30)
+    args = ("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
+    done = run_setup(*args, "--max-delivery-attempts", "7")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"subscription {subscription} exists; added its dead-letter policy (to {topic}-dead-letter after 7 "
+        "deliveries)" in done.stdout.splitlines()
+    )
+    with pubsub_v1.SubscriberClient() as subscriber:
+        policy = subscriber.get_subscription(subscription=subscription).dead_letter_policy
+        held = subscriber.pull(subscription=subscription, max_messages=10, timeout=10).received_messages
+    assert (policy.dead_letter_topic, policy.max_delivery_attempts) == (f"{topic}-dead-letter", 7)
+    assert [m.message.data for m in held] == [b"held"]
+
+
 def test_setup_refuses_a_subscription_on_another_topic(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
     topic, subscription, table = names()
     args = ("--subscription", subscription, "--posteriors", f"bigtable:{table}")
@@ -101,6 +140,7 @@ def test_setup_refuses_a_subscription_on_another_topic(bigtable_emulator: Emulat
         ("--events", "kafka:x", "--events must be pubsub:projects/P/topics/T"),
         ("--subscription", "projects/p/topics/t", "a subscription must be projects/P/subscriptions/S"),
         ("--posteriors", "bigtable:projects/p/tables/t", "a Bigtable table must be projects/P/instances/I/tables/T"),
+        ("--max-delivery-attempts", "4", "--max-delivery-attempts must be in [5, 100] (got 4)"),
     ],
 )
 def test_setup_names_a_bad_argument(flag: str, value: str, message: str) -> None:
