@@ -31,8 +31,8 @@ RUN --mount=type=bind,from=build,source=/wheels/deps,target=/wheels/deps \
     pip install --no-index --find-links=/wheels/deps /wheels/deps/*.whl
 RUN --mount=type=bind,from=build,source=/wheels/app,target=/wheels/app \
     pip install --no-index --no-deps /wheels/app/*.whl
-# Settings come from MAB_* variables (or flags after `serve`); one worker per container on Kubernetes, where
-# replicas scale; MAB_WORKERS=N runs N workers on one port elsewhere.
+# Settings come from MAB_* variables (or flags after `serve`); MAB_WORKERS=N runs N workers on one port, sharing one
+# bandit (deploy/base sets it); the fleet's replicas run one worker each (deploy/fleet).
 ENV MAB_HOST=0.0.0.0 MAB_PORT=8000 MAB_WORKERS=1 MAB_STATE_DIR=/var/lib/mab-service
 # The learning loop's journal, checkpoint and decision log (docs/learning.md): mount a volume here to keep them.
 RUN mkdir -p /var/lib/mab-service && chown 10001:10001 /var/lib/mab-service

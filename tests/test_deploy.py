@@ -491,6 +491,10 @@ def test_fleet_service_settings_are_valid(fleet: Objects) -> None:
     assert settings.features == env["MAB_FEATURES"] and settings.features.startswith("bigtable:")
     assert getattr(settings, "events") == env["MAB_EVENTS"]
     assert settings.workers == 1 and settings.metrics
+    # SIGTERM: the drain, the requests in flight, then the events' flush (bounded by the same graceful timeout), and
+    # the supervisor's 5 s, before the kubelet's SIGKILL.
+    grace = fleet[("Deployment", "mab-service")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.drain_delay_s + 2 * settings.timeout_graceful_shutdown_s + 5
 
 
 # --- across both: the node's memory, the API keys, the network policies --------------------------------------

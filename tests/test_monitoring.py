@@ -59,7 +59,12 @@ CONTRACT = {
     "mab_learner_last_ack_timestamp_seconds": "gauge",
 }
 #: kube-state-metrics' series the readiness alerts read (gauges).
-KUBE_STATE = {"kube_deployment_status_replicas_available": "gauge", "kube_deployment_spec_replicas": "gauge"}
+KUBE_STATE = {
+    "kube_deployment_status_replicas_available": "gauge",
+    "kube_deployment_spec_replicas": "gauge",
+    "kube_statefulset_status_replicas_ready": "gauge",
+    "kube_statefulset_replicas": "gauge",
+}
 #: What the dashboard must show (the service's and learner's vital signs).
 WATCHED = {
     "mab_requests_total",
