@@ -7,6 +7,10 @@
 #include <cstring>
 #include <new>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // lane_bits in beta_simd.inc: movemask and mask-register tests
+#endif
+
 namespace mab {
 namespace {
 
