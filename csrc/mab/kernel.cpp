@@ -4,8 +4,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <new>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // lane_bits in beta_simd.inc: movemask and mask-register tests
+#endif
 
 namespace mab {
 namespace {
@@ -122,8 +127,20 @@ int detect_isa() noexcept {
     return kIsaBaseline;
 }
 
+// MAB_KERNEL_ISA, read once at load, lowers the instruction set for benchmarks and tests (one process can
+// then measure or check the AVX2 build on an AVX-512 machine): "sse2" (or "baseline"), "avx2", "avx512".
+int parse_isa_request() noexcept {
+    const char* value = std::getenv("MAB_KERNEL_ISA");
+    if (value == nullptr || *value == '\0') return kIsaUnset;
+    if (std::strcmp(value, "sse2") == 0 || std::strcmp(value, "baseline") == 0) return kIsaBaseline;
+    if (std::strcmp(value, "avx2") == 0) return kIsaAvx2;
+    if (std::strcmp(value, "avx512") == 0) return kIsaAvx512;
+    return kIsaUnknown;
+}
+
 const int g_best_isa = detect_isa();
-std::atomic<int> g_isa{g_best_isa};
+const int g_isa_request = parse_isa_request();
+std::atomic<int> g_isa{g_isa_request >= 0 ? std::min(g_isa_request, g_best_isa) : g_best_isa};
 
 struct Keyed {
     double sample;
@@ -267,6 +284,8 @@ int top_k_indices(const double* samples, std::size_t n, std::size_t k, int64_t* 
 int current_isa() noexcept { return g_isa.load(std::memory_order_relaxed); }
 
 int best_isa() noexcept { return g_best_isa; }
+
+int isa_request() noexcept { return g_isa_request; }
 
 int set_isa(int isa) noexcept {
     const int chosen = std::clamp(isa, static_cast<int>(kIsaBaseline), g_best_isa);

@@ -2,7 +2,8 @@
 //
 // Plain C++, no Python: functions take raw pointers, lengths and a caller-owned RngState, write into
 // caller-owned buffers, never throw, and return a Status. They hold no global mutable state except the
-// instruction-set choice, which is fixed once at load time (or by set_isa, for tests).
+// instruction-set choice, which is fixed once at load time (by the CPU, lowered by MAB_KERNEL_ISA) or by
+// set_isa, for tests.
 //
 // Preconditions (checked by the caller, not here):
 //   - every alpha[i] and beta[i] is finite and > 0;
@@ -30,6 +31,8 @@ enum Isa : int {
     kIsaBaseline = 0,  // x86-64 SSE2 or any other target GCC compiles for
     kIsaAvx2 = 1,
     kIsaAvx512 = 2,
+    kIsaUnset = -1,    // isa_request: MAB_KERNEL_ISA is not set
+    kIsaUnknown = -2,  // isa_request: MAB_KERNEL_ISA names no instruction set; ignored
 };
 
 // Fills out[i] with a draw from Beta(alpha[i], beta[i]) for i < n.
@@ -44,5 +47,10 @@ int top_k_indices(const double* samples, std::size_t n, std::size_t k, int64_t* 
 int current_isa() noexcept;
 int best_isa() noexcept;
 int set_isa(int isa) noexcept;
+
+// The instruction set the environment variable MAB_KERNEL_ISA asked for at load time ("sse2" or
+// "baseline", "avx2", "avx512"), or kIsaUnset / kIsaUnknown. The set in use starts as the lower of the
+// request and best_isa(): the override is for benchmarks and tests, and can only lower the choice.
+int isa_request() noexcept;
 
 }  // namespace mab

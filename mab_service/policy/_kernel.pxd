@@ -17,3 +17,4 @@ cdef extern from "mab/kernel.hpp" namespace "mab" nogil:
     int current_isa() noexcept
     int best_isa() noexcept
     int set_isa(int isa) noexcept
+    int isa_request() noexcept

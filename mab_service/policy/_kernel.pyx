@@ -9,6 +9,7 @@ unseeded call uses its thread's stream (created on first use from OS entropy, an
 import operator
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -22,6 +23,13 @@ cnp.import_array()
 cdef dict _ISA_NAMES = {0: "baseline", 1: "avx2", 2: "avx512"}
 cdef dict _ISA_CODES = {name: code for code, name in _ISA_NAMES.items()}
 cdef object _MAX_SEED = 2**64
+
+if isa_request() == -2:
+    # MAB_KERNEL_ISA (a benchmark and test override, read by the kernel at load) names no instruction set.
+    warnings.warn(
+        f"MAB_KERNEL_ISA must be sse2, avx2 or avx512; ignored, the kernel uses {_ISA_NAMES[current_isa()]}",
+        RuntimeWarning,
+    )
 
 
 cdef class _Stream:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
+import subprocess
+import sys
 import threading
 import tracemalloc
 
@@ -117,6 +120,70 @@ def test_every_isa_gives_the_same_bits(n: int) -> None:
     first = next(iter(results.values()))
     for isa, out in results.items():
         assert np.array_equal(out, first), f"{isa} differs from the baseline build"
+
+
+def _chunk_families(n: int):
+    """Shape families from exact arithmetic (no libm): posteriors, shapes around and below 1, and shapes
+    from subnormal to near the largest double, where most lanes go to the scalar finish."""
+    k = np.arange(n)
+    a = 1.0 + k % 2000
+    yield a, 20.0 * a + 1.0 + (k * 7919) % 5000
+    yield (1.0 + (k * 37) % 1000) / 1000.0, (1.0 + (k * 91) % 1000) / 997.0
+    yield np.ldexp(1.0 + (k % 10) / 10.0, (k * 29) % 2090 - 1070), np.ldexp(1.0 + (k % 7) / 7.0, 1019 - (k * 31) % 2090)
+
+
+def test_seeded_bits_across_pass_boundaries_are_the_recorded_ones() -> None:
+    # Recorded with the one-pass kernel that drew, tested and finished each block of eight in turn; the
+    # kernel now works in passes of 64 lanes, so sizes around that (and padding) must give the same bits.
+    best = _kernel.best_isa_name()
+    digests = {}
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            if _kernel.use_isa(isa) != isa:
+                continue
+            h = hashlib.sha256()
+            for n in (63, 64, 65, 129, 1000):
+                for a, b in _chunk_families(n):
+                    for seed in (0, 7):
+                        h.update(sample_beta(a, b, seed=seed).tobytes())
+            digests[isa] = h.hexdigest()
+    finally:
+        _kernel.use_isa(best)
+    assert digests
+    for isa, digest in digests.items():
+        assert digest == "02597f250b6ffd4fde4c3dc0861d13c17ae75c0f29d33cfaaaaa2e47dc489ea7", isa
+
+
+_ISA_PROBE = (
+    "import numpy as np; from mab_service.policy import _kernel; from mab_service import sample_beta; "
+    "a = np.linspace(0.5, 900, 77); b = np.linspace(20, 9000, 77); "
+    "print(_kernel.isa(), _kernel.best_isa_name(), sample_beta(a, b, seed=3).tobytes().hex())"
+)
+
+
+def _probe(value: str) -> tuple[list[str], str]:
+    env = {**os.environ, "MAB_KERNEL_ISA": value}
+    done = subprocess.run([sys.executable, "-c", _ISA_PROBE], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.split(), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "isa"), [("sse2", "baseline"), ("baseline", "baseline"), ("avx2", "avx2"), ("avx512", "avx512")]
+)
+def test_mab_kernel_isa_lowers_the_instruction_set_and_keeps_the_bits(value: str, isa: str) -> None:
+    (in_use, best, bits), stderr = _probe(value)
+    order = ["baseline", "avx2", "avx512"]
+    assert best == _kernel.best_isa_name()
+    assert in_use == order[min(order.index(isa), order.index(best))]
+    assert stderr == ""
+    a, b = np.linspace(0.5, 900, 77), np.linspace(20, 9000, 77)
+    assert bits == sample_beta(a, b, seed=3).tobytes().hex()
+
+
+def test_unknown_mab_kernel_isa_warns_and_keeps_the_best() -> None:
+    (in_use, best, _), stderr = _probe("avx9000")
+    assert in_use == best == _kernel.best_isa_name()
+    assert "RuntimeWarning: MAB_KERNEL_ISA must be sse2, avx2 or avx512" in stderr
 
 
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (9, 0), (9, 4), (400, 50), (2000, 50), (3000, 3000), (5000, 200)])
