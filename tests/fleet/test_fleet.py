@@ -332,10 +332,16 @@ def _pull_events(subscription: str, host: str, want: int) -> int:
     import orjson
     from google.cloud.pubsub_v1 import SubscriberClient
 
-    os.environ["PUBSUB_EMULATOR_HOST"] = host
     seen = 0
     deadline = time.monotonic() + 30
-    with SubscriberClient() as subscriber:
+    # The client reads the variable when it is made; the session's emulator is what later tests must find in it.
+    before = os.environ["PUBSUB_EMULATOR_HOST"]
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    try:
+        subscriber = SubscriberClient()
+    finally:
+        os.environ["PUBSUB_EMULATOR_HOST"] = before
+    with subscriber:
         while seen < want and time.monotonic() < deadline:
             response = subscriber.pull(subscription=subscription, max_messages=100, timeout=5)
             for received in response.received_messages:
