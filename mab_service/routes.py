@@ -165,7 +165,7 @@ async def arms(request: Request) -> OrjsonResponse:
     if order not in ("impressions", "rewards", "mean"):
         raise ValidationFailed(f"order must be impressions, rewards or mean (got {order!r})", field="order")
     if loop.fleet is not None:
-        leading, total, partial = await loop.fleet_top(int(top), order)
+        leading, total, partial = await loop.fleet_top(int(top), order, _ARMS_EXECUTOR)
         return OrjsonResponse({"arms": leading, "total": total, "partial": partial})
     leading, total = await asyncio.get_running_loop().run_in_executor(_ARMS_EXECUTOR, loop.top, int(top), order)
     return OrjsonResponse({"arms": leading, "total": total})

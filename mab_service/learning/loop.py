@@ -27,6 +27,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -480,14 +481,17 @@ class Loop:
             alpha, beta = table["alpha0"], table["beta0"]
         return leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order), len(rows)
 
-    async def fleet_top(self, n: int, order: str) -> tuple[list[dict[str, Any]], int, bool]:
+    async def fleet_top(self, n: int, order: str, executor: Executor) -> tuple[list[dict[str, Any]], int, bool]:
         """``top`` in fleet mode, over the counts in Bigtable (the first ``fleet.SCAN_ROWS`` arms); and whether the
-        table holds more than were read."""
+        table holds more than were read. The intervals are drawn on ``executor``, off the event loop."""
         assert self.fleet is not None
         ids, counts, partial = await self.fleet.scan()
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
         shown = counts.impressions.astype(np.float64)
-        return leading_arms(ids.__getitem__, alpha, beta, shown, counts.rewards, n, order), len(ids), partial
+        leading = await asyncio.get_running_loop().run_in_executor(
+            executor, leading_arms, ids.__getitem__, alpha, beta, shown, counts.rewards, n, order
+        )
+        return leading, len(ids), partial
 
     def stats(self) -> dict[str, Any]:
         now = time.time()
