@@ -14,10 +14,18 @@ The issue's target is bigtable-events / bigtable >= 0.85.
 
 ``freshness``: two replicas with events (default settings) and one learner; ``--rewards`` times, one answer from
 replica A, a reward for its first id posted to replica B, then both replicas' ``GET /arms/{id}`` (read past the
-cache) polled every 10 ms until the reward shows. Reported: the lag's median, p95 and max per replica. An answer's
-posteriors lag that by at most ``fleet_cache_ttl_s`` more (the cache).
+cache) polled every 10 ms until the reward shows. Reported: the lag's median, p95 and max per replica.
 
-    python -m benchmarks.bench_fleet [--parts throughput,freshness] [--entities 20000] [--duration 8]
+``reads``: Bigtable reads per replica, before and after the counts' fan-out, under the same load side by side: one
+learner, a replica ``cache`` (``--no-fleet-follow``: counts read behind the 1 s cache) and a replica ``fanout`` (the
+default: its node's table follows the learners' fan-out), each pinned to ``--server-cpus``. For ``--duration`` x 4
+seconds the W400 bodies go to both replicas, every answer gets a reward for its first id; meanwhile, twice a second,
+an answer for a fresh arm from ``fanout``, its reward posted to ``cache``, and the lag to the reward's visibility
+polled every 10 ms: in ``fanout``'s node table (mapped here: what its answers rank by) and in ``cache``'s
+``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to ``fleet_cache_ttl_s`` more). Counts rows read:
+``cache``'s cache misses (less coalesced) plus refreshes, from its /metrics; ``fanout``'s follower scans, from /loop.
+
+    python -m benchmarks.bench_fleet [--parts throughput,freshness,reads] [--entities 20000] [--duration 8]
                                      [--repeats 3] [--rewards 100]
 """
 
@@ -219,6 +227,152 @@ def measure_freshness(
     return {**{name: summary(values) for name, values in lags.items()}, "rewards_retried_after_503": retried}
 
 
+def _metric(url: str, name: str, label: str) -> float:
+    """The value of ``name{...label...}`` in a server's /metrics, 0 if absent."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name) and label in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return orjson.loads(answer.read())
+
+
+def _cache_rows(url: str) -> float:
+    """Ids a cached replica asked Bigtable for: misses not coalesced into another's read, and refreshes."""
+    events = "mab_feature_source_events_total"
+    return (
+        _metric(url, "mab_cache_lookups_total", 'result="miss"')
+        - _metric(url, events, 'event="coalesced"')
+        + _metric(url, events, 'event="refreshes"')
+    )
+
+
+def _follower_rows(url: str) -> float:
+    return float(_get(url + "/loop")["fleet"]["counts_rows_read"])
+
+
+def _node_arms(pid: int) -> Any:
+    """The node table of a one-worker replica, mapped from its shared file."""
+    import mmap
+
+    from mab_service.learning._arms import ArmTable
+
+    (path,) = Path("/dev/shm").glob(f"mab-service-{pid}-*-arms")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return ArmTable.attach(mmap.mmap(fd, 0))
+    finally:
+        os.close(fd)
+
+
+def measure_reads(
+    args: argparse.Namespace, work: Path, w400: workload.WorkloadFiles, table: str, topic: str, subscription: str
+) -> dict[str, Any]:
+    import threading
+
+    bodies = [orjson.loads(line) for line in w400.bodies.read_text().splitlines() if line.strip()]
+    learner_log = (work / "reads-learner.log").open("wb")
+    learner = subprocess.Popen(
+        ["taskset", "-c", args.client_cpus, sys.executable, "-m", "mab_service", "learn",
+         "--events", f"pubsub:{subscription}", "--posteriors", f"bigtable:{table}", "--metrics-port", "0",
+         *args.learner_args.split()],
+        stdout=learner_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    servers = []
+    urls: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    try:
+        for name, extra in (("cache", ["--no-fleet-follow"]), ("fanout", [])):
+            port = free_port()
+            state = tempfile.mkdtemp(prefix="state-", dir=bench_service._state_root())
+            argv = [
+                sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--features", f"bigtable:{table}", "--events", f"pubsub:{topic}", "--state-dir", state, *extra,
+            ]  # fmt: skip
+            server = bench_service.running_server(argv, port, args.server_cpus, work / f"reads-{name}.log")
+            pids[name] = server.__enter__().pid
+            servers.append(server)
+            urls[name] = f"http://127.0.0.1:{port}"
+        start_scan = _follower_rows(urls["fanout"])
+        arms = _node_arms(pids["fanout"])
+        lags: dict[str, list[float]] = {"fanout_table": [], "cache_bigtable": []}
+        stop = threading.Event()
+
+        def probe() -> None:
+            n = 0
+            while not stop.wait(0.5):
+                n += 1
+                arm = f"probe-{uuid.uuid4().hex[:8]}"
+                _, answer = _post(urls["fanout"] + "/predict", {"user_id": f"p{n}", "candidates": [arm], "top_k": 1})
+                status, _ = _post(urls["cache"] + "/reward", {"event_id": answer["event_id"], "id": arm, "reward": 1})
+                accepted = time.monotonic()
+                waiting = {"fanout_table", "cache_bigtable"}
+                while waiting and time.monotonic() - accepted < 30:
+                    found = arms.get(arm)
+                    if "fanout_table" in waiting and found is not None and found[3] >= 1.0:
+                        lags["fanout_table"].append(time.monotonic() - accepted)
+                        waiting.discard("fanout_table")
+                    if "cache_bigtable" in waiting and _rewards(urls["cache"], arm) >= 1.0:
+                        lags["cache_bigtable"].append(time.monotonic() - accepted)
+                        waiting.discard("cache_bigtable")
+                    time.sleep(0.01)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        duration_s = args.duration * 4
+        settle_s = min(5.0, duration_s / 4)
+        started = time.monotonic()
+        marks: dict[str, tuple[float, float]] = {}
+        requests = 0
+        prober.start()
+        i = 0
+        while time.monotonic() - started < duration_s:
+            if not marks and time.monotonic() - started >= settle_s:
+                marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
+                begun = time.monotonic()
+            body = bodies[i % len(bodies)]
+            i += 1
+            for url in urls.values():
+                status, answer = _post(url + "/predict", body)
+                requests += 1
+                with contextlib.suppress(urllib.error.HTTPError):  # a 503 while the emulator is busy: skipped
+                    _post(url + "/reward", {"event_id": answer["event_id"], "id": answer["ids"][0], "reward": 1})
+        stop.set()
+        prober.join()
+        time.sleep(2.5)  # the metrics' flush interval
+        elapsed = time.monotonic() - begun
+        cache_rows = _cache_rows(urls["cache"]) - marks["begin"][0]
+        fanout_rows = _follower_rows(urls["fanout"]) - marks["begin"][1]
+        follower = _get(urls["fanout"] + "/loop")["fleet"]["follower"]
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+        stop_group(learner)
+        learner_log.close()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        if not ordered:
+            return {"n": 0}
+        return {
+            "n": len(ordered),
+            "median_s": statistics.median(ordered),
+            "p95_s": ordered[int(0.95 * (len(ordered) - 1))],
+            "max_s": ordered[-1],
+        }
+
+    return {
+        "seconds": elapsed,
+        "predicts_per_replica_per_s": requests / 2 / (time.monotonic() - started),
+        "cache": {"rows_per_s": cache_rows / elapsed},
+        "fanout": {"rows_per_s": fanout_rows / elapsed, "start_scan_rows": start_scan, "follower": follower},
+        "freshness": {name: summary(values) for name, values in lags.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="throughput,freshness")
@@ -264,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
             if "freshness" in parts:
                 results["freshness"] = measure_freshness(args, work, table_csv, table, *resources("freshness"))
                 print(orjson.dumps(results["freshness"]).decode(), file=sys.stderr)
+            if "reads" in parts:
+                results["reads"] = measure_reads(args, work, files["W400"], table, *resources("reads"))
+                print(orjson.dumps(results["reads"]).decode(), file=sys.stderr)
             if "throughput" in parts:
                 topic = resources("throughput")[0]
                 results["throughput"] = measure_throughput(args, work, table_csv, files["W400"], table, topic)
@@ -279,6 +436,16 @@ def main(argv: list[str] | None = None) -> None:
             r = t[name]
             print(f"{name:24} {r['rps']:9,.0f} {r['cpu_us_per_request']:11.1f} {r['p99_ms']:7.2f}")
         print(f"events on / off: {t['events_ratio']:.2f}x; with the 1 s cache: {t['ttl1_ratio']:.2f}x")
+    if "reads" in results:
+        r = results["reads"]
+        print(f"Bigtable counts rows read per replica per second, {r['seconds']:.0f} s of the same W400 load on both "
+              f"({r['predicts_per_replica_per_s']:.0f} /predict/s each) and a reward per answer")  # fmt: skip
+        print(f"  cache (1 s TTL): {r['cache']['rows_per_s']:,.0f}   fan-out: {r['fanout']['rows_per_s']:,.0f} "
+              f"(start scan {r['fanout']['start_scan_rows']:,.0f} rows)")  # fmt: skip
+        for name, s in r["freshness"].items():
+            if s.get("n"):
+                print(f"  reward -> {name}: n {s['n']}, median {s['median_s']:.3f} s, p95 {s['p95_s']:.3f} s, "
+                      f"max {s['max_s']:.3f} s")  # fmt: skip
     if "freshness" in results:
         for name, s in results["freshness"].items():
             if name not in ("A", "B"):
