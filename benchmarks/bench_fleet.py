@@ -19,10 +19,11 @@ cache) polled every 10 ms until the reward shows. Reported: the lag's median, p9
 ``reads``: Bigtable reads per replica, before and after the counts' fan-out, under the same load side by side: one
 learner, a replica ``cache`` (``--no-fleet-follow``: counts read behind the 1 s cache) and a replica ``fanout`` (the
 default: its node's table follows the learners' fan-out), each pinned to ``--server-cpus``. For ``--duration`` x 4
-seconds the W400 bodies go to both replicas, every answer gets a reward for its first id; meanwhile, twice a second,
-an answer for a fresh arm from ``fanout``, its reward posted to ``cache``, and the lag to the reward's visibility
-polled every 10 ms: in ``fanout``'s node table (mapped here: what its answers rank by) and in ``cache``'s
-``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to ``fleet_cache_ttl_s`` more). Counts rows read:
+seconds 8 threads send the W400 bodies to both replicas, one answer in 10 gets a reward for its first id; meanwhile,
+twice a second, an answer for a fresh arm from ``fanout``, its reward posted to ``cache``, and the lag to the
+reward's visibility polled every 10 ms: in ``fanout``'s node table (mapped here: what its answers rank by) and in
+``cache``'s ``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to ``fleet_cache_ttl_s`` more). Counts
+rows read:
 ``cache``'s cache misses (less coalesced) plus refreshes, from its /metrics; ``fanout``'s follower scans, from /loop.
 
     python -m benchmarks.bench_fleet [--parts throughput,freshness,reads] [--entities 20000] [--duration 8]
@@ -32,7 +33,9 @@ polled every 10 ms: in ``fanout``'s node table (mapped here: what its answers ra
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import itertools
 import os
 import socket
 import statistics
@@ -53,6 +56,9 @@ from benchmarks import bench_service, workload
 from benchmarks.bench_service import free_port, stop_group
 
 PROJECT = "bench"
+#: ``reads``: threads sending the load, each to both replicas in turn, and one reward per this many answers.
+LOAD_THREADS = 8
+REWARD_EVERY = 10
 
 
 @contextlib.contextmanager
@@ -326,20 +332,34 @@ def measure_reads(
         settle_s = min(5.0, duration_s / 4)
         started = time.monotonic()
         marks: dict[str, tuple[float, float]] = {}
-        requests = 0
+        counter = itertools.count()
+        refused = dict.fromkeys(urls.values(), 0)
+
+        def load() -> int:
+            sent = 0
+            while time.monotonic() - started < duration_s:
+                i = next(counter)
+                for url in urls.values():
+                    try:
+                        _, answer = _post(url + "/predict", bodies[i % len(bodies)])
+                    except urllib.error.HTTPError as exc:  # 503: shed, or the emulators too busy; counted
+                        refused[url] += exc.code == 503
+                        continue
+                    sent += 1
+                    if i % REWARD_EVERY == 0:
+                        with contextlib.suppress(urllib.error.HTTPError):  # 503 while the emulator is busy: skipped
+                            _post(
+                                url + "/reward", {"event_id": answer["event_id"], "id": answer["ids"][0], "reward": 1}
+                            )
+            return sent
+
         prober.start()
-        i = 0
-        while time.monotonic() - started < duration_s:
-            if not marks and time.monotonic() - started >= settle_s:
-                marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
-                begun = time.monotonic()
-            body = bodies[i % len(bodies)]
-            i += 1
-            for url in urls.values():
-                status, answer = _post(url + "/predict", body)
-                requests += 1
-                with contextlib.suppress(urllib.error.HTTPError):  # a 503 while the emulator is busy: skipped
-                    _post(url + "/reward", {"event_id": answer["event_id"], "id": answer["ids"][0], "reward": 1})
+        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
+            senders = [pool.submit(load) for _ in range(LOAD_THREADS)]
+            time.sleep(settle_s)
+            marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
+            begun = time.monotonic()
+            requests = sum(f.result() for f in senders)
         stop.set()
         prober.join()
         time.sleep(2.5)  # the metrics' flush interval
@@ -367,8 +387,13 @@ def measure_reads(
     return {
         "seconds": elapsed,
         "predicts_per_replica_per_s": requests / 2 / (time.monotonic() - started),
-        "cache": {"rows_per_s": cache_rows / elapsed},
-        "fanout": {"rows_per_s": fanout_rows / elapsed, "start_scan_rows": start_scan, "follower": follower},
+        "cache": {"rows_per_s": cache_rows / elapsed, "predicts_refused": refused[urls["cache"]]},
+        "fanout": {
+            "rows_per_s": fanout_rows / elapsed,
+            "predicts_refused": refused[urls["fanout"]],
+            "start_scan_rows": start_scan,
+            "follower": follower,
+        },
         "freshness": {name: summary(values) for name, values in lags.items()},
     }
 
@@ -388,8 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learner-args", default="", help="extra flags for `mab-service learn`")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    bench_service.require_tools()
     parts = args.parts.split(",")
+    if "throughput" in parts:
+        bench_service.require_tools()  # wrk; the other parts load the replicas from here
     results: dict[str, Any] = {"environment": bench_service.environment(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)

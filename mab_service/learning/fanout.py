@@ -530,12 +530,14 @@ class CountsFollower:
                     logger.warning("scanning the counts of %s failed, retrying: %s", self._table_path, exc)
                     await asyncio.sleep(RETRY_S)
                     continue
+            received: list[Any] = []
             try:
                 response = await self._subscriber.pull(
                     subscription=self.subscription_name, max_messages=PULL_MAX_MESSAGES, timeout=2.0, retry=None
                 )
+                received = list(response.received_messages)
             except exceptions.DeadlineExceeded:
-                continue
+                pass  # an idle pull: nothing to deliver
             except exceptions.NotFound:
                 self._subscribed = False  # gone (expired, deleted, Pub/Sub restarted): what it held is lost
                 continue
@@ -551,7 +553,6 @@ class CountsFollower:
             if now - self._last_answer > self.resync_after_s:
                 self._need_resync("silence")
             self._last_answer = now
-            received = list(response.received_messages)
             if received:
                 self._receive(received, now)
                 with contextlib.suppress(Exception):  # not acked: delivered again and applied again, harmlessly

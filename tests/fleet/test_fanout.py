@@ -336,3 +336,35 @@ def test_without_the_fanout_topic_a_replica_refuses_to_start_and_says_to_run_set
     assert "does not exist: run mab-service setup" in replica.log.read_text()
     # The cache path needs no fan-out.
     fanout.replica("cached", "--no-fleet-follow").predict([HOT, COLD], top_k=1)
+
+
+def test_bigtable_away_at_start_stops_the_replica_and_pubsub_away_delays_only_the_following(fanout: Fanout) -> None:
+    """Bigtable out of reach at start: the replica refuses to start (exit 3, naming the table), as without the
+    fan-out. Pub/Sub out of reach at start: it serves the counts of its start scan, subscribes once Pub/Sub is back,
+    and scans again (what was published meanwhile did not reach it)."""
+    from tests.fleet.proxy import Proxy
+
+    bigtable = Proxy(int(os.environ["BIGTABLE_EMULATOR_HOST"].rpartition(":")[2]))
+    pubsub = Proxy(int(os.environ["PUBSUB_EMULATOR_HOST"].rpartition(":")[2]))
+    try:
+        bigtable.down()
+        env = {**_env(), "BIGTABLE_EMULATOR_HOST": bigtable.host}
+        refused = fanout.replica("no-bigtable", "--vertex-read-budget-s", "1", env=env, wait=False)
+        assert refused.proc.wait(timeout=120) == 3
+        assert f"cannot read Bigtable table {fanout.table}" in refused.log.read_text()
+        bigtable.up()
+
+        _write_counts(fanout.table, {"before": (3, 1.0)})
+        pubsub.down()
+        replica = fanout.replica("late-pubsub", env={**_env(), "PUBSUB_EMULATOR_HOST": pubsub.host})
+        arms = replica.arms()
+        assert _counts(arms, ["before"]) == {"before": (3, 1.0)}
+        assert replica.follower()["resyncs"] == {"start": 1, "sequence": 0, "subscription": 0, "silence": 0}
+        assert replica.predict(["before", COLD], top_k=1)["degraded"] is False
+        _write_counts(fanout.table, {"meanwhile": (6, 2.0)})  # published while it was not subscribed: lost to it
+        pubsub.up()
+        assert wait_until(lambda: _counts(arms, ["meanwhile"]) == {"meanwhile": (6, 2.0)}, timeout_s=60)
+        assert replica.follower()["resyncs"]["subscription"] == 1
+    finally:
+        bigtable.close()
+        pubsub.close()
