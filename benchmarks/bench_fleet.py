@@ -19,12 +19,12 @@ cache) polled every 10 ms until the reward shows. Reported: the lag's median, p9
 ``reads``: Bigtable reads per replica, before and after the counts' fan-out, under the same load side by side: one
 learner, a replica ``cache`` (``--no-fleet-follow``: counts read behind the 1 s cache) and a replica ``fanout`` (the
 default: its node's table follows the learners' fan-out), each pinned to ``--server-cpus``. For ``--duration`` x 4
-seconds 8 threads send the W400 bodies to both replicas, one answer in 10 gets a reward for its first id; meanwhile,
-twice a second, an answer for a fresh arm from ``fanout``, its reward posted to ``cache``, and the lag to the
-reward's visibility polled every 10 ms: in ``fanout``'s node table (mapped here: what its answers rank by) and in
-``cache``'s ``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to ``fleet_cache_ttl_s`` more). Counts
-rows read:
-``cache``'s cache misses (less coalesced) plus refreshes, from its /metrics; ``fanout``'s follower scans, from /loop.
+seconds ``--load-threads`` threads send the W400 bodies to both replicas, one answer in ``--reward-every`` gets a
+reward for its first id; meanwhile, twice a second, an answer for a fresh arm from ``fanout``, its reward posted to
+``cache``, and the lag to the reward's visibility polled every 10 ms: in ``fanout``'s node table (mapped here: what
+its answers rank by) and in ``cache``'s ``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to
+``fleet_cache_ttl_s`` more). Counts rows read: ``cache``'s cache misses (less coalesced) plus refreshes, from its
+/metrics; ``fanout``'s follower scans, from /loop.
 
     python -m benchmarks.bench_fleet [--parts throughput,freshness,reads] [--entities 20000] [--duration 8]
                                      [--repeats 3] [--rewards 100]
@@ -56,9 +56,6 @@ from benchmarks import bench_service, workload
 from benchmarks.bench_service import free_port, stop_group
 
 PROJECT = "bench"
-#: ``reads``: threads sending the load, each to both replicas in turn, and one reward per this many answers.
-LOAD_THREADS = 8
-REWARD_EVERY = 10
 
 
 @contextlib.contextmanager
@@ -334,6 +331,7 @@ def measure_reads(
         marks: dict[str, tuple[float, float]] = {}
         counter = itertools.count()
         refused = dict.fromkeys(urls.values(), 0)
+        threads, reward_every = args.load_threads, args.reward_every
 
         def load() -> int:
             sent = 0
@@ -346,7 +344,7 @@ def measure_reads(
                         refused[url] += exc.code == 503
                         continue
                     sent += 1
-                    if i % REWARD_EVERY == 0:
+                    if i % reward_every == 0:
                         with contextlib.suppress(urllib.error.HTTPError):  # 503 while the emulator is busy: skipped
                             _post(
                                 url + "/reward", {"event_id": answer["event_id"], "id": answer["ids"][0], "reward": 1}
@@ -354,8 +352,8 @@ def measure_reads(
             return sent
 
         prober.start()
-        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
-            senders = [pool.submit(load) for _ in range(LOAD_THREADS)]
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            senders = [pool.submit(load) for _ in range(threads)]
             time.sleep(settle_s)
             marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
             begun = time.monotonic()
@@ -411,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-ttl-s", type=float, default=600.0, help="cache TTL of the no-refresh targets")
     parser.add_argument("--rewards", type=int, default=100)
     parser.add_argument("--learner-args", default="", help="extra flags for `mab-service learn`")
+    parser.add_argument("--load-threads", type=int, default=8, help="reads: threads sending the load")
+    parser.add_argument("--reward-every", type=int, default=10, help="reads: one reward per this many answers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
