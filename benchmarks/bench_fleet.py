@@ -10,6 +10,8 @@ arms.
     bigtable          ``--features bigtable:T``, the cache kept ``--long-ttl-s``, the loop on but no events
     bigtable-events   the same with ``--events pubsub:TOPIC``: every answer published and its membership row written
     bigtable-events-ttl1  the same with the default ``fleet_cache_ttl_s`` (1 s): every hot id read again each second
+    bigtable-events-fanout  the default fleet replica: its node's table follows the learners' fan-out (no cache)
+(the ``bigtable-events*`` cache targets run with ``--no-fleet-follow``)
 The issue's target is bigtable-events / bigtable >= 0.85.
 
 ``freshness``: two replicas with events (default settings) and one learner; ``--rewards`` times, one answer from
@@ -119,7 +121,11 @@ def fill_counts(table: str, table_csv: Path) -> int:
     return len(rows)
 
 
-def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path) -> bench_service.TargetFactory:
+def serve_argv(
+    table: str, topic: str | None, ttl_s: float | None, warmup: Path, follow: bool = False
+) -> bench_service.TargetFactory:
+    """A replica's argv; with ``topic``, its counts behind the cache unless ``follow`` (the fan-out)."""
+
     def argv(port: int, features: Path, workers: int = 1) -> list[str]:
         state = tempfile.mkdtemp(prefix="state-", dir=bench_service._state_root())
         cmd = [
@@ -128,7 +134,7 @@ def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path)
             "--warmup-ids", str(warmup),
         ]  # fmt: skip
         if topic is not None:
-            cmd += ["--events", f"pubsub:{topic}"]
+            cmd += ["--events", f"pubsub:{topic}"] + ([] if follow else ["--no-fleet-follow"])
         if ttl_s is not None:
             cmd += ["--fleet-cache-ttl-s", str(ttl_s)]
         return cmd
@@ -144,10 +150,12 @@ def measure_throughput(
         "bigtable": serve_argv(table, None, args.long_ttl_s, table_csv),
         "bigtable-events": serve_argv(table, topic, args.long_ttl_s, table_csv),
         "bigtable-events-ttl1": serve_argv(table, topic, None, table_csv),
+        "bigtable-events-fanout": serve_argv(table, topic, None, table_csv, follow=True),
     }
     result: dict[str, Any] = bench_service.measure_interleaved(targets, table_csv, w400, args, work, "throughput")
     result["events_ratio"] = result["bigtable-events"]["rps"] / result["bigtable"]["rps"]
     result["ttl1_ratio"] = result["bigtable-events-ttl1"]["rps"] / result["bigtable"]["rps"]
+    result["fanout_ratio"] = result["bigtable-events-fanout"]["rps"] / result["bigtable"]["rps"]
     return result
 
 
@@ -458,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"W400, one worker on cpu {args.server_cpus}, wrk -c{args.connections} on {args.client_cpus}, "
               f"medians of {args.repeats} x {args.duration} s")  # fmt: skip
         print(f"{'target':24} {'req/s':>9} {'us CPU/req':>11} {'p99 ms':>7}")
-        for name in ("embedded", "bigtable", "bigtable-events", "bigtable-events-ttl1"):
+        for name in ("embedded", "bigtable", "bigtable-events", "bigtable-events-ttl1", "bigtable-events-fanout"):
             r = t[name]
             print(f"{name:24} {r['rps']:9,.0f} {r['cpu_us_per_request']:11.1f} {r['p99_ms']:7.2f}")
         print(f"events on / off: {t['events_ratio']:.2f}x; with the 1 s cache: {t['ttl1_ratio']:.2f}x")
