@@ -10,21 +10,34 @@ arms.
     bigtable          ``--features bigtable:T``, the cache kept ``--long-ttl-s``, the loop on but no events
     bigtable-events   the same with ``--events pubsub:TOPIC``: every answer published and its membership row written
     bigtable-events-ttl1  the same with the default ``fleet_cache_ttl_s`` (1 s): every hot id read again each second
+    bigtable-events-fanout  the default fleet replica: its node's table follows the learners' fan-out (no cache)
+(the ``bigtable-events*`` cache targets run with ``--no-fleet-follow``)
 The issue's target is bigtable-events / bigtable >= 0.85.
 
 ``freshness``: two replicas with events (default settings) and one learner; ``--rewards`` times, one answer from
 replica A, a reward for its first id posted to replica B, then both replicas' ``GET /arms/{id}`` (read past the
-cache) polled every 10 ms until the reward shows. Reported: the lag's median, p95 and max per replica. An answer's
-posteriors lag that by at most ``fleet_cache_ttl_s`` more (the cache).
+cache) polled every 10 ms until the reward shows. Reported: the lag's median, p95 and max per replica.
 
-    python -m benchmarks.bench_fleet [--parts throughput,freshness] [--entities 20000] [--duration 8]
+``reads``: Bigtable reads per replica, before and after the counts' fan-out, under the same load side by side: one
+learner, a replica ``cache`` (``--no-fleet-follow``: counts read behind the 1 s cache) and a replica ``fanout`` (the
+default: its node's table follows the learners' fan-out), each pinned to ``--server-cpus``. For ``--duration`` x 4
+seconds ``--load-threads`` threads send the W400 bodies to both replicas, one answer in ``--reward-every`` gets a
+reward for its first id; meanwhile, twice a second, an answer for a fresh arm from ``fanout``, its reward posted to
+``cache``, and the lag to the reward's visibility polled every 10 ms: in ``fanout``'s node table (mapped here: what
+its answers rank by) and in ``cache``'s ``GET /arms/{id}`` (Bigtable, past its cache: its answers lag up to
+``fleet_cache_ttl_s`` more). Counts rows read: ``cache``'s cache misses (less coalesced) plus refreshes, from its
+/metrics; ``fanout``'s follower scans, from /loop.
+
+    python -m benchmarks.bench_fleet [--parts throughput,freshness,reads] [--entities 20000] [--duration 8]
                                      [--repeats 3] [--rewards 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import itertools
 import os
 import socket
 import statistics
@@ -108,7 +121,11 @@ def fill_counts(table: str, table_csv: Path) -> int:
     return len(rows)
 
 
-def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path) -> bench_service.TargetFactory:
+def serve_argv(
+    table: str, topic: str | None, ttl_s: float | None, warmup: Path, follow: bool = False
+) -> bench_service.TargetFactory:
+    """A replica's argv; with ``topic``, its counts behind the cache unless ``follow`` (the fan-out)."""
+
     def argv(port: int, features: Path, workers: int = 1) -> list[str]:
         state = tempfile.mkdtemp(prefix="state-", dir=bench_service._state_root())
         cmd = [
@@ -117,7 +134,7 @@ def serve_argv(table: str, topic: str | None, ttl_s: float | None, warmup: Path)
             "--warmup-ids", str(warmup),
         ]  # fmt: skip
         if topic is not None:
-            cmd += ["--events", f"pubsub:{topic}"]
+            cmd += ["--events", f"pubsub:{topic}"] + ([] if follow else ["--no-fleet-follow"])
         if ttl_s is not None:
             cmd += ["--fleet-cache-ttl-s", str(ttl_s)]
         return cmd
@@ -133,10 +150,12 @@ def measure_throughput(
         "bigtable": serve_argv(table, None, args.long_ttl_s, table_csv),
         "bigtable-events": serve_argv(table, topic, args.long_ttl_s, table_csv),
         "bigtable-events-ttl1": serve_argv(table, topic, None, table_csv),
+        "bigtable-events-fanout": serve_argv(table, topic, None, table_csv, follow=True),
     }
     result: dict[str, Any] = bench_service.measure_interleaved(targets, table_csv, w400, args, work, "throughput")
     result["events_ratio"] = result["bigtable-events"]["rps"] / result["bigtable"]["rps"]
     result["ttl1_ratio"] = result["bigtable-events-ttl1"]["rps"] / result["bigtable"]["rps"]
+    result["fanout_ratio"] = result["bigtable-events-fanout"]["rps"] / result["bigtable"]["rps"]
     return result
 
 
@@ -219,6 +238,172 @@ def measure_freshness(
     return {**{name: summary(values) for name, values in lags.items()}, "rewards_retried_after_503": retried}
 
 
+def _metric(url: str, name: str, label: str) -> float:
+    """The value of ``name{...label...}`` in a server's /metrics, 0 if absent."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name) and label in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return orjson.loads(answer.read())
+
+
+def _cache_rows(url: str) -> float:
+    """Ids a cached replica asked Bigtable for: misses not coalesced into another's read, and refreshes."""
+    events = "mab_feature_source_events_total"
+    return (
+        _metric(url, "mab_cache_lookups_total", 'result="miss"')
+        - _metric(url, events, 'event="coalesced"')
+        + _metric(url, events, 'event="refreshes"')
+    )
+
+
+def _follower_rows(url: str) -> float:
+    return float(_get(url + "/loop")["fleet"]["counts_rows_read"])
+
+
+def _node_arms(pid: int) -> Any:
+    """The node table of a one-worker replica, mapped from its shared file."""
+    import mmap
+
+    from mab_service.learning._arms import ArmTable
+
+    (path,) = Path("/dev/shm").glob(f"mab-service-{pid}-*-arms")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return ArmTable.attach(mmap.mmap(fd, 0))
+    finally:
+        os.close(fd)
+
+
+def measure_reads(
+    args: argparse.Namespace, work: Path, w400: workload.WorkloadFiles, table: str, topic: str, subscription: str
+) -> dict[str, Any]:
+    import threading
+
+    bodies = [orjson.loads(line) for line in w400.bodies.read_text().splitlines() if line.strip()]
+    learner_log = (work / "reads-learner.log").open("wb")
+    learner = subprocess.Popen(
+        ["taskset", "-c", args.client_cpus, sys.executable, "-m", "mab_service", "learn",
+         "--events", f"pubsub:{subscription}", "--posteriors", f"bigtable:{table}", "--metrics-port", "0",
+         *args.learner_args.split()],
+        stdout=learner_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    servers = []
+    urls: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    try:
+        for name, extra in (("cache", ["--no-fleet-follow"]), ("fanout", [])):
+            port = free_port()
+            state = tempfile.mkdtemp(prefix="state-", dir=bench_service._state_root())
+            argv = [
+                sys.executable, "-m", "mab_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--features", f"bigtable:{table}", "--events", f"pubsub:{topic}", "--state-dir", state, *extra,
+            ]  # fmt: skip
+            server = bench_service.running_server(argv, port, args.server_cpus, work / f"reads-{name}.log")
+            pids[name] = server.__enter__().pid
+            servers.append(server)
+            urls[name] = f"http://127.0.0.1:{port}"
+        start_scan = _follower_rows(urls["fanout"])
+        arms = _node_arms(pids["fanout"])
+        lags: dict[str, list[float]] = {"fanout_table": [], "cache_bigtable": []}
+        stop = threading.Event()
+
+        def probe() -> None:
+            n = 0
+            while not stop.wait(0.5):
+                n += 1
+                arm = f"probe-{uuid.uuid4().hex[:8]}"
+                _, answer = _post(urls["fanout"] + "/predict", {"user_id": f"p{n}", "candidates": [arm], "top_k": 1})
+                status, _ = _post(urls["cache"] + "/reward", {"event_id": answer["event_id"], "id": arm, "reward": 1})
+                accepted = time.monotonic()
+                waiting = {"fanout_table", "cache_bigtable"}
+                while waiting and time.monotonic() - accepted < 30:
+                    found = arms.get(arm)
+                    if "fanout_table" in waiting and found is not None and found[3] >= 1.0:
+                        lags["fanout_table"].append(time.monotonic() - accepted)
+                        waiting.discard("fanout_table")
+                    if "cache_bigtable" in waiting and _rewards(urls["cache"], arm) >= 1.0:
+                        lags["cache_bigtable"].append(time.monotonic() - accepted)
+                        waiting.discard("cache_bigtable")
+                    time.sleep(0.01)
+
+        prober = threading.Thread(target=probe, daemon=True)
+        duration_s = args.duration * 4
+        settle_s = min(5.0, duration_s / 4)
+        started = time.monotonic()
+        marks: dict[str, tuple[float, float]] = {}
+        counter = itertools.count()
+        refused = dict.fromkeys(urls.values(), 0)
+        threads, reward_every = args.load_threads, args.reward_every
+
+        def load() -> int:
+            sent = 0
+            while time.monotonic() - started < duration_s:
+                i = next(counter)
+                for url in urls.values():
+                    try:
+                        _, answer = _post(url + "/predict", bodies[i % len(bodies)])
+                    except urllib.error.HTTPError as exc:  # 503: shed, or the emulators too busy; counted
+                        refused[url] += exc.code == 503
+                        continue
+                    sent += 1
+                    if i % reward_every == 0:
+                        with contextlib.suppress(urllib.error.HTTPError):  # 503 while the emulator is busy: skipped
+                            _post(
+                                url + "/reward", {"event_id": answer["event_id"], "id": answer["ids"][0], "reward": 1}
+                            )
+            return sent
+
+        prober.start()
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            senders = [pool.submit(load) for _ in range(threads)]
+            time.sleep(settle_s)
+            marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
+            begun = time.monotonic()
+            requests = sum(f.result() for f in senders)
+        stop.set()
+        prober.join()
+        time.sleep(2.5)  # the metrics' flush interval
+        elapsed = time.monotonic() - begun
+        cache_rows = _cache_rows(urls["cache"]) - marks["begin"][0]
+        fanout_rows = _follower_rows(urls["fanout"]) - marks["begin"][1]
+        follower = _get(urls["fanout"] + "/loop")["fleet"]["follower"]
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
+        stop_group(learner)
+        learner_log.close()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        ordered = sorted(values)
+        if not ordered:
+            return {"n": 0}
+        return {
+            "n": len(ordered),
+            "median_s": statistics.median(ordered),
+            "p95_s": ordered[int(0.95 * (len(ordered) - 1))],
+            "max_s": ordered[-1],
+        }
+
+    return {
+        "seconds": elapsed,
+        "predicts_per_replica_per_s": requests / 2 / (time.monotonic() - started),
+        "cache": {"rows_per_s": cache_rows / elapsed, "predicts_refused": refused[urls["cache"]]},
+        "fanout": {
+            "rows_per_s": fanout_rows / elapsed,
+            "predicts_refused": refused[urls["fanout"]],
+            "start_scan_rows": start_scan,
+            "follower": follower,
+        },
+        "freshness": {name: summary(values) for name, values in lags.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="throughput,freshness")
@@ -232,10 +417,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-ttl-s", type=float, default=600.0, help="cache TTL of the no-refresh targets")
     parser.add_argument("--rewards", type=int, default=100)
     parser.add_argument("--learner-args", default="", help="extra flags for `mab-service learn`")
+    parser.add_argument("--load-threads", type=int, default=8, help="reads: threads sending the load")
+    parser.add_argument("--reward-every", type=int, default=10, help="reads: one reward per this many answers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    bench_service.require_tools()
     parts = args.parts.split(",")
+    if "throughput" in parts:
+        bench_service.require_tools()  # wrk; the other parts load the replicas from here
     results: dict[str, Any] = {"environment": bench_service.environment(), "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
@@ -264,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
             if "freshness" in parts:
                 results["freshness"] = measure_freshness(args, work, table_csv, table, *resources("freshness"))
                 print(orjson.dumps(results["freshness"]).decode(), file=sys.stderr)
+            if "reads" in parts:
+                results["reads"] = measure_reads(args, work, files["W400"], table, *resources("reads"))
+                print(orjson.dumps(results["reads"]).decode(), file=sys.stderr)
             if "throughput" in parts:
                 topic = resources("throughput")[0]
                 results["throughput"] = measure_throughput(args, work, table_csv, files["W400"], table, topic)
@@ -275,10 +466,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"W400, one worker on cpu {args.server_cpus}, wrk -c{args.connections} on {args.client_cpus}, "
               f"medians of {args.repeats} x {args.duration} s")  # fmt: skip
         print(f"{'target':24} {'req/s':>9} {'us CPU/req':>11} {'p99 ms':>7}")
-        for name in ("embedded", "bigtable", "bigtable-events", "bigtable-events-ttl1"):
+        for name in ("embedded", "bigtable", "bigtable-events", "bigtable-events-ttl1", "bigtable-events-fanout"):
             r = t[name]
             print(f"{name:24} {r['rps']:9,.0f} {r['cpu_us_per_request']:11.1f} {r['p99_ms']:7.2f}")
         print(f"events on / off: {t['events_ratio']:.2f}x; with the 1 s cache: {t['ttl1_ratio']:.2f}x")
+    if "reads" in results:
+        r = results["reads"]
+        print(f"Bigtable counts rows read per replica per second, {r['seconds']:.0f} s of the same W400 load on both "
+              f"({r['predicts_per_replica_per_s']:.0f} /predict/s each) and a reward per answer")  # fmt: skip
+        print(f"  cache (1 s TTL): {r['cache']['rows_per_s']:,.0f}   fan-out: {r['fanout']['rows_per_s']:,.0f} "
+              f"(start scan {r['fanout']['start_scan_rows']:,.0f} rows)")  # fmt: skip
+        for name, s in r["freshness"].items():
+            if s.get("n"):
+                print(f"  reward -> {name}: n {s['n']}, median {s['median_s']:.3f} s, p95 {s['p95_s']:.3f} s, "
+                      f"max {s['max_s']:.3f} s")  # fmt: skip
     if "freshness" in results:
         for name, s in results["freshness"].items():
             if name not in ("A", "B"):

@@ -14,6 +14,7 @@ from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
 from mab_service.learning import fleet_setup, node
+from mab_service.learning.fanout import CountsFollower, counts_topic
 from mab_service.learning.fleet import Fleet
 from mab_service.learning.loop import Loop
 from mab_service.learning.posteriors import SharedArmsSource
@@ -53,12 +54,29 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
             shutdown_timeout_s=settings.timeout_graceful_shutdown_s,
         )
     with node.using(settings) as current:
+        if fleet is not None and settings.fleet_follow:
+            # One subscriber per node (the worker holding the lock); every worker ranks from the table it fills.
+            fleet.follow(
+                CountsFollower(
+                    counts_topic(fleet_setup.topic_path(settings.events)),
+                    current.arms,
+                    current.state_dir / "fanout.lock",
+                    prior_alpha=settings.prior_alpha,
+                    prior_beta=settings.prior_beta,
+                    resync_after_s=settings.fleet_resync_after_s,
+                )
+            )
         loop = Loop(current, settings, apply_counts=embedded(settings), fleet=fleet)
         await loop.start()
         try:
             yield loop
         finally:
             await loop.close()
+
+
+def following(loop: Loop) -> bool:
+    """Whether the node's arm table holds the fleet's counts (the fan-out): then it ranks, not Bigtable's cache."""
+    return loop.fleet is not None and loop.fleet.follower is not None
 
 
 def build_app(
@@ -85,7 +103,7 @@ def build_app(
         top_k = SAMPLERS[settings.sampler]
         async with AsyncExitStack() as stack:
             loop = await stack.enter_async_context(_learning(settings))
-            if loop is not None and given is None and loop.apply_counts:
+            if loop is not None and given is None and (loop.apply_counts or following(loop)):
                 source: FeatureSource = SharedArmsSource(loop.arms, settings.prior_alpha, settings.prior_beta)
             else:
                 source = given or make_source(settings)

@@ -196,8 +196,19 @@ class Settings:
     )
     fleet_cache_ttl_s: float = setting(
         1.0,
-        "Seconds counts read from Bigtable are served from the cache: with the learners' window, the bound on how "
-        "long a reward takes to show in every replica's answers.",
+        "Seconds counts read from Bigtable are served from the cache (a read-only replica, or ``fleet_follow`` off): "
+        "with the learners' window, the bound on how long a reward takes to show in every replica's answers.",
+    )
+    fleet_follow: bool = setting(
+        True,
+        "Fleet mode (``events`` set): rank from the node's copy of the counts, which the learners' fan-out topic "
+        "``<events topic>-counts`` keeps current (one subscription per node; Bigtable read only at start and to "
+        "resynchronise). Off: read the counts from Bigtable behind the cache (``fleet_cache_ttl_s``).",
+    )
+    fleet_resync_after_s: float = setting(
+        60.0,
+        "Fleet mode: seconds Pub/Sub may leave the node's fan-out subscription unanswered before the node scans the "
+        "table's counts again when it answers (messages may have been lost meanwhile).",
     )
     reward_window_s: float = setting(
         600.0,
@@ -425,6 +436,12 @@ class Settings:
             math.isfinite(self.fleet_cache_ttl_s) and self.fleet_cache_ttl_s >= 0,
             "fleet_cache_ttl_s",
             "a finite number >= 0",
+        )
+        _check(
+            self.fleet_resync_after_s,
+            math.isfinite(self.fleet_resync_after_s) and self.fleet_resync_after_s > 0,
+            "fleet_resync_after_s",
+            "a finite number > 0",
         )
         _check(self.events_max_pending, self.events_max_pending >= 1, "events_max_pending", "an integer >= 1")
         pending_bytes = self.events_max_pending_bytes

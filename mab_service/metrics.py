@@ -36,6 +36,8 @@ Exposed (all workers summed):
   Pub/Sub refused; sent again), ``mab_events_refused_total`` (records answered 503: the outbox was full),
   ``mab_events_outbox_messages``, ``mab_events_outbox_bytes``; ``mab_event_rows_written_total``,
   ``mab_event_rows_failed_total`` and ``mab_event_rows_pending`` (events' membership rows in Bigtable);
+  ``mab_fleet_counts_rows_read_total``, ``mab_fleet_counts_messages_total`` and ``mab_fleet_counts_resyncs_total``
+  (the node's copy of the counts, kept by the learners' fan-out: ``learning.fanout``);
 - ``mab_feature_source_events_total{source,event}`` and ``mab_feature_source_level{source,level}``: the feature
   source's and its cache's own counters (``SOURCE_COUNTERS``: store calls, retries, timeouts, failed, skipped,
   overloaded and shed reads, evictions, refreshes, warm-up progress) and levels (``SOURCE_LEVELS``), copied from
@@ -305,6 +307,18 @@ EVENT_ROWS_WRITTEN = Counter("mab_event_rows_written", "Fleet mode: events' memb
 EVENT_ROWS_FAILED = Counter(
     "mab_event_rows_failed", "Fleet mode: membership row writes Bigtable refused (they are sent again)."
 )
+COUNTS_ROWS_READ = Counter(
+    "mab_fleet_counts_rows_read",
+    "Fleet mode: counts rows the node's follower read from Bigtable (its start scan and resyncs, never per answer).",
+)
+COUNTS_MESSAGES = Counter(
+    "mab_fleet_counts_messages", "Fleet mode: the learners' fan-out messages applied to the node's arm table."
+)
+COUNTS_RESYNCS = Counter(
+    "mab_fleet_counts_resyncs",
+    "Fleet mode: scans of the counts by the node's follower (at start, and after a gap, a lost subscription or a "
+    "silence of Pub/Sub).",
+)
 EVENT_ROWS_PENDING = Gauge(
     "mab_event_rows_pending", "Fleet mode: membership rows not yet written to Bigtable.", multiprocess_mode="livesum"
 )
@@ -314,6 +328,9 @@ _FLEET_COUNTERS = (
     (EVENTS_REFUSED, "records_refused"),
     (EVENT_ROWS_WRITTEN, "event_rows_written"),
     (EVENT_ROWS_FAILED, "event_rows_failed"),
+    (COUNTS_ROWS_READ, "counts_rows_read"),
+    (COUNTS_MESSAGES, "counts_messages"),
+    (COUNTS_RESYNCS, "counts_resyncs"),
 )
 
 _FLEET_GAUGES = (

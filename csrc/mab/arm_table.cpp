@@ -225,6 +225,28 @@ void add_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
     }
 }
 
+
+// Raises the counts of one row to at least the given ones. Counts only grow, so the larger of two readings is the
+// newer one: applying readings in any order, and any of them twice, leaves the same values (a max is idempotent and
+// commutative). Non-negative doubles order as their bit patterns do, but the loop compares values to stay obvious.
+void raise_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
+    uint64_t cur = __atomic_load_n(&r.impressions, __ATOMIC_RELAXED);
+    while (cur < impressions &&
+           !__atomic_compare_exchange_n(&r.impressions, &cur, impressions, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    uint64_t old_bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
+    for (;;) {
+        double old_value;
+        std::memcpy(&old_value, &old_bits, sizeof old_value);
+        if (!(old_value < rewards)) return;
+        uint64_t new_bits;
+        std::memcpy(&new_bits, &rewards, sizeof new_bits);
+        if (__atomic_compare_exchange_n(&r.rewards, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            return;
+        }
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -446,6 +468,24 @@ int arm_add_impressions(ArmTable* t, const IdRef* ids, const int32_t* rows, cons
 
 void arm_add_counts(ArmTable* t, std::size_t row, uint64_t impressions, double rewards) noexcept {
     add_counts(records_of(t)[row], impressions, rewards);
+}
+
+int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions, const double* rewards,
+                     std::size_t n, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept {
+    ArmRecord* rec = records_of(t);
+    std::size_t failed = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        int64_t row;
+        bool existed;
+        if (find_or_insert(t, ids[i], hash_id_keyed(ids[i], t->key), prior_alpha, prior_beta, kArmRuntime, &row,
+                           &existed) != kArmOk) {
+            ++failed;
+            continue;
+        }
+        raise_counts(rec[row], impressions[i], rewards[i]);
+    }
+    *n_failed = failed;
+    return kArmOk;
 }
 
 // ---------------------------------------------------------------------------------------------------------

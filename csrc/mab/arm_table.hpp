@@ -139,6 +139,12 @@ int arm_add_impressions(ArmTable* table, const IdRef* ids, const int32_t* rows, 
 // Adds impressions and rewards to one row.
 void arm_add_counts(ArmTable* table, std::size_t row, uint64_t impressions, double rewards) noexcept;
 
+// For i < n: raises the counts of ids[i] to at least impressions[i] and rewards[i] (each an atomic max; ids not in
+// the table are inserted with the prior and kArmRuntime). Absolute counts read from a store whose counts only grow
+// can so be applied in any order and more than once. *n_failed counts ids not recorded because the table was full.
+int arm_raise_counts(ArmTable* table, const IdRef* ids, const uint64_t* impressions, const double* rewards,
+                     std::size_t n, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept;
+
 // ---------------------------------------------------------------------------------------------------------
 // CSV catalogue loading
 //

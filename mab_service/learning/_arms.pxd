@@ -88,6 +88,8 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
     int arm_add_impressions(CArmTable* table, const IdRef* ids, const int32_t* rows, const intptr_t* picks,
                             size_t n_picks, double prior_alpha, double prior_beta, size_t* n_failed) noexcept
     void arm_add_counts(CArmTable* table, size_t row, uint64_t impressions, double rewards) noexcept
+    int arm_raise_counts(CArmTable* table, const IdRef* ids, const uint64_t* impressions, const double* rewards,
+                         size_t n, double prior_alpha, double prior_beta, size_t* n_failed) noexcept
 
     int arm_csv_begin(CArmTable* table, size_t errors_max, ArmCsvLoad** out) noexcept
     void arm_csv_destroy(ArmCsvLoad* load) noexcept

@@ -561,6 +561,54 @@ cdef class ArmTable:
         arm_add_counts(self.table, <size_t>row, count, amount)
         return True
 
+    def raise_counts(self, ids, impressions, rewards, prior_alpha, prior_beta):
+        """Raises each id's counts to at least the given ones (an atomic max per count), inserting ids the table does
+        not hold with the prior.
+
+        For absolute counts read from a store where they only grow (the fleet's Bigtable table): the larger reading
+        is the newer, so readings may be applied in any order and any number of times.
+
+        Args:
+            ids: The arms, distinct or not (a repeated id keeps its largest counts).
+            impressions: One count per id, integers >= 0.
+            rewards: One reward sum per id, finite and >= 0.
+            prior_alpha: alpha0 of inserted arms; finite and > 0.
+            prior_beta: beta0 of inserted arms; finite and > 0.
+
+        Returns:
+            How many ids were not recorded because the table was full.
+
+        Raises:
+            TypeError: If ``ids`` is not a list or an item is not a str.
+            ValueError: If a prior is bad, the lengths differ, or a count is negative or not finite.
+        """
+        if not isinstance(ids, list):
+            raise TypeError(f"ids must be a list (got {type(ids).__name__})")
+        self._check()
+        cdef double pa = _positive(prior_alpha, "prior_alpha")
+        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef cnp.ndarray shown = np.ascontiguousarray(impressions, dtype=np.int64)
+        cdef cnp.ndarray got = np.ascontiguousarray(rewards, dtype=np.float64)
+        cdef Py_ssize_t n = list_size(ids), i
+        if shown.ndim != 1 or shown.shape[0] != n or got.ndim != 1 or got.shape[0] != n:
+            raise ValueError(f"impressions and rewards must be one-dimensional with one value per id (got shapes "
+                             f"{(<object>shown).shape} and {(<object>got).shape} for {n} ids)")
+        if n and ((<object>shown).min() < 0 or not np.all(((<object>got) >= 0.0) & ((<object>got) < np.inf))):
+            raise ValueError("impressions must be >= 0 and rewards finite and >= 0")
+        cdef const uint64_t* ps = <const uint64_t*>cnp.PyArray_DATA(shown)
+        cdef const double* pg = <const double*>cnp.PyArray_DATA(got)
+        cdef IdRef on_stack[STACK_IDS]
+        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef size_t failed = 0
+        try:
+            for i in range(n):
+                _view(<object>list_item(ids, i), &refs[i], f"ids[{i}]")
+            arm_raise_counts(self.table, refs, ps, pg, <size_t>n, pa, pb, &failed)
+        finally:
+            if refs != on_stack:
+                PyMem_Free(refs)
+        return failed
+
     def get(self, id):
         """``(alpha0, beta0, impressions, rewards, from_catalogue)`` of one id, or None if the table does not
         hold it.

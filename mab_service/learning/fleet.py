@@ -1,7 +1,9 @@
 """A serving replica's side of the fleet loop: events and rewards to Pub/Sub, event membership in Bigtable.
 
 With ``--features bigtable:TABLE --events pubsub:TOPIC`` the posteriors come from the counts the learners keep in
-Bigtable (``features.bigtable.BigtableSource``, behind the cache), and this replica adds nothing to them itself:
+Bigtable, as the node's copy of them that the learners' fan-out keeps current (``fanout.CountsFollower``, started and
+stopped here; with ``fleet_follow`` off, ``features.bigtable.BigtableSource`` behind the cache), and this replica
+adds nothing to them itself:
 
 - every answer is published as an event record (its impressions) through ``pubsub.PubSubSink``, and its returned
   ids are written to the event's **membership row** ``\\x00e/<event_id>`` in the same table (family ``e``, cell
@@ -25,6 +27,7 @@ cannot be read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from mab_service.learning.bigtable_requests import (
     quote,
     table_field,
 )
+from mab_service.learning.fanout import CountsFollower
 from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
 
 logger = logging.getLogger("mab_service.fleet")
@@ -231,6 +235,13 @@ class Fleet:
         self._table: Any = None
         self._table_name = table_field(str(self.path))
         self._claimed: Any = None
+        self.follower: CountsFollower | None = None
+        """The node's copy of the counts, kept by the learners' fan-out (``learning.fanout``); None: the answers'
+        counts are read from Bigtable behind the cache."""
+
+    def follow(self, follower: CountsFollower) -> None:
+        """Keep the node's arm table current from the fan-out while this replica runs (started in ``start``)."""
+        self.follower = follower
 
     async def start(self) -> None:
         """Connect to Pub/Sub and Bigtable.
@@ -247,12 +258,16 @@ class Fleet:
         self._table = self.source.table
         self.rows.start(self.source.client)
         self.sink.start()
+        if self.follower is not None:
+            await self.follower.start(self.source)
 
     async def close(self) -> None:
         """Deliver what this replica answered: the pending batch and the outbox to Pub/Sub and the membership rows
         to Bigtable, both at once, within ``shutdown_timeout_s``; what is left is logged and counted (``stats``)."""
         timeout_s = self.shutdown_timeout_s
         await asyncio.gather(self.sink.close(timeout_s), self.rows.close(timeout_s))
+        if self.follower is not None:
+            await self.follower.close()
         await self.source.close()
 
     def check(self) -> None:
@@ -413,4 +428,15 @@ class Fleet:
             "event_rows_pending": rows.pending,
             "reward_marks_failed": self.marks_failed,
             "event_id_claims_refused": self.claims_refused,
+            **(self._follower_stats() if self.follower is not None else {}),
+        }
+
+    def _follower_stats(self) -> dict[str, Any]:
+        assert self.follower is not None
+        follower = self.follower.stats()
+        return {
+            "counts_rows_read": follower.rows_read,
+            "counts_messages": follower.messages,
+            "counts_resyncs": sum(follower.resyncs.values()),
+            "follower": dataclasses.asdict(follower),
         }

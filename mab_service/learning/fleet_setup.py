@@ -128,6 +128,7 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
                 say(f"created topic {topic}")
             except exceptions.AlreadyExists:
                 say(f"topic {topic} exists")
+        ensure_counts_topic(publisher, resources.topic, say)
 
     retention_s = resources.retention_s
     dead_letter_policy = {
@@ -199,6 +200,21 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
             f"after its marker is collected would count twice; give family {MARKERS_FAMILY} a max age over the "
             "retention, or lower the retention"
         )
+
+
+def ensure_counts_topic(publisher: Any, events_topic: str, say: Callable[[str], None] = print) -> None:
+    """Create the learners' fan-out topic of ``events_topic`` (``learning.fanout``) unless it exists. It has no
+    subscription of its own: each replica node makes one at start and deletes it when it stops."""
+    from google.api_core import exceptions
+
+    from mab_service.learning.fanout import counts_topic
+
+    topic = counts_topic(events_topic)
+    try:
+        publisher.create_topic(name=topic)
+        say(f"created topic {topic}")
+    except exceptions.AlreadyExists:
+        say(f"topic {topic} exists")
 
 
 def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] = print) -> int | None:

@@ -60,6 +60,7 @@ from mab_service.learning.bigtable_requests import (
     table_field,
     timestamp_field,
 )
+from mab_service.learning.fanout import CountsPublisher
 from mab_service.learning.pubsub import FORMAT_VERSION
 
 logger = logging.getLogger("mab_service.learner")
@@ -371,6 +372,8 @@ class Learner:
         self._stop = asyncio.Event()
         self._written: set[str] = set()
         """Rows of the window being written that are done: a retry of the window writes only the others."""
+        self.fanout = CountsPublisher(table)
+        """Publishes the counts of each window's arms for the replicas (``fanout``)."""
 
     async def start(self) -> None:
         """Connect, and check that the subscription and the table exist.
@@ -391,12 +394,17 @@ class Learner:
             raise LearnerError(f"cannot read subscription {self.subscription}: {exc}") from None
         self._ack_deadline_s = max(int(subscription.ack_deadline_seconds), 10)
         try:
+            await self.fanout.start(subscription.topic)
+        except Exception as exc:
+            raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
+        try:
             table = self._client.get_table(self.path.instance, self.path.table)
             await table.read_row(PROBE_KEY.encode(), operation_timeout=30)
         except Exception as exc:
             raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
 
     async def close(self) -> None:
+        await self.fanout.close()
         if self._client is not None:
             await self._client.close()
         if self._subscriber is not None:
@@ -473,6 +481,7 @@ class Learner:
                         await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
         finally:
             lease.cancel()
+        self.fanout.written(window.rows)  # the replicas' copy of these arms' counts (fanout), in the background
         for s in range(0, len(ack_ids), ACKS_PER_CALL):
             await self._subscriber.acknowledge(subscription=self.subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL])
         if undecodable:

@@ -56,6 +56,7 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
     assert first.stdout.splitlines() == [
         f"created topic {topic}",
         f"created topic {topic}-dead-letter",
+        f"created topic {topic}-counts",
         f"created subscription {subscription}-dead-letter",
         f"created subscription {subscription} (dead letters to {topic}-dead-letter after 5 deliveries)",
         f"created table {table} (families c, d, e)",
@@ -65,6 +66,7 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
     assert second.stdout.splitlines() == [
         f"topic {topic} exists",
         f"topic {topic}-dead-letter exists",
+        f"topic {topic}-counts exists",
         f"subscription {subscription}-dead-letter exists",
         f"subscription {subscription} exists (dead letters to {topic}-dead-letter)",
         f"table {table} exists",
