@@ -7,7 +7,7 @@ no system call is made. CPU time (all threads: the loop's journal and decision l
 ``--repeats`` batches. The distance to the floor is what mab-service's own Python costs; what TCP on loopback adds
 is in ``bench_service`` (the end-to-end figure minus this one).
 
-    python -m benchmarks.bench_edge [--targets floor,nolearn,loop] [--size 10] [--requests 20000] [--repeats 7]
+    python -m benchmarks.bench_edge [--targets floor,nolearn,loop,loop-keys] [--size 10] [--requests 20000] [--repeats 7]
 
 Run it pinned (``taskset -c 0``): the loop's threads then share the core, as they do in a one-core worker.
 """
@@ -32,7 +32,9 @@ from uvicorn.server import ServerState
 from benchmarks import workload
 
 CONNECTIONS = 32
-TARGETS = ("floor", "nolearn", "loop")
+TARGETS = ("floor", "nolearn", "loop", "loop-keys")
+#: The key ``loop-keys`` is run with (API keys on, ``api_keys_file``) and its requests carry.
+KEY = "bench-edge-key-0123456789abcdef"
 
 
 class MemoryTransport(asyncio.Transport):
@@ -78,7 +80,16 @@ async def _protocols(target: str, table: Path, state_dir: str) -> tuple[Callable
     from mab_service.config import Settings
     from mab_service.learning import node
 
-    settings = Settings(features=f"csv:{table}", learning=target == "loop", state_dir=state_dir)
+    keys = None
+    if target == "loop-keys":
+        keys = Path(state_dir) / "api-keys"
+        keys.write_text(f"{KEY}\n")
+    settings = Settings(
+        features=f"csv:{table}",
+        learning=target.startswith("loop"),
+        state_dir=state_dir,
+        api_keys_file=str(keys) if keys is not None else "",
+    )
     if settings.learning:
         node.adopt(node.Node.open(settings))
     config = server.worker(settings).config
@@ -104,9 +115,10 @@ async def _protocols(target: str, table: Path, state_dir: str) -> tuple[Callable
 
 async def measure(target: str, table: Path, bodies: list[bytes], requests: int, repeats: int) -> list[float]:
     """CPU microseconds per request of ``repeats`` batches of ``requests``."""
+    key = b"Authorization: Bearer %s\r\n" % KEY.encode() if target == "loop-keys" else b""
     raw = [
-        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (len(body), body)
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (key, len(body), body)
         for body in bodies
     ]
     with tempfile.TemporaryDirectory(prefix="bench_edge-") as state_dir:
