@@ -308,7 +308,11 @@ def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count
     """Thousands of decisions; each reward posted to the other replica and repeated to the first; one learner
     killed with SIGKILL and restarted mid-run; Pub/Sub taken away and its emulator restarted: every replica's
     /arms converge to the exact ground truth."""
-    urls = [fleet.replica(name, "--events-publish-timeout-s", "1") for name in ("replica-a", "replica-b")]
+    # A reward looks for its event's membership row for up to 1 s by default; on a loaded test machine (two
+    # replicas, two learners and both emulators on two cores) a row can take longer to land: wait longer here, as
+    # exactness is what is tested.
+    args = ("--events-publish-timeout-s", "1", "--event-propagation-s", "5")
+    urls = [fleet.replica(name, *args) for name in ("replica-a", "replica-b")]
     learners = [fleet.learner("learner-0"), fleet.learner("learner-1")]
     truth = Truth()
     traffic = Traffic(urls, truth, seed=13)
