@@ -15,29 +15,22 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memmove
 
-from mab_service.features._index cimport IdRef, id_views
+from mab_service._cyutil cimport (
+    IdRef, STACK_IDS, empty, free_scratch, id_view, id_views, list_item, list_size, parameters, positive, scratch,
+)
 
 cnp.import_array()
 
 
 cdef extern from "Python.h":
-    Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
-    PyObject* list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
-    bint is_str "PyUnicode_Check"(PyObject* o)
-    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(PyObject* o, Py_ssize_t* size)
     object decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
 
-
-cdef enum:
-    # Requests of up to this many ids use scratch on the stack (16 bytes per id); larger ones allocate it.
-    STACK_IDS = 512
 
 # Bytes read from a CSV file per block: big enough that the GIL changes hands rarely, small enough to stay
 # out of the way of the table's own memory.
@@ -81,62 +74,6 @@ cdef int _raise_on_status(int status, str where="the arm table") except -1:
     raise RuntimeError(f"the arm table returned unknown status {status}")
 
 
-cdef int _view(object id, IdRef* ref, str name) except -1:
-    """One id's UTF-8 bytes, borrowed from the str; TypeError/ValueError naming `name` otherwise."""
-    cdef Py_ssize_t size
-    cdef const char* data
-    if not is_str(<PyObject*>id):
-        raise TypeError(f"{name} must be a string (got {type(id).__name__})")
-    data = utf8_and_size(<PyObject*>id, &size)
-    if data == NULL:
-        if PyErr_ExceptionMatches(UnicodeEncodeError):
-            PyErr_Clear()
-            raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)")
-        return -1
-    ref.data = data
-    ref.size = <size_t>size
-    return 0
-
-
-cdef void* _scratch(void* on_stack, Py_ssize_t n, size_t item_bytes) except NULL:
-    if n <= STACK_IDS:
-        return on_stack
-    cdef void* p = PyMem_Malloc(<size_t>n * item_bytes)
-    if p == NULL:
-        raise MemoryError()
-    return p
-
-
-cdef double _positive(object value, str name) except? -1.0:
-    cdef double x = value
-    if not (x > 0.0 and x < INFINITY):
-        raise ValueError(f"{name} must be finite and > 0 (got {x!r})")
-    return x
-
-
-cdef cnp.ndarray _empty(Py_ssize_t n, int typenum):
-    cdef cnp.npy_intp dims = n
-    return cnp.PyArray_EMPTY(1, &dims, typenum, 0)
-
-
-cdef cnp.ndarray _parameters(object values, str name):
-    cdef cnp.ndarray arr
-    try:
-        # A copy the caller cannot change while the rows are loaded without the GIL.
-        arr = np.array(values, dtype=np.float64, order="C")
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be an array of numbers: {exc}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional (got shape {(<object>arr).shape})")
-    cdef const double* p = <const double*>cnp.PyArray_DATA(arr)
-    cdef Py_ssize_t i
-    for i in range(arr.shape[0]):
-        # Written so that NaN fails too: every comparison with NaN is false.
-        if not (p[i] > 0.0 and p[i] < INFINITY):
-            raise ValueError(f"{name} must be finite and > 0 at index {i} (got {p[i]!r})")
-    return arr
-
-
 cdef str _csv_text(const ArmCsvError* e):
     cdef size_t kept = min(e.text_size, kCsvErrorText)
     cdef str text = decode_utf8(<const char*>e.text, <Py_ssize_t>kept, "replace")
@@ -178,7 +115,7 @@ cdef _header_error(object path, int status):
 cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
     """Feeds the file at `path` to the parser in blocks, the GIL released while each is parsed. Returns the
     parser's status. A record longer than the block doubles the block."""
-    cdef cnp.ndarray block = _empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
+    cdef cnp.ndarray block = empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
     cdef cnp.ndarray bigger
     cdef Py_ssize_t have = 0, got
     cdef size_t consumed = 0
@@ -198,7 +135,7 @@ cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
             memmove(data, data + consumed, <size_t>have - consumed)
             have -= <Py_ssize_t>consumed
             if have == block.shape[0]:
-                bigger = _empty(2 * have, cnp.NPY_UINT8)
+                bigger = empty(2 * have, cnp.NPY_UINT8)
                 bigger[:have] = block
                 block = bigger
 
@@ -340,8 +277,8 @@ cdef class ArmTable:
         # Our own list: nobody else can drop its items while the rows are loaded without the GIL.
         cdef list own = list(ids)
         cdef Py_ssize_t n = len(own)
-        cdef cnp.ndarray a = _parameters(alpha0, "alpha0")
-        cdef cnp.ndarray b = _parameters(beta0, "beta0")
+        cdef cnp.ndarray a = parameters(alpha0, "alpha0", "index")
+        cdef cnp.ndarray b = parameters(beta0, "beta0", "index")
         if a.shape[0] != n or b.shape[0] != n:
             raise ValueError(
                 f"ids, alpha0 and beta0 must have the same length (got {n}, {a.shape[0]} and {b.shape[0]})"
@@ -460,22 +397,21 @@ cdef class ArmTable:
         if not isinstance(ids, list):
             raise TypeError(f"ids must be a list (got {type(ids).__name__})")
         self._check()
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef Py_ssize_t n = list_size(ids)
-        cdef cnp.ndarray alpha = _empty(n, cnp.NPY_FLOAT64)
-        cdef cnp.ndarray beta = _empty(n, cnp.NPY_FLOAT64)
-        cdef cnp.ndarray rows = _empty(n, cnp.NPY_INT32)
+        cdef cnp.ndarray alpha = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray beta = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray rows = empty(n, cnp.NPY_INT32)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         cdef size_t known = 0
         try:
             id_views(ids, n, refs, "candidates")
             arm_gather_fill(self.table, refs, <size_t>n, pa, pb, <double*>cnp.PyArray_DATA(alpha),
                             <double*>cnp.PyArray_DATA(beta), <int32_t*>cnp.PyArray_DATA(rows), &known)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return alpha, beta, known, rows
 
     def add_impressions(self, ids, rows, picks, prior_alpha, prior_beta):
@@ -498,8 +434,8 @@ cdef class ArmTable:
         if not isinstance(ids, list):
             raise TypeError(f"ids must be a list (got {type(ids).__name__})")
         self._check()
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef cnp.ndarray r = np.ascontiguousarray(rows, dtype=np.int32)
         cdef cnp.ndarray p = np.ascontiguousarray(picks, dtype=np.intp)
         cdef Py_ssize_t n = list_size(ids)
@@ -513,7 +449,7 @@ cdef class ArmTable:
         cdef Py_ssize_t n_picks = p.shape[0], k, m = 0
         cdef int64_t taken = <int64_t>arm_table_rows(self.table)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n_picks, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n_picks, sizeof(IdRef))
         cdef size_t failed = 0
         try:
             for k in range(n_picks):
@@ -522,14 +458,13 @@ cdef class ArmTable:
                 if pr[pp[k]] < 0:
                     if pr[pp[k]] != -1:
                         raise ValueError(f"rows[{pp[k]}] must be -1 or a row (got {pr[pp[k]]})")
-                    _view(<object>list_item(ids, pp[k]), &refs[m], f"ids[{pp[k]}]")
+                    id_view(list_item(ids, pp[k]), &refs[m], "ids", pp[k])
                     m += 1
                 elif pr[pp[k]] >= taken:
                     raise ValueError(f"rows[{pp[k]}] must be below {taken} (got {pr[pp[k]]})")
             arm_add_impressions(self.table, refs, pr, pp, <size_t>n_picks, pa, pb, &failed)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return failed
 
     def add(self, id, impressions, rewards, prior_alpha, prior_beta):
@@ -546,15 +481,15 @@ cdef class ArmTable:
         """
         self._check()
         cdef IdRef ref
-        _view(id, &ref, "id")
+        id_view(<PyObject*>id, &ref, "id", -1)
         if impressions < 0:
             raise ValueError(f"impressions must be >= 0 (got {impressions})")
         cdef uint64_t count = impressions
         cdef double amount = rewards
         if not (amount >= 0.0 and amount < INFINITY):
             raise ValueError(f"rewards must be finite and >= 0 (got {amount!r})")
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef int64_t row = -1
         if arm_find_or_insert(self.table, ref, pa, pb, kArmRuntime, &row) != kArmOk:
             return False
@@ -570,7 +505,7 @@ cdef class ArmTable:
         """
         self._check()
         cdef IdRef ref
-        _view(id, &ref, "id")
+        id_view(<PyObject*>id, &ref, "id", -1)
         cdef int64_t row = arm_find(self.table, ref)
         if row < 0:
             return None
