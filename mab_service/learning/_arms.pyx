@@ -10,6 +10,9 @@ microseconds and the id views borrow from list items. Bulk loads release it: ``l
 the list, ``load_csv`` on its own block buffer.
 """
 import csv
+import io
+import mmap
+import sys
 
 import numpy as np
 
@@ -24,8 +27,16 @@ from libc.string cimport memcpy, memmove
 from mab_service._cyutil cimport (
     IdRef, STACK_IDS, empty, free_scratch, id_view, id_views, list_item, list_size, parameters, positive, scratch,
 )
+from mab_service.features._index cimport first_bad_id
+
+from mab_service.ids import MAX_ID_BYTES, id_message, id_problem
 
 cnp.import_array()
+
+# Read once: catalogue ids are checked in C++ against this number.
+cdef size_t _max_id_bytes = MAX_ID_BYTES
+# What the C++ parser strips from ids (ASCII whitespace only), for the Python pass that finds a bad id's line.
+cdef str _ASCII_SPACE = " \t\n\r\v\f"
 
 
 cdef extern from "Python.h":
@@ -102,19 +113,97 @@ cdef str _csv_problem(const ArmCsvError* e):
     return f"line {line}: unknown problem {e.problem}"
 
 
-cdef _header_error(object path, int status):
-    """The message for a file whose first record is missing or lacks a column, worded as local.py does."""
+def _csv_records(source):
+    """(line, record) of the CSV `source` read as text, bad UTF-8 replaced, each with the line it ends on (the
+    parser's numbering). For the rare reports that need Python's view of the file. The parser takes fields of
+    any length, so csv's limit is lifted meanwhile (it is per process: loads run at start, one at a time)."""
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        yield from _csv_records_limitless(source)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_records_limitless(source):
+    if hasattr(source, "readinto"):
+        source.seek(0)
+        text = io.TextIOWrapper(source, encoding="utf-8", errors="replace", newline="")
+        try:
+            reader = csv.reader(text)
+            for row in reader:
+                yield reader.line_num, row
+        finally:
+            text.detach()  # the caller's file stays open
+    else:
+        with open(source, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                yield reader.line_num, row
+
+
+cdef _header_error(object source, str where, int status):
+    """The message for a file whose first record is missing or lacks a column."""
     if status == kArmCsvEmpty:
-        return ValueError(f"{path}: the file is empty (expected the header entity_id,alpha,beta)")
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
+        return ValueError(f"{where}: the file is empty (expected the header entity_id,alpha,beta)")
+    records = _csv_records(source)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    records.close()
     missing = [c for c in ("entity_id", "alpha", "beta") if c not in header]
-    return ValueError(f"{path}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
+    return ValueError(f"{where}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
 
 
-cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
-    """Feeds the file at `path` to the parser in blocks, the GIL released while each is parsed. Returns the
-    parser's status. A record longer than the block doubles the block."""
+cdef Py_ssize_t _next_bad_row(const CArmTable* table, size_t row, size_t end) noexcept nogil:
+    """The first row in [row, end) whose id breaks the id rule (mab_service/ids.py), or -1."""
+    cdef IdRef ref
+    while row < end:
+        ref = arm_id_at(table, row)
+        if ref.data != NULL and first_bad_id(&ref, 1, _max_id_bytes) == 0:
+            return <Py_ssize_t>row
+        row += 1
+    return -1
+
+
+cdef list _id_rule_problems(object source, dict bad):
+    """(line, message) for each id of `bad` (loaded, so each on its first line), found by a pass in Python: the
+    table does not keep lines, and bad ids are rare."""
+    cdef list out = []
+    records = _csv_records(source)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    col = header.index("entity_id")
+    for line, row in records:
+        if len(row) > col:
+            entity = row[col].strip(_ASCII_SPACE)
+            if bad.get(entity, 0) is None:
+                bad[entity] = line
+                out.append((line, f"line {line}: " + id_message("entity_id", id_problem(entity))))
+    records.close()
+    return out
+
+
+cdef object _open_binary(object source):
+    """`source` rewound, if it is a binary file, else the file at the path `source`, unbuffered."""
+    if hasattr(source, "readinto"):
+        source.seek(0)
+        return _Borrowed(source)
+    return open(source, "rb", buffering=0)
+
+
+class _Borrowed:
+    """A caller's file in a with statement that leaves it open."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc):
+        return False
+
+
+cdef int _feed_file(ArmCsvLoad* load, object source) except -1:
+    """Feeds `source` (a path or a binary file) to the parser in blocks, the GIL released while each is parsed.
+    Returns the parser's status. A record longer than the block doubles the block."""
     cdef cnp.ndarray block = empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
     cdef cnp.ndarray bigger
     cdef Py_ssize_t have = 0, got
@@ -122,7 +211,7 @@ cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
     cdef char* data
     cdef bint eof
     cdef int status
-    with open(path, "rb", buffering=0) as f:
+    with _open_binary(source) as f:
         while True:
             got = f.readinto(block[have:])
             eof = got == 0
@@ -138,6 +227,88 @@ cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
                 bigger = empty(2 * have, cnp.NPY_UINT8)
                 bigger[:have] = block
                 block = bigger
+
+
+cdef object _load_csv(CArmTable* table, object source, str where, object errors_max):
+    """The catalogue loader: parses `source` into `table` (NULL: only count), checks every row, and raises one
+    ValueError listing the bad lines by number (at most errors_max of them, all counted), the messages prefixed
+    with `where`. Returns the parser's counts as (rows, id_bytes)."""
+    if errors_max < 0:
+        raise ValueError(f"errors_max must be >= 0 (got {errors_max})")
+    cdef ArmCsvLoad* load = NULL
+    cdef ArmCsvCounts counts
+    cdef const ArmCsvError* errors
+    cdef uint64_t i
+    cdef size_t start = 0, end = 0
+    cdef Py_ssize_t bad = -1
+    cdef IdRef ref
+    if table != NULL:
+        start = arm_table_rows(table)
+    _raise_on_status(arm_csv_begin(table, <size_t>errors_max if table != NULL else 0, &load))
+    try:
+        status = _feed_file(load, source)
+        arm_csv_counts(load, &counts)
+        if status == kArmCsvEmpty or status == kArmCsvBadHeader:
+            raise _header_error(source, where, status)
+        if table == NULL:
+            _raise_on_status(status)
+            return counts.rows, counts.id_bytes
+        _raise_on_status(status, f"{where}: line {counts.failed_line}")
+        # The id rule, on the rows this file added: the parser checks only that an id is non-empty UTF-8.
+        end = arm_table_rows(table)
+        with nogil:
+            bad = _next_bad_row(table, start, end)
+        if counts.problems == 0 and bad < 0:
+            return counts.rows, counts.id_bytes
+        errors = arm_csv_errors(load)
+        problems = [(errors[i].line, _csv_problem(&errors[i])) for i in range(counts.reported)]
+        total = counts.problems
+        if bad >= 0:
+            bad_ids = {}
+            while bad >= 0:
+                ref = arm_id_at(table, <size_t>bad)
+                bad_ids[decode_utf8(ref.data, <Py_ssize_t>ref.size, "strict")] = None
+                with nogil:
+                    bad = _next_bad_row(table, <size_t>bad + 1, end)
+            total += len(bad_ids)
+            problems += _id_rule_problems(source, bad_ids)
+            problems.sort(key=lambda p: p[0])
+        shown = [text for _, text in problems[:errors_max]]
+        more = total - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise ValueError(f"{where}: {total} bad rows:\n  " + "\n  ".join(shown) + tail)
+    finally:
+        arm_csv_destroy(load)
+
+
+def read_catalogue(source, where, errors_max=20):
+    """The rows of an ``entity_id,alpha,beta`` catalogue CSV, read and checked as ``ArmTable.load_csv`` reads
+    and checks them (one parser, one set of messages), for tables other than the arm table.
+
+    Args:
+        source: A path, or a seekable binary file (it is read twice: once to size, once to load).
+        where: What the messages call the file.
+        errors_max: How many bad rows the report lists (all are counted).
+
+    Returns:
+        ``(ids, alpha, beta)``: the ids in file order and two float64 arrays aligned with them.
+
+    Raises:
+        OSError: If the file cannot be read.
+        ValueError: Listing the bad rows, or if the file is empty or its header lacks a column.
+    """
+    rows, id_bytes = _load_csv(NULL, source, where, 0)
+    buffer = mmap.mmap(-1, ArmTable.bytes_needed(rows, id_bytes))
+    cdef ArmTable table = ArmTable.create(buffer, rows, id_bytes)
+    _load_csv(table.table, source, where, errors_max)
+    cdef size_t n = arm_table_rows(table.table), row
+    cdef IdRef ref
+    cdef list ids = []
+    for row in range(n):
+        ref = arm_id_at(table.table, row)
+        ids.append(decode_utf8(ref.data, <Py_ssize_t>ref.size, "strict"))
+    records = table.records()
+    return ids, np.array(records["alpha0"]), np.array(records["beta0"])
 
 
 cdef class ArmTable:
@@ -309,7 +480,8 @@ cdef class ArmTable:
 
         The header names the three columns in any order; other columns are ignored, blank lines skipped,
         fields may be double-quoted with ``""`` for a quote. Every bad row is reported with its line
-        number, as ``mab_service.features.local`` does: an empty id, an id seen before (naming the first
+        number (the one loader of catalogue files; ``read_catalogue`` gives its rows to other tables): an
+        empty id, an id that breaks the id rule (``mab_service.ids``), an id seen before (naming the first
         line), alpha or beta not a finite number > 0, too few fields. Ids and numbers are stripped of ASCII
         whitespace; numbers with digit separators ("1_000") count as bad.
 
@@ -328,28 +500,7 @@ cdef class ArmTable:
             ValueError: Listing the bad rows, or if the header lacks a column or the table is full.
         """
         self._check()
-        if errors_max < 0:
-            raise ValueError(f"errors_max must be >= 0 (got {errors_max})")
-        cdef ArmCsvLoad* load = NULL
-        cdef ArmCsvCounts counts
-        cdef const ArmCsvError* errors
-        cdef uint64_t i
-        _raise_on_status(arm_csv_begin(self.table, <size_t>errors_max, &load))
-        try:
-            status = _feed_file(load, path)
-            arm_csv_counts(load, &counts)
-            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
-                raise _header_error(path, status)
-            _raise_on_status(status, f"{path}: line {counts.failed_line}")
-            if counts.problems:
-                errors = arm_csv_errors(load)
-                shown = [_csv_problem(&errors[i]) for i in range(counts.reported)]
-                more = counts.problems - counts.reported
-                tail = f"\n  ... and {more} more" if more else ""
-                raise ValueError(f"{path}: {counts.problems} bad rows:\n  " + "\n  ".join(shown) + tail)
-            return counts.rows
-        finally:
-            arm_csv_destroy(load)
+        return _load_csv(self.table, path, f"{path}", errors_max)[0]
 
     @staticmethod
     def csv_rows_upper_bound(path):
@@ -363,18 +514,7 @@ cdef class ArmTable:
             OSError: If the file cannot be read.
             ValueError: If the file is empty or its header lacks a column.
         """
-        cdef ArmCsvLoad* load = NULL
-        cdef ArmCsvCounts counts
-        _raise_on_status(arm_csv_begin(NULL, 0, &load))
-        try:
-            status = _feed_file(load, path)
-            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
-                raise _header_error(path, status)
-            _raise_on_status(status)
-            arm_csv_counts(load, &counts)
-            return counts.rows, counts.id_bytes
-        finally:
-            arm_csv_destroy(load)
+        return _load_csv(NULL, path, f"{path}", 0)
 
     def gather(self, ids, prior_alpha, prior_beta):
         """The posterior of every id, with the prior for ids the table does not hold.
