@@ -9,6 +9,7 @@ Request calls (gather, add_impressions, add, get) keep the GIL, as IdIndex.gathe
 microseconds and the id views borrow from list items. Bulk loads release it: ``load`` works on its own copy of
 the list, ``load_csv`` on its own block buffer.
 """
+import contextlib
 import csv
 import io
 import mmap
@@ -184,21 +185,8 @@ cdef object _open_binary(object source):
     """`source` rewound, if it is a binary file, else the file at the path `source`, unbuffered."""
     if hasattr(source, "readinto"):
         source.seek(0)
-        return _Borrowed(source)
+        return contextlib.nullcontext(source)  # the caller's file stays open
     return open(source, "rb", buffering=0)
-
-
-class _Borrowed:
-    """A caller's file in a with statement that leaves it open."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        return self.f
-
-    def __exit__(self, *exc):
-        return False
 
 
 cdef int _feed_file(ArmCsvLoad* load, object source) except -1:
