@@ -1,5 +1,5 @@
-"""Builds the C++ extensions (Beta kernel, id index, cache table, arm table, event ring); metadata lives in
-pyproject.toml.
+"""Builds the C++ extensions (shared helpers, Beta kernel, id index, cache table, arm table, event ring); metadata
+lives in pyproject.toml.
 
 Environment overrides:
     MAB_CFLAGS      replaces the optimisation flags (default ``-O3``)
@@ -51,6 +51,8 @@ def extension(name: str, sources: list[str], depends: list[str]) -> Extension:
     )
 
 
+# The helpers every other module cimports (id views, scratch, parameter checks); the cold ones are compiled here.
+cyutil = extension("mab_service._cyutil", sources=["mab_service/_cyutil.pyx"], depends=["mab_service/_cyutil.pxd"])
 kernel = extension(
     "mab_service.policy._kernel",
     sources=["mab_service/policy/_kernel.pyx", "csrc/mab/kernel.cpp"],
@@ -59,19 +61,29 @@ kernel = extension(
 index = extension(
     "mab_service.features._index",
     sources=["mab_service/features/_index.pyx", "csrc/mab/id_index.cpp"],
-    depends=["csrc/mab/id_index.hpp", "mab_service/features/_index.pxd"],
+    depends=["csrc/mab/id_index.hpp", "mab_service/features/_index.pxd", "mab_service/_cyutil.pxd"],
 )
 # The cache table hashes with the id index's seeded hash (hash_id), so it links id_index.cpp too.
 cache = extension(
     "mab_service.features._cache",
     sources=["mab_service/features/_cache.pyx", "csrc/mab/cache_table.cpp", "csrc/mab/id_index.cpp"],
-    depends=["csrc/mab/cache_table.hpp", "csrc/mab/id_index.hpp", "mab_service/features/_cache.pxd"],
+    depends=[
+        "csrc/mab/cache_table.hpp",
+        "csrc/mab/id_index.hpp",
+        "mab_service/features/_cache.pxd",
+        "mab_service/_cyutil.pxd",
+    ],
 )
 # The event ring hashes with the id index's keyed hash (hash_id_keyed), so it links id_index.cpp too.
 events = extension(
     "mab_service.learning._events",
     sources=["mab_service/learning/_events.pyx", "csrc/mab/event_ring.cpp", "csrc/mab/id_index.cpp"],
-    depends=["csrc/mab/event_ring.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_events.pxd"],
+    depends=[
+        "csrc/mab/event_ring.hpp",
+        "csrc/mab/id_index.hpp",
+        "mab_service/learning/_events.pxd",
+        "mab_service/_cyutil.pxd",
+    ],
 )
 
 # The arm table hashes with the id index's keyed hash (hash_id_keyed, inline) and draws its key with
@@ -79,13 +91,20 @@ events = extension(
 arms = extension(
     "mab_service.learning._arms",
     sources=["mab_service/learning/_arms.pyx", "csrc/mab/arm_table.cpp", "csrc/mab/id_index.cpp"],
-    depends=["csrc/mab/arm_table.hpp", "csrc/mab/id_index.hpp", "mab_service/learning/_arms.pxd"],
+    depends=[
+        "csrc/mab/arm_table.hpp",
+        "csrc/mab/id_index.hpp",
+        "mab_service/learning/_arms.pxd",
+        "mab_service/_cyutil.pxd",
+    ],
 )
 
 # Feature Store 2.0 answers decoded from their wire bytes: Cython alone, no C++ sources.
 wire = extension("mab_service.features._wire", sources=["mab_service/features/_wire.pyx"], depends=[])
 # The check of the parameters a source read, before sampling: Cython alone.
-params = extension("mab_service.features._params", sources=["mab_service/features/_params.pyx"], depends=[])
+params = extension(
+    "mab_service.features._params", sources=["mab_service/features/_params.pyx"], depends=["mab_service/_cyutil.pxd"]
+)
 
-modules = [kernel, index, cache, arms, events, wire, params]
+modules = [cyutil, kernel, index, cache, arms, events, wire, params]
 setup(ext_modules=cythonize(modules, compiler_directives=directives, annotate=DEBUG))

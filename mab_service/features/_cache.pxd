@@ -2,7 +2,7 @@
 # but the table is mutable: callers hold the GIL (or another lock) around every call.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
-from mab_service.features._index cimport IdRef
+from mab_service._cyutil cimport IdRef
 
 
 cdef extern from "mab/cache_table.hpp" namespace "mab" nogil:

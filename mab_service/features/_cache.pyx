@@ -9,22 +9,13 @@ all cached runs no Python code per id.
 import numpy as np
 
 cimport numpy as cnp
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport INFINITY
 from libc.stdint cimport uint8_t, uint32_t
 
-from mab_service.features._index cimport id_views, kIdNoMemory, kIdOk, kIdTooMany, kMaxIds
+from mab_service._cyutil cimport STACK_IDS, empty, free_scratch, id_views, list_size, positive, scratch
+from mab_service.features._index cimport kIdNoMemory, kIdOk, kIdTooMany, kMaxIds
 
 cnp.import_array()
-
-
-cdef extern from "Python.h":
-    Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
-
-
-cdef enum:
-    # Requests of up to this many ids use scratch on the stack (24 bytes per id); larger ones allocate it.
-    STACK_IDS = 512
 
 
 cdef int _raise_on_status(int status) except -1:
@@ -38,32 +29,11 @@ cdef int _raise_on_status(int status) except -1:
     raise RuntimeError(f"the cache table returned unknown status {status}")
 
 
-cdef void* _scratch(void* on_stack, Py_ssize_t n, size_t item_bytes) except NULL:
-    if n <= STACK_IDS:
-        return on_stack
-    cdef void* p = PyMem_Malloc(<size_t>max(n, 1) * item_bytes)
-    if p == NULL:
-        raise MemoryError()
-    return p
-
-
-cdef double _positive(object value, str name) except? -1.0:
-    cdef double x = value
-    if not (x > 0.0 and x < INFINITY):
-        raise ValueError(f"{name} must be finite and > 0 (got {x!r})")
-    return x
-
-
 cdef double _non_negative(object value, str name) except? -1.0:
     cdef double x = value
     if not (x >= 0.0 and x < INFINITY):
         raise ValueError(f"{name} must be finite and >= 0 (got {x!r})")
     return x
-
-
-cdef cnp.ndarray _empty_f64(Py_ssize_t n):
-    cdef cnp.npy_intp dims = n
-    return cnp.PyArray_EMPTY(1, &dims, cnp.NPY_FLOAT64, 0)
 
 
 cdef object _positions(const uint32_t* pos, size_t n):
@@ -133,11 +103,11 @@ cdef class CacheTable:
         cdef double t = now
         cdef double s = _non_negative(stale_s, "stale_s")
         cdef double r = _non_negative(retry_s, "retry_s")
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef Py_ssize_t n = list_size(ids)
-        cdef cnp.ndarray alpha = _empty_f64(n)
-        cdef cnp.ndarray beta = _empty_f64(n)
+        cdef cnp.ndarray alpha = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray beta = empty(n, cnp.NPY_FLOAT64)
         cdef IdRef refs_on_stack[STACK_IDS]
         cdef uint32_t miss_on_stack[STACK_IDS]
         cdef uint32_t refresh_on_stack[STACK_IDS]
@@ -146,21 +116,18 @@ cdef class CacheTable:
         cdef uint32_t* refresh = NULL
         cdef CacheLookupCounts c
         try:
-            refs = <IdRef*>_scratch(refs_on_stack, n, sizeof(IdRef))
-            miss = <uint32_t*>_scratch(miss_on_stack, n, sizeof(uint32_t))
-            refresh = <uint32_t*>_scratch(refresh_on_stack, n, sizeof(uint32_t))
+            refs = <IdRef*>scratch(refs_on_stack, n, sizeof(IdRef))
+            miss = <uint32_t*>scratch(miss_on_stack, n, sizeof(uint32_t))
+            refresh = <uint32_t*>scratch(refresh_on_stack, n, sizeof(uint32_t))
             id_views(ids, n, refs, "ids")
             _raise_on_status(cache_lookup_fill(
                 self.table, refs, <size_t>n, t, s, r, pa, pb,
                 <double*>cnp.PyArray_DATA(alpha), <double*>cnp.PyArray_DATA(beta), miss, refresh, &c))
             return alpha, beta, c.n_known, c.n_stale, _positions(miss, c.n_miss), _positions(refresh, c.n_refresh)
         finally:
-            if refs != NULL and refs != refs_on_stack:
-                PyMem_Free(refs)
-            if miss != NULL and miss != miss_on_stack:
-                PyMem_Free(miss)
-            if refresh != NULL and refresh != refresh_on_stack:
-                PyMem_Free(refresh)
+            free_scratch(refs, refs_on_stack)
+            free_scratch(miss, miss_on_stack)
+            free_scratch(refresh, refresh_on_stack)
 
     def insert(self, list ids, alpha, beta, found, expires_at):
         """Insert or overwrite entries: ``ids[i]`` -> ``(alpha[i], beta[i])``, fresh until ``expires_at[i]``.
@@ -187,15 +154,14 @@ cdef class CacheTable:
                 f"{(<object>b).shape} and {(<object>f).shape})"
             )
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         try:
             id_views(ids, n, refs, "ids")
             _raise_on_status(cache_insert(
                 self.table, refs, <const double*>cnp.PyArray_DATA(a), <const double*>cnp.PyArray_DATA(b),
                 <const uint8_t*>cnp.PyArray_DATA(f), <const double*>cnp.PyArray_DATA(e), <size_t>n))
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
 
     def clear(self):
         """Remove every entry."""

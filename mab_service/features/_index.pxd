@@ -1,6 +1,8 @@
 # The id table's C++ API, declared once (csrc/mab/id_index.hpp). Every function may run without the GIL.
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
+from mab_service._cyutil cimport IdRef
+
 
 cdef extern from "mab/id_index.hpp" namespace "mab" nogil:
     enum IdStatus:
@@ -11,10 +13,6 @@ cdef extern from "mab/id_index.hpp" namespace "mab" nogil:
 
     const size_t kMaxIds
     const size_t kUniqueStackIds
-
-    ctypedef struct IdRef:
-        const char* data
-        size_t size
 
     cdef cppclass IdTable:
         pass
@@ -36,7 +34,3 @@ cdef class IdIndex:
     # Owned; NULL until __init__ succeeds. Immutable once built, so other Cython code may read it freely.
     cdef IdTable* table
 
-
-# Defined in _index.pyx and cimported by _cache.pyx: fills refs[i] with views of the UTF-8 bytes of ids[i],
-# raising TypeError/ValueError that name `name`[i] for a non-str or unencodable item.
-cdef int id_views(list ids, Py_ssize_t n, IdRef* refs, str name) except -1

@@ -8,7 +8,8 @@ cost next to nothing when every value is valid. It keeps the GIL: the loop is fa
 import numpy as np
 
 cimport numpy as cnp
-from libc.math cimport INFINITY
+
+from mab_service._cyutil cimport beta_ok
 
 cnp.import_array()
 
@@ -47,10 +48,11 @@ def count_invalid(alpha, beta):
     cdef Py_ssize_t i
     cdef double x, y
     # Counted in a double: with the baseline instruction set (SSE2) gcc vectorises a sum of doubles chosen by a
-    # compare, not a sum of 64-bit integers. Bitwise &, not `and`: no branch per element. Exact below 2**53.
+    # compare, not a sum of 64-bit integers. Bitwise &, not `and` (beta_ok too): no branch per element. Exact
+    # below 2**53.
     cdef double bad = 0.0
     for i in range(n):
         x = pa[i]
         y = pb[i]
-        bad += 0.0 if (x > 0.0) & (x < INFINITY) & (y > 0.0) & (y < INFINITY) else 1.0
+        bad += 0.0 if beta_ok(x) & beta_ok(y) else 1.0
     return <Py_ssize_t>bad

@@ -1,25 +1,24 @@
 """The embedded feature source: a table loaded into memory at start, looked up in C++.
 
 The table comes from a CSV file with the header ``entity_id,alpha,beta`` (more columns are ignored) or
-from the bundled demo catalogue. Every row is checked when it loads; all bad rows are reported with
+from the bundled demo catalogue, read by the one catalogue loader (``learning._arms.read_catalogue``, the
+parser the arm table loads with). Every row is checked when it loads; all bad rows are reported with
 their line numbers and the service does not start on a bad file.
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import io
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-
-import numpy as np
+from typing import BinaryIO
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features._index import IdIndex
 from mab_service.features.source import Features, Health
+from mab_service.learning._arms import read_catalogue
 
-REQUIRED_COLUMNS = ("entity_id", "alpha", "beta")
 MAX_REPORTED_ERRORS = 20
 
 
@@ -41,12 +40,11 @@ class LocalSource:
 
     async def start(self) -> None:
         if self.path is None:
-            with resources.files("mab_service.data").joinpath("demo.csv").open(encoding="utf-8") as f:
-                self._index = load_table(f, "demo.csv")
+            demo = resources.files("mab_service.data").joinpath("demo.csv").read_bytes()
+            self._index = load_catalogue(io.BytesIO(demo), "demo.csv")
         else:
             try:
-                with self.path.open(encoding="utf-8", newline="") as f:
-                    self._index = load_table(f, str(self.path))
+                self._index = load_catalogue(self.path, str(self.path))
             except OSError as exc:
                 raise FeatureSourceError(f"cannot read feature table {self.path}: {exc.strerror}") from None
 
@@ -73,57 +71,18 @@ class LocalSource:
 
 
 def load_table(lines: Iterable[str], where: str) -> IdIndex:
-    """Read and check an ``entity_id,alpha,beta`` CSV; raise FeatureSourceError listing every bad line."""
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
-        raise FeatureSourceError(f"{where}: the file is empty (expected the header entity_id,alpha,beta)")
-    header = [h.strip() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise FeatureSourceError(f"{where}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
-    col_id, col_a, col_b = (header.index(c) for c in REQUIRED_COLUMNS)
-    width = max(col_id, col_a, col_b) + 1
-
-    ids: list[str] = []
-    alpha: list[float] = []
-    beta: list[float] = []
-    first_line: dict[str, int] = {}
-    errors: list[str] = []
-    for row in reader:
-        line = reader.line_num
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue  # blank line
-        if len(row) < width:
-            errors.append(f"line {line}: expected {len(header)} fields, got {len(row)}")
-            continue
-        entity = row[col_id].strip()
-        a, b = _parameter(row[col_a]), _parameter(row[col_b])
-        if not entity:
-            errors.append(f"line {line}: entity_id is empty")
-        elif entity in first_line:
-            errors.append(f"line {line}: duplicate entity_id {entity!r} (first on line {first_line[entity]})")
-        if a is None:
-            errors.append(f"line {line}: alpha must be a finite number > 0 (got {row[col_a]!r})")
-        if b is None:
-            errors.append(f"line {line}: beta must be a finite number > 0 (got {row[col_b]!r})")
-        if entity and entity not in first_line:
-            first_line[entity] = line
-        if a is not None and b is not None and entity and first_line[entity] == line:
-            ids.append(entity)
-            alpha.append(a)
-            beta.append(b)
-    if errors:
-        shown = errors[:MAX_REPORTED_ERRORS]
-        more = len(errors) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise FeatureSourceError(f"{where}: {len(errors)} bad rows:\n  " + "\n  ".join(shown) + tail)
-    return IdIndex(ids, np.array(alpha, dtype=np.float64), np.array(beta, dtype=np.float64))
+    """Read and check an ``entity_id,alpha,beta`` CSV given as lines of text (as a file opened with
+    ``newline=""`` gives them); raise FeatureSourceError listing every bad line."""
+    text = "".join(line if line.endswith(("\n", "\r")) else line + "\n" for line in lines)
+    # A lone surrogate becomes bytes that are not UTF-8, which the loader reports with its line.
+    return load_catalogue(io.BytesIO(text.encode("utf-8", "surrogatepass")), where)
 
 
-def _parameter(text: str) -> float | None:
+def load_catalogue(source: str | Path | BinaryIO, where: str) -> IdIndex:
+    """Read and check the catalogue at the path ``source`` (or in a seekable binary file) into an index; raise
+    FeatureSourceError listing every bad line (``where`` names the file), OSError if it cannot be read."""
     try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
+        ids, alpha, beta = read_catalogue(source, where, MAX_REPORTED_ERRORS)
+    except ValueError as exc:
+        raise FeatureSourceError(str(exc)) from None
+    return IdIndex(ids, alpha, beta)

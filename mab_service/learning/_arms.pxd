@@ -3,7 +3,7 @@
 from cpython.buffer cimport Py_buffer
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint32_t, uint64_t
 
-from mab_service.features._index cimport IdRef
+from mab_service._cyutil cimport IdRef
 
 
 cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:

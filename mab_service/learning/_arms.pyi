@@ -1,5 +1,5 @@
 from os import PathLike
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -9,6 +9,10 @@ FLAG_RUNTIME: int
 FLAG_WASTED: int
 CSV_BLOCK_BYTES: int
 RECORD_DTYPE: np.dtype[np.void]
+
+def read_catalogue(
+    source: str | PathLike[str] | BinaryIO, where: str, errors_max: int = 20
+) -> tuple[list[str], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 
 class ArmTable:
     @staticmethod

@@ -9,35 +9,40 @@ Request calls (gather, add_impressions, add, get) keep the GIL, as IdIndex.gathe
 microseconds and the id views borrow from list items. Bulk loads release it: ``load`` works on its own copy of
 the list, ``load_csv`` on its own block buffer.
 """
+import contextlib
 import csv
+import io
+import mmap
+import sys
 
 import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memmove
 
-from mab_service.features._index cimport IdRef, id_views
+from mab_service._cyutil cimport (
+    IdRef, STACK_IDS, empty, free_scratch, id_view, id_views, list_item, list_size, parameters, positive, scratch,
+)
+from mab_service.features._index cimport first_bad_id
+
+from mab_service.ids import MAX_ID_BYTES, id_message, id_problem
 
 cnp.import_array()
 
+# Read once: catalogue ids are checked in C++ against this number.
+cdef size_t _max_id_bytes = MAX_ID_BYTES
+# What the C++ parser strips from ids (ASCII whitespace only), for the Python pass that finds a bad id's line.
+cdef str _ASCII_SPACE = " \t\n\r\v\f"
+
 
 cdef extern from "Python.h":
-    Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
-    PyObject* list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
-    bint is_str "PyUnicode_Check"(PyObject* o)
-    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(PyObject* o, Py_ssize_t* size)
     object decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
 
-
-cdef enum:
-    # Requests of up to this many ids use scratch on the stack (16 bytes per id); larger ones allocate it.
-    STACK_IDS = 512
 
 # Bytes read from a CSV file per block: big enough that the GIL changes hands rarely, small enough to stay
 # out of the way of the table's own memory.
@@ -81,62 +86,6 @@ cdef int _raise_on_status(int status, str where="the arm table") except -1:
     raise RuntimeError(f"the arm table returned unknown status {status}")
 
 
-cdef int _view(object id, IdRef* ref, str name) except -1:
-    """One id's UTF-8 bytes, borrowed from the str; TypeError/ValueError naming `name` otherwise."""
-    cdef Py_ssize_t size
-    cdef const char* data
-    if not is_str(<PyObject*>id):
-        raise TypeError(f"{name} must be a string (got {type(id).__name__})")
-    data = utf8_and_size(<PyObject*>id, &size)
-    if data == NULL:
-        if PyErr_ExceptionMatches(UnicodeEncodeError):
-            PyErr_Clear()
-            raise ValueError(f"{name} is not valid Unicode (it holds a lone surrogate)")
-        return -1
-    ref.data = data
-    ref.size = <size_t>size
-    return 0
-
-
-cdef void* _scratch(void* on_stack, Py_ssize_t n, size_t item_bytes) except NULL:
-    if n <= STACK_IDS:
-        return on_stack
-    cdef void* p = PyMem_Malloc(<size_t>n * item_bytes)
-    if p == NULL:
-        raise MemoryError()
-    return p
-
-
-cdef double _positive(object value, str name) except? -1.0:
-    cdef double x = value
-    if not (x > 0.0 and x < INFINITY):
-        raise ValueError(f"{name} must be finite and > 0 (got {x!r})")
-    return x
-
-
-cdef cnp.ndarray _empty(Py_ssize_t n, int typenum):
-    cdef cnp.npy_intp dims = n
-    return cnp.PyArray_EMPTY(1, &dims, typenum, 0)
-
-
-cdef cnp.ndarray _parameters(object values, str name):
-    cdef cnp.ndarray arr
-    try:
-        # A copy the caller cannot change while the rows are loaded without the GIL.
-        arr = np.array(values, dtype=np.float64, order="C")
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be an array of numbers: {exc}") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional (got shape {(<object>arr).shape})")
-    cdef const double* p = <const double*>cnp.PyArray_DATA(arr)
-    cdef Py_ssize_t i
-    for i in range(arr.shape[0]):
-        # Written so that NaN fails too: every comparison with NaN is false.
-        if not (p[i] > 0.0 and p[i] < INFINITY):
-            raise ValueError(f"{name} must be finite and > 0 at index {i} (got {p[i]!r})")
-    return arr
-
-
 cdef str _csv_text(const ArmCsvError* e):
     cdef size_t kept = min(e.text_size, kCsvErrorText)
     cdef str text = decode_utf8(<const char*>e.text, <Py_ssize_t>kept, "replace")
@@ -165,27 +114,92 @@ cdef str _csv_problem(const ArmCsvError* e):
     return f"line {line}: unknown problem {e.problem}"
 
 
-cdef _header_error(object path, int status):
-    """The message for a file whose first record is missing or lacks a column, worded as local.py does."""
+def _csv_records(source):
+    """(line, record) of the CSV `source` read as text, bad UTF-8 replaced, each with the line it ends on (the
+    parser's numbering). For the rare reports that need Python's view of the file. The parser takes fields of
+    any length, so csv's limit is lifted meanwhile (it is per process: loads run at start, one at a time)."""
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        yield from _csv_records_limitless(source)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_records_limitless(source):
+    if hasattr(source, "readinto"):
+        source.seek(0)
+        text = io.TextIOWrapper(source, encoding="utf-8", errors="replace", newline="")
+        try:
+            reader = csv.reader(text)
+            for row in reader:
+                yield reader.line_num, row
+        finally:
+            text.detach()  # the caller's file stays open
+    else:
+        with open(source, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                yield reader.line_num, row
+
+
+cdef _header_error(object source, str where, int status):
+    """The message for a file whose first record is missing or lacks a column."""
     if status == kArmCsvEmpty:
-        return ValueError(f"{path}: the file is empty (expected the header entity_id,alpha,beta)")
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
+        return ValueError(f"{where}: the file is empty (expected the header entity_id,alpha,beta)")
+    records = _csv_records(source)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    records.close()
     missing = [c for c in ("entity_id", "alpha", "beta") if c not in header]
-    return ValueError(f"{path}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
+    return ValueError(f"{where}: line 1: the header lacks {', '.join(missing)} (got {','.join(header)})")
 
 
-cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
-    """Feeds the file at `path` to the parser in blocks, the GIL released while each is parsed. Returns the
-    parser's status. A record longer than the block doubles the block."""
-    cdef cnp.ndarray block = _empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
+cdef Py_ssize_t _next_bad_row(const CArmTable* table, size_t row, size_t end) noexcept nogil:
+    """The first row in [row, end) whose id breaks the id rule (mab_service/ids.py), or -1."""
+    cdef IdRef ref
+    while row < end:
+        ref = arm_id_at(table, row)
+        if ref.data != NULL and first_bad_id(&ref, 1, _max_id_bytes) == 0:
+            return <Py_ssize_t>row
+        row += 1
+    return -1
+
+
+cdef list _id_rule_problems(object source, dict bad):
+    """(line, message) for each id of `bad` (loaded, so each on its first line), found by a pass in Python: the
+    table does not keep lines, and bad ids are rare."""
+    cdef list out = []
+    records = _csv_records(source)
+    header = [h.strip() for h in next(records, (1, []))[1]]
+    col = header.index("entity_id")
+    for line, row in records:
+        if len(row) > col:
+            entity = row[col].strip(_ASCII_SPACE)
+            if bad.get(entity, 0) is None:
+                bad[entity] = line
+                out.append((line, f"line {line}: " + id_message("entity_id", id_problem(entity))))
+    records.close()
+    return out
+
+
+cdef object _open_binary(object source):
+    """`source` rewound, if it is a binary file, else the file at the path `source`, unbuffered."""
+    if hasattr(source, "readinto"):
+        source.seek(0)
+        return contextlib.nullcontext(source)  # the caller's file stays open
+    return open(source, "rb", buffering=0)
+
+
+cdef int _feed_file(ArmCsvLoad* load, object source) except -1:
+    """Feeds `source` (a path or a binary file) to the parser in blocks, the GIL released while each is parsed.
+    Returns the parser's status. A record longer than the block doubles the block."""
+    cdef cnp.ndarray block = empty(CSV_BLOCK_BYTES, cnp.NPY_UINT8)
     cdef cnp.ndarray bigger
     cdef Py_ssize_t have = 0, got
     cdef size_t consumed = 0
     cdef char* data
     cdef bint eof
     cdef int status
-    with open(path, "rb", buffering=0) as f:
+    with _open_binary(source) as f:
         while True:
             got = f.readinto(block[have:])
             eof = got == 0
@@ -198,9 +212,91 @@ cdef int _feed_file(ArmCsvLoad* load, object path) except -1:
             memmove(data, data + consumed, <size_t>have - consumed)
             have -= <Py_ssize_t>consumed
             if have == block.shape[0]:
-                bigger = _empty(2 * have, cnp.NPY_UINT8)
+                bigger = empty(2 * have, cnp.NPY_UINT8)
                 bigger[:have] = block
                 block = bigger
+
+
+cdef object _load_csv(CArmTable* table, object source, str where, object errors_max):
+    """The catalogue loader: parses `source` into `table` (NULL: only count), checks every row, and raises one
+    ValueError listing the bad lines by number (at most errors_max of them, all counted), the messages prefixed
+    with `where`. Returns the parser's counts as (rows, id_bytes)."""
+    if errors_max < 0:
+        raise ValueError(f"errors_max must be >= 0 (got {errors_max})")
+    cdef ArmCsvLoad* load = NULL
+    cdef ArmCsvCounts counts
+    cdef const ArmCsvError* errors
+    cdef uint64_t i
+    cdef size_t start = 0, end = 0
+    cdef Py_ssize_t bad = -1
+    cdef IdRef ref
+    if table != NULL:
+        start = arm_table_rows(table)
+    _raise_on_status(arm_csv_begin(table, <size_t>errors_max if table != NULL else 0, &load))
+    try:
+        status = _feed_file(load, source)
+        arm_csv_counts(load, &counts)
+        if status == kArmCsvEmpty or status == kArmCsvBadHeader:
+            raise _header_error(source, where, status)
+        if table == NULL:
+            _raise_on_status(status)
+            return counts.rows, counts.id_bytes
+        _raise_on_status(status, f"{where}: line {counts.failed_line}")
+        # The id rule, on the rows this file added: the parser checks only that an id is non-empty UTF-8.
+        end = arm_table_rows(table)
+        with nogil:
+            bad = _next_bad_row(table, start, end)
+        if counts.problems == 0 and bad < 0:
+            return counts.rows, counts.id_bytes
+        errors = arm_csv_errors(load)
+        problems = [(errors[i].line, _csv_problem(&errors[i])) for i in range(counts.reported)]
+        total = counts.problems
+        if bad >= 0:
+            bad_ids = {}
+            while bad >= 0:
+                ref = arm_id_at(table, <size_t>bad)
+                bad_ids[decode_utf8(ref.data, <Py_ssize_t>ref.size, "strict")] = None
+                with nogil:
+                    bad = _next_bad_row(table, <size_t>bad + 1, end)
+            total += len(bad_ids)
+            problems += _id_rule_problems(source, bad_ids)
+            problems.sort(key=lambda p: p[0])
+        shown = [text for _, text in problems[:errors_max]]
+        more = total - len(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise ValueError(f"{where}: {total} bad rows:\n  " + "\n  ".join(shown) + tail)
+    finally:
+        arm_csv_destroy(load)
+
+
+def read_catalogue(source, where, errors_max=20):
+    """The rows of an ``entity_id,alpha,beta`` catalogue CSV, read and checked as ``ArmTable.load_csv`` reads
+    and checks them (one parser, one set of messages), for tables other than the arm table.
+
+    Args:
+        source: A path, or a seekable binary file (it is read twice: once to size, once to load).
+        where: What the messages call the file.
+        errors_max: How many bad rows the report lists (all are counted).
+
+    Returns:
+        ``(ids, alpha, beta)``: the ids in file order and two float64 arrays aligned with them.
+
+    Raises:
+        OSError: If the file cannot be read.
+        ValueError: Listing the bad rows, or if the file is empty or its header lacks a column.
+    """
+    rows, id_bytes = _load_csv(NULL, source, where, 0)
+    buffer = mmap.mmap(-1, ArmTable.bytes_needed(rows, id_bytes))
+    cdef ArmTable table = ArmTable.create(buffer, rows, id_bytes)
+    _load_csv(table.table, source, where, errors_max)
+    cdef size_t n = arm_table_rows(table.table), row
+    cdef IdRef ref
+    cdef list ids = []
+    for row in range(n):
+        ref = arm_id_at(table.table, row)
+        ids.append(decode_utf8(ref.data, <Py_ssize_t>ref.size, "strict"))
+    records = table.records()
+    return ids, np.array(records["alpha0"]), np.array(records["beta0"])
 
 
 cdef class ArmTable:
@@ -340,8 +436,8 @@ cdef class ArmTable:
         # Our own list: nobody else can drop its items while the rows are loaded without the GIL.
         cdef list own = list(ids)
         cdef Py_ssize_t n = len(own)
-        cdef cnp.ndarray a = _parameters(alpha0, "alpha0")
-        cdef cnp.ndarray b = _parameters(beta0, "beta0")
+        cdef cnp.ndarray a = parameters(alpha0, "alpha0", "index")
+        cdef cnp.ndarray b = parameters(beta0, "beta0", "index")
         if a.shape[0] != n or b.shape[0] != n:
             raise ValueError(
                 f"ids, alpha0 and beta0 must have the same length (got {n}, {a.shape[0]} and {b.shape[0]})"
@@ -372,7 +468,8 @@ cdef class ArmTable:
 
         The header names the three columns in any order; other columns are ignored, blank lines skipped,
         fields may be double-quoted with ``""`` for a quote. Every bad row is reported with its line
-        number, as ``mab_service.features.local`` does: an empty id, an id seen before (naming the first
+        number (the one loader of catalogue files; ``read_catalogue`` gives its rows to other tables): an
+        empty id, an id that breaks the id rule (``mab_service.ids``), an id seen before (naming the first
         line), alpha or beta not a finite number > 0, too few fields. Ids and numbers are stripped of ASCII
         whitespace; numbers with digit separators ("1_000") count as bad.
 
@@ -391,28 +488,7 @@ cdef class ArmTable:
             ValueError: Listing the bad rows, or if the header lacks a column or the table is full.
         """
         self._check()
-        if errors_max < 0:
-            raise ValueError(f"errors_max must be >= 0 (got {errors_max})")
-        cdef ArmCsvLoad* load = NULL
-        cdef ArmCsvCounts counts
-        cdef const ArmCsvError* errors
-        cdef uint64_t i
-        _raise_on_status(arm_csv_begin(self.table, <size_t>errors_max, &load))
-        try:
-            status = _feed_file(load, path)
-            arm_csv_counts(load, &counts)
-            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
-                raise _header_error(path, status)
-            _raise_on_status(status, f"{path}: line {counts.failed_line}")
-            if counts.problems:
-                errors = arm_csv_errors(load)
-                shown = [_csv_problem(&errors[i]) for i in range(counts.reported)]
-                more = counts.problems - counts.reported
-                tail = f"\n  ... and {more} more" if more else ""
-                raise ValueError(f"{path}: {counts.problems} bad rows:\n  " + "\n  ".join(shown) + tail)
-            return counts.rows
-        finally:
-            arm_csv_destroy(load)
+        return _load_csv(self.table, path, f"{path}", errors_max)[0]
 
     @staticmethod
     def csv_rows_upper_bound(path):
@@ -426,18 +502,7 @@ cdef class ArmTable:
             OSError: If the file cannot be read.
             ValueError: If the file is empty or its header lacks a column.
         """
-        cdef ArmCsvLoad* load = NULL
-        cdef ArmCsvCounts counts
-        _raise_on_status(arm_csv_begin(NULL, 0, &load))
-        try:
-            status = _feed_file(load, path)
-            if status == kArmCsvEmpty or status == kArmCsvBadHeader:
-                raise _header_error(path, status)
-            _raise_on_status(status)
-            arm_csv_counts(load, &counts)
-            return counts.rows, counts.id_bytes
-        finally:
-            arm_csv_destroy(load)
+        return _load_csv(NULL, path, f"{path}", 0)
 
     def gather(self, ids, prior_alpha, prior_beta):
         """The posterior of every id, with the prior for ids the table does not hold.
@@ -460,22 +525,21 @@ cdef class ArmTable:
         if not isinstance(ids, list):
             raise TypeError(f"ids must be a list (got {type(ids).__name__})")
         self._check()
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef Py_ssize_t n = list_size(ids)
-        cdef cnp.ndarray alpha = _empty(n, cnp.NPY_FLOAT64)
-        cdef cnp.ndarray beta = _empty(n, cnp.NPY_FLOAT64)
-        cdef cnp.ndarray rows = _empty(n, cnp.NPY_INT32)
+        cdef cnp.ndarray alpha = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray beta = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray rows = empty(n, cnp.NPY_INT32)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         cdef size_t known = 0
         try:
             id_views(ids, n, refs, "candidates")
             arm_gather_fill(self.table, refs, <size_t>n, pa, pb, <double*>cnp.PyArray_DATA(alpha),
                             <double*>cnp.PyArray_DATA(beta), <int32_t*>cnp.PyArray_DATA(rows), &known)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return alpha, beta, known, rows
 
     def add_impressions(self, ids, rows, picks, prior_alpha, prior_beta):
@@ -498,8 +562,8 @@ cdef class ArmTable:
         if not isinstance(ids, list):
             raise TypeError(f"ids must be a list (got {type(ids).__name__})")
         self._check()
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef cnp.ndarray r = np.ascontiguousarray(rows, dtype=np.int32)
         cdef cnp.ndarray p = np.ascontiguousarray(picks, dtype=np.intp)
         cdef Py_ssize_t n = list_size(ids)
@@ -513,7 +577,7 @@ cdef class ArmTable:
         cdef Py_ssize_t n_picks = p.shape[0], k, m = 0
         cdef int64_t taken = <int64_t>arm_table_rows(self.table)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n_picks, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n_picks, sizeof(IdRef))
         cdef size_t failed = 0
         try:
             for k in range(n_picks):
@@ -522,14 +586,13 @@ cdef class ArmTable:
                 if pr[pp[k]] < 0:
                     if pr[pp[k]] != -1:
                         raise ValueError(f"rows[{pp[k]}] must be -1 or a row (got {pr[pp[k]]})")
-                    _view(<object>list_item(ids, pp[k]), &refs[m], f"ids[{pp[k]}]")
+                    id_view(list_item(ids, pp[k]), &refs[m], "ids", pp[k])
                     m += 1
                 elif pr[pp[k]] >= taken:
                     raise ValueError(f"rows[{pp[k]}] must be below {taken} (got {pr[pp[k]]})")
             arm_add_impressions(self.table, refs, pr, pp, <size_t>n_picks, pa, pb, &failed)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return failed
 
     def add(self, id, impressions, rewards, prior_alpha, prior_beta):
@@ -546,15 +609,15 @@ cdef class ArmTable:
         """
         self._check()
         cdef IdRef ref
-        _view(id, &ref, "id")
+        id_view(<PyObject*>id, &ref, "id", -1)
         if impressions < 0:
             raise ValueError(f"impressions must be >= 0 (got {impressions})")
         cdef uint64_t count = impressions
         cdef double amount = rewards
         if not (amount >= 0.0 and amount < INFINITY):
             raise ValueError(f"rewards must be finite and >= 0 (got {amount!r})")
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef int64_t row = -1
         if arm_find_or_insert(self.table, ref, pa, pb, kArmRuntime, &row) != kArmOk:
             return False
@@ -618,7 +681,7 @@ cdef class ArmTable:
         """
         self._check()
         cdef IdRef ref
-        _view(id, &ref, "id")
+        id_view(<PyObject*>id, &ref, "id", -1)
         cdef int64_t row = arm_find(self.table, ref)
         if row < 0:
             return None

@@ -1,7 +1,7 @@
 # The event ring's C++ API, declared once (csrc/mab/event_ring.hpp). Every function may run without the GIL.
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 
-from mab_service.features._index cimport IdRef
+from mab_service._cyutil cimport IdRef
 
 
 cdef extern from "mab/event_ring.hpp" namespace "mab" nogil:

@@ -13,32 +13,13 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.math cimport isfinite
 from libc.stdint cimport uint8_t, uint64_t
 
+from mab_service._cyutil cimport STACK_IDS, free_scratch, id_view, list_item, list_size, scratch
+
 cnp.import_array()
-
-
-cdef extern from "Python.h":
-    Py_ssize_t list_size "PyList_GET_SIZE"(object lst)
-    PyObject* list_item "PyList_GET_ITEM"(object lst, Py_ssize_t i)
-    bint is_str "PyUnicode_Check"(PyObject* o)
-    const char* utf8_and_size "PyUnicode_AsUTF8AndSize"(PyObject* o, Py_ssize_t* size)
-
-
-cdef extern from *:
-    """
-    /* A compact ASCII str keeps its bytes right after its header, so they are its UTF-8. NULL otherwise. */
-    static inline const char* mab_event_ascii_bytes(PyObject* o, Py_ssize_t* size) {
-        if (!PyUnicode_IS_COMPACT_ASCII(o)) return NULL;
-        *size = PyUnicode_GET_LENGTH(o);
-        return (const char*)PyUnicode_DATA(o);
-    }
-    """
-    const char* ascii_bytes "mab_event_ascii_bytes"(PyObject* o, Py_ssize_t* size)
 
 
 ACCEPTED = kRewardAccepted
@@ -50,11 +31,6 @@ EVENT_SLOT_BYTES = kEventSlotBytes
 MEMBER_BYTES = kMemberBytes
 # A hold cut short (its process killed between recording and confirming) blocks its event id this long.
 PENDING_GRACE_S = kPendingGraceS
-
-cdef enum:
-    # Events of up to this many members take their id views from the stack (16 bytes each).
-    STACK_IDS = 512
-
 
 cdef int _raise_on_ring_status(int status) except -1:
     # Status codes of create and attach become Python exceptions here and only here.
@@ -74,32 +50,8 @@ cdef int _raise_on_ring_status(int status) except -1:
     raise RuntimeError(f"the event ring returned unknown status {status}")
 
 
-cdef str _where(str name, Py_ssize_t i):
-    return f"{name}[{i}]" if i >= 0 else name
-
-
-cdef int _view(PyObject* item, IdRef* ref, str name, Py_ssize_t i) except -1:
-    """Fill ref with the UTF-8 bytes of item; i >= 0 names a position in the error message."""
-    cdef Py_ssize_t size
-    cdef const char* data
-    if not is_str(item):
-        raise TypeError(f"{_where(name, i)} must be a string (got {type(<object>item).__name__})")
-    data = ascii_bytes(item, &size)
-    if data == NULL:
-        data = utf8_and_size(item, &size)
-        if data == NULL:
-            # Only a lone surrogate makes a str unencodable; other errors propagate as they are.
-            if PyErr_ExceptionMatches(UnicodeEncodeError):
-                PyErr_Clear()
-                raise ValueError(f"{_where(name, i)} is not valid Unicode (it holds a lone surrogate)")
-            return -1
-    ref.data = data
-    ref.size = <size_t>size
-    return 0
-
-
 cdef inline int _event_view(object event_id, IdRef* ref) except -1:
-    _view(<PyObject*>event_id, ref, "event_id", -1)
+    id_view(<PyObject*>event_id, ref, "event_id", -1)
     if ref.size < 1 or ref.size > kMaxEventIdBytes:
         raise ValueError(f"event_id must be 1 to {kMaxEventIdBytes} bytes of UTF-8 (got {ref.size})")
     return 0
@@ -244,24 +196,19 @@ cdef class EventRing:
         cdef const char* data = <const char*>cnp.PyArray_DATA(arr)
         cdef Py_ssize_t n_ids = list_size(ids)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = on_stack
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         cdef Py_ssize_t i
         cdef cnp.npy_intp p
         cdef int status
-        if n > STACK_IDS:
-            refs = <IdRef*>PyMem_Malloc(<size_t>n * sizeof(IdRef))
-            if refs == NULL:
-                raise MemoryError()
         try:
             for i in range(n):
                 p = (<const cnp.npy_intp*>(data + i * stride))[0]
                 if p < 0 or p >= n_ids:
                     raise ValueError(f"picks[{i}] = {p} is out of range for {n_ids} ids")
-                _view(list_item(ids, p), &refs[i], "ids", p)
+                id_view(list_item(ids, p), &refs[i], "ids", p)
             status = hold_event(&self.ring, eid, refs, <size_t>n, NULL, now, now)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         if status == kHoldRecorded:
             return True
         if status == kHoldRefused:
@@ -288,7 +235,7 @@ cdef class EventRing:
         _finite(now, "now")
         cdef IdRef eid, member
         _event_view(event_id, &eid)
-        _view(<PyObject*>id, &member, "id", -1)
+        id_view(<PyObject*>id, &member, "id", -1)
         return reward_event(&self.ring, eid, member, now)
 
     def confirm(self, event_id, id):
@@ -308,7 +255,7 @@ cdef class EventRing:
         self._check_open()
         cdef IdRef eid, member
         _event_view(event_id, &eid)
-        _view(<PyObject*>id, &member, "id", -1)
+        id_view(<PyObject*>id, &member, "id", -1)
         return confirm_reward(&self.ring, eid, member) == 1
 
     def unmark(self, event_id, id):
@@ -323,7 +270,7 @@ cdef class EventRing:
         self._check_open()
         cdef IdRef eid, member
         _event_view(event_id, &eid)
-        _view(<PyObject*>id, &member, "id", -1)
+        id_view(<PyObject*>id, &member, "id", -1)
         unmark_reward(&self.ring, eid, member)
 
     def restore(self, event_id, list ids, double created, list rewarded, now=None):
@@ -359,20 +306,19 @@ cdef class EventRing:
         # One flag per member; only the first of equal ids is marked, as reward marks the first.
         cdef cnp.ndarray flags = np.zeros(max(n, 1), dtype=np.uint8)
         cdef uint8_t* f = <uint8_t*>cnp.PyArray_DATA(flags)
-        cdef IdRef* refs = <IdRef*>PyMem_Malloc(<size_t>max(n, 1) * sizeof(IdRef))
-        if refs == NULL:
-            raise MemoryError()
+        cdef IdRef on_stack[STACK_IDS]
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         cdef int status
         try:
             for i in range(n):
-                _view(list_item(ids, i), &refs[i], "ids", i)
+                id_view(list_item(ids, i), &refs[i], "ids", i)
                 item = <object>list_item(ids, i)
                 if item in marked:
                     f[i] = 1
                     marked.discard(item)
             status = hold_event(&self.ring, eid, refs, <size_t>n, f, created, t)
         finally:
-            PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return status == kHoldRecorded
 
     def stats(self, now=None):
