@@ -648,8 +648,8 @@ cdef class ArmTable:
         if not isinstance(ids, list):
             raise TypeError(f"ids must be a list (got {type(ids).__name__})")
         self._check()
-        cdef double pa = _positive(prior_alpha, "prior_alpha")
-        cdef double pb = _positive(prior_beta, "prior_beta")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
         cdef cnp.ndarray shown = np.ascontiguousarray(impressions, dtype=np.int64)
         cdef cnp.ndarray got = np.ascontiguousarray(rewards, dtype=np.float64)
         cdef Py_ssize_t n = list_size(ids), i
@@ -661,15 +661,13 @@ cdef class ArmTable:
         cdef const uint64_t* ps = <const uint64_t*>cnp.PyArray_DATA(shown)
         cdef const double* pg = <const double*>cnp.PyArray_DATA(got)
         cdef IdRef on_stack[STACK_IDS]
-        cdef IdRef* refs = <IdRef*>_scratch(on_stack, n, sizeof(IdRef))
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
         cdef size_t failed = 0
         try:
-            for i in range(n):
-                _view(<object>list_item(ids, i), &refs[i], f"ids[{i}]")
+            id_views(ids, n, refs, "ids")
             arm_raise_counts(self.table, refs, ps, pg, <size_t>n, pa, pb, &failed)
         finally:
-            if refs != on_stack:
-                PyMem_Free(refs)
+            free_scratch(refs, on_stack)
         return failed
 
     def get(self, id):
