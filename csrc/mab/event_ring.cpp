@@ -632,26 +632,32 @@ int reward_event(const EventRingView* r, IdRef event_id, IdRef member, double no
     }
 }
 
-int confirm_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept {
+// The mark word of (event_id, member) in a held event, for confirm_reward and unmark_reward: nullptr if the event
+// is not held (any age) or the id is not one of its members; else the word's address, its value in *word and the
+// event's sequence number in *seq.
+namespace {
+uint64_t* held_member(const EventRingView* r, IdRef event_id, IdRef member, uint64_t* seq, uint64_t* word) noexcept {
     const uint64_t h = hash_id_keyed(event_id, r->key);
     Snapshot snap;
-    if (find_confirmed(r, event_id, h, 0.0, false, &snap) < 0) return 0;
-    const uint64_t seq = seq_of(snap.state);
-    uint64_t word = 0;
+    if (find_confirmed(r, event_id, h, 0.0, false, &snap) < 0) return nullptr;
+    *seq = seq_of(snap.state);
     bool lapped = false;
-    uint64_t* w = find_member(r, seq, snap.member_pos, snap.n_members, hash_id_keyed(member, r->key), &word, &lapped);
+    return find_member(r, *seq, snap.member_pos, snap.n_members, hash_id_keyed(member, r->key), word, &lapped);
+}
+}  // namespace
+
+int confirm_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept {
+    uint64_t seq = 0;
+    uint64_t word = 0;
+    uint64_t* w = held_member(r, event_id, member, &seq, &word);
     if (w == nullptr || word != pending_word(seq, static_cast<uint64_t>(getpid()))) return 0;
     return cas(w, word, seq << kOwnerShift | kMemberRewarded) ? 1 : 0;
 }
 
 int unmark_reward(const EventRingView* r, IdRef event_id, IdRef member) noexcept {
-    const uint64_t h = hash_id_keyed(event_id, r->key);
-    Snapshot snap;
-    if (find_confirmed(r, event_id, h, 0.0, false, &snap) < 0) return 0;
-    const uint64_t seq = seq_of(snap.state);
+    uint64_t seq = 0;
     uint64_t word = 0;
-    bool lapped = false;
-    uint64_t* w = find_member(r, seq, snap.member_pos, snap.n_members, hash_id_keyed(member, r->key), &word, &lapped);
+    uint64_t* w = held_member(r, event_id, member, &seq, &word);
     if (w == nullptr || !(word & kMemberRewarded)) return 0;
     return cas(w, word, seq << kOwnerShift) ? 1 : 0;
 }
