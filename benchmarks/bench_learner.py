@@ -3,14 +3,16 @@
 Both emulators start on free loopback ports, in their own process groups, on the cores this process is not pinned to
 (so that ``taskset -c 1`` gives the learner a core to itself, as far as the machine's other users allow).
 ``--events`` answered events of ``--top-k`` ids drawn from ``--arms`` arms (Zipf-like popularity, exponent 1.1), and
-a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records, to one
-topic with one subscription per window size of ``--window-events``. Then, one window size after the other, one
-learner in this process drains its subscription into a table of its own, its windows cut at that many events
-(``max_messages`` = window events / events per message): what a window of ``window_s`` holds at a steady rate of
-window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
+a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records (split by
+arm shard, ``--shards``, as a replica does once ``setup`` made shards), with one set
+of subscriptions per window size of ``--window-events``. Then, one window size after the other, one learner in this
+process (holding every shard's lease) drains its subscriptions into a table of its own, its windows cut at that many
+events (``max_messages`` = window events x messages per event): what a window of ``window_s`` holds at a steady rate
+of window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
 thread, gRPC's and the clients' own included, which tick with wall time, and the emulator makes wall time long), those
 of its event loop's thread alone (``time.thread_time``: the work per event and per call), wall time, the emulators'
-CPU, events per learner CPU second, CheckAndMutateRow calls, and the markers left in the table.
+CPU, **events per learner CPU second**, CheckAndMutateRow **calls per window against the distinct arms** the window
+touched, the markers left in the table, and **the largest number of cells in any arm row**.
 
     PYTHONPATH=$PWD taskset -c 1 python -m benchmarks.bench_learner [--events 50000] [--window-events 5000,25000]
 """
@@ -59,12 +61,12 @@ def start(kind: str, variable: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def publish(topic: str, args: argparse.Namespace) -> int:
+async def publish(topic: str, args: argparse.Namespace) -> tuple[int, int]:
     rng = np.random.default_rng(11)
     weights = 1.0 / np.arange(1, args.arms + 1) ** 1.1
     weights /= weights.sum()
     sink = PubSubSink(topic, max_records=args.records, max_delay_s=60.0, max_pending=100_000)
-    sink.start()
+    sink.start(args.shards)
     rewards = []
     prefix = uuid.uuid4().hex[:8]
     for n in range(args.events):
@@ -79,18 +81,17 @@ async def publish(topic: str, args: argparse.Namespace) -> int:
     sink.flush()
     await asyncio.gather(*rewards)
     await sink.close()
-    return len(rewards)
+    return len(rewards), sink.published
 
 
 def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
-    """Messages holding ``window_events`` events: a message's records are its events and their rewards."""
-    events_per_message: float = args.records / (1 + args.top_k * args.reward_rate)
-    return max(1, round(window_events / events_per_message))
+    """Messages holding ``window_events`` events (from the messages the sink published for ``args.events``)."""
+    return max(1, round(window_events * args.messages / args.events))
 
 
 async def drain(
     subscription: str, table: str, window_events: int, args: argparse.Namespace
-) -> tuple[Learner, float, float, float]:
+) -> tuple[Learner, float, float, float, list[int]]:
     # Windows cut by size: a long window_s, so that each holds window_events (the backlog is there already).
     learner = Learner(
         subscription,
@@ -100,16 +101,26 @@ async def drain(
         concurrency=args.concurrency,
     )
     await learner.start()
+    distinct: list[int] = []  # arms per window (its first attempt)
+    apply = learner._apply
+
+    async def counted(rows: Any) -> None:
+        if learner.stats.failed_windows == failed_before[0]:
+            distinct.append(len(rows))
+        await apply(rows)
+
+    failed_before = [0]
+    learner._apply = counted  # type: ignore[method-assign]
     cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
     while idle < 2:  # two empty pulls: drained (a window given back is not one)
-        failed = learner.stats.failed_windows
+        failed = failed_before[0] = learner.stats.failed_windows
         handled = await learner.step(wait_s=1.0)
         idle = idle + 1 if handled == 0 and learner.stats.failed_windows == failed else 0
     cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
     wall = time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
     await learner.close()
-    return learner, cpu, loop, wall
+    return learner, cpu, loop, wall, distinct
 
 
 async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[str]:
@@ -169,22 +180,19 @@ async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[s
     return [f"{name}: {spent[name] / (calls // 2 * 2) * 1e6:.0f} us" for name in ways]
 
 
-async def markers_per_row(path: TablePath) -> list[int]:
-    """Marker cells in each row of the table."""
+async def cells_per_row(path: TablePath) -> tuple[list[int], int]:
+    """Marker cells in each arm row of the table, and the most cells (all families) in any arm row."""
     from google.cloud.bigtable.data import ReadRowsQuery, row_filters
 
     client = data_client(path.project)
     try:
         table = client.get_table(path.instance, path.table)
         rows = await table.read_rows(
-            ReadRowsQuery(
-                row_filter=row_filters.RowFilterChain(
-                    [row_filters.FamilyNameRegexFilter(MARKERS_FAMILY), row_filters.StripValueTransformerFilter(True)]
-                )
-            ),
-            operation_timeout=600,
+            ReadRowsQuery(row_filter=row_filters.StripValueTransformerFilter(True)), operation_timeout=600
         )
-        return [len(row.cells) for row in rows]
+        arms = [row for row in rows if not row.row_key.startswith(b"\x00")]  # the fleet's own rows start with NUL
+        markers = [sum(cell.family == MARKERS_FAMILY for cell in row.cells) for row in arms]
+        return markers, max((len(row.cells) for row in arms), default=0)
     finally:
         await client.close()
 
@@ -200,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--window-events", default="5000,25000", help="events per window, comma-separated: one learner run each"
     )
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=fleet_setup.DEFAULT_SHARDS, help="arm shards (setup's --shards)")
     parser.add_argument(
         "--calls", type=int, default=4000, help="calls of each way in the per-call comparison (0: none)"
     )
@@ -215,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 topic=f"projects/bench/topics/events-{tag}",
                 subscription=f"projects/bench/subscriptions/learners-{tag}-{w}",
                 table=TablePath("bench", "bench", f"arms-{tag}-{w}"),
+                shards=args.shards,
             )
             for w in windows
         ]
@@ -225,16 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             fleet_setup.ensure_table(calls_table, marker_ttl_s=3600, say=lambda _: None)
             lines = asyncio.run(compare_calls(calls_table, args.calls, args.concurrency))
             print("event loop CPU per CheckAndMutateRow (3 markers), side by side:", "; ".join(lines))
-        rewards = asyncio.run(publish(runs[0].topic, args))
+        rewards, args.messages = asyncio.run(publish(runs[0].topic, args))
         print(
             f"{args.events} events of top_k {args.top_k} over {args.arms} arms (Zipf 1.1), {rewards} rewards, "
-            f"messages of {args.records} records; learner pinned to CPUs {sorted(os.sched_getaffinity(0))}"
+            f"{args.messages} messages of up to {args.records} records, {args.shards} shards; learner pinned to CPUs "
+            f"{sorted(os.sched_getaffinity(0))}"
         )
         for window, resources in zip(windows, runs):
             emulator_cpu0 = sum(session_cpu_seconds(e.pid) for e in emulators)
-            learner, cpu, loop, wall = asyncio.run(drain(resources.subscription, str(resources.table), window, args))
+            learner, cpu, loop, wall, distinct = asyncio.run(
+                drain(resources.subscription, str(resources.table), window, args)
+            )
             emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
-            markers = asyncio.run(markers_per_row(resources.table))
+            markers, most_cells = asyncio.run(cells_per_row(resources.table))
             s = learner.stats
             print(
                 f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
@@ -247,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({emulator_cpu / s.writes * 1e3:.2f} ms per call); {sum(markers)} markers in {len(markers)} rows "
                 f"(at most {max(markers, default=0)} in one); impressions {s.impressions}, rewards {s.rewards}, "
                 f"duplicates {s.duplicates}"
+            )
+            print(
+                f"  SUMMARY window {window}: {args.events / cpu:,.0f} events/s per core (process), "
+                f"{args.events / loop:,.0f} (event loop); calls per window {s.writes / max(s.windows, 1):,.0f} vs "
+                f"distinct arms per window {sum(distinct) / max(len(distinct), 1):,.0f}; largest arm row "
+                f"{most_cells} cells"
             )
     finally:
         for e in emulators:

@@ -32,13 +32,14 @@ from typing import Any
 
 import orjson
 
-from mab_service.errors import MabError
+from mab_service.errors import FeatureSourceError, MabError
 from mab_service.features.bigtable import (
     EVENT_ROW_PREFIX,
     EVENTS_FAMILY,
     BigtableSource,
     Counts,
     TablePath,
+    read_shards,
 )
 from mab_service.learning.bigtable_requests import (
     CHECK_AND_MUTATE_ROW,
@@ -246,7 +247,11 @@ class Fleet:
         await self.source.start()
         self._table = self.source.table
         self.rows.start(self.source.client)
-        self.sink.start()
+        try:
+            shards = await read_shards(self._table, self.timeout_s * 5)
+        except Exception as exc:
+            raise FeatureSourceError(f"cannot read the fleet's shard count from Bigtable {self.path}: {exc}") from None
+        self.sink.start(shards)
 
     async def close(self) -> None:
         """Deliver what this replica answered: the pending batch and the outbox to Pub/Sub and the membership rows

@@ -20,6 +20,12 @@ so the replica answers 503 instead of losing what it answered. ``close`` (the re
 whatever waits to be sent again at once, and waits for the outbox within its deadline; what is still there is
 logged and counted (``undelivered``).
 
+Arm shards: once ``setup`` has given the fleet ``shards`` (docs/fleet.md, "Learners that shard"), the sink splits
+every batch by shard, ``shard_of`` each id: an answer's ids go to one event record per shard they fall in (same event
+id), a reward to its id's shard; each shard's records are a message of their own on the shard's topic
+(``shard_topic``), under a key of the shard's stream, ``<publisher id>.<shard>/<sequence>``, and with attribute ``s``
+(the shard). A learner holding a shard's lease then sees exactly that shard's arms.
+
 The publisher honours ``PUBSUB_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
 """
 
@@ -30,6 +36,7 @@ import concurrent.futures
 import contextlib
 import logging
 import secrets
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +49,19 @@ logger = logging.getLogger("mab_service.pubsub")
 FORMAT_VERSION = "2"
 #: A message's data at most before it is sent, whatever ``max_records`` says: Pub/Sub refuses messages over 10 MB.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: What a shard's topic and subscription are called after the fleet's topic and subscription.
+SHARD_SUFFIX = "-shard-"
+
+
+def shard_of(id_: str, shards: int) -> int:
+    """The shard of arm ``id_``: CRC-32 of its UTF-8 bytes modulo ``shards``, stable across processes and versions
+    (not Python's ``hash``, which is salted per process)."""
+    return zlib.crc32(id_.encode()) % shards
+
+
+def shard_topic(topic: str, shard: int) -> str:
+    """The topic of shard ``shard`` of the fleet's ``topic``: ``<topic>-shard-<n>``."""
+    return f"{topic}{SHARD_SUFFIX}{shard}"
 
 
 class SinkUnavailable(MabError):
@@ -54,6 +74,8 @@ class SinkUnavailable(MabError):
 @dataclass
 class _Message:
     key: str
+    topic: str
+    shard: int
     records: list[bytes]
     """Each record's JSON, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
     size: int = 1
@@ -77,6 +99,7 @@ class PubSubSink:
         publish_timeout_s: How long one attempt may take, the client's own retries included: a reward waits this
             long at most before it is answered 503.
         publisher_id: This sink's part of the message keys; random by default (a replica's restart is a new one).
+        shards: The fleet's arm shards (``start`` may set them from the table); 0: one topic, no split.
     """
 
     def __init__(
@@ -90,6 +113,7 @@ class PubSubSink:
         retry_s: float = 1.0,
         publish_timeout_s: float = 5.0,
         publisher_id: str | None = None,
+        shards: int = 0,
     ) -> None:
         self.topic = topic
         self.max_records = max_records
@@ -99,6 +123,7 @@ class PubSubSink:
         self.retry_s = retry_s
         self.publish_timeout_s = publish_timeout_s
         self.publisher_id = publisher_id or secrets.token_hex(6)
+        self.shards = shards
         self.published = 0
         """Messages Pub/Sub stored."""
         self.failed = 0
@@ -109,8 +134,8 @@ class PubSubSink:
         """Messages still in the outbox when ``close`` gave up on them (logged)."""
         self._bytes = 0
         self._publisher: Any = None
-        self._seq = 0
-        self._current: _Message | None = None
+        self._seqs: dict[int, int] = {}
+        self._current: dict[int, _Message] = {}
         self._outbox: dict[str, _Message] = {}
         self._retry: list[_Message] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -127,7 +152,10 @@ class PubSubSink:
         """Bytes of the messages in the outbox, the batch being filled included."""
         return self._bytes
 
-    def start(self) -> None:
+    def start(self, shards: int | None = None) -> None:
+        """Create the publisher; ``shards`` (when given) is the fleet's shard count, read from its table."""
+        if shards is not None:
+            self.shards = shards
         from google.api_core import exceptions, retry
         from google.cloud.pubsub_v1 import PublisherClient, types
 
@@ -163,7 +191,15 @@ class PubSubSink:
             SinkUnavailable: If the outbox is full (nothing was queued).
         """
         self.check()
-        self._add(["e", t, event_id, ids])
+        shards = self.shards
+        if not shards:
+            self._add(["e", t, event_id, ids], 0)
+            return
+        split: dict[int, list[str]] = {}
+        for id_ in ids:
+            split.setdefault(zlib.crc32(id_.encode()) % shards, []).append(id_)  # shard_of, inlined: per id
+        for shard, part in split.items():
+            self._add(["e", t, event_id, part], shard)
 
     async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
         """Queue an accepted reward and wait until Pub/Sub has stored its message.
@@ -173,15 +209,19 @@ class PubSubSink:
         """
         self.check()
         waiter = asyncio.get_running_loop().create_future()
-        message = self._add(["r", t, event_id, id_, reward])
+        message = self._add(["r", t, event_id, id_, reward], shard_of(id_, self.shards) if self.shards else 0)
         message.waiters.append(waiter)
         await waiter
 
-    def _add(self, record: list[Any]) -> _Message:
-        message = self._current
+    def _add(self, record: list[Any], shard: int) -> _Message:
+        message = self._current.get(shard)
         if message is None:
-            self._seq += 1
-            message = self._current = _Message(f"{self.publisher_id}/{self._seq}", [])
+            seq = self._seqs[shard] = self._seqs.get(shard, 0) + 1
+            if self.shards:
+                key, topic = f"{self.publisher_id}.{shard}/{seq}", shard_topic(self.topic, shard)
+            else:
+                key, topic = f"{self.publisher_id}/{seq}", self.topic
+            message = self._current[shard] = _Message(key, topic, shard, [])
             self._outbox[message.key] = message
             self._bytes += message.size
         encoded = orjson.dumps(record)
@@ -189,25 +229,29 @@ class PubSubSink:
         message.size += len(encoded) + 1
         self._bytes += len(encoded) + 1
         if len(message.records) >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
-            self.flush()
+            del self._current[shard]
+            self._send(message)
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
         return message
 
     def flush(self) -> None:
-        """Publish what is queued as one message."""
+        """Publish what is queued: one message per shard."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        message, self._current = self._current, None
-        if message is not None:
+        current, self._current = self._current, {}
+        for message in current.values():
             self._send(message)
 
     def _send(self, message: _Message) -> None:
         message.attempts += 1
         data = b"[" + b",".join(message.records) + b"]"
+        attributes = {"v": FORMAT_VERSION, "k": message.key}
+        if self.shards:
+            attributes["s"] = str(message.shard)
         future = self._publisher.publish(
-            self.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, v=FORMAT_VERSION, k=message.key
+            message.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, **attributes
         )
         loop = asyncio.get_running_loop()
 
@@ -229,11 +273,11 @@ class PubSubSink:
         self.failed += 1
         if message.attempts == 1 or message.attempts % 60 == 0:
             logger.warning(
-                "publishing %s to %s failed (attempt %d): %s", message.key, self.topic, message.attempts, error
+                "publishing %s to %s failed (attempt %d): %s", message.key, message.topic, message.attempts, error
             )
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(SinkUnavailable(f"publishing to {self.topic} failed: {error}"))
+                waiter.set_exception(SinkUnavailable(f"publishing to {message.topic} failed: {error}"))
         # The events go again, under the same key; the rewards were answered 503 and are the clients' to retry.
         events = [record for record in message.records if _is_event(record)]
         if len(events) < len(message.records):
@@ -275,7 +319,15 @@ class PubSubSink:
             self._retry_timer = None
         if self._outbox:
             self.undelivered = len(self._outbox)
-            events = sum(_is_event(record) for message in self._outbox.values() for record in message.records)
+            # Distinct event ids: with shards an answer has a record in each shard's message its ids fall in.
+            events = len(
+                {
+                    orjson.loads(record)[2]
+                    for message in self._outbox.values()
+                    for record in message.records
+                    if _is_event(record)
+                }
+            )
             logger.error(
                 "%d messages (%d events) to %s were not stored by Pub/Sub within %.1f s at close: their impressions "
                 "are not counted",

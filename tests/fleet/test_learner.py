@@ -32,13 +32,14 @@ from tests.fleet.proxy import Proxy
 ARMS = [f"arm-{i:03d}" for i in range(40)]
 
 
-def make_resources(ack_deadline_s: int = 60) -> fleet_setup.FleetResources:
+def make_resources(ack_deadline_s: int = 60, shards: int | None = None) -> fleet_setup.FleetResources:
     tag = uuid.uuid4().hex[:8]
     resources = fleet_setup.FleetResources(
         topic=f"projects/fleet/topics/events-{tag}",
         subscription=f"projects/fleet/subscriptions/learners-{tag}",
         table=TablePath("fleet", "mab", f"arms-{tag}"),
         ack_deadline_s=ack_deadline_s,
+        shards=shards,
     )
     fleet_setup.setup(resources, say=lambda _: None)
     return resources
@@ -57,14 +58,14 @@ class Truth:
         return [self.impressions[a] for a in ARMS], [self.rewards[a] for a in ARMS]
 
 
-async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth) -> int:
-    """Publish ``events`` answered events and rewards for some of their ids through the sink, with duplicates:
-    every reward is sent twice (two replicas), and a tenth of the messages again as they were (redelivery).
-    Returns the messages published."""
+async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth, shards: int = 0) -> int:
+    """Publish ``events`` answered events and rewards for some of their ids through the sink (split into ``shards``
+    if not 0), with duplicates: every reward is sent twice (two replicas), and a tenth of the messages again as they
+    were (redelivery, on the fleet's own topic). Returns the messages published."""
     from google.cloud.pubsub_v1 import PublisherClient
 
     sink = PubSubSink(resources.topic, max_records=25, max_delay_s=0.005)
-    sink.start()
+    sink.start(shards)
     rewards = []
     for n in range(events):
         event_id = f"ev{uuid.uuid4().hex[:12]}.{n}"
@@ -143,6 +144,74 @@ def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_e
     assert learner.stats.impressions == sum(truth.impressions.values())
     assert learner.stats.rewards == truth.reward_count
     assert_exact(str(resources.table), truth)
+
+
+def test_learners_share_the_shards_and_take_over_a_dead_ones(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    """Two learners on a table of 4 shards hold 2 leases each, disjoint, and together count exactly; a learner that
+    stops renewing (as if killed) has its shards taken over after the lease's TTL, and one that closes gives its
+    leases back at once."""
+    from mab_service.learning.pubsub import shard_of
+
+    resources = make_resources(shards=4)
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 200, truth, shards=4))
+    ttl_s = 1.5
+
+    async def learn() -> None:
+        a = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        b = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        await a.start()
+        assert a.shards == 4 and a.held == {0, 1, 2, 3}  # alone: all of them
+        await b.start()
+        deadline = time.monotonic() + 30
+        written: dict[str, set[str]] = {"a": set(), "b": set()}
+        while (len(a.held), len(b.held)) != (2, 2) or a.held & b.held:  # a gives back 2 at its next renewal
+            assert time.monotonic() < deadline, (a.held, b.held)
+            await asyncio.sleep(0.1)
+        held = {"a": set(a.held), "b": set(b.held)}
+        for name, learner in (("a", a), ("b", b)):
+            real_apply = learner._apply
+
+            async def apply(rows: Any, name: str = name, real_apply: Any = real_apply) -> None:
+                written[name].update(rows)
+                await real_apply(rows)
+
+            learner._apply = apply  # type: ignore[method-assign]
+        deadline = time.monotonic() + 60
+        while a.stats.messages + b.stats.messages < sent:
+            assert time.monotonic() < deadline, (a.stats, b.stats)
+            await asyncio.gather(a.step(wait_s=0.2), b.step(wait_s=0.2))
+        # Each arm was written by the learner holding its shard only (the shard-0 holder also read the fleet's
+        # own subscription, whose messages hold arms of every shard).
+        legacy = "a" if 0 in held["a"] else "b"
+        other = "b" if legacy == "a" else "a"
+        assert written[other] and {shard_of(id_, 4) for id_ in written[other]} <= held[other]
+        impressions, rewards = await read_counts(str(resources.table))
+        assert (impressions, rewards) == truth.expected()
+        # b stops renewing without giving its leases back, as a learner killed would: a takes them after the TTL.
+        assert b._leases is not None
+        b._leases.cancel()
+        started = time.monotonic()
+        while a.held != {0, 1, 2, 3}:
+            assert time.monotonic() - started < 10 * ttl_s, a.held
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started > ttl_s / 3  # not before b's leases expired
+        b.held.clear()  # b is "dead": its close must not give back what a holds now
+        await b.close()
+        # A third learner arrives, then a closes: its leases are given back and c takes all four within a renewal.
+        c = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        await c.start()
+        await a.close()
+        started = time.monotonic()
+        while c.held != {0, 1, 2, 3}:
+            assert time.monotonic() - started < 3 * ttl_s, c.held
+            await asyncio.sleep(0.1)
+        await c.close()
+        assert a.stats.leases_lost == 0
+
+    asyncio.run(learn())
 
 
 def drain(resources: fleet_setup.FleetResources, until: Any, window_s: float = 0.2) -> Learner:
