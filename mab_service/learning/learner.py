@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
@@ -82,7 +82,7 @@ from mab_service.learning.bigtable_requests import (
     timestamp_field,
 )
 from mab_service.learning.fleet_setup import shard_subscription
-from mab_service.learning.pubsub import FORMAT_VERSION
+from mab_service.learning.pubsub import FORMAT_VERSION, RECORDS_VERSION
 
 logger = logging.getLogger("mab_service.learner")
 
@@ -92,7 +92,11 @@ MARKERS_PER_CALL = 100
 MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
 __all__ = ["MAX_ID_BYTES", "Learner", "LearnerError", "LearnerStats"]
 #: Why a record is skipped: the ``reason`` label of ``mab_learner_invalid_records_total``.
-INVALID_REASONS = ("record", "event_id", "id", "reward")
+INVALID_REASONS = ("record", "event_id", "id", "reward", "count")
+#: Message formats read: this version's, and the one before it (replicas of an older version, during an upgrade).
+_VERSIONS = frozenset({FORMAT_VERSION, RECORDS_VERSION})
+#: The most impressions of one arm a format-3 message may carry (a replica's batch holds far fewer).
+MAX_SHOWN = 1 << 31
 #: Seconds between two log lines about skipped records or undecodable messages (the counters count them all).
 LOG_EVERY_S = 10.0
 #: How many ack ids go in one Acknowledge call (the request must stay under 512 KB).
@@ -193,7 +197,7 @@ class _Window:
         self.timestamp_micros = time.time_ns() // 1_000_000 * 1000  # Bigtable's default granularity: milliseconds
         self._timestamp = timestamp_field(self.timestamp_micros)
 
-    def add(self, key: str, shown: Counter[str], rewards: list[tuple[str, str, int]]) -> None:
+    def add(self, key: str, shown: dict[str, int], rewards: list[tuple[str, str, int]]) -> None:
         """A message's impressions (per arm) and rewards ``(id, event_id, millionths)``."""
         rows = self.rows
         if key in self.keys:  # the same message twice in one window (published or delivered again)
@@ -216,7 +220,7 @@ class _Window:
 class Parsed(NamedTuple):
     """A message's valid records, and what was skipped of it."""
 
-    shown: Counter[str]
+    shown: dict[str, int]
     """Impressions per arm."""
     rewards: list[tuple[str, str, int]]
     """``(id, event_id, millionths)``."""
@@ -226,14 +230,21 @@ class Parsed(NamedTuple):
     """The first record skipped, for the log; None if none was."""
 
 
-def parse(data: bytes) -> Parsed | None:
-    """A message's valid records, each on its own; None if the message cannot be decoded at all (not a JSON array)."""
+def parse(data: bytes, version: str = FORMAT_VERSION) -> Parsed | None:
+    """A message's valid records, each on its own; None if the message cannot be decoded at all (not a JSON array).
+
+    Format 3 (``pubsub``): the impressions summed per arm in one record ``["i", events, {id: n}]``, each entry checked
+    on its own (an id outside the id rule: reason ``id``; a count that is not an integer in [1, 2^31): ``count``),
+    then reward records. Format 2: a record per answer, ``["e", t, event_id, [ids]]``, and the same reward records.
+    """
     try:
         records = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
     if type(records) is not list:
         return None
+    if version == FORMAT_VERSION:
+        return _parse_sums(records)
     shown: Counter[str] = Counter()
     rewards: list[tuple[str, str, int]] = []
     invalid: Counter[str] = Counter()
@@ -250,6 +261,37 @@ def parse(data: bytes) -> Parsed | None:
         else:
             reward = record[4]
             rewards.append((record[3], record[2], round(reward * REWARD_SCALE)))
+    return Parsed(shown, rewards, invalid, example)
+
+
+def _parse_sums(records: list[Any]) -> Parsed:
+    """A format-3 message's valid entries: the per-arm sums, each entry alone, and the rewards, each alone."""
+    shown: dict[str, int] = {}
+    rewards: list[tuple[str, str, int]] = []
+    invalid: Counter[str] = Counter()
+    example = None
+    ids_ok: dict[Any, bool] = {}
+    for record in records:
+        if type(record) is list and len(record) == 3 and record[0] == "i" and type(record[2]) is dict:
+            for id_, n in record[2].items():  # JSON object keys are strings
+                if type(n) is not int or not 0 < n < MAX_SHOWN:
+                    reason = "count"
+                elif id_problem(id_) is not None:
+                    reason = "id"
+                else:
+                    shown[id_] = shown.get(id_, 0) + n
+                    continue
+                invalid[reason] += 1
+                if example is None:
+                    example = [id_, n]
+            continue
+        problem = _check(record, ids_ok) if type(record) is list and record[:1] == ["r"] else "record"
+        if problem is not None:
+            invalid[problem] += 1
+            if example is None:
+                example = record
+        else:
+            rewards.append((record[3], record[2], round(record[4] * REWARD_SCALE)))
     return Parsed(shown, rewards, invalid, example)
 
 
@@ -360,13 +402,18 @@ class _StatsCollector(Collector):
             "failed_windows": "Window writes that failed: retried with the messages held, or given back.",
             "errors": "Steps that failed (pull, write or acknowledgement) and were retried.",
             "writes": "CheckAndMutateRow calls.",
+            "leases_taken": "Shard leases taken (free, expired or given back by another learner).",
+            "leases_lost": "Shard leases found taken over by another learner at renewal.",
         }
         for f in fields(self.stats):
             if f.name in docs:
                 yield CounterMetricFamily(f"mab_learner_{f.name}", docs[f.name], value=getattr(self.stats, f.name))
+        yield GaugeMetricFamily(
+            "mab_learner_shards_held", "Shards whose lease this learner holds.", value=self.stats.shards_held
+        )
         invalid = CounterMetricFamily(
             "mab_learner_invalid_records",
-            "Records skipped (the rest of their message applied), by reason: record, event_id, id, reward.",
+            "Records skipped (the rest of their message applied), by reason: record, event_id, id, reward, count.",
             labels=["reason"],
         )
         for reason, n in self.stats.invalid_records.items():
@@ -540,7 +587,8 @@ class Learner:
             message = pulled[1]
             attributes = message.message.attributes
             key = attributes.get("k", "")
-            parsed = parse(message.message.data) if attributes.get("v") == FORMAT_VERSION else None
+            version = attributes.get("v")
+            parsed = parse(message.message.data, version) if version in _VERSIONS else None
             if parsed is None or MESSAGE_KEY.match(key) is None:
                 undecodable.append(pulled)
                 continue
@@ -694,7 +742,7 @@ class Learner:
                     self._received.extend(pulled)
                     self._arrived.set()
         finally:
-            self._leaving.discard(me)  # type: ignore[arg-type]
+            self._leaving.discard(me)
 
     def _subscriptions(self) -> set[str]:
         """What the held shards read: their subscriptions, and the fleet's own with shard 0."""

@@ -1,10 +1,12 @@
 """The Pub/Sub event sink: a replica's events and rewards, batched into messages on the fleet's topic.
 
-A message's data is a JSON array of records, the journal's shapes: ``["e", t, event_id, [ids]]`` for an answered
-event (one impression per id) and ``["r", t, event_id, id, reward]`` for an accepted reward. Its attributes: ``v``,
-the format's version, and ``k``, the message's key ``<publisher id>/<sequence>``, unique per message and the same on
-every retry of it, so that learners count a message's impressions once however often it is published or delivered
-(``learner.Learner``).
+A message's data (format ``v`` 3) is a JSON array: first, if the message holds answers, ``["i", events, {id:
+impressions, ...}]``, the impressions of its answers summed per arm as they are added (what the learner adds, so that
+its cost no longer grows with the answers); then a record ``["r", t, event_id, id, reward]`` per accepted reward.
+Format 2, which learners still read (messages of replicas of an older version), had a record ``["e", t, event_id,
+[ids]]`` per answer instead of the sums. Its attributes: ``v``, the format's version, and ``k``, the message's key
+``<publisher id>/<sequence>``, unique per message and the same on every retry of it, so that learners count a
+message's impressions once however often it is published or delivered (``learner.Learner``).
 
 Records are buffered and published together every ``max_delay_s`` or ``max_records``, whichever comes first, so
 that ``event`` costs the request path an append and no system call. ``reward`` returns once the message that
@@ -46,9 +48,14 @@ from mab_service.errors import MabError
 
 logger = logging.getLogger("mab_service.pubsub")
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
+#: The format before per-arm sums: a record per answer. Learners read both.
+RECORDS_VERSION = "2"
 #: A message's data at most before it is sent, whatever ``max_records`` says: Pub/Sub refuses messages over 10 MB.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Estimated bytes of a message's sums before its first id, and per id beyond its JSON string (``:``, up to 6 digits,
+#: ``,``): the outbox's byte bound counts them before they are encoded.
+_SUMS_BYTES, _SUM_BYTES = 16, 8
 #: What a shard's topic and subscription are called after the fleet's topic and subscription.
 SHARD_SUFFIX = "-shard-"
 
@@ -76,10 +83,16 @@ class _Message:
     key: str
     topic: str
     shard: int
-    records: list[bytes]
-    """Each record's JSON, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
+    records: list[bytes] = field(default_factory=list)
+    """Each reward's record, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
+    shown: dict[str, int] = field(default_factory=dict)
+    """Impressions per arm of the message's answers."""
+    events: list[str] = field(default_factory=list)
+    """The event ids of its answers (for the count logged if it is lost)."""
+    added: int = 0
+    """Answers and rewards added (``max_records`` counts them)."""
     size: int = 1
-    """Bytes of the message's data: the records, their commas and the brackets."""
+    """Bytes of the message's data (the sums estimated until it is encoded)."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     attempts: int = 0
 
@@ -193,13 +206,13 @@ class PubSubSink:
         self.check()
         shards = self.shards
         if not shards:
-            self._add(["e", t, event_id, ids], 0)
+            self._show(event_id, ids, 0)
             return
         split: dict[int, list[str]] = {}
         for id_ in ids:
             split.setdefault(zlib.crc32(id_.encode()) % shards, []).append(id_)  # shard_of, inlined: per id
         for shard, part in split.items():
-            self._add(["e", t, event_id, part], shard)
+            self._show(event_id, part, shard)
 
     async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
         """Queue an accepted reward and wait until Pub/Sub has stored its message.
@@ -213,7 +226,8 @@ class PubSubSink:
         message.waiters.append(waiter)
         await waiter
 
-    def _add(self, record: list[Any], shard: int) -> _Message:
+    def _message(self, shard: int) -> _Message:
+        """The batch being filled for ``shard``, begun if there is none."""
         message = self._current.get(shard)
         if message is None:
             seq = self._seqs[shard] = self._seqs.get(shard, 0) + 1
@@ -221,19 +235,44 @@ class PubSubSink:
                 key, topic = f"{self.publisher_id}.{shard}/{seq}", shard_topic(self.topic, shard)
             else:
                 key, topic = f"{self.publisher_id}/{seq}", self.topic
-            message = self._current[shard] = _Message(key, topic, shard, [])
+            message = self._current[shard] = _Message(key, topic, shard)
             self._outbox[message.key] = message
             self._bytes += message.size
+        return message
+
+    def _show(self, event_id: str, ids: list[str], shard: int) -> None:
+        """Add an answer's impressions (of one shard) to the batch's sums."""
+        message = self._message(shard)
+        shown = message.shown
+        grown = 0 if message.events else _SUMS_BYTES
+        for id_ in ids:
+            n = shown.get(id_)
+            if n is None:
+                shown[id_] = 1
+                grown += len(orjson.dumps(id_)) + _SUM_BYTES  # "id":n, (n estimated at its longest)
+            else:
+                shown[id_] = n + 1
+        message.events.append(event_id)
+        message.size += grown
+        self._bytes += grown
+        self._added(message)
+
+    def _add(self, record: list[Any], shard: int) -> _Message:
+        message = self._message(shard)
         encoded = orjson.dumps(record)
         message.records.append(encoded)
         message.size += len(encoded) + 1
         self._bytes += len(encoded) + 1
-        if len(message.records) >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
-            del self._current[shard]
+        self._added(message)
+        return message
+
+    def _added(self, message: _Message) -> None:
+        message.added += 1
+        if message.added >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
+            del self._current[message.shard]
             self._send(message)
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
-        return message
 
     def flush(self) -> None:
         """Publish what is queued: one message per shard."""
@@ -246,7 +285,10 @@ class PubSubSink:
 
     def _send(self, message: _Message) -> None:
         message.attempts += 1
-        data = b"[" + b",".join(message.records) + b"]"
+        parts = [orjson.dumps(["i", len(message.events), message.shown])] if message.events else []
+        data = b"[" + b",".join(parts + message.records) + b"]"
+        self._bytes += len(data) - message.size  # the sums were estimated: now they are known
+        message.size = len(data)
         attributes = {"v": FORMAT_VERSION, "k": message.key}
         if self.shards:
             attributes["s"] = str(message.shard)
@@ -278,13 +320,12 @@ class PubSubSink:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(SinkUnavailable(f"publishing to {message.topic} failed: {error}"))
-        # The events go again, under the same key; the rewards were answered 503 and are the clients' to retry.
-        events = [record for record in message.records if _is_event(record)]
-        if len(events) < len(message.records):
-            size = 1 + sum(len(record) + 1 for record in events)
+        # The answers go again, under the same key; the rewards were answered 503 and are the clients' to retry.
+        if message.records:
+            size = message.size - sum(len(record) + 1 for record in message.records)
             self._bytes -= message.size - size
-            message.records, message.size = events, size
-        if not message.records:
+            message.records, message.size = [], size
+        if not message.events:
             self._drop(message)
             return
         self._retry.append(message)
@@ -319,15 +360,8 @@ class PubSubSink:
             self._retry_timer = None
         if self._outbox:
             self.undelivered = len(self._outbox)
-            # Distinct event ids: with shards an answer has a record in each shard's message its ids fall in.
-            events = len(
-                {
-                    orjson.loads(record)[2]
-                    for message in self._outbox.values()
-                    for record in message.records
-                    if _is_event(record)
-                }
-            )
+            # Distinct event ids: with shards an answer is in each shard's message its ids fall in.
+            events = len({event_id for message in self._outbox.values() for event_id in message.events})
             logger.error(
                 "%d messages (%d events) to %s were not stored by Pub/Sub within %.1f s at close: their impressions "
                 "are not counted",
@@ -341,8 +375,3 @@ class PubSubSink:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(publisher.stop), max(deadline - loop.time(), 0.1))
         publisher.transport.close()
-
-
-def _is_event(record: bytes) -> bool:
-    """Whether an encoded record is an event's (``["e", ...``), not a reward's."""
-    return record.startswith(b'["e"')

@@ -25,6 +25,7 @@ from typing import IO
 import httpx
 import pytest
 
+from mab_service.learning.pubsub import shard_of
 from tests.conftest import unused_tcp_port, wait_until
 from tests.fleet.conftest import Emulator, _missing, stop
 from tests.fleet.proxy import Proxy
@@ -33,6 +34,8 @@ ARMS = [f"arm-{i:02d}" for i in range(30)]
 JSON = {"content-type": "application/json"}
 #: Arm shards of the fleet under test: two, so that the two learners hold one each and answers are split.
 SHARDS = 2
+#: Arms of shard 0: an answer of these is one message, as it was before shards.
+SHARD_0 = [arm for arm in ARMS if shard_of(arm, SHARDS) == 0]
 
 
 def start_pubsub(log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -333,24 +336,26 @@ def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count
 
 
 def _pull_events(subscription: str, host: str, want: int) -> int:
-    """Events on the shards' subscriptions of ``subscription`` (pulled and acked until ``want`` or 30 s); an
-    answer's records, one per shard of its ids, count as one event."""
+    """Answers on the shards' subscriptions of ``subscription`` (pulled and acked until ``want`` or 30 s), from the
+    count each message's sums carry (``["i", answers, {id: n}]``). The test's answers are of 2 ids of one shard
+    each (``SHARD_0``), so an answer is in one message."""
     import orjson
     from google.cloud.pubsub_v1 import SubscriberClient
 
     os.environ["PUBSUB_EMULATOR_HOST"] = host
-    seen: set[str] = set()
+    seen = 0
     deadline = time.monotonic() + 30
     with SubscriberClient() as subscriber:
-        while len(seen) < want and time.monotonic() < deadline:
+        while seen < want and time.monotonic() < deadline:
             for shard in range(SHARDS):
                 name = f"{subscription}-shard-{shard}"
                 response = subscriber.pull(subscription=name, max_messages=100, timeout=2)
                 for received in response.received_messages:
-                    seen.update(record[2] for record in orjson.loads(received.message.data) if record[0] == "e")
+                    records = orjson.loads(received.message.data)
+                    seen += records[0][1] if records and records[0][0] == "i" else 0
                 if response.received_messages:
                     subscriber.acknowledge(subscription=name, ack_ids=[m.ack_id for m in response.received_messages])
-    return len(seen)
+    return seen
 
 
 def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_reward_is_503(fleet: Fleet) -> None:
@@ -358,11 +363,11 @@ def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_
     Pub/Sub is back; past the bound /predict answers 503 events_unavailable; /reward answers 503 throughout."""
     url = fleet.replica("replica", "--events-max-pending", "3", "--events-max-delay-s", "0.001")
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
-        first = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2}).json()
+        first = client.post("/predict", json={"user_id": "u", "candidates": SHARD_0[:5], "top_k": 2}).json()
         fleet.pubsub.down()
         answered, refused = 1, 0
         for i in range(20):
-            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2})
             if answer.status_code == 200:
                 answered += 1
             else:
@@ -386,7 +391,7 @@ def test_past_the_outbox_byte_bound_predict_is_503(fleet: Fleet) -> None:
     long ids fill 4,000 bytes within a few messages, then /predict answers 503 events_unavailable; once Pub/Sub is
     back every answered event is delivered."""
     url = fleet.replica("replica", "--events-max-pending-bytes", "4000", "--events-max-delay-s", "0.001")
-    long_ids = [f"{arm}-{'x' * 200}" for arm in ARMS[:5]]
+    long_ids = [id_ for id_ in (f"{arm}-{'x' * 200}" for arm in ARMS) if shard_of(id_, SHARDS) == 0][:5]
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         fleet.pubsub.down()
         answered, refused = 0, 0
@@ -414,7 +419,7 @@ def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet)
     )
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         fleet.bigtable.down()
-        during = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2})
+        during = client.post("/predict", json={"user_id": "u", "candidates": SHARD_0[:5], "top_k": 2})
         assert during.status_code == 200, during.text
         assert during.json()["degraded"] is True  # the prior: counts not read
         reward = client.post(
@@ -422,7 +427,7 @@ def test_while_bigtable_is_away_predict_degrades_and_reward_is_503(fleet: Fleet)
         )
         assert (reward.status_code, reward.json()["error"]) == (503, "bigtable_unavailable"), reward.text
         statuses = Counter(
-            client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2}).status_code
+            client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2}).status_code
             for i in range(120)
         )
         assert statuses[503] > 0 and statuses[200] >= 90, statuses
@@ -487,7 +492,7 @@ def test_a_replica_stopped_while_pubsub_is_away_gives_up_within_its_timeout_and_
     fleet.pubsub.down()
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         for i in range(5):
-            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2})
             assert answer.status_code == 200, answer.text
         outbox = client.get("/loop").json()["fleet"]
     assert outbox["outbox_messages"] >= 1 and outbox["outbox_bytes"] > 0

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mab_service.features.bigtable import BigtableSource, TablePath
 from mab_service.learning import bigtable_requests, fleet_setup, learner as learner_module
 from mab_service.learning.learner import Learner
-from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
+from mab_service.learning.pubsub import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
 from tests.fleet.proxy import Proxy
@@ -96,7 +96,7 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
             truth.rewards[ARMS[i]] += 0.5
             truth.reward_count += 1
             for data in (first, first if i % 4 else records):
-                publisher.publish(resources.topic, orjson.dumps(data), v=FORMAT_VERSION, k=f"again/{i}").result(
+                publisher.publish(resources.topic, orjson.dumps(data), v=RECORDS_VERSION, k=f"again/{i}").result(
                     timeout=30
                 )
                 again += 1
@@ -268,7 +268,18 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
         truth.impressions.update([ARMS[n], ARMS[n + 1], longest, ARMS[n + 1]])
         truth.rewards[ARMS[n]] += 0.5
         # The bad records between the good ones, as a replica's batch would hold them.
-        messages.append((good[:1] + records + good[1:], {"v": FORMAT_VERSION, "k": f"p/{n + 1}"}))
+        messages.append((good[:1] + records + good[1:], {"v": RECORDS_VERSION, "k": f"p/{n + 1}"}))
+    # Format 3: the impressions summed per arm, each entry checked on its own.
+    sums = {ARMS[10]: 3, "tab\there": 1, "x" * 1025: 1, ARMS[11]: 0, ARMS[12]: "2", ARMS[13]: 2**31, ARMS[14]: True}
+    sums[ARMS[15]] = 1.5
+    v3: list[Any] = [["i", 4, sums], ["r", 0, "ev-v3", ARMS[10], 0.25], ["r", 0, "ev-v3b", "del\x7f", 1.0], ["x"]]
+    messages.append((v3, {"v": FORMAT_VERSION, "k": "p3/1"}))
+    truth.impressions[ARMS[10]] += 3
+    truth.rewards[ARMS[10]] += 0.25
+    invalid = {reason: len(records) for reason, records in bad.items()}
+    invalid["id"] += 3  # two ids of the sums, one of a reward
+    invalid["count"] = 5  # 0, "2", 2^31, true, 1.5
+    invalid["record"] += 1
     with PublisherClient() as publisher:
         for records, attributes in messages:
             publisher.publish(resources.topic, orjson.dumps(records), **attributes).result(timeout=30)
@@ -276,9 +287,9 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
 
     learner = drain(resources, lambda learner: learner.stats.messages >= len(messages))
     assert learner.stats.messages == len(messages) and learner.stats.malformed == 0
-    assert learner.stats.invalid_records == {reason: len(records) for reason, records in bad.items()}
+    assert learner.stats.invalid_records == invalid
     assert learner.stats.impressions == sum(truth.impressions.values())
-    assert learner.stats.rewards == len(bad)
+    assert learner.stats.rewards == len(bad) + 1
     impressions, rewards = asyncio.run(read_counts(str(resources.table), arms))
     assert impressions == [truth.impressions[a] for a in arms]
     assert rewards == [truth.rewards[a] for a in arms]
@@ -287,8 +298,8 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
         for family in text_string_to_metric_families(generate_latest(learner.metrics.registry).decode())
         for sample in family.samples
     }
-    for reason, records in bad.items():
-        assert exposed["mab_learner_invalid_records_total", reason] == len(records)
+    for reason, n in invalid.items():
+        assert exposed["mab_learner_invalid_records_total", reason] == n
 
 
 def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
@@ -302,19 +313,19 @@ def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
     resources = make_resources()
     good = b'[["e", 0, "ok", ["arm-000"]]]'
     cases: list[tuple[bytes, dict[str, str]]] = [
-        (b"not json", {"v": FORMAT_VERSION, "k": "p/2"}),
-        (b'{"e": 1}', {"v": FORMAT_VERSION, "k": "p/3"}),
-        (b'"text"', {"v": FORMAT_VERSION, "k": "p/4"}),
-        (b"\xff\xfe", {"v": FORMAT_VERSION, "k": "p/5"}),  # not UTF-8
-        (good, {"v": FORMAT_VERSION}),  # no key
+        (b"not json", {"v": RECORDS_VERSION, "k": "p/2"}),
+        (b'{"e": 1}', {"v": RECORDS_VERSION, "k": "p/3"}),
+        (b'"text"', {"v": RECORDS_VERSION, "k": "p/4"}),
+        (b"\xff\xfe", {"v": RECORDS_VERSION, "k": "p/5"}),  # not UTF-8
+        (good, {"v": RECORDS_VERSION}),  # no key
         (good, {"k": "p/20"}),  # no version
         (good, {"v": "1", "k": "p/21"}),  # another version
-        (good, {"v": FORMAT_VERSION, "k": "p/not-a-sequence"}),
+        (good, {"v": RECORDS_VERSION, "k": "p/not-a-sequence"}),
     ]
     with PublisherClient() as publisher:
         for data, attributes in cases:
             publisher.publish(resources.topic, data, **attributes).result(timeout=30)
-        publisher.publish(resources.topic, good, v=FORMAT_VERSION, k="p/1").result(timeout=30)
+        publisher.publish(resources.topic, good, v=RECORDS_VERSION, k="p/1").result(timeout=30)
         publisher.stop()
 
     attempts = resources.max_delivery_attempts
