@@ -111,6 +111,9 @@ DEFAULT_LEASE_TTL_S = 10.0
 #: How long one pull waits for messages (a pull that finds none returns after it, or earlier); also how long a
 #: subscription given up is still pulled at most.
 PULL_WAIT_S = 1.0
+#: After a pull that found nothing, the next waits this long, doubling up to ``IDLE_PULL_MAX_S``: a pull may return
+#: at once when there is nothing (Google's emulator always does), and a learner holds a subscription per shard.
+IDLE_PULL_MIN_S, IDLE_PULL_MAX_S = 0.02, 0.2
 
 
 class LearnerError(MabError):
@@ -712,8 +715,11 @@ class Learner:
         from google.api_core import exceptions
 
         me = asyncio.current_task()
+        idle_s = 0.0
         try:
             while self._pullers.get(subscription) is me:
+                if idle_s:
+                    await asyncio.sleep(idle_s)
                 room = self.max_messages - len(self._received)
                 if room <= 0:
                     self._room.clear()
@@ -739,8 +745,11 @@ class Learner:
                             await self._modify_ack_deadline(pulled, 0)
                     return
                 if pulled:
+                    idle_s = 0.0
                     self._received.extend(pulled)
                     self._arrived.set()
+                else:
+                    idle_s = min(max(idle_s * 2, IDLE_PULL_MIN_S), IDLE_PULL_MAX_S)
         finally:
             self._leaving.discard(me)
 
