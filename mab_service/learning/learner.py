@@ -482,6 +482,7 @@ class Learner:
         self._room = asyncio.Event()
         self._pullers: dict[str, asyncio.Task[None]] = {}
         self._leaving: set[asyncio.Task[None]] = set()
+        self._nacks: set[asyncio.Future[None]] = set()
         """Pullers of subscriptions given up, finishing their last pull."""
         self._leases: asyncio.Task[None] | None = None
 
@@ -526,8 +527,8 @@ class Learner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._leases
         self._follow(set())
-        if self._leaving:
-            await asyncio.gather(*self._leaving, return_exceptions=True)
+        if self._leaving or self._nacks:
+            await asyncio.gather(*self._leaving, *self._nacks, return_exceptions=True)
         if self._table is not None and self.shards:
             try:
                 await self._release(sorted(self.held), alive=False)
@@ -705,10 +706,16 @@ class Learner:
             if given_back:
                 self._received = deque(pulled for pulled in self._received if pulled[0] not in dropped)
                 task = asyncio.ensure_future(self._modify_ack_deadline(given_back, 0))
+                self._nacks.add(task)
                 # If the nack fails, the messages come back after their ack deadline: later, and counted once.
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                task.add_done_callback(self._nacked)
         for subscription in sorted(subscriptions - set(self._pullers)):
             self._pullers[subscription] = asyncio.ensure_future(self._puller(subscription))
+
+    def _nacked(self, task: asyncio.Future[None]) -> None:
+        self._nacks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("giving back pulled messages failed: %s", task.exception())
 
     async def _puller(self, subscription: str) -> None:
         """Pull ``subscription`` into the window's queue while it has room (``max_messages``)."""
