@@ -86,7 +86,9 @@ async def publish(topic: str, args: argparse.Namespace) -> tuple[int, int]:
 
 def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
     """Messages holding ``window_events`` events (from the messages the sink published for ``args.events``)."""
-    return max(1, round(window_events * args.messages / args.events))
+    messages: int = args.messages
+    events: int = args.events
+    return max(1, round(window_events * messages / events))
 
 
 async def drain(
