@@ -17,7 +17,7 @@ dead-letter policy (``fleet_setup``) forwards it to the dead-letter topic after 
 person to read, never dropped.
 
 Markers, in the row of the arm they guard: ``d:m/<k>`` for a message's impressions of that arm, ``k`` being the
-message's key (``<publisher id>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
+message's key (``<publisher id>.<shard>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
 ``d:r/<event_id>`` for the reward of that (event, arm), which two replicas may publish in two messages. Family ``d``
 is garbage-collected after the subscription's retention plus a margin (``fleet_setup``), so a marker outlives every
 redelivery of the message that wrote it. docs/fleet.md argues it.
@@ -88,7 +88,8 @@ logger = logging.getLogger("mab_service.learner")
 
 #: Markers checked by one CheckAndMutateRow (its filter and mutation list stay small).
 MARKERS_PER_CALL = 100
-#: A message key: ``<publisher id>/<sequence>`` (``pubsub.PubSubSink``).
+#: A message key: ``<publisher id>.<shard>/<sequence>``, or ``<publisher id>/<sequence>`` without shards
+#: (``pubsub.PubSubSink``).
 MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
 __all__ = ["MAX_ID_BYTES", "Learner", "LearnerError", "LearnerStats"]
 #: Why a record is skipped: the ``reason`` label of ``mab_learner_invalid_records_total``.
