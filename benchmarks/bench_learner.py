@@ -43,8 +43,11 @@ from mab_service.learning.bigtable_requests import (
     table_field,
     timestamp_field,
 )
-from mab_service.learning.learner import Learner
+from mab_service.learning.learner import Learner, LearnerStats
 from mab_service.learning.pubsub import PubSubSink
+
+#: The learners' lease TTL here: the shards are spread over ``--learners`` within a few seconds.
+LEASE_TTL_S = 1.5
 
 
 def start(kind: str, variable: str) -> subprocess.Popen[bytes]:
@@ -93,36 +96,53 @@ def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
 
 async def drain(
     subscription: str, table: str, window_events: int, args: argparse.Namespace
-) -> tuple[Learner, float, float, float, list[int]]:
+) -> tuple[LearnerStats, float, float, float, list[int]]:
+    """``args.learners`` learners in this process drain the backlog, once the shards are spread over them; their
+    stats summed, CPU seconds (process, event loop), wall seconds, and the distinct arms of each window written."""
     # Windows cut by size: a long window_s, so that each holds window_events (the backlog is there already).
-    learner = Learner(
-        subscription,
-        table,
-        window_s=5.0,
-        max_messages=messages_per_window(window_events, args),
-        concurrency=args.concurrency,
-    )
-    await learner.start()
+    learners = [
+        Learner(
+            subscription,
+            table,
+            window_s=5.0,
+            max_messages=messages_per_window(window_events, args),
+            concurrency=args.concurrency,
+            lease_ttl_s=LEASE_TTL_S,
+        )
+        for _ in range(args.learners)
+    ]
+    for learner in learners:
+        await learner.start()
+    share = -(-args.shards // args.learners)
+    while any(len(learner.held) > share for learner in learners) or sum(len(x.held) for x in learners) < args.shards:
+        await asyncio.sleep(0.1)  # the first took every shard; it gives back the others' share at its renewal
     distinct: list[int] = []  # arms per window (its first attempt)
-    apply = learner._apply
+    for learner in learners:
+        apply = learner._apply
+        failed_before = learner.stats.failed_windows
 
-    async def counted(rows: Any) -> None:
-        if learner.stats.failed_windows == failed_before[0]:
-            distinct.append(len(rows))
-        await apply(rows)
+        async def counted(
+            rows: Any, learner: Learner = learner, apply: Any = apply, failed: int = failed_before
+        ) -> None:
+            if learner.stats.failed_windows == failed:
+                distinct.append(len(rows))
+            await apply(rows)
 
-    failed_before = [0]
-    learner._apply = counted  # type: ignore[method-assign]
+        learner._apply = counted  # type: ignore[method-assign]
     cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
     while idle < 2:  # two empty pulls: drained (a window given back is not one)
-        failed = failed_before[0] = learner.stats.failed_windows
-        handled = await learner.step(wait_s=1.0)
-        idle = idle + 1 if handled == 0 and learner.stats.failed_windows == failed else 0
+        failed = sum(learner.stats.failed_windows for learner in learners)
+        handled = sum(await asyncio.gather(*(learner.step(wait_s=1.0) for learner in learners)))
+        idle = idle + 1 if handled == 0 and sum(x.stats.failed_windows for x in learners) == failed else 0
     cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
     wall = time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
-    await learner.close()
-    return learner, cpu, loop, wall, distinct
+    total = LearnerStats()
+    for learner in learners:
+        await learner.close()
+        for name in ("windows", "messages", "writes", "impressions", "rewards", "duplicates", "failed_windows"):
+            setattr(total, name, getattr(total, name) + getattr(learner.stats, name))
+    return total, cpu, loop, wall, distinct
 
 
 async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[str]:
@@ -212,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--shards", type=int, default=fleet_setup.DEFAULT_SHARDS, help="arm shards (setup's --shards)")
     parser.add_argument(
+        "--learners", type=int, default=1, help="learners in this process, sharing the shards by their leases"
+    )
+    parser.add_argument(
         "--calls", type=int, default=4000, help="calls of each way in the per-call comparison (0: none)"
     )
     args = parser.parse_args(argv)
@@ -241,16 +264,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{args.events} events of top_k {args.top_k} over {args.arms} arms (Zipf 1.1), {rewards} rewards, "
             f"{args.messages} messages of up to {args.records} records, {args.shards} shards; learner pinned to CPUs "
-            f"{sorted(os.sched_getaffinity(0))}"
+            f"{sorted(os.sched_getaffinity(0))}, {args.learners} learners in this process"
         )
         for window, resources in zip(windows, runs):
             emulator_cpu0 = sum(session_cpu_seconds(e.pid) for e in emulators)
-            learner, cpu, loop, wall, distinct = asyncio.run(
+            s, cpu, loop, wall, distinct = asyncio.run(
                 drain(resources.subscription, str(resources.table), window, args)
             )
             emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
             markers, most_cells = asyncio.run(cells_per_row(resources.table))
-            s = learner.stats
             print(
                 f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
                 f"{s.messages} messages; learner CPU {cpu:.2f} s "
@@ -266,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"  SUMMARY window {window}: {args.events / cpu:,.0f} events/s per core (process), "
                 f"{args.events / loop:,.0f} (event loop); calls per window {s.writes / max(s.windows, 1):,.0f} vs "
-                f"distinct arms per window {sum(distinct) / max(len(distinct), 1):,.0f}; largest arm row "
+                f"distinct arms per window {sum(distinct) / max(len(distinct), 1):,.0f} (each learner's windows); "
+                "largest arm row "
                 f"{most_cells} cells"
             )
     finally:
