@@ -214,6 +214,41 @@ def test_learners_share_the_shards_and_take_over_a_dead_ones(
     asyncio.run(learn())
 
 
+def test_a_table_without_shards_is_read_from_the_one_subscription(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    """A deployment from before shards (no shard count in the table): the learner takes no lease and reads the
+    fleet's subscription, as learners did before."""
+    from google.cloud.bigtable.data import DeleteAllFromRow
+
+    from mab_service.features.bigtable import CONFIG_ROW, data_client
+
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+
+    async def learn() -> Learner:
+        client = data_client(resources.table.project)
+        table = client.get_table(resources.table.instance, resources.table.table)
+        await table.mutate_row(CONFIG_ROW, [DeleteAllFromRow()])
+        await client.close()
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        try:
+            assert learner.shards == 0 and learner.held == set()
+            deadline = time.monotonic() + 60
+            while learner.stats.messages < sent:
+                assert time.monotonic() < deadline, learner.stats
+                await learner.step(wait_s=1.0)
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.leases_taken == 0
+    assert_exact(str(resources.table), truth)
+
+
 def drain(resources: fleet_setup.FleetResources, until: Any, window_s: float = 0.2) -> Learner:
     """A learner's steps on ``resources`` until ``until(learner)`` holds and a step finds nothing more."""
 
