@@ -7,7 +7,7 @@ no system call is made. CPU time (all threads: the loop's journal and decision l
 ``--repeats`` batches. The distance to the floor is what mab-service's own Python costs; what TCP on loopback adds
 is in ``bench_service`` (the end-to-end figure minus this one).
 
-    python -m benchmarks.bench_edge [--targets floor,nolearn,loop,loop-keys] [--size 10] [--requests 20000] [--repeats 7]
+    python -m benchmarks.bench_edge [--targets floor,nolearn,loop,loop-keys] [--size 10] [--requests 20000]
 
 Run it pinned (``taskset -c 0``): the loop's threads then share the core, as they do in a one-core worker.
 """

@@ -3,14 +3,16 @@
 Both emulators start on free loopback ports, in their own process groups, on the cores this process is not pinned to
 (so that ``taskset -c 1`` gives the learner a core to itself, as far as the machine's other users allow).
 ``--events`` answered events of ``--top-k`` ids drawn from ``--arms`` arms (Zipf-like popularity, exponent 1.1), and
-a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records, to one
-topic with one subscription per window size of ``--window-events``. Then, one window size after the other, one
-learner in this process drains its subscription into a table of its own, its windows cut at that many events
-(``max_messages`` = window events / events per message): what a window of ``window_s`` holds at a steady rate of
-window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
+a reward for ``--reward-rate`` of the impressions, go through the sink in messages of ``--records`` records (split by
+arm shard, ``--shards``, as a replica does once ``setup`` made shards), with one set
+of subscriptions per window size of ``--window-events``. Then, one window size after the other, one learner in this
+process (holding every shard's lease) drains its subscriptions into a table of its own, its windows cut at that many
+events (``max_messages`` = window events x messages per event): what a window of ``window_s`` holds at a steady rate
+of window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
 thread, gRPC's and the clients' own included, which tick with wall time, and the emulator makes wall time long), those
 of its event loop's thread alone (``time.thread_time``: the work per event and per call), wall time, the emulators'
-CPU, events per learner CPU second, CheckAndMutateRow calls, and the markers left in the table.
+CPU, **events per learner CPU second**, CheckAndMutateRow **calls per window against the distinct arms** the window
+touched, the markers left in the table, and **the largest number of cells in any arm row**.
 
     PYTHONPATH=$PWD taskset -c 1 python -m benchmarks.bench_learner [--events 50000] [--window-events 5000,25000]
 """
@@ -41,8 +43,11 @@ from mab_service.learning.bigtable_requests import (
     table_field,
     timestamp_field,
 )
-from mab_service.learning.learner import Learner
+from mab_service.learning.learner import Learner, LearnerStats
 from mab_service.learning.pubsub import PubSubSink
+
+#: The learners' lease TTL here: the shards are spread over ``--learners`` within a few seconds.
+LEASE_TTL_S = 1.5
 
 
 def start(kind: str, variable: str) -> subprocess.Popen[bytes]:
@@ -59,12 +64,12 @@ def start(kind: str, variable: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def publish(topic: str, args: argparse.Namespace) -> int:
+async def publish(topic: str, args: argparse.Namespace) -> tuple[int, int]:
     rng = np.random.default_rng(11)
     weights = 1.0 / np.arange(1, args.arms + 1) ** 1.1
     weights /= weights.sum()
     sink = PubSubSink(topic, max_records=args.records, max_delay_s=60.0, max_pending=100_000)
-    sink.start()
+    sink.start(args.shards)
     rewards = []
     prefix = uuid.uuid4().hex[:8]
     for n in range(args.events):
@@ -79,37 +84,65 @@ async def publish(topic: str, args: argparse.Namespace) -> int:
     sink.flush()
     await asyncio.gather(*rewards)
     await sink.close()
-    return len(rewards)
+    return len(rewards), sink.published
 
 
 def messages_per_window(window_events: int, args: argparse.Namespace) -> int:
-    """Messages holding ``window_events`` events: a message's records are its events and their rewards."""
-    events_per_message: float = args.records / (1 + args.top_k * args.reward_rate)
-    return max(1, round(window_events / events_per_message))
+    """Messages holding ``window_events`` events (from the messages the sink published for ``args.events``)."""
+    messages: int = args.messages
+    events: int = args.events
+    return max(1, round(window_events * messages / events))
 
 
 async def drain(
     subscription: str, table: str, window_events: int, args: argparse.Namespace
-) -> tuple[Learner, float, float, float]:
+) -> tuple[LearnerStats, float, float, float, list[int]]:
+    """``args.learners`` learners in this process drain the backlog, once the shards are spread over them; their
+    stats summed, CPU seconds (process, event loop), wall seconds, and the distinct arms of each window written."""
     # Windows cut by size: a long window_s, so that each holds window_events (the backlog is there already).
-    learner = Learner(
-        subscription,
-        table,
-        window_s=5.0,
-        max_messages=messages_per_window(window_events, args),
-        concurrency=args.concurrency,
-    )
-    await learner.start()
+    learners = [
+        Learner(
+            subscription,
+            table,
+            window_s=5.0,
+            max_messages=messages_per_window(window_events, args),
+            concurrency=args.concurrency,
+            lease_ttl_s=LEASE_TTL_S,
+        )
+        for _ in range(args.learners)
+    ]
+    for learner in learners:
+        await learner.start()
+    share = -(-args.shards // args.learners)
+    while any(len(learner.held) > share for learner in learners) or sum(len(x.held) for x in learners) < args.shards:
+        await asyncio.sleep(0.1)  # the first took every shard; it gives back the others' share at its renewal
+    distinct: list[int] = []  # arms per window (its first attempt)
+    for learner in learners:
+        apply = learner._apply
+        failed_before = learner.stats.failed_windows
+
+        async def counted(
+            rows: Any, learner: Learner = learner, apply: Any = apply, failed: int = failed_before
+        ) -> None:
+            if learner.stats.failed_windows == failed:
+                distinct.append(len(rows))
+            await apply(rows)
+
+        learner._apply = counted  # type: ignore[method-assign]
     cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
     while idle < 2:  # two empty pulls: drained (a window given back is not one)
-        failed = learner.stats.failed_windows
-        handled = await learner.step(wait_s=1.0)
-        idle = idle + 1 if handled == 0 and learner.stats.failed_windows == failed else 0
+        failed = sum(learner.stats.failed_windows for learner in learners)
+        handled = sum(await asyncio.gather(*(learner.step(wait_s=1.0) for learner in learners)))
+        idle = idle + 1 if handled == 0 and sum(x.stats.failed_windows for x in learners) == failed else 0
     cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
     wall = time.perf_counter() - wall0 - 2.0  # minus the idle waits at the end
-    await learner.close()
-    return learner, cpu, loop, wall
+    total = LearnerStats()
+    for learner in learners:
+        await learner.close()
+        for name in ("windows", "messages", "writes", "impressions", "rewards", "duplicates", "failed_windows"):
+            setattr(total, name, getattr(total, name) + getattr(learner.stats, name))
+    return total, cpu, loop, wall, distinct
 
 
 async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[str]:
@@ -169,22 +202,19 @@ async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[s
     return [f"{name}: {spent[name] / (calls // 2 * 2) * 1e6:.0f} us" for name in ways]
 
 
-async def markers_per_row(path: TablePath) -> list[int]:
-    """Marker cells in each row of the table."""
+async def cells_per_row(path: TablePath) -> tuple[list[int], int]:
+    """Marker cells in each arm row of the table, and the most cells (all families) in any arm row."""
     from google.cloud.bigtable.data import ReadRowsQuery, row_filters
 
     client = data_client(path.project)
     try:
         table = client.get_table(path.instance, path.table)
         rows = await table.read_rows(
-            ReadRowsQuery(
-                row_filter=row_filters.RowFilterChain(
-                    [row_filters.FamilyNameRegexFilter(MARKERS_FAMILY), row_filters.StripValueTransformerFilter(True)]
-                )
-            ),
-            operation_timeout=600,
+            ReadRowsQuery(row_filter=row_filters.StripValueTransformerFilter(True)), operation_timeout=600
         )
-        return [len(row.cells) for row in rows]
+        arms = [row for row in rows if not row.row_key.startswith(b"\x00")]  # the fleet's own rows start with NUL
+        markers = [sum(cell.family == MARKERS_FAMILY for cell in row.cells) for row in arms]
+        return markers, max((len(row.cells) for row in arms), default=0)
     finally:
         await client.close()
 
@@ -200,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--window-events", default="5000,25000", help="events per window, comma-separated: one learner run each"
     )
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=fleet_setup.DEFAULT_SHARDS, help="arm shards (setup's --shards)")
+    parser.add_argument(
+        "--learners", type=int, default=1, help="learners in this process, sharing the shards by their leases"
+    )
     parser.add_argument(
         "--calls", type=int, default=4000, help="calls of each way in the per-call comparison (0: none)"
     )
@@ -215,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 topic=f"projects/bench/topics/events-{tag}",
                 subscription=f"projects/bench/subscriptions/learners-{tag}-{w}",
                 table=TablePath("bench", "bench", f"arms-{tag}-{w}"),
+                shards=args.shards,
             )
             for w in windows
         ]
@@ -225,17 +260,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             fleet_setup.ensure_table(calls_table, marker_ttl_s=3600, say=lambda _: None)
             lines = asyncio.run(compare_calls(calls_table, args.calls, args.concurrency))
             print("event loop CPU per CheckAndMutateRow (3 markers), side by side:", "; ".join(lines))
-        rewards = asyncio.run(publish(runs[0].topic, args))
+        rewards, args.messages = asyncio.run(publish(runs[0].topic, args))
         print(
             f"{args.events} events of top_k {args.top_k} over {args.arms} arms (Zipf 1.1), {rewards} rewards, "
-            f"messages of {args.records} records; learner pinned to CPUs {sorted(os.sched_getaffinity(0))}"
+            f"{args.messages} messages of up to {args.records} records, {args.shards} shards; learner pinned to CPUs "
+            f"{sorted(os.sched_getaffinity(0))}, {args.learners} learners in this process"
         )
         for window, resources in zip(windows, runs):
             emulator_cpu0 = sum(session_cpu_seconds(e.pid) for e in emulators)
-            learner, cpu, loop, wall = asyncio.run(drain(resources.subscription, str(resources.table), window, args))
+            s, cpu, loop, wall, distinct = asyncio.run(
+                drain(resources.subscription, str(resources.table), window, args)
+            )
             emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
-            markers = asyncio.run(markers_per_row(resources.table))
-            s = learner.stats
+            markers, most_cells = asyncio.run(cells_per_row(resources.table))
             print(
                 f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
                 f"{s.messages} messages; learner CPU {cpu:.2f} s "
@@ -247,6 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"({emulator_cpu / s.writes * 1e3:.2f} ms per call); {sum(markers)} markers in {len(markers)} rows "
                 f"(at most {max(markers, default=0)} in one); impressions {s.impressions}, rewards {s.rewards}, "
                 f"duplicates {s.duplicates}"
+            )
+            print(
+                f"  SUMMARY window {window}: {args.events / cpu:,.0f} events/s per core (process), "
+                f"{args.events / loop:,.0f} (event loop); calls per window {s.writes / max(s.windows, 1):,.0f} vs "
+                f"distinct arms per window {sum(distinct) / max(len(distinct), 1):,.0f} (each learner's windows); "
+                "largest arm row "
+                f"{most_cells} cells"
             )
     finally:
         for e in emulators:

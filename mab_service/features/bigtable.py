@@ -51,6 +51,19 @@ EVENTS_FAMILY = "e"
 #: Membership rows' keys: this prefix and the event id. Counts and membership are in different families, so even an
 #: arm id that began with it would read only its counts.
 EVENT_ROW_PREFIX = b"\x00e/"
+#: The fleet's own rows (``mab-service setup``, ``learning.learner``): its configuration and the learners' shard
+#: leases. No garbage-collection by age (the configuration stays); one version per cell.
+FLEET_FAMILY = "s"
+#: The configuration row: cell ``s:shards`` holds the number of arm shards (ASCII digits), written once by ``setup``.
+CONFIG_ROW = b"\x00c/fleet"
+SHARDS = b"shards"
+#: A shard's lease row is this prefix and the shard's number; cell ``s:lease`` holds the holder, its timestamp the
+#: last renewal.
+LEASE_ROW_PREFIX = b"\x00s/"
+LEASE = b"lease"
+#: A live learner's row is this prefix and its id; cell ``s:alive``'s timestamp is its last heartbeat.
+LEARNER_ROW_PREFIX = b"\x00l/"
+ALIVE = b"alive"
 #: Rewards are stored as integers in millionths: Bigtable's atomic additions take only int64.
 REWARD_SCALE = 1_000_000
 #: Keys per ReadRows call. Bigtable takes many more; chunks let a large fetch use several streams at once.
@@ -124,6 +137,30 @@ def data_client(project: str) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
         return BigtableDataClientAsync(project=project)
+
+
+async def read_shards(table: Any, timeout_s: float = 30.0) -> int:
+    """The number of arm shards ``setup`` stored in the table (``CONFIG_ROW``); 0 if none (a table made before shards:
+    one subscription, every learner on it).
+
+    Raises:
+        FeatureSourceError: If the stored value is not a positive number.
+    """
+    from google.cloud.bigtable.data import row_filters
+
+    row = await table.read_row(
+        CONFIG_ROW,
+        row_filter=row_filters.RowFilterChain(
+            [row_filters.FamilyNameRegexFilter(FLEET_FAMILY), row_filters.ColumnQualifierRegexFilter(b"^shards$")]
+        ),
+        operation_timeout=timeout_s,
+    )
+    if row is None or not row.cells:
+        return 0
+    value = row.cells[0].value
+    if not value.isdigit() or int(value) < 1:
+        raise FeatureSourceError(f"the table's shard count (row {CONFIG_ROW!r}, s:shards) is {value!r}, not a number")
+    return int(value)
 
 
 class _Cells:

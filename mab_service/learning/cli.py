@@ -41,6 +41,13 @@ def setup_main(argv: list[str]) -> int:
         f"dead-letter topic <topic>{fleet_setup.DEAD_LETTER_SUFFIX} ({fleet_setup.MIN_DELIVERY_ATTEMPTS} to "
         f"{fleet_setup.MAX_DELIVERY_ATTEMPTS})",
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="arm shards, each with a topic and a subscription of its own, so that each arm is written by one learner "
+        f"per window (default: what the table has, else {fleet_setup.DEFAULT_SHARDS}); fixed by the first setup",
+    )
     args = parser.parse_args(argv)
     try:
         resources = fleet_setup.FleetResources(
@@ -50,6 +57,7 @@ def setup_main(argv: list[str]) -> int:
             retention_s=args.retention_s,
             ack_deadline_s=args.ack_deadline_s,
             max_delivery_attempts=args.max_delivery_attempts,
+            shards=args.shards,
         )
         fleet_setup.setup(resources)
     except MabError as exc:
@@ -59,12 +67,19 @@ def setup_main(argv: list[str]) -> int:
 
 
 def learn_main(argv: list[str]) -> int:
-    from mab_service.learning.learner import DEFAULT_METRICS_PORT, DEFAULT_WINDOW_S, Learner, LearnerError
+    from mab_service.learning.learner import (
+        DEFAULT_LEASE_TTL_S,
+        DEFAULT_METRICS_PORT,
+        DEFAULT_WINDOW_S,
+        Learner,
+        LearnerError,
+    )
 
     parser = argparse.ArgumentParser(
         prog="mab-service learn",
         description="Apply the fleet's events and rewards from a Pub/Sub subscription to the counts in a Bigtable "
-        "table, exactly once. Several learners may share one subscription. SIGTERM finishes the current window.",
+        "table, exactly once. Learners share the table's arm shards through leases (as many learners as shards "
+        "do work). SIGTERM finishes the current window and releases the leases.",
     )
     parser.add_argument("--events", required=True, metavar="pubsub:projects/P/subscriptions/S")
     parser.add_argument("--posteriors", required=True, metavar="bigtable:projects/P/instances/I/tables/T")
@@ -76,6 +91,12 @@ def learn_main(argv: list[str]) -> int:
     )
     parser.add_argument("--max-messages", type=int, default=1000, help="messages per window at most")
     parser.add_argument("--concurrency", type=int, default=64, help="rows written at once")
+    parser.add_argument(
+        "--lease-ttl-s",
+        type=float,
+        default=DEFAULT_LEASE_TTL_S,
+        help="how long a shard's lease lasts unrenewed: a killed learner's shards are taken over after it",
+    )
     parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument(
         "--metrics-port",
@@ -100,6 +121,7 @@ def learn_main(argv: list[str]) -> int:
             window_s=args.window_s,
             max_messages=args.max_messages,
             concurrency=args.concurrency,
+            lease_ttl_s=args.lease_ttl_s,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

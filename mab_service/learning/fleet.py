@@ -35,13 +35,14 @@ from typing import Any
 
 import orjson
 
-from mab_service.errors import MabError
+from mab_service.errors import FeatureSourceError, MabError
 from mab_service.features.bigtable import (
     EVENT_ROW_PREFIX,
     EVENTS_FAMILY,
     BigtableSource,
     Counts,
     TablePath,
+    read_shards,
 )
 from mab_service.learning.bigtable_requests import (
     CHECK_AND_MUTATE_ROW,
@@ -257,7 +258,11 @@ class Fleet:
         await self.source.start()
         self._table = self.source.table
         self.rows.start(self.source.client)
-        self.sink.start()
+        try:
+            shards = await read_shards(self._table, self.timeout_s * 5)
+        except Exception as exc:
+            raise FeatureSourceError(f"cannot read the fleet's shard count from Bigtable {self.path}: {exc}") from None
+        self.sink.start(shards)
         if self.follower is not None:
             await self.follower.start(self.source)
 

@@ -13,7 +13,14 @@ The table: family ``c`` is an aggregate family (int64 sums: the counts, to which
 family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
 ``retention_s + MARKER_MARGIN_S``, so that a marker outlives every redelivery of the message that wrote it (the
 subscription keeps an unacknowledged message for ``retention_s`` at most); family ``e`` holds the serving replicas'
-event membership rows (``learning.fleet``), collected after the same age. See docs/fleet.md.
+event membership rows (``learning.fleet``), collected after the same age; family ``s`` holds the fleet's own rows
+(the shard count, the learners' leases), one version per cell and no age rule.
+
+Shards: the arms are split into ``shards`` shards (``pubsub.shard_of``), fixed by the first ``setup`` and stored in
+the table (``CONFIG_ROW``), where ``serve`` and ``learn`` read it. Each shard has a topic of its own
+(``<topic>-shard-<n>``) and a subscription on it (``<subscription>-shard-<n>``, the same dead-letter policy); the
+fleet's topic and subscription stay, for messages of replicas that do not shard yet (an upgrade) or of other
+publishers. A deployment made before shards gains them when ``setup`` runs again. See docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -25,7 +32,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from mab_service.errors import MabError
-from mab_service.features.bigtable import COUNTS_FAMILY, EVENTS_FAMILY, MARKERS_FAMILY, TablePath
+from mab_service.features.bigtable import (
+    CONFIG_ROW,
+    COUNTS_FAMILY,
+    EVENTS_FAMILY,
+    FLEET_FAMILY,
+    MARKERS_FAMILY,
+    SHARDS,
+    TablePath,
+)
+from mab_service.learning.pubsub import SHARD_SUFFIX, shard_topic
 
 TOPIC = re.compile(r"^projects/([^/]+)/topics/([^/]+)$")
 SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
@@ -40,6 +56,14 @@ MIN_DELIVERY_ATTEMPTS, MAX_DELIVERY_ATTEMPTS = 5, 100
 DEAD_LETTER_SUFFIX = "-dead-letter"
 #: How long the dead-letter subscription keeps a message: Pub/Sub's longest retention, 7 days.
 DEAD_LETTER_RETENTION_S = 7 * 86400
+#: Arm shards of a new deployment: up to this many learners share the work.
+DEFAULT_SHARDS = 16
+MAX_SHARDS = 1000
+
+
+def shard_subscription(subscription: str, shard: int) -> str:
+    """The subscription of shard ``shard`` (on ``pubsub.shard_topic``): ``<subscription>-shard-<n>``."""
+    return f"{subscription}{SHARD_SUFFIX}{shard}"
 
 
 class SetupError(MabError):
@@ -83,8 +107,12 @@ class FleetResources:
     retention_s: int = DEFAULT_RETENTION_S
     ack_deadline_s: int = DEFAULT_ACK_DEADLINE_S
     max_delivery_attempts: int = DEFAULT_MAX_DELIVERY_ATTEMPTS
+    shards: int | None = None
+    """Arm shards; None: those the table has, or ``DEFAULT_SHARDS`` for a table without."""
 
     def __post_init__(self) -> None:
+        if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
+            raise SetupError(f"--shards must be in [1, {MAX_SHARDS}] (got {self.shards})")
         if not MIN_DELIVERY_ATTEMPTS <= self.max_delivery_attempts <= MAX_DELIVERY_ATTEMPTS:
             raise SetupError(
                 f"--max-delivery-attempts must be in [{MIN_DELIVERY_ATTEMPTS}, {MAX_DELIVERY_ATTEMPTS}] "
@@ -200,6 +228,86 @@ def setup(resources: FleetResources, say: Callable[[str], None] = print) -> None
             f"after its marker is collected would count twice; give family {MARKERS_FAMILY} a max age over the "
             "retention, or lower the retention"
         )
+    shards = ensure_shards(resources.table, resources.shards, say)
+    with PublisherClient() as publisher:
+        created = 0
+        for shard in range(shards):
+            try:
+                publisher.create_topic(name=shard_topic(resources.topic, shard))
+                created += 1
+            except exceptions.AlreadyExists:
+                pass
+    say(f"shard topics {resources.topic}{SHARD_SUFFIX}0 to {shards - 1}: {created} created, {shards - created} exist")
+    with SubscriberClient() as subscriber:
+        created = updated = 0
+        for shard in range(shards):
+            name, topic = shard_subscription(resources.subscription, shard), shard_topic(resources.topic, shard)
+            try:
+                subscriber.create_subscription(
+                    request={
+                        "name": name,
+                        "topic": topic,
+                        "ack_deadline_seconds": resources.ack_deadline_s,
+                        "message_retention_duration": {"seconds": resources.retention_s},
+                        "dead_letter_policy": dead_letter_policy,
+                    }
+                )
+                created += 1
+                continue
+            except exceptions.AlreadyExists:
+                pass
+            existing = subscriber.get_subscription(subscription=name)
+            if existing.topic != topic:
+                raise SetupError(f"subscription {name} exists on topic {existing.topic}, not {topic}")
+            if not existing.dead_letter_policy.dead_letter_topic:
+                subscriber.update_subscription(
+                    request={
+                        "subscription": {"name": name, "dead_letter_policy": dead_letter_policy},
+                        "update_mask": {"paths": ["dead_letter_policy"]},
+                    }
+                )
+                updated += 1
+    say(
+        f"shard subscriptions {resources.subscription}{SHARD_SUFFIX}0 to {shards - 1}: {created} created, "
+        f"{shards - created} exist" + (f" ({updated} given a dead-letter policy)" if updated else "")
+    )
+
+
+def ensure_shards(path: TablePath, shards: int | None, say: Callable[[str], None] = print) -> int:
+    """The table's shard count: stored by the first ``setup`` (``shards``, or ``DEFAULT_SHARDS``), read after.
+
+    Raises:
+        SetupError: If ``shards`` differs from the stored count (a change would need every learner and replica
+            stopped; not done in place).
+    """
+    from google.cloud import bigtable
+    from google.cloud.bigtable import row_filters
+
+    with warnings.catch_warnings():
+        # The client warns that it connects to an emulator, on creation and on its first call.
+        warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)
+        client = bigtable.Client(project=path.project)  # type: ignore[no-untyped-call]
+        table: Any = client.instance(path.instance).table(path.table)  # type: ignore[no-untyped-call]
+        wanted = shards or DEFAULT_SHARDS
+        # Written only if absent, atomically: two setups racing agree on the first one's count.
+        row = table.conditional_row(
+            CONFIG_ROW,
+            filter_=row_filters.RowFilterChain(
+                [row_filters.FamilyNameRegexFilter(FLEET_FAMILY), row_filters.ColumnQualifierRegexFilter(b"^shards$")]
+            ),
+        )
+        row.set_cell(FLEET_FAMILY, SHARDS, str(wanted).encode(), state=False)
+        if not row.commit():
+            say(f"table {path} has {wanted} shards (written)")
+            return wanted
+        stored = table.read_row(CONFIG_ROW).cells[FLEET_FAMILY][SHARDS][0].value
+    count = int(stored) if stored.isdigit() else 0
+    if count < 1:
+        raise SetupError(f"table {path} holds a shard count of {stored!r}, not a number")
+    if shards is not None and shards != count:
+        raise SetupError(f"table {path} has {count} shards; --shards {shards} cannot change them in place")
+    say(f"table {path} has {count} shards")
+    return count
 
 
 def ensure_counts_topic(publisher: Any, events_topic: str, say: Callable[[str], None] = print) -> None:
@@ -241,6 +349,8 @@ def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] 
         MARKERS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
         # Events' membership rows: a reward is only taken within the replicas' reward window, far shorter.
         EVENTS_FAMILY: ColumnFamily(gc_rule={"max_age": {"seconds": marker_ttl_s}}),
+        # The configuration and the leases: kept whatever their age (a lease is rewritten in place).
+        FLEET_FAMILY: ColumnFamily(gc_rule={"max_num_versions": 1}),
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Connecting to Bigtable emulator", category=RuntimeWarning)

@@ -1,10 +1,12 @@
 """The Pub/Sub event sink: a replica's events and rewards, batched into messages on the fleet's topic.
 
-A message's data is a JSON array of records, the journal's shapes: ``["e", t, event_id, [ids]]`` for an answered
-event (one impression per id) and ``["r", t, event_id, id, reward]`` for an accepted reward. Its attributes: ``v``,
-the format's version, and ``k``, the message's key ``<publisher id>/<sequence>``, unique per message and the same on
-every retry of it, so that learners count a message's impressions once however often it is published or delivered
-(``learner.Learner``).
+A message's data (format ``v`` 3) is a JSON array: first, if the message holds answers, ``["i", events, {id:
+impressions, ...}]``, the impressions of its answers summed per arm as they are added (what the learner adds, so that
+its cost no longer grows with the answers); then a record ``["r", t, event_id, id, reward]`` per accepted reward.
+Format 2, which learners still read (messages of replicas of an older version), had a record ``["e", t, event_id,
+[ids]]`` per answer instead of the sums. Its attributes: ``v``, the format's version, and ``k``, the message's key
+``<publisher id>/<sequence>``, unique per message and the same on every retry of it, so that learners count a
+message's impressions once however often it is published or delivered (``learner.Learner``).
 
 Records are buffered and published together every ``max_delay_s`` or ``max_records``, whichever comes first, so
 that ``event`` costs the request path an append and no system call. ``reward`` returns once the message that
@@ -20,6 +22,12 @@ so the replica answers 503 instead of losing what it answered. ``close`` (the re
 whatever waits to be sent again at once, and waits for the outbox within its deadline; what is still there is
 logged and counted (``undelivered``).
 
+Arm shards: once ``setup`` has given the fleet ``shards`` (docs/fleet.md, "Learners that shard"), the sink splits
+every batch by shard, ``shard_of`` each id: an answer's ids go to one event record per shard they fall in (same event
+id), a reward to its id's shard; each shard's records are a message of their own on the shard's topic
+(``shard_topic``), under a key of the shard's stream, ``<publisher id>.<shard>/<sequence>``, and with attribute ``s``
+(the shard). A learner holding a shard's lease then sees exactly that shard's arms.
+
 The publisher honours ``PUBSUB_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
 """
 
@@ -30,6 +38,7 @@ import concurrent.futures
 import contextlib
 import logging
 import secrets
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +48,27 @@ from mab_service.errors import MabError
 
 logger = logging.getLogger("mab_service.pubsub")
 
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
+#: The format before per-arm sums: a record per answer. Learners read both.
+RECORDS_VERSION = "2"
 #: A message's data at most before it is sent, whatever ``max_records`` says: Pub/Sub refuses messages over 10 MB.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Estimated bytes of a message's sums before its first id, and per id beyond its JSON string (``:``, up to 6 digits,
+#: ``,``): the outbox's byte bound counts them before they are encoded.
+_SUMS_BYTES, _SUM_BYTES = 16, 8
+#: What a shard's topic and subscription are called after the fleet's topic and subscription.
+SHARD_SUFFIX = "-shard-"
+
+
+def shard_of(id_: str, shards: int) -> int:
+    """The shard of arm ``id_``: CRC-32 of its UTF-8 bytes modulo ``shards``, stable across processes and versions
+    (not Python's ``hash``, which is salted per process)."""
+    return zlib.crc32(id_.encode()) % shards
+
+
+def shard_topic(topic: str, shard: int) -> str:
+    """The topic of shard ``shard`` of the fleet's ``topic``: ``<topic>-shard-<n>``."""
+    return f"{topic}{SHARD_SUFFIX}{shard}"
 
 
 class SinkUnavailable(MabError):
@@ -54,10 +81,18 @@ class SinkUnavailable(MabError):
 @dataclass
 class _Message:
     key: str
-    records: list[bytes]
-    """Each record's JSON, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
+    topic: str
+    shard: int
+    records: list[bytes] = field(default_factory=list)
+    """Each reward's record, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
+    shown: dict[str, int] = field(default_factory=dict)
+    """Impressions per arm of the message's answers."""
+    events: list[str] = field(default_factory=list)
+    """The event ids of its answers (for the count logged if it is lost)."""
+    added: int = 0
+    """Answers and rewards added (``max_records`` counts them)."""
     size: int = 1
-    """Bytes of the message's data: the records, their commas and the brackets."""
+    """Bytes of the message's data (the sums estimated until it is encoded)."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     attempts: int = 0
 
@@ -77,6 +112,7 @@ class PubSubSink:
         publish_timeout_s: How long one attempt may take, the client's own retries included: a reward waits this
             long at most before it is answered 503.
         publisher_id: This sink's part of the message keys; random by default (a replica's restart is a new one).
+        shards: The fleet's arm shards (``start`` may set them from the table); 0: one topic, no split.
     """
 
     def __init__(
@@ -90,6 +126,7 @@ class PubSubSink:
         retry_s: float = 1.0,
         publish_timeout_s: float = 5.0,
         publisher_id: str | None = None,
+        shards: int = 0,
     ) -> None:
         self.topic = topic
         self.max_records = max_records
@@ -99,6 +136,7 @@ class PubSubSink:
         self.retry_s = retry_s
         self.publish_timeout_s = publish_timeout_s
         self.publisher_id = publisher_id or secrets.token_hex(6)
+        self.shards = shards
         self.published = 0
         """Messages Pub/Sub stored."""
         self.failed = 0
@@ -109,8 +147,8 @@ class PubSubSink:
         """Messages still in the outbox when ``close`` gave up on them (logged)."""
         self._bytes = 0
         self._publisher: Any = None
-        self._seq = 0
-        self._current: _Message | None = None
+        self._seqs: dict[int, int] = {}
+        self._current: dict[int, _Message] = {}
         self._outbox: dict[str, _Message] = {}
         self._retry: list[_Message] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -127,7 +165,10 @@ class PubSubSink:
         """Bytes of the messages in the outbox, the batch being filled included."""
         return self._bytes
 
-    def start(self) -> None:
+    def start(self, shards: int | None = None) -> None:
+        """Create the publisher; ``shards`` (when given) is the fleet's shard count, read from its table."""
+        if shards is not None:
+            self.shards = shards
         from google.api_core import exceptions, retry
         from google.cloud.pubsub_v1 import PublisherClient, types
 
@@ -163,7 +204,15 @@ class PubSubSink:
             SinkUnavailable: If the outbox is full (nothing was queued).
         """
         self.check()
-        self._add(["e", t, event_id, ids])
+        shards = self.shards
+        if not shards:
+            self._show(event_id, ids, 0)
+            return
+        split: dict[int, list[str]] = {}
+        for id_ in ids:
+            split.setdefault(zlib.crc32(id_.encode()) % shards, []).append(id_)  # shard_of, inlined: per id
+        for shard, part in split.items():
+            self._show(event_id, part, shard)
 
     async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
         """Queue an accepted reward and wait until Pub/Sub has stored its message.
@@ -173,41 +222,78 @@ class PubSubSink:
         """
         self.check()
         waiter = asyncio.get_running_loop().create_future()
-        message = self._add(["r", t, event_id, id_, reward])
+        message = self._add(["r", t, event_id, id_, reward], shard_of(id_, self.shards) if self.shards else 0)
         message.waiters.append(waiter)
         await waiter
 
-    def _add(self, record: list[Any]) -> _Message:
-        message = self._current
+    def _message(self, shard: int) -> _Message:
+        """The batch being filled for ``shard``, begun if there is none."""
+        message = self._current.get(shard)
         if message is None:
-            self._seq += 1
-            message = self._current = _Message(f"{self.publisher_id}/{self._seq}", [])
+            seq = self._seqs[shard] = self._seqs.get(shard, 0) + 1
+            if self.shards:
+                key, topic = f"{self.publisher_id}.{shard}/{seq}", shard_topic(self.topic, shard)
+            else:
+                key, topic = f"{self.publisher_id}/{seq}", self.topic
+            message = self._current[shard] = _Message(key, topic, shard)
             self._outbox[message.key] = message
             self._bytes += message.size
+        return message
+
+    def _show(self, event_id: str, ids: list[str], shard: int) -> None:
+        """Add an answer's impressions (of one shard) to the batch's sums."""
+        message = self._message(shard)
+        shown = message.shown
+        grown = 0 if message.events else _SUMS_BYTES
+        for id_ in ids:
+            n = shown.get(id_)
+            if n is None:
+                shown[id_] = 1
+                grown += len(orjson.dumps(id_)) + _SUM_BYTES  # "id":n, (n estimated at its longest)
+            else:
+                shown[id_] = n + 1
+        message.events.append(event_id)
+        message.size += grown
+        self._bytes += grown
+        self._added(message)
+
+    def _add(self, record: list[Any], shard: int) -> _Message:
+        message = self._message(shard)
         encoded = orjson.dumps(record)
         message.records.append(encoded)
         message.size += len(encoded) + 1
         self._bytes += len(encoded) + 1
-        if len(message.records) >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
+        self._added(message)
         return message
 
+    def _added(self, message: _Message) -> None:
+        message.added += 1
+        if message.added >= self.max_records or message.size >= MAX_MESSAGE_BYTES:
+            del self._current[message.shard]
+            self._send(message)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)
+
     def flush(self) -> None:
-        """Publish what is queued as one message."""
+        """Publish what is queued: one message per shard."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        message, self._current = self._current, None
-        if message is not None:
+        current, self._current = self._current, {}
+        for message in current.values():
             self._send(message)
 
     def _send(self, message: _Message) -> None:
         message.attempts += 1
-        data = b"[" + b",".join(message.records) + b"]"
+        parts = [orjson.dumps(["i", len(message.events), message.shown])] if message.events else []
+        data = b"[" + b",".join(parts + message.records) + b"]"
+        self._bytes += len(data) - message.size  # the sums were estimated: now they are known
+        message.size = len(data)
+        attributes = {"v": FORMAT_VERSION, "k": message.key}
+        if self.shards:
+            attributes["s"] = str(message.shard)
         future = self._publisher.publish(
-            self.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, v=FORMAT_VERSION, k=message.key
+            message.topic, data, retry=self._publish_retry, timeout=self.publish_timeout_s, **attributes
         )
         loop = asyncio.get_running_loop()
 
@@ -229,18 +315,17 @@ class PubSubSink:
         self.failed += 1
         if message.attempts == 1 or message.attempts % 60 == 0:
             logger.warning(
-                "publishing %s to %s failed (attempt %d): %s", message.key, self.topic, message.attempts, error
+                "publishing %s to %s failed (attempt %d): %s", message.key, message.topic, message.attempts, error
             )
         for waiter in waiters:
             if not waiter.done():
-                waiter.set_exception(SinkUnavailable(f"publishing to {self.topic} failed: {error}"))
-        # The events go again, under the same key; the rewards were answered 503 and are the clients' to retry.
-        events = [record for record in message.records if _is_event(record)]
-        if len(events) < len(message.records):
-            size = 1 + sum(len(record) + 1 for record in events)
+                waiter.set_exception(SinkUnavailable(f"publishing to {message.topic} failed: {error}"))
+        # The answers go again, under the same key; the rewards were answered 503 and are the clients' to retry.
+        if message.records:
+            size = message.size - sum(len(record) + 1 for record in message.records)
             self._bytes -= message.size - size
-            message.records, message.size = events, size
-        if not message.records:
+            message.records, message.size = [], size
+        if not message.events:
             self._drop(message)
             return
         self._retry.append(message)
@@ -275,7 +360,8 @@ class PubSubSink:
             self._retry_timer = None
         if self._outbox:
             self.undelivered = len(self._outbox)
-            events = sum(_is_event(record) for message in self._outbox.values() for record in message.records)
+            # Distinct event ids: with shards an answer is in each shard's message its ids fall in.
+            events = len({event_id for message in self._outbox.values() for event_id in message.events})
             logger.error(
                 "%d messages (%d events) to %s were not stored by Pub/Sub within %.1f s at close: their impressions "
                 "are not counted",
@@ -289,8 +375,3 @@ class PubSubSink:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(publisher.stop), max(deadline - loop.time(), 0.1))
         publisher.transport.close()
-
-
-def _is_event(record: bytes) -> bool:
-    """Whether an encoded record is an event's (``["e", ...``), not a reward's."""
-    return record.startswith(b'["e"')

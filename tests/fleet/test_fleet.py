@@ -25,12 +25,17 @@ from typing import IO
 import httpx
 import pytest
 
+from mab_service.learning.pubsub import shard_of
 from tests.conftest import unused_tcp_port, wait_until
 from tests.fleet.conftest import Emulator, _missing, stop
 from tests.fleet.proxy import Proxy
 
 ARMS = [f"arm-{i:02d}" for i in range(30)]
 JSON = {"content-type": "application/json"}
+#: Arm shards of the fleet under test: two, so that the two learners hold one each and answers are split.
+SHARDS = 2
+#: Arms of shard 0: an answer of these is one message, as it was before shards.
+SHARD_0 = [arm for arm in ARMS if shard_of(arm, SHARDS) == 0]
 
 
 def start_pubsub(log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -81,7 +86,8 @@ class Fleet:
     def setup(self, pubsub_host: str | None = None) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "mab_service", "setup", "--events", f"pubsub:{self.topic}"]
-            + ["--subscription", self.subscription, "--posteriors", f"bigtable:{self.table}"],
+            + ["--subscription", self.subscription, "--posteriors", f"bigtable:{self.table}"]
+            + ["--shards", str(SHARDS)],
             env=self.env(pubsub_host),
             capture_output=True,
             text=True,
@@ -132,6 +138,8 @@ class Fleet:
                 "2",
                 "--metrics-port",
                 "0",
+                "--lease-ttl-s",
+                "2",
             ],
             env=self.env(),
             stdout=self.log(name),
@@ -358,7 +366,9 @@ def test_two_replicas_two_learners_a_killed_learner_and_a_restarted_pubsub_count
 
 
 def _pull_events(subscription: str, host: str, want: int) -> int:
-    """Impressions records on ``subscription`` (pulled and acked until ``want`` or 30 s)."""
+    """Answers on the shards' subscriptions of ``subscription`` (pulled and acked until ``want`` or 30 s), from the
+    count each message's sums carry (``["i", answers, {id: n}]``). The test's answers are of 2 ids of one shard
+    each (``SHARD_0``), so an answer is in one message."""
     import orjson
     from google.cloud.pubsub_v1 import SubscriberClient
 
@@ -373,13 +383,14 @@ def _pull_events(subscription: str, host: str, want: int) -> int:
         os.environ["PUBSUB_EMULATOR_HOST"] = before
     with subscriber:
         while seen < want and time.monotonic() < deadline:
-            response = subscriber.pull(subscription=subscription, max_messages=100, timeout=5)
-            for received in response.received_messages:
-                seen += sum(1 for record in orjson.loads(received.message.data) if record[0] == "e")
-            if response.received_messages:
-                subscriber.acknowledge(
-                    subscription=subscription, ack_ids=[m.ack_id for m in response.received_messages]
-                )
+            for shard in range(SHARDS):
+                name = f"{subscription}-shard-{shard}"
+                response = subscriber.pull(subscription=name, max_messages=100, timeout=2)
+                for received in response.received_messages:
+                    records = orjson.loads(received.message.data)
+                    seen += records[0][1] if records and records[0][0] == "i" else 0
+                if response.received_messages:
+                    subscriber.acknowledge(subscription=name, ack_ids=[m.ack_id for m in response.received_messages])
     return seen
 
 
@@ -388,18 +399,19 @@ def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_
     Pub/Sub is back; past the bound /predict answers 503 events_unavailable; /reward answers 503 throughout."""
     url = fleet.replica("replica", "--events-max-pending", "3", "--events-max-delay-s", "0.001")
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
-        first = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2}).json()
+        first = client.post("/predict", json={"user_id": "u", "candidates": SHARD_0[:5], "top_k": 2}).json()
         fleet.pubsub.down()
         answered, refused = 1, 0
         for i in range(20):
-            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2})
             if answer.status_code == 200:
                 answered += 1
             else:
                 assert (answer.status_code, answer.json()["error"]) == (503, "events_unavailable"), answer.text
                 refused += 1
             time.sleep(0.02)
-        assert refused > 0 and answered >= 3
+        # An answer takes a message per shard of its ids: 3 pending messages hold one or two answers.
+        assert refused > 0 and answered >= 2
         reward = client.post("/reward", json={"event_id": first["event_id"], "id": first["ids"][0], "reward": 1})
         assert (reward.status_code, reward.json()["error"]) == (503, "events_unavailable")
         fleet.pubsub.up()
@@ -415,7 +427,7 @@ def test_past_the_outbox_byte_bound_predict_is_503(fleet: Fleet) -> None:
     long ids fill 4,000 bytes within a few messages, then /predict answers 503 events_unavailable; once Pub/Sub is
     back every answered event is delivered."""
     url = fleet.replica("replica", "--events-max-pending-bytes", "4000", "--events-max-delay-s", "0.001")
-    long_ids = [f"{arm}-{'x' * 200}" for arm in ARMS[:5]]
+    long_ids = [id_ for id_ in (f"{arm}-{'x' * 200}" for arm in ARMS) if shard_of(id_, SHARDS) == 0][:5]
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         fleet.pubsub.down()
         answered, refused = 0, 0
@@ -454,7 +466,7 @@ def test_while_bigtable_is_away_predict_answers_from_the_node_table_and_reward_i
     )
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         fleet.bigtable.down()
-        during = client.post("/predict", json={"user_id": "u", "candidates": ARMS[:5], "top_k": 2})
+        during = client.post("/predict", json={"user_id": "u", "candidates": SHARD_0[:5], "top_k": 2})
         assert during.status_code == 200, during.text
         assert during.json()["degraded"] is not follow  # the node's table: nothing to read; else the prior
         reward = client.post(
@@ -463,7 +475,7 @@ def test_while_bigtable_is_away_predict_answers_from_the_node_table_and_reward_i
         assert (reward.status_code, reward.json()["error"]) == (503, "bigtable_unavailable"), reward.text
         statuses: Counter[int] = Counter()
         for i in range(120):
-            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2})
             statuses[answer.status_code] += 1
             # Paced, so that the outbox of one message (Pub/Sub is up) keeps up: the bound hit is the rows'.
             time.sleep(0.02)
@@ -529,7 +541,7 @@ def test_a_replica_stopped_while_pubsub_is_away_gives_up_within_its_timeout_and_
     fleet.pubsub.down()
     with httpx.Client(base_url=url, timeout=30, headers=JSON) as client:
         for i in range(5):
-            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": ARMS[:5], "top_k": 2})
+            answer = client.post("/predict", json={"user_id": f"u{i}", "candidates": SHARD_0[:5], "top_k": 2})
             assert answer.status_code == 200, answer.text
         outbox = client.get("/loop").json()["fleet"]
     assert outbox["outbox_messages"] >= 1 and outbox["outbox_bytes"] > 0

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mab_service.features.bigtable import BigtableSource, TablePath
 from mab_service.learning import bigtable_requests, fleet_setup, learner as learner_module
 from mab_service.learning.learner import Learner
-from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink
+from mab_service.learning.pubsub import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
 from tests.fleet.proxy import Proxy
@@ -32,13 +32,14 @@ from tests.fleet.proxy import Proxy
 ARMS = [f"arm-{i:03d}" for i in range(40)]
 
 
-def make_resources(ack_deadline_s: int = 60) -> fleet_setup.FleetResources:
+def make_resources(ack_deadline_s: int = 60, shards: int | None = None) -> fleet_setup.FleetResources:
     tag = uuid.uuid4().hex[:8]
     resources = fleet_setup.FleetResources(
         topic=f"projects/fleet/topics/events-{tag}",
         subscription=f"projects/fleet/subscriptions/learners-{tag}",
         table=TablePath("fleet", "mab", f"arms-{tag}"),
         ack_deadline_s=ack_deadline_s,
+        shards=shards,
     )
     fleet_setup.setup(resources, say=lambda _: None)
     return resources
@@ -57,14 +58,14 @@ class Truth:
         return [self.impressions[a] for a in ARMS], [self.rewards[a] for a in ARMS]
 
 
-async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth) -> int:
-    """Publish ``events`` answered events and rewards for some of their ids through the sink, with duplicates:
-    every reward is sent twice (two replicas), and a tenth of the messages again as they were (redelivery).
-    Returns the messages published."""
+async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth, shards: int = 0) -> int:
+    """Publish ``events`` answered events and rewards for some of their ids through the sink (split into ``shards``
+    if not 0), with duplicates: every reward is sent twice (two replicas), and a tenth of the messages again as they
+    were (redelivery, on the fleet's own topic). Returns the messages published."""
     from google.cloud.pubsub_v1 import PublisherClient
 
     sink = PubSubSink(resources.topic, max_records=25, max_delay_s=0.005)
-    sink.start()
+    sink.start(shards)
     rewards = []
     for n in range(events):
         event_id = f"ev{uuid.uuid4().hex[:12]}.{n}"
@@ -95,7 +96,7 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
             truth.rewards[ARMS[i]] += 0.5
             truth.reward_count += 1
             for data in (first, first if i % 4 else records):
-                publisher.publish(resources.topic, orjson.dumps(data), v=FORMAT_VERSION, k=f"again/{i}").result(
+                publisher.publish(resources.topic, orjson.dumps(data), v=RECORDS_VERSION, k=f"again/{i}").result(
                     timeout=30
                 )
                 again += 1
@@ -142,6 +143,109 @@ def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_e
     assert learner.stats.duplicates > 0  # the repeated rewards and messages were seen, and skipped
     assert learner.stats.impressions == sum(truth.impressions.values())
     assert learner.stats.rewards == truth.reward_count
+    assert_exact(str(resources.table), truth)
+
+
+def test_learners_share_the_shards_and_take_over_a_dead_ones(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    """Two learners on a table of 4 shards hold 2 leases each, disjoint, and together count exactly; a learner that
+    stops renewing (as if killed) has its shards taken over after the lease's TTL, and one that closes gives its
+    leases back at once."""
+    from mab_service.learning.pubsub import shard_of
+
+    resources = make_resources(shards=4)
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 200, truth, shards=4))
+    ttl_s = 1.5
+
+    async def learn() -> None:
+        a = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        b = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        await a.start()
+        assert a.shards == 4 and a.held == {0, 1, 2, 3}  # alone: all of them
+        await b.start()
+        deadline = time.monotonic() + 30
+        written: dict[str, set[str]] = {"a": set(), "b": set()}
+        while (len(a.held), len(b.held)) != (2, 2) or a.held & b.held:  # a gives back 2 at its next renewal
+            assert time.monotonic() < deadline, (a.held, b.held)
+            await asyncio.sleep(0.1)
+        held = {"a": set(a.held), "b": set(b.held)}
+        for name, learner in (("a", a), ("b", b)):
+            real_apply = learner._apply
+
+            async def apply(rows: Any, name: str = name, real_apply: Any = real_apply) -> None:
+                written[name].update(rows)
+                await real_apply(rows)
+
+            learner._apply = apply  # type: ignore[method-assign]
+        deadline = time.monotonic() + 60
+        while a.stats.messages + b.stats.messages < sent:
+            assert time.monotonic() < deadline, (a.stats, b.stats)
+            await asyncio.gather(a.step(wait_s=0.2), b.step(wait_s=0.2))
+        # Each arm was written by the learner holding its shard only (the shard-0 holder also read the fleet's
+        # own subscription, whose messages hold arms of every shard).
+        legacy = "a" if 0 in held["a"] else "b"
+        other = "b" if legacy == "a" else "a"
+        assert written[other] and {shard_of(id_, 4) for id_ in written[other]} <= held[other]
+        impressions, rewards = await read_counts(str(resources.table))
+        assert (impressions, rewards) == truth.expected()
+        # b stops renewing without giving its leases back, as a learner killed would: a takes them after the TTL.
+        assert b._leases is not None
+        b._leases.cancel()
+        started = time.monotonic()
+        while a.held != {0, 1, 2, 3}:
+            assert time.monotonic() - started < 10 * ttl_s, a.held
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - started > ttl_s / 3  # not before b's leases expired
+        b.held.clear()  # b is "dead": its close must not give back what a holds now
+        await b.close()
+        # A third learner arrives, then a closes: its leases are given back and c takes all four within a renewal.
+        c = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        await c.start()
+        await a.close()
+        started = time.monotonic()
+        while c.held != {0, 1, 2, 3}:
+            assert time.monotonic() - started < 3 * ttl_s, c.held
+            await asyncio.sleep(0.1)
+        await c.close()
+        assert a.stats.leases_lost == 0
+
+    asyncio.run(learn())
+
+
+def test_a_table_without_shards_is_read_from_the_one_subscription(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    """A deployment from before shards (no shard count in the table): the learner takes no lease and reads the
+    fleet's subscription, as learners did before."""
+    from google.cloud.bigtable.data import DeleteAllFromRow
+
+    from mab_service.features.bigtable import CONFIG_ROW, data_client
+
+    resources = make_resources()
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 50, truth))
+
+    async def learn() -> Learner:
+        client = data_client(resources.table.project)
+        table = client.get_table(resources.table.instance, resources.table.table)
+        await table.mutate_row(CONFIG_ROW, [DeleteAllFromRow()])
+        await client.close()
+        learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
+        await learner.start()
+        try:
+            assert learner.shards == 0 and learner.held == set()
+            deadline = time.monotonic() + 60
+            while learner.stats.messages < sent:
+                assert time.monotonic() < deadline, learner.stats
+                await learner.step(wait_s=1.0)
+        finally:
+            await learner.close()
+        return learner
+
+    learner = asyncio.run(learn())
+    assert learner.stats.leases_taken == 0
     assert_exact(str(resources.table), truth)
 
 
@@ -199,7 +303,18 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
         truth.impressions.update([ARMS[n], ARMS[n + 1], longest, ARMS[n + 1]])
         truth.rewards[ARMS[n]] += 0.5
         # The bad records between the good ones, as a replica's batch would hold them.
-        messages.append((good[:1] + records + good[1:], {"v": FORMAT_VERSION, "k": f"p/{n + 1}"}))
+        messages.append((good[:1] + records + good[1:], {"v": RECORDS_VERSION, "k": f"p/{n + 1}"}))
+    # Format 3: the impressions summed per arm, each entry checked on its own.
+    sums = {ARMS[10]: 3, "tab\there": 1, "x" * 1025: 1, ARMS[11]: 0, ARMS[12]: "2", ARMS[13]: 2**31, ARMS[14]: True}
+    sums[ARMS[15]] = 1.5
+    v3: list[Any] = [["i", 4, sums], ["r", 0, "ev-v3", ARMS[10], 0.25], ["r", 0, "ev-v3b", "del\x7f", 1.0], ["x"]]
+    messages.append((v3, {"v": FORMAT_VERSION, "k": "p3/1"}))
+    truth.impressions[ARMS[10]] += 3
+    truth.rewards[ARMS[10]] += 0.25
+    invalid = {reason: len(records) for reason, records in bad.items()}
+    invalid["id"] += 3  # two ids of the sums, one of a reward
+    invalid["count"] = 5  # 0, "2", 2^31, true, 1.5
+    invalid["record"] += 1
     with PublisherClient() as publisher:
         for records, attributes in messages:
             publisher.publish(resources.topic, orjson.dumps(records), **attributes).result(timeout=30)
@@ -207,9 +322,9 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
 
     learner = drain(resources, lambda learner: learner.stats.messages >= len(messages))
     assert learner.stats.messages == len(messages) and learner.stats.malformed == 0
-    assert learner.stats.invalid_records == {reason: len(records) for reason, records in bad.items()}
+    assert learner.stats.invalid_records == invalid
     assert learner.stats.impressions == sum(truth.impressions.values())
-    assert learner.stats.rewards == len(bad)
+    assert learner.stats.rewards == len(bad) + 1
     impressions, rewards = asyncio.run(read_counts(str(resources.table), arms))
     assert impressions == [truth.impressions[a] for a in arms]
     assert rewards == [truth.rewards[a] for a in arms]
@@ -218,8 +333,8 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
         for family in text_string_to_metric_families(generate_latest(learner.metrics.registry).decode())
         for sample in family.samples
     }
-    for reason, records in bad.items():
-        assert exposed["mab_learner_invalid_records_total", reason] == len(records)
+    for reason, n in invalid.items():
+        assert exposed["mab_learner_invalid_records_total", reason] == n
 
 
 def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
@@ -233,19 +348,19 @@ def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
     resources = make_resources()
     good = b'[["e", 0, "ok", ["arm-000"]]]'
     cases: list[tuple[bytes, dict[str, str]]] = [
-        (b"not json", {"v": FORMAT_VERSION, "k": "p/2"}),
-        (b'{"e": 1}', {"v": FORMAT_VERSION, "k": "p/3"}),
-        (b'"text"', {"v": FORMAT_VERSION, "k": "p/4"}),
-        (b"\xff\xfe", {"v": FORMAT_VERSION, "k": "p/5"}),  # not UTF-8
-        (good, {"v": FORMAT_VERSION}),  # no key
+        (b"not json", {"v": RECORDS_VERSION, "k": "p/2"}),
+        (b'{"e": 1}', {"v": RECORDS_VERSION, "k": "p/3"}),
+        (b'"text"', {"v": RECORDS_VERSION, "k": "p/4"}),
+        (b"\xff\xfe", {"v": RECORDS_VERSION, "k": "p/5"}),  # not UTF-8
+        (good, {"v": RECORDS_VERSION}),  # no key
         (good, {"k": "p/20"}),  # no version
         (good, {"v": "1", "k": "p/21"}),  # another version
-        (good, {"v": FORMAT_VERSION, "k": "p/not-a-sequence"}),
+        (good, {"v": RECORDS_VERSION, "k": "p/not-a-sequence"}),
     ]
     with PublisherClient() as publisher:
         for data, attributes in cases:
             publisher.publish(resources.topic, data, **attributes).result(timeout=30)
-        publisher.publish(resources.topic, good, v=FORMAT_VERSION, k="p/1").result(timeout=30)
+        publisher.publish(resources.topic, good, v=RECORDS_VERSION, k="p/1").result(timeout=30)
         publisher.stop()
 
     attempts = resources.max_delivery_attempts

@@ -62,13 +62,14 @@ def test_records_are_batched_and_a_reward_waits_for_its_message(pubsub_emulator:
     assert all(attributes["v"] == FORMAT_VERSION for _, attributes in messages)
     keys = sorted(attributes["k"] for _, attributes in messages)
     assert keys == [f"{sink.publisher_id}/{n}" for n in (1, 2, 3)]
-    records = sorted((record for batch, _ in messages for record in batch), key=str)
-    assert sorted(len(batch) for batch, _ in messages) == [1, 3, 3]
-    assert records == sorted(
-        [["e", 100.0 + n, f"e{n}", [f"arm-{n}", "arm-x"]] for n in range(5)]
-        + [["r", 200.0, "e4", "arm-4", 0.5], ["e", 300.0, "e5", ["arm-5"]]],
-        key=str,
-    )
+    # Answers as their impressions summed per arm (with the count of answers), rewards as records of their own.
+    by_key = {attributes["k"]: batch for batch, attributes in messages}
+    assert by_key[f"{sink.publisher_id}/1"] == [["i", 3, {"arm-0": 1, "arm-1": 1, "arm-2": 1, "arm-x": 3}]]
+    assert by_key[f"{sink.publisher_id}/2"] == [
+        ["i", 2, {"arm-3": 1, "arm-4": 1, "arm-x": 2}],
+        ["r", 200.0, "e4", "arm-4", 0.5],
+    ]
+    assert by_key[f"{sink.publisher_id}/3"] == [["i", 1, {"arm-5": 1}]]
 
 
 def test_a_reward_pubsub_refuses_is_503(pubsub_emulator: Emulator) -> None:
@@ -130,41 +131,42 @@ def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsu
     sink = asyncio.run(send())
     assert sink.pending == 0 and sink.failed >= 1 and sink.published == 1
     messages = pull_all(subscription, 1)
-    assert [batch for batch, _ in messages] == [[["e", 1.0, "e1", ["arm-1", "arm-2"]]]]
+    assert [batch for batch, _ in messages] == [[["i", 1, {"arm-1": 1, "arm-2": 1}]]]
     assert messages[0][1]["k"] == f"{sink.publisher_id}/1"
 
 
 def test_past_max_pending_bytes_events_and_rewards_are_refused(pubsub_emulator: Emulator) -> None:
-    """The outbox is bounded in bytes as well as in messages: a batch's bytes count from the first record."""
+    """The outbox is bounded in bytes as well as in messages: a batch's bytes count from the first record (an
+    answer's new arms in the batch's sums, estimated until the batch is encoded)."""
     topic, subscription = make_topic()
-    big = [f"arm-{n}-" + "x" * 100 for n in range(3)]
 
-    async def send() -> PubSubSink:
+    async def send() -> list[str]:
         sink = PubSubSink(topic, max_delay_s=60, max_pending_bytes=1000)  # one batch, sent by close
         sink.start()
-        sent = []
+        sent: list[str] = []
         try:
             while True:
-                record = ["e", float(len(sent)), f"e{len(sent)}", big]
+                big = [f"arm-{len(sent)}-{n}-" + "x" * 100 for n in range(3)]  # new arms: the sums grow
                 try:
-                    sink.event(record[2], big, record[1])
+                    sink.event(f"e{len(sent)}", big, float(len(sent)))
                 except SinkUnavailable as exc:
                     assert exc.status_code == 503 and "bytes" in exc.message
                     break
-                sent.append(record)
-            assert sink.pending == 1 and sink.pending_bytes == len(orjson.dumps(sent)) >= 1000
-            assert len(sent) == 3  # ~350 bytes each: the fourth would pass 1000
+                sent.extend(big)
+            # Each id: its JSON string and at most 8 bytes of ':n,'; the batch's brackets and its "i" record's head.
+            assert sink.pending == 1 and sink.pending_bytes == 1 + 16 + sum(len(id_) + 2 + 8 for id_ in sent) >= 1000
+            assert len(sent) == 9  # ~360 bytes per answer: the fourth would pass 1000
             with pytest.raises(SinkUnavailable, match="not yet stored"):
-                await sink.reward("e0", big[0], 1.0, 0.0)
+                await sink.reward("e0", sent[0], 1.0, 0.0)
             assert sink.refused == 2
         finally:
             await sink.close()
         assert (sink.pending, sink.pending_bytes, sink.published) == (0, 0, 1)
-        return sink
+        return sent
 
-    asyncio.run(send())
+    sent = asyncio.run(send())
     (message,) = pull_all(subscription, 1)
-    assert [record[2] for record in message[0]] == ["e0", "e1", "e2"]
+    assert message[0] == [["i", 3, dict.fromkeys(sent, 1)]]
 
 
 def test_close_sends_what_waits_for_a_retry_at_once(pubsub_emulator: Emulator) -> None:
@@ -189,7 +191,7 @@ def test_close_sends_what_waits_for_a_retry_at_once(pubsub_emulator: Emulator) -
 
     sink = asyncio.run(send())
     assert (sink.pending, sink.published, sink.undelivered) == (0, 1, 0)
-    assert [batch for batch, _ in pull_all(subscription, 1)] == [[["e", 1.0, "e1", ["arm-1"]]]]
+    assert [batch for batch, _ in pull_all(subscription, 1)] == [[["i", 1, {"arm-1": 1}]]]
 
 
 def test_close_counts_and_logs_what_it_could_not_deliver(

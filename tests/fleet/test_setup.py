@@ -59,7 +59,10 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
         f"created topic {topic}-counts",
         f"created subscription {subscription}-dead-letter",
         f"created subscription {subscription} (dead letters to {topic}-dead-letter after 5 deliveries)",
-        f"created table {table} (families c, d, e)",
+        f"created table {table} (families c, d, e, s)",
+        f"table {table} has 16 shards (written)",
+        f"shard topics {topic}-shard-0 to 15: 16 created, 0 exist",
+        f"shard subscriptions {subscription}-shard-0 to 15: 16 created, 0 exist",
     ]
     second = run_setup(*args)
     assert second.returncode == 0, second.stderr
@@ -70,6 +73,9 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
         f"subscription {subscription}-dead-letter exists",
         f"subscription {subscription} exists (dead letters to {topic}-dead-letter)",
         f"table {table} exists",
+        f"table {table} has 16 shards",
+        f"shard topics {topic}-shard-0 to 15: 0 created, 16 exist",
+        f"shard subscriptions {subscription}-shard-0 to 15: 0 created, 16 exist",
     ]
     with pubsub_v1.SubscriberClient() as subscriber:
         made = subscriber.get_subscription(subscription=subscription)
@@ -78,8 +84,14 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
     assert made.dead_letter_policy.dead_letter_topic == f"{topic}-dead-letter"
     assert made.dead_letter_policy.max_delivery_attempts == 5
     assert dead.topic == f"{topic}-dead-letter"
+    with pubsub_v1.SubscriberClient() as subscriber:
+        for shard in (0, 15):
+            made = subscriber.get_subscription(subscription=f"{subscription}-shard-{shard}")
+            assert made.topic == f"{topic}-shard-{shard}"
+            assert made.dead_letter_policy.dead_letter_topic == f"{topic}-dead-letter"
     families = table_families(table)
-    assert set(families) == {"c", "d", "e"}
+    assert set(families) == {"c", "d", "e", "s"}
+    assert families["s"].gc_rule.max_num_versions == 1
     assert families["c"].value_type.aggregate_type.sum is not None
     assert families["d"].gc_rule.max_age.seconds == 7200 + 3600
     assert families["e"].gc_rule.max_age.seconds == 7200 + 3600
@@ -93,8 +105,8 @@ def test_setup_adds_missing_families(bigtable_emulator: Emulator, pubsub_emulato
     table_admin().create_table(parent=parent, table_id=table_id, table=Table(column_families={"other": ColumnFamily()}))
     done = run_setup("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
     assert done.returncode == 0, done.stderr
-    assert f"table {table} exists; added families c, d, e" in done.stdout
-    assert set(table_families(table)) == {"c", "d", "e", "other"}
+    assert f"table {table} exists; added families c, d, e, s" in done.stdout
+    assert set(table_families(table)) == {"c", "d", "e", "s", "other"}
 
 
 def test_setup_adds_a_dead_letter_policy_to_an_existing_subscription(
@@ -127,6 +139,22 @@ def test_setup_adds_a_dead_letter_policy_to_an_existing_subscription(
     assert [m.message.data for m in held] == [b"held"]
 
 
+def test_setup_fixes_the_shards_once(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
+    """``--shards`` is taken by the first setup and stored in the table; a later setup keeps it without the flag,
+    and refuses another count rather than move arms between learners under their feet."""
+    topic, subscription, table = names()
+    args = ("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
+    first = run_setup(*args, "--shards", "3")
+    assert first.returncode == 0, first.stderr
+    assert f"shard subscriptions {subscription}-shard-0 to 2: 3 created, 0 exist" in first.stdout.splitlines()
+    again = run_setup(*args)
+    assert again.returncode == 0, again.stderr
+    assert f"table {table} has 3 shards" in again.stdout.splitlines()
+    other = run_setup(*args, "--shards", "4")
+    assert other.returncode == 3
+    assert f"table {table} has 3 shards; --shards 4 cannot change them in place" in other.stderr
+
+
 def test_setup_refuses_a_subscription_on_another_topic(bigtable_emulator: Emulator, pubsub_emulator: Emulator) -> None:
     topic, subscription, table = names()
     args = ("--subscription", subscription, "--posteriors", f"bigtable:{table}")
@@ -143,6 +171,7 @@ def test_setup_refuses_a_subscription_on_another_topic(bigtable_emulator: Emulat
         ("--subscription", "projects/p/topics/t", "a subscription must be projects/P/subscriptions/S"),
         ("--posteriors", "bigtable:projects/p/tables/t", "a Bigtable table must be projects/P/instances/I/tables/T"),
         ("--max-delivery-attempts", "4", "--max-delivery-attempts must be in [5, 100] (got 4)"),
+        ("--shards", "0", "--shards must be in [1, 1000] (got 0)"),
     ],
 )
 def test_setup_names_a_bad_argument(flag: str, value: str, message: str) -> None:
