@@ -512,7 +512,8 @@ class Learner:
         try:
             await self.fanout.start(subscription.topic)
         except Exception as exc:
-            raise LearnerError(f"cannot reach the fan-out topic of {subscription.topic}: {exc}") from None
+            # It reads the table's counts; a missing fan-out topic is only logged.
+            raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
         try:
             self._table = self._client.get_table(self.path.instance, self.path.table)
             await self._table.read_row(PROBE_KEY.encode(), operation_timeout=30)
