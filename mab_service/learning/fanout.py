@@ -56,6 +56,9 @@ from mab_service.learning._arms import ArmTable
 
 logger = logging.getLogger("mab_service.fanout")
 
+#: Seconds a stopping follower gives the deletion of its subscription (one attempt: it expires unused anyway).
+DELETE_TIMEOUT_S = 5.0
+
 #: The fan-out topic is the events topic's name with this suffix.
 COUNTS_SUFFIX = "-counts"
 #: Attribute ``v`` of a fan-out message.
@@ -628,7 +631,12 @@ class CountsFollower:
         if self._subscriber is not None:
             if self._subscribed:
                 try:
-                    await self._subscriber.delete_subscription(subscription=self.subscription_name, timeout=5)
+                    # One attempt, bounded: the client's default retries go on for a minute with Pub/Sub away,
+                    # past the shutdown's budget, and the subscription expires on its own anyway.
+                    deleting = self._subscriber.delete_subscription(
+                        subscription=self.subscription_name, retry=None, timeout=DELETE_TIMEOUT_S
+                    )
+                    await asyncio.wait_for(deleting, DELETE_TIMEOUT_S)
                 except Exception as exc:
                     logger.warning("deleting %s failed (it expires on its own): %s", self.subscription_name, exc)
             await self._subscriber.transport.close()
