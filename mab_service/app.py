@@ -11,11 +11,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from mab_service import config, metrics
 from mab_service.features.factory import make_source, parse_spec
 from mab_service.features.source import FeatureSource
+from mab_service.fleet import setup as fleet_setup
+from mab_service.fleet.fanout import CountsFollower, counts_topic
+from mab_service.fleet.replica import Fleet
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
-from mab_service.learning import fleet_setup, node
-from mab_service.learning.fanout import CountsFollower, counts_topic
-from mab_service.learning.fleet import Fleet
+from mab_service.learning import node
 from mab_service.learning.loop import Loop
 from mab_service.learning.posteriors import SharedArmsSource
 from mab_service.openapi import openapi_document

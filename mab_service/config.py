@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mab_service.features import factory
-from mab_service.learning import fleet_setup
+from mab_service.fleet import setup as fleet_setup
 
 ENV_PREFIX = "MAB_"
 #: Variables read when a field's own MAB_ variable is not set (the convention of the tool that defines them).

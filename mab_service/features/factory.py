@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.bigtable import TABLE
 from mab_service.features.options import ENTITY_TYPE, FEATURE_VIEW, VertexOptions
 from mab_service.features.source import FeatureSource
+from mab_service.fleet.schema import TABLE
 
 if TYPE_CHECKING:
     from mab_service.config import Settings

@@ -14,7 +14,7 @@ The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rew
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
 (``apply_counts`` is off): the loop counts and logs events for the pipeline that computes them, and adds nothing.
 In fleet mode (``fleet``) events and rewards go to Pub/Sub and the events' membership to Bigtable, where the
-learners count them for every replica (``learning.fleet``); the node's tables hold this node's events only.
+learners count them for every replica (``fleet.replica``); the node's tables hold this node's events only.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ import numpy.typing as npt
 from mab_service.clients import CLIENT
 from mab_service.config import Settings
 from mab_service.errors import MabError, Overloaded
+from mab_service.fleet.replica import Fleet
+from mab_service.fleet.sink import SinkUnavailable
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
-from mab_service.learning.fleet import Fleet
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
 from mab_service.learning.posteriors import posterior
-from mab_service.learning.pubsub import SinkUnavailable
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
 SERIES_STEP_S = 10
