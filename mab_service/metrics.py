@@ -349,7 +349,7 @@ _LOOP_COUNTERS = (
 
 
 class _LoopCounters:
-    """Copies a worker's loop counters (``learning.loop.Loop``) into the metrics."""
+    """Copies a worker's loop counters (``Loop.counters()``, ``learning.protocol``) into the metrics."""
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
@@ -359,19 +359,19 @@ class _LoopCounters:
     RESULTS = ("accepted", "duplicate", "unknown_event", "not_in_event", "unavailable")
 
     def _now(self) -> dict[str, float]:
-        loop, refusals = self.loop, self.loop.refusals
-        fleet = loop.fleet.stats() if loop.fleet is not None else {}
+        counters = self.loop.counters()
+        fleet = counters.fleet
         return {
             **{key: fleet[key] for key in _FLEET_KEYS if key in fleet},
-            "impressions": loop.impressions,
-            "unrecorded": loop.impressions_unrecorded,
-            "accepted": loop.rewards_accepted,
-            "duplicate": refusals.duplicate,
-            "unknown_event": refusals.unknown_event,
-            "not_in_event": refusals.not_in_event,
-            "unavailable": refusals.unavailable,
-            "syncs": loop.journal.syncs,
-            "dropped": loop.journal.dropped_events,
+            "impressions": counters.impressions,
+            "unrecorded": counters.unrecorded,
+            "accepted": counters.accepted,
+            "duplicate": counters.duplicate,
+            "unknown_event": counters.unknown_event,
+            "not_in_event": counters.not_in_event,
+            "unavailable": counters.unavailable,
+            "syncs": counters.syncs,
+            "dropped": counters.dropped,
         }
 
     def flush(self) -> None:
