@@ -6,19 +6,18 @@ aggregate int64 sum family) holds ``c:i``, the arm's impressions, and ``c:r``, i
 own rows (configuration, shard leases, live learners). The fleet's own rows begin with a NUL byte, which no id
 can (ids have no control characters: ``mab_service.ids``), so they never meet an arm's row.
 
-This module imports nothing of the project but ``errors``: the ``bigtable:`` source and the fleet's deployables
-(replica, learner, setup) all stand on it.
+This module imports nothing of the project but ``errors`` and ``specs`` (the table's name): the ``bigtable:``
+source and the fleet's deployables (replica, learner, setup) all stand on it.
 """
 
 from __future__ import annotations
 
-import re
 import urllib.parse
 from typing import NamedTuple
 
 from mab_service.errors import FeatureSourceError
+from mab_service.specs import TABLE
 
-TABLE = re.compile(r"^projects/([^/]+)/instances/([^/]+)/tables/([^/]+)$")
 COUNTS_FAMILY = "c"
 IMPRESSIONS = b"i"
 REWARDS = b"r"

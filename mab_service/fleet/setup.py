@@ -25,7 +25,6 @@ publishers. A deployment made before shards gains them when ``setup`` runs again
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,9 +41,8 @@ from mab_service.fleet.schema import (
     TablePath,
 )
 from mab_service.fleet.sink import SHARD_SUFFIX, shard_topic
+from mab_service.specs import SUBSCRIPTION, TOPIC
 
-TOPIC = re.compile(r"^projects/([^/]+)/topics/([^/]+)$")
-SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
 #: How long a deduplication marker outlives the subscription's message retention.
 MARKER_MARGIN_S = 3600
 DEFAULT_RETENTION_S = 86400
