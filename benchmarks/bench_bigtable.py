@@ -31,16 +31,9 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 
 from benchmarks.bench_service import free_port, session_cpu_seconds
-from mab_service.features.bigtable import (
-    COUNTS_FAMILY,
-    IMPRESSIONS,
-    REWARD_SCALE,
-    REWARDS,
-    BigtableSource,
-    TablePath,
-    data_client,
-)
-from mab_service.learning.fleet_setup import ensure_table
+from mab_service.features.bigtable import BigtableSource, data_client
+from mab_service.fleet.schema import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath
+from mab_service.fleet.setup import ensure_table
 
 TABLE = TablePath("bench", "bench", "arms")
 METHOD = "/google.bigtable.v2.Bigtable/ReadRows"

@@ -95,7 +95,8 @@ def fill_counts(table: str, table_csv: Path) -> int:
 
     from google.cloud.bigtable.data import AddToCell, RowMutationEntry
 
-    from mab_service.features.bigtable import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath, data_client
+    from mab_service.features.bigtable import data_client
+    from mab_service.fleet.schema import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath
 
     rows = [line.split(",") for line in table_csv.read_text().splitlines()[1:]]
     path = TablePath.parse(table)
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
             emulator("bigtable", "BIGTABLE_EMULATOR_HOST", args.client_cpus, work / "bigtable.log"),
             emulator("pubsub", "PUBSUB_EMULATOR_HOST", args.client_cpus, work / "pubsub.log"),
         ):
-            from mab_service.learning import fleet_setup
+            from mab_service.fleet import setup as fleet_setup
 
             tag = uuid.uuid4().hex[:8]
             table = f"projects/{PROJECT}/instances/mab/tables/arms-{tag}"

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench_service import free_port, session_cpu_seconds
-from mab_service.features.bigtable import MARKERS_FAMILY, TablePath, data_client
-from mab_service.learning import fleet_setup
-from mab_service.learning.bigtable_requests import (
+from mab_service.features.bigtable import data_client
+from mab_service.fleet import setup as fleet_setup
+from mab_service.fleet.learner import Learner, LearnerStats
+from mab_service.fleet.requests import (
     CHECK_AND_MUTATE_ROW,
     check_and_mutate,
     quote,
@@ -43,8 +44,8 @@ from mab_service.learning.bigtable_requests import (
     table_field,
     timestamp_field,
 )
-from mab_service.learning.learner import Learner, LearnerStats
-from mab_service.learning.pubsub import PubSubSink
+from mab_service.fleet.schema import MARKERS_FAMILY, TablePath
+from mab_service.fleet.sink import PubSubSink
 
 #: The learners' lease TTL here: the shards are spread over ``--learners`` within a few seconds.
 LEASE_TTL_S = 1.5

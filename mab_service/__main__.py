@@ -67,7 +67,7 @@ def probe(settings: config.Settings, timeout_s: float) -> bool:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["setup"], ["learn"]):  # the fleet's commands parse their own flags
-        from mab_service.learning import cli
+        from mab_service.fleet import cli
 
         sys.exit(cli.main(argv))
     args = _parser().parse_args(argv)

@@ -11,13 +11,16 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from mab_service import config, metrics
 from mab_service.features.factory import make_source, parse_spec
 from mab_service.features.source import FeatureSource
+from mab_service.fleet import setup as fleet_setup
+from mab_service.fleet.fanout import CountsFollower, counts_topic
+from mab_service.fleet.loop import FleetLoop
+from mab_service.fleet.replica import Fleet
 from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
-from mab_service.learning import fleet_setup, node
-from mab_service.learning.fanout import CountsFollower, counts_topic
-from mab_service.learning.fleet import Fleet
-from mab_service.learning.loop import Loop
+from mab_service.learning import node
+from mab_service.learning.loop import NodeLoop
 from mab_service.learning.posteriors import SharedArmsSource
+from mab_service.learning.protocol import Loop
 from mab_service.openapi import openapi_document
 from mab_service.policy.sampler import SAMPLERS
 from mab_service.routes import FAST_ENDPOINTS, PROBES, ROUTES, endpoint_label
@@ -66,17 +69,16 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
                     resync_after_s=settings.fleet_resync_after_s,
                 )
             )
-        loop = Loop(current, settings, apply_counts=embedded(settings), fleet=fleet)
+        loop: Loop = (
+            NodeLoop(current, settings, apply_counts=embedded(settings))
+            if fleet is None
+            else FleetLoop(current, settings, apply_counts=embedded(settings), fleet=fleet)
+        )
         await loop.start()
         try:
             yield loop
         finally:
             await loop.close()
-
-
-def following(loop: Loop) -> bool:
-    """Whether the node's arm table holds the fleet's counts (the fan-out): then it ranks, not Bigtable's cache."""
-    return loop.fleet is not None and loop.fleet.follower is not None
 
 
 def build_app(
@@ -103,7 +105,7 @@ def build_app(
         top_k = SAMPLERS[settings.sampler]
         async with AsyncExitStack() as stack:
             loop = await stack.enter_async_context(_learning(settings))
-            if loop is not None and given is None and (loop.apply_counts or following(loop)):
+            if loop is not None and given is None and (loop.apply_counts or loop.following):
                 source: FeatureSource = SharedArmsSource(loop.arms, settings.prior_alpha, settings.prior_beta)
             else:
                 source = given or make_source(settings)

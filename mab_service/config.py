@@ -16,8 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mab_service.features import factory
-from mab_service.learning import fleet_setup
+from mab_service import specs
 
 ENV_PREFIX = "MAB_"
 #: Variables read when a field's own MAB_ variable is not set (the convention of the tool that defines them).
@@ -409,17 +408,11 @@ class Settings:
         levels = ("critical", "error", "warning", "info", "debug")
         _check(self.log_level, self.log_level in levels, "log_level", ", ".join(levels))
         try:
-            spec = factory.parse_spec(self.features)
+            spec = specs.parse_spec(self.features)
         except ValueError:
-            _check(self.features, False, "features", factory.SPEC_FORMS)
+            _check(self.features, False, "features", specs.SPEC_FORMS)
         if self.events:
-            topic = self.events.removeprefix("pubsub:")
-            _check(
-                self.events,
-                topic != self.events and fleet_setup.TOPIC.match(topic) is not None,
-                "events",
-                "pubsub:projects/P/topics/T",
-            )
+            _check(self.events, specs.events_topic(self.events) is not None, "events", specs.EVENTS_FORM)
             _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
             _check(self.learning, self.learning, "learning", "on when events is set")
         _check(

@@ -32,12 +32,12 @@ Exposed (all workers summed):
   parameters for them (``features.source.ParameterCheck``; counted on every answer that uses them);
 - the learning loop: ``mab_impressions_total``, ``mab_impressions_unrecorded_total``, ``mab_rewards_total{result}``,
   ``mab_journal_syncs_total``, ``mab_journal_dropped_total``;
-- fleet mode (``learning.fleet``): ``mab_events_published_total``, ``mab_events_publish_failures_total`` (attempts
+- fleet mode (``fleet.replica``): ``mab_events_published_total``, ``mab_events_publish_failures_total`` (attempts
   Pub/Sub refused; sent again), ``mab_events_refused_total`` (records answered 503: the outbox was full),
   ``mab_events_outbox_messages``, ``mab_events_outbox_bytes``; ``mab_event_rows_written_total``,
   ``mab_event_rows_failed_total`` and ``mab_event_rows_pending`` (events' membership rows in Bigtable);
   ``mab_fleet_counts_rows_read_total``, ``mab_fleet_counts_messages_total`` and ``mab_fleet_counts_resyncs_total``
-  (the node's copy of the counts, kept by the learners' fan-out: ``learning.fanout``);
+  (the node's copy of the counts, kept by the learners' fan-out: ``fleet.fanout``);
 - ``mab_feature_source_events_total{source,event}`` and ``mab_feature_source_level{source,level}``: the feature
   source's and its cache's own counters (``SOURCE_COUNTERS``: store calls, retries, timeouts, failed, skipped,
   overloaded and shed reads, evictions, refreshes, warm-up progress) and levels (``SOURCE_LEVELS``), copied from
@@ -349,7 +349,7 @@ _LOOP_COUNTERS = (
 
 
 class _LoopCounters:
-    """Copies a worker's loop counters (``learning.loop.Loop``) into the metrics."""
+    """Copies a worker's loop counters (``Loop.counters()``, ``learning.protocol``) into the metrics."""
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
@@ -359,19 +359,19 @@ class _LoopCounters:
     RESULTS = ("accepted", "duplicate", "unknown_event", "not_in_event", "unavailable")
 
     def _now(self) -> dict[str, float]:
-        loop, refusals = self.loop, self.loop.refusals
-        fleet = loop.fleet.stats() if loop.fleet is not None else {}
+        counters = self.loop.counters()
+        fleet = counters.fleet
         return {
             **{key: fleet[key] for key in _FLEET_KEYS if key in fleet},
-            "impressions": loop.impressions,
-            "unrecorded": loop.impressions_unrecorded,
-            "accepted": loop.rewards_accepted,
-            "duplicate": refusals.duplicate,
-            "unknown_event": refusals.unknown_event,
-            "not_in_event": refusals.not_in_event,
-            "unavailable": refusals.unavailable,
-            "syncs": loop.journal.syncs,
-            "dropped": loop.journal.dropped_events,
+            "impressions": counters.impressions,
+            "unrecorded": counters.unrecorded,
+            "accepted": counters.accepted,
+            "duplicate": counters.duplicate,
+            "unknown_event": counters.unknown_event,
+            "not_in_event": counters.not_in_event,
+            "unavailable": counters.unavailable,
+            "syncs": counters.syncs,
+            "dropped": counters.dropped,
         }
 
     def flush(self) -> None:

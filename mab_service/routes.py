@@ -7,7 +7,6 @@ request than ranking 400 candidates. The other endpoints are ordinary Starlette 
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 
@@ -19,8 +18,8 @@ from starlette.routing import Route
 from mab_service import dashboard, metrics, pipeline, schemas
 from mab_service.config import Settings
 from mab_service.errors import LearningOff, ValidationFailed
-from mab_service.features.source import count_invalid
-from mab_service.learning.loop import Loop
+from mab_service.learning.loop import UnknownArm, arm_from_source
+from mab_service.learning.protocol import Loop
 from mab_service.responses import OrjsonResponse
 from mab_service.state import AppState
 
@@ -127,31 +126,13 @@ async def arm(request: Request) -> OrjsonResponse:
     state: AppState = request.scope["state"]
     arm_id = request.path_params["id"]
     loop = state["loop"]
-    if loop is not None and loop.fleet is not None:
-        # The fleet's counts as the learners have written them, read past the cache.
-        counted = await loop.fleet.arm(arm_id)
-        if counted is None:
-            return OrjsonResponse(
-                {"error": "unknown_arm", "message": f"no arm {arm_id!r}: no learner has counted it yet"},
-                status_code=404,
-            )
-        alpha, beta, shown, got = counted
-        return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})
-    found = None if loop is None else loop.arm(arm_id)
-    if found is None or (loop is not None and not loop.apply_counts):
-        # Not counted yet, or a store that computes the posteriors itself: ask the source.
-        features = await state["source"].fetch([arm_id])
-        if features.known == 0 and found is None:
-            return OrjsonResponse(
-                {"error": "unknown_arm", "message": f"no arm {arm_id!r}: never shown, and the source does not know it"},
-                status_code=404,
-            )
-        shown, got = (0, 0.0) if found is None else (found[2], found[3])
-        alpha, beta = float(features.alpha[0]), float(features.beta[0])
-        if count_invalid(features.alpha, features.beta):  # what /predict ranks it by: the prior
-            alpha, beta = state["source"].prior
-    else:
-        alpha, beta, shown, got = found
+    try:
+        if loop is None:
+            alpha, beta, shown, got = await arm_from_source(state["source"], arm_id, None)
+        else:
+            alpha, beta, shown, got = await loop.read_arm(arm_id, state["source"])
+    except UnknownArm as exc:
+        return OrjsonResponse({"error": exc.code, "message": exc.message}, status_code=exc.status_code)
     return OrjsonResponse({"id": arm_id, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got})
 
 
@@ -164,11 +145,10 @@ async def arms(request: Request) -> OrjsonResponse:
         raise ValidationFailed(f"top must be an integer in [1, {MAX_TOP_ARMS}] (got {top!r})", field="top")
     if order not in ("impressions", "rewards", "mean"):
         raise ValidationFailed(f"order must be impressions, rewards or mean (got {order!r})", field="order")
-    if loop.fleet is not None:
-        leading, total, partial = await loop.fleet_top(int(top), order, _ARMS_EXECUTOR)
-        return OrjsonResponse({"arms": leading, "total": total, "partial": partial})
-    leading, total = await asyncio.get_running_loop().run_in_executor(_ARMS_EXECUTOR, loop.top, int(top), order)
-    return OrjsonResponse({"arms": leading, "total": total})
+    leading, total, partial = await loop.top(int(top), order, _ARMS_EXECUTOR)
+    if partial is None:
+        return OrjsonResponse({"arms": leading, "total": total})
+    return OrjsonResponse({"arms": leading, "total": total, "partial": partial})
 
 
 async def loop_stats(request: Request) -> OrjsonResponse:
@@ -182,7 +162,7 @@ async def loop_stats(request: Request) -> OrjsonResponse:
             "learning": True,
             "applies_counts": loop.apply_counts,
             "reward_window_s": loop.window_s,
-            "durable": loop.journal.error is None,
+            "durable": loop.durable,
             **loop.stats(),
         }
     )

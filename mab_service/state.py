@@ -7,7 +7,7 @@ from typing import Any, TypedDict
 from mab_service.config import Settings
 from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
-from mab_service.learning.loop import Loop
+from mab_service.learning.protocol import Loop
 from mab_service.policy.sampler import TopK
 
 

@@ -27,7 +27,7 @@ from packaging.requirements import Requirement
 
 from mab_service import __version__
 from mab_service.config import ENV_PREFIX, Settings
-from mab_service.learning import fleet_setup
+from mab_service.fleet import setup as fleet_setup
 from tests.conftest import unused_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent

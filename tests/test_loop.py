@@ -24,7 +24,7 @@ from mab_service.clients import CLIENT
 from mab_service.config import Settings
 from mab_service.learning import node, replay
 from mab_service.learning.journal import read_records
-from mab_service.learning.loop import Loop, NotInEvent, TooManyEvents, UnknownEvent
+from mab_service.learning.loop import NodeLoop, NotInEvent, TooManyEvents, UnknownEvent
 from tests.conftest import EmulatorProcess, Server, wait_until
 
 JSON = {"content-type": "application/json"}
@@ -187,7 +187,7 @@ def _holding_settings(tmp_path: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def _answer(loop: Loop, current: node.Node, ids: list[str], event_id: str | None = None) -> str:
+def _answer(loop: NodeLoop, current: node.Node, ids: list[str], event_id: str | None = None) -> str:
     alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)
     ranking = np.arange(len(ids))
     return loop.answered(
@@ -201,7 +201,7 @@ def test_a_client_past_its_share_is_refused_and_others_are_not(tmp_path: Path) -
 
     async def run() -> None:
         with node.using(settings) as current:
-            loop = Loop(current, settings, apply_counts=True)
+            loop = NodeLoop(current, settings, apply_counts=True)
             await loop.start()
             try:
                 token = CLIENT.set("addr:10.0.0.1")
@@ -246,7 +246,7 @@ def test_ids_ranked_below_max_held_ids_are_returned_not_held(tmp_path: Path) -> 
 
     async def run() -> None:
         with node.using(settings) as current:
-            loop = Loop(current, settings, apply_counts=True)
+            loop = NodeLoop(current, settings, apply_counts=True)
             await loop.start()
             try:
                 ids = ["h-0", "h-1", "h-2", "h-3", "h-4"]
@@ -278,7 +278,7 @@ def test_a_reward_whose_worker_was_killed_after_marking_is_counted_when_sent_aga
 
     async def run() -> None:
         with node.using(settings) as current:
-            loop = Loop(current, settings, apply_counts=True)
+            loop = NodeLoop(current, settings, apply_counts=True)
             await loop.start()
             try:
                 event_id = _answer(loop, current, ["k-0", "k-1"])

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mab_service.learning.pubsub import PubSubSink
+from mab_service.fleet.sink import PubSubSink
 from tests.conftest import Server
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 A table ``projects/P/instances/I/tables/T`` holds one row per arm, keyed by its id (UTF-8). Column family
 ``c`` is an aggregate (int64 sum) family with two cells per row: ``c:i``, the arm's impressions, and ``c:r``, its
 rewards in millionths (``REWARD_SCALE``; rewards are numbers in [0, 1] and Bigtable adds only integers). The
-learners add to them atomically (``mab_service.learning.learner``); family ``d`` holds their deduplication markers
+learners add to them atomically (``mab_service.fleet.learner``); family ``d`` holds their deduplication markers
 and is never read here. The posterior of an arm is Beta(prior_alpha + rewards, prior_beta + impressions - rewards);
 an id with no row gets the prior and is not counted in ``known``.
 
@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import urllib.parse
 import warnings
 from typing import Any, NamedTuple
 
@@ -38,67 +36,24 @@ import numpy.typing as npt
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features.source import Features, Health, Lookup
+from mab_service.fleet.schema import (
+    CONFIG_ROW,
+    COUNTS_FAMILY,
+    FLEET_FAMILY,
+    IMPRESSIONS,
+    PROBE_KEY,
+    REWARD_SCALE,
+    REWARDS,
+    TablePath,
+    decode_int64,
+)
 
 logger = logging.getLogger("mab_service.bigtable")
 
-TABLE = re.compile(r"^projects/([^/]+)/instances/([^/]+)/tables/([^/]+)$")
-COUNTS_FAMILY = "c"
-IMPRESSIONS = b"i"
-REWARDS = b"r"
-MARKERS_FAMILY = "d"
-#: Events' membership rows (``learning.fleet``): which ids an answer returned, and which are rewarded.
-EVENTS_FAMILY = "e"
-#: Membership rows' keys: this prefix and the event id. Counts and membership are in different families, so even an
-#: arm id that began with it would read only its counts.
-EVENT_ROW_PREFIX = b"\x00e/"
-#: The fleet's own rows (``mab-service setup``, ``learning.learner``): its configuration and the learners' shard
-#: leases. No garbage-collection by age (the configuration stays); one version per cell.
-FLEET_FAMILY = "s"
-#: The configuration row: cell ``s:shards`` holds the number of arm shards (ASCII digits), written once by ``setup``.
-CONFIG_ROW = b"\x00c/fleet"
-SHARDS = b"shards"
-#: A shard's lease row is this prefix and the shard's number; cell ``s:lease`` holds the holder, its timestamp the
-#: last renewal.
-LEASE_ROW_PREFIX = b"\x00s/"
-LEASE = b"lease"
-#: A live learner's row is this prefix and its id; cell ``s:alive``'s timestamp is its last heartbeat.
-LEARNER_ROW_PREFIX = b"\x00l/"
-ALIVE = b"alive"
-#: Rewards are stored as integers in millionths: Bigtable's atomic additions take only int64.
-REWARD_SCALE = 1_000_000
 #: Keys per ReadRows call. Bigtable takes many more; chunks let a large fetch use several streams at once.
 DEFAULT_CHUNK_SIZE = 200
 READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
-#: The key ``start`` reads to check the table (no arm has it).
-PROBE_KEY = "\x00mab-service-probe"
-
-
-class TablePath(NamedTuple):
-    project: str
-    instance: str
-    table: str
-
-    @classmethod
-    def parse(cls, path: str) -> TablePath:
-        """``projects/P/instances/I/tables/T`` (a leading ``bigtable:`` is allowed).
-
-        Raises:
-            FeatureSourceError: If ``path`` is not such a name.
-        """
-        match = TABLE.match(path.removeprefix("bigtable:"))
-        if match is None:
-            raise FeatureSourceError(f"a Bigtable table must be projects/P/instances/I/tables/T (got {path!r})")
-        return cls(*match.groups())
-
-    def __str__(self) -> str:
-        return f"projects/{self.project}/instances/{self.instance}/tables/{self.table}"
-
-    @property
-    def routing(self) -> tuple[tuple[str, str], ...]:
-        """The routing header Bigtable expects on a call for this table, as the client sends it (for the calls
-        made on the client's channel with request bytes of our own)."""
-        return (("x-goog-request-params", f"table_name={urllib.parse.quote(str(self))}"),)
 
 
 class Counts(NamedTuple):
@@ -119,13 +74,6 @@ class Counts(NamedTuple):
         impressions = np.maximum(self.impressions, 0).astype(np.float64)
         rewards = np.minimum(np.maximum(self.rewards, 0.0), impressions)
         return prior_alpha + rewards, prior_beta + (impressions - rewards)
-
-
-def decode_int64(value: bytes) -> int:
-    """A Bigtable int64 cell: eight bytes, big-endian, two's complement (what additions write)."""
-    if len(value) != 8:
-        raise FeatureSourceError(f"a count cell holds {len(value)} bytes, not the 8 of a Bigtable int64")
-    return int.from_bytes(value, "big", signed=True)
 
 
 def data_client(project: str) -> Any:
@@ -331,7 +279,7 @@ class BigtableSource:
 
     @property
     def client(self) -> Any:
-        """The data client, for work beside the counts on the same connection (``learning.fleet``)."""
+        """The data client, for work beside the counts on the same connection (``fleet.replica``)."""
         return self._client
 
     @property

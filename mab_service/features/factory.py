@@ -1,4 +1,5 @@
-"""The one place the ``--features`` spec is read: ``parse_spec`` checks it, ``make_source`` builds the source.
+"""The one place the ``--features`` spec is used: ``parse_spec`` (``specs``) checks it, ``make_source`` builds the
+source.
 
 Specs (``Settings.features``):
 
@@ -18,53 +19,16 @@ from __future__ import annotations
 
 import csv
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.bigtable import TABLE
-from mab_service.features.options import ENTITY_TYPE, FEATURE_VIEW, VertexOptions
+from mab_service.features.options import VertexOptions
 from mab_service.features.source import FeatureSource
+from mab_service.specs import SPEC_FORMS as SPEC_FORMS, SourceSpec as SourceSpec, parse_spec as parse_spec
 
 if TYPE_CHECKING:
     from mab_service.config import Settings
-
-#: What ``parse_spec`` accepts, for error messages.
-SPEC_FORMS = "demo or csv:PATH or vertex-fos:FEATURE_VIEW or vertex:ENTITY_TYPE or bigtable:TABLE"
-#: The Vertex backends by spec prefix, and the resource name each reads.
-_RESOURCES = {"vertex": ENTITY_TYPE, "vertex-fos": FEATURE_VIEW}
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A parsed ``--features`` value: the backend and what it reads (a path or a Vertex resource name)."""
-
-    kind: str
-    target: str = ""
-
-    @property
-    def vertex(self) -> bool:
-        return self.kind in _RESOURCES
-
-
-def parse_spec(features: str) -> SourceSpec:
-    """Check ``features`` and split it into backend and target.
-
-    Raises:
-        ValueError: If it is none of ``SPEC_FORMS``.
-    """
-    kind, _, target = features.partition(":")
-    if features == "demo":
-        return SourceSpec("demo")
-    if kind == "csv" and target:
-        return SourceSpec("csv", target)
-    if kind == "bigtable" and TABLE.match(target):  # the backend's own pattern (no client library imported)
-        return SourceSpec("bigtable", target)
-    resource = _RESOURCES.get(kind)
-    if resource is not None and resource.match(target):
-        return SourceSpec(kind, target)
-    raise ValueError(f"features must be {SPEC_FORMS} (got {features!r})")
 
 
 def make_source(settings: Settings) -> FeatureSource:

@@ -6,19 +6,17 @@ importing one another.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+# The resource each Vertex backend reads; group 2 is the location (which names the regional endpoint).
+from mab_service.specs import ENTITY_TYPE as ENTITY_TYPE, FEATURE_VIEW as FEATURE_VIEW
 
 if TYPE_CHECKING:
     from mab_service.config import Settings
 
 #: The most entity ids one read may carry: 101 is INVALID_ARGUMENT.
 MAX_IDS_PER_READ = 100
-
-#: The resource each Vertex backend reads; group 2 is the location (which names the regional endpoint).
-ENTITY_TYPE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/featurestores/([^/]+)/entityTypes/([^/]+)$")
-FEATURE_VIEW = re.compile(r"^projects/([^/]+)/locations/([^/]+)/featureOnlineStores/([^/]+)/featureViews/([^/]+)$")
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ the journal has the reward; if the process dies in between, a retry takes the ma
 The posterior an answer uses is Beta(alpha0 + rewards, beta0 + impressions - rewards), read by the arm table's
 gather (``posteriors.SharedArmsSource``) on the embedded sources. On a Vertex source the store's own values rank
 (``apply_counts`` is off): the loop counts and logs events for the pipeline that computes them, and adds nothing.
-In fleet mode (``fleet``) events and rewards go to Pub/Sub and the events' membership to Bigtable, where the
-learners count them for every replica (``learning.fleet``); the node's tables hold this node's events only.
+``LoopBase`` holds what every worker's loop shares (holding in the node's ring, each client's share of it, the
+journal, the decision log, the counters and series); ``NodeLoop`` counts on the node. In fleet mode
+``fleet.loop.FleetLoop`` sends events and rewards to Pub/Sub and the events' membership to Bigtable instead, where
+the learners count them for every replica. The request path sees either through ``learning.protocol.Loop``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,13 +39,12 @@ import numpy.typing as npt
 from mab_service.clients import CLIENT
 from mab_service.config import Settings
 from mab_service.errors import MabError, Overloaded
+from mab_service.features.source import FeatureSource, count_invalid
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
-from mab_service.learning.fleet import Fleet
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
 from mab_service.learning.posteriors import posterior
-from mab_service.learning.pubsub import SinkUnavailable
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
 SERIES_STEP_S = 10
@@ -172,12 +173,55 @@ class Refusals:
     too_many_events: int = 0
 
 
-class Loop:
-    """One worker's loop over the node's shared tables, with its own journal and decision log."""
+class UnknownArm(MabError):
+    """Neither the loop nor the source knows the arm ``GET /arms/{id}`` asks for."""
 
-    def __init__(self, node: Node, settings: Settings, *, apply_counts: bool, fleet: Fleet | None = None) -> None:
+    status_code = 404
+    code = "unknown_arm"
+
+
+@dataclass(frozen=True)
+class LoopCounters:
+    """A worker's loop counters as the metrics read them: totals since it started, and the fleet's levels."""
+
+    impressions: int
+    unrecorded: int
+    accepted: int
+    duplicate: int
+    unknown_event: int
+    not_in_event: int
+    unavailable: int
+    syncs: int
+    dropped: int
+    #: Fleet mode: the replica side's ``stats()`` (its counters and levels); empty on a node.
+    fleet: Mapping[str, Any] = field(default_factory=dict)
+
+
+async def arm_from_source(
+    source: FeatureSource, arm_id: str, found: tuple[float, float, int, float] | None
+) -> tuple[float, float, int, float]:
+    """An arm's posterior as the source gives it, with the counts the loop ``found`` (None: not counted yet).
+
+    Raises:
+        UnknownArm: Never shown, and the source does not know it.
+    """
+    features = await source.fetch([arm_id])
+    if features.known == 0 and found is None:
+        raise UnknownArm(f"no arm {arm_id!r}: never shown, and the source does not know it")
+    shown, got = (0, 0.0) if found is None else (found[2], found[3])
+    alpha, beta = float(features.alpha[0]), float(features.beta[0])
+    if count_invalid(features.alpha, features.beta):  # what /predict ranks it by: the prior
+        alpha, beta = source.prior
+    return alpha, beta, shown, got
+
+
+class LoopBase:
+    """What the node's loop and the fleet's share: one worker's holds in the node's ring, its fair share of them,
+    its journal and decision log, its counters and series. Subclasses say where an answer's event and a reward go
+    (``_record``, ``rewards``) and where an arm's counts are read (``read_arm``, ``top``)."""
+
+    def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
         self.node = node
-        self.fleet = fleet
         self.arms = node.arms
         self.events = node.events
         self.apply_counts = apply_counts
@@ -224,15 +268,21 @@ class Loop:
         self.journal.start()
         if self.decisions is not None:
             self.decisions.start()
-        if self.fleet is not None:
-            await self.fleet.start()
 
     async def close(self) -> None:
-        if self.fleet is not None:
-            await self.fleet.close()
         await self.journal.close()
         if self.decisions is not None:
             await asyncio.to_thread(self.decisions.close)
+
+    @property
+    def durable(self) -> bool:
+        """Whether the journal takes what it is given (False once the disk refused)."""
+        return self.journal.error is None
+
+    @property
+    def following(self) -> bool:
+        """Whether the node's arm table holds the fleet's counts (the fan-out): then it ranks, not Bigtable's cache."""
+        return False
 
     @staticmethod
     def new_event_id() -> str:
@@ -250,25 +300,8 @@ class Loop:
     async def claim(self, event_id: str, ids: list[str]) -> None:
         """Take a client's own event id before its answer is recorded (``answered`` with ``client_event_id``).
 
-        On a node the ring decides in ``answered``, atomically across its workers, and this does nothing. In fleet
-        mode the id must be free on every replica: one CheckAndMutateRow on the event's membership row, which it
-        writes (``Fleet.claim``).
-
-        Raises:
-            EventIdInUse: In fleet mode, the id is taken on some replica.
-            SinkUnavailable, BigtableUnavailable: In fleet mode, the event could not be kept or Bigtable not asked.
+        On a node the ring decides in ``answered``, atomically across its workers, and this does nothing.
         """
-        fleet = self.fleet
-        if fleet is None:
-            return
-        # Before the claim, what answered would refuse: a refusal after it would leave the id taken for nothing.
-        fleet.check()
-        held_ids = ids[: self.max_held_ids]
-        now = time.time()
-        self._admit(len(held_ids), now)
-        if not await fleet.claim(event_id, held_ids, now):
-            self.refusals.event_id_in_use += 1
-            raise EventIdInUse(f"event_id {event_id!r} is taken by an earlier answer; send a new one", field="event_id")
 
     def answered(
         self,
@@ -293,9 +326,7 @@ class Loop:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
             SinkUnavailable: In fleet mode, the event could not be kept (Pub/Sub or Bigtable away too long).
         """
-        fleet = self.fleet
-        if fleet is not None:
-            fleet.check()
+        self._check()
         now = time.time()
         # Only the first max_held_ids ids are held: impressions and rewardable. The rest are returned, not counted.
         cap = self.max_held_ids
@@ -308,21 +339,28 @@ class Loop:
             # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
         self.holding.add(holds, len(held_ids), now)
-        if fleet is not None:
-            # Pub/Sub and Bigtable keep it; the learners count it. A client's own id wrote its row in ``claim``.
-            fleet.event(event_id, held_ids, now, claimed=client_event_id)
-        else:
-            if rows is None:
-                rows = np.full(len(candidates), -1, dtype=np.int32)
-            self.impressions_unrecorded += self.arms.add_impressions(
-                candidates, rows, held, self.prior_alpha, self.prior_beta
-            )
-            self.journal.event(now, event_id, held_ids)
+        self._record(event_id, client_event_id, candidates, rows, held, held_ids, now)
         self.impressions += len(held_ids)
         self._bucket(now)[1] += len(held_ids)
         if self.decisions is not None:
             self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
         return event_id
+
+    def _check(self) -> None:
+        """Refuse an answer before anything of it is held (fleet mode: when its events cannot be kept)."""
+
+    def _record(
+        self,
+        event_id: str,
+        claimed: bool,
+        candidates: list[str],
+        rows: npt.NDArray[np.int32] | None,
+        held: npt.NDArray[np.int64],
+        held_ids: list[str],
+        now: float,
+    ) -> None:
+        """Keep a held answer's event and count its impressions where this loop counts them."""
+        raise NotImplementedError
 
     async def reward(self, event_id: str, arm_id: str, value: float) -> bool:
         """Record a reward durably; True if accepted now, False if (event_id, arm_id) was already rewarded.
@@ -337,6 +375,126 @@ class Loop:
         return outcome
 
     async def rewards(self, items: list[tuple[str, str, float]]) -> list[bool | MabError]:
+        """Check rewards ``(event_id, id, reward)`` and record the accepted ones durably."""
+        raise NotImplementedError
+
+    def _admit(self, n: int, now: float) -> ClientHolds:
+        """The holds of this request's client, if an event of ``n`` ids fits its budget (``FairHolding.admit``)."""
+        try:
+            return self.holding.admit(CLIENT.get(), n, now)
+        except TooManyEvents:
+            self.refusals.too_many_events += 1
+            raise
+
+    def _accepted(self, accepted: list[tuple[str, str, float]], now: float) -> None:
+        total = sum(value for _, _, value in accepted)
+        self.rewards_accepted += len(accepted)
+        self.rewards_total += total
+        bucket = self._bucket(now)
+        bucket[2] += total
+        bucket[3] += len(accepted)
+
+    def _unknown_event(self, event_id: str) -> UnknownEvent:
+        self.refusals.unknown_event += 1
+        return UnknownEvent(
+            f"no event {event_id!r} is held: unknown, or older than the reward window of {self.window_s:g} s",
+            field="event_id",
+        )
+
+    def _not_in_event(self, event_id: str, arm_id: str) -> NotInEvent:
+        self.refusals.not_in_event += 1
+        return NotInEvent(
+            f"id {arm_id!r} is not among the held ids of event {event_id!r}: not returned by it, or ranked below "
+            f"its first {self.max_held_ids} ids, which alone are held (max_held_ids)",
+            field="id",
+        )
+
+    def stats(self) -> dict[str, Any]:
+        now = time.time()
+        held = self.events.stats(now)
+        recent = [b for b in self.series if b[0] >= now - 60]
+        per_s = sum(b[3] for b in recent) / 60.0
+        return {
+            "events_held": held["held"],
+            "events_evicted_early": held["evicted_early"],
+            "impressions_total": self.impressions,
+            "impressions_unrecorded": self.impressions_unrecorded,
+            "rewards_total": self.rewards_total,
+            "rewards_accepted": self.rewards_accepted,
+            "rewards_per_s": per_s,
+            "refusals": {
+                "duplicate": self.refusals.duplicate,
+                "unknown_event": self.refusals.unknown_event,
+                "not_in_event": self.refusals.not_in_event,
+                "unavailable": self.refusals.unavailable,
+                "event_id_in_use": self.refusals.event_id_in_use,
+                "too_many_events": self.refusals.too_many_events,
+            },
+            "clients_holding": self.holding.clients(),
+            **self._more_stats(),
+            "journal": {
+                "error": self.journal.error,
+                "syncs": self.journal.syncs,
+                "dropped_events": self.journal.dropped_events,
+                "held_bytes": self.journal.held_bytes,
+            },
+            "series": [
+                {"t": int(b[0]), "impressions": int(b[1]), "rewards": b[2], "accepted": int(b[3])} for b in self.series
+            ],
+        }
+
+    def _more_stats(self) -> dict[str, Any]:
+        """What ``stats`` adds for this kind of loop (fleet mode: ``fleet``)."""
+        return {}
+
+    def counters(self) -> LoopCounters:
+        """The counters the metrics copy (``metrics._LoopCounters``)."""
+        refusals = self.refusals
+        return LoopCounters(
+            impressions=self.impressions,
+            unrecorded=self.impressions_unrecorded,
+            accepted=self.rewards_accepted,
+            duplicate=refusals.duplicate,
+            unknown_event=refusals.unknown_event,
+            not_in_event=refusals.not_in_event,
+            unavailable=refusals.unavailable,
+            syncs=self.journal.syncs,
+            dropped=self.journal.dropped_events,
+            fleet=self._fleet_counters(),
+        )
+
+    def _fleet_counters(self) -> Mapping[str, Any]:
+        return {}
+
+    def _bucket(self, now: float) -> list[float]:
+        start = now - now % SERIES_STEP_S
+        series = self.series
+        if not series or series[-1][0] != start:
+            series.append([start, 0, 0.0, 0])
+        return series[-1]
+
+
+class NodeLoop(LoopBase):
+    """One worker's loop over the node's shared tables, with its own journal and decision log."""
+
+    def _record(
+        self,
+        event_id: str,
+        claimed: bool,
+        candidates: list[str],
+        rows: npt.NDArray[np.int32] | None,
+        held: npt.NDArray[np.int64],
+        held_ids: list[str],
+        now: float,
+    ) -> None:
+        if rows is None:
+            rows = np.full(len(candidates), -1, dtype=np.int32)
+        self.impressions_unrecorded += self.arms.add_impressions(
+            candidates, rows, held, self.prior_alpha, self.prior_beta
+        )
+        self.journal.event(now, event_id, held_ids)
+
+    async def rewards(self, items: list[tuple[str, str, float]]) -> list[bool | MabError]:
         """Check rewards ``(event_id, id, reward)`` and record the accepted ones durably, in one group commit.
 
         Returns:
@@ -347,8 +505,6 @@ class Loop:
             JournalUnavailable: the disk refuses; none of these rewards was recorded.
         """
         now = time.time()
-        if self.fleet is not None:
-            return await self._fleet_rewards(self.fleet, items, now)
         outcomes: list[bool | MabError] = []
         accepted: list[tuple[str, str, float]] = []
         refusals = self.refusals
@@ -385,79 +541,6 @@ class Loop:
         self._accepted(accepted, now)
         return outcomes
 
-    async def _fleet_rewards(
-        self, fleet: Fleet, items: list[tuple[str, str, float]], now: float
-    ) -> list[bool | MabError]:
-        """``rewards`` in fleet mode: checked against the events' membership rows, published, then marked."""
-        events = await fleet.read_events(sorted({event_id for event_id, _, _ in items}))
-        outcomes: list[bool | MabError] = []
-        accepted: list[tuple[str, str, float]] = []
-        positions: list[int] = []
-        taken: set[tuple[str, str]] = set()
-        for event_id, arm_id, value in items:
-            event = events.get(event_id)
-            if event is None or now - event.t > self.window_s:
-                outcomes.append(self._unknown_event(event_id))
-            elif arm_id not in event.ids:
-                outcomes.append(self._not_in_event(event_id, arm_id))
-            elif arm_id in event.rewarded or (event_id, arm_id) in taken:
-                self.refusals.duplicate += 1
-                outcomes.append(False)
-            else:
-                taken.add((event_id, arm_id))
-                positions.append(len(outcomes))
-                accepted.append((event_id, arm_id, value))
-                outcomes.append(True)
-        if not accepted:
-            return outcomes
-        try:
-            await fleet.publish_rewards(accepted, now)
-        except SinkUnavailable:
-            self.refusals.unavailable += len(accepted)
-            raise
-        # Stored in Pub/Sub: counted once by the learners. The mark tells a copy posted anywhere it is a duplicate.
-        fresh = await asyncio.gather(*(fleet.mark(event_id, arm_id, value) for event_id, arm_id, value in accepted))
-        counted = []
-        for position, reward, first in zip(positions, accepted, fresh):
-            if first:
-                counted.append(reward)
-            else:
-                outcomes[position] = False
-                self.refusals.duplicate += 1
-        self._accepted(counted, now)
-        return outcomes
-
-    def _admit(self, n: int, now: float) -> ClientHolds:
-        """The holds of this request's client, if an event of ``n`` ids fits its budget (``FairHolding.admit``)."""
-        try:
-            return self.holding.admit(CLIENT.get(), n, now)
-        except TooManyEvents:
-            self.refusals.too_many_events += 1
-            raise
-
-    def _accepted(self, accepted: list[tuple[str, str, float]], now: float) -> None:
-        total = sum(value for _, _, value in accepted)
-        self.rewards_accepted += len(accepted)
-        self.rewards_total += total
-        bucket = self._bucket(now)
-        bucket[2] += total
-        bucket[3] += len(accepted)
-
-    def _unknown_event(self, event_id: str) -> UnknownEvent:
-        self.refusals.unknown_event += 1
-        return UnknownEvent(
-            f"no event {event_id!r} is held: unknown, or older than the reward window of {self.window_s:g} s",
-            field="event_id",
-        )
-
-    def _not_in_event(self, event_id: str, arm_id: str) -> NotInEvent:
-        self.refusals.not_in_event += 1
-        return NotInEvent(
-            f"id {arm_id!r} is not among the held ids of event {event_id!r}: not returned by it, or ranked below "
-            f"its first {self.max_held_ids} ids, which alone are held (max_held_ids)",
-            field="id",
-        )
-
     def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
         found = self.arms.get(arm_id)
@@ -468,7 +551,7 @@ class Loop:
             return alpha0, beta0, shown, got
         return *posterior(alpha0, beta0, shown, got), shown, got
 
-    def top(self, n: int, order: str) -> tuple[list[dict[str, Any]], int]:
+    def leading(self, n: int, order: str) -> tuple[list[dict[str, Any]], int]:
         """The ``n`` leading arms by ``order`` (mean, impressions or rewards) and how many arms the table holds."""
         records = self.arms.records()
         rows = np.flatnonzero((records["flags"] & _arms.FLAG_WASTED) == 0)
@@ -481,58 +564,22 @@ class Loop:
             alpha, beta = table["alpha0"], table["beta0"]
         return leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order), len(rows)
 
-    async def fleet_top(self, n: int, order: str, executor: Executor) -> tuple[list[dict[str, Any]], int, bool]:
-        """``top`` in fleet mode, over the counts in Bigtable (the first ``fleet.SCAN_ROWS`` arms); and whether the
-        table holds more than were read. The intervals are drawn on ``executor``, off the event loop."""
-        assert self.fleet is not None
-        ids, counts, partial = await self.fleet.scan()
-        alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
-        shown = counts.impressions.astype(np.float64)
-        leading = await asyncio.get_running_loop().run_in_executor(
-            executor, leading_arms, ids.__getitem__, alpha, beta, shown, counts.rewards, n, order
-        )
-        return leading, len(ids), partial
+    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, int, float]:
+        """(alpha, beta, impressions, rewards) of an arm as this node ranks it: the loop's counts, or the source's
+        posterior where the loop has not counted the arm or the store computes the posteriors itself.
 
-    def stats(self) -> dict[str, Any]:
-        now = time.time()
-        held = self.events.stats(now)
-        recent = [b for b in self.series if b[0] >= now - 60]
-        per_s = sum(b[3] for b in recent) / 60.0
-        return {
-            "events_held": held["held"],
-            "events_evicted_early": held["evicted_early"],
-            "impressions_total": self.impressions,
-            "impressions_unrecorded": self.impressions_unrecorded,
-            "rewards_total": self.rewards_total,
-            "rewards_accepted": self.rewards_accepted,
-            "rewards_per_s": per_s,
-            "refusals": {
-                "duplicate": self.refusals.duplicate,
-                "unknown_event": self.refusals.unknown_event,
-                "not_in_event": self.refusals.not_in_event,
-                "unavailable": self.refusals.unavailable,
-                "event_id_in_use": self.refusals.event_id_in_use,
-                "too_many_events": self.refusals.too_many_events,
-            },
-            "clients_holding": self.holding.clients(),
-            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
-            "journal": {
-                "error": self.journal.error,
-                "syncs": self.journal.syncs,
-                "dropped_events": self.journal.dropped_events,
-                "held_bytes": self.journal.held_bytes,
-            },
-            "series": [
-                {"t": int(b[0]), "impressions": int(b[1]), "rewards": b[2], "accepted": int(b[3])} for b in self.series
-            ],
-        }
+        Raises:
+            UnknownArm: Never shown, and the source does not know it.
+        """
+        found = self.arm(arm_id)
+        if found is None or not self.apply_counts:
+            return await arm_from_source(source, arm_id, found)
+        return found
 
-    def _bucket(self, now: float) -> list[float]:
-        start = now - now % SERIES_STEP_S
-        series = self.series
-        if not series or series[-1][0] != start:
-            series.append([start, 0, 0.0, 0])
-        return series[-1]
+    async def top(self, n: int, order: str, executor: Executor) -> tuple[list[dict[str, Any]], int, bool | None]:
+        """``leading`` drawn on ``executor``, off the event loop; never partial (None: the node reads all arms)."""
+        leading, total = await asyncio.get_running_loop().run_in_executor(executor, self.leading, n, order)
+        return leading, total, None
 
 
 def leading_arms(

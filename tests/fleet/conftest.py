@@ -124,8 +124,8 @@ def fleet_table(bigtable_emulator: Emulator) -> str:
     """A new table with the loop's column families (``projects/fleet/instances/mab/tables/arms-<random>``)."""
     import uuid
 
-    from mab_service.features.bigtable import TablePath
-    from mab_service.learning.fleet_setup import ensure_table
+    from mab_service.fleet.schema import TablePath
+    from mab_service.fleet.setup import ensure_table
 
     path = TablePath("fleet", "mab", f"arms-{uuid.uuid4().hex[:8]}")
     ensure_table(path, marker_ttl_s=3600, say=lambda _: None)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.bigtable import REWARD_SCALE, BigtableSource, Counts, TablePath, data_client
+from mab_service.features.bigtable import BigtableSource, Counts, data_client
 from mab_service.features.source import Features, ParameterCheck
+from mab_service.fleet.schema import REWARD_SCALE, TablePath
 from tests.conftest import Server
 from tests.fleet.conftest import Emulator
 from tests.test_bad_values import expected_answer, invalid_counted

@@ -8,8 +8,8 @@ import asyncio
 import orjson
 import pytest
 
-from mab_service.learning import bigtable_requests
-from mab_service.learning.fleet import Fleet
+from mab_service.fleet import requests as bigtable_requests
+from mab_service.fleet.replica import Fleet
 from tests.fleet.conftest import Emulator
 
 

@@ -1,4 +1,4 @@
-"""The counts' fan-out (``learning.fanout``): learners publish what they wrote, replica nodes follow it in their arm
+"""The counts' fan-out (``fleet.fanout``): learners publish what they wrote, replica nodes follow it in their arm
 table and read Bigtable only at start and to resynchronise.
 
 Replicas (``mab-service serve``) and learners (``mab-service learn``) run as processes against Google's emulators. A
@@ -25,8 +25,8 @@ import httpx
 import numpy as np
 import pytest
 
+from mab_service.fleet.fanout import FORMAT_VERSION, CountsMessage, counts_topic
 from mab_service.learning._arms import ArmTable
-from mab_service.learning.fanout import FORMAT_VERSION, CountsMessage, counts_topic
 from tests.conftest import unused_tcp_port, wait_until
 from tests.fleet.conftest import Emulator
 
@@ -171,7 +171,7 @@ def _env() -> dict[str, str]:
 def fanout(
     tmp_path: Path, bigtable_emulator: Emulator, pubsub_emulator: Emulator, fleet_table: str
 ) -> Iterator[Fanout]:
-    from mab_service.learning import fleet_setup
+    from mab_service.fleet import setup as fleet_setup
 
     tag = uuid.uuid4().hex[:8]
     made = Fanout(
@@ -212,7 +212,8 @@ def _write_counts(table: str, counts: dict[str, tuple[int, float]]) -> None:
     """Add counts to Bigtable as a learner does (AddToCell on family ``c``), without publishing them."""
     from google.cloud.bigtable.data import AddToCell, RowMutationEntry
 
-    from mab_service.features.bigtable import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath, data_client
+    from mab_service.features.bigtable import data_client
+    from mab_service.fleet.schema import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, TablePath
 
     path = TablePath.parse(table)
 

@@ -25,7 +25,7 @@ from typing import IO
 import httpx
 import pytest
 
-from mab_service.learning.pubsub import shard_of
+from mab_service.fleet.sink import shard_of
 from tests.conftest import unused_tcp_port, wait_until
 from tests.fleet.conftest import Emulator, _missing, stop
 from tests.fleet.proxy import Proxy

@@ -21,10 +21,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mab_service.features.bigtable import BigtableSource, TablePath
-from mab_service.learning import bigtable_requests, fleet_setup, learner as learner_module
-from mab_service.learning.learner import Learner
-from mab_service.learning.pubsub import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
+from mab_service.features.bigtable import BigtableSource
+from mab_service.fleet import learner as learner_module, requests as bigtable_requests, setup as fleet_setup
+from mab_service.fleet.learner import Learner
+from mab_service.fleet.schema import TablePath
+from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
 from tests.fleet.proxy import Proxy
@@ -152,7 +153,7 @@ def test_learners_share_the_shards_and_take_over_a_dead_ones(
     """Two learners on a table of 4 shards hold 2 leases each, disjoint, and together count exactly; a learner that
     stops renewing (as if killed) has its shards taken over after the lease's TTL, and one that closes gives its
     leases back at once."""
-    from mab_service.learning.pubsub import shard_of
+    from mab_service.fleet.sink import shard_of
 
     resources = make_resources(shards=4)
     truth = Truth()
@@ -221,7 +222,8 @@ def test_a_table_without_shards_is_read_from_the_one_subscription(
     fleet's subscription, as learners did before."""
     from google.cloud.bigtable.data import DeleteAllFromRow
 
-    from mab_service.features.bigtable import CONFIG_ROW, data_client
+    from mab_service.features.bigtable import data_client
+    from mab_service.fleet.schema import CONFIG_ROW
 
     resources = make_resources()
     truth = Truth()

@@ -9,7 +9,7 @@ import uuid
 import orjson
 import pytest
 
-from mab_service.learning.pubsub import FORMAT_VERSION, PubSubSink, SinkUnavailable
+from mab_service.fleet.sink import FORMAT_VERSION, PubSubSink, SinkUnavailable
 from tests.fleet.conftest import Emulator
 
 

@@ -17,7 +17,7 @@ from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.learning import _events, journal, node
 from mab_service.learning.journal import Journal, JournalUnavailable
-from mab_service.learning.loop import Loop
+from mab_service.learning.loop import NodeLoop
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
@@ -38,7 +38,7 @@ def _answer_and_reward(settings: Settings, n: int) -> dict[str, tuple[int, float
 
     async def run() -> dict[str, tuple[int, float]]:
         with node.using(settings) as current:
-            loop = Loop(current, settings, apply_counts=True)
+            loop = NodeLoop(current, settings, apply_counts=True)
             await loop.start()
             ids = ["article-0001", "brand-new"]
             alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)
@@ -263,7 +263,7 @@ def test_rewards_get_503_past_the_node_journal_budget(tmp_path: Path) -> None:
 
     async def run() -> int:
         with node.using(settings) as current:
-            loop = Loop(current, settings, apply_counts=True)
+            loop = NodeLoop(current, settings, apply_counts=True)
             await loop.start()
             ids = ["article-0001"]
             alpha, beta, _, rows = current.arms.gather(ids, 1.0, 1.0)

@@ -13,13 +13,13 @@ A message is applied record by record: a record that breaks the format (an id ou
 [0, 1], an event id outside its rule, a record of another shape) is skipped, counted by reason and logged, and every
 other record of the message counts, since each was answered 202 or 200 on its own. A message that cannot be decoded
 at all (not a JSON array, no key, another format version) is not acknowledged but nacked, so that the subscription's
-dead-letter policy (``fleet_setup``) forwards it to the dead-letter topic after its delivery attempts: kept for a
+dead-letter policy (``fleet.setup``) forwards it to the dead-letter topic after its delivery attempts: kept for a
 person to read, never dropped.
 
 Markers, in the row of the arm they guard: ``d:m/<k>`` for a message's impressions of that arm, ``k`` being the
 message's key (``<publisher id>.<shard>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
 ``d:r/<event_id>`` for the reward of that (event, arm), which two replicas may publish in two messages. Family ``d``
-is garbage-collected after the subscription's retention plus a margin (``fleet_setup``), so a marker outlives every
+is garbage-collected after the subscription's retention plus a margin (``fleet.setup``), so a marker outlives every
 redelivery of the message that wrote it. docs/fleet.md argues it.
 
 The calls go out on the Bigtable client's own gRPC channel (its credentials, its emulator, its refresh) as protobuf
@@ -59,20 +59,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
-from mab_service.features.bigtable import (
-    ALIVE,
-    FLEET_FAMILY,
-    LEARNER_ROW_PREFIX,
-    LEASE,
-    LEASE_ROW_PREFIX,
-    PROBE_KEY,
-    REWARD_SCALE,
-    TablePath,
-    data_client,
-    read_shards,
-)
-from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id
-from mab_service.learning.bigtable_requests import (
+from mab_service.features.bigtable import data_client, read_shards
+from mab_service.fleet.fanout import CountsPublisher
+from mab_service.fleet.requests import (
     CHECK_AND_MUTATE_ROW,
     Mark,
     check_and_mutate,
@@ -81,9 +70,21 @@ from mab_service.learning.bigtable_requests import (
     table_field,
     timestamp_field,
 )
-from mab_service.learning.fanout import CountsPublisher
-from mab_service.learning.fleet_setup import shard_subscription
-from mab_service.learning.pubsub import FORMAT_VERSION, RECORDS_VERSION
+from mab_service.fleet.schema import (
+    ALIVE,
+    FLEET_FAMILY,
+    LEARNER_ROW_PREFIX,
+    LEASE,
+    LEASE_ROW_PREFIX,
+    PROBE_KEY,
+    REWARD_SCALE,
+    TablePath,
+    learner_row,
+    lease_row,
+)
+from mab_service.fleet.setup import shard_subscription
+from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION
+from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id
 
 logger = logging.getLogger("mab_service.learner")
 
@@ -803,7 +804,7 @@ class Learner:
         me = self.learner_id.encode()
         timeout = max(self.lease_ttl_s / 3, 1.0)
         await self._table.mutate_row(
-            LEARNER_ROW_PREFIX + me,
+            learner_row(self.learner_id),
             [DeleteRangeFromColumn(FLEET_FAMILY, ALIVE), SetCell(FLEET_FAMILY, ALIVE, b"", stamp)],
             operation_timeout=timeout,
         )
@@ -831,7 +832,7 @@ class Learner:
         renew = [DeleteRangeFromColumn(FLEET_FAMILY, LEASE), SetCell(FLEET_FAMILY, LEASE, me, stamp)]
         for shard in sorted(self.held):
             if not await self._table.check_and_mutate_row(
-                LEASE_ROW_PREFIX + str(shard).encode(), mine, true_case_mutations=renew, operation_timeout=timeout
+                lease_row(shard), mine, true_case_mutations=renew, operation_timeout=timeout
             ):
                 self.held.discard(shard)
                 self.stats.leases_lost += 1
@@ -857,7 +858,7 @@ class Learner:
                 if len(self.held) >= fair:
                     break
                 if not await self._table.check_and_mutate_row(
-                    LEASE_ROW_PREFIX + str(shard).encode(), live, false_case_mutations=renew, operation_timeout=timeout
+                    lease_row(shard), live, false_case_mutations=renew, operation_timeout=timeout
                 ):
                     self.held.add(shard)
                     self.stats.leases_taken += 1
@@ -874,14 +875,14 @@ class Learner:
             self.held.discard(shard)
             self._follow(self._subscriptions())
             await self._table.check_and_mutate_row(
-                LEASE_ROW_PREFIX + str(shard).encode(),
+                lease_row(shard),
                 _held_by(row_filters, me),
                 true_case_mutations=[DeleteRangeFromColumn(FLEET_FAMILY, LEASE)],
                 operation_timeout=timeout,
             )
         self.stats.shards_held = len(self.held)
         if not alive:
-            await self._table.mutate_row(LEARNER_ROW_PREFIX + me, [DeleteAllFromRow()], operation_timeout=timeout)
+            await self._table.mutate_row(learner_row(self.learner_id), [DeleteAllFromRow()], operation_timeout=timeout)
 
     async def _apply(self, rows: dict[str, list[Mark]]) -> None:
         """Write every row of the window, ``concurrency`` at once; the first failure cancels the rest and raises."""

@@ -44,14 +44,8 @@ import numpy.typing as npt
 import orjson
 
 from mab_service.errors import FeatureSourceError
-from mab_service.features.bigtable import (
-    COUNTS_FAMILY,
-    IMPRESSIONS,
-    REWARD_SCALE,
-    REWARDS,
-    BigtableSource,
-    decode_int64,
-)
+from mab_service.features.bigtable import BigtableSource
+from mab_service.fleet.schema import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, decode_int64
 from mab_service.learning._arms import ArmTable
 
 logger = logging.getLogger("mab_service.fanout")
@@ -384,7 +378,7 @@ class CountsFollower:
     async def _lead(self) -> None:
         from google.api_core import exceptions
 
-        from mab_service.learning.learner import subscriber_client
+        from mab_service.fleet.learner import subscriber_client
 
         self._subscriber = subscriber_client()
         try:

@@ -10,7 +10,7 @@ import signal
 import sys
 
 from mab_service.errors import MabError
-from mab_service.learning import fleet_setup
+from mab_service.fleet import setup as fleet_setup
 
 FAILURE = 3
 
@@ -67,7 +67,7 @@ def setup_main(argv: list[str]) -> int:
 
 
 def learn_main(argv: list[str]) -> int:
-    from mab_service.learning.learner import (
+    from mab_service.fleet.learner import (
         DEFAULT_LEASE_TTL_S,
         DEFAULT_METRICS_PORT,
         DEFAULT_WINDOW_S,

@@ -12,13 +12,14 @@ import re
 
 import orjson
 
-from mab_service.features.bigtable import (
+from mab_service.fleet.schema import (
     COUNTS_FAMILY,
-    EVENT_ROW_PREFIX,
     EVENTS_FAMILY,
     IMPRESSIONS,
     MARKERS_FAMILY,
+    MEMBERS,
     REWARDS,
+    event_row,
 )
 
 CHECK_AND_MUTATE_ROW = "/google.bigtable.v2.Bigtable/CheckAndMutateRow"
@@ -117,15 +118,15 @@ def check_and_mutate(table_name: bytes, key: bytes, marks: list[Mark]) -> bytes:
 
 
 def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:
-    """One ``MutateRowsRequest.Entry`` (``learning.fleet``): SetCell ``e:i`` = the ids as JSON, at the answer's time
+    """One ``MutateRowsRequest.Entry`` (``fleet.replica``): SetCell ``e:i`` = the ids as JSON, at the answer's time
     (milliseconds, Bigtable's granularity). Fields: Entry row_key 1, mutations 2; Mutation set_cell 1; SetCell
     family_name 1, column_qualifier 2, timestamp_micros 3, value 4."""
-    return field(2, field(1, EVENT_ROW_PREFIX + event_id.encode()) + field(2, _membership_mutation(ids, t)))
+    return field(2, field(1, event_row(event_id)) + field(2, _membership_mutation(ids, t)))
 
 
 def _membership_mutation(ids: list[str], t: float) -> bytes:
     """The Mutation writing ``e:i``: SetCell of the ids as JSON at ``t`` in milliseconds."""
-    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01i\x18" + varint(int(t * 1000) * 1000)
+    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01" + MEMBERS + b"\x18" + varint(int(t * 1000) * 1000)
     set_cell += field(4, orjson.dumps(ids))
     return field(1, set_cell)
 
@@ -139,5 +140,5 @@ def claim_event(table_name: bytes, event_id: str, ids: list[str], t: float) -> b
     row has its ``e:i`` cell already (the id is taken, on any replica), write it, as ``membership_entry`` would.
     Bigtable applies the check and the write atomically, so of replicas racing on one id exactly one sees
     ``predicate_matched`` false."""
-    key = field(2, EVENT_ROW_PREFIX + event_id.encode())
+    key = field(2, event_row(event_id))
     return table_name + key + _MEMBERS_FILTER + field(5, _membership_mutation(ids, t))

@@ -36,15 +36,9 @@ from typing import Any
 import orjson
 
 from mab_service.errors import FeatureSourceError, MabError
-from mab_service.features.bigtable import (
-    EVENT_ROW_PREFIX,
-    EVENTS_FAMILY,
-    BigtableSource,
-    Counts,
-    TablePath,
-    read_shards,
-)
-from mab_service.learning.bigtable_requests import (
+from mab_service.features.bigtable import BigtableSource, Counts, read_shards
+from mab_service.fleet.fanout import CountsFollower
+from mab_service.fleet.requests import (
     CHECK_AND_MUTATE_ROW,
     MUTATE_ROWS,
     claim_event,
@@ -52,8 +46,16 @@ from mab_service.learning.bigtable_requests import (
     quote,
     table_field,
 )
-from mab_service.learning.fanout import CountsFollower
-from mab_service.learning.pubsub import PubSubSink, SinkUnavailable
+from mab_service.fleet.schema import (
+    EVENT_ROW_PREFIX,
+    EVENTS_FAMILY,
+    MEMBERS,
+    REWARDED_PREFIX,
+    TablePath,
+    event_row,
+    rewarded,
+)
+from mab_service.fleet.sink import PubSubSink, SinkUnavailable
 
 logger = logging.getLogger("mab_service.fleet")
 
@@ -63,7 +65,6 @@ ROWS_PER_CALL = 1000
 ROWS_PER_PENDING = 100
 #: How often a reward for an event not yet in Bigtable looks again.
 LOOKUP_RETRY_S = 0.05
-MEMBERS = b"i"
 #: Arms /arms?top reads at most in fleet mode.
 SCAN_ROWS = 10_000
 
@@ -237,7 +238,7 @@ class Fleet:
         self._table_name = table_field(str(self.path))
         self._claimed: Any = None
         self.follower: CountsFollower | None = None
-        """The node's copy of the counts, kept by the learners' fan-out (``learning.fanout``); None: the answers'
+        """The node's copy of the counts, kept by the learners' fan-out (``fleet.fanout``); None: the answers'
         counts are read from Bigtable behind the cache."""
 
     def follow(self, follower: CountsFollower) -> None:
@@ -325,7 +326,7 @@ class Fleet:
         missing = set(event_ids)
         deadline = time.monotonic() + self.propagation_s
         while True:
-            keys: list[str | bytes] = [EVENT_ROW_PREFIX + e.encode() for e in missing]
+            keys: list[str | bytes] = [event_row(e) for e in missing]
             try:
                 rows = await self._table.read_rows(
                     self._query(row_keys=keys, row_filter=self._filters.FamilyNameRegexFilter(EVENTS_FAMILY)),
@@ -337,14 +338,14 @@ class Fleet:
                 event_id = row.row_key[len(EVENT_ROW_PREFIX) :].decode()
                 ids: frozenset[str] = frozenset()
                 t = 0.0
-                rewarded = []
+                marked = []
                 for cell in row.cells:
                     if cell.qualifier == MEMBERS:
                         ids, t = frozenset(orjson.loads(cell.value)), cell.timestamp_micros / 1e6
-                    elif cell.qualifier.startswith(b"r/"):
-                        rewarded.append(cell.qualifier[2:].decode())
+                    elif cell.qualifier.startswith(REWARDED_PREFIX):
+                        marked.append(cell.qualifier[len(REWARDED_PREFIX) :].decode())
                 if ids:
-                    found[event_id] = Event(ids, t, frozenset(rewarded))
+                    found[event_id] = Event(ids, t, frozenset(marked))
                     missing.discard(event_id)
             if not missing or time.monotonic() >= deadline:
                 return found
@@ -371,13 +372,13 @@ class Fleet:
         answer is "accepted" and a later copy may be answered "accepted" too.
         """
         f = self._filters
-        qualifier = b"r/" + arm_id.encode()
+        qualifier = rewarded(arm_id)
         predicate = f.RowFilterChain(
             [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + quote(qualifier) + b"$")]
         )
         try:
             return not await self._table.check_and_mutate_row(
-                EVENT_ROW_PREFIX + event_id.encode(),
+                event_row(event_id),
                 predicate,
                 false_case_mutations=[self._set(EVENTS_FAMILY, qualifier, orjson.dumps(value))],
                 operation_timeout=self.timeout_s,

@@ -13,7 +13,7 @@ The table: family ``c`` is an aggregate family (int64 sums: the counts, to which
 family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
 ``retention_s + MARKER_MARGIN_S``, so that a marker outlives every redelivery of the message that wrote it (the
 subscription keeps an unacknowledged message for ``retention_s`` at most); family ``e`` holds the serving replicas'
-event membership rows (``learning.fleet``), collected after the same age; family ``s`` holds the fleet's own rows
+event membership rows (``fleet.replica``), collected after the same age; family ``s`` holds the fleet's own rows
 (the shard count, the learners' leases), one version per cell and no age rule.
 
 Shards: the arms are split into ``shards`` shards (``pubsub.shard_of``), fixed by the first ``setup`` and stored in
@@ -25,14 +25,13 @@ publishers. A deployment made before shards gains them when ``setup`` runs again
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mab_service.errors import MabError
-from mab_service.features.bigtable import (
+from mab_service.fleet.schema import (
     CONFIG_ROW,
     COUNTS_FAMILY,
     EVENTS_FAMILY,
@@ -41,10 +40,9 @@ from mab_service.features.bigtable import (
     SHARDS,
     TablePath,
 )
-from mab_service.learning.pubsub import SHARD_SUFFIX, shard_topic
+from mab_service.fleet.sink import SHARD_SUFFIX, shard_topic
+from mab_service.specs import SUBSCRIPTION, TOPIC
 
-TOPIC = re.compile(r"^projects/([^/]+)/topics/([^/]+)$")
-SUBSCRIPTION = re.compile(r"^projects/([^/]+)/subscriptions/([^/]+)$")
 #: How long a deduplication marker outlives the subscription's message retention.
 MARKER_MARGIN_S = 3600
 DEFAULT_RETENTION_S = 86400
@@ -311,11 +309,11 @@ def ensure_shards(path: TablePath, shards: int | None, say: Callable[[str], None
 
 
 def ensure_counts_topic(publisher: Any, events_topic: str, say: Callable[[str], None] = print) -> None:
-    """Create the learners' fan-out topic of ``events_topic`` (``learning.fanout``) unless it exists. It has no
+    """Create the learners' fan-out topic of ``events_topic`` (``fleet.fanout``) unless it exists. It has no
     subscription of its own: each replica node makes one at start and deletes it when it stops."""
     from google.api_core import exceptions
 
-    from mab_service.learning.fanout import counts_topic
+    from mab_service.fleet.fanout import counts_topic
 
     topic = counts_topic(events_topic)
     try:
