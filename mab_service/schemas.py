@@ -16,7 +16,7 @@ import orjson
 
 from mab_service.errors import MalformedBody, ValidationFailed
 from mab_service.features._index import unique
-from mab_service.ids import EVENT_ID, EVENT_ID_RULE, id_message, id_problem
+from mab_service.ids import EVENT_ID_RULE, id_message, id_problem, is_event_id
 
 MAX_SEED = 2**64
 MAX_USER_ID_CHARS = 1024
@@ -156,7 +156,7 @@ def _reward_item(doc: object) -> RewardRequest:
 def _check_event_id(event_id: object) -> None:
     if type(event_id) is not str:
         raise ValidationFailed(_expected(f"a string of {EVENT_ID_RULE}", event_id, "event_id"), field="event_id")
-    if EVENT_ID.fullmatch(event_id) is None:
+    if not is_event_id(event_id):
         raise ValidationFailed(f"event_id must be {EVENT_ID_RULE} (got {_preview(event_id)})", field="event_id")
 
 
