@@ -26,7 +26,7 @@ The truth is every answer that was 200 and every reward that was 202. After the 
   (/metrics), per replica over the load, the restarted replica's start scan included;
 - freshness: p50, p95 and max of the probes' lags.
 
-    PYTHONPATH=$PWD python -m benchmarks.bench_scale [--replicas 6] [--learners 3] [--duration 60] [--rate 80]
+    PYTHONPATH=$PWD python -m benchmarks.bench_scale [--replicas 6] [--learners 3] [--duration 30] [--rate 80]
                                                      [--answers 20000] [--json]
 """
 

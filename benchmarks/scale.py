@@ -55,7 +55,7 @@ class ScaleConfig:
     learners: int = 3
     answers: int = 20_000
     """At most this many /predict requests."""
-    duration_s: float = 45.0
+    duration_s: float = 30.0
     """At most this long a load."""
     rate: float = 80.0
     """/predict requests per second, sent on a fixed schedule (fewer if the fleet answers slower)."""
@@ -248,6 +248,17 @@ class Fleet:
         rows = {r.name: r.rows_read + replica_reads(r.url) - r.rows_mark for r in self.replicas}
         return {name: {"rows": n, "rows_per_s": n / seconds} for name, n in rows.items()}
 
+    def spread(self) -> None:
+        """Every core to the replicas and to this process, every thread of them: the check of every arm on every
+        replica that follows the load is not measured, and on a few cores it would take minutes."""
+        cpus = set(range(os.cpu_count() or 1))
+        os.sched_setaffinity(0, cpus)
+        for replica in self.replicas:
+            assert replica.proc is not None
+            for tid in os.listdir(f"/proc/{replica.proc.pid}/task"):
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(int(tid), cpus)
+
     def terminate(self) -> None:
         """SIGTERM to every process of the fleet still running."""
         procs = [r.proc for r in self.replicas] + [learner.proc for learner in self.learners]
@@ -419,24 +430,27 @@ async def differing(client: httpx.AsyncClient, url: str, truth: Truth, arms: lis
     return [arm for arm, bad in zip(arms, wrong) if bad]
 
 
-def node_differing(replica: Replica, truth: Truth, arms: list[str]) -> list[str]:
-    """The arms among ``arms`` whose counts in the replica's node table (what its answers rank by) are not the truth."""
+def node_counts(replica: Replica, arms: list[str]) -> dict[str, tuple[int, float]]:
+    """The counts of ``arms`` in the replica's node table (what its answers rank by)."""
     assert replica.proc is not None
     table = bench_fleet.node_arms(replica.proc.pid)
-    wrong = []
+    got = {}
     for arm in arms:
         found = table.get(arm)
-        got = (0, 0.0) if found is None else (found[2], round(found[3], 6))
-        if got != truth.want(arm):
-            wrong.append(arm)
-    return wrong
+        got[arm] = (0, 0.0) if found is None else (found[2], round(found[3], 6))
+    return got
+
+
+def node_differing(replica: Replica, truth: Truth, arms: list[str]) -> list[str]:
+    """The arms among ``arms`` whose counts in the replica's node table are not the truth."""
+    return [arm for arm, got in node_counts(replica, arms).items() if got != truth.want(arm)]
 
 
 async def converge(client: httpx.AsyncClient, fleet: Fleet, truth: Truth) -> dict[str, Any]:
     """Per replica, once the load is over: seconds until its node table holds the truth for every arm, then seconds
     until its ``/arms/{id}`` give the truth for every arm (an arm read right is not read again; the node table is
     read whole again at the end, so a count that went past the truth later is found). The arms that still differ are
-    the figures (0 when exact)."""
+    the figures (0 when exact). The learners' figures are taken when the node tables are exact: their work is done."""
     arms = sorted(truth.impressions)
     started = time.monotonic()
     deadline = started + fleet.config.converge_timeout_s
@@ -449,6 +463,10 @@ async def converge(client: httpx.AsyncClient, fleet: Fleet, truth: Truth) -> dic
                 if not pending[replica.name]:
                     result[replica.name]["node_s"] = time.monotonic() - started
         await asyncio.sleep(CONVERGE_INTERVAL_S / 4)
+    for learner in fleet.learners:  # their work is done: the CPU it took
+        if not learner.killed:
+            await asyncio.to_thread(fleet.sample_learner, learner)
+    fleet.spread()
 
     async def served(replica: Replica) -> list[str]:
         wrong = arms
@@ -462,7 +480,12 @@ async def converge(client: httpx.AsyncClient, fleet: Fleet, truth: Truth) -> dic
 
     for replica, wrong in zip(fleet.replicas, await asyncio.gather(*(served(r) for r in fleet.replicas))):
         node = node_differing(replica, truth, arms)
-        result[replica.name].update(arms_differing=len(wrong), node_differing=len(node), examples=(wrong or node)[:5])
+        shown = node_counts(replica, node[:5])
+        result[replica.name].update(
+            arms_differing=len(wrong),
+            node_differing=len(node),
+            examples={"arms": wrong[:5], "node": {arm: {"got": shown[arm], "want": truth.want(arm)} for arm in shown}},
+        )
     return result
 
 
@@ -556,9 +579,6 @@ def run(config: ScaleConfig, work: Path) -> dict[str, Any]:
                 return shape, load, exact, reads
 
         shape, load, exact, reads = asyncio.run(drive())
-        for learner in fleet.learners:
-            if not learner.killed:
-                fleet.sample_learner(learner)
         restarted = fleet.replicas[0]
         cells = row_cells(fleet.table)
         cells["max_arm_row_impressions"] = truth.impressions[cells["max_arm_row"]]
