@@ -11,17 +11,22 @@ of the accepted ones posted again to a third (each must answer ``duplicate``). A
 learner is killed with SIGKILL (its shards' leases lapse and the others take them over); half way, one replica is
 taken out of the rotation, sent SIGTERM, waited for, and started again on the same port.
 
-Meanwhile, every ``--probe-every-s``, an answer for a new arm from one replica and a reward for it posted to another,
-and the lag from the 202 until every running replica's ``GET /arms/{id}`` shows it (freshness).
+Meanwhile, every second, an answer for a new arm from one replica and a reward for it posted to another, and the lag
+from the 202 until every running replica's ``GET /arms/{id}`` shows it (freshness). The emulators and the learners run
+on ``--emulator-cpus`` and ``--learner-cpus`` (default core 0), the replicas and the load on ``--replica-cpus`` and
+``--client-cpus`` (core 1).
 
 The truth is every answer that was 200 and every reward that was 202. After the load, reported:
 
-- exact counts: per replica, the arms whose ``/arms/{id}`` (impressions, rewards) differ from the truth once the
-  fleet has converged (must be 0), and when each replica got there;
+- exact counts: per replica, the arms whose counts in its node table (what its answers rank by, mapped from its
+  shared file) and whose ``GET /arms/{id}`` (impressions, rewards; read from Bigtable) differ from the truth, once
+  converged or after ``converge_timeout_s`` (must be 0), and when each got there. The check reads every answered arm
+  on every replica, tens of thousands of Bigtable reads: it is most of the run's time, and it is given every core;
 - the largest number of cells in any arm's row of the table (rows not starting with NUL), and the cells in the fleet's
   own lease and learner rows;
 - learner events/s per core: impressions and rewards applied (each learner's /metrics) per CPU second of that learner
-  (``/proc``), and the run's answered events per CPU second of all learners (``bench_learner``'s events);
+  (``/proc``, from the load's start until the node tables are exact, or until the kill), and the run's answered
+  events per CPU second of all learners (``bench_learner``'s events);
 - replica Bigtable reads/s: counts rows read by the follower's scans (/loop) and the cache's misses and refreshes
   (/metrics), per replica over the load, the restarted replica's start scan included;
 - freshness: p50, p95 and max of the probes' lags.

@@ -286,6 +286,9 @@ class Load:
     """Answers to a reward posted again that were not ``200 duplicate``."""
     lags: list[float] = field(default_factory=list)
     probes_lost: int = 0
+    watching: set[asyncio.Task[None]] = field(default_factory=set)
+    """Probes whose reward is not yet seen everywhere: they outlive the load (one held by the killed learner waits
+    for the subscription's ack deadline)."""
 
     async def post(self, replica: Replica, route: str, body: dict[str, Any]) -> httpx.Response:
         replica.in_flight += 1
@@ -325,8 +328,7 @@ class Load:
                 self.duplicates_wrong.append(f"{again.status_code} {again.text}")
 
     async def probe(self, n: int) -> None:
-        """One answer for a new arm from a replica, its reward posted to another, then the lag until every running
-        replica's /arms shows the reward."""
+        """One answer for a new arm from a replica and its reward posted to another; then ``watch``."""
         arm = f"probe-{uuid.uuid4().hex[:12]}"
         a, b = self.rand.sample(self.fleet.up(), 2)
         answer = await self.post(a, "/predict", {"user_id": f"p{n}", "candidates": [arm], "top_k": 1})
@@ -338,7 +340,12 @@ class Load:
         if reward.status_code != 202:
             return
         self.truth.rewards[arm] += 1.0
-        accepted = time.monotonic()
+        watch = asyncio.create_task(self.watch(arm, time.monotonic()))
+        self.watching.add(watch)
+        watch.add_done_callback(self.watching.discard)
+
+    async def watch(self, arm: str, accepted: float) -> None:
+        """The lag from a probe's 202 until every running replica's /arms show its reward."""
         waiting = set(self.fleet.up())
         while waiting:
             waited = time.monotonic() - accepted
@@ -356,7 +363,8 @@ class Load:
         self.lags.append(time.monotonic() - accepted)
 
     async def run(self) -> dict[str, Any]:
-        """The load on its schedule, the faults at their times, the probes; until the count or the time is out."""
+        """The load on its schedule, the faults at their times, the probes; until the count or the time is out and
+        every answer and reward sent has been answered (the probes' watches go on: ``watched``)."""
         config = self.fleet.config
         limit = asyncio.Semaphore(config.concurrency)
         tasks: set[asyncio.Task[None]] = set()
@@ -411,6 +419,11 @@ class Load:
         while tasks:
             await asyncio.gather(*list(tasks))
         return {"sent": sent, "load_s": load_s, "faults_s": faults}
+
+    async def watched(self) -> None:
+        """Once every probe has been seen everywhere (or lost)."""
+        while self.watching:
+            await asyncio.gather(*list(self.watching))
 
 
 async def differing(client: httpx.AsyncClient, url: str, truth: Truth, arms: list[str]) -> list[str]:
@@ -575,6 +588,7 @@ def run(config: ScaleConfig, work: Path) -> dict[str, Any]:
                 reads = fleet.reads(shape["load_s"])
                 loaded = time.monotonic()
                 exact = await converge(client, fleet, truth)
+                await load.watched()
                 shape["check_s"] = time.monotonic() - loaded
                 return shape, load, exact, reads
 
