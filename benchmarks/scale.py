@@ -560,7 +560,7 @@ def run(config: ScaleConfig, work: Path) -> dict[str, Any]:
     """One scale run on the emulators ``BIGTABLE_EMULATOR_HOST`` and ``PUBSUB_EMULATOR_HOST`` point at.
 
     Returns:
-        The figures (``print_report``'s input), JSON-serialisable.
+        The figures (``bench_scale.print_report``'s input), JSON-serialisable.
     """
     candidates = zipf_candidates(config)
     truth = Truth()
