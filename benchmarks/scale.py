@@ -561,7 +561,15 @@ def run(config: ScaleConfig, work: Path) -> dict[str, Any]:
 
     Returns:
         The figures (``bench_scale.print_report``'s input), JSON-serialisable.
+
+    Raises:
+        ValueError: With fewer than 4 replicas (one restarting, a reward needs two others than the one that answered)
+            or 2 learners (one is killed).
     """
+    if config.replicas < 4 or config.learners < 2:
+        raise ValueError(
+            f"a scale run needs 4 replicas and 2 learners at least (got {config.replicas}, {config.learners})"
+        )
     candidates = zipf_candidates(config)
     truth = Truth()
     begun = time.monotonic()
