@@ -385,13 +385,23 @@ def summarize(runs: list[Measurement], n_candidates: int) -> dict[str, float]:
     }
 
 
+#: The CPU flags that the kernel's speed depends on, reported with every figure when the CPU has them.
+SIMD_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+)  # fmt: skip
+
+
 def environment() -> dict[str, Any]:
     """Machine, Python and package versions that every published number must state."""
     cpu_model = platform.processor()
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            # The first processor's lines: its model name comes before its flags.
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     packages: dict[str, str | None] = {}
     for name in ("mab_service", "numpy", "starlette", "uvicorn", "uvloop", "httptools", "orjson"):
@@ -408,6 +418,7 @@ def environment() -> dict[str, Any]:
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu": cpu_model,
         "cpus_available": len(os.sched_getaffinity(0)),
+        "simd": " ".join(flag for flag in SIMD_FLAGS if flag in flags),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": packages,
         "wrk": wrk_version,
