@@ -25,12 +25,11 @@ _ID = {
     "pattern": ID_PATTERN,
 }
 _EVENT_ID = {"type": "string", "pattern": EVENT_ID_PATTERN}
-#: A segment as JSON Schema can say it: ``maxLength`` counts characters, up to 4 bytes each in UTF-8, so a quarter of
-#: the byte limit is what every string the schema admits keeps; the text states the rule itself.
+#: A segment as JSON Schema can say it, as for ids: ``maxLength`` counts characters, the text states the byte limit.
 _SEGMENT = {
     "type": "string",
     "minLength": MIN_ID_BYTES,
-    "maxLength": MAX_SEGMENT_BYTES // 4,
+    "maxLength": MAX_SEGMENT_BYTES,
     "pattern": ID_PATTERN,
     "description": f"A segment: {SEGMENT_RULE}.",
 }
