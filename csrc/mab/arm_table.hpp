@@ -174,15 +174,15 @@ int arm_gather_segment_fill(const ArmTable* table, const IdRef* ids, const IdRef
 // The row of one id, or -1.
 int64_t arm_find(const ArmTable* table, IdRef id) noexcept;
 
-// The row of id, inserting it with (alpha0, beta0) and `flags` if absent. kArmRowsFull / kArmArenaFull
-// when it is absent and cannot be inserted (*row is then -1).
+// The row of id, inserting it with (alpha0, beta0) and `flags` if absent (a segment key in the segments' budget,
+// with kArmSegment). kArmRowsFull / kArmArenaFull when it is absent and cannot be inserted (*row is then -1).
 int arm_find_or_insert(ArmTable* table, IdRef id, double alpha0, double beta0, uint32_t flags,
                        int64_t* row) noexcept;
 
 // For each p in picks[0..n_picks): row = rows[p], or when that is -1 the row of ids[j] for the j-th such
-// pick (inserted with the prior and `flags` if need be); adds one impression made at `now` to it. `ids` holds
-// one view per pick whose row is -1, in order. flags: kArmRuntime for arms, kArmRuntime | kArmSegment for
-// segment keys (then ids are segment keys). *n_failed counts picks not recorded because the table was full.
+// pick (inserted with the prior and `flags`, kArmRuntime, if need be: a segment key, in the segments' budget,
+// with kArmSegment added); adds one impression made at `now` to it. `ids` holds one view per pick whose row is -1,
+// in order. *n_failed counts picks not recorded because the table (or the segments' budget) was full.
 int arm_add_impressions(ArmTable* table, const IdRef* ids, const int32_t* rows, const intptr_t* picks,
                         std::size_t n_picks, double prior_alpha, double prior_beta, uint32_t flags, double now,
                         std::size_t* n_failed) noexcept;

@@ -8,11 +8,18 @@ whatever landmark the table adds it against and however often that landmark move
 from __future__ import annotations
 
 import mmap
+import os
+import subprocess
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from mab_service.ids import pair_key, segment_key, split_key
+from mab_service.learning import journal, node
 from mab_service.learning._arms import EPOCH_HALF_LIVES, FLAG_SEGMENT, ArmTable
 from mab_service.learning.posteriors import backed_off, posterior
 
@@ -171,3 +178,65 @@ def test_bad_times_and_sizes_are_refused() -> None:
         table.gather(["a"], *PRIOR, now=float("nan"))
     with pytest.raises(ValueError, match="weight must be finite and > 0"):
         table.gather_segment(["a"], "fr", 0.0, *PRIOR)
+
+
+def _dead_writer_file(directory: Path, records: list[list[object]]) -> None:
+    """A journal file of a writer whose process is gone: closed, so a fold takes it."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    directory.mkdir(parents=True, exist_ok=True)
+    data = b"".join(journal.frame(orjson.dumps(r)) for r in records)
+    path = directory / f"{time.time_ns():x}-{proc.pid}-000001.jnl"
+    path.write_bytes(data)
+    os.utime(path, (1.0, 1.0))  # as old as its records, which are from the first minutes of 1970
+
+
+RECORDS: list[list[object]] = [
+    ["e", 100.0, "e1", ["a", "b"], "fr"],
+    ["e", 110.0, "e2", ["a"]],
+    ["r", 120.0, "e1", "a", 0.5, "fr"],
+    ["r", 121.0, "e1", "a", 0.5, "fr"],  # the same (event, id) again: counted once
+    ["r", 130.0, "e2", "a", 1.0],
+]
+
+
+def test_a_fold_counts_segment_keys_and_keeps_version_1_without_a_half_life(tmp_path: Path) -> None:
+    _dead_writer_file(tmp_path / "journal", RECORDS)
+    assert node.fold(tmp_path, older_than=1e9) == 1
+    data = (tmp_path / node.CHECKPOINT).read_bytes()
+    assert data[4:8] == (1).to_bytes(4, "little")  # what earlier releases read
+    assert node.read_checkpoint(tmp_path).arms == {
+        "a": (2, 1.5),
+        "b": (1, 0.0),
+        pair_key("fr", "a"): (1, 0.5),
+        pair_key("fr", "b"): (1, 0.0),
+        segment_key("fr"): (2, 0.5),
+    }
+
+
+def test_a_fold_with_a_half_life_weighs_to_its_landmark_and_round_trips_as_version_2(tmp_path: Path) -> None:
+    h = 10.0
+    _dead_writer_file(tmp_path / "journal", RECORDS)
+    assert node.fold(tmp_path, older_than=200.0, half_life_s=h) == 1
+    checkpoint = node.read_checkpoint(tmp_path)
+    assert (checkpoint.half_life_s, checkpoint.landmark) == (h, 200.0)
+    shown, got = checkpoint.arms["a"]
+    assert shown == pytest.approx(2.0 ** ((100 - 200) / h) + 2.0 ** ((110 - 200) / h), rel=1e-12)
+    assert got == pytest.approx(0.5 * 2.0 ** ((120 - 200) / h) + 2.0 ** ((130 - 200) / h), rel=1e-12)
+    assert checkpoint.arms[segment_key("fr")][0] == pytest.approx(2 * 2.0 ** ((100 - 200) / h), rel=1e-12)
+    assert node.decode_checkpoint(node.encode_checkpoint(checkpoint)) == checkpoint
+    # The next fold moves the counts to its own landmark.
+    _dead_writer_file(tmp_path / "journal", [["e", 250.0, "e3", ["a"]]])
+    assert node.fold(tmp_path, older_than=300.0, half_life_s=h) == 1
+    moved = node.read_checkpoint(tmp_path).arms["a"][0]
+    assert moved == pytest.approx(shown * 2.0 ** ((200 - 300) / h) + 2.0 ** ((250 - 300) / h), rel=1e-12)
+
+
+def test_a_damaged_count_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpoint = node.Checkpoint(set(), {"a": (1.0, 0.5)}, 10.0, 5.0)
+    data = bytearray(node.encode_checkpoint(checkpoint))
+    at = data.index(np.float64(1.0).tobytes())
+    data[at : at + 8] = np.float64(-1.0).tobytes()
+    data[-4:] = zlib.crc32(bytes(data[:-4])).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="negative or not finite"):
+        node.decode_checkpoint(bytes(data))
