@@ -83,8 +83,6 @@ constexpr std::size_t kArmMaxRows = std::size_t{1} << 30;  // 3 slots per row st
 // weight, relative to the landmark of its count's epoch or the one before, stays below 2**(1.5 * 256) = 2**384 even
 // if that comes half an epoch late: far from the 2**1024 where doubles overflow, with room for 2**600 additions.
 constexpr double kArmEpochHalfLives = 256.0;
-// Bytes of a segment key: "\0" + segment + "\0" + arm id; the caller keeps segments and ids within the id rule.
-constexpr std::size_t kArmMaxKeyBytes = 2 + 128 + 1024;
 
 // ArmRecord.flags
 constexpr uint32_t kArmCatalogue = 1;  // loaded from the catalogue (load / load_csv)

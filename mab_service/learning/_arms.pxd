@@ -29,7 +29,6 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
 
     const size_t kArmInlineId
     const size_t kArmMaxRows
-    const size_t kArmMaxKeyBytes
     const double kArmEpochHalfLives
     const size_t kCsvErrorText
     const uint32_t kArmCatalogue
