@@ -87,6 +87,11 @@ def _state_root() -> str:
     return root
 
 
+def project_halflife_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service with the learning loop on and counts decaying with a one-hour half-life."""
+    return [*project_target(port, features, workers), "--half-life-s", "3600"]
+
+
 def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[str]:
     """Argv for mab_service with the learning loop off: the service as a sampler over a fixed table."""
     return [*project_target(port, features, workers)[:-2], "--no-learning"]
@@ -121,6 +126,7 @@ def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
 #: must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
 TARGETS: dict[str, TargetFactory] = {
     "project": project_target,
+    "project-halflife": project_halflife_target,
     "project-nolearn": project_nolearn_target,
     "plain": plain_target,
     "go": go_target,
@@ -598,9 +604,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument(
         "--workloads",
-        type=lambda v: _names(v, list(workload.WORKLOADS), "workloads"),
+        type=lambda v: _names(v, [*workload.WORKLOADS, *workload.SEGMENTED_WORKLOADS], "workloads"),
         default=list(workload.WORKLOADS),
-        help=f"comma-separated, from {','.join(workload.WORKLOADS)}",
+        help=f"comma-separated, from {','.join([*workload.WORKLOADS, *workload.SEGMENTED_WORKLOADS])} (W400S: W400's "
+        "bodies, each with a segment)",
     )
     parser.add_argument(
         "--targets",
