@@ -230,7 +230,7 @@ def test_a_client_past_its_share_is_refused_and_others_are_not(tmp_path: Path) -
                 # The budget counts ids too: 1,000 per client.
                 token = CLIENT.set("key:big")
                 _answer(loop, current, [f"m-{i}" for i in range(600)])
-                with pytest.raises(TooManyEvents, match="holds 1 events of 600 ids"):
+                with pytest.raises(TooManyEvents, match="holds 1 events and 600 ids"):
                     _answer(loop, current, [f"n-{i}" for i in range(401)])
                 _answer(loop, current, [f"n-{i}" for i in range(400)])
                 CLIENT.reset(token)

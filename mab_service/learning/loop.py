@@ -124,7 +124,7 @@ class FairHolding:
         if holds.events + 1 <= self.max_events and holds.members + n <= self.max_members:
             return holds
         raise TooManyEvents(
-            f"this client holds {holds.events} events of {holds.members} ids within the reward window, its share of "
+            f"this client holds {holds.events} events and {holds.members} ids within the reward window, its share of "
             f"the node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
             "nothing more until some of them expire",
             retry_after_s=self._retry_after_s(holds, n, now),
