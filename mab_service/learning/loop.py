@@ -75,6 +75,42 @@ class TooManyEvents(Overloaded):
     code = "too_many_events"
 
 
+class TooManyNewArms(MabError):
+    """The client has added its share of the node's room for new arms (``max_client_share`` of ``max_new_arms``);
+    nothing of the answer was held or counted. New arms stay in the table, so waiting does not help: put them in the
+    catalogue, or raise ``--max-new-arms``."""
+
+    status_code = 429
+    code = "too_many_new_arms"
+
+
+class NewArmShares:
+    """Arms each client added to the node's table through this worker, against its share of ``max_new_arms``.
+
+    Rows for arms first seen at run time are never given back (their counts are the bandit's), so the budget is for
+    the process's life, not a window: without it one client sending made-up ids fills the room every other client's
+    new arms need (they would then rank by the prior, uncounted).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._added: dict[str, int] = {}
+
+    def admit(self, client: str, n: int) -> None:
+        """Raise ``TooManyNewArms`` unless ``n`` more new arms fit ``client``'s share; ``add`` them once counted."""
+        had = self._added.get(client, 0)
+        if n and had + n > self.limit:
+            raise TooManyNewArms(
+                f"this client has added {had} arms not in the catalogue, its share of the node's room for new arms "
+                f"({self.limit} per worker); this answer would add {n} more. Add them to the catalogue, or ask the "
+                "operator to raise --max-new-arms"
+            )
+
+    def add(self, client: str, n: int) -> None:
+        if n:
+            self._added[client] = self._added.get(client, 0) + n
+
+
 class ClientHolds:
     """One client's holds through this worker: ``[second, events, members]`` buckets, oldest first, and their sums."""
 
@@ -172,6 +208,7 @@ class Refusals:
     unavailable: int = 0
     event_id_in_use: int = 0
     too_many_events: int = 0
+    too_many_new_arms: int = 0
 
 
 class UnknownArm(MabError):
@@ -245,6 +282,7 @@ class LoopBase:
             max(1, int(settings.max_held_members * share)),
             settings.reward_window_s,
         )
+        self.new_arms = NewArmShares(max(1, int(settings.max_new_arms * share)))
         self._seeds = random.Random(secrets.randbits(64))
         name = f"{time.time_ns():x}-{os.getpid()}"
         self.journal = Journal(
@@ -347,6 +385,13 @@ class LoopBase:
         cap = self.max_held_ids
         held, held_ids = (ranking, ids) if len(ids) <= cap else (ranking[:cap], ids[:cap])
         holds = self._admit(len(held_ids), now)
+        client = CLIENT.get()
+        new = self._new_arms(held_ids, rows, held)
+        try:
+            self.new_arms.admit(client, new)
+        except TooManyNewArms:
+            self.refusals.too_many_new_arms += 1
+            raise
         tag = 0 if segment is None else self._segment_tag(segment)
         while not self.events.hold(event_id, candidates, held, now, tag):
             if client_event_id:
@@ -355,6 +400,7 @@ class LoopBase:
             # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
         self.holding.add(holds, len(held_ids), now)
+        self.new_arms.add(client, new)
         if segment is None:
             self._record(event_id, client_event_id, candidates, rows, held, held_ids, now)
         else:
@@ -369,6 +415,10 @@ class LoopBase:
 
     def _check(self) -> None:
         """Refuse an answer before anything of it is held (fleet mode: when its events cannot be kept)."""
+
+    def _new_arms(self, held_ids: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64]) -> int:
+        """How many of an answer's held ids would be new rows in the node's arm table (0 where the loop adds none)."""
+        return 0
 
     def _segments_unavailable(self) -> SegmentsUnavailable:
         return SegmentsUnavailable(
@@ -486,6 +536,7 @@ class LoopBase:
                 "unavailable": self.refusals.unavailable,
                 "event_id_in_use": self.refusals.event_id_in_use,
                 "too_many_events": self.refusals.too_many_events,
+                "too_many_new_arms": self.refusals.too_many_new_arms,
             },
             "clients_holding": self.holding.clients(),
             **self._more_stats(),
@@ -538,6 +589,12 @@ class NodeLoop(LoopBase):
         super().__init__(node, settings, apply_counts=apply_counts)
         # Segments rank by the loop's counts: only where those counts rank at all.
         self.counts_segments = apply_counts
+
+    def _new_arms(self, held_ids: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64]) -> int:
+        if rows is not None:  # the embedded source looked the candidates up in this table: -1 is not in it
+            return int(np.count_nonzero(rows[held] < 0))
+        arms = self.arms
+        return sum(1 for id_ in held_ids if arms.get(id_) is None)
 
     def _record(
         self,
