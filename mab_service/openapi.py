@@ -149,7 +149,9 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         ),
                         "429": {
                             "description": "The client holds its share of the node's held events (too_many_events, "
-                            "max_client_share); nothing was held or counted: retry after Retry-After seconds.",
+                            "max_client_share): retry after Retry-After seconds; or it has added its share of the "
+                            "node's room for new arms (too_many_new_arms, no Retry-After: put them in the catalogue). "
+                            "Nothing was held or counted.",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                         },
