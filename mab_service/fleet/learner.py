@@ -1058,7 +1058,7 @@ class Learner:
             self._lease_log.warning("reading shard %d's row failed (its first window reads it again): %s", shard, exc)
             return
         if state is not None:
-            self._states[shard] = state
+            self._states.setdefault(shard, state)  # a window may have read it meanwhile, and gone on from there
 
     async def _release(self, shards: list[int], *, alive: bool = True) -> None:
         """Give back the leases of ``shards`` (if still this learner's); without ``alive``, also its live mark."""
@@ -1334,16 +1334,27 @@ class Learner:
         by_topic: dict[int, list[dict[str, Any]]] = {}
         for shard, message in publishes:
             by_topic.setdefault(shard, []).append(message)
-        try:
-            await asyncio.gather(
-                *(
-                    self._publisher.publish(topic=shard_topic(self._topic, shard), messages=batch, timeout=30)
-                    for shard, batch in by_topic.items()
+        while True:
+            try:
+                await asyncio.gather(
+                    *(
+                        self._publisher.publish(topic=shard_topic(self._topic, shard), messages=batch, timeout=30)
+                        for shard, batch in by_topic.items()
+                    )
                 )
-            )
-        except Exception as exc:
-            self.stats.errors += 1
-            logger.warning("forwarding %d messages to the shard topics failed: %s", len(items), exc)
-            return False
-        self.stats.forwarded += len(items)
-        return True
+            except Exception as exc:
+                # Held, not given back, as a write is: each redelivery would spend a delivery attempt.
+                self.stats.errors += 1
+                if self._stop.is_set():
+                    return False
+                self._retry_log.warning(
+                    "forwarding %d messages to the shard topics failed, retrying in %.0f s: %s",
+                    len(items),
+                    ERROR_BACKOFF_S,
+                    exc,
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
+                continue
+            self.stats.forwarded += len(items)
+            return True
