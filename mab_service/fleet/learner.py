@@ -994,7 +994,13 @@ class Learner:
                     RowRange(LEARNER_ROW_PREFIX, LEARNER_ROW_PREFIX[:-1] + b"0"),
                     RowRange(LEASE_ROW_PREFIX, LEASE_ROW_PREFIX[:-1] + b"0"),
                 ],
-                row_filter=row_filters.FamilyNameRegexFilter(FLEET_FAMILY),
+                # Only the leases and the live marks: a shard row also holds its windows and applied sets.
+                row_filter=row_filters.RowFilterChain(
+                    [
+                        row_filters.FamilyNameRegexFilter(FLEET_FAMILY),
+                        row_filters.ColumnQualifierRegexFilter(b"^(?:" + LEASE + b"|" + ALIVE + b")$"),
+                    ]
+                ),
             ),
             operation_timeout=timeout,
         )

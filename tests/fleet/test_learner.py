@@ -800,6 +800,14 @@ def test_a_learner_stopped_between_commit_and_apply_then_a_late_write_of_its_win
             streams = [cell.qualifier for cell in shard_row.cells if cell.qualifier.startswith(APPLIED_PREFIX)]
             assert streams == [APPLIED_PREFIX + f"{sink.publisher_id}.0".encode()]
             assert await read_counts(str(resources.table)) == truth.expected()
+            # Given back right after a commit, the shard is free at once: its row's other cells are no lease.
+            await b._release([0])
+            c = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+            await c.start()
+            try:
+                assert c.held == {0} and c.stats.windows_reapplied == 1
+            finally:
+                await c.close()
         finally:
             a.held.clear()  # a is "dead": its close must not give back what b holds
             await a.close()
