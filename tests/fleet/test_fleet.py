@@ -383,12 +383,15 @@ def _pull_events(subscription: str, host: str, want: int) -> int:
     seen = 0
     deadline = time.monotonic() + 30
     # The client reads the variable when it is made; the session's emulator is what later tests must find in it.
-    before = os.environ["PUBSUB_EMULATOR_HOST"]
+    before = os.environ.get("PUBSUB_EMULATOR_HOST")  # unset when no test of the session started one
     os.environ["PUBSUB_EMULATOR_HOST"] = host
     try:
         subscriber = SubscriberClient()
     finally:
-        os.environ["PUBSUB_EMULATOR_HOST"] = before
+        if before is None:
+            del os.environ["PUBSUB_EMULATOR_HOST"]
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = before
     with subscriber:
         while seen < want and time.monotonic() < deadline:
             for shard in range(SHARDS):
