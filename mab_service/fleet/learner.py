@@ -782,17 +782,21 @@ class Learner:
                 undecodable.append(pulled)
                 continue
             stream, _, seq = key.rpartition("/")
+            forward = self.shards > 0 and subscription == self.subscription  # publishers without shards
             shard = self._shard_of.get(subscription)
-            if self.shards and shard is not None and not stream.endswith(f".{shard}"):
+            if not forward and shard is None:  # a subscription given up since it was pulled: for the next holder
+                given_back.append(pulled)
+                continue
+            if not forward and self.shards and not stream.endswith(f".{shard}"):
                 undecodable.append(pulled)  # another shard's stream on this shard's topic: a publisher of another table
                 continue
             kept.append(pulled)
             if parsed.invalid:
                 self._skipped(message.message.message_id, parsed)
-            if shard is None:  # the fleet's own subscription of a table with shards: arms of every shard
+            if forward:  # arms of every shard: published again, split, to the shard topics
                 forwarded.append((stream, int(seq), parsed))
                 forwarded_messages.append(pulled)
-            else:
+            elif shard is not None:
                 by_shard.setdefault(shard, []).append((stream, int(seq), parsed))
                 messages_of.setdefault(shard, []).append(pulled)
         lease = asyncio.ensure_future(self._lease(kept))
@@ -808,7 +812,7 @@ class Learner:
             )
         finally:
             lease.cancel()
-        done: list[tuple[str, Any]] = [pulled for pulled in forwarded_messages] if outcomes[-1] else []
+        done: list[tuple[str, Any]] = list(forwarded_messages) if outcomes[-1] else []
         for shard, ok in zip(by_shard, outcomes):
             (done if ok else given_back).extend(messages_of[shard])
         if not outcomes[-1]:
