@@ -46,7 +46,6 @@ person to read, never dropped. docs/fleet.md argues the design.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import math
@@ -90,6 +89,7 @@ from mab_service.fleet.schema import (
 )
 from mab_service.fleet.setup import shard_subscription
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, shard_of, shard_topic
+from mab_service.fleet.windows import Applied, Plan, ShardState, decode_window, encode_window
 from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id
 
 logger = logging.getLogger("mab_service.learner")
@@ -98,8 +98,6 @@ logger = logging.getLogger("mab_service.learner")
 #: a call's entries after which no more are added (Google's emulator takes requests of up to 4 MiB).
 ENTRIES_PER_CALL = 25_000
 BULK_BYTES = 2 * 1024 * 1024
-#: A shard's committed window is stored in cells of this many bytes at most (``s:w/<k>``).
-WINDOW_CHUNK_BYTES = 1024 * 1024
 #: How long past the subscription's retention a stream's applied set is kept without news: no redelivery of its
 #: messages can come later.
 FORGET_MARGIN_S = 3600
@@ -323,157 +321,6 @@ def _check(record: Any, ids_ok: dict[Any, bool]) -> str | None:
     return None
 
 
-class Applied:
-    """The sequence numbers applied of one publisher's stream: every number up to ``low``, and the ranges above it.
-
-    A stream's numbers start at 1 and grow by one per message (``sink.PubSubSink``), so the ranges are the messages
-    still in flight or in a publisher's outbox when later ones were applied: few, and they merge into ``low`` as the
-    gaps fill. Exact, whatever order Pub/Sub delivers in.
-    """
-
-    __slots__ = ("low", "ranges")
-
-    def __init__(self, low: int = 0, ranges: list[list[int]] | None = None) -> None:
-        self.low = low
-        self.ranges: list[list[int]] = ranges or []
-        """Disjoint ``[first, last]`` above ``low + 1``, in order."""
-
-    def __contains__(self, seq: int) -> bool:
-        if seq <= self.low:
-            return True
-        return any(first <= seq <= last for first, last in self.ranges)
-
-    def add(self, seq: int) -> None:
-        if seq in self:
-            return
-        ranges = self.ranges
-        i = bisect.bisect_left(ranges, [seq])
-        if i < len(ranges) and ranges[i][0] == seq + 1:
-            ranges[i][0] = seq
-        else:
-            ranges.insert(i, [seq, seq])
-        if i > 0 and ranges[i - 1][1] + 1 == ranges[i][0]:
-            ranges[i - 1][1] = ranges[i][1]
-            del ranges[i]
-            i -= 1
-        if i == 0 and ranges[0][0] == self.low + 1:
-            self.low = ranges.pop(0)[1]
-
-    def copy(self) -> Applied:
-        return Applied(self.low, [list(r) for r in self.ranges])
-
-    def encode(self) -> bytes:
-        """``[low, first, last, first, last, ...]`` as JSON."""
-        return orjson.dumps([self.low, *(n for r in self.ranges for n in r)])
-
-    @classmethod
-    def decode(cls, value: bytes) -> Applied:
-        """Raises ``ValueError`` unless ``value`` is what ``encode`` writes: non-negative integers, ranges in order
-        above ``low + 1``."""
-        try:
-            numbers = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"not JSON: {exc}") from None
-        if (
-            type(numbers) is not list
-            or len(numbers) % 2 != 1
-            or not all(type(n) is int and 0 <= n < 1 << 63 for n in numbers)
-        ):
-            raise ValueError(f"not [low, first, last, ...] of non-negative integers: {value[:100]!r}")
-        low, flat = numbers[0], numbers[1:]
-        ranges = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
-        floor = low + 1
-        for first, last in ranges:
-            if not floor < first <= last:
-                raise ValueError(f"ranges not in order above low + 1: {value[:100]!r}")
-            floor = last + 1
-        return cls(low, ranges)
-
-
-def encode_window(version: int, ids: list[str], impressions: list[int], rewards: list[int]) -> list[bytes]:
-    """A committed window's absolute counts as the shard row's chunks ``s:w/<k>``: one JSON document
-    ``{"v": version, "ids": [...], "i": [...], "r": [...]}`` cut every ``WINDOW_CHUNK_BYTES``."""
-    data = orjson.dumps({"v": version, "ids": ids, "i": impressions, "r": rewards})
-    return [data[s : s + WINDOW_CHUNK_BYTES] for s in range(0, len(data), WINDOW_CHUNK_BYTES)]
-
-
-def decode_window(data: bytes, version: int) -> tuple[list[str], list[int], list[int]]:
-    """The ids and absolute counts ``encode_window`` wrote, checked: of ``version``, lists of equal length, ids that
-    follow the id rule, counts that are non-negative int64.
-
-    Raises:
-        ValueError: If ``data`` is not such a window.
-    """
-    try:
-        doc = orjson.loads(data)
-        got, ids, impressions, rewards = doc["v"], doc["ids"], doc["i"], doc["r"]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"not a window: {exc}") from None
-    if got != version:
-        raise ValueError(f"a window of version {got!r} under version {version}")
-    if not (
-        type(ids) is list
-        and type(impressions) is list
-        and type(rewards) is list
-        and len(ids) == len(impressions) == len(rewards)
-        and all(type(i) is str and id_problem(i) is None for i in ids)
-        and all(type(n) is int and 0 <= n < 1 << 63 for n in impressions)
-        and all(type(n) is int and 0 <= n < 1 << 63 for n in rewards)
-    ):
-        raise ValueError("a window's ids and counts are not lists of equal length of valid ids and int64 counts")
-    return ids, impressions, rewards
-
-
-class _Shard:
-    """What the holder of a shard's lease keeps of it: the shard row's version and applied sets, and a cache of the
-    shard's arm counts (absolute: this learner is their only writer while it holds the lease)."""
-
-    def __init__(self, shard: int, version: int, chunks: int) -> None:
-        self.shard = shard
-        self.version = version
-        self.chunks = chunks
-        """Chunks ``s:w/<k>`` the row holds now (a smaller next window deletes the rest)."""
-        self.applied: dict[str, Applied] = {}
-        self.touched: dict[str, float] = {}
-        """Unix time each stream's applied set was last written."""
-        self.counts: dict[str, tuple[int, int]] = {}
-        self.unapplied: list[bytes] = []
-        """Entries of the committed window not yet written to the arm rows (retried before the next commit)."""
-
-
-class _Plan:
-    """One shard's part of a window: its new messages' counts per arm and the applied sets they change."""
-
-    def __init__(self, shard: _Shard, items: list[tuple[str, int, Parsed]]) -> None:
-        self.shown: dict[str, int] = {}
-        self.got: dict[str, int] = {}
-        self.applied: dict[str, Applied] = {}
-        self.impressions = self.rewards = self.duplicates = 0
-        self.ids: list[str] = []
-        """After the commit: the arms it changed, and their absolute counts."""
-        self.impressions_now: list[int] = []
-        self.rewards_now: list[int] = []
-        for stream, seq, parsed in items:
-            applied = self.applied.get(stream)
-            if applied is None:
-                held = shard.applied.get(stream)
-                applied = Applied() if held is None else held
-            if seq in applied:  # published or delivered again
-                self.duplicates += sum(parsed.shown.values()) + len(parsed.rewards)
-                continue
-            if stream not in self.applied:  # the shard's own set changes only once the window is committed
-                applied = self.applied[stream] = applied.copy()
-            applied.add(seq)
-            shown = self.shown
-            for id_, n in parsed.shown.items():
-                shown[id_] = shown.get(id_, 0) + n
-                self.impressions += n
-            got = self.got
-            for id_, _, millionths in parsed.rewards:
-                got[id_] = got.get(id_, 0) + millionths
-                self.rewards += 1
-
-
 #: gRPC status codes of a write that will not succeed however often it is tried: its window is given back (and after
 #: the subscription's delivery attempts its messages reach the dead-letter topic) instead of blocking the learner.
 PERMANENT_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "UNIMPLEMENTED"})
@@ -627,7 +474,7 @@ class Learner:
         self._pull_log = _Throttled()
         self._lease_log = _Throttled()
         self._stop = asyncio.Event()
-        self._states: dict[int, _Shard] = {}
+        self._states: dict[int, ShardState] = {}
         """The held shards' state (a shard held and not here is read from its row before its next window)."""
         self._shard_of: dict[str, int | None] = {}
         """The shard each subscription read carries (None: the fleet's own in a table with shards, forwarded)."""
@@ -1109,7 +956,7 @@ class Learner:
                 if state.unapplied:  # the window before: committed, not yet in the arm rows
                     await self._bulk(state.unapplied)
                     state.unapplied = []
-                plan = _Plan(state, items)
+                plan = Plan(state, [(stream, seq, (parsed.shown, parsed.rewards)) for stream, seq, parsed in items])
                 if plan.applied:
                     await self._fill(state, [*plan.shown, *plan.got])
                     if not await self._commit(state, plan):
@@ -1154,7 +1001,7 @@ class Learner:
             self._follow(self._subscriptions())
         self._states.pop(shard, None)
 
-    async def _load(self, shard: int) -> _Shard | None:
+    async def _load(self, shard: int) -> ShardState | None:
         """Shard ``shard``'s state from its row; None if the lease there does not name this learner. Its last
         committed window is written to the arm rows first (its holder may have stopped between commit and apply;
         written twice, a window's cells are the same cells).
@@ -1184,7 +1031,7 @@ class Learner:
         chunks = {q[len(PENDING_PREFIX) :]: cell.value for q, cell in cells.items() if q.startswith(PENDING_PREFIX)}
         if sorted(chunks) != sorted(str(k).encode() for k in range(len(chunks))):
             raise ValueError(f"shard {shard}'s window chunks are {sorted(chunks)!r}, not 0 to {len(chunks) - 1}")
-        state = _Shard(shard, version, len(chunks))
+        state = ShardState(shard, version, len(chunks))
         for qualifier, cell in cells.items():
             if qualifier.startswith(APPLIED_PREFIX):
                 stream = qualifier[len(APPLIED_PREFIX) :].decode(errors="replace")
@@ -1207,7 +1054,7 @@ class Learner:
             self.stats.windows_reapplied += 1
         return state
 
-    async def _fill(self, state: _Shard, ids: list[str]) -> None:
+    async def _fill(self, state: ShardState, ids: list[str]) -> None:
         """Read the counts of the arms of ``ids`` not in the shard's cache: one ReadRows, family ``n`` where a row
         has it, else ``c`` (a table written by earlier learners)."""
         from google.cloud.bigtable.data import ReadRowsQuery
@@ -1231,7 +1078,7 @@ class Learner:
         for key in missing:
             counts.setdefault(key.decode() if isinstance(key, bytes) else key, (0, 0))
 
-    async def _commit(self, state: _Shard, plan: _Plan) -> bool:
+    async def _commit(self, state: ShardState, plan: Plan) -> bool:
         """One CheckAndMutateRow on the shard's row, on condition that its lease names this learner: the new
         version, the window's absolute counts and the changed applied sets (streams unheard of for
         ``forget_after_s`` deleted); False if the lease is another's. On success the state moves on, the arm rows'
@@ -1315,7 +1162,7 @@ class Learner:
                 raise RuntimeError(f"{failed} of {end - start} arm rows not written: {why}")
             start = end
 
-    def _published(self, state: _Shard, plan: _Plan) -> None:
+    def _published(self, state: ShardState, plan: Plan) -> None:
         """The window's absolute counts to the replicas' fan-out (``fanout``), in the background."""
         self.fanout.written(plan.ids, plan.impressions_now, plan.rewards_now)
 

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mab_service.features.bigtable import BigtableSource
-from mab_service.fleet import learner as learner_module, requests as bigtable_requests, setup as fleet_setup
+from mab_service.fleet import requests as bigtable_requests, setup as fleet_setup, windows
 from mab_service.fleet.learner import Learner
 from mab_service.fleet.schema import TablePath
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
@@ -694,7 +694,7 @@ def test_writes_follow_the_clients_channel_when_it_is_replaced(
 
 
 def test_an_applied_set_is_a_low_water_mark_and_the_ranges_above_it(rand: Rand) -> None:
-    applied = learner_module.Applied()
+    applied = windows.Applied()
     for seq in (1, 2, 5, 7, 6, 3):
         applied.add(seq)
     assert (applied.low, applied.ranges) == (3, [[5, 7]])
@@ -703,15 +703,15 @@ def test_an_applied_set_is_a_low_water_mark_and_the_ranges_above_it(rand: Rand) 
     assert (applied.low, applied.ranges) == (7, [])
     # Any order, with repeats: the set is exactly the numbers added, as few ranges as they make.
     seqs = rand.gen.permutation(np.arange(1, 400))[:300].tolist()
-    applied = learner_module.Applied()
+    applied = windows.Applied()
     for seq in seqs + seqs[:50]:
         applied.add(seq)
     assert [seq in applied for seq in range(1, 500)] == [seq in set(seqs) for seq in range(1, 500)]
-    again = learner_module.Applied.decode(applied.encode())
+    again = windows.Applied.decode(applied.encode())
     assert (again.low, again.ranges) == (applied.low, applied.ranges)
     for bad in (b"not json", b"[]", b"[1, 2]", b"[1, 2, 3]", b"[0, 5, 4]", b"[0, 2, 5, 5, 9]", b"[-1]", b'["1"]'):
         with pytest.raises(ValueError):
-            learner_module.Applied.decode(bad)
+            windows.Applied.decode(bad)
 
 
 async def table_rows(table: str) -> list[Any]:
