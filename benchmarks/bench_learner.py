@@ -11,8 +11,9 @@ events (``max_messages`` = window events x messages per event): what a window of
 of window events / ``window_s``. Printed per window size: the learner's CPU seconds (``time.process_time``: every
 thread, gRPC's and the clients' own included, which tick with wall time, and the emulator makes wall time long), those
 of its event loop's thread alone (``time.thread_time``: the work per event and per call), wall time, the emulators'
-CPU, **events per learner CPU second**, CheckAndMutateRow **calls per window against the distinct arms** the window
-touched, the markers left in the table, and **the largest number of cells in any arm row**.
+CPU, **events per learner CPU second**, the Bigtable **calls per window** (CheckAndMutateRow commits on shard rows,
+MutateRows of arm rows, ReadRows filling the learner's cache) **against the distinct arms** the window touched,
+**the largest number of cells in any arm row**, and the largest shard row in bytes.
 
     PYTHONPATH=$PWD taskset -c 1 python -m benchmarks.bench_learner [--events 50000] [--window-events 5000,25000]
 """
@@ -36,15 +37,7 @@ from benchmarks.bench_service import free_port, session_cpu_seconds
 from mab_service.features.bigtable import data_client
 from mab_service.fleet import setup as fleet_setup
 from mab_service.fleet.learner import Learner, LearnerStats
-from mab_service.fleet.requests import (
-    CHECK_AND_MUTATE_ROW,
-    check_and_mutate,
-    quote,
-    set_marker,
-    table_field,
-    timestamp_field,
-)
-from mab_service.fleet.schema import MARKERS_FAMILY, TablePath
+from mab_service.fleet.schema import LEASE_ROW_PREFIX, TablePath
 from mab_service.fleet.sink import PubSubSink
 
 #: The learners' lease TTL here: the shards are spread over ``--learners`` within a few seconds.
@@ -117,19 +110,15 @@ async def drain(
     share = -(-args.shards // args.learners)
     while any(len(learner.held) > share for learner in learners) or sum(len(x.held) for x in learners) < args.shards:
         await asyncio.sleep(0.1)  # the first took every shard; it gives back the others' share at its renewal
-    distinct: list[int] = []  # arms per window (its first attempt)
+    distinct: list[int] = []  # arms per shard and window committed
     for learner in learners:
-        apply = learner._apply
-        failed_before = learner.stats.failed_windows
+        commit = learner._commit
 
-        async def counted(
-            rows: Any, learner: Learner = learner, apply: Any = apply, failed: int = failed_before
-        ) -> None:
-            if learner.stats.failed_windows == failed:
-                distinct.append(len(rows))
-            await apply(rows)
+        async def counted(state: Any, plan: Any, commit: Any = commit) -> bool:
+            distinct.append(len({*plan.shown, *plan.got}))
+            return bool(await commit(state, plan))
 
-        learner._apply = counted  # type: ignore[method-assign]
+        learner._commit = counted  # type: ignore[method-assign]
     cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     idle = 0
     while idle < 2:  # two empty pulls: drained (a window given back is not one)
@@ -141,81 +130,34 @@ async def drain(
     total = LearnerStats()
     for learner in learners:
         await learner.close()
-        for name in ("windows", "messages", "writes", "impressions", "rewards", "duplicates", "failed_windows"):
+        for name in (
+            "windows",
+            "messages",
+            "writes",
+            "commits",
+            "reads",
+            "impressions",
+            "rewards",
+            "duplicates",
+            "failed_windows",
+        ):
             setattr(total, name, getattr(total, name) + getattr(learner.stats, name))
     return total, cpu, loop, wall, distinct
 
 
-async def compare_calls(path: TablePath, calls: int, concurrency: int) -> list[str]:
-    """CPU of the event loop's thread per CheckAndMutateRow of 3 new markers and one addition, three ways, in turns:
-    the client's ``check_and_mutate_row``; the learner's request bytes on the client's channel (what it does); the same
-    bytes on a plain gRPC channel to the emulator (without the client's two interceptors)."""
-
-    import grpc
-    from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
-    from google.cloud.bigtable_v2.types import bigtable as messages
-
-    client = data_client(path.project)
-    table = client.get_table(path.instance, path.table)
-    metadata = path.routing
-    decode = messages.CheckAndMutateRowResponse.pb().FromString
-    ours = client.transport.grpc_channel.unary_unary(CHECK_AND_MUTATE_ROW, None, decode)
-    plain_channel = grpc.aio.insecure_channel(os.environ["BIGTABLE_EMULATOR_HOST"])
-    plain = plain_channel.unary_unary(CHECK_AND_MUTATE_ROW, None, decode)
-    prefix = table_field(str(path))
-    ts = time.time_ns() // 1_000_000 * 1000
-    stamp = timestamp_field(ts)
-
-    async def client_call(key: bytes, markers: list[bytes]) -> None:
-        predicate = row_filters.RowFilterChain(
-            [
-                row_filters.FamilyNameRegexFilter(MARKERS_FAMILY),
-                row_filters.ColumnQualifierRegexFilter(b"^(?:" + b"|".join(quote(m) for m in markers) + b")$"),
-            ]
-        )
-        mutations = [SetCell(MARKERS_FAMILY, m, b"", ts) for m in markers] + [AddToCell("c", b"i", 3, 0)]
-        await table.check_and_mutate_row(key, predicate, false_case_mutations=mutations)
-
-    async def bytes_call(call: Any, key: bytes, markers: list[bytes]) -> None:
-        request = check_and_mutate(prefix, key, [(quote(m), set_marker(m, stamp), 1, 0) for m in markers])
-        await call(request, timeout=30, metadata=metadata)
-
-    ways = {
-        "the client's check_and_mutate_row": client_call,
-        "request bytes on the client's channel (the learner)": lambda k, m: bytes_call(ours, k, m),
-        "request bytes on a plain channel": lambda k, m: bytes_call(plain, k, m),
-    }
-    spent = dict.fromkeys(ways, 0.0)
-    for turn in range(2):
-        for name, way in ways.items():
-            work = iter(range(calls // 2))
-            tag = f"{name[:6]}{turn}".encode()
-
-            async def worker() -> None:
-                for i in work:
-                    await way(b"arm-%07d" % (i % 1000), [b"m/%s/%d/%d" % (tag, i, j) for j in range(3)])
-
-            t0 = time.thread_time()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            spent[name] += time.thread_time() - t0
-    await plain_channel.close()
-    await client.close()
-    return [f"{name}: {spent[name] / (calls // 2 * 2) * 1e6:.0f} us" for name in ways]
-
-
-async def cells_per_row(path: TablePath) -> tuple[list[int], int]:
-    """Marker cells in each arm row of the table, and the most cells (all families) in any arm row."""
-    from google.cloud.bigtable.data import ReadRowsQuery, row_filters
+async def cells_per_row(path: TablePath) -> tuple[int, int, int]:
+    """Arm rows, the most cells (all families, all versions) in any arm row, and the largest shard row's bytes
+    (qualifiers and values)."""
+    from google.cloud.bigtable.data import ReadRowsQuery
 
     client = data_client(path.project)
     try:
         table = client.get_table(path.instance, path.table)
-        rows = await table.read_rows(
-            ReadRowsQuery(row_filter=row_filters.StripValueTransformerFilter(True)), operation_timeout=600
-        )
+        rows = await table.read_rows(ReadRowsQuery(), operation_timeout=600)
         arms = [row for row in rows if not row.row_key.startswith(b"\x00")]  # the fleet's own rows start with NUL
-        markers = [sum(cell.family == MARKERS_FAMILY for cell in row.cells) for row in arms]
-        return markers, max((len(row.cells) for row in arms), default=0)
+        shards = [row for row in rows if row.row_key.startswith(LEASE_ROW_PREFIX)]
+        shard_bytes = max((sum(len(c.qualifier) + len(c.value) for c in row.cells) for row in shards), default=0)
+        return len(arms), max((len(row.cells) for row in arms), default=0), shard_bytes
     finally:
         await client.close()
 
@@ -235,9 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--learners", type=int, default=1, help="learners in this process, sharing the shards by their leases"
     )
-    parser.add_argument(
-        "--calls", type=int, default=4000, help="calls of each way in the per-call comparison (0: none)"
-    )
     args = parser.parse_args(argv)
     windows = [int(w) for w in args.window_events.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the emulators below are stopped
@@ -256,11 +195,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for resources in runs:
             fleet_setup.setup(resources, say=lambda _: None)
-        if args.calls:
-            calls_table = TablePath("bench", "bench", f"calls-{tag}")
-            fleet_setup.ensure_table(calls_table, marker_ttl_s=3600, say=lambda _: None)
-            lines = asyncio.run(compare_calls(calls_table, args.calls, args.concurrency))
-            print("event loop CPU per CheckAndMutateRow (3 markers), side by side:", "; ".join(lines))
         rewards, args.messages = asyncio.run(publish(runs[0].topic, args))
         print(
             f"{args.events} events of top_k {args.top_k} over {args.arms} arms (Zipf 1.1), {rewards} rewards, "
@@ -273,23 +207,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 drain(resources.subscription, str(resources.table), window, args)
             )
             emulator_cpu = sum(session_cpu_seconds(e.pid) for e in emulators) - emulator_cpu0
-            markers, most_cells = asyncio.run(cells_per_row(resources.table))
+            arm_rows, most_cells, shard_bytes = asyncio.run(cells_per_row(resources.table))
+            calls = s.commits + s.writes + s.reads
             print(
                 f"window {window} events ({messages_per_window(window, args)} messages): {s.windows} windows, "
                 f"{s.messages} messages; learner CPU {cpu:.2f} s "
                 f"({cpu / args.events * 1e6:.1f} us per event, {args.events / cpu:,.0f} events/s per core), "
                 f"event loop's thread {loop:.2f} s ({loop / args.events * 1e6:.1f} us per event, "
                 f"{args.events / loop:,.0f} events/s), wall {wall:.2f} s; "
-                f"{s.writes} CheckAndMutateRow ({s.writes / args.events:.3f} per event, "
-                f"{loop / s.writes * 1e6:.0f} us of the loop's CPU each); emulators' CPU {emulator_cpu:.2f} s "
-                f"({emulator_cpu / s.writes * 1e3:.2f} ms per call); {sum(markers)} markers in {len(markers)} rows "
-                f"(at most {max(markers, default=0)} in one); impressions {s.impressions}, rewards {s.rewards}, "
+                f"{s.commits} CheckAndMutateRow (shard commits), {s.writes} MutateRows, {s.reads} ReadRows "
+                f"({calls / args.events:.4f} calls per event); emulators' CPU {emulator_cpu:.2f} s; {arm_rows} arm "
+                f"rows; largest shard row {shard_bytes:,} bytes; impressions {s.impressions}, rewards {s.rewards}, "
                 f"duplicates {s.duplicates}"
             )
             print(
                 f"  SUMMARY window {window}: {args.events / cpu:,.0f} events/s per core (process), "
-                f"{args.events / loop:,.0f} (event loop); calls per window {s.writes / max(s.windows, 1):,.0f} vs "
-                f"distinct arms per window {sum(distinct) / max(len(distinct), 1):,.0f} (each learner's windows); "
+                f"{args.events / loop:,.0f} (event loop); calls per window {calls / max(s.windows, 1):,.1f} "
+                f"({s.commits / max(len(distinct), 1):.2f} commits + {s.writes / max(len(distinct), 1):.2f} MutateRows "
+                f"per shard and window) vs distinct arms per window {sum(distinct) / max(s.windows, 1):,.0f} "
+                f"({sum(distinct) / max(len(distinct), 1):,.0f} per shard); "
                 "largest arm row "
                 f"{most_cells} cells"
             )

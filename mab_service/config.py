@@ -187,7 +187,7 @@ class Settings:
     events_publish_timeout_s: float = setting(
         5.0,
         "Fleet mode: seconds a publish may take, the client's retries included: a reward waits this long at most "
-        "for Pub/Sub before it is answered 503 (its events are sent again later).",
+        "for Pub/Sub before it is answered 503 (its message, the reward included, is sent again later).",
     )
     event_propagation_s: float = setting(
         1.0,

@@ -1,20 +1,23 @@
 """The Bigtable posterior source: the fleet's shared counts, read in batches.
 
 A table ``projects/P/instances/I/tables/T`` holds one row per arm, keyed by its id (UTF-8). Column family
-``c`` is an aggregate (int64 sum) family with two cells per row: ``c:i``, the arm's impressions, and ``c:r``, its
-rewards in millionths (``REWARD_SCALE``; rewards are numbers in [0, 1] and Bigtable adds only integers). The
-learners add to them atomically (``mab_service.fleet.learner``); family ``d`` holds their deduplication markers
-and is never read here. The posterior of an arm is Beta(prior_alpha + rewards, prior_beta + impressions - rewards);
-an id with no row gets the prior and is not counted in ``known``.
+``n`` holds two cells per row: ``n:i``, the arm's impressions, and ``n:r``, its rewards in millionths
+(``REWARD_SCALE``; rewards are numbers in [0, 1], stored as integers), absolute counts that the learner holding the
+arm's shard writes (``mab_service.fleet.learner``); the newest cell is the current count. A row without them is read
+from family ``c``, an aggregate (int64 sum) family with the same two cells, which learners of earlier versions added
+to: an upgraded table keeps its counts. The posterior of an arm is Beta(prior_alpha + rewards, prior_beta +
+impressions - rewards); an id with no row gets the prior and is not counted in ``known``.
 
 Rewards and impressions reach the table through different learners, so a reward can be counted before the
 impressions of its answer (or after they were lost): the posterior clamps rewards to [0, impressions], and beta is
-never below the prior. A counts cell that is not a Bigtable int64 (8 bytes) fails only its own arm, not the read:
+never below the prior. A counts cell that is not a Bigtable int64 (8 bytes), or is negative, fails only its own arm,
+not the read:
 its counts read as 0 (``Counts.invalid`` marks it) and ``read`` gives it NaN, which the pipeline ranks by the prior
 and counts (``source.ParameterCheck``); such cells are also counted in ``stats()["invalid_values"]``.
 
 Reads go through the ``google-cloud-bigtable`` async data client: one ReadRows call per chunk of at most
-``chunk_size`` keys, chunks read concurrently, with a filter that sends only family ``c``. The client honours
+``chunk_size`` keys, chunks read concurrently, with a filter that sends only families ``n`` and ``c``, the newest
+cell of each column. The client honours
 ``BIGTABLE_EMULATOR_HOST``; elsewhere it uses Application Default Credentials.
 
 With ``raw_reads``, the same calls go out on the client's own channel (its credentials, its emulator) but the
@@ -37,6 +40,7 @@ import numpy.typing as npt
 from mab_service.errors import FeatureSourceError
 from mab_service.features.source import Features, Health, Lookup
 from mab_service.fleet.schema import (
+    ABSOLUTE_FAMILY,
     CONFIG_ROW,
     COUNTS_FAMILY,
     FLEET_FAMILY,
@@ -54,6 +58,8 @@ logger = logging.getLogger("mab_service.bigtable")
 DEFAULT_CHUNK_SIZE = 200
 READ_ROWS = "/google.bigtable.v2.Bigtable/ReadRows"
 _RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
+#: The families read: absolute counts, and the sums of tables written by earlier learners.
+COUNTS_FAMILIES = f"^[{ABSOLUTE_FAMILY}{COUNTS_FAMILY}]$"
 
 
 class Counts(NamedTuple):
@@ -112,20 +118,31 @@ async def read_shards(table: Any, timeout_s: float = 30.0) -> int:
 
 
 class _Cells:
-    """Counts being decoded: impressions and rewards (millionths) by position, and the positions with a bad cell."""
+    """Counts being decoded: impressions and rewards (millionths) by position, and the positions with a bad cell.
 
-    __slots__ = ("impressions", "rewards", "bad")
+    A row's family ``n`` cells (absolute counts) win over its ``c`` cells (sums of earlier learners), whatever order
+    they come in."""
+
+    __slots__ = ("impressions", "rewards", "absolute", "bad")
 
     def __init__(self, n: int) -> None:
         self.impressions = np.zeros(n, np.int64)
         self.rewards = np.zeros(n, np.int64)
+        self.absolute = np.zeros(n, np.bool_)
         self.bad: list[int] = []
 
-    def put(self, i: int, qualifier: bytes, value: bytes) -> None:
-        """One cell's value at position ``i``; a value that is not 8 bytes marks the position bad, not the read."""
+    def put(self, i: int, family: str, qualifier: bytes, value: bytes) -> None:
+        """One cell's value at position ``i``; a value that is not 8 bytes or is negative marks the position bad,
+        not the read."""
         if qualifier != IMPRESSIONS and qualifier != REWARDS:
             return
-        if len(value) != 8:
+        if family == ABSOLUTE_FAMILY:
+            if not self.absolute[i]:  # the sums read before it are not the arm's counts
+                self.absolute[i] = True
+                self.impressions[i] = self.rewards[i] = 0
+        elif family != COUNTS_FAMILY or self.absolute[i]:
+            return
+        if len(value) != 8 or value[0] & 0x80:
             self.bad.append(i)
             return
         (self.impressions if qualifier == IMPRESSIONS else self.rewards)[i] = decode_int64(value)
@@ -141,7 +158,7 @@ class _Cells:
 def _store(row: Any, i: int, cells: _Cells) -> None:
     """A counts row of the client's into position ``i``."""
     for cell in row.cells:
-        cells.put(i, cell.qualifier, cell.value)
+        cells.put(i, cell.family, cell.qualifier, cell.value)
 
 
 class BigtableSource:
@@ -198,9 +215,10 @@ class BigtableSource:
         from google.cloud.bigtable.data import ReadRowsQuery, row_filters
 
         self._query = ReadRowsQuery
-        # Only the counts, and only their newest cell (an aggregate family holds one per timestamp bucket).
+        # Only the counts, and only their newest cell (the current absolute count; an aggregate family holds one per
+        # timestamp bucket).
         self._filter = row_filters.RowFilterChain(
-            [row_filters.FamilyNameRegexFilter(COUNTS_FAMILY), row_filters.CellsColumnLimitFilter(1)]
+            [row_filters.FamilyNameRegexFilter(COUNTS_FAMILIES), row_filters.CellsColumnLimitFilter(1)]
         )
         self._table = self._client.get_table(self.path.instance, self.path.table)
         if self.raw_reads:
@@ -212,7 +230,7 @@ class BigtableSource:
                 filter={
                     "chain": {
                         "filters": [
-                            {"family_name_regex_filter": COUNTS_FAMILY},
+                            {"family_name_regex_filter": COUNTS_FAMILIES},
                             {"cells_per_column_limit_filter": 1},
                         ]
                     }
@@ -312,6 +330,7 @@ class BigtableSource:
             request = self._request_pb.FromString(self._request)
             request.rows.row_keys.extend(waiting)
             key = qualifier = value = b""
+            family = ""
             try:
                 call = self._read_rows()(
                     request.SerializeToString(),
@@ -325,13 +344,15 @@ class BigtableSource:
                             continue
                         if chunk.row_key:
                             key = chunk.row_key
+                        if chunk.HasField("family_name"):
+                            family = chunk.family_name.value
                         if chunk.HasField("qualifier"):
                             qualifier = chunk.qualifier.value
                         value += chunk.value
                         if chunk.value_size:
                             continue  # a split cell: the rest comes in the next chunks
                         i = position[key]
-                        cells.put(i, qualifier, value)
+                        cells.put(i, family, qualifier, value)
                         value = b""
                         if chunk.commit_row:
                             found[i] = True

@@ -90,7 +90,7 @@ def learn_main(argv: list[str]) -> int:
         help="how long a window collects messages after its first (a write per arm it touches per window)",
     )
     parser.add_argument("--max-messages", type=int, default=1000, help="messages per window at most")
-    parser.add_argument("--concurrency", type=int, default=64, help="rows written at once")
+    parser.add_argument("--concurrency", type=int, default=64, help="shards of a window written at once")
     parser.add_argument(
         "--lease-ttl-s",
         type=float,

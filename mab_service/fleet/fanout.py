@@ -3,12 +3,11 @@
 Without it a replica re-reads its hot ids from Bigtable every ``fleet_cache_ttl_s``: reads per replica grow with its
 hot ids, and over a fleet they are most of the Bigtable bill (docs/fleet.md, "3 M predictions/s, on paper"). With it:
 
-- **Publisher** (``CountsPublisher``, in each learner): after a window is written, one ReadRows of the window's arms
-  (family ``c``, the newest cell) reads their **absolute** counts back, and they go to the fan-out topic
-  ``<events topic>-counts`` (``mab-service setup`` makes it) in messages of up to ``ARMS_PER_MESSAGE`` arms, each
-  carrying the learner's id, a sequence number and the learner's start time. CheckAndMutateRow does not return the
-  row, hence the read. Counts only grow, so the larger of two readings is the newer: a replica merges them with a
-  max, in any order, any number of times.
+- **Publisher** (``CountsPublisher``, in each learner): after a window is written, the **absolute** counts of its
+  arms, which the learner holds (it is their only writer while it holds their shard's lease), go to the fan-out
+  topic ``<events topic>-counts`` (``mab-service setup`` makes it) in messages of up to ``ARMS_PER_MESSAGE`` arms,
+  each carrying the learner's id, a sequence number and the learner's start time. Counts only grow, so the larger of
+  two readings is the newer: a replica merges them with a max, in any order, any number of times.
 - **Follower** (``CountsFollower``, in one worker of each replica node, chosen by a lock in the node's state
   directory; another takes over if it dies): a subscription of its own to the fan-out topic (a unique name,
   an expiration policy of ``SUBSCRIPTION_TTL_S`` so an abandoned one vanishes, the shortest message retention,
@@ -34,7 +33,6 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ import orjson
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features.bigtable import BigtableSource
-from mab_service.fleet.schema import COUNTS_FAMILY, IMPRESSIONS, REWARD_SCALE, REWARDS, decode_int64
+from mab_service.fleet.schema import ABSOLUTE_FAMILY, COUNTS_FAMILY, REWARD_SCALE, arm_counts
 from mab_service.learning._arms import ArmTable
 
 logger = logging.getLogger("mab_service.fanout")
@@ -161,28 +159,26 @@ class PublisherStats:
     arms: int = 0
     """Arms' counts published."""
     failed_windows: int = 0
-    """Windows not published (read back or publish failed, or too many waiting): replicas see the gap and resync."""
+    """Windows not published (the publish failed, or too many waiting): replicas see the gap and resync."""
 
 
 class CountsPublisher:
     """A learner's fan-out: after each window, the absolute counts of the arms it wrote, to the fan-out topic.
 
-    ``written`` never waits: the read back and the publish run as a task, at most ``max_pending`` at once.
+    ``written`` never waits: the publish runs as a task, at most ``max_pending`` at once.
 
     Args:
-        table: ``projects/P/instances/I/tables/T``, the learner's table.
-        timeout_s: Deadline of the read back and of the publish.
+        timeout_s: Deadline of a publish.
         max_pending: Windows being published at once at most.
     """
 
-    def __init__(self, table: str, *, timeout_s: float = 10.0, max_pending: int = MAX_PENDING_WINDOWS) -> None:
+    def __init__(self, *, timeout_s: float = 10.0, max_pending: int = MAX_PENDING_WINDOWS) -> None:
         self.learner = f"{time.time_ns():x}-{secrets.token_hex(4)}"
         self.started = time.time()
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self.topic = ""
         self.stats = PublisherStats()
-        self._source = BigtableSource(table, 1.0, 1.0, timeout_s=timeout_s)
         self._publisher: Any = None
         self._seq = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -190,11 +186,7 @@ class CountsPublisher:
 
     async def start(self, events_topic: str) -> None:
         """Connect; publish to ``events_topic``'s fan-out topic. A missing topic is logged, not fatal: the learner's
-        job is the counts, and windows are published once the topic exists (``mab-service setup`` makes it).
-
-        Raises:
-            FeatureSourceError: If the table cannot be read.
-        """
+        job is the counts, and windows are published once the topic exists (``mab-service setup`` makes it)."""
         self.topic = counts_topic(events_topic)
         self._publisher = publisher_client()
         try:
@@ -206,26 +198,23 @@ class CountsPublisher:
                 self.topic,
                 exc,
             )
-        await self._source.start()
 
-    def written(self, ids: Iterable[str]) -> None:
-        """Publish the counts of ``ids`` (the arms a window just wrote), in the background."""
-        arms = list(ids)
-        if not arms or self._publisher is None:
+    def written(self, ids: list[str], impressions: list[int], rewards: list[int]) -> None:
+        """Publish the absolute counts of ``ids`` (the arms a window just wrote, rewards in millionths), in the
+        background."""
+        if not ids or self._publisher is None:
             return
         seq = self._seq
-        self._seq += -(-len(arms) // ARMS_PER_MESSAGE)
+        self._seq += -(-len(ids) // ARMS_PER_MESSAGE)
         if len(self._tasks) >= self.max_pending:
             self._failed(f"{len(self._tasks)} windows are still being published")
             return
-        task = asyncio.get_running_loop().create_task(self._publish(arms, seq))
+        task = asyncio.get_running_loop().create_task(self._publish(ids, impressions, rewards, seq))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, ids: list[str], seq: int) -> None:
+    async def _publish(self, ids: list[str], impressions: list[int], rewards: list[int], seq: int) -> None:
         try:
-            counts = await self._source.read_counts(ids)
-            millionths = np.rint(counts.rewards * REWARD_SCALE).astype(np.int64)
             messages = []
             for s in range(0, len(ids), ARMS_PER_MESSAGE):
                 message = CountsMessage(
@@ -233,8 +222,8 @@ class CountsPublisher:
                     seq + s // ARMS_PER_MESSAGE,
                     self.started,
                     ids[s : s + ARMS_PER_MESSAGE],
-                    counts.impressions[s : s + ARMS_PER_MESSAGE].tolist(),
-                    millionths[s : s + ARMS_PER_MESSAGE].tolist(),
+                    impressions[s : s + ARMS_PER_MESSAGE],
+                    rewards[s : s + ARMS_PER_MESSAGE],
                 )
                 messages.append({"data": message.encode(), "attributes": {"v": FORMAT_VERSION}})
             await self._publisher.publish(topic=self.topic, messages=messages, timeout=self.timeout_s)
@@ -262,7 +251,6 @@ class CountsPublisher:
             await asyncio.wait(self._tasks, timeout=timeout_s)
         for task in list(self._tasks):
             task.cancel()
-        await self._source.close()
         if self._publisher is not None:
             await self._publisher.transport.close()
             self._publisher = None
@@ -452,7 +440,10 @@ class CountsFollower:
         query = ReadRowsQuery(
             row_ranges=[RowRange(start_key=SCAN_START)],
             row_filter=row_filters.RowFilterChain(
-                [row_filters.FamilyNameRegexFilter(COUNTS_FAMILY), row_filters.CellsColumnLimitFilter(1)]
+                [
+                    row_filters.FamilyNameRegexFilter(f"^[{ABSOLUTE_FAMILY}{COUNTS_FAMILY}]$"),
+                    row_filters.CellsColumnLimitFilter(1),
+                ]
             ),
         )
         ids: list[str] = []
@@ -462,17 +453,12 @@ class CountsFollower:
         rows = 0
         async for row in stream:
             rows += 1
-            impressions = rewards = 0
-            for cell in row.cells:
-                if len(cell.value) != 8:
-                    continue
-                if cell.qualifier == IMPRESSIONS:
-                    impressions = decode_int64(cell.value)
-                elif cell.qualifier == REWARDS:
-                    rewards = decode_int64(cell.value)
+            counts = arm_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
+            if counts is None:  # not a count: the arm ranks by the prior, as BigtableSource reads it
+                continue
             ids.append(row.row_key.decode(errors="replace"))
-            shown.append(max(impressions, 0))
-            got.append(max(rewards, 0))
+            shown.append(counts[0])
+            got.append(counts[1])
             if len(ids) >= SCAN_BATCH:
                 self._apply(ids, shown, got)
                 ids, shown, got = [], [], []

@@ -1,40 +1,46 @@
 """The fleet's learner: Pub/Sub messages of events and rewards in, exact counts in Bigtable out.
 
-Each window (``window_s`` after its first message, or ``max_messages`` messages) the learner pulls messages from the
-subscription, aggregates their records per arm, and for each arm makes one ``CheckAndMutateRow`` call: if none of
-the window's deduplication markers for that arm is in its row, it writes them all and adds the window's impressions
-and rewards to the arm's counts (``AddToCell`` on the aggregate family), in one atomic step of that row. If one is
-there (a redelivered message, a reward posted to two replicas, a learner that died after writing and before
-acking), the arm's markers are applied one by one with the same check, so each counts exactly once whatever order
-learners see them in. Messages are acknowledged only after every arm of the window is written; a failed write
-gives the whole window back to Pub/Sub (the markers make the second pass skip what the first wrote).
+The arms are split into shards (``mab-service setup``; a table without shards is one shard), and each shard is read
+and written by the one learner holding its **lease**, a row ``\x00s/<shard>`` whose cell ``s:lease`` names the
+holder, its timestamp the last renewal. Every third of ``lease_ttl_s`` a learner marks itself alive (``\x00l/<id>``),
+counts the live learners, renews its leases (a CheckAndMutateRow on the holder's name: a lease taken over meanwhile
+is lost, not renewed), gives back those past its fair share (shards / live learners, rounded up) and takes free or
+expired ones up to it (a CheckAndMutateRow unless a lease cell younger than the TTL is there).
+
+Being a shard's only writer, the holder keeps the shard's state, and exactly once lives in **one atomic commit per
+shard and window on the shard's own row** instead of markers in every arm row:
+
+1. **Taking a shard**, it reads the row: the **version** of the last committed window, that window's absolute
+   counts (the **pending window**), and per publisher stream (``<publisher id>.<shard>``, the part of a message's
+   key ``k`` before ``/<sequence>``) the **applied set** of its sequence numbers (``Applied``: a low-water mark and
+   the few ranges above it). It writes the pending window to the arm rows first: its holder may have stopped between
+   commit and apply.
+2. **A window**: the messages whose (stream, sequence) is in the applied set are duplicates (a redelivery, a
+   publisher's resend): acknowledged, counted, not applied. The others' impressions and rewards are added to the
+   arms' counts, which the learner caches (filled by one ReadRows of the arms not cached: family ``n``, else the
+   sums ``c`` of a table written by earlier learners).
+3. **Commit**: one CheckAndMutateRow on the shard row, on condition that its lease names this learner: the new
+   version (``max(version + 1, now in ms)``), the window's absolute counts (the new pending window, in chunks
+   ``s:w/<k>``) and the changed applied sets; streams unheard of for longer than the subscription's retention plus
+   an hour are deleted (no redelivery of theirs can come). A lease found lost: the shard's state is dropped and its
+   messages given back.
+4. **Apply**: one MutateRows sets each changed arm's ``n:i`` and ``n:r`` (deleting their older cells) **with the
+   cell timestamp = the version**. A learner whose lease expired while it still writes (a zombie) writes an older
+   timestamp, which readers (the newest cell) never see. Then the messages are acknowledged. Killed between 3 and 4:
+   the next holder applies the pending window (1); after 4: the applied sets skip the redeliveries.
+
+So arm rows hold their two count cells and nothing else, and the shard row a small state per live publisher; a
+window costs a shard one CheckAndMutateRow and one MutateRows, whatever its arms. Rewards need no deduplication
+here: a replica claims a reward on its event's row before it publishes it (``fleet.replica``), so each is in one
+message. The fleet's own subscription (publishers without shards: replicas of an earlier version) is read by the
+holder of shard 0, which publishes each of its messages again, split, to every shard's topic (``_forward``).
 
 A message is applied record by record: a record that breaks the format (an id outside the id rule, a reward outside
 [0, 1], an event id outside its rule, a record of another shape) is skipped, counted by reason and logged, and every
 other record of the message counts, since each was answered 202 or 200 on its own. A message that cannot be decoded
 at all (not a JSON array, no key, another format version) is not acknowledged but nacked, so that the subscription's
 dead-letter policy (``fleet.setup``) forwards it to the dead-letter topic after its delivery attempts: kept for a
-person to read, never dropped.
-
-Markers, in the row of the arm they guard: ``d:m/<k>`` for a message's impressions of that arm, ``k`` being the
-message's key (``<publisher id>.<shard>/<sequence>``, the same on every publication of it, ``pubsub.PubSubSink``);
-``d:r/<event_id>`` for the reward of that (event, arm), which two replicas may publish in two messages. Family ``d``
-is garbage-collected after the subscription's retention plus a margin (``fleet.setup``), so a marker outlives every
-redelivery of the message that wrote it. docs/fleet.md argues it.
-
-The calls go out on the Bigtable client's own gRPC channel (its credentials, its emulator, its refresh) as protobuf
-bytes built here: through the client's ``check_and_mutate_row`` a call costs ~3.5 times the CPU (docs/fleet.md).
-
-Shards: when the table has them (``mab-service setup``), the arms are split into shards, each with a subscription of
-its own, and each shard is read by the one learner holding its **lease**, a row ``\x00s/<shard>`` whose cell
-``s:lease`` names the holder, its timestamp the last renewal. Every third of ``lease_ttl_s`` a learner marks itself
-alive (``\x00l/<id>``), counts the live learners, renews its leases (a CheckAndMutateRow on the holder's name: a lease
-taken over meanwhile is lost, not renewed), gives back those past its fair share (shards / live learners, rounded up)
-and takes free or expired ones up to it (a CheckAndMutateRow unless a lease cell younger than the TTL is there). So
-each arm is written by one learner per window, learners come and go, and a killed learner's shards are taken over
-after the TTL; while two overlap in a handover, the markers keep the counts exact. The holder of shard 0 also reads
-the fleet's own subscription (messages of replicas from before shards, or of other publishers). A stopping learner
-gives its leases back.
+person to read, never dropped. docs/fleet.md argues the design.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ import re
 import secrets
 import time
 import zlib
-from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -60,36 +66,41 @@ from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
 from mab_service.features.bigtable import data_client, read_shards
-from mab_service.fleet.fanout import CountsPublisher
-from mab_service.fleet.requests import (
-    CHECK_AND_MUTATE_ROW,
-    Mark,
-    check_and_mutate,
-    quote,
-    set_marker,
-    table_field,
-    timestamp_field,
-)
+from mab_service.fleet.fanout import CountsPublisher, publisher_client
+from mab_service.fleet.requests import MUTATE_ROWS, counts_entry, older_than, quote, table_field, varint
 from mab_service.fleet.schema import (
+    ABSOLUTE_FAMILY,
     ALIVE,
+    APPLIED_PREFIX,
+    COUNTS_FAMILY,
     FLEET_FAMILY,
     LEARNER_ROW_PREFIX,
     LEASE,
     LEASE_ROW_PREFIX,
+    PENDING_PREFIX,
     PROBE_KEY,
     REWARD_SCALE,
+    VERSION,
     TablePath,
+    arm_counts,
     learner_row,
     lease_row,
+    version_micros,
 )
 from mab_service.fleet.setup import shard_subscription
-from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION
+from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, shard_of, shard_topic
+from mab_service.fleet.windows import Applied, Plan, ShardState, decode_window, encode_window
 from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id
 
 logger = logging.getLogger("mab_service.learner")
 
-#: Markers checked by one CheckAndMutateRow (its filter and mutation list stay small).
-MARKERS_PER_CALL = 100
+#: Arm rows per MutateRows call at most (four mutations each: Bigtable takes up to 100,000 a call), and the bytes of
+#: a call's entries after which no more are added (Google's emulator takes requests of up to 4 MiB).
+ENTRIES_PER_CALL = 25_000
+BULK_BYTES = 2 * 1024 * 1024
+#: How long past the subscription's retention a stream's applied set is kept without news: no redelivery of its
+#: messages can come later.
+FORGET_MARGIN_S = 3600
 #: A message key: ``<publisher id>.<shard>/<sequence>``, or ``<publisher id>/<sequence>`` without shards
 #: (``pubsub.PubSubSink``).
 MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
@@ -105,7 +116,7 @@ LOG_EVERY_S = 10.0
 #: How many ack ids go in one Acknowledge call (the request must stay under 512 KB).
 ACKS_PER_CALL = 1000
 ERROR_BACKOFF_S = 1.0
-#: Deadline of one CheckAndMutateRow; one that runs out fails its window (its outcome is unknown, the markers decide).
+#: Deadline of one Bigtable call; a commit that runs out is settled by reading the shard's row again.
 WRITE_TIMEOUT_S = 30.0
 DEFAULT_WINDOW_S = 0.5
 DEFAULT_METRICS_PORT = 9464
@@ -135,7 +146,8 @@ class LearnerStats:
     rewards: int = 0
     """Rewards added to Bigtable (duplicates excluded)."""
     duplicates: int = 0
-    """Impressions and rewards skipped because their marker was already there: redeliveries, repeated rewards."""
+    """Impressions and rewards skipped because their message was applied already (in its stream's applied set):
+    redeliveries, a publisher's resends."""
     malformed: int = 0
     """Deliveries of messages that cannot be decoded (not a JSON array, no key, another version): nacked, never
     acknowledged, so that the subscription's dead-letter policy forwards them after its delivery attempts."""
@@ -143,7 +155,17 @@ class LearnerStats:
     """Attempts to write a window that failed: retried with its messages held while the error is transient (Bigtable
     away), else the window is given back to Pub/Sub."""
     writes: int = 0
-    """CheckAndMutateRow calls made."""
+    """MutateRows calls made (the arm rows' counts, one a shard and window for up to ``ENTRIES_PER_CALL`` arms)."""
+    commits: int = 0
+    """CheckAndMutateRow calls on shard rows (one a shard and window)."""
+    reads: int = 0
+    """ReadRows calls filling the shards' caches (arms not yet cached)."""
+    invalid_counts: int = 0
+    """Arms whose stored counts were not non-negative int64 (counted from 0 again)."""
+    windows_reapplied: int = 0
+    """Committed windows written again to the arm rows on taking a shard (its holder may have stopped between)."""
+    forwarded: int = 0
+    """Messages of publishers without shards published again, split, to the shard topics."""
     errors: int = 0
     """Steps that failed (a pull or an acknowledgement); the learner waits ``ERROR_BACKOFF_S`` and goes on."""
     invalid_records: dict[str, int] = field(default_factory=lambda: dict.fromkeys(INVALID_REASONS, 0))
@@ -190,37 +212,6 @@ def _by_subscription(messages: list[tuple[str, Any]]) -> dict[str, list[str]]:
     for subscription, message in messages:
         grouped.setdefault(subscription, []).append(message.ack_id)
     return grouped
-
-
-class _Window:
-    """A window's records, per arm, with the window's own duplicates taken out."""
-
-    def __init__(self) -> None:
-        self.rows: defaultdict[str, list[Mark]] = defaultdict(list)
-        self.keys: set[str] = set()
-        self.rewards: set[tuple[str, str]] = set()
-        self.duplicates = 0
-        self.timestamp_micros = time.time_ns() // 1_000_000 * 1000  # Bigtable's default granularity: milliseconds
-        self._timestamp = timestamp_field(self.timestamp_micros)
-
-    def add(self, key: str, shown: dict[str, int], rewards: list[tuple[str, str, int]]) -> None:
-        """A message's impressions (per arm) and rewards ``(id, event_id, millionths)``."""
-        rows = self.rows
-        if key in self.keys:  # the same message twice in one window (published or delivered again)
-            self.duplicates += sum(shown.values())
-        elif shown:
-            self.keys.add(key)
-            marker = b"m/" + key.encode()
-            quoted, mutation = quote(marker), set_marker(marker, self._timestamp)
-            for id_, n in shown.items():
-                rows[id_].append((quoted, mutation, n, 0))
-        for id_, event_id, millionths in rewards:
-            if (id_, event_id) in self.rewards:
-                self.duplicates += 1
-                continue
-            self.rewards.add((id_, event_id))
-            marker = b"r/" + event_id.encode()
-            rows[id_].append((quote(marker), set_marker(marker, self._timestamp), 0, millionths))
 
 
 class Parsed(NamedTuple):
@@ -403,11 +394,16 @@ class _StatsCollector(Collector):
             "windows": "Windows applied and acknowledged.",
             "impressions": "Impressions added to Bigtable.",
             "rewards": "Rewards added to Bigtable.",
-            "duplicates": "Impressions and rewards skipped: their marker was there (redelivered or repeated).",
+            "duplicates": "Impressions and rewards skipped: their message was applied already (redelivered, resent).",
             "malformed": "Deliveries of undecodable messages: nacked, dead-lettered after the delivery attempts.",
             "failed_windows": "Window writes that failed: retried with the messages held, or given back.",
             "errors": "Steps that failed (pull, write or acknowledgement) and were retried.",
-            "writes": "CheckAndMutateRow calls.",
+            "writes": "MutateRows calls writing arm rows' counts.",
+            "commits": "CheckAndMutateRow calls committing a shard's window on its row.",
+            "reads": "ReadRows calls filling the shards' caches of counts.",
+            "invalid_counts": "Arms whose stored counts were not non-negative int64 (counted from 0 again).",
+            "windows_reapplied": "Committed windows written again to the arm rows on taking a shard.",
+            "forwarded": "Messages of publishers without shards published again, split, to the shard topics.",
             "leases_taken": "Shard leases taken (free, expired or given back by another learner).",
             "leases_lost": "Shard leases found taken over by another learner at renewal.",
         }
@@ -428,14 +424,15 @@ class _StatsCollector(Collector):
 
 
 class Learner:
-    """Applies a subscription's events and rewards to a Bigtable table's counts, exactly once.
+    """Applies a subscription's events and rewards to a Bigtable table's counts, exactly once, for the shards whose
+    lease it holds.
 
     Args:
         subscription: ``projects/P/subscriptions/S``; in a table with shards, shard ``n``'s is ``S-shard-<n>``.
         table: ``projects/P/instances/I/tables/T`` (made by ``mab-service setup``).
         window_s: How long a window collects messages after its first one.
         max_messages: Messages per window at most.
-        concurrency: Rows written at once.
+        concurrency: Shards of a window written at once (each a commit and a MutateRows).
         lease_ttl_s: How long a shard's lease lasts unrenewed (renewed every third of it).
         learner_id: This learner's name in the leases; random by default.
     """
@@ -477,9 +474,16 @@ class Learner:
         self._pull_log = _Throttled()
         self._lease_log = _Throttled()
         self._stop = asyncio.Event()
-        self._written: set[str] = set()
-        """Rows of the window being written that are done: a retry of the window writes only the others."""
-        self.fanout = CountsPublisher(table)
+        self._states: dict[int, ShardState] = {}
+        """The held shards' state (a shard held and not here is read from its row before its next window)."""
+        self._shard_of: dict[str, int | None] = {}
+        """The shard each subscription read carries (None: the fleet's own in a table with shards, forwarded)."""
+        self.forget_after_s = float(FORGET_MARGIN_S)
+        """How long a stream's applied set is kept without news: the subscription's retention plus the margin."""
+        self._counts_filter: Any = None
+        self._publisher: Any = None
+        self._topic = ""
+        self.fanout = CountsPublisher()
         """Publishes the counts of each window's arms for the replicas (``fanout``)."""
         self._received: deque[tuple[str, Any]] = deque()
         """Messages pulled and not yet in a window, with their subscription."""
@@ -504,12 +508,26 @@ class Learner:
             raise LearnerError(f"the learner needs mab-service[fleet] installed ({exc})") from None
         self._subscriber = subscriber_client()
         self._client = data_client(self.path.project)
-        self._decode = messages.CheckAndMutateRowResponse.pb().FromString
+        from google.cloud.bigtable.data import row_filters
+
+        self._decode = messages.MutateRowsResponse.pb().FromString
+        # An arm's newest counts cells: family n (absolute) and c (sums, a table of earlier learners).
+        self._counts_filter = row_filters.RowFilterChain(
+            [
+                row_filters.FamilyNameRegexFilter(f"^[{ABSOLUTE_FAMILY}{COUNTS_FAMILY}]$"),
+                row_filters.CellsColumnLimitFilter(1),
+            ]
+        )
         try:
             subscription = await self._subscriber.get_subscription(subscription=self.subscription, timeout=30)
         except Exception as exc:
             raise LearnerError(f"cannot read subscription {self.subscription}: {exc}") from None
         self._ack_deadline_s = max(int(subscription.ack_deadline_seconds), 10)
+        retention = subscription.message_retention_duration
+        retention_s = retention.total_seconds() if retention else 7 * 86_400  # Pub/Sub's default: 7 days
+        self.forget_after_s = retention_s + FORGET_MARGIN_S
+        self._topic = subscription.topic
+        self._publisher = publisher_client()
         try:
             await self.fanout.start(subscription.topic)
         except Exception as exc:
@@ -521,9 +539,6 @@ class Learner:
             self.shards = await read_shards(self._table)
         except Exception as exc:
             raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
-        if not self.shards:
-            self._follow({self.subscription})
-            return
         try:
             await self._rebalance()
         except Exception as exc:
@@ -540,7 +555,7 @@ class Learner:
         self._follow(set())
         if self._leaving or self._nacks:
             await asyncio.gather(*self._leaving, *self._nacks, return_exceptions=True)
-        if self._table is not None and self.shards:
+        if self._table is not None:
             try:
                 await self._release(sorted(self.held), alive=False)
             except Exception as exc:  # they expire after the TTL instead
@@ -549,6 +564,8 @@ class Learner:
             await self._client.close()
         if self._subscriber is not None:
             await self._subscriber.transport.close()
+        if self._publisher is not None:
+            await self._publisher.transport.close()
 
     async def run(self, stop: asyncio.Event, log_every_s: float = 10.0) -> None:
         """Apply windows until ``stop`` is set (the current window finishes first, or is given back if its writes
@@ -595,11 +612,15 @@ class Learner:
         if not received:
             return 0
         started = time.perf_counter()
-        window = _Window()
         kept: list[tuple[str, Any]] = []
         undecodable: list[tuple[str, Any]] = []
+        given_back: list[tuple[str, Any]] = []
+        by_shard: dict[int, list[tuple[str, int, Parsed]]] = {}
+        messages_of: dict[int, list[tuple[str, Any]]] = {}
+        forwarded: list[tuple[str, int, Parsed]] = []
+        forwarded_messages: list[tuple[str, Any]] = []
         for pulled in received:
-            message = pulled[1]
+            subscription, message = pulled
             attributes = message.message.attributes
             key = attributes.get("k", "")
             version = attributes.get("v")
@@ -607,50 +628,56 @@ class Learner:
             if parsed is None or MESSAGE_KEY.match(key) is None:
                 undecodable.append(pulled)
                 continue
+            stream, _, seq = key.rpartition("/")
+            forward = self.shards > 0 and subscription == self.subscription  # publishers without shards
+            shard = self._shard_of.get(subscription)
+            if not forward and shard is None:  # a subscription given up since it was pulled: for the next holder
+                given_back.append(pulled)
+                continue
+            if not forward and self.shards and not stream.endswith(f".{shard}"):
+                undecodable.append(pulled)  # another shard's stream on this shard's topic: a publisher of another table
+                continue
             kept.append(pulled)
-            window.add(key, parsed.shown, parsed.rewards)
             if parsed.invalid:
                 self._skipped(message.message.message_id, parsed)
-        self.stats.duplicates += window.duplicates
+            if forward:  # arms of every shard: published again, split, to the shard topics
+                forwarded.append((stream, int(seq), parsed))
+                forwarded_messages.append(pulled)
+            elif shard is not None:
+                by_shard.setdefault(shard, []).append((stream, int(seq), parsed))
+                messages_of.setdefault(shard, []).append(pulled)
         lease = asyncio.ensure_future(self._lease(kept))
-        rows: dict[str, list[Mark]] = window.rows
         try:
-            while True:
-                try:
-                    await self._apply(rows)
-                    break
-                except Exception as exc:
-                    self.stats.failed_windows += 1
-                    if self._stop.is_set() or not _transient(exc):
-                        # Written rows keep their markers, so the redelivered window skips them.
-                        logger.warning("window of %d messages given back: %s", len(received), exc)
-                        await self._modify_ack_deadline(received, 0)
-                        return 0
-                    # Held, not given back: every redelivery spends one of the subscription's delivery attempts,
-                    # and past them Pub/Sub sends good messages to the dead-letter topic (an outage must not).
-                    self._retry_log.warning(
-                        "writing a window of %d messages failed, retrying in %.0f s with its messages held: %s",
-                        len(kept),
-                        ERROR_BACKOFF_S,
-                        exc,
-                    )
-                    rows = {id_: marks for id_, marks in rows.items() if id_ not in self._written}
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
+            limit = asyncio.Semaphore(self.concurrency)
+
+            async def write(shard: int, items: list[tuple[str, int, Parsed]]) -> bool:
+                async with limit:
+                    return await self._write_shard(shard, items)
+
+            outcomes = await asyncio.gather(
+                *(write(shard, items) for shard, items in by_shard.items()), self._forward(forwarded)
+            )
         finally:
             lease.cancel()
-        self.fanout.written(window.rows)  # the replicas' copy of these arms' counts (fanout), in the background
-        for subscription, ack_ids in _by_subscription(kept).items():
+        done: list[tuple[str, Any]] = list(forwarded_messages) if outcomes[-1] else []
+        for shard, ok in zip(by_shard, outcomes):
+            (done if ok else given_back).extend(messages_of[shard])
+        if not outcomes[-1]:
+            given_back.extend(forwarded_messages)
+        for subscription, ack_ids in _by_subscription(done).items():
             for s in range(0, len(ack_ids), ACKS_PER_CALL):
                 await self._subscriber.acknowledge(subscription=subscription, ack_ids=ack_ids[s : s + ACKS_PER_CALL])
+        if given_back:
+            logger.warning("%d messages given back (their shard is not held, or its window failed)", len(given_back))
+            await self._modify_ack_deadline(given_back, 0)
         if undecodable:
             await self._give_back(undecodable)
         now = time.time()
         self.metrics.window_seconds.observe(time.perf_counter() - started)
         self.metrics.last_ack.set(now)
-        for _, message in kept:
+        for _, message in done:
             self.metrics.lag_seconds.observe(now - message.message.publish_time.timestamp())
-        self.stats.messages += len(kept)
+        self.stats.messages += len(done)
         self.stats.windows += 1
         return len(received)
 
@@ -773,11 +800,15 @@ class Learner:
             self._leaving.discard(me)
 
     def _subscriptions(self) -> set[str]:
-        """What the held shards read: their subscriptions, and the fleet's own with shard 0."""
-        wanted = {shard_subscription(self.subscription, shard) for shard in self.held}
+        """What the held shards read: their subscriptions, and the fleet's own with shard 0 (in a table without
+        shards, the one shard's subscription)."""
+        if not self.shards:
+            self._shard_of = {self.subscription: 0}
+            return {self.subscription} if 0 in self.held else set()
+        self._shard_of = {shard_subscription(self.subscription, shard): shard for shard in self.held}
         if 0 in self.held:
-            wanted.add(self.subscription)
-        return wanted
+            self._shard_of[self.subscription] = None
+        return set(self._shard_of)
 
     async def _keep_leases(self) -> None:
         while True:
@@ -814,7 +845,13 @@ class Learner:
                     RowRange(LEARNER_ROW_PREFIX, LEARNER_ROW_PREFIX[:-1] + b"0"),
                     RowRange(LEASE_ROW_PREFIX, LEASE_ROW_PREFIX[:-1] + b"0"),
                 ],
-                row_filter=row_filters.FamilyNameRegexFilter(FLEET_FAMILY),
+                # Only the leases and the live marks: a shard row also holds its windows and applied sets.
+                row_filter=row_filters.RowFilterChain(
+                    [
+                        row_filters.FamilyNameRegexFilter(FLEET_FAMILY),
+                        row_filters.ColumnQualifierRegexFilter(b"^(?:" + LEASE + b"|" + ALIVE + b")$"),
+                    ]
+                ),
             ),
             operation_timeout=timeout,
         )
@@ -827,7 +864,8 @@ class Learner:
                 learners += cell.timestamp_micros >= live_after
             elif row.row_key[len(LEASE_ROW_PREFIX) :].isdigit():
                 holders[int(row.row_key[len(LEASE_ROW_PREFIX) :])] = (cell.value, cell.timestamp_micros)
-        fair = math.ceil(self.shards / max(learners, 1))
+        leases = max(self.shards, 1)  # a table without shards is one shard, read from the fleet's subscription
+        fair = math.ceil(leases / max(learners, 1))
         mine = _held_by(row_filters, me)
         renew = [DeleteRangeFromColumn(FLEET_FAMILY, LEASE), SetCell(FLEET_FAMILY, LEASE, me, stamp)]
         for shard in sorted(self.held):
@@ -835,6 +873,7 @@ class Learner:
                 lease_row(shard), mine, true_case_mutations=renew, operation_timeout=timeout
             ):
                 self.held.discard(shard)
+                self._states.pop(shard, None)
                 self.stats.leases_lost += 1
                 logger.warning("the lease of shard %d was taken over by another learner", shard)
         if len(self.held) > fair:
@@ -848,7 +887,7 @@ class Learner:
             )
             free = [
                 shard
-                for shard in range(self.shards)
+                for shard in range(leases)
                 if shard not in self.held and (shard not in holders or holders[shard][1] < live_after)
             ]
             # Each learner tries the free shards in an order of its own, so that learners starting together rarely
@@ -862,8 +901,21 @@ class Learner:
                 ):
                     self.held.add(shard)
                     self.stats.leases_taken += 1
+                    await self._take(shard)
         self.stats.shards_held = len(self.held)
         self._follow(self._subscriptions())
+
+    async def _take(self, shard: int) -> None:
+        """Read a shard just taken, writing its last committed window to the arm rows; if that fails, the shard's
+        first window does it."""
+        try:
+            state = await self._load(shard)
+        except Exception as exc:
+            self.stats.errors += 1
+            self._lease_log.warning("reading shard %d's row failed (its first window reads it again): %s", shard, exc)
+            return
+        if state is not None:
+            self._states.setdefault(shard, state)  # a window may have read it meanwhile, and gone on from there
 
     async def _release(self, shards: list[int], *, alive: bool = True) -> None:
         """Give back the leases of ``shards`` (if still this learner's); without ``alive``, also its live mark."""
@@ -873,6 +925,7 @@ class Learner:
         timeout = max(self.lease_ttl_s / 3, 1.0)
         for shard in shards:
             self.held.discard(shard)
+            self._states.pop(shard, None)
             self._follow(self._subscriptions())
             await self._table.check_and_mutate_row(
                 lease_row(shard),
@@ -884,46 +937,281 @@ class Learner:
         if not alive:
             await self._table.mutate_row(learner_row(self.learner_id), [DeleteAllFromRow()], operation_timeout=timeout)
 
-    async def _apply(self, rows: dict[str, list[Mark]]) -> None:
-        """Write every row of the window, ``concurrency`` at once; the first failure cancels the rest and raises."""
-        # The client's channel of the moment: it replaces its channel every ~40 minutes (a call made on the old one
-        # fails once that is closed), so the stub is taken per window.
-        call = self._client.transport.grpc_channel.unary_unary(
-            CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._decode
-        )
-        self._written = set()
-        work = iter(rows.items())
-        writers = [asyncio.ensure_future(self._writer(call, work)) for _ in range(min(self.concurrency, len(rows)))]
-        try:
-            await asyncio.gather(*writers)
-        except BaseException:
-            for writer in writers:
-                writer.cancel()
-            await asyncio.gather(*writers, return_exceptions=True)
-            raise
-
-    async def _writer(self, call: Any, work: Iterator[tuple[str, list[Mark]]]) -> None:
-        for id_, marks in work:
-            key = id_.encode()
-            for s in range(0, len(marks), MARKERS_PER_CALL):
-                chunk = marks[s : s + MARKERS_PER_CALL]
-                if await self._write(call, key, chunk):
-                    # Some marker is there already: apply each alone, under its own check.
-                    for mark in chunk:
-                        if await self._write(call, key, [mark]):
-                            self.stats.duplicates += mark[2] or 1  # its impressions, or one reward
-            self._written.add(id_)
-
-    async def _write(self, call: Any, key: bytes, marks: list[Mark]) -> bool:
-        """Write ``marks`` and add their counts unless one of them is in the row; whether one was."""
-        self.stats.writes += 1
-        request = check_and_mutate(self._table_name, key, marks)
-        response = await call(request, timeout=WRITE_TIMEOUT_S, metadata=self._metadata)
-        matched = bool(response.predicate_matched)
-        if not matched:
-            for _, _, n, _ in marks:
-                if n:
-                    self.stats.impressions += n
+    async def _write_shard(self, shard: int, items: list[tuple[str, int, Parsed]]) -> bool:
+        """Commit a shard's part of the window on its row, then write its arms' counts; whether its messages may be
+        acknowledged (else they are given back). A write that fails is retried every ``ERROR_BACKOFF_S`` with the
+        messages held while the error is transient; a commit whose outcome is unknown is settled by reading the
+        shard's row again (``_load``), whose applied sets then say which messages it counted."""
+        while True:
+            state = self._states.get(shard)
+            try:
+                if state is None:
+                    if shard not in self.held:
+                        return False
+                    state = await self._load(shard)
+                    if state is None:
+                        self._lost(shard)
+                        return False
+                    self._states[shard] = state
+                if state.unapplied:  # the window before: committed, not yet in the arm rows
+                    await self._bulk(state.unapplied)
+                    state.unapplied = []
+                plan = Plan(state, [(stream, seq, (parsed.shown, parsed.rewards)) for stream, seq, parsed in items])
+                if plan.applied:
+                    await self._fill(state, [*plan.shown, *plan.got])
+                    if not await self._commit(state, plan):
+                        self._lost(shard)
+                        return False
+                    self.stats.duplicates += plan.duplicates
+                    self.stats.impressions += plan.impressions
+                    self.stats.rewards += plan.rewards
+                    await self._bulk(state.unapplied)
+                    state.unapplied = []
+                    self._published(state, plan)
                 else:
-                    self.stats.rewards += 1
-        return matched
+                    self.stats.duplicates += plan.duplicates
+                return True
+            except Exception as exc:
+                self.stats.failed_windows += 1
+                if state is not None and not state.unapplied:  # the commit's outcome is unknown: read the row again
+                    self._states.pop(shard, None)
+                if self._stop.is_set() or not _transient(exc):
+                    # Committed and not applied: the next holder (or this one, reading the row) applies it first.
+                    logger.warning("shard %d: a window of %d messages given back: %s", shard, len(items), exc)
+                    return False
+                # Held, not given back: every redelivery spends one of the subscription's delivery attempts, and
+                # past them Pub/Sub sends good messages to the dead-letter topic (an outage must not).
+                self._retry_log.warning(
+                    "shard %d: writing a window of %d messages failed, retrying in %.0f s with its messages held: %s",
+                    shard,
+                    len(items),
+                    ERROR_BACKOFF_S,
+                    exc,
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
+
+    def _lost(self, shard: int) -> None:
+        """The shard's lease names another learner: forget the shard and stop reading it."""
+        if shard in self.held:
+            self.held.discard(shard)
+            self.stats.leases_lost += 1
+            self.stats.shards_held = len(self.held)
+            logger.warning("the lease of shard %d was taken over by another learner", shard)
+            self._follow(self._subscriptions())
+        self._states.pop(shard, None)
+
+    async def _load(self, shard: int) -> ShardState | None:
+        """Shard ``shard``'s state from its row; None if the lease there does not name this learner. Its last
+        committed window is written to the arm rows first (its holder may have stopped between commit and apply;
+        written twice, a window's cells are the same cells).
+
+        Raises:
+            ValueError: If the row holds a version, window or applied set that is not what this module writes.
+        """
+        from google.cloud.bigtable.data import row_filters
+
+        row = await self._table.read_row(
+            lease_row(shard),
+            row_filter=row_filters.RowFilterChain(
+                [row_filters.FamilyNameRegexFilter(FLEET_FAMILY), row_filters.CellsColumnLimitFilter(1)]
+            ),
+            operation_timeout=WRITE_TIMEOUT_S,
+        )
+        cells = {} if row is None else {cell.qualifier: cell for cell in row.cells}
+        lease = cells.get(LEASE)
+        if lease is None or lease.value != self.learner_id.encode():
+            return None
+        version = 0
+        if VERSION in cells:
+            value = cells[VERSION].value
+            if not value.isdigit() or len(value) > 18:
+                raise ValueError(f"shard {shard}'s version is {value[:40]!r}, not a number")
+            version = int(value)
+        chunks = {q[len(PENDING_PREFIX) :]: cell.value for q, cell in cells.items() if q.startswith(PENDING_PREFIX)}
+        if sorted(chunks) != sorted(str(k).encode() for k in range(len(chunks))):
+            raise ValueError(f"shard {shard}'s window chunks are {sorted(chunks)!r}, not 0 to {len(chunks) - 1}")
+        state = ShardState(shard, version, len(chunks))
+        for qualifier, cell in cells.items():
+            if qualifier.startswith(APPLIED_PREFIX):
+                stream = qualifier[len(APPLIED_PREFIX) :].decode(errors="replace")
+                try:
+                    state.applied[stream] = Applied.decode(cell.value)
+                except ValueError as exc:
+                    raise ValueError(f"shard {shard}'s applied set of {stream!r}: {exc}") from None
+                state.touched[stream] = cell.timestamp_micros / 1e6
+        if chunks:
+            data = b"".join(chunks[str(k).encode()] for k in range(len(chunks)))
+            ids, impressions, rewards = decode_window(data, version)
+            timestamp = varint(version_micros(version))
+            older = older_than(timestamp)
+            state.unapplied = [
+                counts_entry(id_.encode(), i, r, timestamp, older) for id_, i, r in zip(ids, impressions, rewards)
+            ]
+            state.counts.update(zip(ids, zip(impressions, rewards)))
+            await self._bulk(state.unapplied)
+            state.unapplied = []
+            self.stats.windows_reapplied += 1
+        return state
+
+    async def _fill(self, state: ShardState, ids: list[str]) -> None:
+        """Read the counts of the arms of ``ids`` not in the shard's cache: one ReadRows, family ``n`` where a row
+        has it, else ``c`` (a table written by earlier learners)."""
+        from google.cloud.bigtable.data import ReadRowsQuery
+
+        counts = state.counts
+        missing: list[str | bytes] = list({id_.encode() for id_ in ids if id_ not in counts})
+        if not missing:
+            return
+        self.stats.reads += 1
+        rows = await self._table.read_rows(
+            ReadRowsQuery(row_keys=missing, row_filter=self._counts_filter), operation_timeout=WRITE_TIMEOUT_S
+        )
+        for row in rows:
+            id_ = row.row_key.decode()
+            read = arm_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
+            if read is None:
+                self.stats.invalid_counts += 1
+                self._invalid_log.warning("arm %r: a counts cell is not a non-negative int64; counted from 0", id_)
+                read = (0, 0)
+            counts[id_] = read
+        for key in missing:
+            counts.setdefault(key.decode() if isinstance(key, bytes) else key, (0, 0))
+
+    async def _commit(self, state: ShardState, plan: Plan) -> bool:
+        """One CheckAndMutateRow on the shard's row, on condition that its lease names this learner: the new
+        version, the window's absolute counts and the changed applied sets (streams unheard of for
+        ``forget_after_s`` deleted); False if the lease is another's. On success the state moves on, the arm rows'
+        entries waiting in ``state.unapplied``."""
+        from google.cloud.bigtable.data import DeleteRangeFromColumn, SetCell, row_filters
+
+        now = time.time()
+        version = max(state.version + 1, int(now * 1000))
+        stamp = version_micros(version)
+        counts = state.counts
+        ids = list({**plan.shown, **plan.got})
+        impressions = [counts[id_][0] + plan.shown.get(id_, 0) for id_ in ids]
+        rewards = [counts[id_][1] + plan.got.get(id_, 0) for id_ in ids]
+        chunks = encode_window(version, ids, impressions, rewards)
+        mutations: list[Any] = []
+
+        def put(qualifier: bytes, value: bytes) -> None:
+            mutations.append(DeleteRangeFromColumn(FLEET_FAMILY, qualifier))
+            mutations.append(SetCell(FLEET_FAMILY, qualifier, value, stamp))
+
+        put(VERSION, str(version).encode())
+        for k, chunk in enumerate(chunks):
+            put(PENDING_PREFIX + str(k).encode(), chunk)
+        for k in range(len(chunks), state.chunks):
+            mutations.append(DeleteRangeFromColumn(FLEET_FAMILY, PENDING_PREFIX + str(k).encode()))
+        for stream, applied in plan.applied.items():
+            put(APPLIED_PREFIX + stream.encode(), applied.encode())
+        expired = [s for s, t in state.touched.items() if s not in plan.applied and now - t > self.forget_after_s]
+        for stream in expired:
+            mutations.append(DeleteRangeFromColumn(FLEET_FAMILY, APPLIED_PREFIX + stream.encode()))
+        self.stats.commits += 1
+        if not await self._table.check_and_mutate_row(
+            lease_row(state.shard),
+            _held_by(row_filters, self.learner_id.encode()),
+            true_case_mutations=mutations,
+            operation_timeout=WRITE_TIMEOUT_S,
+        ):
+            return False
+        state.version, state.chunks = version, len(chunks)
+        state.applied.update(plan.applied)
+        state.touched.update(dict.fromkeys(plan.applied, now))
+        for stream in expired:
+            del state.applied[stream], state.touched[stream]
+        timestamp = varint(stamp)
+        older = older_than(timestamp)
+        state.unapplied = [
+            counts_entry(id_.encode(), i, r, timestamp, older) for id_, i, r in zip(ids, impressions, rewards)
+        ]
+        counts.update(zip(ids, zip(impressions, rewards)))
+        plan.ids, plan.impressions_now, plan.rewards_now = ids, impressions, rewards
+        return True
+
+    async def _bulk(self, entries: list[bytes]) -> None:
+        """Write arm rows' counts with MutateRows, ``ENTRIES_PER_CALL`` (or ``BULK_BYTES``) a call.
+
+        Raises:
+            RuntimeError: If Bigtable did not write an entry (all are written again: the same cells).
+        """
+        # The client's channel of the moment: it replaces its channel every ~40 minutes (a call made on the old one
+        # fails once that is closed), so the stub is taken per call.
+        mutate_rows = self._client.transport.grpc_channel.unary_stream(
+            MUTATE_ROWS, request_serializer=None, response_deserializer=self._decode
+        )
+        start = 0
+        while start < len(entries):
+            end, size = start, 0
+            while end < len(entries) and end - start < ENTRIES_PER_CALL and size < BULK_BYTES:
+                size += len(entries[end])
+                end += 1
+            self.stats.writes += 1
+            failed, why = 0, ""
+            call = mutate_rows(
+                self._table_name + b"".join(entries[start:end]), timeout=WRITE_TIMEOUT_S, metadata=self._metadata
+            )
+            async for response in call:
+                for entry in response.entries:
+                    if entry.status.code != 0:
+                        failed += 1
+                        why = why or entry.status.message
+            if failed:
+                raise RuntimeError(f"{failed} of {end - start} arm rows not written: {why}")
+            start = end
+
+    def _published(self, state: ShardState, plan: Plan) -> None:
+        """The window's absolute counts to the replicas' fan-out (``fanout``), in the background."""
+        self.fanout.written(plan.ids, plan.impressions_now, plan.rewards_now)
+
+    async def _forward(self, items: list[tuple[str, int, Parsed]]) -> bool:
+        """Messages of the fleet's own subscription in a table with shards (publishers without shards: replicas of
+        an earlier version) hold arms of every shard, which only their shards' holders may write: each is
+        published again, split, to every shard's topic, as stream ``<stream>:f.<shard>`` with the same sequence
+        number (a part to every shard, empty or not, so each stream's numbers have no gaps). Whether all were
+        published: then the originals are acknowledged; a redelivery publishes the same parts again, which the
+        shards' applied sets count once."""
+        if not items:
+            return True
+        publishes = []
+        for stream, seq, parsed in items:
+            parts: dict[int, list[Any]] = {shard: [] for shard in range(self.shards)}
+            shown: dict[int, dict[str, int]] = {}
+            for id_, n in parsed.shown.items():
+                shown.setdefault(shard_of(id_, self.shards), {})[id_] = n
+            for shard, sums in shown.items():
+                parts[shard].append(["i", 0, sums])
+            for id_, event_id, millionths in parsed.rewards:
+                parts[shard_of(id_, self.shards)].append(["r", 0, event_id, id_, millionths / REWARD_SCALE])
+            for shard, records in parts.items():
+                attributes = {"v": FORMAT_VERSION, "k": f"{stream}:f.{shard}/{seq}", "s": str(shard)}
+                publishes.append((shard, {"data": orjson.dumps(records), "attributes": attributes}))
+        by_topic: dict[int, list[dict[str, Any]]] = {}
+        for shard, message in publishes:
+            by_topic.setdefault(shard, []).append(message)
+        while True:
+            try:
+                await asyncio.gather(
+                    *(
+                        self._publisher.publish(topic=shard_topic(self._topic, shard), messages=batch, timeout=30)
+                        for shard, batch in by_topic.items()
+                    )
+                )
+            except Exception as exc:
+                # Held, not given back, as a write is: each redelivery would spend a delivery attempt.
+                self.stats.errors += 1
+                if self._stop.is_set():
+                    return False
+                self._retry_log.warning(
+                    "forwarding %d messages to the shard topics failed, retrying in %.0f s: %s",
+                    len(items),
+                    ERROR_BACKOFF_S,
+                    exc,
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
+                continue
+            self.stats.forwarded += len(items)
+            return True

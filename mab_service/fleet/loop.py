@@ -78,7 +78,8 @@ class FleetLoop(LoopBase):
         self.fleet.event(event_id, held_ids, now, claimed=claimed)
 
     async def rewards(self, items: list[tuple[str, str, float]]) -> list[bool | MabError]:
-        """Check rewards against the events' membership rows, publish the accepted ones, then mark them.
+        """Check rewards against the events' membership rows, claim the accepted ones on them, then publish those
+        this replica claimed.
 
         Returns:
             Per item: True (accepted now), False (a duplicate: counted once already), or the refusal
@@ -110,20 +111,25 @@ class FleetLoop(LoopBase):
                 outcomes.append(True)
         if not accepted:
             return outcomes
+        # The claim decides: a copy posted to any replica, now or later, is a duplicate, and only the claimed reward
+        # is published, so the learners count it once without deduplicating rewards themselves.
         try:
-            await fleet.publish_rewards(accepted, now)
+            first = await fleet.claim_rewards(accepted)
         except SinkUnavailable:
             self.refusals.unavailable += len(accepted)
             raise
-        # Stored in Pub/Sub: counted once by the learners. The mark tells a copy posted anywhere it is a duplicate.
-        fresh = await asyncio.gather(*(fleet.mark(event_id, arm_id, value) for event_id, arm_id, value in accepted))
         counted = []
-        for position, reward, first in zip(positions, accepted, fresh):
-            if first:
+        for position, reward, claimed in zip(positions, accepted, first):
+            if claimed:
                 counted.append(reward)
             else:
                 outcomes[position] = False
                 self.refusals.duplicate += 1
+        try:
+            await fleet.publish_rewards(counted, now)
+        except SinkUnavailable:
+            self.refusals.unavailable += len(counted)
+            raise
         self._accepted(counted, now)
         return outcomes
 

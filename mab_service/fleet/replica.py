@@ -9,9 +9,12 @@ adds nothing to them itself:
   ids are written to the event's **membership row** ``\\x00e/<event_id>`` in the same table (family ``e``, cell
   ``i``: the ids as JSON, with the answer's time as the cell's timestamp), batched into MutateRows calls;
 - a reward, on whichever replica it arrives, is checked against that row (unknown or expired event: 404; an id the
-  event did not return: 422; a reward already marked: 200 duplicate), published, and then marked in the row
-  (``e:r/<id>``, one CheckAndMutateRow) so that a copy of it posted to any replica is answered ``duplicate``.
-  202 means the reward's message is stored by Pub/Sub; the learners count it once (docs/fleet.md).
+  event did not return: 422; a reward already claimed: 200 duplicate), then **claimed** in the row (``e:r/<id>``,
+  one CheckAndMutateRow writing the reward and a token naming this claim unless the cell is there), and only then
+  published: a copy posted to any replica, at once or later, finds the claim and is answered ``duplicate``, so each
+  reward is in one message and the learners need no marker for it. 202 means the reward's message is stored by
+  Pub/Sub. A claimed reward is never dropped: if Pub/Sub does not store it in time the answer is 503, and the sink
+  keeps it in its message and sends it again until Pub/Sub does (a retry is answered ``duplicate``).
 
 Membership lives in Bigtable, not in a replica's memory, so it scales with the table, and family ``e``'s
 garbage-collection rule (``mab-service setup``) bounds it. A row is written within ``events_max_delay_s`` of the
@@ -21,7 +24,8 @@ called unknown, so a client that rewards at once on another replica is not refus
 When a dependency is down (docs/fleet.md, "When Pub/Sub or Bigtable is away"): events and membership rows wait in
 bounded buffers and are sent again; once a buffer is full, /predict answers 503 ``events_unavailable`` rather than
 answer something that would not be counted; /reward answers 503 while Pub/Sub does not store its message or Bigtable
-cannot be read.
+cannot be read, or a claim's outcome cannot be known (it is settled in the background: published if it was this
+replica's).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -232,8 +237,13 @@ class Fleet:
         self.prior_beta = prior_beta
         # One client for the counts, the membership rows and the marks.
         self.source = BigtableSource(table, prior_alpha, prior_beta, timeout_s=timeout_s)
-        self.marks_failed = 0
+        self.claims_unknown = 0
+        """Reward claims whose outcome was unknown (Bigtable timed out), read back."""
         self.claims_refused = 0
+        self.replica_id = secrets.token_hex(8)
+        """Names this replica's reward claims (with a counter)."""
+        self._claims = 0
+        self._settling: set[asyncio.Task[None]] = set()
         self._table: Any = None
         self._table_name = table_field(str(self.path))
         self._claimed: Any = None
@@ -351,42 +361,112 @@ class Fleet:
                 return found
             await asyncio.sleep(LOOKUP_RETRY_S)
 
-    async def publish_rewards(self, accepted: list[tuple[str, str, float]], now: float) -> None:
-        """Publish ``accepted`` rewards and wait until Pub/Sub stored them.
+    async def claim_rewards(self, accepted: list[tuple[str, str, float]]) -> list[bool]:
+        """Claim each reward on its event's row before it is published: per reward, True if this replica claimed
+        it (it must be published), False if a copy posted anywhere claimed it first (a duplicate).
+
+        A claim is one CheckAndMutateRow: unless the row has ``e:r/<id>``, write it with the reward and a token naming
+        this claim. A claim whose outcome is unknown (Bigtable timed out) is read back: the cell holds this claim's
+        token (claimed: publish), another's (a duplicate) or nothing (claimed again). Claimed rewards are queued
+        for Pub/Sub here, before any other claim's failure is raised, so none is dropped.
 
         Raises:
-            SinkUnavailable: If Pub/Sub did not store one of them (the others are counted once if retried).
+            SinkUnavailable: If the outbox is full (nothing was claimed).
+            BigtableUnavailable: If a claim's outcome could not be known; it is settled in the background (published
+                if it was this replica's), and a retry of the reward is answered ``duplicate`` once it is.
         """
-        results = await asyncio.gather(
-            *(self.sink.reward(event_id, arm_id, value, now) for event_id, arm_id, value in accepted),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        self.sink.check()
+        outcomes = await asyncio.gather(*(self._claim(*reward) for reward in accepted), return_exceptions=True)
+        failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failed is not None:
+            for reward, outcome in zip(accepted, outcomes):
+                if outcome is True:
+                    self._queue_reward(*reward)
+            raise failed
+        return [outcome is True for outcome in outcomes]
 
-    async def mark(self, event_id: str, arm_id: str, value: float) -> bool:
-        """Mark ``arm_id`` rewarded in the event's row; False if a copy of the reward marked it first.
-
-        The reward is stored in Pub/Sub already and counted once whatever this says: if Bigtable fails here, the
-        answer is "accepted" and a later copy may be answered "accepted" too.
-        """
+    async def _claim(self, event_id: str, arm_id: str, value: float) -> bool:
+        self._claims += 1
+        token = f"{self.replica_id}/{self._claims}"
         f = self._filters
         qualifier = rewarded(arm_id)
         predicate = f.RowFilterChain(
             [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + quote(qualifier) + b"$")]
         )
+        cell = self._set(EVENTS_FAMILY, qualifier, orjson.dumps([value, token]))
+        for _ in range(3):
+            try:
+                return not await self._table.check_and_mutate_row(
+                    event_row(event_id), predicate, false_case_mutations=[cell], operation_timeout=self.timeout_s
+                )
+            except Exception as exc:
+                self.claims_unknown += 1
+                logger.warning("claiming a reward of event %s: outcome unknown (%s); reading it back", event_id, exc)
+            try:
+                holder = await self._claim_holder(event_id, qualifier)
+            except Exception as exc:
+                task = asyncio.get_running_loop().create_task(self._settle_claim(event_id, arm_id, value, token))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                why = f"cannot claim a reward of event {event_id!r} in {self.path}: {exc}"
+                raise BigtableUnavailable(why) from None
+            if holder is not None:
+                return holder == token
+        raise BigtableUnavailable(f"cannot claim a reward of event {event_id!r} in {self.path}")
+
+    async def _claim_holder(self, event_id: str, qualifier: bytes) -> str | None:
+        """The token of the claim in cell ``e:<qualifier>`` of the event's row; None if there is none. A claim of a
+        replica of an earlier version (the reward alone) has the token ``""``."""
+        f = self._filters
+        row = await self._table.read_row(
+            event_row(event_id),
+            row_filter=f.RowFilterChain(
+                [f.FamilyNameRegexFilter(EVENTS_FAMILY), f.ColumnQualifierRegexFilter(b"^" + quote(qualifier) + b"$")]
+            ),
+            operation_timeout=self.timeout_s,
+        )
+        if row is None or not row.cells:
+            return None
         try:
-            return not await self._table.check_and_mutate_row(
-                event_row(event_id),
-                predicate,
-                false_case_mutations=[self._set(EVENTS_FAMILY, qualifier, orjson.dumps(value))],
-                operation_timeout=self.timeout_s,
-            )
-        except Exception as exc:
-            self.marks_failed += 1
-            logger.warning("marking a reward of event %s in %s failed: %s", event_id, self.path, exc)
-            return True
+            claim = orjson.loads(row.cells[0].value)
+        except orjson.JSONDecodeError:
+            return ""
+        return claim[1] if type(claim) is list and len(claim) == 2 and type(claim[1]) is str else ""
+
+    async def _settle_claim(self, event_id: str, arm_id: str, value: float, token: str) -> None:
+        """Read an unknown claim back every second until Bigtable answers: this replica's, it is published."""
+        qualifier = rewarded(arm_id)
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                holder = await self._claim_holder(event_id, qualifier)
+            except Exception:
+                continue
+            if holder == token:
+                self._queue_reward(event_id, arm_id, value)
+            return
+
+    def _queue_reward(self, event_id: str, arm_id: str, value: float) -> None:
+        """A claimed reward to Pub/Sub without waiting (the sink sends it until it is stored)."""
+        task = asyncio.get_running_loop().create_task(self.sink.reward(event_id, arm_id, value, time.time()))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # refused: the sink keeps it anyway
+
+    async def publish_rewards(self, claimed: list[tuple[str, str, float]], now: float) -> None:
+        """Publish ``claimed`` rewards and wait until Pub/Sub stored them.
+
+        Raises:
+            SinkUnavailable: If Pub/Sub did not store one of them in time; the sink keeps them and sends them again
+                until it does (a claimed reward is never dropped), and a retry is answered ``duplicate``.
+        """
+        results = await asyncio.gather(
+            *(self.sink.reward(event_id, arm_id, value, now) for event_id, arm_id, value in claimed),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
         """(alpha, beta, impressions, rewards) of ``arm_id`` from the counts the learners have written now, read
@@ -432,7 +512,7 @@ class Fleet:
             "event_rows_written": rows.written,
             "event_rows_failed": rows.failed,
             "event_rows_pending": rows.pending,
-            "reward_marks_failed": self.marks_failed,
+            "reward_claims_unknown": self.claims_unknown,
             "event_id_claims_refused": self.claims_refused,
             **(self._follower_stats() if self.follower is not None else {}),
         }

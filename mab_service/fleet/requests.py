@@ -1,9 +1,8 @@
-"""Bigtable requests written as protobuf bytes, for the calls made once per answer or per arm and window.
+"""Bigtable requests written as protobuf bytes, for the entries made once per answer or per arm and window.
 
-Through the client's message classes a CheckAndMutateRow costs ~3.5 times the CPU of these bytes (docs/fleet.md), and
-a membership row tens of microseconds where a dozen byte concatenations take a few. The calls go out on the client's
-own channel (its credentials, its emulator), so only the encoding is ours; tests/fleet/test_learner.py checks the
-CheckAndMutateRow bytes against the client's own request.
+Through the client's message classes an entry costs tens of microseconds where a dozen byte concatenations take a few
+(docs/fleet.md). The calls go out on the client's own channel (its credentials, its emulator), so only the encoding is
+ours; tests/fleet/test_learner.py checks the counts entries against the client's own request.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ import re
 import orjson
 
 from mab_service.fleet.schema import (
-    COUNTS_FAMILY,
+    ABSOLUTE_FAMILY,
     EVENTS_FAMILY,
     IMPRESSIONS,
-    MARKERS_FAMILY,
     MEMBERS,
     REWARDS,
     event_row,
@@ -25,12 +23,12 @@ from mab_service.fleet.schema import (
 CHECK_AND_MUTATE_ROW = "/google.bigtable.v2.Bigtable/CheckAndMutateRow"
 MUTATE_ROWS = "/google.bigtable.v2.Bigtable/MutateRows"
 
-# The CheckAndMutateRow request, written as protobuf bytes (google/bigtable/v2/bigtable.proto and data.proto). Field
-# numbers: CheckAndMutateRowRequest table_name 1, row_key 2, predicate_filter 6, false_mutations 5; RowFilter chain 1,
-# family_name_regex_filter 5, column_qualifier_regex_filter 6; Chain filters 1; Mutation set_cell 1, add_to_cell 5;
-# SetCell family_name 1, column_qualifier 2, timestamp_micros 3; AddToCell family_name 1, column_qualifier 2,
-# timestamp 3, input 4; Value raw_value 8, raw_timestamp_micros 9, int_value 6. tests/fleet/test_learner.py checks the
-# bytes against the client's own request.
+# Requests written as protobuf bytes (google/bigtable/v2/bigtable.proto and data.proto). Field numbers:
+# CheckAndMutateRowRequest table_name 1, row_key 2, predicate_filter 6, false_mutations 5; RowFilter chain 1,
+# family_name_regex_filter 5, column_qualifier_regex_filter 6; Chain filters 1; MutateRowsRequest table_name 1,
+# entries 2; Entry row_key 1, mutations 2; Mutation set_cell 1, delete_from_column 2; SetCell family_name 1,
+# column_qualifier 2, timestamp_micros 3, value 4; DeleteFromColumn family_name 1, column_qualifier 2, time_range 3;
+# TimestampRange end_timestamp_micros 2. tests/fleet/test_learner.py checks the bytes against the client's own request.
 
 
 _SMALL = [bytes((n,)) for n in range(0x80)]
@@ -65,56 +63,31 @@ def quote(marker: bytes) -> bytes:
     return _SPECIAL.sub(lambda m: b"\\x%02x" % m[0][0], marker)
 
 
-_MARKER_CELL = field(1, MARKERS_FAMILY.encode()) + b"\x12"  # family_name, then column_qualifier's tag
+_IMPRESSIONS_CELL = b"\x0a\x01" + ABSOLUTE_FAMILY.encode() + b"\x12\x01" + IMPRESSIONS + b"\x18"
+_REWARDS_CELL = b"\x0a\x01" + ABSOLUTE_FAMILY.encode() + b"\x12\x01" + REWARDS + b"\x18"
 
 
-def set_marker(marker: bytes, timestamp: bytes) -> bytes:
-    """A false-case mutation of the request: write marker cell ``d:<marker>`` (empty value) at ``timestamp``
-    (``timestamp_field``). Several per event: written out by hand."""
-    cell = _MARKER_CELL + varint(len(marker)) + marker + timestamp
-    set_cell = b"\x0a" + varint(len(cell)) + cell
-    return b"\x2a" + varint(len(set_cell)) + set_cell
+def older_than(timestamp: bytes) -> bytes:
+    """The mutations deleting the cells of ``n:i`` and ``n:r`` older than ``timestamp`` (``varint`` of micros), for
+    ``counts_entry``: the same for every arm of a window."""
+    time_range = field(3, b"\x10" + timestamp)  # time_range: TimestampRange end_timestamp_micros (exclusive)
+    i = _IMPRESSIONS_CELL[:-1] + time_range
+    r = _REWARDS_CELL[:-1] + time_range
+    return field(2, field(2, i)) + field(2, field(2, r))
 
 
-def timestamp_field(timestamp_micros: int) -> bytes:
-    """SetCell's timestamp_micros field."""
-    return b"\x18" + varint(timestamp_micros)
-
-
-def add_count(qualifier: bytes, value: int) -> bytes:
-    """A false-case mutation of the request: add ``value`` to ``c:<qualifier>``'s one aggregate cell (timestamp 0)."""
-    add = (
-        field(1, COUNTS_FAMILY.encode())
-        + field(2, field(8, qualifier))
-        + field(3, b"\x48\x00")
-        + field(4, b"\x30" + varint(value))
-    )
-    return field(5, field(5, add))
-
-
-_FAMILY_FILTER = field(1, field(5, MARKERS_FAMILY.encode()))
-
-
-#: One marker of an arm's row and what it guards, a message's impressions of the arm or one reward: the marker as a
-#: pattern (``quote``), the mutation writing it (``set_marker``), impressions, reward in millionths. A tuple: a
-#: window makes several per event.
-Mark = tuple[bytes, bytes, int, int]
-
-
-def check_and_mutate(table_name: bytes, key: bytes, marks: list[Mark]) -> bytes:
-    """The request: unless a cell ``d:<one of marks>`` is in row ``key``, write the marks and add their counts."""
-    pattern = b"^(?:" + b"|".join([mark[0] for mark in marks]) + b")$"
-    predicate = field(6, field(1, _FAMILY_FILTER + field(1, field(6, pattern))))
-    impressions = rewards = 0
-    for _, _, n, reward in marks:
-        impressions += n
-        rewards += reward
-    mutations = b"".join([mark[1] for mark in marks])
-    if impressions:
-        mutations += add_count(IMPRESSIONS, impressions)
-    if rewards:
-        mutations += add_count(REWARDS, rewards)
-    return table_name + field(2, key) + predicate + mutations
+def counts_entry(key: bytes, impressions: int, rewards: int, timestamp: bytes, older: bytes) -> bytes:
+    """One ``MutateRowsRequest.Entry`` (``fleet.learner``): delete the cells of ``n:i`` and ``n:r`` older than
+    ``timestamp`` (``older``, from ``older_than``), then SetCell them to the arm's absolute counts (int64, big-endian,
+    as Bigtable's own counters) at ``timestamp`` (``varint`` of the window's ``schema.version_micros``). A row thus
+    holds one cell per count whatever Bigtable's collection has done, and a late write of an older window (a learner
+    whose lease expired) deletes nothing newer and is never the newest. Once per arm and window: written by hand."""
+    i = _IMPRESSIONS_CELL + timestamp + b"\x22\x08" + impressions.to_bytes(8, "big", signed=True)
+    r = _REWARDS_CELL + timestamp + b"\x22\x08" + rewards.to_bytes(8, "big", signed=True)
+    first = b"\x0a" + varint(len(i)) + i
+    second = b"\x0a" + varint(len(r)) + r
+    body = field(1, key) + older + b"\x12" + varint(len(first)) + first + b"\x12" + varint(len(second)) + second
+    return b"\x12" + varint(len(body)) + body
 
 
 def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:

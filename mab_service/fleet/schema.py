@@ -1,9 +1,12 @@
 """The fleet's Bigtable table: its path, column families, qualifiers and row keys, one definition each.
 
-A table ``projects/P/instances/I/tables/T`` holds one row per arm, keyed by its id (UTF-8): family ``c`` (an
-aggregate int64 sum family) holds ``c:i``, the arm's impressions, and ``c:r``, its rewards in millionths. Family
-``d`` holds the learners' deduplication markers, family ``e`` the events' membership rows, family ``s`` the fleet's
-own rows (configuration, shard leases, live learners). The fleet's own rows begin with a NUL byte, which no id
+A table ``projects/P/instances/I/tables/T`` holds one row per arm, keyed by its id (UTF-8): family ``n`` (one
+version per cell) holds ``n:i``, the arm's impressions, and ``n:r``, its rewards in millionths, as absolute counts
+written by the lease holder of the arm's shard with the shard's window version as the cells' timestamp. Family ``c``
+(an aggregate int64 sum family) holds the same cells as sums in tables written by learners of earlier versions; a row
+without ``n`` cells is read from ``c``. Family ``d`` held those learners' deduplication markers (kept for old
+tables, no longer written), family ``e`` holds the events' membership rows, family ``s`` the fleet's own rows
+(configuration, shard leases and windows, live learners). The fleet's own rows begin with a NUL byte, which no id
 can (ids have no control characters: ``mab_service.ids``), so they never meet an arm's row.
 
 This module imports nothing of the project but ``errors`` and ``specs`` (the table's name): the ``bigtable:``
@@ -13,14 +16,19 @@ source and the fleet's deployables (replica, learner, setup) all stand on it.
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from mab_service.errors import FeatureSourceError
 from mab_service.specs import TABLE
 
+#: Absolute counts, one version per cell, the newest timestamp the current one (``fleet.learner``).
+ABSOLUTE_FAMILY = "n"
+#: The counts as sums (aggregate int64 family): what learners before absolute counts wrote; read when ``n`` is not.
 COUNTS_FAMILY = "c"
 IMPRESSIONS = b"i"
 REWARDS = b"r"
+#: The deduplication markers of learners before absolute counts (no longer written; ``setup`` keeps the family).
 MARKERS_FAMILY = "d"
 #: Events' membership rows (``fleet.replica``): which ids an answer returned, and which are rewarded.
 EVENTS_FAMILY = "e"
@@ -40,6 +48,14 @@ SHARDS = b"shards"
 #: last renewal.
 LEASE_ROW_PREFIX = b"\x00s/"
 LEASE = b"lease"
+#: A shard's row (the lease row) also holds the shard's learner state, written by one CheckAndMutateRow per window
+#: on condition that the lease still names the writer: ``s:version``, the last committed window's version (ASCII
+#: digits; the arms' ``n`` cells carry it as timestamp, ``version_micros``); ``s:w/<k>``, chunk ``k`` of that
+#: window's absolute counts (``fleet.learner`` encodes them); ``s:p/<stream>``, the sequence numbers applied of a
+#: publisher's stream (``<publisher id>.<shard>``), the cell's timestamp its last update.
+VERSION = b"version"
+PENDING_PREFIX = b"w/"
+APPLIED_PREFIX = b"p/"
 #: A live learner's row is this prefix and its id; cell ``s:alive``'s timestamp is its last heartbeat.
 LEARNER_ROW_PREFIX = b"\x00l/"
 ALIVE = b"alive"
@@ -67,6 +83,38 @@ def lease_row(shard: int) -> bytes:
 def learner_row(learner_id: str) -> bytes:
     """The key of a live learner's row."""
     return LEARNER_ROW_PREFIX + learner_id.encode()
+
+
+def version_micros(version: int) -> int:
+    """The cell timestamp of a window's counts: its version in milliseconds, Bigtable's granularity."""
+    return version * 1000
+
+
+def arm_counts(cells: Iterable[tuple[str, bytes, bytes]]) -> tuple[int, int] | None:
+    """An arm's (impressions, rewards in millionths) from its row's newest cells ``(family, qualifier, value)``:
+    family ``n``'s if the row has any, else the sums of family ``c`` (a table written by earlier learners). None if a
+    cell read is not a count: not a Bigtable int64 (8 bytes) or negative. Rewards may exceed impressions (a reward
+    can be applied before its answer's impressions): the posterior takes them in [0, impressions].
+    """
+    absolute: dict[bytes, int] = {}
+    sums: dict[bytes, int] = {}
+    for family, qualifier, value in cells:
+        if family == ABSOLUTE_FAMILY:
+            into = absolute
+        elif family == COUNTS_FAMILY:
+            into = sums
+        else:
+            continue
+        if qualifier != IMPRESSIONS and qualifier != REWARDS:
+            continue
+        if len(value) != 8:
+            return None
+        n = int.from_bytes(value, "big", signed=True)
+        if n < 0:
+            return None
+        into[qualifier] = n
+    counts = absolute or sums
+    return counts.get(IMPRESSIONS, 0), counts.get(REWARDS, 0)
 
 
 class TablePath(NamedTuple):

@@ -9,12 +9,13 @@ Dead letters: a message the learners cannot decode is nacked, never acknowledged
 policy forwards it after ``max_delivery_attempts`` deliveries to the topic ``<topic>-dead-letter``, which has a
 subscription of its own (``<subscription>-dead-letter``) so that what lands there is kept for a person to read.
 
-The table: family ``c`` is an aggregate family (int64 sums: the counts, to which learners add atomically);
-family ``d`` holds the learners' deduplication markers with a garbage-collection policy of
-``retention_s + MARKER_MARGIN_S``, so that a marker outlives every redelivery of the message that wrote it (the
-subscription keeps an unacknowledged message for ``retention_s`` at most); family ``e`` holds the serving replicas'
-event membership rows (``fleet.replica``), collected after the same age; family ``s`` holds the fleet's own rows
-(the shard count, the learners' leases), one version per cell and no age rule.
+The table: family ``n`` holds the arms' absolute counts, one version per cell (written by the lease holder of the
+arm's shard, ``fleet.learner``); family ``c`` is an aggregate family (int64 sums: the counts as learners of earlier
+versions added them, read where ``n`` is not there); family ``d`` holds those learners' deduplication markers with a
+garbage-collection policy of ``retention_s + MARKER_MARGIN_S``, kept while a table may still be written by them (an
+upgrade); family ``e`` holds the serving replicas' event membership rows (``fleet.replica``), collected after the
+same age; family ``s`` holds the fleet's own rows (the shard count, the learners' leases and the shards' windows and
+applied sets), one version per cell and no age rule.
 
 Shards: the arms are split into ``shards`` shards (``pubsub.shard_of``), fixed by the first ``setup`` and stored in
 the table (``CONFIG_ROW``), where ``serve`` and ``learn`` read it. Each shard has a topic of its own
@@ -32,6 +33,7 @@ from typing import Any
 
 from mab_service.errors import MabError
 from mab_service.fleet.schema import (
+    ABSOLUTE_FAMILY,
     CONFIG_ROW,
     COUNTS_FAMILY,
     EVENTS_FAMILY,
@@ -339,6 +341,9 @@ def ensure_table(path: TablePath, marker_ttl_s: int, say: Callable[[str], None] 
     except ImportError as exc:
         raise SetupError(f"setup needs mab-service[fleet] installed ({exc})") from None
     wanted: dict[str, Any] = {
+        # The absolute counts: one version per cell; its timestamp is the window's version, so a late write of an
+        # older window (a learner whose lease expired meanwhile) is never the newest.
+        ABSOLUTE_FAMILY: ColumnFamily(gc_rule={"max_num_versions": 1}),
         COUNTS_FAMILY: ColumnFamily(
             value_type=Type(
                 aggregate_type=Type.Aggregate(input_type=Type(int64_type=Type.Int64()), sum=Type.Aggregate.Sum())

@@ -10,12 +10,14 @@ message's impressions once however often it is published or delivered (``learner
 
 Records are buffered and published together every ``max_delay_s`` or ``max_records``, whichever comes first, so
 that ``event`` costs the request path an append and no system call. ``reward`` returns once the message that
-carries it is stored by Pub/Sub (the fleet's "durable"), or raises ``SinkUnavailable``; a caller answers 202 only
-after it.
+carries it is stored by Pub/Sub (the fleet's "durable"), or raises ``SinkUnavailable`` (the reward stays queued); a
+caller answers 202 only after it.
 
 Nothing answered is dropped. A message Pub/Sub refuses stays in the outbox and is published again every
-``retry_s`` with its key, its events and without its rewards: a reward is the client's to retry (it was answered
-503), and if the refused attempt was stored after all, the learner counts that reward once either way. The outbox
+``retry_s`` with its key, as it was: its events, and its rewards, which the replica claimed on their events' rows
+before queuing them (``fleet.replica``), so that a client's retry of a reward answered 503 is a duplicate and this
+message is the only one to carry it; if a refused attempt was stored after all, the learners count the message once
+(its key). The outbox
 holds at most ``max_pending`` messages and ``max_pending_bytes`` bytes of them (sent and not yet stored, or waiting
 to be sent again, and the batch being filled); when it is full, ``event`` and ``reward`` raise ``SinkUnavailable``
 so the replica answers 503 instead of losing what it answered. ``close`` (the replica's shutdown) sends the batch and
@@ -217,10 +219,12 @@ class PubSubSink:
     async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
         """Queue an accepted reward and wait until Pub/Sub has stored its message.
 
+        The reward is queued whatever the outbox holds (the caller checked it before claiming the reward, and a
+        claimed reward is never dropped), and stays in its message until Pub/Sub stores it.
+
         Raises:
-            SinkUnavailable: If Pub/Sub refused the message or the outbox is full.
+            SinkUnavailable: If Pub/Sub refused the message (it is sent again, with the reward).
         """
-        self.check()
         waiter = asyncio.get_running_loop().create_future()
         message = self._add(["r", t, event_id, id_, reward], shard_of(id_, self.shards) if self.shards else 0)
         message.waiters.append(waiter)
@@ -320,14 +324,8 @@ class PubSubSink:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(SinkUnavailable(f"publishing to {message.topic} failed: {error}"))
-        # The answers go again, under the same key; the rewards were answered 503 and are the clients' to retry.
-        if message.records:
-            size = message.size - sum(len(record) + 1 for record in message.records)
-            self._bytes -= message.size - size
-            message.records, message.size = [], size
-        if not message.events:
-            self._drop(message)
-            return
+        # The message goes again, under the same key and as it was: its answers, and its rewards, which were claimed
+        # on their events' rows (a retry of one is answered duplicate, so only this message can carry it).
         self._retry.append(message)
         if self._retry_timer is None:
             self._retry_timer = asyncio.get_running_loop().call_later(self.retry_s, self._resend)

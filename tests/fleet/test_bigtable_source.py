@@ -39,15 +39,18 @@ async def add_counts(table: str, counts: dict[str, tuple[int, float]]) -> None:
         await client.close()
 
 
-async def set_cells(table: str, cells: dict[str, dict[bytes, bytes]]) -> None:
-    """Write counts cells' raw bytes (what a learner never writes: anything but an 8-byte int64)."""
+async def set_cells(table: str, cells: dict[str, dict[bytes, bytes]], family: str = "c", timestamp: int = -1) -> None:
+    """Write counts cells' raw bytes: what a learner never writes (anything but an 8-byte int64) in family ``c``, or
+    absolute counts in family ``n`` at a window's version ``timestamp`` (micros), as the learner writes them."""
     from google.cloud.bigtable.data import RowMutationEntry, SetCell
 
     path = TablePath.parse(table)
     client = data_client(path.project)
     try:
         entries = [
-            RowMutationEntry(id_.encode(), [SetCell("c", qualifier, value) for qualifier, value in row.items()])
+            RowMutationEntry(
+                id_.encode(), [SetCell(family, qualifier, value, timestamp) for qualifier, value in row.items()]
+            )
             for id_, row in cells.items()
         ]
         await client.get_table(path.instance, path.table).bulk_mutate_rows(entries)
@@ -164,6 +167,26 @@ async def bad_counts(table: str) -> None:
 
 
 @READERS
+def test_absolute_counts_win_over_the_sums_of_earlier_learners_and_the_newest_version_is_read(
+    fleet_table: str, raw_reads: bool
+) -> None:
+    """A row with family ``n`` is read from it (the newest cell: an older window's late write is not), a row with
+    only ``c`` (a table written by earlier learners) from its sums."""
+
+    def int64(n: int) -> bytes:
+        return n.to_bytes(8, "big", signed=True)
+
+    asyncio.run(add_counts(fleet_table, {"upgraded": (100, 50.0), "legacy": (10, 3.0)}))
+    new = {b"i": int64(120), b"r": int64(55 * REWARD_SCALE)}
+    asyncio.run(set_cells(fleet_table, {"upgraded": new, "fresh": new}, family="n", timestamp=2_000_000))
+    late = {b"i": int64(1), b"r": int64(0)}  # a zombie's window of an older version
+    asyncio.run(set_cells(fleet_table, {"upgraded": late, "fresh": late}, family="n", timestamp=1_000_000))
+    _, read = asyncio.run(fetch(fleet_table, ["upgraded", "legacy", "fresh"], raw_reads=raw_reads))
+    assert read.impressions.tolist() == [120, 10, 120]
+    assert read.rewards.tolist() == [55.0, 3.0, 55.0]
+
+
+@READERS
 def test_counts_that_give_no_posterior_are_clamped_or_left_to_the_check(fleet_table: str, raw_reads: bool) -> None:
     asyncio.run(bad_counts(fleet_table))
     ids = ["ahead", "ok", "short", "negative", "long", "none"]
@@ -177,12 +200,12 @@ def test_counts_that_give_no_posterior_are_clamped_or_left_to_the_check(fleet_ta
             await source.close()
 
     features, stats = asyncio.run(read())
-    # ahead: 5 rewards, 2 impressions -> rewards taken as 2, beta at the prior; negative impressions -> the prior.
-    # short, long: a cell that is not 8 bytes: NaN for the pipeline's check; the rest of the read keeps its counts.
+    # ahead: 5 rewards, 2 impressions -> rewards taken as 2, beta at the prior. negative, short, long: a count that
+    # is negative or a cell that is not 8 bytes: NaN for the pipeline's check; the rest of the read keeps its counts.
     nan = np.nan
-    np.testing.assert_array_equal(features.alpha, [2.0 + 2, 2.0 + 1, nan, 2.0, nan, 2.0])
-    np.testing.assert_array_equal(features.beta, [3.0, 3.0 + 9, nan, 3.0, nan, 3.0])
-    assert features.known == 5 and features.unread == 0 and stats["invalid_values"] == 2
+    np.testing.assert_array_equal(features.alpha, [2.0 + 2, 2.0 + 1, nan, nan, nan, 2.0])
+    np.testing.assert_array_equal(features.beta, [3.0, 3.0 + 9, nan, nan, nan, 3.0])
+    assert features.known == 5 and features.unread == 0 and stats["invalid_values"] == 3
     checked = ParameterCheck().replace(features, ids, BigtableSource(fleet_table, *PRIOR))
     np.testing.assert_array_equal(checked.alpha, [4.0, 3.0, 2.0, 2.0, 2.0, 2.0])
     np.testing.assert_array_equal(checked.beta, [3.0, 12.0, 3.0, 3.0, 3.0, 3.0])
@@ -202,4 +225,4 @@ def test_predict_ranks_bad_counts_by_the_prior_and_counts_them(
             assert answer.status_code == 200, answer.text
             assert answer.json()["degraded"] is False  # a bad value is not a store failure
             assert (answer.json()["ids"], answer.json()["scores"]) == want
-            assert invalid_counted(http, "bigtable") == 2 * n
+            assert invalid_counted(http, "bigtable") == 3 * n

@@ -236,13 +236,21 @@ class Traffic:
             if rewarded:
                 await self.reward(client, body["event_id"], id_, value, answering)
 
-    async def reward(self, client: httpx.AsyncClient, event_id: str, id_: str, value: float, answering: int) -> None:
+    async def reward(
+        self, client: httpx.AsyncClient, event_id: str, id_: str, value: float, answering: int, retried: bool = False
+    ) -> None:
         other = (answering + 1) % len(self.urls)
         payload = {"event_id": event_id, "id": id_, "reward": value}
         first = await client.post(self.urls[other] + "/reward", json=payload)
         if first.status_code == 503:
             assert first.json()["error"] == "events_unavailable", first.text
             self.truth.retries.append((event_id, id_, value, answering))
+            return
+        if retried and first.status_code == 200:
+            # Answered 503 after its claim: the replica kept it and sent it once Pub/Sub was back.
+            assert first.json() == {"status": "duplicate"}, first.text
+            self.truth.rewards[id_] += value
+            self.truth.accepted += 1
             return
         assert first.status_code == 202, first.text
         self.truth.rewards[id_] += value
@@ -256,7 +264,7 @@ class Traffic:
         retries, self.truth.retries = self.truth.retries, []
         async with httpx.AsyncClient(timeout=30, headers=JSON) as client:
             for event_id, id_, value, answering in retries:
-                await self.reward(client, event_id, id_, value, answering)
+                await self.reward(client, event_id, id_, value, answering, retried=True)
         assert not self.truth.retries
 
 
@@ -375,12 +383,15 @@ def _pull_events(subscription: str, host: str, want: int) -> int:
     seen = 0
     deadline = time.monotonic() + 30
     # The client reads the variable when it is made; the session's emulator is what later tests must find in it.
-    before = os.environ["PUBSUB_EMULATOR_HOST"]
+    before = os.environ.get("PUBSUB_EMULATOR_HOST")  # unset when no test of the session started one
     os.environ["PUBSUB_EMULATOR_HOST"] = host
     try:
         subscriber = SubscriberClient()
     finally:
-        os.environ["PUBSUB_EMULATOR_HOST"] = before
+        if before is None:
+            del os.environ["PUBSUB_EMULATOR_HOST"]
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = before
     with subscriber:
         while seen < want and time.monotonic() < deadline:
             for shard in range(SHARDS):
@@ -420,6 +431,36 @@ def test_while_pubsub_is_away_predict_keeps_events_until_the_outbox_is_full_and_
         assert again.status_code == 202, again.text
         assert client.get("/loop").json()["fleet"]["records_refused"] == refused + 1  # and the reward
     assert _pull_events(fleet.subscription, fleet.pubsub.host, answered) == answered
+
+
+def test_a_reward_claimed_and_refused_by_pubsub_is_kept_and_a_retry_is_a_duplicate(fleet: Fleet) -> None:
+    """A reward is claimed on its event's row before it is published: if Pub/Sub then does not store it in time the
+    answer is 503, the replica keeps the reward in its message and sends it until Pub/Sub does, a retry (on any
+    replica) is answered duplicate, and the learner counts it once."""
+    a = fleet.replica("a", "--events-publish-timeout-s", "1")
+    b = fleet.replica("b")
+    learner = fleet.learner("learner")
+    with httpx.Client(timeout=30, headers=JSON) as client:
+        first = client.post(a + "/predict", json={"user_id": "u", "candidates": SHARD_0[:5], "top_k": 2}).json()
+        assert wait_until(lambda: client.get(f"{a}/arms/{first['ids'][0]}").status_code == 200, timeout_s=60)
+        fleet.pubsub.down()
+        payload = {"event_id": first["event_id"], "id": first["ids"][0], "reward": 1}
+        refused = client.post(a + "/reward", json=payload)
+        assert (refused.status_code, refused.json()["error"]) == (503, "events_unavailable"), refused.text
+        for url in (a, b):
+            again = client.post(url + "/reward", json=payload)
+            assert (again.status_code, again.json()) == (200, {"status": "duplicate"}), again.text
+        fleet.pubsub.up()
+
+        def counted() -> bool:
+            arm = client.get(f"{b}/arms/{first['ids'][0]}").json()
+            return bool(arm["rewards"] == 1.0)
+
+        assert wait_until(counted, timeout_s=60)
+        time.sleep(2)  # and only once
+        assert client.get(f"{b}/arms/{first['ids'][0]}").json()["rewards"] == 1.0
+    learner.terminate()
+    learner.wait(timeout=30)
 
 
 def test_past_the_outbox_byte_bound_predict_is_503(fleet: Fleet) -> None:

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mab_service.features.bigtable import BigtableSource
-from mab_service.fleet import learner as learner_module, requests as bigtable_requests, setup as fleet_setup
+from mab_service.fleet import requests as bigtable_requests, setup as fleet_setup, windows
 from mab_service.fleet.learner import Learner
 from mab_service.fleet.schema import TablePath
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
@@ -61,8 +61,8 @@ class Truth:
 
 async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int, truth: Truth, shards: int = 0) -> int:
     """Publish ``events`` answered events and rewards for some of their ids through the sink (split into ``shards``
-    if not 0), with duplicates: every reward is sent twice (two replicas), and a tenth of the messages again as they
-    were (redelivery, on the fleet's own topic). Returns the messages published."""
+    if not 0), and ten messages twice under one key, as a publisher's resend after a lost answer makes them (on the
+    fleet's own topic). Returns the messages published."""
     from google.cloud.pubsub_v1 import PublisherClient
 
     sink = PubSubSink(resources.topic, max_records=25, max_delay_s=0.005)
@@ -78,13 +78,11 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
             truth.rewards[id_] += reward
             truth.reward_count += 1
             rewards.append(sink.reward(event_id, id_, reward, time.time()))
-            rewards.append(sink.reward(event_id, id_, reward, time.time()))  # the same reward at another replica
     await asyncio.gather(*rewards)
     await sink.close()
     assert sink.failed == 0 and sink.refused == 0
-    # Messages published twice under one key, as a publisher's retry after a lost answer makes them; two events of a
-    # message share an arm (its impressions of that arm are counted under one marker). The second copy of every other
-    # one is what the sink sends again after a refusal: the same events, the rewards left out.
+    # Messages published twice under one key, as a publisher's retry after a lost answer makes them (a message is the
+    # same on every send: the sink keeps its claimed rewards in it); two events of a message share an arm.
     again = 0
     with PublisherClient() as publisher:
         for i in range(0, 20, 2):
@@ -96,10 +94,10 @@ async def publish(resources: fleet_setup.FleetResources, rand: Rand, events: int
             first = records + [["r", 0.0, f"ev-again-{i}", ARMS[i], 0.5]]
             truth.rewards[ARMS[i]] += 0.5
             truth.reward_count += 1
-            for data in (first, first if i % 4 else records):
-                publisher.publish(resources.topic, orjson.dumps(data), v=RECORDS_VERSION, k=f"again/{i}").result(
-                    timeout=30
-                )
+            for data in (first, first):
+                publisher.publish(
+                    resources.topic, orjson.dumps(data), v=RECORDS_VERSION, k=f"again/{i // 2 + 1}"
+                ).result(timeout=30)
                 again += 1
         publisher.stop()
     return sink.published + again
@@ -113,6 +111,12 @@ async def read_counts(table: str, arms: list[str] = ARMS) -> tuple[list[int], li
     finally:
         await source.close()
     return counts.impressions.tolist(), counts.rewards.tolist()
+
+
+def published(learner: Learner) -> int:
+    """Messages acknowledged that were published here, not the parts of the fleet's own subscription's messages the
+    learner forwarded to the shard topics (one to each shard) and then applied."""
+    return learner.stats.messages - learner.stats.forwarded * learner.shards
 
 
 def assert_exact(table: str, truth: Truth) -> None:
@@ -139,9 +143,12 @@ def test_each_event_and_reward_counts_once(bigtable_emulator: Emulator, pubsub_e
         return learner
 
     learner = asyncio.run(learn())
-    assert learner.stats.messages == sent
+    # Published without shards to a table of 16: each message forwarded, split, to every shard's topic, and counted
+    # there; the resent ones skipped by their shard's applied set (4 impressions and a reward each).
+    assert learner.stats.forwarded == sent
+    assert learner.stats.messages == sent * 17
     assert learner.stats.malformed == learner.stats.failed_windows == 0
-    assert learner.stats.duplicates > 0  # the repeated rewards and messages were seen, and skipped
+    assert learner.stats.duplicates == 10 * 5
     assert learner.stats.impressions == sum(truth.impressions.values())
     assert learner.stats.rewards == truth.reward_count
     assert_exact(str(resources.table), truth)
@@ -167,28 +174,30 @@ def test_learners_share_the_shards_and_take_over_a_dead_ones(
         assert a.shards == 4 and a.held == {0, 1, 2, 3}  # alone: all of them
         await b.start()
         deadline = time.monotonic() + 30
-        written: dict[str, set[str]] = {"a": set(), "b": set()}
+        written: dict[str, set[tuple[int, str]]] = {"a": set(), "b": set()}
         while (len(a.held), len(b.held)) != (2, 2) or a.held & b.held:  # a gives back 2 at its next renewal
             assert time.monotonic() < deadline, (a.held, b.held)
             await asyncio.sleep(0.1)
         held = {"a": set(a.held), "b": set(b.held)}
         for name, learner in (("a", a), ("b", b)):
-            real_apply = learner._apply
+            real_commit = learner._commit
 
-            async def apply(rows: Any, name: str = name, real_apply: Any = real_apply) -> None:
-                written[name].update(rows)
-                await real_apply(rows)
+            async def commit(state: Any, plan: Any, name: str = name, real_commit: Any = real_commit) -> bool:
+                written[name].update((state.shard, id_) for id_ in [*plan.shown, *plan.got])
+                return bool(await real_commit(state, plan))
 
-            learner._apply = apply  # type: ignore[method-assign]
+            learner._commit = commit  # type: ignore[method-assign]
         deadline = time.monotonic() + 60
-        while a.stats.messages + b.stats.messages < sent:
+        # The 20 messages published without shards are forwarded, split, to the 4 shard topics and counted there.
+        while a.stats.messages + b.stats.messages < sent + 20 * 4:
             assert time.monotonic() < deadline, (a.stats, b.stats)
             await asyncio.gather(a.step(wait_s=0.2), b.step(wait_s=0.2))
-        # Each arm was written by the learner holding its shard only (the shard-0 holder also read the fleet's
-        # own subscription, whose messages hold arms of every shard).
-        legacy = "a" if 0 in held["a"] else "b"
-        other = "b" if legacy == "a" else "a"
-        assert written[other] and {shard_of(id_, 4) for id_ in written[other]} <= held[other]
+        # Each arm was written by the learner holding its shard only, the arms of the fleet's own subscription too
+        # (forwarded by the shard-0 holder to their shards).
+        for name in ("a", "b"):
+            assert written[name] and all(
+                shard in held[name] and shard_of(id_, 4) == shard for shard, id_ in written[name]
+            )
         impressions, rewards = await read_counts(str(resources.table))
         assert (impressions, rewards) == truth.expected()
         # b stops renewing without giving its leases back, as a learner killed would: a takes them after the TTL.
@@ -218,8 +227,8 @@ def test_learners_share_the_shards_and_take_over_a_dead_ones(
 def test_a_table_without_shards_is_read_from_the_one_subscription(
     bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
 ) -> None:
-    """A deployment from before shards (no shard count in the table): the learner takes no lease and reads the
-    fleet's subscription, as learners did before."""
+    """A deployment from before shards (no shard count in the table): the table is one shard, read from the fleet's
+    subscription by the learner holding its lease."""
     from google.cloud.bigtable.data import DeleteAllFromRow
 
     from mab_service.features.bigtable import data_client
@@ -237,7 +246,7 @@ def test_a_table_without_shards_is_read_from_the_one_subscription(
         learner = Learner(resources.subscription, str(resources.table), window_s=0.05)
         await learner.start()
         try:
-            assert learner.shards == 0 and learner.held == set()
+            assert learner.shards == 0 and learner.held == {0}
             deadline = time.monotonic() + 60
             while learner.stats.messages < sent:
                 assert time.monotonic() < deadline, learner.stats
@@ -247,7 +256,7 @@ def test_a_table_without_shards_is_read_from_the_one_subscription(
         return learner
 
     learner = asyncio.run(learn())
-    assert learner.stats.leases_taken == 0
+    assert learner.stats.leases_taken == 1 and learner.stats.forwarded == 0
     assert_exact(str(resources.table), truth)
 
 
@@ -322,8 +331,8 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
             publisher.publish(resources.topic, orjson.dumps(records), **attributes).result(timeout=30)
         publisher.stop()
 
-    learner = drain(resources, lambda learner: learner.stats.messages >= len(messages))
-    assert learner.stats.messages == len(messages) and learner.stats.malformed == 0
+    learner = drain(resources, lambda learner: published(learner) >= len(messages))
+    assert published(learner) == len(messages) and learner.stats.malformed == 0
     assert learner.stats.invalid_records == invalid
     assert learner.stats.impressions == sum(truth.impressions.values())
     assert learner.stats.rewards == len(bad) + 1
@@ -367,7 +376,7 @@ def test_an_undecodable_message_is_nacked_until_pubsub_dead_letters_it(
 
     attempts = resources.max_delivery_attempts
     learner = drain(resources, lambda learner: learner.stats.malformed >= attempts * len(cases))
-    assert learner.stats.messages == 1
+    assert published(learner) == 1
     assert learner.stats.malformed == attempts * len(cases)  # nacked on each delivery, never acknowledged
     impressions, rewards = asyncio.run(read_counts(str(resources.table)))
     assert impressions[0] == 1 and sum(impressions) == 1 and sum(rewards) == 0
@@ -512,7 +521,7 @@ def test_a_failed_step_is_retried_and_loses_nothing(
         task = asyncio.create_task(learner.run(stop, log_every_s=60))
         try:
             deadline = time.monotonic() + 60
-            while learner.stats.messages < sent and time.monotonic() < deadline:
+            while published(learner) < sent and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
         finally:
             stop.set()
@@ -552,7 +561,7 @@ def test_a_window_bigtable_refuses_is_retried_with_its_messages_held(
                 await asyncio.sleep(0.1)
             proxy.up()
             deadline = time.monotonic() + 120
-            while learner.stats.messages < sent and time.monotonic() < deadline:
+            while published(learner) < sent and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
         finally:
             stop.set()
@@ -565,48 +574,42 @@ def test_a_window_bigtable_refuses_is_retried_with_its_messages_held(
     finally:
         proxy.close()
     monkeypatch.undo()
-    assert learner.stats.messages == sent
+    assert published(learner) == sent
     assert_exact(str(resources.table), truth)
     with SubscriberClient() as subscriber:
         dead = subscriber.pull(subscription=resources.dead_letter_subscription, max_messages=10, timeout=5)
     assert list(dead.received_messages) == []
 
 
-def test_a_request_is_the_clients_own_request_in_bytes() -> None:
+def test_a_counts_entry_is_the_clients_own_entry_in_bytes() -> None:
     pytest.importorskip("google.cloud.bigtable")
-    from google.cloud.bigtable.data import AddToCell, SetCell, row_filters
+    from google.cloud.bigtable.data import DeleteRangeFromColumn, RowMutationEntry, SetCell
     from google.cloud.bigtable_v2.types import bigtable
 
-    window = learner_module._Window()
-    shown: Counter[str] = Counter(["arm-1", "arm-1", "arm-2"])  # two events of one message showed arm-1
-    window.add("pub.1/7", shown, [("arm-1", "ev.9", 250_000)])
-    window.add("pub.1/7", shown, [("arm-1", "ev.9", 250_000)])  # the same message again in the window
-    assert window.duplicates == 3 + 1
-    marks = window.rows["arm-1"]
-    assert [(m[2], m[3]) for m in marks] == [(2, 0), (0, 250_000)]
     table = "projects/p/instances/i/tables/t"
-    ours = bigtable_requests.check_and_mutate(bigtable_requests.table_field(table), b"arm-1", marks)
-    ts = window.timestamp_micros
-    theirs = bigtable.CheckAndMutateRowRequest(
+    ts = 1_765_000_000_123_000
+    stamp = bigtable_requests.varint(ts)
+    older = bigtable_requests.older_than(stamp)
+    ours = bigtable_requests.table_field(table) + b"".join(
+        bigtable_requests.counts_entry(key, i, r, stamp, older)
+        for key, i, r in ((b"arm-1", 7, 2_250_000), (b"b", 0, 0))
+    )
+    theirs = bigtable.MutateRowsRequest(
         table_name=table,
-        row_key=b"arm-1",
-        predicate_filter=row_filters.RowFilterChain(
-            [
-                row_filters.FamilyNameRegexFilter("d"),
-                row_filters.ColumnQualifierRegexFilter(rb"^(?:m/pub\x2e1/7|r/ev\x2e9)$"),
-            ]
-        )._to_pb(),
-        false_mutations=[
-            m._to_pb()
-            for m in (
-                SetCell("d", b"m/pub.1/7", b"", ts),
-                SetCell("d", b"r/ev.9", b"", ts),
-                AddToCell("c", b"i", 2, 0),
-                AddToCell("c", b"r", 250_000, 0),
-            )
+        entries=[
+            RowMutationEntry(
+                key,
+                [
+                    DeleteRangeFromColumn("n", b"i", end_timestamp_micros=ts),
+                    DeleteRangeFromColumn("n", b"r", end_timestamp_micros=ts),
+                    SetCell("n", b"i", i.to_bytes(8, "big"), ts),
+                    SetCell("n", b"r", r.to_bytes(8, "big"), ts),
+                ],
+            )._to_pb()
+            for key, i, r in ((b"arm-1", 7, 2_250_000), (b"b", 0, 0))
         ],
     )
-    assert bigtable.CheckAndMutateRowRequest.deserialize(ours) == theirs
+    assert bigtable.MutateRowsRequest.deserialize(ours) == theirs
 
 
 def metric(text: str, name: str) -> float:
@@ -633,20 +636,24 @@ def test_learn_serves_its_metrics(
                     text = answer.read().decode()
             except OSError:
                 text = ""
-            if text and metric(text, "mab_learner_messages_total") >= sent:
+            # Published without shards to a table of 16: each message is forwarded to the 16 shard topics, whose
+            # parts are counted; all acknowledged.
+            if text and metric(text, "mab_learner_messages_total") >= sent * 17:
                 break
             time.sleep(0.2)
         assert text, (tmp_path / "learner.log").read_text()
-        assert metric(text, "mab_learner_messages_total") == sent
+        assert metric(text, "mab_learner_messages_total") == sent * 17
+        assert metric(text, "mab_learner_forwarded_total") == sent
         assert metric(text, "mab_learner_impressions_total") == sum(truth.impressions.values())
         assert metric(text, "mab_learner_rewards_total") == truth.reward_count
         assert metric(text, "mab_learner_duplicates_total") > 0
-        assert metric(text, "mab_learner_writes_total") >= metric(text, "mab_learner_windows_total") > 0
+        # A commit per shard and window; a MutateRows after each that changed arms (a forwarded part may hold none).
+        assert 0 < metric(text, "mab_learner_writes_total") <= metric(text, "mab_learner_commits_total")
         for name in ("malformed", "failed_windows", "errors"):
             assert metric(text, f"mab_learner_{name}_total") == 0
         assert metric(text, "mab_learner_window_seconds_count") == metric(text, "mab_learner_windows_total")
-        assert metric(text, "mab_learner_lag_seconds_count") == sent
-        assert 0 < metric(text, "mab_learner_lag_seconds_sum") / sent < 60
+        assert metric(text, "mab_learner_lag_seconds_count") == sent * 17
+        assert 0 < metric(text, "mab_learner_lag_seconds_sum") / sent < 60 * 17
         assert abs(metric(text, "mab_learner_last_ack_timestamp_seconds") - time.time()) < 60
     finally:
         learner.terminate()
@@ -673,8 +680,9 @@ def test_writes_follow_the_clients_channel_when_it_is_replaced(
             # What the client does every ~40 minutes: a new channel in, the old one closed after a grace period.
             channel = learner._client.transport.grpc_channel
             old = channel.swap_channel(channel.create_channel())
+            learner._client._invalidate_channel_stubs()  # the client's own calls (the commits) on the new one
             await old.close()
-            while learner.stats.messages < sent:
+            while published(learner) < sent:
                 assert await learner.step(wait_s=2.0) > 0
         finally:
             await learner.close()
@@ -683,3 +691,126 @@ def test_writes_follow_the_clients_channel_when_it_is_replaced(
     learner = asyncio.run(learn())
     assert learner.stats.failed_windows == 0
     assert_exact(str(resources.table), truth)
+
+
+def test_an_applied_set_is_a_low_water_mark_and_the_ranges_above_it(rand: Rand) -> None:
+    applied = windows.Applied()
+    for seq in (1, 2, 5, 7, 6, 3):
+        applied.add(seq)
+    assert (applied.low, applied.ranges) == (3, [[5, 7]])
+    assert [seq in applied for seq in range(1, 9)] == [True, True, True, False, True, True, True, False]
+    applied.add(4)  # the gap fills: one number again
+    assert (applied.low, applied.ranges) == (7, [])
+    # Any order, with repeats: the set is exactly the numbers added, as few ranges as they make.
+    seqs = rand.gen.permutation(np.arange(1, 400))[:300].tolist()
+    applied = windows.Applied()
+    for seq in seqs + seqs[:50]:
+        applied.add(seq)
+    assert [seq in applied for seq in range(1, 500)] == [seq in set(seqs) for seq in range(1, 500)]
+    again = windows.Applied.decode(applied.encode())
+    assert (again.low, again.ranges) == (applied.low, applied.ranges)
+    for bad in (b"not json", b"[]", b"[1, 2]", b"[1, 2, 3]", b"[0, 5, 4]", b"[0, 2, 5, 5, 9]", b"[-1]", b'["1"]'):
+        with pytest.raises(ValueError):
+            windows.Applied.decode(bad)
+
+
+async def table_rows(table: str) -> list[Any]:
+    from google.cloud.bigtable.data import ReadRowsQuery
+
+    from mab_service.features.bigtable import data_client
+
+    path = TablePath.parse(table)
+    client = data_client(path.project)
+    try:
+        return list(await client.get_table(path.instance, path.table).read_rows(ReadRowsQuery(), operation_timeout=60))
+    finally:
+        await client.close()
+
+
+def test_a_learner_stopped_between_commit_and_apply_then_a_late_write_of_its_window(
+    bigtable_emulator: Emulator, pubsub_emulator: Emulator, rand: Rand
+) -> None:
+    """A learner commits a window on its shard's row and stops before writing the arm rows: the next holder writes
+    that window first, counts its redelivered messages once (the applied sets), and the old learner's late write
+    of its window (a zombie, its lease expired) is never what readers see. Every arm row holds exactly its two
+    count cells, and the shard row a small state per live publisher stream."""
+    from mab_service.fleet.schema import APPLIED_PREFIX, LEASE_ROW_PREFIX
+
+    resources = make_resources(shards=1)
+    truth = Truth()
+    sent = asyncio.run(publish(resources, rand, 100, truth, shards=1))
+    ttl_s = 1.5
+
+    async def learn() -> None:
+        a = Learner(resources.subscription, str(resources.table), window_s=0.2, lease_ttl_s=ttl_s)
+        await a.start()
+        real_bulk = a._bulk
+
+        async def stopped(entries: list[bytes]) -> None:
+            raise RuntimeError("stopped between commit and apply")
+
+        a._bulk = stopped  # type: ignore[method-assign]
+        a._stop.set()  # a stopping learner gives its window back rather than retrying it
+        while a.stats.commits == 0:
+            await a.step(wait_s=1.0)
+        state = a._states[0]
+        committed = a.stats.impressions
+        assert committed > 0 and state.unapplied and sum((await read_counts(str(resources.table)))[0]) == 0
+        # a stops renewing, as if killed; b takes the shard once the lease expired, writing a's window first.
+        assert a._leases is not None
+        a._leases.cancel()
+        a._follow(set())  # and stops pulling (what it pulled is given back)
+        b = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+        await b.start()
+        deadline = time.monotonic() + 10 * ttl_s
+        while b.held != {0}:
+            assert time.monotonic() < deadline, b.held
+            await asyncio.sleep(0.1)
+        assert b.stats.windows_reapplied == 1
+        assert sum((await read_counts(str(resources.table)))[0]) == committed
+        try:
+            deadline, idle = time.monotonic() + 60, 0
+            while idle < 2:  # two empty windows: drained
+                assert time.monotonic() < deadline, (a.stats, b.stats)
+                idle = idle + 1 if await b.step(wait_s=1.0) == 0 else 0
+            assert a.stats.messages + b.stats.messages - a.stats.forwarded - b.stats.forwarded == sent
+            assert b.stats.duplicates >= committed  # a's window, delivered again, skipped
+            impressions, rewards = await read_counts(str(resources.table))
+            assert (impressions, rewards) == truth.expected()
+            rows = await table_rows(str(resources.table))
+            arms = [row for row in rows if not row.row_key.startswith(b"\x00")]
+            assert len(arms) == len(ARMS) and {len(row.cells) for row in arms} == {2}
+            (shard_row,) = [row for row in rows if row.row_key.startswith(LEASE_ROW_PREFIX)]
+            streams = [cell.qualifier for cell in shard_row.cells if cell.qualifier.startswith(APPLIED_PREFIX)]
+            assert len(streams) == 2  # the sink's stream of shard 0, and the fleet's topic's messages forwarded
+            # The zombie's late write of its window: an older version, never the newest cell.
+            await real_bulk(state.unapplied)
+            assert await read_counts(str(resources.table)) == (impressions, rewards)
+            # Streams unheard of past the retention (+1 h; here at once) leave the shard row at the next commit.
+            b.forget_after_s = 0.0
+            sink = PubSubSink(resources.topic, max_delay_s=0.001)
+            sink.start(1)
+            sink.event("ev-last", [ARMS[0]], time.time())
+            await sink.close()
+            truth.impressions[ARMS[0]] += 1
+            while (await b.step(wait_s=2.0)) == 0:
+                pass
+            rows = await table_rows(str(resources.table))
+            (shard_row,) = [row for row in rows if row.row_key.startswith(LEASE_ROW_PREFIX)]
+            streams = [cell.qualifier for cell in shard_row.cells if cell.qualifier.startswith(APPLIED_PREFIX)]
+            assert streams == [APPLIED_PREFIX + f"{sink.publisher_id}.0".encode()]
+            assert await read_counts(str(resources.table)) == truth.expected()
+            # Given back right after a commit, the shard is free at once: its row's other cells are no lease.
+            await b._release([0])
+            c = Learner(resources.subscription, str(resources.table), window_s=0.05, lease_ttl_s=ttl_s)
+            await c.start()
+            try:
+                assert c.held == {0} and c.stats.windows_reapplied == 1
+            finally:
+                await c.close()
+        finally:
+            a.held.clear()  # a is "dead": its close must not give back what b holds
+            await a.close()
+            await b.close()
+
+    asyncio.run(learn())

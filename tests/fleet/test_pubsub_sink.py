@@ -98,7 +98,7 @@ def test_past_max_pending_events_and_rewards_are_refused(pubsub_emulator: Emulat
                 sink.event("e1", ["arm-1"], 0.0)
             assert refused.value.status_code == 503
             with pytest.raises(SinkUnavailable, match="not yet stored"):
-                await sink.reward("e1", "arm-1", 1.0, 0.0)
+                sink.check()  # what a replica asks before it claims a reward
             assert sink.refused == 2
         finally:
             await sink.close()
@@ -106,9 +106,9 @@ def test_past_max_pending_events_and_rewards_are_refused(pubsub_emulator: Emulat
     asyncio.run(send())
 
 
-def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsub_emulator: Emulator) -> None:
-    """Pub/Sub refuses while the topic is missing; once it exists the events arrive, once, and the 503'd reward
-    does not."""
+def test_a_refused_message_is_sent_again_under_its_key_with_its_claimed_reward(pubsub_emulator: Emulator) -> None:
+    """Pub/Sub refuses while the topic is missing; once it exists the message arrives, once, with its events and the
+    reward that was answered 503 (claimed on its event's row, so only this message can carry it)."""
     from google.cloud.pubsub_v1 import PublisherClient, SubscriberClient
 
     tag = uuid.uuid4().hex[:8]
@@ -120,7 +120,7 @@ def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsu
         sink.event("e1", ["arm-1", "arm-2"], 1.0)
         with pytest.raises(SinkUnavailable, match="failed"):
             await asyncio.wait_for(sink.reward("e1", "arm-1", 1.0, 2.0), timeout=60)
-        assert sink.pending == 1  # the event waits to be sent again
+        assert sink.pending == 1  # the message waits to be sent again
         with PublisherClient() as publisher:
             publisher.create_topic(name=topic)
         with SubscriberClient() as subscriber:
@@ -131,7 +131,7 @@ def test_refused_events_are_sent_again_under_their_key_and_rewards_are_not(pubsu
     sink = asyncio.run(send())
     assert sink.pending == 0 and sink.failed >= 1 and sink.published == 1
     messages = pull_all(subscription, 1)
-    assert [batch for batch, _ in messages] == [[["i", 1, {"arm-1": 1, "arm-2": 1}]]]
+    assert [batch for batch, _ in messages] == [[["i", 1, {"arm-1": 1, "arm-2": 1}], ["r", 2.0, "e1", "arm-1", 1.0]]]
     assert messages[0][1]["k"] == f"{sink.publisher_id}/1"
 
 
@@ -157,7 +157,7 @@ def test_past_max_pending_bytes_events_and_rewards_are_refused(pubsub_emulator: 
             assert sink.pending == 1 and sink.pending_bytes == 1 + 16 + sum(len(id_) + 2 + 8 for id_ in sent) >= 1000
             assert len(sent) == 9  # ~360 bytes per answer: the fourth would pass 1000
             with pytest.raises(SinkUnavailable, match="not yet stored"):
-                await sink.reward("e0", sent[0], 1.0, 0.0)
+                sink.check()
             assert sink.refused == 2
         finally:
             await sink.close()
@@ -191,7 +191,9 @@ def test_close_sends_what_waits_for_a_retry_at_once(pubsub_emulator: Emulator) -
 
     sink = asyncio.run(send())
     assert (sink.pending, sink.published, sink.undelivered) == (0, 1, 0)
-    assert [batch for batch, _ in pull_all(subscription, 1)] == [[["i", 1, {"arm-1": 1}]]]
+    assert [batch for batch, _ in pull_all(subscription, 1)] == [
+        [["i", 1, {"arm-1": 1}], ["r", 2.0, "e1", "arm-1", 1.0]]
+    ]
 
 
 def test_close_counts_and_logs_what_it_could_not_deliver(

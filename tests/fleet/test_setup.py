@@ -59,7 +59,7 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
         f"created topic {topic}-counts",
         f"created subscription {subscription}-dead-letter",
         f"created subscription {subscription} (dead letters to {topic}-dead-letter after 5 deliveries)",
-        f"created table {table} (families c, d, e, s)",
+        f"created table {table} (families n, c, d, e, s)",
         f"table {table} has 16 shards (written)",
         f"shard topics {topic}-shard-0 to 15: 16 created, 0 exist",
         f"shard subscriptions {subscription}-shard-0 to 15: 16 created, 0 exist",
@@ -90,8 +90,8 @@ def test_setup_creates_then_leaves(bigtable_emulator: Emulator, pubsub_emulator:
             assert made.topic == f"{topic}-shard-{shard}"
             assert made.dead_letter_policy.dead_letter_topic == f"{topic}-dead-letter"
     families = table_families(table)
-    assert set(families) == {"c", "d", "e", "s"}
-    assert families["s"].gc_rule.max_num_versions == 1
+    assert set(families) == {"n", "c", "d", "e", "s"}
+    assert families["s"].gc_rule.max_num_versions == families["n"].gc_rule.max_num_versions == 1
     assert families["c"].value_type.aggregate_type.sum is not None
     assert families["d"].gc_rule.max_age.seconds == 7200 + 3600
     assert families["e"].gc_rule.max_age.seconds == 7200 + 3600
@@ -105,8 +105,8 @@ def test_setup_adds_missing_families(bigtable_emulator: Emulator, pubsub_emulato
     table_admin().create_table(parent=parent, table_id=table_id, table=Table(column_families={"other": ColumnFamily()}))
     done = run_setup("--events", f"pubsub:{topic}", "--subscription", subscription, "--posteriors", f"bigtable:{table}")
     assert done.returncode == 0, done.stderr
-    assert f"table {table} exists; added families c, d, e, s" in done.stdout
-    assert set(table_families(table)) == {"c", "d", "e", "s", "other"}
+    assert f"table {table} exists; added families n, c, d, e, s" in done.stdout
+    assert set(table_families(table)) == {"n", "c", "d", "e", "s", "other"}
 
 
 def test_setup_adds_a_dead_letter_policy_to_an_existing_subscription(

@@ -1,0 +1,173 @@
+"""A shard's learner state: what its lease holder keeps in memory and commits on the shard's row each window.
+
+``Applied`` is a publisher stream's set of applied sequence numbers (a low-water mark and the ranges above it),
+``encode_window``/``decode_window`` the committed window's absolute counts as the row's chunks, ``ShardState`` what a
+holder keeps of a shard (the row's version and applied sets, a cache of the arms' counts), and ``Plan`` one window's
+part of a shard: its new messages' counts and the applied sets they change. ``fleet.learner`` reads, commits and
+applies them; docs/fleet.md ("Exactly once") argues the design.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import orjson
+
+from mab_service.ids import id_problem
+
+#: A shard's committed window is stored in cells of this many bytes at most (``s:w/<k>``).
+WINDOW_CHUNK_BYTES = 1024 * 1024
+
+#: A message's valid content: impressions per arm, and rewards ``(id, event_id, millionths)``.
+Message = tuple[dict[str, int], list[tuple[str, str, int]]]
+
+
+class Applied:
+    """The sequence numbers applied of one publisher's stream: every number up to ``low``, and the ranges above it.
+
+    A stream's numbers start at 1 and grow by one per message (``sink.PubSubSink``), so the ranges are the messages
+    still in flight or in a publisher's outbox when later ones were applied: few, and they merge into ``low`` as the
+    gaps fill. Exact, whatever order Pub/Sub delivers in.
+    """
+
+    __slots__ = ("low", "ranges")
+
+    def __init__(self, low: int = 0, ranges: list[list[int]] | None = None) -> None:
+        self.low = low
+        self.ranges: list[list[int]] = ranges or []
+        """Disjoint ``[first, last]`` above ``low + 1``, in order."""
+
+    def __contains__(self, seq: int) -> bool:
+        if seq <= self.low:
+            return True
+        return any(first <= seq <= last for first, last in self.ranges)
+
+    def add(self, seq: int) -> None:
+        if seq in self:
+            return
+        ranges = self.ranges
+        i = bisect.bisect_left(ranges, [seq])
+        if i < len(ranges) and ranges[i][0] == seq + 1:
+            ranges[i][0] = seq
+        else:
+            ranges.insert(i, [seq, seq])
+        if i > 0 and ranges[i - 1][1] + 1 == ranges[i][0]:
+            ranges[i - 1][1] = ranges[i][1]
+            del ranges[i]
+            i -= 1
+        if i == 0 and ranges[0][0] == self.low + 1:
+            self.low = ranges.pop(0)[1]
+
+    def copy(self) -> Applied:
+        return Applied(self.low, [list(r) for r in self.ranges])
+
+    def encode(self) -> bytes:
+        """``[low, first, last, first, last, ...]`` as JSON."""
+        return orjson.dumps([self.low, *(n for r in self.ranges for n in r)])
+
+    @classmethod
+    def decode(cls, value: bytes) -> Applied:
+        """Raises ``ValueError`` unless ``value`` is what ``encode`` writes: non-negative integers, ranges in order
+        above ``low + 1``."""
+        try:
+            numbers = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if (
+            type(numbers) is not list
+            or len(numbers) % 2 != 1
+            or not all(type(n) is int and 0 <= n < 1 << 63 for n in numbers)
+        ):
+            raise ValueError(f"not [low, first, last, ...] of non-negative integers: {value[:100]!r}")
+        low, flat = numbers[0], numbers[1:]
+        ranges = [[flat[i], flat[i + 1]] for i in range(0, len(flat), 2)]
+        floor = low + 1
+        for first, last in ranges:
+            if not floor < first <= last:
+                raise ValueError(f"ranges not in order above low + 1: {value[:100]!r}")
+            floor = last + 1
+        return cls(low, ranges)
+
+
+def encode_window(version: int, ids: list[str], impressions: list[int], rewards: list[int]) -> list[bytes]:
+    """A committed window's absolute counts as the shard row's chunks ``s:w/<k>``: one JSON document
+    ``{"v": version, "ids": [...], "i": [...], "r": [...]}`` cut every ``WINDOW_CHUNK_BYTES``."""
+    data = orjson.dumps({"v": version, "ids": ids, "i": impressions, "r": rewards})
+    return [data[s : s + WINDOW_CHUNK_BYTES] for s in range(0, len(data), WINDOW_CHUNK_BYTES)]
+
+
+def decode_window(data: bytes, version: int) -> tuple[list[str], list[int], list[int]]:
+    """The ids and absolute counts ``encode_window`` wrote, checked: of ``version``, lists of equal length, ids that
+    follow the id rule, counts that are non-negative int64.
+
+    Raises:
+        ValueError: If ``data`` is not such a window.
+    """
+    try:
+        doc = orjson.loads(data)
+        got, ids, impressions, rewards = doc["v"], doc["ids"], doc["i"], doc["r"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a window: {exc}") from None
+    if got != version:
+        raise ValueError(f"a window of version {got!r} under version {version}")
+    if not (
+        type(ids) is list
+        and type(impressions) is list
+        and type(rewards) is list
+        and len(ids) == len(impressions) == len(rewards)
+        and all(type(i) is str and id_problem(i) is None for i in ids)
+        and all(type(n) is int and 0 <= n < 1 << 63 for n in impressions)
+        and all(type(n) is int and 0 <= n < 1 << 63 for n in rewards)
+    ):
+        raise ValueError("a window's ids and counts are not lists of equal length of valid ids and int64 counts")
+    return ids, impressions, rewards
+
+
+class ShardState:
+    """What the holder of a shard's lease keeps of it: the shard row's version and applied sets, and a cache of the
+    shard's arm counts (absolute: this learner is their only writer while it holds the lease)."""
+
+    def __init__(self, shard: int, version: int, chunks: int) -> None:
+        self.shard = shard
+        self.version = version
+        self.chunks = chunks
+        """Chunks ``s:w/<k>`` the row holds now (a smaller next window deletes the rest)."""
+        self.applied: dict[str, Applied] = {}
+        self.touched: dict[str, float] = {}
+        """Unix time each stream's applied set was last written."""
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.unapplied: list[bytes] = []
+        """Entries of the committed window not yet written to the arm rows (retried before the next commit)."""
+
+
+class Plan:
+    """One shard's part of a window: its new messages' counts per arm and the applied sets they change."""
+
+    def __init__(self, shard: ShardState, items: list[tuple[str, int, Message]]) -> None:
+        self.shown: dict[str, int] = {}
+        self.got: dict[str, int] = {}
+        self.applied: dict[str, Applied] = {}
+        self.impressions = self.rewards = self.duplicates = 0
+        self.ids: list[str] = []
+        """After the commit: the arms it changed, and their absolute counts."""
+        self.impressions_now: list[int] = []
+        self.rewards_now: list[int] = []
+        for stream, seq, (shown_now, rewards_now) in items:
+            applied = self.applied.get(stream)
+            if applied is None:
+                held = shard.applied.get(stream)
+                applied = Applied() if held is None else held
+            if seq in applied:  # published or delivered again
+                self.duplicates += sum(shown_now.values()) + len(rewards_now)
+                continue
+            if stream not in self.applied:  # the shard's own set changes only once the window is committed
+                applied = self.applied[stream] = applied.copy()
+            applied.add(seq)
+            shown = self.shown
+            for id_, n in shown_now.items():
+                shown[id_] = shown.get(id_, 0) + n
+                self.impressions += n
+            got = self.got
+            for id_, _, millionths in rewards_now:
+                got[id_] = got.get(id_, 0) + millionths
+                self.rewards += 1
