@@ -527,6 +527,9 @@ def row_cells(table: str) -> dict[str, Any]:
             "max_arm_row": largest.decode(),
             "fleet_rows": len(fleet),
             "fleet_row_cells": sum(len(row.cells) for row in fleet),
+            "max_fleet_row_bytes": max(
+                (sum(len(c.qualifier) + len(c.value) for c in row.cells) for row in fleet), default=0
+            ),
             "other_rows": len(rows) - len(arm_cells) - len(fleet),
         }
 

@@ -1052,6 +1052,9 @@ class Learner:
             await self._bulk(state.unapplied)
             state.unapplied = []
             self.stats.windows_reapplied += 1
+            # Its holder may have stopped before the replicas heard of it, and the redeliveries that follow are
+            # duplicates that publish nothing: tell them now (max-merged, so a second time changes nothing).
+            self.fanout.written(ids, impressions, rewards)
         return state
 
     async def _fill(self, state: ShardState, ids: list[str]) -> None:
