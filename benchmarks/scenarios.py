@@ -8,8 +8,9 @@ simulator (benchmarks/simulate.py) runs any plan the same way.
 - ``segments``: 20 segments with Zipf traffic and per-segment rates; the service with and without ``"segment"``,
   one MABWiser per segment, and the back-off rule in numpy.
 - ``drift``: the rates dealt anew every ``--period`` rounds; the service with and without ``--half-life-s``,
-  and discounted and plain Thompson sampling in numpy. The service forgets by wall-clock time, so its rounds are
-  paced at ``--rounds-per-s`` and the half-life in rounds is sent to it in seconds (see :class:`Paced`).
+  and discounted and plain Thompson sampling in numpy. The service forgets by wall-clock time, so its rounds with
+  a half-life are paced at ``--rounds-per-s`` and the half-life in rounds is sent to it in seconds (see
+  :class:`Paced`).
 """
 
 from __future__ import annotations
@@ -269,7 +270,9 @@ def drift(args: argparse.Namespace) -> Plan:
         },
         services={
             "service-half-life": Service(("--half-life-s", f"{half_life_s:g}"), plain_client, paced),
-            "service": Service((), plain_client, paced),
+            # Without a half-life the service's answers do not depend on time (each request carries its seed and a
+            # reward counts before its 202), so it runs as fast as it answers.
+            "service": PLAIN_SERVICE,
         },
         default_policies=("service-half-life", "service", "numpy-discounted", "numpy", "random"),
         targets=(

@@ -37,6 +37,7 @@ import contextlib
 import importlib.metadata
 import sys
 import tempfile
+import textwrap
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -396,7 +397,7 @@ def plot_regret(doc: dict[str, Any], path: Path) -> Path:
         ax.legend(title="mean final regret", loc="upper left", fontsize=8)
     if len(panels) == 2:
         axes[0][1].set_title("without random ranking", fontsize=9)
-    fig.suptitle(title(doc["config"]), fontsize=9)
+    fig.suptitle(textwrap.fill(title(doc["config"]), 170), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
