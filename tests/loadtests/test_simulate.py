@@ -300,6 +300,24 @@ def test_segments_and_drift_reports(tmp_path) -> None:
     assert [t["target"] for t in doc["targets"]] == ["<= 0.6x"]
 
 
+def test_targets_pair_the_seeds_and_bound_both_sides() -> None:
+    plan = scenarios.drift(simulate.parse_args(["--env", "drift"]))
+    summary = {
+        "service-half-life": {"final_regret_per_seed": [80.0, 120.0]},
+        "numpy-discounted": {"final_regret_per_seed": [100.0, 100.0]},
+        "service": {"final_regret_per_seed": [150.0, 250.0]},
+    }
+    got = {(t["policy"], t["baseline"]): t for t in simulate.targets(summary, plan)}
+    assert set(got) == {("service-half-life", "numpy-discounted"), ("service-half-life", "service")}
+    within = got["service-half-life", "numpy-discounted"]
+    assert within["target"] == "0.9x-1.1x" and within["regret_ratio"] == pytest.approx(1.0) and within["met"]
+    assert (within["regret_ratio_per_seed_min"], within["regret_ratio_per_seed_max"]) == pytest.approx((0.8, 1.2))
+    assert got["service-half-life", "service"]["regret_ratio"] == pytest.approx(0.5)
+    assert got["service-half-life", "service"]["met"]  # <= 0.6x
+    two_sided = scenarios.Target("service-half-life", "numpy-discounted", 1.1, 0.9)
+    assert not two_sided.met(0.85) and not two_sided.met(1.15) and two_sided.met(1.05)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
