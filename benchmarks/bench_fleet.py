@@ -239,7 +239,7 @@ def measure_freshness(
     return {**{name: summary(values) for name, values in lags.items()}, "rewards_retried_after_503": retried}
 
 
-def _metric(url: str, name: str, label: str) -> float:
+def metric(url: str, name: str, label: str) -> float:
     """The value of ``name{...label...}`` in a server's /metrics, 0 if absent."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as answer:
         for line in answer.read().decode().splitlines():
@@ -253,21 +253,21 @@ def _get(url: str) -> Any:
         return orjson.loads(answer.read())
 
 
-def _cache_rows(url: str) -> float:
+def cache_rows(url: str) -> float:
     """Ids a cached replica asked Bigtable for: misses not coalesced into another's read, and refreshes."""
     events = "mab_feature_source_events_total"
     return (
-        _metric(url, "mab_cache_lookups_total", 'result="miss"')
-        - _metric(url, events, 'event="coalesced"')
-        + _metric(url, events, 'event="refreshes"')
+        metric(url, "mab_cache_lookups_total", 'result="miss"')
+        - metric(url, events, 'event="coalesced"')
+        + metric(url, events, 'event="refreshes"')
     )
 
 
-def _follower_rows(url: str) -> float:
+def follower_rows(url: str) -> float:
     return float(_get(url + "/loop")["fleet"]["counts_rows_read"])
 
 
-def _node_arms(pid: int) -> Any:
+def node_arms(pid: int) -> Any:
     """The node table of a one-worker replica, mapped from its shared file."""
     import mmap
 
@@ -309,8 +309,8 @@ def measure_reads(
             pids[name] = server.__enter__().pid
             servers.append(server)
             urls[name] = f"http://127.0.0.1:{port}"
-        start_scan = _follower_rows(urls["fanout"])
-        arms = _node_arms(pids["fanout"])
+        start_scan = follower_rows(urls["fanout"])
+        arms = node_arms(pids["fanout"])
         lags: dict[str, list[float]] = {"fanout_table": [], "cache_bigtable": []}
         stop = threading.Event()
 
@@ -364,15 +364,15 @@ def measure_reads(
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             senders = [pool.submit(load) for _ in range(threads)]
             time.sleep(settle_s)
-            marks["begin"] = (_cache_rows(urls["cache"]), _follower_rows(urls["fanout"]))
+            marks["begin"] = (cache_rows(urls["cache"]), follower_rows(urls["fanout"]))
             begun = time.monotonic()
             requests = sum(f.result() for f in senders)
         stop.set()
         prober.join()
         time.sleep(2.5)  # the metrics' flush interval
         elapsed = time.monotonic() - begun
-        cache_rows = _cache_rows(urls["cache"]) - marks["begin"][0]
-        fanout_rows = _follower_rows(urls["fanout"]) - marks["begin"][1]
+        cached_rows = cache_rows(urls["cache"]) - marks["begin"][0]
+        fanout_rows = follower_rows(urls["fanout"]) - marks["begin"][1]
         follower = _get(urls["fanout"] + "/loop")["fleet"]["follower"]
     finally:
         for server in servers:
@@ -394,7 +394,7 @@ def measure_reads(
     return {
         "seconds": elapsed,
         "predicts_per_replica_per_s": requests / 2 / (time.monotonic() - started),
-        "cache": {"rows_per_s": cache_rows / elapsed, "predicts_refused": refused[urls["cache"]]},
+        "cache": {"rows_per_s": cached_rows / elapsed, "predicts_refused": refused[urls["cache"]]},
         "fanout": {
             "rows_per_s": fanout_rows / elapsed,
             "predicts_refused": refused[urls["fanout"]],

@@ -87,6 +87,11 @@ def _state_root() -> str:
     return root
 
 
+def project_halflife_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service with the learning loop on and counts decaying with a one-hour half-life."""
+    return [*project_target(port, features, workers), "--half-life-s", "3600"]
+
+
 def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[str]:
     """Argv for mab_service with the learning loop off: the service as a sampler over a fixed table."""
     return [*project_target(port, features, workers)[:-2], "--no-learning"]
@@ -121,6 +126,7 @@ def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
 #: must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
 TARGETS: dict[str, TargetFactory] = {
     "project": project_target,
+    "project-halflife": project_halflife_target,
     "project-nolearn": project_nolearn_target,
     "plain": plain_target,
     "go": go_target,
@@ -385,13 +391,23 @@ def summarize(runs: list[Measurement], n_candidates: int) -> dict[str, float]:
     }
 
 
+#: The CPU flags that the kernel's speed depends on, reported with every figure when the CPU has them.
+SIMD_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "bmi2", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+)  # fmt: skip
+
+
 def environment() -> dict[str, Any]:
     """Machine, Python and package versions that every published number must state."""
     cpu_model = platform.processor()
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            # The first processor's lines: its model name comes before its flags.
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     packages: dict[str, str | None] = {}
     for name in ("mab_service", "numpy", "starlette", "uvicorn", "uvloop", "httptools", "orjson"):
@@ -408,6 +424,7 @@ def environment() -> dict[str, Any]:
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu": cpu_model,
         "cpus_available": len(os.sched_getaffinity(0)),
+        "simd": " ".join(flag for flag in SIMD_FLAGS if flag in flags),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": packages,
         "wrk": wrk_version,
@@ -587,9 +604,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
     parser.add_argument(
         "--workloads",
-        type=lambda v: _names(v, list(workload.WORKLOADS), "workloads"),
+        type=lambda v: _names(v, [*workload.WORKLOADS, *workload.SEGMENTED_WORKLOADS], "workloads"),
         default=list(workload.WORKLOADS),
-        help=f"comma-separated, from {','.join(workload.WORKLOADS)}",
+        help=f"comma-separated, from {','.join([*workload.WORKLOADS, *workload.SEGMENTED_WORKLOADS])} (W400S: W400's "
+        "bodies, each with a segment)",
     )
     parser.add_argument(
         "--targets",

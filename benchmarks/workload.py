@@ -18,6 +18,11 @@ import orjson
 
 #: Named request shapes: workload name -> candidates per request.
 WORKLOADS: dict[str, int] = {"W400": 400, "W2000": 2000}
+#: Workloads whose bodies are another's with a ``segment`` each (``add_segments``): the same candidates, ranked
+#: within one of SEGMENTS audiences, so that a side-by-side run prices the segment alone.
+SEGMENTED_WORKLOADS: dict[str, str] = {"W400S": "W400"}
+#: Audiences of the segmented workloads; their traffic is Zipf-distributed (s = 1.1), some segments sparse.
+SEGMENTS = 20
 
 DEFAULT_ENTITIES = 100_000
 #: Candidate ids are drawn from a slightly larger space than the table, so about 9% of them are unknown
@@ -156,6 +161,14 @@ def make_bodies_from_ids(
         body = {"user_id": f"u{i}", "candidates": [ids[j] for j in picks], "top_k": top_k}
         bodies.append(orjson.dumps(body))
     return bodies
+
+
+def add_segments(bodies: Sequence[bytes], segments: int = SEGMENTS, seed: int = 0) -> list[bytes]:
+    """``bodies`` with a ``"segment": "seg<k>"`` each, k drawn Zipf-like from [0, segments) (weight 1 / (k+1)**1.1)."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, segments + 1) ** 1.1
+    picks = rng.choice(segments, size=len(bodies), p=weights / weights.sum()).tolist()
+    return [orjson.dumps({**orjson.loads(body), "segment": f"seg{k}"}) for body, k in zip(bodies, picks)]
 
 
 def sweep_name(n_candidates: int) -> str:
@@ -322,8 +335,15 @@ def write_workloads(
     table = write_table(out / "table.csv", n_entities=n_entities, seed=seed)
     files: dict[str, WorkloadFiles] = {}
     for offset, name in enumerate(names, start=1):
-        n_candidates = WORKLOADS[name]
-        bodies = make_bodies(n_candidates, n_bodies=n_bodies, seed=seed + offset)
+        base = SEGMENTED_WORKLOADS.get(name)
+        if base is None:
+            n_candidates = WORKLOADS[name]
+            bodies = make_bodies(n_candidates, n_bodies=n_bodies, seed=seed + offset)
+        else:
+            # The base workload's bodies as they are in the default order of WORKLOADS.
+            n_candidates = WORKLOADS[base]
+            base_seed = seed + list(WORKLOADS).index(base) + 1
+            bodies = add_segments(make_bodies(n_candidates, n_bodies=n_bodies, seed=base_seed), seed=base_seed)
         bodies_path = out / f"{name}.jsonl"
         bodies_path.write_bytes(b"".join(b + b"\n" for b in bodies))
         script = write_wrk_script(out / f"{name}.lua", bodies)

@@ -105,8 +105,13 @@ def build_app(
         top_k = SAMPLERS[settings.sampler]
         async with AsyncExitStack() as stack:
             loop = await stack.enter_async_context(_learning(settings))
+            segments = None
             if loop is not None and given is None and (loop.apply_counts or loop.following):
-                source: FeatureSource = SharedArmsSource(loop.arms, settings.prior_alpha, settings.prior_beta)
+                shared = SharedArmsSource(
+                    loop.arms, settings.prior_alpha, settings.prior_beta, settings.segment_prior_weight
+                )
+                source: FeatureSource = shared
+                segments = shared if loop.counts_segments else None
             else:
                 source = given or make_source(settings)
             await source.start()
@@ -126,6 +131,7 @@ def build_app(
                 openapi=openapi_document(settings.max_candidates, settings.max_body_bytes),
                 admission=admission,
                 loop=loop,
+                segments=segments,
             )
 
     return Edge(FAST_ENDPOINTS, ROUTES, endpoint_label, lifespan, settings, admission)

@@ -34,6 +34,7 @@ LOOP_SIZES = (
     "max_held_members",
     "max_held_ids",
     "max_new_arms",
+    "max_segment_rows",
     "journal_segment_bytes",
     "journal_buffer_max_bytes",
     "journal_max_bytes",
@@ -238,6 +239,22 @@ class Settings:
         1_000_000,
         "Room for arms first seen at run time (not in the catalogue) in the node's arm table.",
     )
+    max_segment_rows: int = setting(
+        200_000,
+        "Room for segment rows (a segment, and each arm within it) in the node's arm table, apart from the arms': a "
+        "flood of new segments fills only this, never an arm's room; past it new segments rank from the global "
+        'posteriors and are not counted (docs/learning.md, "Segments").',
+    )
+    segment_prior_weight: float = setting(
+        10.0,
+        "Pseudo-impressions the global posterior mean of an arm is worth within a segment: a ``/predict`` with a "
+        "``segment`` draws Beta(m * mu + rewards, m * (1 - mu) + impressions - rewards) from the segment's counts.",
+    )
+    half_life_s: float = setting(
+        0.0,
+        "Seconds after which an impression or a reward counts half (forward decay, for global and segment counts); "
+        "0 keeps every count at full weight. ``/arms`` then reports weighted counts.",
+    )
     commit_delay_s: float = setting(
         0.001,
         "Group commit: seconds the journal waits after the first unsynced reward for others to share its fsync.",
@@ -391,6 +408,10 @@ class Settings:
         for name in ("reward_window_s", "impressions_sync_s", "checkpoint_interval_s"):
             value = getattr(self, name)
             _check(value, math.isfinite(value) and value > 0, name, "a finite number > 0")
+        weight = self.segment_prior_weight
+        _check(weight, math.isfinite(weight) and weight > 0, "segment_prior_weight", "a finite number > 0")
+        half_life = self.half_life_s
+        _check(half_life, math.isfinite(half_life) and half_life >= 0, "half_life_s", "a finite number >= 0")
         share = self.max_client_share
         _check(share, math.isfinite(share) and 0 < share <= 1, "max_client_share", "a number in (0, 1]")
         delay = self.commit_delay_s
@@ -415,6 +436,12 @@ class Settings:
             _check(self.events, specs.events_topic(self.events) is not None, "events", specs.EVENTS_FORM)
             _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
             _check(self.learning, self.learning, "learning", "on when events is set")
+            _check(
+                self.half_life_s,
+                self.half_life_s == 0,
+                "half_life_s",
+                "0 when events is set (the fleet's learners do not decay their counts yet; a node does)",
+            )
         _check(
             self.events_publish_timeout_s,
             math.isfinite(self.events_publish_timeout_s) and self.events_publish_timeout_s > 0,

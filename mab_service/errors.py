@@ -88,3 +88,11 @@ class LearningOff(MabError):
 
     status_code = 404
     code = "learning_off"
+
+
+class SegmentsUnavailable(MabError):
+    """A request with a ``segment`` where segment counts are not kept: fleet mode, a Vertex source, or the loop off.
+    Refused rather than ranked by the global posteriors, so that a client never takes one for the other."""
+
+    status_code = 422
+    code = "segments_unavailable"

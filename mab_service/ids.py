@@ -8,6 +8,10 @@ in one pass over their bytes (``features._index.unique``, which reads ``MAX_ID_B
 message with ``id_message``); single ids are checked by ``id_problem``.
 
 An event id is 1 to ``MAX_EVENT_ID_CHARS`` characters of ``A-Z a-z 0-9 . _ : -``, the service's own and a client's.
+
+A segment is an id of at most ``MAX_SEGMENT_BYTES`` bytes. Its counts live beside the arms' under keys no id can be,
+as ids hold no control character: ``"\0" + segment`` for the segment's own row and ``"\0" + segment + "\0" + id``
+for an arm within it (``segment_key``, ``pair_key``; the arm table's C++ writes the same bytes).
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")
 #: ``ID_RULE``'s character half as a JSON Schema pattern (the OpenAPI document); the byte length is in the text, as
 #: JSON Schema's ``maxLength`` counts characters.
 ID_PATTERN = "^[^\\u0000-\\u001f\\u007f]+$"
+
+MAX_SEGMENT_BYTES = 128
+SEGMENT_RULE = f"{MIN_ID_BYTES} to {MAX_SEGMENT_BYTES} bytes of UTF-8 without control characters"
+#: Starts every segment key, and separates a segment from an arm in a pair key.
+KEY_SEPARATOR = "\0"
 
 MAX_EVENT_ID_CHARS = 128
 EVENT_ID_CHARS = "A-Za-z0-9._:-"
@@ -58,3 +67,29 @@ def id_message(where: str, problem: str) -> str:
 def is_event_id(value: str) -> bool:
     """Whether ``value`` keeps the event id rule."""
     return EVENT_ID.fullmatch(value) is not None
+
+
+def segment_problem(value: str) -> str | None:
+    """What breaks the segment rule in ``value`` (the id rule, at most ``MAX_SEGMENT_BYTES`` bytes), or None."""
+    problem = id_problem(value)
+    if problem is None and len(value) * 4 > MAX_SEGMENT_BYTES and len(value.encode()) > MAX_SEGMENT_BYTES:
+        return f"{len(value.encode())} bytes"
+    return problem
+
+
+def segment_key(segment: str) -> str:
+    """The key of a segment's own row in the arm table."""
+    return KEY_SEPARATOR + segment
+
+
+def pair_key(segment: str, arm_id: str) -> str:
+    """The key of an arm's row within a segment."""
+    return KEY_SEPARATOR + segment + KEY_SEPARATOR + arm_id
+
+
+def split_key(key: str) -> tuple[str, str | None] | None:
+    """``(segment, arm_id)`` of a pair key, ``(segment, None)`` of a segment key, None for an arm id."""
+    if not key.startswith(KEY_SEPARATOR):
+        return None
+    segment, _, arm_id = key[1:].partition(KEY_SEPARATOR)
+    return segment, (arm_id if _ else None)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from mab_service import __version__
-from mab_service.ids import EVENT_ID_PATTERN, ID_PATTERN, ID_RULE, MAX_ID_BYTES, MIN_ID_BYTES
+from mab_service.ids import (
+    EVENT_ID_PATTERN,
+    ID_PATTERN,
+    ID_RULE,
+    MAX_ID_BYTES,
+    MAX_SEGMENT_BYTES,
+    MIN_ID_BYTES,
+    SEGMENT_RULE,
+)
 from mab_service.routes import PROBES
 
 #: An id (candidate, reward id) by the id rule: JSON Schema counts characters, so maxLength is the byte limit (a
@@ -17,6 +25,21 @@ _ID = {
     "pattern": ID_PATTERN,
 }
 _EVENT_ID = {"type": "string", "pattern": EVENT_ID_PATTERN}
+#: A segment as JSON Schema can say it, as for ids: ``maxLength`` counts characters, the text states the byte limit.
+_SEGMENT = {
+    "type": "string",
+    "minLength": MIN_ID_BYTES,
+    "maxLength": MAX_SEGMENT_BYTES,
+    "pattern": ID_PATTERN,
+    "description": f"A segment: {SEGMENT_RULE}.",
+}
+_SEGMENT_QUERY = {
+    "name": "segment",
+    "in": "query",
+    "schema": _SEGMENT,
+    "description": "Within this segment, as /predict ranks for it: the arm's global posterior mean worth "
+    "--segment-prior-weight impressions, plus its counts in the segment.",
+}
 
 _ERROR = {
     "type": "object",
@@ -120,10 +143,15 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                             "The client's event_id is still held by an earlier answer (event_id_in_use); in fleet "
                             "mode, held on any replica."
                         ),
-                        "422": _error("The JSON does not match PredictRequest."),
+                        "422": _error(
+                            "The JSON does not match PredictRequest, or it has a segment where segments are not "
+                            "counted (segments_unavailable: fleet mode, a Vertex source)."
+                        ),
                         "429": {
                             "description": "The client holds its share of the node's held events (too_many_events, "
-                            "max_client_share); nothing was held or counted: retry after Retry-After seconds.",
+                            "max_client_share): retry after Retry-After seconds; or it has added its share of the "
+                            "node's room for new arms (too_many_new_arms, no Retry-After: put them in the catalogue). "
+                            "Nothing was held or counted.",
                             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                         },
@@ -227,6 +255,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                             "in": "query",
                             "schema": {"type": "string", "enum": ["impressions", "rewards", "mean"]},
                         },
+                        _SEGMENT_QUERY,
                     ],
                     "responses": {
                         "200": _json(
@@ -235,7 +264,10 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                             {"type": "object", "required": ["arms", "total"]},
                         ),
                         "404": _error("The learning loop is off (learning_off)."),
-                        "422": _error("A bad top or order."),
+                        "422": _error(
+                            "A bad top, order or segment, or a segment where segments are not counted "
+                            "(segments_unavailable: fleet mode, a Vertex source)."
+                        ),
                         "431": _HEADERS_TOO_LARGE,
                     },
                 }
@@ -244,10 +276,16 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                 "get": {
                     "operationId": "arm",
                     "summary": "One arm's posterior and counts as the service sees it now",
-                    "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                        _SEGMENT_QUERY,
+                    ],
                     "responses": {
                         "200": _json("The arm.", {"$ref": "#/components/schemas/Arm"}),
                         "404": _error("Never shown, and the feature source does not know it (unknown_arm)."),
+                        "422": _error(
+                            "A bad segment, or a segment where segments are not counted (segments_unavailable)."
+                        ),
                         "431": _HEADERS_TOO_LARGE,
                     },
                 }
@@ -351,6 +389,13 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                             "description": "The client's own event id for this answer (409 while one with that id "
                             "is held); absent or null, the service makes one.",
                         },
+                        "segment": {
+                            **_SEGMENT,
+                            "type": ["string", "null"],
+                            "description": f"The audience to rank for ({SEGMENT_RULE}): each candidate is drawn "
+                            "from its counts within the segment, backed off to its global posterior mean; absent or "
+                            "null ranks globally.",
+                        },
                     },
                 },
                 "RewardRequest": {
@@ -367,9 +412,13 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                     "required": ["id", "alpha", "beta", "impressions", "rewards"],
                     "properties": {
                         "id": {"type": "string"},
+                        "segment": {"type": "string", "description": "With ?segment=: the segment."},
                         "alpha": {"type": "number", "description": "alpha0 + rewards"},
                         "beta": {"type": "number", "description": "beta0 + max(impressions - rewards, 0)"},
-                        "impressions": {"type": "integer"},
+                        "impressions": {
+                            "type": "number",
+                            "description": "An integer; with --half-life-s, the weighted impressions.",
+                        },
                         "rewards": {"type": "number"},
                     },
                 },

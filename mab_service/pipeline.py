@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from mab_service.errors import SegmentsUnavailable
 from mab_service.features.source import Features, FeatureSource, ParameterCheck, count_invalid
+from mab_service.learning.posteriors import SegmentSource
 from mab_service.policy.sampler import TopK
 from mab_service.schemas import PredictRequest
 
@@ -29,13 +31,32 @@ class Recommendation:
 parameter_check = ParameterCheck()
 
 
-async def recommend(request: PredictRequest, source: FeatureSource, top_k: TopK, seed: int | None) -> Recommendation:
+async def recommend(
+    request: PredictRequest,
+    source: FeatureSource,
+    top_k: TopK,
+    seed: int | None,
+    segments: SegmentSource | None = None,
+) -> Recommendation:
     """Rank the request's candidates by one Thompson sample each; return the best ``top_k`` (all if None).
 
-    ``seed`` (the request's own, or one the loop drew so that the answer can be replayed) fixes the samples.
+    ``seed`` (the request's own, or one the loop drew so that the answer can be replayed) fixes the samples. A
+    request with a segment ranks by the segment's posteriors, read from ``segments``.
+
+    Raises:
+        SegmentsUnavailable: The request has a segment and this worker keeps no segment counts (``segments`` None).
     """
     candidates = request.candidates
-    features = await source.fetch(candidates)
+    if request.segment is None:
+        features = await source.fetch(candidates)
+    elif segments is None:
+        raise SegmentsUnavailable(
+            "segments are ranked only by a node that counts them (the embedded demo or csv: source with the loop on); "
+            "this one ranks from a store or the fleet's counts, which keep no segment rows yet",
+            field="segment",
+        )
+    else:
+        features = segments.fetch_segment(candidates, request.segment)
     if count_invalid(features.alpha, features.beta):  # one C pass; the kernel refuses what it counts
         features = parameter_check.replace(features, candidates, source)
     k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))

@@ -42,7 +42,7 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     seed = query.seed
     if loop is not None and seed is None:
         seed = loop.new_seed()  # every answer can be drawn again from the decision log
-    result = await pipeline.recommend(query, state["source"], state["top_k"], seed)
+    result = await pipeline.recommend(query, state["source"], state["top_k"], seed, state["segments"])
     event_id = None
     if loop is not None:
         if query.event_id is not None:
@@ -61,6 +61,8 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
             result.ids,
             seed,  # type: ignore[arg-type]  # drawn above when the request had none
             query.top_k,
+            query.segment,
+            features.segment_rows,
         )
     encoding = perf_counter()
     answer = schemas.encode_predict(query.user_id, result.ids, result.scores, result.degraded, event_id)
@@ -122,11 +124,18 @@ async def openapi(request: Request) -> OrjsonResponse:
 
 
 async def arm(request: Request) -> OrjsonResponse:
-    """``GET /arms/{id}``: the arm's posterior and counts as this node sees it now."""
+    """``GET /arms/{id}``: the arm's posterior and counts as this node sees it now; ``?segment=s``: within segment s,
+    as /predict ranks it there."""
     state: AppState = request.scope["state"]
     arm_id = request.path_params["id"]
     loop = state["loop"]
+    segment = _segment(request)
     try:
+        if segment is not None:
+            alpha, beta, shown, got = await _loop(state).read_segment_arm(arm_id, segment)
+            return OrjsonResponse(
+                {"id": arm_id, "segment": segment, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got}
+            )
         if loop is None:
             alpha, beta, shown, got = await arm_from_source(state["source"], arm_id, None)
         else:
@@ -137,15 +146,21 @@ async def arm(request: Request) -> OrjsonResponse:
 
 
 async def arms(request: Request) -> OrjsonResponse:
-    """``GET /arms?top=N&order=impressions|rewards|mean``: the leading arms, with 95% intervals."""
+    """``GET /arms?top=N&order=impressions|rewards|mean[&segment=s]``: the leading arms (within segment s: those shown
+    in it, by their posteriors there), with 95% intervals."""
     loop = _loop(request.scope["state"])
+    segment = _segment(request)
     top = request.query_params.get("top", "20")
     order = request.query_params.get("order", "impressions")
     if not top.isdigit() or not 1 <= int(top) <= MAX_TOP_ARMS:
         raise ValidationFailed(f"top must be an integer in [1, {MAX_TOP_ARMS}] (got {top!r})", field="top")
     if order not in ("impressions", "rewards", "mean"):
         raise ValidationFailed(f"order must be impressions, rewards or mean (got {order!r})", field="order")
-    leading, total, partial = await loop.top(int(top), order, _ARMS_EXECUTOR)
+    if segment is None:
+        leading, total, partial = await loop.top(int(top), order, _ARMS_EXECUTOR)
+    else:
+        leading, total, partial = await loop.top_segment(int(top), order, segment, _ARMS_EXECUTOR)
+        return OrjsonResponse({"segment": segment, "arms": leading, "total": total})
     if partial is None:
         return OrjsonResponse({"arms": leading, "total": total})
     return OrjsonResponse({"arms": leading, "total": total, "partial": partial})
@@ -171,6 +186,12 @@ async def loop_stats(request: Request) -> OrjsonResponse:
 async def dashboard_page(request: Request) -> Response:
     """``GET /dashboard``: the page that draws the arms' posteriors and the loop's health."""
     return Response(dashboard.page(), media_type="text/html; charset=utf-8")
+
+
+def _segment(request: Request) -> str | None:
+    """The ``segment`` query parameter, checked against the segment rule (422 if it breaks it), or None."""
+    segment = request.query_params.get("segment")
+    return None if segment is None else schemas.check_segment(segment)
 
 
 def _loop(state: AppState) -> Loop:

@@ -16,7 +16,7 @@ import orjson
 
 from mab_service.errors import MalformedBody, ValidationFailed
 from mab_service.features._index import unique
-from mab_service.ids import EVENT_ID_RULE, id_message, id_problem, is_event_id
+from mab_service.ids import EVENT_ID_RULE, SEGMENT_RULE, id_message, id_problem, is_event_id, segment_problem
 
 MAX_SEED = 2**64
 MAX_USER_ID_CHARS = 1024
@@ -34,6 +34,8 @@ class PredictRequest:
     seed: int | None
     event_id: str | None = None
     """The client's own event id, if it sent one."""
+    segment: str | None = None
+    """The audience the candidates are ranked for (``ids.SEGMENT_RULE``), if the client sent one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,24 @@ def decode_predict(body: bytes, max_candidates: int) -> PredictRequest:
     event_id = doc.get("event_id")
     if event_id is not None:
         _check_event_id(event_id)
-    return PredictRequest(user_id, candidates, top_k, seed, event_id)
+    segment = doc.get("segment")
+    if segment is not None:
+        check_segment(segment)
+    return PredictRequest(user_id, candidates, top_k, seed, event_id, segment)
+
+
+def check_segment(segment: object) -> str:
+    """``segment`` if it keeps the segment rule.
+
+    Raises:
+        ValidationFailed: It does not (field ``segment``).
+    """
+    if type(segment) is not str:
+        raise ValidationFailed(_expected(f"a string of {SEGMENT_RULE}", segment, "segment"), field="segment")
+    problem = segment_problem(segment)
+    if problem is not None:
+        raise ValidationFailed(f"segment must be {SEGMENT_RULE} (got {problem})", field="segment")
+    return segment
 
 
 def decode_reward(body: bytes) -> RewardRequest:

@@ -7,6 +7,7 @@ from typing import Any, TypedDict
 from mab_service.config import Settings
 from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
+from mab_service.learning.posteriors import SegmentSource
 from mab_service.learning.protocol import Loop
 from mab_service.policy.sampler import TopK
 
@@ -20,3 +21,6 @@ class AppState(TypedDict):
     """This worker's admission and drain state (``draining`` turns /health to 503)."""
     loop: Loop | None
     """This worker's side of the learning loop; None with ``learning`` off."""
+    segments: SegmentSource | None
+    """Where a request with a segment is ranked: the node's arm table where the loop counts segments, else None
+    (such requests are refused)."""

@@ -486,3 +486,31 @@ def test_with_api_keys_the_page_sends_the_key_it_is_given(
     assert out["known"] is True and out["fromFragment"] == 200
     assert out["cleared"] == {} and out["none"] == 401
     assert out["wrong"] == 401 and out["typed"] == 200
+
+
+def test_the_segment_selector_draws_the_arms_of_one_segment(
+    server_factory: Callable[..., Server], catalogue: Path, chromium: str, tmp_path: Path
+) -> None:
+    server = server_factory(args=["--features", f"csv:{catalogue}", "--state-dir", str(tmp_path / "state")])
+    try:
+        with server.client() as http:
+            for r in range(12):
+                segment = "fr" if r % 3 else None
+                body = {"user_id": "u", "candidates": list(ARMS), "top_k": TOP_K, "seed": r, "segment": segment}
+                assert http.post("/predict", json=body).status_code == 200
+        dom = parse(
+            run_chromium(chromium, tmp_path / "profile", "--dump-dom", f"{server.url}/dashboard?top=50&segment=fr")
+        )
+        arms = api(server, "/arms?top=50&order=impressions&segment=fr")
+        assert "hidden" in dom.by_id("banner").attrs, dom.by_id("banner").text()
+        rows = dom.all("tr", "arm")
+        assert [row.attrs["data-id"] for row in rows] == [a["id"] for a in arms["arms"]]
+        assert sum(a["impressions"] for a in arms["arms"]) == 8 * TOP_K  # the segment's answers alone
+        for row, arm in zip(rows, arms["arms"]):
+            cells = {c.attrs["class"]: c.text() for c in row.all("td")}
+            assert cells["impressions"] == number_text(arm["impressions"], 0)
+        assert dom.by_id("arms-count").text() == (
+            f'(top {len(arms["arms"])} of {arms["total"]} arms shown in segment "fr", by impressions)'
+        )
+    finally:
+        stop_process(server.proc)

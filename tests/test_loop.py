@@ -24,7 +24,7 @@ from mab_service.clients import CLIENT
 from mab_service.config import Settings
 from mab_service.learning import node, replay
 from mab_service.learning.journal import read_records
-from mab_service.learning.loop import NodeLoop, NotInEvent, TooManyEvents, UnknownEvent
+from mab_service.learning.loop import NodeLoop, NotInEvent, TooManyEvents, TooManyNewArms, UnknownEvent
 from tests.conftest import EmulatorProcess, Server, wait_until
 
 JSON = {"content-type": "application/json"}
@@ -180,7 +180,7 @@ def _holding_settings(tmp_path: Path, **overrides: object) -> Settings:
         "state_dir": str(tmp_path / "state"),
         "max_held_events": 40,
         "max_held_members": 4000,
-        "max_new_arms": 1000,
+        "max_new_arms": 10_000,
         "decision_log": False,
     }
     values.update(overrides)
@@ -230,11 +230,47 @@ def test_a_client_past_its_share_is_refused_and_others_are_not(tmp_path: Path) -
                 # The budget counts ids too: 1,000 per client.
                 token = CLIENT.set("key:big")
                 _answer(loop, current, [f"m-{i}" for i in range(600)])
-                with pytest.raises(TooManyEvents, match="holds 1 events of 600 ids"):
+                with pytest.raises(TooManyEvents, match="holds 1 events and 600 ids"):
                     _answer(loop, current, [f"n-{i}" for i in range(401)])
                 _answer(loop, current, [f"n-{i}" for i in range(400)])
                 CLIENT.reset(token)
                 assert loop.stats()["refusals"]["too_many_events"] == 3
+            finally:
+                await loop.close()
+
+    asyncio.run(run())
+
+
+def test_a_client_past_its_share_of_new_arms_is_refused_and_others_are_not(tmp_path: Path) -> None:
+    # A share of 0.25 of 1,000 new arms: 250 per client (one worker). The demo catalogue's ids are not new.
+    settings = _holding_settings(tmp_path, max_new_arms=1000, max_held_events=100_000, max_held_members=1_000_000)
+
+    async def run() -> None:
+        with node.using(settings) as current:
+            loop = NodeLoop(current, settings, apply_counts=True)
+            await loop.start()
+            try:
+                token = CLIENT.set("addr:10.0.0.1")
+                _answer(loop, current, [f"made-up-{i}" for i in range(200)])
+                _answer(loop, current, [f"made-up-{i}" for i in range(200)])  # the same arms again: nothing new
+                shown = loop.impressions
+                with pytest.raises(TooManyNewArms, match="has added 200 arms not in the catalogue") as refused:
+                    _answer(loop, current, [f"made-up-{i}" for i in range(200, 251)], event_id="flood.1")
+                assert refused.value.status_code == 429 and refused.value.code == "too_many_new_arms"
+                assert loop.impressions == shown and current.arms.get("made-up-250") is None  # nothing counted ...
+                with pytest.raises(UnknownEvent):
+                    await loop.reward("flood.1", "made-up-200", 1.0)  # ... and nothing held
+                _answer(loop, current, [f"made-up-{i}" for i in range(200, 250)])  # up to its share: 250
+                catalogue = current.arms.id_at(0)
+                _answer(loop, current, [catalogue, "made-up-0"])  # known arms still answer
+                CLIENT.reset(token)
+
+                token = CLIENT.set("addr:10.0.0.2")  # another client's new arms are counted as before
+                event_id = _answer(loop, current, ["fresh-0", "fresh-1"])
+                assert await loop.reward(event_id, "fresh-1", 1.0)
+                assert loop.arm("fresh-1")[2:] == (1, 1.0)  # type: ignore[index]
+                CLIENT.reset(token)
+                assert loop.stats()["refusals"]["too_many_new_arms"] == 1
             finally:
                 await loop.close()
 

@@ -23,11 +23,20 @@ struct ArmTable {
     uint64_t total_bytes;
     uint64_t capacity;
     uint64_t arena_bytes;
-    uint64_t slot_count;
+    uint64_t slot_count;          // the arms' slots
+    uint64_t segment_slot_count;  // the segment keys' slots, after the arms'
     uint64_t key[kHashKeyWords];
+    uint64_t segment_rows;        // of capacity, the segment rows' budget
+    uint64_t segment_arena;       // of arena_bytes, the segment rows' part (at its end)
+    double half_life_s;           // 0: no decay
+    double landmark0;             // the landmark of epoch 0 (unix time)
     alignas(64) uint64_t rows_used;  // atomic: rows reserved, <= capacity
-    uint64_t arena_used;             // atomic: arena bytes reserved, <= arena_bytes
+    uint64_t arena_used;             // atomic: arms' arena bytes reserved, <= arena_bytes - segment_arena
     uint64_t rows_wasted;            // atomic
+    uint64_t arm_rows_used;          // atomic: rows reserved for arms, <= capacity - segment_rows
+    uint64_t segment_rows_used;      // atomic: rows reserved for segment keys, <= segment_rows
+    uint64_t segment_arena_used;     // atomic: segment arena bytes reserved, <= segment_arena
+    uint64_t epoch;                  // atomic: the decay's epoch; its landmark is landmark0 + epoch * span
 };
 static_assert(sizeof(ArmTable) % 64 == 0, "the slots start on a cache line");
 
@@ -51,7 +60,35 @@ uint64_t* slots_of(const ArmTable* t) noexcept {
 }
 
 ArmRecord* records_of(const ArmTable* t) noexcept {
-    return reinterpret_cast<ArmRecord*>(reinterpret_cast<char*>(slots_of(t)) + t->slot_count * sizeof(uint64_t));
+    return reinterpret_cast<ArmRecord*>(
+        reinterpret_cast<char*>(slots_of(t)) + (t->slot_count + t->segment_slot_count) * sizeof(uint64_t));
+}
+
+// The slots one kind of key is probed in. Arms and segment keys have slots of their own, each sized for its own
+// rows: the arms' lookups stay within slots as few as the arms need (a segment budget of 200,000 rows would
+// otherwise spread 2,000 arms over 4.8 MB of slots), and segment keys never lengthen an arm's probe.
+struct SlotSpan {
+    uint64_t* base;
+    std::size_t count;
+};
+
+inline SlotSpan arm_slots(const ArmTable* t) noexcept { return SlotSpan{slots_of(t), t->slot_count}; }
+
+inline SlotSpan segment_slots(const ArmTable* t) noexcept {
+    return SlotSpan{slots_of(t) + t->slot_count, t->segment_slot_count};
+}
+
+// A key whose first byte is NUL is a segment key (no id may hold a control character, mab_service/ids.py), in a
+// table with a segment budget; a table without one holds any key as an arm's (the table itself takes any bytes).
+inline bool is_segment_key(const ArmTable* t, IdRef id) noexcept {
+    return t->segment_rows != 0 && id.size != 0 && id.data[0] == '\0';
+}
+
+// Where segment keys are: their own slots, or the arms' in a table without a segment budget.
+inline SlotSpan key_slots(const ArmTable* t) noexcept { return t->segment_rows != 0 ? segment_slots(t) : arm_slots(t); }
+
+inline SlotSpan slots_for(const ArmTable* t, IdRef id) noexcept {
+    return is_segment_key(t, id) ? segment_slots(t) : arm_slots(t);
 }
 
 char* arena_of(const ArmTable* t) noexcept { return reinterpret_cast<char*>(records_of(t) + t->capacity); }
@@ -60,11 +97,11 @@ inline uint32_t tag_of(uint64_t h) noexcept { return static_cast<uint32_t>(h >> 
 
 // The home slot: the low half of the hash scaled to [0, slot_count) by a multiply (the slot count is not a
 // power of two, so that memory follows capacity closely). The tag is the high half, independent of it.
-inline std::size_t home_of(const ArmTable* t, uint64_t h) noexcept {
-    return static_cast<std::size_t>(((h & 0xFFFFFFFFu) * t->slot_count) >> 32);
+inline std::size_t home_of(const SlotSpan& sp, uint64_t h) noexcept {
+    return static_cast<std::size_t>(((h & 0xFFFFFFFFu) * sp.count) >> 32);
 }
 
-inline std::size_t next_slot(const ArmTable* t, std::size_t j) noexcept { return j + 1 == t->slot_count ? 0 : j + 1; }
+inline std::size_t next_slot(const SlotSpan& sp, std::size_t j) noexcept { return j + 1 == sp.count ? 0 : j + 1; }
 
 inline uint64_t load_slot(const uint64_t* s) noexcept { return __atomic_load_n(s, __ATOMIC_ACQUIRE); }
 
@@ -102,11 +139,11 @@ inline bool holds(const ArmTable* t, const ArmRecord& r, uint64_t h, IdRef id) n
 
 // Probes from slot j for the id: its slot value, or 0 if the run ends first. *end is the slot where it
 // stopped (the empty slot ending the run when not found).
-uint64_t probe(const ArmTable* t, uint64_t h, IdRef id, std::size_t j, std::size_t* end) noexcept {
-    const uint64_t* slots = slots_of(t);
+uint64_t probe(const ArmTable* t, const SlotSpan& sp, uint64_t h, IdRef id, std::size_t j, std::size_t* end) noexcept {
+    const uint64_t* slots = sp.base;
     const ArmRecord* rec = records_of(t);
     const uint32_t tag = tag_of(h);
-    for (;; j = next_slot(t, j)) {
+    for (;; j = next_slot(sp, j)) {
         const uint64_t s = load_slot(&slots[j]);
         if (s == 0 || (slot_tag(s) == tag && holds(t, rec[slot_row(s)], h, id))) {
             *end = j;
@@ -115,18 +152,90 @@ uint64_t probe(const ArmTable* t, uint64_t h, IdRef id, std::size_t j, std::size
     }
 }
 
-inline double load_rewards(const ArmRecord& r) noexcept {
-    const uint64_t bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
+// ---------------------------------------------------------------------------------------------------------
+// Counts and their decay
+//
+// A count word is the bits of a double >= 0 with the parity of its epoch in the sign bit. Without decay the epoch
+// stays 0, so the word is the plain double.
+
+constexpr uint64_t kParity = uint64_t{1} << 63;
+
+inline double value_of(uint64_t word) noexcept {
+    const uint64_t bits = word & ~kParity;
     double x;
     std::memcpy(&x, &bits, sizeof x);
     return x;
 }
 
-inline void posterior(const ArmRecord& r, double* alpha, double* beta) noexcept {
-    const double rewards = load_rewards(r);
-    const double impressions = static_cast<double>(__atomic_load_n(&r.impressions, __ATOMIC_RELAXED));
+inline uint64_t word_of(double x, uint64_t parity) noexcept {
+    uint64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return bits | parity;
+}
+
+inline uint64_t parity_of(uint64_t epoch) noexcept { return (epoch & 1) << 63; }
+
+inline double span_of(const ArmTable* t) noexcept { return t->half_life_s * kArmEpochHalfLives; }
+
+// The landmark of an epoch. Epoch 0 is landmark0 itself, so that a table without decay never computes one.
+inline double landmark_of(const ArmTable* t, uint64_t epoch) noexcept {
+    return t->landmark0 + static_cast<double>(epoch) * span_of(t);
+}
+
+// Read scales at `now` for a count of the current epoch and of the one before: 2**((landmark - now) / H). The one
+// before is exactly 2**-kArmEpochHalfLives times the other (a power of two: no rounding). Without decay both are 1.
+struct Scales {
+    uint64_t epoch;
+    double current, previous;
+};
+
+inline Scales scales_at(const ArmTable* t, double now) noexcept {
+    const uint64_t epoch = __atomic_load_n(&t->epoch, __ATOMIC_ACQUIRE);
+    if (t->half_life_s == 0.0) return Scales{epoch, 1.0, 1.0};
+    const double current = std::exp2((landmark_of(t, epoch) - now) / t->half_life_s);
+    return Scales{epoch, current, std::ldexp(current, -static_cast<int>(kArmEpochHalfLives))};
+}
+
+// A count read at the scales' time. The word was loaded before the epoch (see the header): a word of the other
+// parity is of the epoch before.
+inline double read_count(uint64_t word, const Scales& s) noexcept {
+    return value_of(word) * ((word & kParity) == parity_of(s.epoch) ? s.current : s.previous);
+}
+
+inline void posterior(const ArmRecord& r, const Scales& s, double* alpha, double* beta) noexcept {
+    const double rewards = read_count(__atomic_load_n(&r.rewards, __ATOMIC_ACQUIRE), s);
+    const double impressions = read_count(__atomic_load_n(&r.impressions, __ATOMIC_ACQUIRE), s);
     *alpha = r.alpha0 + rewards;
     *beta = r.beta0 + std::max(impressions - rewards, 0.0);
+}
+
+// Adds `amount` made at `when` to one count: amount * 2**((when - landmark) / H) for the landmark of the count's
+// own epoch (the current one or the one before), with a compare-and-swap so that neither another addition nor the
+// sweep's rescale is lost. The epoch is read after the word (see the header).
+void add_count(const ArmTable* t, uint64_t* word, double amount, double when) noexcept {
+    if (amount == 0.0) return;
+    uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    for (;;) {
+        double add = amount;
+        if (t->half_life_s != 0.0) {
+            const uint64_t epoch = __atomic_load_n(&t->epoch, __ATOMIC_ACQUIRE);
+            const uint64_t own = (old & kParity) == parity_of(epoch) || epoch == 0 ? epoch : epoch - 1;
+            add = amount * std::exp2((when - landmark_of(t, own)) / t->half_life_s);
+        }
+        const uint64_t next = word_of(value_of(old) + add, old & kParity);
+        if (__atomic_compare_exchange_n(word, &old, next, true, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+    }
+}
+
+// Brings one count of the epoch before into `epoch`: its value times 2**-kArmEpochHalfLives (exact but for
+// subnormals), with the new parity. A count already in `epoch` is left alone.
+void sweep_count(uint64_t* word, uint64_t epoch) noexcept {
+    const uint64_t parity = parity_of(epoch);
+    uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    while ((old & kParity) != parity) {
+        const uint64_t next = word_of(std::ldexp(value_of(old), -static_cast<int>(kArmEpochHalfLives)), parity);
+        if (__atomic_compare_exchange_n(word, &old, next, true, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+    }
 }
 
 // Reserves `amount` units of a counter without passing `limit`: a compare-and-swap loop, so that a failed
@@ -146,7 +255,8 @@ bool reserve(uint64_t* counter, uint64_t amount, uint64_t limit, uint64_t* start
 int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta0, uint32_t flags, int64_t* row,
                    bool* existed) noexcept {
     std::size_t j;
-    uint64_t s = probe(t, h, id, home_of(t, h), &j);
+    const SlotSpan sp = slots_for(t, id);
+    uint64_t s = probe(t, sp, h, id, home_of(sp, h), &j);
     if (s != 0) {
         *row = static_cast<int64_t>(slot_row(s));
         *existed = true;
@@ -154,13 +264,24 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
     }
     *existed = false;
     *row = -1;
+    // Arms and segment keys each have their own budget of rows and arena bytes, so segments never take an arm's
+    // room. The budgets add up to the table, so a row reserved in one always finds a row of the table.
+    const bool segment = is_segment_key(t, id);
+    flags = segment ? flags | kArmSegment : flags & ~kArmSegment;
+    uint64_t* kind_rows = segment ? &t->segment_rows_used : &t->arm_rows_used;
+    const uint64_t kind_capacity = segment ? t->segment_rows : t->capacity - t->segment_rows;
+    uint64_t* kind_arena = segment ? &t->segment_arena_used : &t->arena_used;
+    const uint64_t kind_arena_bytes = segment ? t->segment_arena : t->arena_bytes - t->segment_arena;
+    const uint64_t arena_base = segment ? t->arena_bytes - t->segment_arena : 0;
     // Cheap early outs, so that a full table does not reserve (and lose) arena bytes for nothing.
-    if (__atomic_load_n(&t->rows_used, __ATOMIC_RELAXED) >= t->capacity) return kArmRowsFull;
+    if (__atomic_load_n(kind_rows, __ATOMIC_RELAXED) >= kind_capacity) return kArmRowsFull;
     uint64_t offset = 0;
-    if (id.size > kArmInlineId && !reserve(&t->arena_used, id.size, t->arena_bytes, &offset)) return kArmArenaFull;
-    uint64_t r;
+    if (id.size > kArmInlineId && !reserve(kind_arena, id.size, kind_arena_bytes, &offset)) return kArmArenaFull;
+    offset += arena_base;
+    uint64_t r, kind_row;
     // Losing this race wastes the arena bytes just reserved; rows fill up only once, so that is bounded.
-    if (!reserve(&t->rows_used, 1, t->capacity, &r)) return kArmRowsFull;
+    if (!reserve(kind_rows, 1, kind_capacity, &kind_row)) return kArmRowsFull;
+    if (!reserve(&t->rows_used, 1, t->capacity, &r)) return kArmRowsFull;  // not reached: the budgets add up
 
     ArmRecord& rec = records_of(t)[r];
     rec.hash = h;
@@ -178,7 +299,7 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
     // (arm_id_at, with acquire) sees the id written above.
     __atomic_store_n(&rec.flags, flags, __ATOMIC_RELEASE);
 
-    uint64_t* slots = slots_of(t);
+    uint64_t* slots = sp.base;
     const uint32_t tag = tag_of(h);
     const uint64_t mine = make_slot(tag, r);
     const ArmRecord* recs = records_of(t);
@@ -197,7 +318,7 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
             *existed = true;
             return kArmOk;
         }
-        s = probe(t, h, id, next_slot(t, j), &j);
+        s = probe(t, sp, h, id, next_slot(sp, j), &j);
         if (s != 0) {
             __atomic_store_n(&rec.flags, kArmWasted, __ATOMIC_RELAXED);
             __atomic_fetch_add(&t->rows_wasted, 1, __ATOMIC_RELAXED);
@@ -208,40 +329,14 @@ int find_or_insert(ArmTable* t, IdRef id, uint64_t h, double alpha0, double beta
     }
 }
 
-void add_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
-    if (impressions != 0) __atomic_fetch_add(&r.impressions, impressions, __ATOMIC_RELAXED);
-    if (rewards == 0.0) return;
-    // No atomic add for doubles: swap the bit pattern in, retrying if another add came between.
-    uint64_t old_bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
-    for (;;) {
-        double old_value;
-        std::memcpy(&old_value, &old_bits, sizeof old_value);
-        const double new_value = old_value + rewards;
-        uint64_t new_bits;
-        std::memcpy(&new_bits, &new_value, sizeof new_bits);
-        if (__atomic_compare_exchange_n(&r.rewards, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            return;
-        }
-    }
-}
-
-
 // Raises the counts of one row to at least the given ones. Counts only grow, so the larger of two readings is the
 // newer one: applying readings in any order, and any of them twice, leaves the same values (a max is idempotent and
 // commutative). Non-negative doubles order as their bit patterns do, but the loop compares values to stay obvious.
-void raise_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
-    uint64_t cur = __atomic_load_n(&r.impressions, __ATOMIC_RELAXED);
-    while (cur < impressions &&
-           !__atomic_compare_exchange_n(&r.impressions, &cur, impressions, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-    }
-    uint64_t old_bits = __atomic_load_n(&r.rewards, __ATOMIC_RELAXED);
-    for (;;) {
-        double old_value;
-        std::memcpy(&old_value, &old_bits, sizeof old_value);
-        if (!(old_value < rewards)) return;
-        uint64_t new_bits;
-        std::memcpy(&new_bits, &rewards, sizeof new_bits);
-        if (__atomic_compare_exchange_n(&r.rewards, &old_bits, new_bits, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+// Counts without decay are plain doubles (parity 0).
+void raise_count(uint64_t* word, double value) noexcept {
+    uint64_t old = __atomic_load_n(word, __ATOMIC_RELAXED);
+    while (value_of(old) < value) {
+        if (__atomic_compare_exchange_n(word, &old, word_of(value, 0), true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
             return;
         }
     }
@@ -252,19 +347,21 @@ void raise_counts(ArmRecord& r, uint64_t impressions, double rewards) noexcept {
 // ---------------------------------------------------------------------------------------------------------
 // Table
 
-std::size_t arm_table_bytes(std::size_t capacity, std::size_t id_bytes) noexcept {
-    if (capacity > kArmMaxRows) return 0;
+std::size_t arm_table_bytes(std::size_t capacity, std::size_t id_bytes, std::size_t segment_rows) noexcept {
+    if (capacity > kArmMaxRows || segment_rows > capacity) return 0;
     constexpr std::size_t kMax = std::size_t{1} << 60;
     if (id_bytes > kMax) return 0;
-    const std::size_t slots = slot_count_for(capacity) * sizeof(uint64_t);
+    const std::size_t slots =
+        (slot_count_for(capacity - segment_rows) + slot_count_for(segment_rows)) * sizeof(uint64_t);
     return sizeof(ArmTable) + slots + capacity * sizeof(ArmRecord) + round_up(id_bytes, kLine);
 }
 
 int arm_table_create(void* buffer, std::size_t size, std::size_t capacity, std::size_t id_bytes,
+                     std::size_t segment_rows, std::size_t segment_id_bytes, double half_life_s, double landmark,
                      ArmTable** out) noexcept {
     *out = nullptr;
-    const std::size_t need = arm_table_bytes(capacity, id_bytes);
-    if (need == 0) return kArmTooBig;
+    const std::size_t need = arm_table_bytes(capacity, id_bytes, segment_rows);
+    if (need == 0 || segment_id_bytes > id_bytes) return kArmTooBig;
     if (size < need) return kArmBadLayout;
     ArmTable* t = static_cast<ArmTable*>(buffer);
     t->version = kArmLayoutVersion;
@@ -272,11 +369,20 @@ int arm_table_create(void* buffer, std::size_t size, std::size_t capacity, std::
     t->total_bytes = need;
     t->capacity = capacity;
     t->arena_bytes = round_up(id_bytes, kLine);
-    t->slot_count = slot_count_for(capacity);
+    t->slot_count = slot_count_for(capacity - segment_rows);
+    t->segment_slot_count = slot_count_for(segment_rows);
+    t->segment_rows = segment_rows;
+    t->segment_arena = segment_id_bytes;  // the arms' part is the rest, rounded up with the whole
+    t->half_life_s = half_life_s;
+    t->landmark0 = landmark;
     draw_hash_key(t->key);
     __atomic_store_n(&t->rows_used, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->arena_used, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&t->rows_wasted, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->arm_rows_used, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->segment_rows_used, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->segment_arena_used, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->epoch, 0, __ATOMIC_RELAXED);
     // The magic goes last: a process that attaches and sees it sees the rest of the header.
     __atomic_store_n(&t->magic, kArmMagic, __ATOMIC_RELEASE);
     *out = t;
@@ -290,8 +396,13 @@ int arm_table_attach(void* buffer, std::size_t size, ArmTable** out) noexcept {
     if (__atomic_load_n(&t->magic, __ATOMIC_ACQUIRE) != kArmMagic) return kArmBadLayout;
     if (t->version != kArmLayoutVersion || t->record_bytes != sizeof(ArmRecord)) return kArmBadLayout;
     if (t->capacity > kArmMaxRows || t->arena_bytes % kLine != 0) return kArmBadLayout;
-    if (t->slot_count != slot_count_for(t->capacity)) return kArmBadLayout;
-    const std::size_t need = arm_table_bytes(t->capacity, t->arena_bytes);
+    if (t->segment_rows > t->capacity || t->segment_arena > t->arena_bytes) return kArmBadLayout;
+    if (t->slot_count != slot_count_for(t->capacity - t->segment_rows)) return kArmBadLayout;
+    if (t->segment_slot_count != slot_count_for(t->segment_rows)) return kArmBadLayout;
+    if (!(t->half_life_s >= 0.0) || !std::isfinite(t->half_life_s) || !std::isfinite(t->landmark0)) {
+        return kArmBadLayout;
+    }
+    const std::size_t need = arm_table_bytes(t->capacity, t->arena_bytes, t->segment_rows);
     if (need == 0 || need != t->total_bytes || need > size) return kArmBadLayout;
     if (__atomic_load_n(&t->rows_used, __ATOMIC_RELAXED) > t->capacity) return kArmBadLayout;
     if (__atomic_load_n(&t->arena_used, __ATOMIC_RELAXED) > t->arena_bytes) return kArmBadLayout;
@@ -312,7 +423,19 @@ uint64_t arm_table_rows_wasted(const ArmTable* t) noexcept {
 }
 
 std::size_t arm_table_arena_used(const ArmTable* t) noexcept {
-    return __atomic_load_n(&t->arena_used, __ATOMIC_RELAXED);
+    return __atomic_load_n(&t->arena_used, __ATOMIC_RELAXED) + __atomic_load_n(&t->segment_arena_used, __ATOMIC_RELAXED);
+}
+
+std::size_t arm_table_segment_rows(const ArmTable* t) noexcept { return t->segment_rows; }
+
+std::size_t arm_table_segment_rows_used(const ArmTable* t) noexcept {
+    return __atomic_load_n(&t->segment_rows_used, __ATOMIC_RELAXED);
+}
+
+double arm_table_half_life(const ArmTable* t) noexcept { return t->half_life_s; }
+
+double arm_table_landmark(const ArmTable* t) noexcept {
+    return landmark_of(t, __atomic_load_n(&t->epoch, __ATOMIC_ACQUIRE));
 }
 
 const ArmRecord* arm_table_records(const ArmTable* t) noexcept { return records_of(t); }
@@ -330,18 +453,19 @@ int arm_table_load(ArmTable* t, const IdRef* ids, const double* alpha0, const do
     // Hash a window ahead and prefetch its home slots, so that the slot misses of a bulk load overlap.
     constexpr std::size_t kAhead = 16;
     uint64_t hash[kAhead];
-    const uint64_t* slots = slots_of(t);
+    // Prefetches only: an id's kind picks its slots again in find_or_insert.
+    const SlotSpan sp = arm_slots(t);
     const std::size_t first = std::min(kAhead, n);
     for (std::size_t i = 0; i < first; ++i) {
         hash[i] = hash_id_keyed(ids[i], t->key);
-        __builtin_prefetch(&slots[home_of(t, hash[i])]);
+        __builtin_prefetch(&sp.base[home_of(sp, hash[i])]);
     }
     for (std::size_t i = 0; i < n; ++i) {
         const uint64_t h = hash[i % kAhead];
         if (i + kAhead < n) {
             const uint64_t ahead = hash_id_keyed(ids[i + kAhead], t->key);
             hash[i % kAhead] = ahead;
-            __builtin_prefetch(&slots[home_of(t, ahead)]);
+            __builtin_prefetch(&sp.base[home_of(sp, ahead)]);
         }
         int64_t row;
         bool existed;
@@ -360,8 +484,14 @@ int arm_table_load(ArmTable* t, const IdRef* ids, const double* alpha0, const do
     return kArmOk;
 }
 
-int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
-                    double* alpha_out, double* beta_out, int32_t* rows_out, std::size_t* n_known) noexcept {
+namespace {
+
+// The batched lookup under arm_gather_fill and arm_gather_segment_fill: found(i, record, row) for each ids[i] the
+// table holds, missing(i) for the others, in order; returns how many were found.
+// All ids are of the kind whose slots `sp` are.
+template <class Found, class Missing>
+std::size_t gather_rows(const ArmTable* t, const SlotSpan& sp, const IdRef* ids, std::size_t n, Found found,
+                        Missing missing) noexcept {
     // As gather_params_fill (id_index.cpp), ids go in groups, one pass per level of misses (slot, record,
     // arena bytes of long ids), each pass prefetching the next level for the whole group, so that the misses
     // of a group overlap. In addition, the next group is hashed and its slots prefetched between the two
@@ -372,8 +502,8 @@ int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double p
     uint64_t value[kGroup];
     // Local copies: the compiler may not keep header fields in registers across the acquire loads below.
     const uint64_t key[kHashKeyWords] = {t->key[0], t->key[1], t->key[2]};
-    const std::size_t n_slots = t->slot_count;
-    const uint64_t* slots = slots_of(t);
+    const std::size_t n_slots = sp.count;
+    const uint64_t* slots = sp.base;
     const ArmRecord* rec = records_of(t);
     const char* arena = arena_of(t);
     std::size_t known = 0;
@@ -415,28 +545,116 @@ int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double p
             // Equal tags but another id: probe on past it.
             if (s != 0 && !holds(t, rec[slot_row(s)], h[i], g[i])) {
                 std::size_t end;
-                s = probe(t, h[i], g[i], next_slot(t, sl[i]), &end);
+                s = probe(t, sp, h[i], g[i], next_slot(sp, sl[i]), &end);
             }
             if (s != 0) {
                 const std::size_t row = slot_row(s);
-                posterior(rec[row], &alpha_out[base + i], &beta_out[base + i]);
-                rows_out[base + i] = static_cast<int32_t>(row);
+                found(base + i, rec[row], row);
                 ++known;
             } else {
-                alpha_out[base + i] = prior_alpha;
-                beta_out[base + i] = prior_beta;
-                rows_out[base + i] = -1;
+                missing(base + i);
             }
         }
+    }
+    return known;
+}
+
+}  // namespace
+
+int arm_gather_fill(const ArmTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
+                    double now, double* alpha_out, double* beta_out, int32_t* rows_out, std::size_t* n_known) noexcept {
+    const Scales scales = scales_at(t, now);
+    *n_known = gather_rows(
+        t, arm_slots(t), ids, n,
+        [&](std::size_t i, const ArmRecord& r, std::size_t row) noexcept {
+            posterior(r, scales, &alpha_out[i], &beta_out[i]);
+            rows_out[i] = static_cast<int32_t>(row);
+        },
+        [&](std::size_t i) noexcept {
+            alpha_out[i] = prior_alpha;
+            beta_out[i] = prior_beta;
+            rows_out[i] = -1;
+        });
+    return kArmOk;
+}
+
+std::size_t segment_keys_bytes(IdRef segment, const IdRef* ids, std::size_t n) noexcept {
+    std::size_t bytes = n * (2 + segment.size);
+    for (std::size_t i = 0; i < n; ++i) bytes += ids[i].size;
+    return bytes;
+}
+
+namespace {
+
+// Writes "\0" + segment + "\0" + id at `to`; returns the bytes written.
+std::size_t write_key(IdRef segment, IdRef id, char* to) noexcept {
+    to[0] = '\0';
+    if (segment.size != 0) std::memcpy(to + 1, segment.data, segment.size);
+    to[1 + segment.size] = '\0';
+    if (id.size != 0) std::memcpy(to + 2 + segment.size, id.data, id.size);
+    return 2 + segment.size + id.size;
+}
+
+}  // namespace
+
+void segment_keys_fill(IdRef segment, const IdRef* ids, std::size_t n, char* buffer, IdRef* keys) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::size_t size = write_key(segment, ids[i], buffer);
+        keys[i] = IdRef{buffer, size};
+        buffer += size;
+    }
+}
+
+int arm_gather_segment_fill(const ArmTable* t, const IdRef* ids, const IdRef* keys, std::size_t n, double weight,
+                            double prior_alpha, double prior_beta, double now, double* alpha_out, double* beta_out,
+                            int32_t* rows_out, int32_t* pair_rows_out, double* pair_counts,
+                            std::size_t* n_known) noexcept {
+    // One lookup of the 2n rows, arms then keys, so that the misses of both overlap. The keys' counts wait in
+    // pair_counts (impressions, rewards) until the arms' means are known.
+    const Scales scales = scales_at(t, now);
+    std::size_t known = 0;
+    gather_rows(
+        t, arm_slots(t), ids, n,
+        [&](std::size_t i, const ArmRecord& r, std::size_t row) noexcept {
+            posterior(r, scales, &alpha_out[i], &beta_out[i]);
+            rows_out[i] = static_cast<int32_t>(row);
+            ++known;
+        },
+        [&](std::size_t i) noexcept {
+            alpha_out[i] = prior_alpha;
+            beta_out[i] = prior_beta;
+            rows_out[i] = -1;
+        });
+    gather_rows(
+        t, key_slots(t), keys, n,
+        [&](std::size_t i, const ArmRecord& r, std::size_t row) noexcept {
+            pair_counts[2 * i] = read_count(__atomic_load_n(&r.impressions, __ATOMIC_ACQUIRE), scales);
+            pair_counts[2 * i + 1] = read_count(__atomic_load_n(&r.rewards, __ATOMIC_ACQUIRE), scales);
+            pair_rows_out[i] = static_cast<int32_t>(row);
+        },
+        [&](std::size_t i) noexcept {
+            pair_counts[2 * i] = 0.0;
+            pair_counts[2 * i + 1] = 0.0;
+            pair_rows_out[i] = -1;
+        });
+    for (std::size_t i = 0; i < n; ++i) {
+        // mu in (0, 1) as alpha, beta > 0; so both shapes are > 0 for weight > 0.
+        const double mu = alpha_out[i] / (alpha_out[i] + beta_out[i]);
+        const double shown = pair_counts[2 * i], got = pair_counts[2 * i + 1];
+        alpha_out[i] = weight * mu + got;
+        beta_out[i] = weight * (1.0 - mu) + std::max(shown - got, 0.0);
     }
     *n_known = known;
     return kArmOk;
 }
 
+
+
 int64_t arm_find(const ArmTable* t, IdRef id) noexcept {
     const uint64_t h = hash_id_keyed(id, t->key);
     std::size_t end;
-    const uint64_t s = probe(t, h, id, home_of(t, h), &end);
+    const SlotSpan sp = slots_for(t, id);
+    const uint64_t s = probe(t, sp, h, id, home_of(sp, h), &end);
     return s == 0 ? -1 : static_cast<int64_t>(slot_row(s));
 }
 
@@ -446,7 +664,8 @@ int arm_find_or_insert(ArmTable* t, IdRef id, double alpha0, double beta0, uint3
 }
 
 int arm_add_impressions(ArmTable* t, const IdRef* ids, const int32_t* rows, const intptr_t* picks,
-                        std::size_t n_picks, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept {
+                        std::size_t n_picks, double prior_alpha, double prior_beta, uint32_t flags, double now,
+                        std::size_t* n_failed) noexcept {
     ArmRecord* rec = records_of(t);
     std::size_t failed = 0, next_id = 0;
     for (std::size_t k = 0; k < n_picks; ++k) {
@@ -454,20 +673,73 @@ int arm_add_impressions(ArmTable* t, const IdRef* ids, const int32_t* rows, cons
         if (row < 0) {
             const IdRef id = ids[next_id++];
             bool existed;
-            if (find_or_insert(t, id, hash_id_keyed(id, t->key), prior_alpha, prior_beta, kArmRuntime, &row,
+            if (find_or_insert(t, id, hash_id_keyed(id, t->key), prior_alpha, prior_beta, flags, &row,
                                &existed) != kArmOk) {
                 ++failed;
                 continue;
             }
         }
-        add_counts(rec[row], 1, 0.0);
+        add_count(t, &rec[row].impressions, 1.0, now);
     }
     *n_failed = failed;
     return kArmOk;
 }
 
-void arm_add_counts(ArmTable* t, std::size_t row, uint64_t impressions, double rewards) noexcept {
-    add_counts(records_of(t)[row], impressions, rewards);
+void arm_add_counts(ArmTable* t, std::size_t row, double impressions, double rewards, double when) noexcept {
+    ArmRecord& r = records_of(t)[row];
+    add_count(t, &r.impressions, impressions, when);
+    add_count(t, &r.rewards, rewards, when);
+}
+
+void arm_read_counts(const ArmTable* t, std::size_t row, double now, double* impressions, double* rewards) noexcept {
+    const ArmRecord& r = records_of(t)[row];
+    const uint64_t shown = __atomic_load_n(&r.impressions, __ATOMIC_ACQUIRE);
+    const uint64_t got = __atomic_load_n(&r.rewards, __ATOMIC_ACQUIRE);
+    const Scales scales = scales_at(t, now);
+    *impressions = read_count(shown, scales);
+    *rewards = read_count(got, scales);
+}
+
+void arm_counts_fill(const ArmTable* t, std::size_t n, double now, double* impressions, double* rewards) noexcept {
+    const ArmRecord* rec = records_of(t);
+    // Every word is loaded before the epoch (see the header), kept meanwhile in the output as its bits.
+    for (std::size_t i = 0; i < n; ++i) {
+        const uint64_t shown = __atomic_load_n(&rec[i].impressions, __ATOMIC_ACQUIRE);
+        const uint64_t got = __atomic_load_n(&rec[i].rewards, __ATOMIC_ACQUIRE);
+        std::memcpy(&impressions[i], &shown, sizeof shown);
+        std::memcpy(&rewards[i], &got, sizeof got);
+    }
+    const Scales scales = scales_at(t, now);
+    for (std::size_t i = 0; i < n; ++i) {
+        uint64_t shown, got;
+        std::memcpy(&shown, &impressions[i], sizeof shown);
+        std::memcpy(&got, &rewards[i], sizeof got);
+        impressions[i] = read_count(shown, scales);
+        rewards[i] = read_count(got, scales);
+    }
+}
+
+int arm_table_rebase(ArmTable* t, double now) noexcept {
+    if (t->half_life_s == 0.0) return 0;
+    uint64_t epoch = __atomic_load_n(&t->epoch, __ATOMIC_ACQUIRE);
+    if (!(now - landmark_of(t, epoch) > 0.5 * span_of(t))) return 0;
+    ArmRecord* rec = records_of(t);
+    // Every count into the current epoch first: rows written since the last sweep (new rows start at parity 0)
+    // may be of the epoch before, and must not be two behind once the epoch moves.
+    std::size_t rows = arm_table_rows(t);
+    for (std::size_t i = 0; i < rows; ++i) {
+        sweep_count(&rec[i].impressions, epoch);
+        sweep_count(&rec[i].rewards, epoch);
+    }
+    if (!__atomic_compare_exchange_n(&t->epoch, &epoch, epoch + 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        return 0;  // another process moved it
+    }
+    rows = arm_table_rows(t);
+    for (std::size_t i = 0; i < rows; ++i) {
+        sweep_count(&rec[i].impressions, epoch + 1);
+        sweep_count(&rec[i].rewards, epoch + 1);
+    }
+    return 1;
 }
 
 int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions, const double* rewards,
@@ -482,7 +754,8 @@ int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions,
             ++failed;
             continue;
         }
-        raise_counts(rec[row], impressions[i], rewards[i]);
+        raise_count(&rec[row].impressions, static_cast<double>(impressions[i]));
+        raise_count(&rec[row].rewards, rewards[i]);
     }
     *n_failed = failed;
     return kArmOk;
@@ -681,7 +954,8 @@ int ArmCsvLoad::data_record(std::size_t n_fields, uint64_t line_no) {
         p.beta = beta;
         p.line = line_no;
         p.hash = hash_id_keyed(id, table->key);
-        __builtin_prefetch(&slots_of(table)[home_of(table, p.hash)], 1);  // for writing: it will be swapped in
+        const SlotSpan sp = slots_for(table, id);
+        __builtin_prefetch(&sp.base[home_of(sp, p.hash)], 1);  // for writing: it will be swapped in
         return ++n_pending == kBatch ? flush() : kArmOk;
     }
     // A bad row: its problems are reported in line order, after those of the rows queued before it.

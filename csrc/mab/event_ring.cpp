@@ -97,7 +97,7 @@ struct Slot {
     uint64_t id_hash;
     uint64_t id_size;
     uint64_t id_words[kMaxEventIdBytes / 8];  // the event id's bytes, in memory order
-    uint64_t reserved;
+    uint64_t tag;         // the caller's word for the event (hold_event), 0 for none
 };
 static_assert(sizeof(Slot) == kEventSlotBytes, "three cache lines per event");
 
@@ -177,6 +177,7 @@ struct Snapshot {
     uint64_t member_pos;
     uint64_t n_members;
     uint64_t id_hash;
+    uint64_t tag;
     bool same_id;  // the slot holds `id` (when one was given)
 };
 
@@ -188,6 +189,7 @@ bool read_slot(const Slot* s, const IdRef* id, uint64_t id_hash, Snapshot* out) 
     out->member_pos = load_relaxed(&s->member_pos);
     out->n_members = load_relaxed(&s->n_members);
     out->id_hash = load_relaxed(&s->id_hash);
+    out->tag = load_relaxed(&s->tag);
     out->same_id = false;
     if (id != nullptr && out->id_hash == id_hash) {
         const uint64_t size = load_relaxed(&s->id_size);
@@ -536,7 +538,7 @@ int attach_event_ring(void* memory, std::size_t size, EventRingView* out) noexce
 }
 
 int hold_event(const EventRingView* r, IdRef event_id, const IdRef* members, std::size_t n, const uint8_t* rewarded,
-               double created, double now) noexcept {
+               uint64_t tag, double created, double now) noexcept {
     if (n > r->max_members) return kHoldTooLarge;
     if (!in_window(r, created, now)) return kHoldExpired;
     const uint64_t h = hash_id_keyed(event_id, r->key);
@@ -577,6 +579,7 @@ int hold_event(const EventRingView* r, IdRef event_id, const IdRef* members, std
     store_relaxed(&s->n_members, n);
     store_relaxed(&s->id_hash, h);
     store_relaxed(&s->id_size, event_id.size);
+    store_relaxed(&s->tag, tag);
     uint64_t words[kMaxEventIdBytes / 8] = {};
     std::memcpy(words, event_id.data, event_id.size);
     for (std::size_t i = 0; i < (event_id.size + 7) / 8; ++i) store_relaxed(&s->id_words[i], words[i]);
@@ -606,11 +609,12 @@ int hold_event(const EventRingView* r, IdRef event_id, const IdRef* members, std
     return seq_of(state) == seq && (state & kLost) ? kHoldRefused : kHoldRecorded;
 }
 
-int reward_event(const EventRingView* r, IdRef event_id, IdRef member, double now) noexcept {
+int reward_event(const EventRingView* r, IdRef event_id, IdRef member, double now, uint64_t* tag) noexcept {
     const uint64_t h = hash_id_keyed(event_id, r->key);
     Snapshot snap;
     const int64_t slot = find_confirmed(r, event_id, h, now, true, &snap);
     if (slot < 0) return kRewardUnknownEvent;
+    if (tag != nullptr) *tag = snap.tag;
     const uint64_t seq = seq_of(snap.state);
     const uint64_t mh = hash_id_keyed(member, r->key);
     uint64_t word = 0;

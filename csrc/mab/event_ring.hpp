@@ -126,10 +126,12 @@ int create_event_ring(void* memory, std::size_t size, uint64_t max_events, uint6
 int attach_event_ring(void* memory, std::size_t size, EventRingView* out) noexcept;
 
 // Records event_id with members[0..n) created at `created`, unless an event with that id is held at `now`
-// (then kHoldRefused). rewarded: null, or n flags marking members rewarded already (restore). Of several
-// processes racing to hold the same id, exactly one gets kHoldRecorded. O(n) plus O(1) expected.
+// (then kHoldRefused). rewarded: null, or n flags marking members rewarded already (restore). tag: a word the
+// caller keeps with the event (the loop: the row of its segment in the arm table, plus one; 0 for none), which
+// reward_event gives back. Of several processes racing to hold the same id, exactly one gets kHoldRecorded. O(n)
+// plus O(1) expected.
 int hold_event(const EventRingView* ring, IdRef event_id, const IdRef* members, std::size_t n,
-               const uint8_t* rewarded, double created, double now) noexcept;
+               const uint8_t* rewarded, uint64_t tag, double created, double now) noexcept;
 
 // Marks (event_id, member) rewarded with a compare-exchange: of any number of processes racing on one pair,
 // exactly one gets kRewardAccepted. A member id that occurs twice in an event counts once. O(members of the
@@ -140,7 +142,8 @@ int hold_event(const EventRingView* ring, IdRef event_id, const IdRef* members, 
 // the caller's name) once that process is gone, so a reward whose process was killed between the mark and its
 // journal is counted when it is sent again. A process that dies after its journal has the reward but before it
 // confirms leaves it to be recorded twice; replay counts each (event, id) once.
-int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now) noexcept;
+// *tag (if not null) gets the event's tag whenever the event is found (any answer but kRewardUnknownEvent).
+int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now, uint64_t* tag) noexcept;
 
 // Makes this process's pending mark on (event_id, member) final. Returns 1 if it did, 0 if there was no such mark
 // (another process's, a final one, none) or the event is no longer in the ring (time is not checked).

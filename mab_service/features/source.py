@@ -46,6 +46,8 @@ class Features(NamedTuple):
     marked degraded."""
     rows: npt.NDArray[np.int32] | None = None
     """The shared arm table's row of each id (-1 where it holds none), when the source reads that table."""
+    segment_rows: npt.NDArray[np.int32] | None = None
+    """For a request with a segment: the arm table's row of each id within the segment (-1 where it holds none)."""
 
 
 @dataclass(frozen=True, slots=True)

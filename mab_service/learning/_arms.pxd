@@ -29,10 +29,12 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
 
     const size_t kArmInlineId
     const size_t kArmMaxRows
+    const double kArmEpochHalfLives
     const size_t kCsvErrorText
     const uint32_t kArmCatalogue
     const uint32_t kArmRuntime
     const uint32_t kArmWasted
+    const uint32_t kArmSegment
 
     ctypedef struct ArmRecord:
         uint64_t hash
@@ -67,8 +69,9 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
     cdef cppclass ArmCsvLoad:
         pass
 
-    size_t arm_table_bytes(size_t capacity, size_t id_bytes) noexcept
-    int arm_table_create(void* buffer, size_t size, size_t capacity, size_t id_bytes, CArmTable** out) noexcept
+    size_t arm_table_bytes(size_t capacity, size_t id_bytes, size_t segment_rows) noexcept
+    int arm_table_create(void* buffer, size_t size, size_t capacity, size_t id_bytes, size_t segment_rows,
+                         size_t segment_id_bytes, double half_life_s, double landmark, CArmTable** out) noexcept
     int arm_table_attach(void* buffer, size_t size, CArmTable** out) noexcept
     size_t arm_table_capacity(const CArmTable* table) noexcept
     size_t arm_table_id_bytes(const CArmTable* table) noexcept
@@ -76,18 +79,33 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
     size_t arm_table_rows(const CArmTable* table) noexcept
     uint64_t arm_table_rows_wasted(const CArmTable* table) noexcept
     size_t arm_table_arena_used(const CArmTable* table) noexcept
+    size_t arm_table_segment_rows(const CArmTable* table) noexcept
+    size_t arm_table_segment_rows_used(const CArmTable* table) noexcept
+    double arm_table_half_life(const CArmTable* table) noexcept
+    double arm_table_landmark(const CArmTable* table) noexcept
     const ArmRecord* arm_table_records(const CArmTable* table) noexcept
     IdRef arm_id_at(const CArmTable* table, size_t row) noexcept
     int arm_table_load(CArmTable* table, const IdRef* ids, const double* alpha0, const double* beta0, size_t n,
                        size_t* done, int64_t* dup_row) noexcept
     int arm_gather_fill(const CArmTable* table, const IdRef* ids, size_t n, double prior_alpha, double prior_beta,
-                        double* alpha_out, double* beta_out, int32_t* rows_out, size_t* n_known) noexcept
+                        double now, double* alpha_out, double* beta_out, int32_t* rows_out, size_t* n_known) noexcept
+    size_t segment_keys_bytes(IdRef segment, const IdRef* ids, size_t n) noexcept
+    void segment_keys_fill(IdRef segment, const IdRef* ids, size_t n, char* buffer, IdRef* keys) noexcept
+    int arm_gather_segment_fill(const CArmTable* table, const IdRef* ids, const IdRef* keys, size_t n, double weight,
+                                double prior_alpha, double prior_beta, double now, double* alpha_out,
+                                double* beta_out, int32_t* rows_out, int32_t* pair_rows_out, double* pair_counts,
+                                size_t* n_known) noexcept
     int64_t arm_find(const CArmTable* table, IdRef id) noexcept
     int arm_find_or_insert(CArmTable* table, IdRef id, double alpha0, double beta0, uint32_t flags,
                            int64_t* row) noexcept
     int arm_add_impressions(CArmTable* table, const IdRef* ids, const int32_t* rows, const intptr_t* picks,
-                            size_t n_picks, double prior_alpha, double prior_beta, size_t* n_failed) noexcept
-    void arm_add_counts(CArmTable* table, size_t row, uint64_t impressions, double rewards) noexcept
+                            size_t n_picks, double prior_alpha, double prior_beta, uint32_t flags, double now,
+                            size_t* n_failed) noexcept
+    void arm_add_counts(CArmTable* table, size_t row, double impressions, double rewards, double when) noexcept
+    void arm_read_counts(const CArmTable* table, size_t row, double now, double* impressions,
+                         double* rewards) noexcept
+    void arm_counts_fill(const CArmTable* table, size_t n, double now, double* impressions, double* rewards) noexcept
+    int arm_table_rebase(CArmTable* table, double now) noexcept
     int arm_raise_counts(CArmTable* table, const IdRef* ids, const uint64_t* impressions, const double* rewards,
                          size_t n, double prior_alpha, double prior_beta, size_t* n_failed) noexcept
 

@@ -14,6 +14,7 @@ import csv
 import io
 import mmap
 import sys
+import time
 
 import numpy as np
 
@@ -51,15 +52,19 @@ CSV_BLOCK_BYTES = 4 << 20
 FLAG_CATALOGUE = kArmCatalogue
 FLAG_RUNTIME = kArmRuntime
 FLAG_WASTED = kArmWasted
+FLAG_SEGMENT = kArmSegment
+EPOCH_HALF_LIVES = kArmEpochHalfLives
 
 # The fields of ArmRecord that records() shows, at their C++ offsets (filled in below from a real record).
 cdef ArmRecord _layout
 cdef Py_ssize_t _offset(void* field):
     return <char*>field - <char*>&_layout
 
+# The counts are as stored: forward-decayed sums relative to their epoch's landmark (the sign bit its parity) when
+# the table decays, plain sums otherwise. ``counts()`` reads them as of a time.
 RECORD_DTYPE = np.dtype({
     "names": ["hash", "alpha0", "beta0", "impressions", "rewards", "id_size", "flags"],
-    "formats": ["<u8", "<f8", "<f8", "<u8", "<f8", "<u4", "<u4"],
+    "formats": ["<u8", "<f8", "<f8", "<f8", "<f8", "<u4", "<u4"],
     "offsets": [
         _offset(&_layout.hash), _offset(&_layout.alpha0), _offset(&_layout.beta0),
         _offset(&_layout.impressions), _offset(&_layout.rewards), _offset(&_layout.id_size),
@@ -67,6 +72,23 @@ RECORD_DTYPE = np.dtype({
     ],
     "itemsize": sizeof(ArmRecord),
 })
+
+
+cdef void* _heap(size_t size) except NULL:
+    """``size`` bytes from the heap (free with free_scratch)."""
+    cdef void* p = PyMem_Malloc(max(size, 1))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+cdef double _now(const CArmTable* table, object now) except? -1.0:
+    """The time counts are read or added at: ``now``, or the time of the call when it is None. Checked finite,
+    as the decay's exponent takes it."""
+    cdef double t = time.time() if now is None else now
+    if not (-INFINITY < t < INFINITY):
+        raise ValueError(f"now must be finite (got {now!r})")
+    return t
 
 
 cdef int _raise_on_status(int status, str where="the arm table") except -1:
@@ -327,8 +349,9 @@ cdef class ArmTable:
         return 0
 
     @staticmethod
-    def bytes_needed(capacity, id_bytes):
-        """Bytes a table of ``capacity`` rows and ``id_bytes`` bytes for ids needs.
+    def bytes_needed(capacity, id_bytes, segment_rows=0):
+        """Bytes a table of ``capacity`` rows (``segment_rows`` of them for segment keys) and ``id_bytes`` bytes for
+        ids needs.
 
         Ids of up to 8 UTF-8 bytes live in their row; only longer ones use the ``id_bytes``.
 
@@ -337,28 +360,44 @@ cdef class ArmTable:
         """
         if capacity < 0 or id_bytes < 0:
             raise ValueError(f"capacity and id_bytes must be >= 0 (got {capacity} and {id_bytes})")
-        cdef size_t need = arm_table_bytes(<size_t>capacity, <size_t>id_bytes)
+        if not 0 <= segment_rows <= capacity:
+            raise ValueError(f"segment_rows must be in [0, capacity] (got {segment_rows})")
+        cdef size_t need = arm_table_bytes(<size_t>capacity, <size_t>id_bytes, <size_t>segment_rows)
         if need == 0:
             raise ValueError(f"capacity must be at most {kArmMaxRows} rows (got {capacity})")
         return need
 
     @staticmethod
-    def create(buffer, capacity, id_bytes):
+    def create(buffer, capacity, id_bytes, segment_rows=0, segment_id_bytes=0, half_life_s=0.0, landmark=None):
         """A new, empty table in ``buffer``, which must be writable, zeroed, 64-byte aligned (an ``mmap`` of a
-        new file is all three) and at least ``bytes_needed(capacity, id_bytes)`` long. Draws the hash key
+        new file is all three) and at least ``bytes_needed(capacity, id_bytes, segment_rows)`` long. Draws the hash key
         every process attached to the table will use.
+
+        Args:
+            segment_rows: Of ``capacity``, the rows segment keys may take (and arms may not).
+            segment_id_bytes: Of ``id_bytes``, the bytes segment keys may take (and arms may not).
+            half_life_s: The counts' half-life; 0 for counts that never decay.
+            landmark: The decay's first landmark (unix time; default now).
 
         Raises:
             ValueError: If the buffer is too small or misaligned, or a size is out of range.
             TypeError, BufferError: If ``buffer`` does not export a writable buffer.
         """
-        cdef size_t need = ArmTable.bytes_needed(capacity, id_bytes)
+        if not 0 <= segment_rows <= capacity or not 0 <= segment_id_bytes <= id_bytes:
+            raise ValueError(f"segment_rows and segment_id_bytes must be in [0, capacity] and [0, id_bytes] (got "
+                             f"{segment_rows} and {segment_id_bytes})")
+        cdef double half_life = half_life_s
+        if not (half_life >= 0.0 and half_life < INFINITY):
+            raise ValueError(f"half_life_s must be finite and >= 0 (got {half_life_s!r})")
+        cdef double mark = time.time() if landmark is None else landmark
+        cdef size_t need = ArmTable.bytes_needed(capacity, id_bytes, segment_rows)
         cdef ArmTable self = ArmTable.__new__(ArmTable)
         self._export(buffer)
         if <size_t>self.view.len < need:
             raise ValueError(f"buffer must hold at least {need} bytes (got {self.view.len})")
         _raise_on_status(arm_table_create(self.view.buf, <size_t>self.view.len, <size_t>capacity,
-                                          <size_t>id_bytes, &self.table))
+                                          <size_t>id_bytes, <size_t>segment_rows, <size_t>segment_id_bytes,
+                                          half_life, mark, &self.table))
         return self
 
     @staticmethod
@@ -419,6 +458,40 @@ cdef class ArmTable:
         """Rows given up because another process published the same id first (one per lost race)."""
         self._check()
         return arm_table_rows_wasted(self.table)
+
+    @property
+    def segment_rows(self):
+        """Of ``capacity``, the rows kept for segment keys."""
+        self._check()
+        return arm_table_segment_rows(self.table)
+
+    @property
+    def segment_rows_used(self):
+        """Of ``segment_rows``, how many are taken."""
+        self._check()
+        return arm_table_segment_rows_used(self.table)
+
+    @property
+    def half_life_s(self):
+        """The counts' half-life in seconds; 0 when they do not decay."""
+        self._check()
+        return arm_table_half_life(self.table)
+
+    @property
+    def landmark(self):
+        """The landmark of the decay's current epoch (unix time)."""
+        self._check()
+        return arm_table_landmark(self.table)
+
+    def rebase(self, now=None):
+        """Move the decay's landmark on if ``now`` is half an epoch past it (``EPOCH_HALF_LIVES`` half-lives),
+        rescaling every count; True if it moved. Safe at any time, from any process."""
+        self._check()
+        cdef double t = time.time() if now is None else now
+        cdef int moved
+        with nogil:
+            moved = arm_table_rebase(self.table, t)
+        return moved == 1
 
     def load(self, ids, alpha0, beta0):
         """Appends catalogue rows: ``ids[i]`` with prior ``(alpha0[i], beta0[i])``.
@@ -504,10 +577,11 @@ cdef class ArmTable:
         """
         return _load_csv(NULL, path, f"{path}", 0)
 
-    def gather(self, ids, prior_alpha, prior_beta):
+    def gather(self, ids, prior_alpha, prior_beta, now=None):
         """The posterior of every id, with the prior for ids the table does not hold.
 
-        For a row, alpha = alpha0 + rewards and beta = beta0 + max(impressions - rewards, 0).
+        For a row, alpha = alpha0 + rewards and beta = beta0 + max(impressions - rewards, 0), counts as read at
+        ``now`` (default: the time of the call).
 
         Args:
             ids: Candidate ids; duplicates are looked up each time.
@@ -527,6 +601,7 @@ cdef class ArmTable:
         self._check()
         cdef double pa = positive(prior_alpha, "prior_alpha")
         cdef double pb = positive(prior_beta, "prior_beta")
+        cdef double t = _now(self.table, now)
         cdef Py_ssize_t n = list_size(ids)
         cdef cnp.ndarray alpha = empty(n, cnp.NPY_FLOAT64)
         cdef cnp.ndarray beta = empty(n, cnp.NPY_FLOAT64)
@@ -536,24 +611,92 @@ cdef class ArmTable:
         cdef size_t known = 0
         try:
             id_views(ids, n, refs, "candidates")
-            arm_gather_fill(self.table, refs, <size_t>n, pa, pb, <double*>cnp.PyArray_DATA(alpha),
+            arm_gather_fill(self.table, refs, <size_t>n, pa, pb, t, <double*>cnp.PyArray_DATA(alpha),
                             <double*>cnp.PyArray_DATA(beta), <int32_t*>cnp.PyArray_DATA(rows), &known)
         finally:
             free_scratch(refs, on_stack)
         return alpha, beta, known, rows
 
-    def add_impressions(self, ids, rows, picks, prior_alpha, prior_beta):
-        """Counts one impression for each picked id; ids not in the table yet are inserted with the prior.
+    def gather_segment(self, ids, segment, weight, prior_alpha, prior_beta, now=None):
+        """The posterior of every id within ``segment``, backed off to its global posterior, in one batched
+        lookup of the arms' rows and their segment keys' rows.
+
+        With mu the mean of the id's global posterior (as ``gather`` gives it) and n_sa, r_sa the counts of the id
+        within the segment (0 if none), alpha = weight * mu + r_sa and beta = weight * (1 - mu) + max(n_sa - r_sa,
+        0): a segment starts at the global estimate, worth ``weight`` impressions, and moves with its own data.
+
+        Args:
+            ids: Candidate ids.
+            segment: The segment (the caller checked it against the id rule).
+            weight: Pseudo-impressions of the global mean; finite and > 0.
+            prior_alpha, prior_beta: The prior of ids the table does not hold; finite and > 0.
+            now: When the counts are read (default: the time of the call).
+
+        Returns:
+            ``(alpha, beta, known, rows, pair_rows)``: as ``gather``, and the rows of the segment keys (int32, -1
+            where absent) for ``add_impressions(..., segment=...)``.
+
+        Raises:
+            TypeError: If ``ids`` is not a list or an item or the segment is not a str.
+            ValueError: If a prior or the weight is not finite and > 0, or an id holds a lone surrogate.
+        """
+        if not isinstance(ids, list):
+            raise TypeError(f"ids must be a list (got {type(ids).__name__})")
+        self._check()
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
+        cdef double m = positive(weight, "weight")
+        cdef double t = _now(self.table, now)
+        cdef IdRef seg
+        id_view(<PyObject*>segment, &seg, "segment", -1)
+        cdef Py_ssize_t n = list_size(ids)
+        cdef cnp.ndarray alpha = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray beta = empty(n, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray rows = empty(n, cnp.NPY_INT32)
+        cdef cnp.ndarray pair_rows = empty(n, cnp.NPY_INT32)
+        cdef IdRef on_stack[2 * STACK_IDS]
+        cdef double counts_on_stack[2 * STACK_IDS]
+        cdef char keys_on_stack[64 * STACK_IDS]
+        cdef IdRef* refs = NULL
+        cdef double* counts = NULL
+        cdef char* key_bytes = NULL
+        cdef size_t need
+        cdef size_t known = 0
+        try:
+            # Arms and keys side by side: the stack holds both for up to STACK_IDS candidates.
+            refs = &on_stack[0] if n <= STACK_IDS else <IdRef*>_heap(2 * n * sizeof(IdRef))
+            counts = &counts_on_stack[0] if n <= STACK_IDS else <double*>_heap(2 * n * sizeof(double))
+            id_views(ids, n, refs, "candidates")
+            need = segment_keys_bytes(seg, refs, <size_t>n)
+            key_bytes = &keys_on_stack[0] if need <= sizeof(keys_on_stack) else <char*>_heap(need)
+            segment_keys_fill(seg, refs, <size_t>n, key_bytes, refs + n)
+            arm_gather_segment_fill(self.table, refs, refs + n, <size_t>n, m, pa, pb, t,
+                                    <double*>cnp.PyArray_DATA(alpha), <double*>cnp.PyArray_DATA(beta),
+                                    <int32_t*>cnp.PyArray_DATA(rows), <int32_t*>cnp.PyArray_DATA(pair_rows), counts,
+                                    &known)
+        finally:
+            free_scratch(refs, on_stack)
+            free_scratch(counts, counts_on_stack)
+            free_scratch(key_bytes, keys_on_stack)
+        return alpha, beta, known, rows, pair_rows
+
+    def add_impressions(self, ids, rows, picks, prior_alpha, prior_beta, now=None, segment=None):
+        """Counts one impression made at ``now`` for each picked id; ids not in the table yet are inserted with the
+        prior.
 
         Args:
             ids: The candidates, as given to ``gather``.
-            rows: The rows ``gather`` returned for them (a row is trusted to hold its id).
+            rows: The rows ``gather`` returned for them (a row is trusted to hold its id); with ``segment``, the
+                ``pair_rows`` of ``gather_segment``.
             picks: Positions in ``ids`` of the arms shown.
             prior_alpha: alpha0 of inserted arms; finite and > 0.
             prior_beta: beta0 of inserted arms; finite and > 0.
+            now: When the impressions were made (default: the time of the call).
+            segment: None to count the arms, or a segment to count the arms' keys within it (segment rows, in
+                the segments' budget).
 
         Returns:
-            How many picks were not recorded because the table was full.
+            How many picks were not recorded because the table (or its segment budget) was full.
 
         Raises:
             TypeError: If ``ids`` is not a list or a picked item is not a str.
@@ -564,6 +707,10 @@ cdef class ArmTable:
         self._check()
         cdef double pa = positive(prior_alpha, "prior_alpha")
         cdef double pb = positive(prior_beta, "prior_beta")
+        cdef double t = _now(self.table, now)
+        cdef IdRef seg
+        if segment is not None:
+            id_view(<PyObject*>segment, &seg, "segment", -1)
         cdef cnp.ndarray r = np.ascontiguousarray(rows, dtype=np.int32)
         cdef cnp.ndarray p = np.ascontiguousarray(picks, dtype=np.intp)
         cdef Py_ssize_t n = list_size(ids)
@@ -578,7 +725,10 @@ cdef class ArmTable:
         cdef int64_t taken = <int64_t>arm_table_rows(self.table)
         cdef IdRef on_stack[STACK_IDS]
         cdef IdRef* refs = <IdRef*>scratch(on_stack, n_picks, sizeof(IdRef))
+        cdef char keys_on_stack[64 * STACK_IDS]
+        cdef char* key_bytes = NULL
         cdef size_t failed = 0
+        cdef size_t need
         try:
             for k in range(n_picks):
                 if not 0 <= pp[k] < n:
@@ -590,39 +740,69 @@ cdef class ArmTable:
                     m += 1
                 elif pr[pp[k]] >= taken:
                     raise ValueError(f"rows[{pp[k]}] must be below {taken} (got {pr[pp[k]]})")
-            arm_add_impressions(self.table, refs, pr, pp, <size_t>n_picks, pa, pb, &failed)
+            if segment is not None and m:
+                # The keys of the ids to insert, in place of the ids.
+                need = segment_keys_bytes(seg, refs, <size_t>m)
+                key_bytes = &keys_on_stack[0] if need <= sizeof(keys_on_stack) else <char*>_heap(need)
+                segment_keys_fill(seg, refs, <size_t>m, key_bytes, refs)
+            arm_add_impressions(self.table, refs, pr, pp, <size_t>n_picks, pa, pb, kArmRuntime, t, &failed)
         finally:
             free_scratch(refs, on_stack)
+            free_scratch(key_bytes, keys_on_stack)
         return failed
 
-    def add(self, id, impressions, rewards, prior_alpha, prior_beta):
-        """Adds impressions and rewards to one arm, inserting it with the prior if it is not in the table.
+    def add(self, id, impressions, rewards, prior_alpha, prior_beta, now=None):
+        """Adds impressions and rewards made at ``now`` to one row, inserting it with the prior if it is not in the
+        table.
 
-        Used for rewards as they arrive and to replay a log at start.
+        Used for rewards as they arrive and to replay a log at start (with the weighted sums of its records, as
+        of the landmark, for ``now``).
+
+        A segment key (``mab_service.ids.segment_key``, ``pair_key``) is inserted in the segments' budget.
 
         Returns:
-            False if the arm is not in the table and the table is full (nothing is added), else True.
+            False if the row is not in the table and the table is full (nothing is added), else True.
 
         Raises:
             TypeError: If ``id`` is not a str.
-            ValueError: If impressions is negative, rewards is not finite and >= 0, or a prior is bad.
+            ValueError: If impressions or rewards is not finite and >= 0, or a prior is bad.
         """
         self._check()
         cdef IdRef ref
         id_view(<PyObject*>id, &ref, "id", -1)
-        if impressions < 0:
-            raise ValueError(f"impressions must be >= 0 (got {impressions})")
-        cdef uint64_t count = impressions
+        cdef double count = impressions
         cdef double amount = rewards
+        if not count >= 0.0:
+            raise ValueError(f"impressions must be >= 0 (got {impressions!r})")
+        if count == INFINITY:
+            raise ValueError("impressions must be finite (got inf)")
         if not (amount >= 0.0 and amount < INFINITY):
             raise ValueError(f"rewards must be finite and >= 0 (got {amount!r})")
         cdef double pa = positive(prior_alpha, "prior_alpha")
         cdef double pb = positive(prior_beta, "prior_beta")
+        cdef double t = _now(self.table, now)
         cdef int64_t row = -1
         if arm_find_or_insert(self.table, ref, pa, pb, kArmRuntime, &row) != kArmOk:
             return False
-        arm_add_counts(self.table, <size_t>row, count, amount)
+        arm_add_counts(self.table, <size_t>row, count, amount, t)
         return True
+
+    def find_or_insert(self, id, prior_alpha, prior_beta):
+        """The row of one id, inserting it with the prior if the table does not hold it (a segment key in the
+        segments' budget); -1 if it cannot be inserted (the table or the budget is full).
+
+        Raises:
+            TypeError: If ``id`` is not a str.
+            ValueError: If a prior is bad.
+        """
+        self._check()
+        cdef IdRef ref
+        id_view(<PyObject*>id, &ref, "id", -1)
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
+        cdef int64_t row = -1
+        arm_find_or_insert(self.table, ref, pa, pb, kArmRuntime, &row)
+        return row
 
     def raise_counts(self, ids, impressions, rewards, prior_alpha, prior_beta):
         """Raises each id's counts to at least the given ones (an atomic max per count), inserting ids the table does
@@ -670,9 +850,9 @@ cdef class ArmTable:
             free_scratch(refs, on_stack)
         return failed
 
-    def get(self, id):
-        """``(alpha0, beta0, impressions, rewards, from_catalogue)`` of one id, or None if the table does not
-        hold it.
+    def get(self, id, now=None):
+        """``(alpha0, beta0, impressions, rewards, from_catalogue)`` of one row, counts as read at ``now`` (default:
+        the time of the call), or None if the table does not hold it.
 
         Raises:
             TypeError: If ``id`` is not a str.
@@ -680,15 +860,28 @@ cdef class ArmTable:
         self._check()
         cdef IdRef ref
         id_view(<PyObject*>id, &ref, "id", -1)
+        cdef double t = _now(self.table, now)
         cdef int64_t row = arm_find(self.table, ref)
         if row < 0:
             return None
         cdef const ArmRecord* r = &arm_table_records(self.table)[row]
         # The counts may change under us (aligned 8-byte reads are whole); any recent value will do.
-        cdef uint64_t bits = r.rewards
-        cdef double rewards
-        memcpy(&rewards, &bits, sizeof(double))
-        return (r.alpha0, r.beta0, r.impressions, rewards, (r.flags & kArmCatalogue) != 0)
+        cdef double shown, got
+        arm_read_counts(self.table, <size_t>row, t, &shown, &got)
+        return (r.alpha0, r.beta0, shown, got, (r.flags & kArmCatalogue) != 0)
+
+    def counts(self, now=None):
+        """``(impressions, rewards)`` of rows [0, len) as read at ``now`` (default: the time of the call): float64
+        arrays aligned with ``records()``.
+        """
+        self._check()
+        cdef double t = _now(self.table, now)
+        cdef size_t rows = arm_table_rows(self.table)
+        cdef cnp.ndarray shown = empty(<Py_ssize_t>rows, cnp.NPY_FLOAT64)
+        cdef cnp.ndarray got = empty(<Py_ssize_t>rows, cnp.NPY_FLOAT64)
+        with nogil:
+            arm_counts_fill(self.table, rows, t, <double*>cnp.PyArray_DATA(shown), <double*>cnp.PyArray_DATA(got))
+        return shown, got
 
     def records(self):
         """A read-only, zero-copy structured array over rows [0, len): fields ``hash``, ``alpha0``, ``beta0``,

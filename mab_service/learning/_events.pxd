@@ -55,8 +55,8 @@ cdef extern from "mab/event_ring.hpp" namespace "mab" nogil:
                           const uint64_t* seed, EventRingView* out) noexcept
     int attach_event_ring(void* memory, size_t size, EventRingView* out) noexcept
     int hold_event(const EventRingView* ring, IdRef event_id, const IdRef* members, size_t n,
-                   const uint8_t* rewarded, double created, double now) noexcept
-    int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now) noexcept
+                   const uint8_t* rewarded, uint64_t tag, double created, double now) noexcept
+    int reward_event(const EventRingView* ring, IdRef event_id, IdRef member, double now, uint64_t* tag) noexcept
     int unmark_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept
     int confirm_reward(const EventRingView* ring, IdRef event_id, IdRef member) noexcept
     void event_ring_stats(const EventRingView* ring, double now, EventRingStats* out) noexcept

@@ -161,8 +161,9 @@ cdef class EventRing:
             self.has_buffer = False
             PyBuffer_Release(&self.buffer)
 
-    def hold(self, event_id, list ids, picks, double now):
+    def hold(self, event_id, list ids, picks, double now, uint64_t tag=0):
         """Records an event whose members are ``ids[p]`` for ``p`` in ``picks``, unless ``event_id`` is held.
+        ``tag`` is a word kept with the event that ``reward_tag`` gives back (0 for none).
 
         Of several processes holding the same event id at once, exactly one gets True.
 
@@ -206,7 +207,7 @@ cdef class EventRing:
                 if p < 0 or p >= n_ids:
                     raise ValueError(f"picks[{i}] = {p} is out of range for {n_ids} ids")
                 id_view(list_item(ids, p), &refs[i], "ids", p)
-            status = hold_event(&self.ring, eid, refs, <size_t>n, NULL, now, now)
+            status = hold_event(&self.ring, eid, refs, <size_t>n, NULL, tag, now, now)
         finally:
             free_scratch(refs, on_stack)
         if status == kHoldRecorded:
@@ -236,7 +237,22 @@ cdef class EventRing:
         cdef IdRef eid, member
         _event_view(event_id, &eid)
         id_view(<PyObject*>id, &member, "id", -1)
-        return reward_event(&self.ring, eid, member, now)
+        return reward_event(&self.ring, eid, member, now, NULL)
+
+    def reward_tag(self, event_id, id, double now):
+        """``reward``, and the tag the event was held with (0 if none, or if the event is unknown).
+
+        Returns:
+            ``(status, tag)``.
+        """
+        self._check_open()
+        _finite(now, "now")
+        cdef IdRef eid, member
+        _event_view(event_id, &eid)
+        id_view(<PyObject*>id, &member, "id", -1)
+        cdef uint64_t tag = 0
+        cdef int status = reward_event(&self.ring, eid, member, now, &tag)
+        return status, tag
 
     def confirm(self, event_id, id):
         """Makes this process's ACCEPTED mark of ``(event_id, id)`` final: call it once the reward is durable.
@@ -273,8 +289,9 @@ cdef class EventRing:
         id_view(<PyObject*>id, &member, "id", -1)
         unmark_reward(&self.ring, eid, member)
 
-    def restore(self, event_id, list ids, double created, list rewarded, now=None):
-        """Re-creates an event from the log at start: members ``ids``, those in ``rewarded`` marked.
+    def restore(self, event_id, list ids, double created, list rewarded, now=None, uint64_t tag=0):
+        """Re-creates an event from the log at start: members ``ids``, those in ``rewarded`` marked, with the
+        tag it was held with.
 
         Args:
             event_id: As for ``hold``.
@@ -316,7 +333,7 @@ cdef class EventRing:
                 if item in marked:
                     f[i] = 1
                     marked.discard(item)
-            status = hold_event(&self.ring, eid, refs, <size_t>n, f, created, t)
+            status = hold_event(&self.ring, eid, refs, <size_t>n, f, tag, created, t)
         finally:
             free_scratch(refs, on_stack)
         return status == kHoldRecorded

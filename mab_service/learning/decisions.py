@@ -15,9 +15,10 @@ writer is ``{hex time}-{pid}``, so its newest file, the one it may have open, is
 While the disk refuses writes, records are dropped and counted.
 
 Record layout (little-endian): magic ``MABD``, then five u32 — meta length, body length, candidates n, ranked k,
-CRC-32 of the meta (not of the arrays: at W400 that would cost more than the rest of the record) — then the meta
-(a JSON array: event_id, t, user_id, seed, top_k), the body, alpha (n float64), beta (n float64), the ranking (k
-int64 indices into the candidates).
+CRC-32 of the meta (not of the arrays: at W400 that would cost more than the rest of the record) — then the meta (a
+JSON array: event_id, t, user_id, seed, top_k, and the segment when the answer was ranked within one; the posteriors
+logged are then the segment's, so an answer is drawn again the same way), then the body, alpha (n float64), beta (n
+float64), the ranking (k int64 indices into the candidates).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class Decision:
     alpha: npt.NDArray[np.float64]
     beta: npt.NDArray[np.float64]
     ranking: npt.NDArray[np.int64]
+    segment: str | None = None
+    """The segment the answer was ranked within, if any."""
 
 
 def encode(
@@ -75,9 +78,11 @@ def encode(
     alpha: npt.NDArray[np.float64],
     beta: npt.NDArray[np.float64],
     ranking: npt.NDArray[np.int64],
+    segment: str | None = None,
 ) -> tuple[int, tuple[bytes | npt.NDArray[Any], ...]]:
     """One record: its size, and its pieces in order (the arrays by reference, copied once, by the kernel)."""
-    meta = orjson.dumps((event_id, t, user_id, seed, top_k))
+    fields = (event_id, t, user_id, seed, top_k) if segment is None else (event_id, t, user_id, seed, top_k, segment)
+    meta = orjson.dumps(fields)
     n, k = len(alpha), len(ranking)
     head = _HEADER.pack(MAGIC, len(meta), len(body), n, k, zlib.crc32(meta)) + meta
     return len(head) + len(body) + 16 * n + 8 * k, (head, body, alpha, beta, ranking)
@@ -94,7 +99,7 @@ def read_file(path: Path) -> Iterator[Decision]:
         meta_bytes = data[start : start + meta_len]
         if magic != MAGIC or end > len(data) or zlib.crc32(meta_bytes) != crc:
             return
-        event_id, t, user_id, seed, top_k = orjson.loads(meta_bytes)
+        event_id, t, user_id, seed, top_k, *rest = orjson.loads(meta_bytes)
         at = start + meta_len
         body = data[at : at + body_len]
         at += body_len
@@ -102,7 +107,7 @@ def read_file(path: Path) -> Iterator[Decision]:
         beta = np.frombuffer(data, np.float64, n, at + 8 * n)
         ranking = np.frombuffer(data, np.int64, k, at + 16 * n)
         at = end
-        yield Decision(event_id, t, user_id, seed, top_k, body, alpha, beta, ranking)
+        yield Decision(event_id, t, user_id, seed, top_k, body, alpha, beta, ranking, rest[0] if rest else None)
 
 
 def files(directory: Path) -> list[Path]:

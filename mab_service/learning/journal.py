@@ -9,8 +9,10 @@ worker killed with ``kill -9`` loses at most the events of its last ``sync_s`` t
 it answered 202 for (what was written is in the kernel's page cache; the sync covers a machine that loses power).
 
 Records: a 4-byte little-endian payload length, the payload's CRC-32, the payload (JSON): ``["e", t, event_id, ids]``
-for an answered event, ``["r", t, event_id, id, reward]`` for an accepted reward. A torn or damaged record ends a
-file's replay (the only place one can be is the end of a file whose writer died).
+for an answered event, ``["r", t, event_id, id, reward]`` for an accepted reward; an event ranked within a segment and
+its rewards carry the segment as one more item (``["e", t, event_id, ids, segment]``, ``["r", t, event_id, id,
+reward, segment]``), so that replay counts each for the segment too, and earlier records read as before. A torn or
+damaged record ends a file's replay (the only place one can be is the end of a file whose writer died).
 
 When the disk refuses (full, read-only, I/O error), the file is cut back to its last synced length, so that a
 reward answered 503 cannot reappear at the next start; the cut events are kept in memory and written again
@@ -269,10 +271,11 @@ class Journal:
         self._thread = threading.Thread(target=self._run, name=f"mab-journal-{self.name}", daemon=True)
         self._thread.start()
 
-    def event(self, t: float, event_id: str, ids: list[str]) -> None:
+    def event(self, t: float, event_id: str, ids: list[str], segment: str | None = None) -> None:
         """Queue an answered event (its returned ids are its impressions) for the thread to write and sync within
         ``sync_s`` (or with the next reward's sync, which writes it first). No system call here."""
-        record = frame(orjson.dumps(("e", t, event_id, ids)))
+        fields = ("e", t, event_id, ids) if segment is None else ("e", t, event_id, ids, segment)
+        record = frame(orjson.dumps(fields))
         with self._lock:
             if not self._held:
                 self._held_since = time.monotonic()
@@ -286,13 +289,28 @@ class Journal:
         """Write an accepted reward; the future resolves once it is on disk, or fails with JournalUnavailable."""
         return self.rewards(t, [(event_id, arm_id, reward)])
 
-    def rewards(self, t: float, accepted: list[tuple[str, str, float]]) -> asyncio.Future[None]:
-        """Write accepted rewards ``(event_id, id, reward)`` in one ``write``; the future resolves once all are on
-        disk, or fails with JournalUnavailable (then none of them is: a failed write leaves the file as it was)."""
+    def rewards(
+        self, t: float, accepted: list[tuple[str, str, float]], segments: list[str | None] | None = None
+    ) -> asyncio.Future[None]:
+        """Write accepted rewards ``(event_id, id, reward)`` in one ``write``, each with its event's segment from
+        ``segments`` (aligned; None: none has one); the future resolves once all are on disk, or fails with
+        JournalUnavailable (then none of them is: a failed write leaves the file as it was)."""
         assert self._loop is not None, "reward before start"
-        record = b"".join(
-            frame(orjson.dumps(("r", t, event_id, arm_id, value))) for event_id, arm_id, value in accepted
-        )
+        if segments is None:
+            record = b"".join(
+                frame(orjson.dumps(("r", t, event_id, arm_id, value))) for event_id, arm_id, value in accepted
+            )
+        else:
+            record = b"".join(
+                frame(
+                    orjson.dumps(
+                        ("r", t, event_id, arm_id, value)
+                        if segment is None
+                        else ("r", t, event_id, arm_id, value, segment)
+                    )
+                )
+                for (event_id, arm_id, value), segment in zip(accepted, segments)
+            )
         with self._lock:
             if self.error is not None or not self._write(record):
                 raise JournalUnavailable(f"the journal cannot write: {self.error}")

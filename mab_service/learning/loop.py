@@ -38,13 +38,14 @@ import numpy.typing as npt
 
 from mab_service.clients import CLIENT
 from mab_service.config import Settings
-from mab_service.errors import MabError, Overloaded
+from mab_service.errors import MabError, Overloaded, SegmentsUnavailable
 from mab_service.features.source import FeatureSource, count_invalid
+from mab_service.ids import KEY_SEPARATOR, pair_key, segment_key
 from mab_service.learning import _arms, _events, decisions
 from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
-from mab_service.learning.posteriors import posterior
+from mab_service.learning.posteriors import backed_off, posterior
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
 SERIES_STEP_S = 10
@@ -72,6 +73,42 @@ class TooManyEvents(Overloaded):
 
     status_code = 429
     code = "too_many_events"
+
+
+class TooManyNewArms(MabError):
+    """The client has added its share of the node's room for new arms (``max_client_share`` of ``max_new_arms``);
+    nothing of the answer was held or counted. New arms stay in the table, so waiting does not help: put them in the
+    catalogue, or raise ``--max-new-arms``."""
+
+    status_code = 429
+    code = "too_many_new_arms"
+
+
+class NewArmShares:
+    """Arms each client added to the node's table through this worker, against its share of ``max_new_arms``.
+
+    Rows for arms first seen at run time are never given back (their counts are the bandit's), so the budget is for
+    the process's life, not a window: without it one client sending made-up ids fills the room every other client's
+    new arms need (they would then rank by the prior, uncounted).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._added: dict[str, int] = {}
+
+    def admit(self, client: str, n: int) -> None:
+        """Raise ``TooManyNewArms`` unless ``n`` more new arms fit ``client``'s share; ``add`` them once counted."""
+        had = self._added.get(client, 0)
+        if n and had + n > self.limit:
+            raise TooManyNewArms(
+                f"this client has added {had} arms not in the catalogue, its share of the node's room for new arms "
+                f"({self.limit} per worker); this answer would add {n} more. Add them to the catalogue, or ask the "
+                "operator to raise --max-new-arms"
+            )
+
+    def add(self, client: str, n: int) -> None:
+        if n:
+            self._added[client] = self._added.get(client, 0) + n
 
 
 class ClientHolds:
@@ -123,7 +160,7 @@ class FairHolding:
         if holds.events + 1 <= self.max_events and holds.members + n <= self.max_members:
             return holds
         raise TooManyEvents(
-            f"this client holds {holds.events} events of {holds.members} ids within the reward window, its share of "
+            f"this client holds {holds.events} events and {holds.members} ids within the reward window, its share of "
             f"the node's held events ({self.max_events} events, {self.max_members} ids per worker); an answer holds "
             "nothing more until some of them expire",
             retry_after_s=self._retry_after_s(holds, n, now),
@@ -171,6 +208,7 @@ class Refusals:
     unavailable: int = 0
     event_id_in_use: int = 0
     too_many_events: int = 0
+    too_many_new_arms: int = 0
 
 
 class UnknownArm(MabError):
@@ -198,8 +236,8 @@ class LoopCounters:
 
 
 async def arm_from_source(
-    source: FeatureSource, arm_id: str, found: tuple[float, float, int, float] | None
-) -> tuple[float, float, int, float]:
+    source: FeatureSource, arm_id: str, found: tuple[float, float, float, float] | None
+) -> tuple[float, float, float, float]:
     """An arm's posterior as the source gives it, with the counts the loop ``found`` (None: not counted yet).
 
     Raises:
@@ -218,7 +256,12 @@ async def arm_from_source(
 class LoopBase:
     """What the node's loop and the fleet's share: one worker's holds in the node's ring, its fair share of them,
     its journal and decision log, its counters and series. Subclasses say where an answer's event and a reward go
-    (``_record``, ``rewards``) and where an arm's counts are read (``read_arm``, ``top``)."""
+    (``_record``, ``rewards``) and where an arm's counts are read (``read_arm``, ``top``); a loop that keeps
+    segment counts (``counts_segments``) also where a segment's go (``_record_segment``, ``read_segment_arm``,
+    ``top_segment``). The others refuse segments (``SegmentsUnavailable``)."""
+
+    #: Whether this loop counts impressions and rewards per segment, so that answers may rank within one.
+    counts_segments = False
 
     def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
         self.node = node
@@ -227,6 +270,9 @@ class LoopBase:
         self.apply_counts = apply_counts
         self.prior_alpha = settings.prior_alpha
         self.prior_beta = settings.prior_beta
+        self.segment_weight = settings.segment_prior_weight
+        #: Counts decay with this half-life (0: never); /arms reports them as numbers then, else as integers.
+        self.half_life_s = settings.half_life_s
         self.window_s = settings.reward_window_s
         self.max_held_ids = settings.max_held_ids
         # The client share of the ring, counted per worker: each worker sees about 1/workers of a client's answers.
@@ -236,6 +282,7 @@ class LoopBase:
             max(1, int(settings.max_held_members * share)),
             settings.reward_window_s,
         )
+        self.new_arms = NewArmShares(max(1, int(settings.max_new_arms * share)))
         self._seeds = random.Random(secrets.randbits(64))
         name = f"{time.time_ns():x}-{os.getpid()}"
         self.journal = Journal(
@@ -258,6 +305,8 @@ class LoopBase:
             )
         self.impressions = 0
         self.impressions_unrecorded = 0
+        #: Impressions within a segment not counted for it: the segments' room in the arm table was full.
+        self.segment_impressions_unrecorded = 0
         self.rewards_accepted = 0
         self.rewards_total = 0.0
         self.refusals = Refusals()
@@ -317,10 +366,14 @@ class LoopBase:
         ids: list[str],
         seed: int,
         top_k: int | None,
+        segment: str | None = None,
+        segment_rows: npt.NDArray[np.int32] | None = None,
     ) -> str:
         """Record an answer about to be sent: its event, its impressions, its decision; return the event id.
 
-        A client's own event id (``client_event_id``) must have been through ``claim`` first.
+        A client's own event id (``client_event_id``) must have been through ``claim`` first. An answer ranked
+        within ``segment`` counts its impressions for the segment too (``segment_rows``: the rows of the candidates'
+        segment keys, from the source), and its event remembers the segment for its rewards.
 
         Raises:
             EventIdInUse: ``client_event_id`` and the node still holds an event with that id.
@@ -332,22 +385,75 @@ class LoopBase:
         cap = self.max_held_ids
         held, held_ids = (ranking, ids) if len(ids) <= cap else (ranking[:cap], ids[:cap])
         holds = self._admit(len(held_ids), now)
-        while not self.events.hold(event_id, candidates, held, now):
+        client = CLIENT.get()
+        new = self._new_arms(held_ids, rows, held)
+        try:
+            self.new_arms.admit(client, new)
+        except TooManyNewArms:
+            self.refusals.too_many_new_arms += 1
+            raise
+        tag = 0 if segment is None else self._segment_tag(segment)
+        while not self.events.hold(event_id, candidates, held, now, tag):
             if client_event_id:
                 self.refusals.event_id_in_use += 1
                 raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
             # Our own id was held already: only by a client that sent it as its own, or by odds of 2**-128.
             event_id = self.new_event_id()
         self.holding.add(holds, len(held_ids), now)
-        self._record(event_id, client_event_id, candidates, rows, held, held_ids, now)
+        self.new_arms.add(client, new)
+        if segment is None:
+            self._record(event_id, client_event_id, candidates, rows, held, held_ids, now)
+        else:
+            self._record_segment(event_id, candidates, rows, segment, segment_rows, held, held_ids, now)
         self.impressions += len(held_ids)
         self._bucket(now)[1] += len(held_ids)
         if self.decisions is not None:
-            self.decisions.append(decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking))
+            self.decisions.append(
+                decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking, segment)
+            )
         return event_id
 
     def _check(self) -> None:
         """Refuse an answer before anything of it is held (fleet mode: when its events cannot be kept)."""
+
+    def _new_arms(self, held_ids: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64]) -> int:
+        """How many of an answer's held ids would be new rows in the node's arm table (0 where the loop adds none)."""
+        return 0
+
+    def _segments_unavailable(self) -> SegmentsUnavailable:
+        return SegmentsUnavailable(
+            "segments are counted only by a node's own loop over an embedded source (demo or csv:); this one keeps no "
+            "segment counts",
+            field="segment",
+        )
+
+    def _segment_tag(self, segment: str) -> int:
+        """The word an event ranked within ``segment`` is held with, that its rewards find the segment by."""
+        raise self._segments_unavailable()
+
+    def _record_segment(
+        self,
+        event_id: str,
+        candidates: list[str],
+        rows: npt.NDArray[np.int32] | None,
+        segment: str,
+        segment_rows: npt.NDArray[np.int32] | None,
+        held: npt.NDArray[np.int64],
+        held_ids: list[str],
+        now: float,
+    ) -> None:
+        """``_record`` for an answer ranked within ``segment``: its impressions count for the segment too."""
+        raise self._segments_unavailable()
+
+    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+        """(alpha, beta, impressions, rewards) of an arm within a segment (``UnknownArm`` if neither is known)."""
+        raise self._segments_unavailable()
+
+    async def top_segment(
+        self, n: int, order: str, segment: str, executor: Executor
+    ) -> tuple[list[dict[str, Any]], int, bool | None]:
+        """``top`` within a segment: the arms counted in it, ranked by their posteriors within it."""
+        raise self._segments_unavailable()
 
     def _record(
         self,
@@ -419,6 +525,7 @@ class LoopBase:
             "events_evicted_early": held["evicted_early"],
             "impressions_total": self.impressions,
             "impressions_unrecorded": self.impressions_unrecorded,
+            "segment_impressions_unrecorded": self.segment_impressions_unrecorded,
             "rewards_total": self.rewards_total,
             "rewards_accepted": self.rewards_accepted,
             "rewards_per_s": per_s,
@@ -429,6 +536,7 @@ class LoopBase:
                 "unavailable": self.refusals.unavailable,
                 "event_id_in_use": self.refusals.event_id_in_use,
                 "too_many_events": self.refusals.too_many_events,
+                "too_many_new_arms": self.refusals.too_many_new_arms,
             },
             "clients_holding": self.holding.clients(),
             **self._more_stats(),
@@ -477,6 +585,17 @@ class LoopBase:
 class NodeLoop(LoopBase):
     """One worker's loop over the node's shared tables, with its own journal and decision log."""
 
+    def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
+        super().__init__(node, settings, apply_counts=apply_counts)
+        # Segments rank by the loop's counts: only where those counts rank at all.
+        self.counts_segments = apply_counts
+
+    def _new_arms(self, held_ids: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64]) -> int:
+        if rows is not None:  # the embedded source looked the candidates up in this table: -1 is not in it
+            return int(np.count_nonzero(rows[held] < 0))
+        arms = self.arms
+        return sum(1 for id_ in held_ids if arms.get(id_) is None)
+
     def _record(
         self,
         event_id: str,
@@ -487,12 +606,42 @@ class NodeLoop(LoopBase):
         held_ids: list[str],
         now: float,
     ) -> None:
+        self._count(candidates, rows, held, now)
+        self.journal.event(now, event_id, held_ids)
+
+    def _count(
+        self, candidates: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64], now: float
+    ) -> None:
         if rows is None:
             rows = np.full(len(candidates), -1, dtype=np.int32)
         self.impressions_unrecorded += self.arms.add_impressions(
-            candidates, rows, held, self.prior_alpha, self.prior_beta
+            candidates, rows, held, self.prior_alpha, self.prior_beta, now
         )
-        self.journal.event(now, event_id, held_ids)
+
+    def _segment_tag(self, segment: str) -> int:
+        # The row of the segment's own key, plus one (0: the segments' room is full, and its rewards count only for
+        # the arms). A reward reads the segment back from the row's key.
+        return self.arms.find_or_insert(segment_key(segment), self.prior_alpha, self.prior_beta) + 1
+
+    def _record_segment(
+        self,
+        event_id: str,
+        candidates: list[str],
+        rows: npt.NDArray[np.int32] | None,
+        segment: str,
+        segment_rows: npt.NDArray[np.int32] | None,
+        held: npt.NDArray[np.int64],
+        held_ids: list[str],
+        now: float,
+    ) -> None:
+        self._count(candidates, rows, held, now)
+        if segment_rows is None:
+            segment_rows = np.full(len(candidates), -1, dtype=np.int32)
+        self.segment_impressions_unrecorded += self.arms.add_impressions(
+            candidates, segment_rows, held, self.prior_alpha, self.prior_beta, now, segment
+        )
+        self.arms.add(segment_key(segment), len(held_ids), 0.0, self.prior_alpha, self.prior_beta, now)
+        self.journal.event(now, event_id, held_ids, segment)
 
     async def rewards(self, items: list[tuple[str, str, float]]) -> list[bool | MabError]:
         """Check rewards ``(event_id, id, reward)`` and record the accepted ones durably, in one group commit.
@@ -507,11 +656,13 @@ class NodeLoop(LoopBase):
         now = time.time()
         outcomes: list[bool | MabError] = []
         accepted: list[tuple[str, str, float]] = []
+        segments: list[str | None] = []
         refusals = self.refusals
         for event_id, arm_id, value in items:
-            status = self.events.reward(event_id, arm_id, now)
+            status, tag = self.events.reward_tag(event_id, arm_id, now)
             if status == _events.ACCEPTED:
                 accepted.append((event_id, arm_id, value))
+                segments.append(self._segment_of(tag))
                 outcomes.append(True)
             elif status == _events.DUPLICATE:
                 refusals.duplicate += 1
@@ -523,7 +674,7 @@ class NodeLoop(LoopBase):
         if not accepted:
             return outcomes
         try:
-            await self.journal.rewards(now, accepted)
+            await self.journal.rewards(now, accepted, segments if any(segments) else None)
         except JournalUnavailable:
             for event_id, arm_id, _ in accepted:
                 self.events.unmark(event_id, arm_id)
@@ -535,36 +686,54 @@ class NodeLoop(LoopBase):
             self.events.confirm(event_id, arm_id)
         # Counted once durable (a millisecond later), so a refused reward never shows. An arm the table could not
         # hold at impression time (full) has no impression to pair the reward with: it is journaled, not counted.
-        for _, arm_id, value in accepted:
-            if self.arms.get(arm_id) is not None:
-                self.arms.add(arm_id, 0, value, self.prior_alpha, self.prior_beta)
+        prior = self.prior_alpha, self.prior_beta
+        for (_, arm_id, value), segment in zip(accepted, segments):
+            if self.arms.get(arm_id, now) is not None:
+                self.arms.add(arm_id, 0, value, *prior, now)
+            if segment is not None:
+                pair = pair_key(segment, arm_id)
+                if self.arms.get(pair, now) is not None:
+                    self.arms.add(pair, 0, value, *prior, now)
+                self.arms.add(segment_key(segment), 0, value, *prior, now)
         self._accepted(accepted, now)
         return outcomes
 
-    def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
+    def _segment_of(self, tag: int) -> str | None:
+        """The segment of an event held with ``tag`` (``_segment_tag``), None for none."""
+        if tag == 0:
+            return None
+        return self.arms.id_at(tag - 1)[len(KEY_SEPARATOR) :]
+
+    def _count_value(self, value: float) -> float:
+        """A count as /arms reports it: an integer without decay (as it is), else the weighted sum."""
+        return value if self.half_life_s else int(value)
+
+    def arm(self, arm_id: str) -> tuple[float, float, float, float] | None:
         """(alpha, beta, impressions, rewards) of an arm as the loop counts it, None if the table lacks it."""
         found = self.arms.get(arm_id)
         if found is None:
             return None
         alpha0, beta0, shown, got, _ = found
         if not self.apply_counts:
-            return alpha0, beta0, shown, got
-        return *posterior(alpha0, beta0, shown, got), shown, got
+            return alpha0, beta0, self._count_value(shown), got
+        return *posterior(alpha0, beta0, shown, got), self._count_value(shown), got
 
     def leading(self, n: int, order: str) -> tuple[list[dict[str, Any]], int]:
         """The ``n`` leading arms by ``order`` (mean, impressions or rewards) and how many arms the table holds."""
         records = self.arms.records()
-        rows = np.flatnonzero((records["flags"] & _arms.FLAG_WASTED) == 0)
+        counts = self.arms.counts()
+        rows = np.flatnonzero((records["flags"][: len(counts[0])] & (_arms.FLAG_WASTED | _arms.FLAG_SEGMENT)) == 0)
         table = records[rows]
-        shown = table["impressions"].astype(np.float64)
-        got = table["rewards"]
+        shown, got = counts[0][rows], counts[1][rows]
         if self.apply_counts:
             alpha, beta = posterior(table["alpha0"], table["beta0"], shown, got)
         else:
             alpha, beta = table["alpha0"], table["beta0"]
-        return leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order), len(rows)
+        whole = not self.half_life_s
+        leading = leading_arms(lambda i: self.arms.id_at(int(rows[i])), alpha, beta, shown, got, n, order, whole)
+        return leading, len(rows)
 
-    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, int, float]:
+    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, float, float]:
         """(alpha, beta, impressions, rewards) of an arm as this node ranks it: the loop's counts, or the source's
         posterior where the loop has not counted the arm or the store computes the posteriors itself.
 
@@ -581,6 +750,52 @@ class NodeLoop(LoopBase):
         leading, total = await asyncio.get_running_loop().run_in_executor(executor, self.leading, n, order)
         return leading, total, None
 
+    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+        """(alpha, beta, impressions, rewards) of an arm within a segment, as ``/predict`` ranks it there.
+
+        Raises:
+            UnknownArm: The table holds neither the arm nor its row within the segment.
+        """
+        now = time.time()
+        alpha, beta, known, _, pair_rows = self.arms.gather_segment(
+            [arm_id], segment, self.segment_weight, self.prior_alpha, self.prior_beta, now
+        )
+        if known == 0 and pair_rows[0] < 0:
+            raise UnknownArm(f"no arm {arm_id!r}: never shown, and not in the catalogue")
+        found = self.arms.get(pair_key(segment, arm_id), now)
+        shown, got = (0.0, 0.0) if found is None else (found[2], found[3])
+        return float(alpha[0]), float(beta[0]), self._count_value(shown), got
+
+    def leading_segment(self, n: int, order: str, segment: str) -> tuple[list[dict[str, Any]], int]:
+        """The ``n`` leading arms within ``segment`` by ``order``, among the arms shown in it, and how many those
+        are."""
+        records = self.arms.records()
+        shown_all, got_all = self.arms.counts()
+        prefix = pair_key(segment, "")
+        rows = [
+            row
+            for row in np.flatnonzero((records["flags"][: len(shown_all)] & _arms.FLAG_SEGMENT) != 0).tolist()
+            if records[row]["flags"] & _arms.FLAG_WASTED == 0
+        ]
+        pairs = [(row, key) for row in rows if (key := self.arms.id_at(row)).startswith(prefix)]
+        if not pairs:
+            return [], 0
+        ids = [key[len(prefix) :] for _, key in pairs]
+        at = np.array([row for row, _ in pairs])
+        shown, got = shown_all[at], got_all[at]
+        alpha, beta, _, _ = self.arms.gather(ids, self.prior_alpha, self.prior_beta)
+        alpha, beta = backed_off(self.segment_weight, alpha, beta, shown, got)
+        leading = leading_arms(lambda i: ids[i], alpha, beta, shown, got, n, order, not self.half_life_s)
+        return leading, len(ids)
+
+    async def top_segment(
+        self, n: int, order: str, segment: str, executor: Executor
+    ) -> tuple[list[dict[str, Any]], int, bool | None]:
+        leading, total = await asyncio.get_running_loop().run_in_executor(
+            executor, self.leading_segment, n, order, segment
+        )
+        return leading, total, None
+
 
 def leading_arms(
     id_at: Callable[[int], str],
@@ -590,9 +805,10 @@ def leading_arms(
     got: npt.NDArray[np.float64],
     n: int,
     order: str,
+    whole: bool = True,
 ) -> list[dict[str, Any]]:
     """The ``n`` leading arms by ``order`` (mean, impressions or rewards), with 95% intervals; ``id_at(i)`` names
-    the arm of position ``i``."""
+    the arm of position ``i``. Impressions are reported as integers if ``whole``, else as the (decayed) numbers."""
     total = len(alpha)
     if total == 0:
         return []
@@ -608,7 +824,7 @@ def leading_arms(
             "id": id_at(i),
             "alpha": float(alpha[i]),
             "beta": float(beta[i]),
-            "impressions": int(shown[i]),
+            "impressions": int(shown[i]) if whole else float(shown[i]),
             "rewards": float(got[i]),
             "mean": float(alpha[i] / (alpha[i] + beta[i])),
             "low": float(lo),

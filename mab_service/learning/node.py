@@ -29,7 +29,6 @@ import struct
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,6 +41,7 @@ import orjson
 from mab_service.config import Settings
 from mab_service.errors import FeatureSourceError
 from mab_service.features.factory import parse_spec
+from mab_service.ids import KEY_SEPARATOR, pair_key, segment_key
 from mab_service.learning import decisions, journal
 from mab_service.learning._arms import ArmTable
 from mab_service.learning._events import EventRing
@@ -53,14 +53,18 @@ SHM_PREFIX = "mab-service-"
 CHECKPOINT = "checkpoint.bin"
 #: The checkpoint's earlier format, read once (when no CHECKPOINT exists) and replaced by the next fold.
 LEGACY_CHECKPOINT = "checkpoint.json"
-#: The checkpoint's header: magic, version, arms, bytes of ids, bytes of folded file names.
-_CHECKPOINT_HEAD = struct.Struct("<4sIQQQ")
+#: The checkpoint's header: magic, version, rows, bytes of keys, bytes of folded file names; version 2 adds the
+#: half-life and the landmark its counts are weighted to.
+_CHECKPOINT_HEAD_V1 = struct.Struct("<4sIQQQ")
+_CHECKPOINT_HEAD = struct.Struct("<4sIQQQdd")
 _CHECKPOINT_MAGIC = b"MABK"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 #: Most seconds between two prunes of the decision log (folds come every ``checkpoint_interval_s``).
 PRUNE_S = 10.0
 #: Bytes of id text reserved per arm first seen at run time.
 NEW_ARM_ID_BYTES = 32
+#: Bytes of key text reserved per segment row ("\0" + segment + "\0" + arm id).
+NEW_SEGMENT_KEY_BYTES = 48
 
 
 @dataclass(frozen=True)
@@ -167,14 +171,22 @@ class Node:
             if catalogue is not None:
                 path = stack.enter_context(catalogue)
                 rows, id_bytes = ArmTable.csv_rows_upper_bound(str(path))
-            learned = len(checkpoint.arms)
-            capacity = rows + settings.max_new_arms + learned
-            id_bytes += (settings.max_new_arms + learned) * NEW_ARM_ID_BYTES
+            segment_keys = [key for key in checkpoint.arms if key.startswith(KEY_SEPARATOR)]
+            learned = len(checkpoint.arms) - len(segment_keys)
+            # Segment rows have room of their own (the table keeps them apart): a flood of segments fills only it.
+            segment_rows = settings.max_segment_rows + len(segment_keys)
+            segment_id_bytes = settings.max_segment_rows * NEW_SEGMENT_KEY_BYTES + sum(
+                len(key.encode()) for key in segment_keys
+            )
+            capacity = rows + settings.max_new_arms + learned + segment_rows
+            id_bytes += (settings.max_new_arms + learned) * NEW_ARM_ID_BYTES + segment_id_bytes
             token = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
             shm = SHM_DIR if SHM_DIR.is_dir() else state_dir
             arms_path, events_path = shm / f"{token}-arms", shm / f"{token}-events"
-            arms_map = _create(arms_path, ArmTable.bytes_needed(capacity, id_bytes), reserve=False)
-            arms = ArmTable.create(arms_map, capacity, id_bytes)
+            arms_map = _create(arms_path, ArmTable.bytes_needed(capacity, id_bytes, segment_rows), reserve=False)
+            arms = ArmTable.create(
+                arms_map, capacity, id_bytes, segment_rows, segment_id_bytes, settings.half_life_s, time.time()
+            )
             if path is not None:
                 try:
                     arms.load_csv(str(path))
@@ -212,23 +224,42 @@ class Node:
         return node
 
     def _replay(self, settings: Settings, checkpoint: Checkpoint) -> int:
-        """Counts from the checkpoint and the journal; the events of the last window, with their rewards."""
+        """Counts from the checkpoint and the journal; the events of the last window, with their rewards.
+
+        With a half-life, the journal's records are weighed by their own times against the table's landmark, and
+        the checkpoint's sums are moved from its landmark to the table's: the same sums the live table would hold.
+        """
         prior = settings.prior_alpha, settings.prior_beta
+        half_life = settings.half_life_s
+        landmark = self.arms.landmark
         paths = [p for p in journal_files(self.journal_dir) if p.name not in checkpoint.folded]
-        tally = Tally.of(paths, horizon=time.time() - settings.reward_window_s)
-        for arm_id, (shown, got) in checkpoint.arms.items():
-            tally.impressions[arm_id] += shown
-            tally.rewards[arm_id] = tally.rewards.get(arm_id, 0.0) + got
-        for arm_id in tally.impressions.keys() | tally.rewards.keys():
-            shown = tally.impressions.get(arm_id, 0)
-            got = tally.rewards.get(arm_id, 0.0)
+        horizon = time.time() - settings.reward_window_s
+        tally = Tally.of(paths, horizon, half_life_s=half_life, landmark=landmark)
+        if checkpoint.half_life_s != half_life and checkpoint.arms:
+            logger.warning(
+                "the checkpoint's counts were weighted with a half-life of %g s, the node's is %g s: they are taken "
+                "as made at %.0f",
+                checkpoint.half_life_s,
+                half_life,
+                checkpoint.landmark,
+            )
+        scale = tally.weight(checkpoint.landmark)
+        for key, (shown, got) in checkpoint.arms.items():
+            tally.impressions[key] = tally.impressions.get(key, 0.0) + shown * scale
+            tally.rewards[key] = tally.rewards.get(key, 0.0) + got * scale
+        for key in tally.impressions.keys() | tally.rewards.keys():
+            shown = tally.impressions.get(key, 0.0)
+            got = tally.rewards.get(key, 0.0)
             # A reward always follows a counted impression; after a power loss the impression may be the part that
             # was not yet synced. Count it then, so beta never falls below the arm's beta0.
-            shown = max(shown, int(np.ceil(got)))
-            if not self.arms.add(arm_id, shown, got, *prior):
-                logger.warning("arm table full: the counts of %r are not restored", arm_id)
-        for event_id, (t, ids) in tally.recent.items():
-            self.events.restore(event_id, ids, t, tally.rewarded.get(event_id, []))
+            shown = max(shown, got if half_life else math.ceil(got))
+            if not self.arms.add(key, shown, got, *prior, landmark):
+                logger.warning("arm table full: the counts of %r are not restored", key)
+        for event_id, (t, ids, segment) in tally.recent.items():
+            tag = 0
+            if segment is not None:
+                tag = self.arms.find_or_insert(segment_key(segment), *prior) + 1
+            self.events.restore(event_id, ids, t, tally.rewarded.get(event_id, []), tag=tag)
         return tally.records
 
     # -- folding the journal into the checkpoint ----------------------------------------------------------------
@@ -237,6 +268,9 @@ class Node:
         interval_s = settings.checkpoint_interval_s
         folded_at = time.monotonic()
         while not self._stop.wait(min(interval_s, PRUNE_S)):
+            # With a half-life, the decay's landmark moves on long before its weights could overflow.
+            if self.arms.rebase():
+                logger.info("the counts' landmark moved on to %.0f", self.arms.landmark)
             try:
                 prune_decisions(self.decisions_dir, settings.decision_log_max_bytes * settings.workers)
             except Exception:
@@ -246,7 +280,7 @@ class Node:
             folded_at = time.monotonic()
             try:
                 older_than = time.time() - settings.reward_window_s * 1.5 - interval_s
-                fold(self.state_dir, older_than, finished=self._finished)
+                fold(self.state_dir, older_than, finished=self._finished, half_life_s=settings.half_life_s)
             except Exception:
                 logger.exception("checkpoint failed; the journal files stay and are tried again")
 
@@ -255,43 +289,68 @@ class Node:
 class Checkpoint:
     folded: set[str]
     """Journal files already counted here (deleted after the checkpoint is written; listed in case that failed)."""
-    arms: dict[str, tuple[int, float]]
-    """Per arm with counts: impressions and rewards of the folded files."""
+    arms: dict[str, tuple[float, float]]
+    """Per arm and segment key with counts: impressions and rewards of the folded files, weighted to ``landmark``
+    with ``half_life_s`` (plain sums without a half-life)."""
+    half_life_s: float = 0.0
+    landmark: float = 0.0
 
 
 @dataclass
 class Tally:
-    """What journal files add up to: per arm, impressions and rewards (each (event, id) rewarded once), and, for
-    the events written after ``horizon``, their ids and the ids rewarded."""
+    """What journal files add up to: per arm and segment key, impressions and rewards (each (event, id) rewarded
+    once), each weighing 2 ** ((t - landmark) / half_life_s) with a half-life, 1 without; and, for the events written
+    after ``horizon``, their ids, segment and the ids rewarded."""
 
-    impressions: Counter[str] = field(default_factory=Counter)
+    half_life_s: float = 0.0
+    landmark: float = 0.0
+    impressions: dict[str, float] = field(default_factory=dict)
     rewards: dict[str, float] = field(default_factory=dict)
-    recent: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    recent: dict[str, tuple[float, list[str], str | None]] = field(default_factory=dict)
     rewarded: dict[str, list[str]] = field(default_factory=dict)
     records: int = 0
     seen: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
-    def of(cls, paths: list[Path], horizon: float | None = None) -> Tally:
-        tally = cls()
+    def of(
+        cls, paths: list[Path], horizon: float | None = None, *, half_life_s: float = 0.0, landmark: float = 0.0
+    ) -> Tally:
+        tally = cls(half_life_s, landmark)
         for path in paths:
             tally.add(journal.read_records(path), horizon)
         return tally
 
+    def weight(self, t: float) -> float:
+        """What a count made at ``t`` adds: forward decay's 2 ** ((t - landmark) / half_life_s), or 1."""
+        return 2.0 ** ((t - self.landmark) / self.half_life_s) if self.half_life_s else 1.0
+
     def add(self, records: Iterable[list[Any]], horizon: float | None = None) -> None:
+        impressions, rewards = self.impressions, self.rewards
         for record in records:
             self.records += 1
             if record[0] == "e":
-                _, t, event_id, ids = record
-                self.impressions.update(ids)
+                _, t, event_id, ids, *rest = record
+                segment = rest[0] if rest else None
+                w = self.weight(t)
+                for arm_id in ids:
+                    impressions[arm_id] = impressions.get(arm_id, 0.0) + w
+                if segment is not None:
+                    for arm_id in ids:
+                        key = pair_key(segment, arm_id)
+                        impressions[key] = impressions.get(key, 0.0) + w
+                    key = segment_key(segment)
+                    impressions[key] = impressions.get(key, 0.0) + w * len(ids)
                 if horizon is not None and t >= horizon:
-                    self.recent[event_id] = (t, ids)
+                    self.recent[event_id] = (t, ids, segment)
             elif record[0] == "r":
-                _, t, event_id, arm_id, value = record
+                _, t, event_id, arm_id, value, *rest = record
                 if (event_id, arm_id) in self.seen:
                     continue
                 self.seen.add((event_id, arm_id))
-                self.rewards[arm_id] = self.rewards.get(arm_id, 0.0) + value
+                value *= self.weight(t)
+                keys = [arm_id] if not rest else [arm_id, pair_key(rest[0], arm_id), segment_key(rest[0])]
+                for key in keys:
+                    rewards[key] = rewards.get(key, 0.0) + value
                 self.rewarded.setdefault(event_id, []).append(arm_id)
 
 
@@ -319,7 +378,7 @@ def closed_files(paths: list[Path], finished: Collection[str] = ()) -> list[Path
     return sorted(done)
 
 
-def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = ()) -> int:
+def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = (), half_life_s: float = 0.0) -> int:
     """Fold the closed journal files whose records are all older than ``older_than`` (unix time, the records' own)
     into the checkpoint; delete them.
 
@@ -327,12 +386,15 @@ def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = ()) 
     again are always in unfolded files; and only when it is closed (``closed_files``), so no record can still be
     added to it. The file's mtime only lets a file written since ``older_than`` be skipped unread. Returns how
     many files were folded.
+
+    With a half-life, every fold weighs the counts to a new landmark, ``older_than``: no record folded is newer, so
+    no weight exceeds 1, and counts that decayed to nothing leave the checkpoint.
     """
     directory = state_dir / "journal"
     files = journal_files(directory)
     checkpoint = read_checkpoint(state_dir)
     leftovers = [p for p in files if p.name in checkpoint.folded]  # counted; their deletion failed last time
-    tally = Tally()
+    tally = Tally(half_life_s, older_than if half_life_s else 0.0)
     ripe: list[Path] = []
     for path in closed_files([p for p in files if p.name not in checkpoint.folded], finished):
         try:
@@ -347,15 +409,17 @@ def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = ()) 
             ripe.append(path)
     if not ripe and not leftovers and not (state_dir / LEGACY_CHECKPOINT).exists():
         return 0
-    counts = {arm_id: [shown, got] for arm_id, (shown, got) in checkpoint.arms.items()}
-    for arm_id, shown in tally.impressions.items():
-        counts.setdefault(arm_id, [0, 0.0])[0] += shown
-    for arm_id, got in tally.rewards.items():
-        counts.setdefault(arm_id, [0, 0.0])[1] += got
-    arms = {arm_id: (int(shown), float(got)) for arm_id, (shown, got) in counts.items() if shown or got}
+    scale = tally.weight(checkpoint.landmark)
+    counts = {key: [shown * scale, got * scale] for key, (shown, got) in checkpoint.arms.items()}
+    for key, shown in tally.impressions.items():
+        counts.setdefault(key, [0.0, 0.0])[0] += shown
+    for key, got in tally.rewards.items():
+        counts.setdefault(key, [0.0, 0.0])[1] += got
+    arms = {key: (float(shown), float(got)) for key, (shown, got) in counts.items() if shown or got}
     present = {p.name for p in files}
     folded = {name for name in checkpoint.folded if name in present} | {p.name for p in ripe}
-    journal.write_atomically(state_dir / CHECKPOINT, encode_checkpoint(Checkpoint(folded, arms)))
+    updated = Checkpoint(folded, arms, half_life_s, tally.landmark)
+    journal.write_atomically(state_dir / CHECKPOINT, encode_checkpoint(updated))
     (state_dir / LEGACY_CHECKPOINT).unlink(missing_ok=True)  # upgraded: its counts are in the new file
     for path in ripe + leftovers:
         journal.remove(path)
@@ -365,51 +429,82 @@ def fold(state_dir: Path, older_than: float, *, finished: Collection[str] = ()) 
 
 
 def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    """The checkpoint file: a header (``_CHECKPOINT_HEAD``), per arm its impressions (int64), then per arm its
-    rewards (float64), then per arm its id's length (uint32), the ids (UTF-8), the folded file names (UTF-8, one
-    per line), and the CRC-32 of all that (uint32), little-endian. About 20 bytes plus the id per arm with counts,
-    and nothing else that grows."""
+    """The checkpoint file: a header (``_CHECKPOINT_HEAD``), per key its impressions, then per key its rewards
+    (float64), then per key its length (uint32), the keys (UTF-8), the folded file names (UTF-8, one per line), and
+    the CRC-32 of all that (uint32), little-endian. About 20 bytes plus the key per arm or segment key with counts, and
+    nothing else that grows.
+
+    Without a half-life the counts are whole and the file is version 1 (impressions int64, ``_CHECKPOINT_HEAD_V1``),
+    which earlier releases read too; with one, version 2 adds the half-life and the landmark to the header and keeps
+    impressions as float64."""
     ids = [arm_id.encode() for arm_id in checkpoint.arms]
     n = len(ids)
     values = checkpoint.arms.values()
-    impressions = np.fromiter((shown for shown, _ in values), "<i8", n)
+    whole = checkpoint.half_life_s == 0
+    impressions = np.fromiter((shown for shown, _ in values), "<f8", n)
+    if whole:
+        impressions = impressions.astype("<i8")
     rewards = np.fromiter((got for _, got in values), "<f8", n)
     lengths = np.fromiter(map(len, ids), "<u4", n)
     blob = b"".join(ids)
     folded = "\n".join(sorted(checkpoint.folded)).encode()
-    head = _CHECKPOINT_HEAD.pack(_CHECKPOINT_MAGIC, _CHECKPOINT_VERSION, n, len(blob), len(folded))
+    if whole:
+        head = _CHECKPOINT_HEAD_V1.pack(_CHECKPOINT_MAGIC, 1, n, len(blob), len(folded))
+    else:
+        head = _CHECKPOINT_HEAD.pack(
+            _CHECKPOINT_MAGIC,
+            _CHECKPOINT_VERSION,
+            n,
+            len(blob),
+            len(folded),
+            checkpoint.half_life_s,
+            checkpoint.landmark,
+        )
     body = b"".join((head, impressions.tobytes(), rewards.tobytes(), lengths.tobytes(), blob, folded))
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def decode_checkpoint(data: bytes) -> Checkpoint:
-    """The checkpoint ``encode_checkpoint`` wrote, exactly.
+    """The checkpoint ``encode_checkpoint`` wrote, exactly; or one of version 1 (integer impressions, no half-life).
 
     Raises:
         ValueError: the file is not a checkpoint of a known version, or is damaged.
     """
-    size = _CHECKPOINT_HEAD.size
-    if len(data) < size + 4:
+    if len(data) < _CHECKPOINT_HEAD_V1.size + 4:
         raise ValueError("too short")
-    magic, version, n, id_bytes, folded_bytes = _CHECKPOINT_HEAD.unpack_from(data)
-    if magic != _CHECKPOINT_MAGIC or version != _CHECKPOINT_VERSION:
-        raise ValueError(f"not a version {_CHECKPOINT_VERSION} checkpoint")
+    magic, version = struct.unpack_from("<4sI", data)
+    if magic != _CHECKPOINT_MAGIC or version not in (1, _CHECKPOINT_VERSION):
+        raise ValueError(f"not a version 1 or {_CHECKPOINT_VERSION} checkpoint")
+    half_life_s = landmark = 0.0
+    if version == 1:
+        size = _CHECKPOINT_HEAD_V1.size
+        _, _, n, id_bytes, folded_bytes = _CHECKPOINT_HEAD_V1.unpack_from(data)
+    else:
+        size = _CHECKPOINT_HEAD.size
+        if len(data) < size + 4:
+            raise ValueError("too short")
+        _, _, n, id_bytes, folded_bytes, half_life_s, landmark = _CHECKPOINT_HEAD.unpack_from(data)
     if len(data) != size + 20 * n + id_bytes + folded_bytes + 4:
         raise ValueError("wrong length")
     if zlib.crc32(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]:
         raise ValueError("checksum mismatch")
-    impressions = np.frombuffer(data, "<i8", n, size).tolist()
-    rewards = np.frombuffer(data, "<f8", n, size + 8 * n).tolist()
+    if not (math.isfinite(half_life_s) and half_life_s >= 0 and math.isfinite(landmark)):
+        raise ValueError(f"bad half-life {half_life_s!r} or landmark {landmark!r}")
+    impressions = np.frombuffer(data, "<i8" if version == 1 else "<f8", n, size)
+    rewards = np.frombuffer(data, "<f8", n, size + 8 * n)
+    # Counts are read from a file: checked before they reach the table, which takes only finite counts >= 0.
+    if not (np.all(np.isfinite(impressions) & (impressions >= 0)) and np.all(np.isfinite(rewards) & (rewards >= 0))):
+        raise ValueError("a count is negative or not finite")
     ends = np.cumsum(np.frombuffer(data, "<u4", n, size + 16 * n), dtype=np.int64).tolist()
     at = size + 20 * n
     blob = data[at : at + id_bytes]
-    arms: dict[str, tuple[int, float]] = {}
+    arms: dict[str, tuple[float, float]] = {}
     start = 0
-    for end, shown, got in zip(ends, impressions, rewards):
+    for end, shown, got in zip(ends, impressions.tolist(), rewards.tolist()):
         arms[blob[start:end].decode()] = (shown, got)
         start = end
     folded = data[at + id_bytes : at + id_bytes + folded_bytes].decode()
-    return Checkpoint(set(folded.split("\n")) if folded else set(), arms)
+    return Checkpoint(set(folded.split("\n")) if folded else set(), arms, half_life_s, landmark)
 
 
 def read_checkpoint(state_dir: Path) -> Checkpoint:
@@ -428,7 +523,7 @@ def read_checkpoint(state_dir: Path) -> Checkpoint:
         return Checkpoint(set(), {})
     except (OSError, orjson.JSONDecodeError) as exc:
         raise FeatureSourceError(f"cannot read the checkpoint {path}: {exc}") from None
-    arms = {str(arm_id): (int(shown), float(got)) for arm_id, shown, got in document["arms"]}
+    arms = {str(arm_id): (float(shown), float(got)) for arm_id, shown, got in document["arms"]}
     return Checkpoint(set(document["folded"]), arms)
 
 

@@ -11,7 +11,7 @@ it to 0 or below (``ArmTable.gather`` computes it so; ``posterior`` is the same 
 
 from __future__ import annotations
 
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -38,15 +38,37 @@ def posterior(
     return float(alpha), float(beta)
 
 
+@overload
+def backed_off(weight: float, alpha: float, beta: float, shown: float, got: float) -> tuple[float, float]: ...
+@overload
+def backed_off(weight: float, alpha: Floats, beta: Floats, shown: Floats, got: Floats) -> tuple[Floats, Floats]: ...
+def backed_off(weight: float, alpha: Any, beta: Any, shown: Any, got: Any) -> Any:
+    """An arm's posterior within a segment, as ``ArmTable.gather_segment`` gives it to the pipeline: the mean mu of
+    its global posterior Beta(alpha, beta) worth ``weight`` pseudo-impressions, plus the segment's own counts:
+    Beta(weight * mu + got, weight * (1 - mu) + max(shown - got, 0))."""
+    mu = alpha / (alpha + beta)
+    return posterior(weight * mu, weight * (1.0 - mu), shown, got)
+
+
+class SegmentSource(Protocol):
+    """Where the pipeline reads a segment's posteriors."""
+
+    def fetch_segment(self, ids: list[str], segment: str) -> Features:
+        """The posteriors of ``ids`` within ``segment``, with the rows of the arms and of their segment keys."""
+        ...
+
+
 class SharedArmsSource:
-    """Posteriors from the node's shared arm table (catalogue plus the loop's counts)."""
+    """Posteriors from the node's shared arm table (catalogue plus the loop's counts), globally or within a
+    segment (the global posterior's mean backed off to with ``segment_weight`` pseudo-impressions)."""
 
     name = "local"
 
-    def __init__(self, arms: ArmTable, prior_alpha: float, prior_beta: float) -> None:
+    def __init__(self, arms: ArmTable, prior_alpha: float, prior_beta: float, segment_weight: float = 10.0) -> None:
         self.arms = arms
         self.prior_alpha = prior_alpha
         self.prior_beta = prior_beta
+        self.segment_weight = segment_weight
 
     async def start(self) -> None:
         pass  # the node's owner loaded the table before any worker maps it
@@ -54,6 +76,12 @@ class SharedArmsSource:
     async def fetch(self, ids: list[str]) -> Features:
         alpha, beta, known, rows = self.arms.gather(ids, self.prior_alpha, self.prior_beta)
         return Features(alpha, beta, known, 0, rows)
+
+    def fetch_segment(self, ids: list[str], segment: str) -> Features:
+        alpha, beta, known, rows, pair_rows = self.arms.gather_segment(
+            ids, segment, self.segment_weight, self.prior_alpha, self.prior_beta
+        )
+        return Features(alpha, beta, known, 0, rows, pair_rows)
 
     def health(self) -> Health:
         return Health(True)

@@ -28,6 +28,8 @@ class Loop(Protocol):
     apply_counts: bool
     #: How long after its answer an event takes rewards (seconds).
     window_s: float
+    #: Whether answers may rank within a segment (the loop counts segments); else they are refused.
+    counts_segments: bool
 
     @property
     def durable(self) -> bool:
@@ -65,8 +67,10 @@ class Loop(Protocol):
         ids: list[str],
         seed: int,
         top_k: int | None,
+        segment: str | None = None,
+        segment_rows: npt.NDArray[np.int32] | None = None,
     ) -> str:
-        """Hold an answer's event and count its impressions; return the event id."""
+        """Hold an answer's event and count its impressions (for its segment too, if any); return the event id."""
         ...
 
     async def reward(self, event_id: str, arm_id: str, value: float) -> bool:
@@ -77,8 +81,19 @@ class Loop(Protocol):
         """Check and credit rewards; per item True, False (duplicate) or the refusal."""
         ...
 
-    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, int, float]:
+    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, float, float]:
         """(alpha, beta, impressions, rewards) of an arm as this worker sees it now (``UnknownArm`` if none)."""
+        ...
+
+    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+        """(alpha, beta, impressions, rewards) of an arm within a segment (``SegmentsUnavailable`` where segments
+        are not counted)."""
+        ...
+
+    async def top_segment(
+        self, n: int, order: str, segment: str, executor: Executor
+    ) -> tuple[list[dict[str, Any]], int, bool | None]:
+        """``top`` within a segment (``SegmentsUnavailable`` where segments are not counted)."""
         ...
 
     async def top(self, n: int, order: str, executor: Executor) -> tuple[list[dict[str, Any]], int, bool | None]:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "t": decision.t,
         "user_id": decision.user_id,
         "seed": decision.seed,
+        "segment": decision.segment,
         "ids": [ids[i] for i in ranking.tolist()],
         "scores": scores.tolist(),
         "same_as_logged": bool(np.array_equal(ranking, decision.ranking)),
