@@ -12,6 +12,7 @@ EPOCH_HALF_LIVES: float
 CSV_BLOCK_BYTES: int
 RECORD_DTYPE: np.dtype[np.void]
 
+def unnamed(rows: npt.NDArray[np.int32], ids: list[str]) -> bytes: ...
 def read_catalogue(
     source: str | PathLike[str] | BinaryIO, where: str, errors_max: int = 20
 ) -> tuple[list[str], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

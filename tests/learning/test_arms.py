@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from mab_service.errors import FeatureSourceError
 from mab_service.features._index import IdIndex
 from mab_service.features.local import load_table
-from mab_service.learning._arms import FLAG_CATALOGUE, FLAG_RUNTIME, FLAG_WASTED, ArmTable
+from mab_service.learning._arms import FLAG_CATALOGUE, FLAG_RUNTIME, FLAG_WASTED, ArmTable, unnamed
 from tests.features.test_index import AWKWARD_IDS
 
 PRIOR = (1.0, 20.0)
@@ -737,3 +737,11 @@ def test_csv_report_text_is_what_local_py_would_print(tmp_path: Path) -> None:
     # The header check reads the first record as csv.reader does, quotes and all.
     text = '"entity_id","alpha"\n'
     assert csv_report(tmp_path, text) == local_report(tmp_path, text)
+
+
+def test_unnamed_lists_the_ids_without_a_row_in_order() -> None:
+    ids = ["a", "bé", "c", "d"]
+    assert unnamed(np.array([3, -1, 0, -1], np.int32), ids) == "bé\0d".encode()
+    assert unnamed(np.array([3, 1, 0, 2], np.int32), ids) == b""
+    with pytest.raises(ValueError, match="one row per id"):
+        unnamed(np.array([1, 2], np.int32), ids)
