@@ -12,6 +12,7 @@ EPOCH_HALF_LIVES: float
 CSV_BLOCK_BYTES: int
 RECORD_DTYPE: np.dtype[np.void]
 
+def first_seen(arrays: list[npt.NDArray[np.int32]], seen: npt.NDArray[np.bool_]) -> list[int]: ...
 def unnamed(rows: npt.NDArray[np.int32], ids: list[str]) -> bytes: ...
 def read_catalogue(
     source: str | PathLike[str] | BinaryIO, where: str, errors_max: int = 20

@@ -52,16 +52,16 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from mab_service.learning._arms import unnamed
+from mab_service.learning._arms import first_seen, unnamed
 
 logger = logging.getLogger("mab_service.learning")
 
@@ -92,6 +92,14 @@ RECORDS_PER_WRITE = IOV_MAX // PIECES
 
 #: A record as ``encode`` gives it: its size, and its pieces (bytes, and arrays by reference).
 Record = tuple[int, tuple[bytes | npt.NDArray[Any], ...]]
+
+
+class RowNames(Protocol):
+    """What the writer needs of the node's arm table to name rows: the rows taken, and the id of one."""
+
+    def __len__(self) -> int: ...
+
+    def id_at(self, row: int) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,8 +294,8 @@ def files(directory: Path) -> list[Path]:
 class DecisionLog:
     """One worker's decision log files in ``directory``.
 
-    ``sample_rate``: the share of answers logged (``takes``); ``id_at``: the id of an arm table row, for the names
-    records of records that carry rows (the table's ``id_at``; rows are trusted to be published ones).
+    ``sample_rate``: the share of answers logged (``takes``); ``table``: the node's arm table, that names the rows
+    records carry (rows are trusted to be the ones its gather returned).
     """
 
     def __init__(
@@ -298,7 +306,7 @@ class DecisionLog:
         file_bytes: int,
         max_bytes: int,
         sample_rate: float = 1.0,
-        id_at: Callable[[int], str] | None = None,
+        table: RowNames | None = None,
     ) -> None:
         self.directory = directory
         self.name = name
@@ -307,7 +315,7 @@ class DecisionLog:
         self.sample_rate = sample_rate
         # An event id is taken when its CRC-32 is below this: never at 0, always at 1 (a CRC is below 2**32).
         self._below = round(sample_rate * 2**32)
-        self._id_at = id_at
+        self._table = table
         self._named = np.zeros(0, dtype=bool)  # rows the open file has named, by row
         self.written = 0
         self.dropped = 0
@@ -396,25 +404,16 @@ class DecisionLog:
         used = [piece for piece in pieces[1::PIECES] if isinstance(piece, np.ndarray)]
         if not used:
             return b""
-        assert self._id_at is not None, "records carry rows: the log needs the table's id_at"
-        rows = np.concatenate(used)
-        rows = rows[rows >= 0]  # -1: a candidate its record names itself
-        if not len(rows):
+        assert self._table is not None, "records carry rows: the log needs the arm table"
+        rows = len(self._table)  # every row a gather returned is below it: rows are never taken back
+        if len(self._named) < rows:
+            self._named = np.concatenate([self._named, np.zeros(rows - len(self._named), dtype=bool)])
+        new = first_seen(used, self._named)
+        if not new:
             return b""
-        top = int(rows.max())
-        if len(self._named) <= top:
-            self._named = np.concatenate([self._named, np.zeros(top + 1 - len(self._named), dtype=bool)])
-        fresh = rows[~self._named[rows]]
-        if not len(fresh):
-            return b""
-        # Distinct by a mark per row, not by sorting: a file's first write holds every row its answers use.
-        marks = np.zeros(len(self._named), dtype=bool)
-        marks[fresh] = True
-        new = np.flatnonzero(marks)
-        ids = [self._id_at(row).encode() for row in new.tolist()]
-        self._named[new] = True
+        ids = [self._table.id_at(row).encode() for row in new]
         lengths = np.array([len(i) for i in ids], dtype="<u4")
-        tail: bytes = new.astype("<u4").tobytes() + lengths.tobytes() + b"".join(ids)
+        tail: bytes = np.array(new, dtype="<u4").tobytes() + lengths.tobytes() + b"".join(ids)
         return _NAMES.pack(MAGIC_NAMES, len(ids), zlib.crc32(tail)) + tail
 
     def _close_file(self) -> None:

@@ -265,7 +265,7 @@ class LoopBase:
                 file_bytes=settings.decision_log_file_bytes,
                 max_bytes=settings.decision_log_max_bytes,
                 sample_rate=settings.decision_log_sample,
-                id_at=node.arms.id_at,
+                table=node.arms,
             )
         self.impressions = 0
         self.impressions_unrecorded = 0

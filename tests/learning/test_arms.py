@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from mab_service.errors import FeatureSourceError
 from mab_service.features._index import IdIndex
 from mab_service.features.local import load_table
-from mab_service.learning._arms import FLAG_CATALOGUE, FLAG_RUNTIME, FLAG_WASTED, ArmTable, unnamed
+from mab_service.learning._arms import FLAG_CATALOGUE, FLAG_RUNTIME, FLAG_WASTED, ArmTable, first_seen, unnamed
 from tests.features.test_index import AWKWARD_IDS
 
 PRIOR = (1.0, 20.0)
@@ -745,3 +745,16 @@ def test_unnamed_lists_the_ids_without_a_row_in_order() -> None:
     assert unnamed(np.array([3, 1, 0, 2], np.int32), ids) == b""
     with pytest.raises(ValueError, match="one row per id"):
         unnamed(np.array([1, 2], np.int32), ids)
+
+
+def test_first_seen_marks_each_row_once_in_order() -> None:
+    seen = np.zeros(10, dtype=bool)
+    seen[4] = True
+    arrays = [np.array([5, -1, 4, 2], np.int32), np.array([2, 7, 5], np.int32)]
+    assert first_seen(arrays, seen) == [5, 2, 7]
+    assert np.flatnonzero(seen).tolist() == [2, 4, 5, 7]
+    assert first_seen(arrays, seen) == []
+    with pytest.raises(ValueError, match="past the end"):
+        first_seen([np.array([10], np.int32)], seen)
+    with pytest.raises(ValueError, match="int32"):
+        first_seen([np.array([1], np.int64)], seen)

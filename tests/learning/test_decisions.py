@@ -89,6 +89,20 @@ def test_files_rotate_and_stay_within_their_bound(tmp_path: Path) -> None:
     assert log.written == 200 and log.dropped == 0
 
 
+class Table:
+    """``rows`` rows, each named ``prefix`` and its number, as the writer reads an arm table."""
+
+    def __init__(self, rows: int, prefix: str = "arm-") -> None:
+        self.rows = rows
+        self.prefix = prefix
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def id_at(self, row: int) -> str:
+        return f"{self.prefix}{row}"
+
+
 def _rows_record(rows: list[int], seed: int, event_id: str = "ev", k: int = 3) -> decisions.Record:
     n = len(rows)
     alpha = np.linspace(1.0, 9.0, n)
@@ -102,8 +116,7 @@ def _rows_record(rows: list[int], seed: int, event_id: str = "ev", k: int = 3) -
 
 
 def test_a_record_by_rows_carries_no_body_and_reads_back_through_its_names(tmp_path: Path) -> None:
-    names = {row: f"arm-{row}" for row in range(100)}
-    log = DecisionLog(tmp_path, "w", file_bytes=1 << 20, max_bytes=1 << 22, id_at=names.__getitem__)
+    log = DecisionLog(tmp_path, "w", file_bytes=1 << 20, max_bytes=1 << 22, table=Table(100))
     log.start()
     first, second = _rows_record([5, 7, 9, 11], 1, "ev1"), _rows_record([9, 5, 40], 2, "ev2")
     log.append(first)
@@ -125,7 +138,7 @@ def test_a_record_by_rows_carries_no_body_and_reads_back_through_its_names(tmp_p
 
 
 def test_candidates_without_a_row_are_named_in_their_record(tmp_path: Path) -> None:
-    log = DecisionLog(tmp_path, "w", file_bytes=1 << 20, max_bytes=1 << 22, id_at=lambda row: f"arm-{row}")
+    log = DecisionLog(tmp_path, "w", file_bytes=1 << 20, max_bytes=1 << 22, table=Table(10))
     log.start()
     record = _rows_record([3, -1, 8, -1], 4)
     log.append(record)
@@ -147,7 +160,7 @@ def test_without_rows_the_record_keeps_the_body() -> None:
 
 def test_every_file_names_its_own_rows(tmp_path: Path) -> None:
     # Files are deleted oldest first: each must name the rows it uses, whatever the files before it named.
-    log = DecisionLog(tmp_path, "w", file_bytes=100, max_bytes=1 << 20, id_at=lambda row: f"id{row}")
+    log = DecisionLog(tmp_path, "w", file_bytes=100, max_bytes=1 << 20, table=Table(4, "id"))
     log.start()
     for i in range(4):
         log.append(_rows_record([1, 2, 3], i, f"ev{i}"))
