@@ -32,10 +32,10 @@ not the arrays (at W400 that would cost more than the rest of the record).
 Version 2, magic ``MAB2``: a 60-byte head — u32 CRC-32 (of the head after it and the three strings), u32 candidates
 n, u32 ranked k, u32 blob length, u16 lengths of the event id, the user id and the segment, u16 flags (``ROWS``: the
 candidates as rows; ``SEGMENT``: ranked within a segment, whose posteriors are the ones logged; ``WIDE``: the ranking
-as u32, else u16), f64 time, u64 seed, i64 top_k (-1: none), f64 sample rate — then the event id, user id and
-segment (UTF-8), then the blob: the request body, or with ``ROWS`` the ids of the candidates whose row is -1, in
-order, in UTF-8 with a NUL between two (ids hold no control character), then with ``ROWS`` the rows (n i32), then
-alpha (n f64), beta (n f64) and the ranking (k u16 or u32 indices into the candidates).
+as u32, else u16), f64 time, u64 seed, u64 top_k (0: none; a request's is >= 1), f64 sample rate — then the event
+id, user id and segment (UTF-8), then the blob: the request body, or with ``ROWS`` the ids of the candidates whose
+row is -1, in order, in UTF-8 with a NUL between two (ids hold no control character), then with ``ROWS`` the rows
+(n i32), then alpha (n f64), beta (n f64) and the ranking (k u16 or u32 indices into the candidates).
 
 Names, magic ``MABR``: u32 count m, u32 CRC-32 of what follows, then rows (m u32), id lengths (m u32), the ids'
 UTF-8 bytes back to back.
@@ -70,7 +70,7 @@ MAGIC_NAMES = b"MABR"
 MAGIC_V1 = b"MABD"
 #: Version 2: magic and CRC-32, then what the CRC covers with the strings after it.
 _PREFIX = struct.Struct("<4sI")
-_FIELDS = struct.Struct("<IIIHHHHdQqd")
+_FIELDS = struct.Struct("<IIIHHHHdQQd")
 _NAMES = struct.Struct("<4sII")
 _HEADER_V1 = struct.Struct("<4sIIIII")
 #: Flags of a version 2 record.
@@ -162,9 +162,7 @@ def encode(
         flags |= SEGMENT
         place = segment.encode()
     blob_len = len(inline) if flags & ROWS else len(body)
-    fields = _FIELDS.pack(
-        n, k, blob_len, len(event), len(user), len(place), flags, t, seed, -1 if top_k is None else top_k, sample_rate
-    )
+    fields = _FIELDS.pack(n, k, blob_len, len(event), len(user), len(place), flags, t, seed, top_k or 0, sample_rate)
     fields += event + user + place
     head = _PREFIX.pack(MAGIC, zlib.crc32(fields)) + fields + inline
     size = len(head) + (4 * n if flags & ROWS else blob_len) + 16 * n + order.nbytes
@@ -226,20 +224,24 @@ def _read(data: bytes, at: int, names: dict[int, str]) -> tuple[Decision, int] |
     alpha = np.frombuffer(data, np.float64, n, at)
     beta = np.frombuffer(data, np.float64, n, at + 8 * n)
     ranking = np.frombuffer(data, "<u4" if flags & WIDE else "<u2", k, at + 16 * n).astype(np.int64)
-    top = None if top_k < 0 else top_k
+    top = top_k or None
     return Decision(event_id, t, user_id, seed, top, body, alpha, beta, ranking, segment, ids, rate), end
 
 
 def _candidates(rows: list[int], inline: bytes, names: dict[int, str]) -> list[str] | None:
-    """The ids of ``rows``, by the file's names and, for -1, in turn from ``inline``; None if one cannot be named."""
-    named = inline.decode().split("\0") if inline else []
+    """The ids of ``rows``, by the file's names and, for -1, in turn from ``inline``; None if one cannot be named
+    (the blob is not under the CRC: a damaged one is found here)."""
+    try:
+        named = inline.decode().split("\0") if inline else []
+    except UnicodeDecodeError:
+        return None
     if rows.count(-1) != len(named):
         return None
     own = iter(named)
     ids = []
     for row in rows:
-        name = names.get(row) if row >= 0 else next(own)
-        if name is None:  # a names record lost: the file is damaged here
+        name = next(own) if row == -1 else names.get(row)
+        if name is None:  # a names record lost, or a row damaged: the file ends here for a reader
             return None
         ids.append(name)
     return ids

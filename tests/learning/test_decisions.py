@@ -150,12 +150,33 @@ def test_candidates_without_a_row_are_named_in_their_record(tmp_path: Path) -> N
     assert path.read_bytes().count(b"arm-") == 2  # only the rows were named by the file
 
 
+def test_the_widest_seed_and_top_k_a_request_may_send_read_back(tmp_path: Path) -> None:
+    body = orjson.dumps({"user_id": "u", "candidates": ["a", "b"]})
+    record = decisions.encode("ev", 1.0, "u", 2**64 - 1, 2**64 - 1, body, np.ones(2), np.ones(2), np.array([1, 0]))
+    path = tmp_path / "x.dlog"
+    path.write_bytes(b"".join(bytes(memoryview(p)) for p in record[1]))  # type: ignore[arg-type]
+    (decision,) = decisions.read_file(path)
+    assert (decision.seed, decision.top_k) == (2**64 - 1, 2**64 - 1)
+
+
 def test_without_rows_the_record_keeps_the_body() -> None:
     # A store ranked (no arm table rows): the body as it arrived.
     body = orjson.dumps({"user_id": "u", "candidates": ["a", "b"]})
     size, pieces = decisions.encode("ev", 1.0, "u", 3, None, body, np.ones(2), np.ones(2), np.array([1, 0]))
     assert pieces[1] == body
     assert size == 60 + len("evu") + len(body) + 16 * 2 + 2 * 2
+
+
+def test_a_damaged_blob_or_row_ends_the_file_for_a_reader() -> None:
+    size, pieces = _rows_record([3, -1, 8], 4)
+    record = b"".join(bytes(memoryview(p)) for p in pieces)  # type: ignore[arg-type]
+    names = {3: "a", 8: "b"}
+    assert decisions._read(record, 0, names) is not None
+    blob = len(pieces[0]) - len(b"new-1")  # the blob is the head's tail: the id of row -1
+    assert decisions._read(record[:blob] + b"\xff" + record[blob + 1 :], 0, names) is None  # not UTF-8
+    rows = len(pieces[0])
+    damaged = record[:rows] + (-5).to_bytes(4, "little", signed=True) + record[rows + 4 :]
+    assert decisions._read(damaged, 0, names) is None
 
 
 def test_every_file_names_its_own_rows(tmp_path: Path) -> None:
