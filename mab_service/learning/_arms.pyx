@@ -22,6 +22,7 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
+from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memmove
@@ -350,6 +351,41 @@ def unnamed(rows, list ids):
         return b""
     return "\0".join(named).encode()
 
+
+def narrowed(alpha, beta):
+    """``alpha`` and ``beta`` as float32, the rows of one (2, n) array, when every value is exactly a float32 (widening
+    then gives each back bit for bit), else None. Posteriors are often whole numbers (integer priors plus counts,
+    without a half-life): the decision log then writes half the bytes for them and a replay still draws exactly.
+
+    Args:
+        alpha, beta: Contiguous one-dimensional float64 arrays of one length.
+
+    Raises:
+        ValueError: If they are not.
+    """
+    cdef cnp.ndarray a = alpha, b = beta
+    if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT64 or cnp.PyArray_TYPE(b) != cnp.NPY_FLOAT64 or a.ndim != 1
+            or b.ndim != 1 or a.shape[0] != b.shape[0] or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(b)):
+        raise ValueError("alpha and beta must be contiguous one-dimensional float64 arrays of one length")
+    cdef Py_ssize_t n = a.shape[0], i
+    cdef const double* pa = <const double*>cnp.PyArray_DATA(a)
+    cdef const double* pb = <const double*>cnp.PyArray_DATA(b)
+    if n and not (_fits_float(pa[0]) and _fits_float(pb[0])):
+        return None  # the common way out for fractional posteriors: before allocating anything
+    cdef cnp.ndarray out = np.empty((2, n), dtype=np.float32)
+    cdef float* po = <float*>cnp.PyArray_DATA(out)
+    for i in range(n):
+        if not (_fits_float(pa[i]) and _fits_float(pb[i])):
+            return None
+        po[i] = <float>pa[i]
+        po[n + i] = <float>pb[i]
+    return out
+
+
+cdef inline bint _fits_float(double x) noexcept nogil:
+    """Whether ``x`` is exactly a float32: within its range first (converting past it is undefined), and NaN never."""
+    return -FLT_MAX <= x <= FLT_MAX and <double><float>x == x
 
 def first_seen(list arrays, cnp.ndarray seen):
     """The rows in ``arrays`` that ``seen`` does not mark yet, each once, in order of first appearance; marks them

@@ -32,10 +32,13 @@ not the arrays (at W400 that would cost more than the rest of the record).
 Version 2, magic ``MAB2``: a 60-byte head — u32 CRC-32 (of the head after it and the three strings), u32 candidates
 n, u32 ranked k, u32 blob length, u16 lengths of the event id, the user id and the segment, u16 flags (``ROWS``: the
 candidates as rows; ``SEGMENT``: ranked within a segment, whose posteriors are the ones logged; ``WIDE``: the ranking
-as u32, else u16), f64 time, u64 seed, u64 top_k (0: none; a request's is >= 1), f64 sample rate — then the event
-id, user id and segment (UTF-8), then the blob: the request body, or with ``ROWS`` the ids of the candidates whose
-row is -1, in order, in UTF-8 with a NUL between two (ids hold no control character), then with ``ROWS`` the rows
-(n i32), then alpha (n f64), beta (n f64) and the ranking (k u16 or u32 indices into the candidates).
+as u32, else u16; ``NARROW``: alpha and beta as f32), f64 time, u64 seed, u64 top_k (0: none; a request's is >= 1),
+f64 sample rate — then the event id, user id and segment (UTF-8), then the blob: the request body, or with ``ROWS``
+the ids of the candidates whose row is -1, in order, in UTF-8 with a NUL between two (ids hold no control
+character), then with ``ROWS`` the rows (n i32), then alpha (n f64, or f32), beta (the same) and the ranking (k u16
+or u32 indices into the candidates). Alpha and beta are f32 only when every one of them is exactly a float32
+(posteriors that are integer priors plus counts, without a half-life, are): widened again they are the same
+doubles, so the redraw stays bit for bit with half the bytes for them.
 
 Names, magic ``MABR``: u32 count m, u32 CRC-32 of what follows, then rows (m u32), id lengths (m u32), the ids'
 UTF-8 bytes back to back.
@@ -61,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from mab_service.learning._arms import first_seen, unnamed
+from mab_service.learning._arms import first_seen, narrowed, unnamed
 
 logger = logging.getLogger("mab_service.learning")
 
@@ -77,6 +80,7 @@ _HEADER_V1 = struct.Struct("<4sIIIII")
 ROWS = 1
 SEGMENT = 2
 WIDE = 4
+NARROW = 8
 #: Most candidates whose indices fit a u16 ranking.
 NARROW_MAX = 1 << 16
 SUFFIX = ".dlog"
@@ -161,12 +165,18 @@ def encode(
     if segment is not None:
         flags |= SEGMENT
         place = segment.encode()
+    pair: npt.NDArray[Any] | None = narrowed(alpha, beta)
+    if pair is None:
+        first, second, each = alpha, beta, 8
+    else:  # every value exactly a float32: half the bytes, and widening gives them back bit for bit
+        flags |= NARROW
+        first, second, each = pair[0], pair[1], 4
     blob_len = len(inline) if flags & ROWS else len(body)
     fields = _FIELDS.pack(n, k, blob_len, len(event), len(user), len(place), flags, t, seed, top_k or 0, sample_rate)
     fields += event + user + place
     head = _PREFIX.pack(MAGIC, zlib.crc32(fields)) + fields + inline
-    size = len(head) + (4 * n if flags & ROWS else blob_len) + 16 * n + order.nbytes
-    return size, (head, payload, alpha, beta, order)
+    size = len(head) + (4 * n if flags & ROWS else blob_len) + 2 * each * n + order.nbytes
+    return size, (head, payload, first, second, order)
 
 
 def read_file(path: Path) -> Iterator[Decision]:
@@ -203,7 +213,8 @@ def _read(data: bytes, at: int, names: dict[int, str]) -> tuple[Decision, int] |
     at = start + _FIELDS.size
     strings_end = at + event_len + user_len + place_len
     width = 4 if flags & WIDE else 2
-    end = strings_end + blob_len + (4 * n if flags & ROWS else 0) + 16 * n + width * k
+    each = 4 if flags & NARROW else 8
+    end = strings_end + blob_len + (4 * n if flags & ROWS else 0) + 2 * each * n + width * k
     if end > len(data) or zlib.crc32(data[start:strings_end]) != crc:
         return None
     event_id = data[at : at + event_len].decode()
@@ -221,9 +232,10 @@ def _read(data: bytes, at: int, names: dict[int, str]) -> tuple[Decision, int] |
             return None
         body = b""
         at += 4 * n
-    alpha = np.frombuffer(data, np.float64, n, at)
-    beta = np.frombuffer(data, np.float64, n, at + 8 * n)
-    ranking = np.frombuffer(data, "<u4" if flags & WIDE else "<u2", k, at + 16 * n).astype(np.int64)
+    values = "<f4" if flags & NARROW else "<f8"
+    alpha = np.frombuffer(data, values, n, at).astype(np.float64)
+    beta = np.frombuffer(data, values, n, at + each * n).astype(np.float64)
+    ranking = np.frombuffer(data, "<u4" if flags & WIDE else "<u2", k, at + 2 * each * n).astype(np.int64)
     top = top_k or None
     return Decision(event_id, t, user_id, seed, top, body, alpha, beta, ranking, segment, ids, rate), end
 

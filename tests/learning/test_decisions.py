@@ -159,12 +159,27 @@ def test_the_widest_seed_and_top_k_a_request_may_send_read_back(tmp_path: Path) 
     assert (decision.seed, decision.top_k) == (2**64 - 1, 2**64 - 1)
 
 
+def test_posteriors_that_are_float32s_are_written_as_such_and_read_back_exactly(tmp_path: Path) -> None:
+    body = orjson.dumps({"user_id": "u", "candidates": ["a", "b", "c"]})
+    whole, fractional = np.array([1.0, 7.0, 1e6 + 0.5]), np.array([1.0, 7.0, 0.1])
+    ranking = np.array([2, 0, 1])
+    narrow = decisions.encode("ev1", 1.0, "u", 9, None, body, whole, whole + 2, ranking)
+    wide = decisions.encode("ev2", 1.0, "u", 9, None, body, whole, fractional, ranking)  # one value not a float32
+    assert narrow[0] == wide[0] - 8 * 3
+    path = tmp_path / "x.dlog"
+    path.write_bytes(b"".join(bytes(memoryview(p)) for p in (*narrow[1], *wide[1])))  # type: ignore[arg-type]
+    one, two = decisions.read_file(path)
+    assert one.alpha.dtype == np.float64 and one.alpha.tobytes() == whole.tobytes()
+    assert one.beta.tobytes() == (whole + 2).tobytes() and two.beta.tobytes() == fractional.tobytes()
+    assert np.array_equal(replay.redraw(one)[0], sample_top_k(whole, whole + 2, 3, seed=9)[0])
+
+
 def test_without_rows_the_record_keeps_the_body() -> None:
     # A store ranked (no arm table rows): the body as it arrived.
     body = orjson.dumps({"user_id": "u", "candidates": ["a", "b"]})
     size, pieces = decisions.encode("ev", 1.0, "u", 3, None, body, np.ones(2), np.ones(2), np.array([1, 0]))
     assert pieces[1] == body
-    assert size == 60 + len("evu") + len(body) + 16 * 2 + 2 * 2
+    assert size == 60 + len("evu") + len(body) + 8 * 2 + 2 * 2  # alpha and beta of ones: as float32
 
 
 def test_a_damaged_blob_or_row_ends_the_file_for_a_reader() -> None:
@@ -201,9 +216,7 @@ def test_a_wide_ranking_reads_back() -> None:
     rows = np.arange(n, dtype=np.int32)
     ids = [str(row) for row in range(n)]
     size, pieces = decisions.encode("ev", 1.0, "u", 1, 3, b"", alpha, beta, ranking, candidates=ids, rows=rows)
-    assert (
-        isinstance(pieces[4], np.ndarray) and pieces[4].dtype == np.uint32 and size == 60 + 3 + 4 * n + 16 * n + 4 * 3
-    )
+    assert isinstance(pieces[4], np.ndarray) and pieces[4].dtype == np.uint32 and size == 60 + 3 + 4 * n + 8 * n + 4 * 3
     record = b"".join(bytes(memoryview(p)) for p in pieces)  # type: ignore[arg-type]
     names = decisions._NAMES.pack(decisions.MAGIC_NAMES, 0, zlib.crc32(b""))
     assert decisions._read(names + record, len(names), {}) is None  # rows the file never named: damaged
