@@ -293,6 +293,11 @@ class Settings:
         "Write every answer (event id, time, user, candidates with the alpha and beta used, seed, ranking) to the "
         "decision log in the state directory, for replay and off-policy evaluation.",
     )
+    decision_log_sample: float = setting(
+        1.0,
+        "Share of answers the decision log keeps, in [0, 1]: an answer is kept when the CRC-32 of its event id falls "
+        "below the share of 2**32, so the kept ones are an unbiased sample; each record carries the share.",
+    )
     decision_log_max_bytes: int = setting(
         1024 * 1024 * 1024,
         "Most bytes the decision log keeps per worker; the oldest files go first.",
@@ -416,6 +421,8 @@ class Settings:
         _check(share, math.isfinite(share) and 0 < share <= 1, "max_client_share", "a number in (0, 1]")
         delay = self.commit_delay_s
         _check(delay, math.isfinite(delay) and 0 <= delay <= 1, "commit_delay_s", "a number in [0, 1]")
+        sample = self.decision_log_sample
+        _check(sample, math.isfinite(sample) and 0 <= sample <= 1, "decision_log_sample", "a number in [0, 1]")
         for name in LOOP_SIZES:
             _check(getattr(self, name), getattr(self, name) >= 1, name, "an integer >= 1")
         reserve = self.journal_min_free_bytes

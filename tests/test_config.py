@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -62,10 +63,14 @@ def test_only_the_metrics_directory_is_exported() -> None:
         ({"MAB_MAX_CLIENT_SHARE": "0"}, "max_client_share must be a number in (0, 1] (got 0.0)"),
         ({"MAB_MAX_CLIENT_SHARE": "1.5"}, "max_client_share must be a number in (0, 1]"),
         ({"MAB_MAX_HELD_IDS": "0"}, "max_held_ids must be an integer >= 1"),
+        ({"MAB_DECISION_LOG_SAMPLE": "1.5"}, "decision_log_sample must be a number in [0, 1] (got 1.5)"),
+        ({"MAB_DECISION_LOG_SAMPLE": "-0.1"}, "decision_log_sample must be a number in [0, 1] (got -0.1)"),
+        ({"MAB_DECISION_LOG_SAMPLE": "nan"}, "decision_log_sample must be a number in [0, 1] (got nan)"),
+        ({"MAB_DECISION_LOG_SAMPLE": "half"}, "MAB_DECISION_LOG_SAMPLE must be a float (got 'half')"),
     ],
 )
 def test_bad_settings_name_the_key_and_value(env: dict[str, str], message: str) -> None:
-    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(SettingsError, match=re.escape(message)):
         Settings.from_env(env)
 
 

@@ -34,3 +34,9 @@ def test_bad_feature_table_fails_startup_naming_the_lines(tmp_path: Path) -> Non
     output = result.stdout + result.stderr
     assert "line 3: alpha must be a finite number > 0 (got '-1')" in output
     assert "line 4: duplicate entity_id 'a' (first on line 2)" in output
+
+
+def test_a_decision_log_sample_outside_zero_to_one_is_refused_at_startup() -> None:
+    result = run("serve", "--decision-log-sample", "2")
+    assert result.returncode != 0
+    assert "setting decision_log_sample must be a number in [0, 1] (got 2.0)" in result.stderr

@@ -22,6 +22,7 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
+from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memmove
@@ -320,6 +321,108 @@ def read_catalogue(source, where, errors_max=20):
     records = table.records()
     return ids, np.array(records["alpha0"]), np.array(records["beta0"])
 
+
+
+def unnamed(rows, list ids):
+    """The ids whose row is -1 (the table holds none for them), in order, in UTF-8 with a NUL between two (ids hold
+    no control character); b"" when every id has a row. The decision log names these in its record and the others
+    by row: one pass here instead of numpy's three calls (a mask, its nonzero, a list) and a list comprehension.
+
+    Args:
+        rows: The rows ``gather`` returned for ``ids`` (int32, -1 where the table has none).
+        ids: The ids, as given to ``gather``.
+
+    Raises:
+        ValueError: If ``rows`` is not one-dimensional with one row per id.
+    """
+    cdef cnp.ndarray r = np.ascontiguousarray(rows, dtype=np.int32)
+    cdef Py_ssize_t n = list_size(ids), i
+    if r.ndim != 1 or r.shape[0] != n:
+        raise ValueError(f"rows must be one-dimensional with one row per id (got shape {(<object>r).shape} "
+                         f"for {n} ids)")
+    cdef const int32_t* pr = <const int32_t*>cnp.PyArray_DATA(r)
+    cdef list named = None
+    for i in range(n):
+        if pr[i] < 0:
+            if named is None:
+                named = []
+            named.append(<object>list_item(ids, i))
+    if named is None:
+        return b""
+    return "\0".join(named).encode()
+
+
+def narrowed(alpha, beta):
+    """``alpha`` and ``beta`` as float32, the rows of one (2, n) array, when every value is exactly a float32 (widening
+    then gives each back bit for bit), else None. Posteriors are often whole numbers (integer priors plus counts,
+    without a half-life): the decision log then writes half the bytes for them and a replay still draws exactly.
+
+    Args:
+        alpha, beta: Contiguous one-dimensional float64 arrays of one length.
+
+    Raises:
+        ValueError: If they are not.
+    """
+    cdef cnp.ndarray a = alpha, b = beta
+    if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT64 or cnp.PyArray_TYPE(b) != cnp.NPY_FLOAT64 or a.ndim != 1
+            or b.ndim != 1 or a.shape[0] != b.shape[0] or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(b)):
+        raise ValueError("alpha and beta must be contiguous one-dimensional float64 arrays of one length")
+    cdef Py_ssize_t n = a.shape[0], i
+    cdef const double* pa = <const double*>cnp.PyArray_DATA(a)
+    cdef const double* pb = <const double*>cnp.PyArray_DATA(b)
+    if n and not (_fits_float(pa[0]) and _fits_float(pb[0])):
+        return None  # the common way out for fractional posteriors: before allocating anything
+    cdef cnp.ndarray out = np.empty((2, n), dtype=np.float32)
+    cdef float* po = <float*>cnp.PyArray_DATA(out)
+    for i in range(n):
+        if not (_fits_float(pa[i]) and _fits_float(pb[i])):
+            return None
+        po[i] = <float>pa[i]
+        po[n + i] = <float>pb[i]
+    return out
+
+
+cdef inline bint _fits_float(double x) noexcept nogil:
+    """Whether ``x`` is exactly a float32: within its range first (converting past it is undefined), and NaN never."""
+    return -FLT_MAX <= x <= FLT_MAX and <double><float>x == x
+
+def first_seen(list arrays, cnp.ndarray seen):
+    """The rows in ``arrays`` that ``seen`` does not mark yet, each once, in order of first appearance; marks them
+    (rows -1 are skipped). The decision log's writer names each row once per file with it: one pass over a write's
+    rows, where numpy takes five passes (join, mask, gather, invert, compress) and a sort.
+
+    Args:
+        arrays: int32 arrays of rows, as ``gather`` returns them.
+        seen: One bool per row of the table, contiguous and writable; marked in place.
+
+    Raises:
+        ValueError: If ``seen`` or an array is not as above, or a row is past the end of ``seen``.
+    """
+    if seen.dtype != np.bool_ or seen.ndim != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(seen) or not seen.flags.writeable:
+        raise ValueError("seen must be a contiguous, writable, one-dimensional bool array")
+    cdef Py_ssize_t size = seen.shape[0], i
+    cdef char* marks = <char*>cnp.PyArray_DATA(seen)
+    cdef cnp.ndarray a
+    cdef const int32_t* pr
+    cdef int32_t row
+    cdef list fresh = []
+    for item in arrays:
+        a = item
+        if cnp.PyArray_TYPE(a) != cnp.NPY_INT32 or a.ndim != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            raise ValueError(f"rows must be contiguous one-dimensional int32 arrays (got {a.dtype}, shape {(<object>a).shape})")
+        pr = <const int32_t*>cnp.PyArray_DATA(a)
+        for i in range(a.shape[0]):
+            row = pr[i]
+            if row < 0:
+                continue
+            if row >= size:
+                raise ValueError(f"row {row} is past the end of seen ({size} rows)")
+            if marks[row]:
+                continue
+            marks[row] = 1
+            fresh.append(row)
+    return fresh
 
 cdef class ArmTable:
     """Every arm's catalogue prior and running counts, in a buffer that several processes can share.

@@ -302,6 +302,8 @@ class LoopBase:
                 name,
                 file_bytes=settings.decision_log_file_bytes,
                 max_bytes=settings.decision_log_max_bytes,
+                sample_rate=settings.decision_log_sample,
+                table=node.arms,
             )
         self.impressions = 0
         self.impressions_unrecorded = 0
@@ -407,9 +409,24 @@ class LoopBase:
             self._record_segment(event_id, candidates, rows, segment, segment_rows, held, held_ids, now)
         self.impressions += len(held_ids)
         self._bucket(now)[1] += len(held_ids)
-        if self.decisions is not None:
-            self.decisions.append(
-                decisions.encode(event_id, now, user_id, seed, top_k, body, alpha, beta, ranking, segment)
+        log = self.decisions
+        if log is not None and log.takes(event_id):
+            log.append(
+                decisions.encode(
+                    event_id,
+                    now,
+                    user_id,
+                    seed,
+                    top_k,
+                    body,
+                    alpha,
+                    beta,
+                    ranking,
+                    segment,
+                    candidates=candidates,
+                    rows=rows,
+                    sample_rate=log.sample_rate,
+                )
             )
         return event_id
 

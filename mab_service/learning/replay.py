@@ -5,7 +5,8 @@
 prints the answer drawn again from the logged (alpha, beta), seed and top_k, whether it equals the logged ranking,
 and with ``--propensities`` the probability that Thompson sampling from the same posteriors puts each returned id
 at its position, estimated from DRAWS fresh draws (the propensities off-policy estimators such as inverse
-propensity scoring divide by).
+propensity scoring divide by). Where the log keeps a share of the answers (``sample_rate``, ``decision_log_sample``),
+each logged answer stands for 1 / sample_rate answers: an estimator divides by that share as well.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def find(state_dir: Path, event_id: str) -> Decision | None:
 
 
 def candidates(decision: Decision) -> list[str]:
-    """The request's distinct candidates, in the order the sampler saw them."""
+    """The request's distinct candidates, in the order the sampler saw them: as the file named their rows, or from
+    the body as it arrived."""
+    if decision.ids is not None:
+        return decision.ids
     return decode_predict(decision.body, max_candidates=len(decision.body)).candidates
 
 
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "user_id": decision.user_id,
         "seed": decision.seed,
         "segment": decision.segment,
+        "sample_rate": decision.sample_rate,
         "ids": [ids[i] for i in ranking.tolist()],
         "scores": scores.tolist(),
         "same_as_logged": bool(np.array_equal(ranking, decision.ranking)),

@@ -21,7 +21,15 @@ from hypothesis import given, settings, strategies as st
 from mab_service.errors import FeatureSourceError
 from mab_service.features._index import IdIndex
 from mab_service.features.local import load_table
-from mab_service.learning._arms import FLAG_CATALOGUE, FLAG_RUNTIME, FLAG_WASTED, ArmTable
+from mab_service.learning._arms import (
+    FLAG_CATALOGUE,
+    FLAG_RUNTIME,
+    FLAG_WASTED,
+    ArmTable,
+    first_seen,
+    narrowed,
+    unnamed,
+)
 from tests.features.test_index import AWKWARD_IDS
 
 PRIOR = (1.0, 20.0)
@@ -737,3 +745,36 @@ def test_csv_report_text_is_what_local_py_would_print(tmp_path: Path) -> None:
     # The header check reads the first record as csv.reader does, quotes and all.
     text = '"entity_id","alpha"\n'
     assert csv_report(tmp_path, text) == local_report(tmp_path, text)
+
+
+def test_unnamed_lists_the_ids_without_a_row_in_order() -> None:
+    ids = ["a", "bé", "c", "d"]
+    assert unnamed(np.array([3, -1, 0, -1], np.int32), ids) == "bé\0d".encode()
+    assert unnamed(np.array([3, 1, 0, 2], np.int32), ids) == b""
+    with pytest.raises(ValueError, match="one row per id"):
+        unnamed(np.array([1, 2], np.int32), ids)
+
+
+def test_first_seen_marks_each_row_once_in_order() -> None:
+    seen = np.zeros(10, dtype=bool)
+    seen[4] = True
+    arrays = [np.array([5, -1, 4, 2], np.int32), np.array([2, 7, 5], np.int32)]
+    assert first_seen(arrays, seen) == [5, 2, 7]
+    assert np.flatnonzero(seen).tolist() == [2, 4, 5, 7]
+    assert first_seen(arrays, seen) == []
+    with pytest.raises(ValueError, match="past the end"):
+        first_seen([np.array([10], np.int32)], seen)
+    with pytest.raises(ValueError, match="int32"):
+        first_seen([np.array([1], np.int64)], seen)
+
+
+def test_narrowed_gives_float32s_only_when_every_value_is_one() -> None:
+    pair = narrowed(np.array([1.0, 2.5, 16777216.0]), np.array([3.0, 0.125, 7.0]))
+    assert pair is not None and pair.dtype == np.float32
+    assert pair.astype(np.float64).tolist() == [[1.0, 2.5, 16777216.0], [3.0, 0.125, 7.0]]
+    assert narrowed(np.array([1.0, 16777217.0]), np.array([1.0, 1.0])) is None  # 2**24 + 1 is not a float32
+    assert narrowed(np.array([1.0, 2.0]), np.array([1.0, 0.1])) is None
+    assert narrowed(np.array([1.0, 2.0]), np.array([1.0, 1e300])) is None  # past float32's range
+    assert narrowed(np.array([1.0]), np.array([np.nan])) is None
+    with pytest.raises(ValueError, match="float64"):
+        narrowed(np.array([1.0], np.float32), np.array([1.0]))
