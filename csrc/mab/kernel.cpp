@@ -58,6 +58,20 @@ struct LaneDraw {
     bool ok_x, ok_y;
 };
 
+// log(Y') - log(X'), where X' and Y' are X and Y boosted by U^(1/shape) for a shape below 1: with ux and uy
+// the boost uniforms (read only for a shape below 1). NaN only when both sides are -inf, which needs a shape
+// below kLogSafeShape.
+inline double boosted_log_odds(double x, double y, double alpha, double beta, double ux, double uy) noexcept {
+    double lx = std::log(x), ly = std::log(y);
+    if (alpha < 1.0) lx += std::log(ux) / alpha;
+    if (beta < 1.0) ly += std::log(uy) / beta;
+    return ly - lx;
+}
+
+// Shapes from here up keep log(U) / shape finite (|log U| <= 52 log 2 for U from unit_open0), so the log odds
+// are never NaN and a lane's draws are known before its ratio is formed.
+constexpr double kLogSafeShape = 1e-300;
+
 double finish_lane(uint64_t* s, const LaneDraw& d) noexcept {
     const double x = d.ok_x ? d.x : gamma_finish(s, d.shape_x, d.zx, d.ux);
     const double y = d.ok_y ? d.y : gamma_finish(s, d.shape_y, d.zy, d.uy);
@@ -71,10 +85,9 @@ double finish_lane(uint64_t* s, const LaneDraw& d) noexcept {
 
     // A shape below 1: Gamma(a) = Gamma(a + 1) * U^(1/a). For tiny shapes both factors underflow to 0
     // in linear space (0/0), so the ratio is formed in log space: X / (X + Y) = 1 / (1 + exp(ly - lx)).
-    double lx = std::log(x), ly = std::log(y);
-    if (boost_x) lx += std::log(unit_open0(xoshiro256p_next(s))) / d.alpha;
-    if (boost_y) ly += std::log(unit_open0(xoshiro256p_next(s))) / d.beta;
-    const double diff = ly - lx;
+    const double ux = boost_x ? unit_open0(xoshiro256p_next(s)) : 1.0;
+    const double uy = boost_y ? unit_open0(xoshiro256p_next(s)) : 1.0;
+    const double diff = boosted_log_odds(x, y, d.alpha, d.beta, ux, uy);
     if (std::isnan(diff)) {
         // Both logs are -inf: shapes so small (subnormal) that even log space overflows. In that limit
         // Beta(a, b) is Bernoulli(a / (a + b)) on {0, 1}.
@@ -83,6 +96,40 @@ double finish_lane(uint64_t* s, const LaneDraw& d) noexcept {
     }
     return 1.0 / (1.0 + std::exp(diff));  // exp overflow gives +inf and so 0, as it should
 }
+
+// The lanes of a pass that need only the boost: both candidates accepted, a shape below 1, none below
+// kLogSafeShape (every lane of a segment new to its arms: alpha = m * mu is about 0.5). finish_lane would draw
+// their boost uniforms and then form the ratio, three logarithms and an exponential in one dependent chain per
+// lane. Here the uniforms are drawn at the lane's turn in the scalar stream, exactly as finish_lane draws them,
+// and the ratios are formed after the pass's other lanes are finished, in a loop whose iterations do not depend
+// on each other, so that the processor overlaps the lanes' logarithms. Same stream, same arithmetic, same bits.
+struct BoostLanes {
+    static constexpr std::size_t kMax = 64;  // one pass of beta_fill
+    std::size_t count = 0;
+    int lane[kMax];
+    double x[kMax], y[kMax], alpha[kMax], beta[kMax], ux[kMax], uy[kMax];
+
+    static bool wants(const LaneDraw& d) noexcept {
+        return d.ok_x && d.ok_y && (d.alpha < 1.0 || d.beta < 1.0) && d.alpha >= kLogSafeShape &&
+               d.beta >= kLogSafeShape;
+    }
+
+    void defer(uint64_t* s, const LaneDraw& d, int at) noexcept {
+        const std::size_t k = count++;
+        lane[k] = at;
+        x[k] = d.x;
+        y[k] = d.y;
+        alpha[k] = d.alpha;
+        beta[k] = d.beta;
+        ux[k] = d.alpha < 1.0 ? unit_open0(xoshiro256p_next(s)) : 1.0;
+        uy[k] = d.beta < 1.0 ? unit_open0(xoshiro256p_next(s)) : 1.0;
+    }
+
+    void finish(double* out) const noexcept {
+        for (std::size_t k = 0; k < count; ++k)
+            out[lane[k]] = 1.0 / (1.0 + std::exp(boosted_log_odds(x[k], y[k], alpha[k], beta[k], ux[k], uy[k])));
+    }
+};
 
 }  // namespace
 }  // namespace mab
