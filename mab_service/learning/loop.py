@@ -425,8 +425,8 @@ class LoopBase:
 
     def _segments_unavailable(self) -> SegmentsUnavailable:
         return SegmentsUnavailable(
-            "segments are counted only by a node's own loop over an embedded source (demo or csv:); this one keeps no "
-            "segment counts",
+            "segments are counted only by a node's own loop over an embedded source (demo or csv:) and by the fleet's "
+            "learners; this one keeps no segment counts",
             field="segment",
         )
 
