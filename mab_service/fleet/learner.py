@@ -29,6 +29,9 @@ shard and window on the shard's own row** instead of markers in every arm row:
    timestamp, which readers (the newest cell) never see. Then the messages are acknowledged. Killed between 3 and 4:
    the next holder applies the pending window (1); after 4: the applied sets skip the redeliveries.
 
+An arm's counts within a segment (a message's ``s`` records, a reward's segment) are a row of their own,
+``schema.segment_row``, in the arm's shard: the window counts, commits and writes them as it does the arm's.
+
 So arm rows hold their two count cells and nothing else, and the shard row a small state per live publisher; a
 window costs a shard one CheckAndMutateRow and one MutateRows, whatever its arms. Rewards need no deduplication
 here: a replica claims a reward on its event's row before it publishes it (``fleet.replica``), so each is in one
