@@ -65,19 +65,25 @@ def print_report(result: dict[str, Any]) -> None:
         f"start {load['start_s']:.0f} s, load {load['load_s']:.0f} s, convergence and checks {load['check_s']:.0f} s"
     )
     print("exact counts, seconds after the load to the truth: in the node table (answers), then in every /arms/{id}")
-    print(f"{'replica':12} {'differing: node':>16} {'/arms':>6} {'node s':>7} {'/arms s':>8} {'Bigtable rows/s':>16}")
+    print(
+        f"{'replica':12} {'differing: node':>16} {'/arms':>6} {'segment node':>13} {'/arms?segment':>14} "
+        f"{'node s':>7} {'/arms s':>8} {'Bigtable rows/s':>16}"
+    )
     for name, exact in result["exact"].items():
         node_s, arms_s = (("-" if t is None else f"{t:.1f}") for t in (exact["node_s"], exact["arms_s"]))
         reads = result["reads"][name]["rows_per_s"]
         print(
-            f"{name:12} {exact['node_differing']:16,} {exact['arms_differing']:6,} {node_s:>7} {arms_s:>8} "
+            f"{name:12} {exact['node_differing']:16,} {exact['arms_differing']:6,} "
+            f"{exact['segment_node_differing']:13,} {exact['segment_arms_differing']:14,} {node_s:>7} {arms_s:>8} "
             f"{reads:16,.1f}"
         )
     rows = result["rows"]
     print(
         f"largest arm row: {rows['max_arm_row_cells']:,} cells ({rows['max_arm_row']}, "
         f"{rows['max_arm_row_impressions']:,} impressions); {rows['arm_rows']:,} arm rows, "
-        f"{rows['arm_cells']:,} cells; fleet rows {rows['fleet_rows']} with {rows['fleet_row_cells']} cells"
+        f"{rows['arm_cells']:,} cells; {rows['segment_rows']:,} segment rows ({load['segment_pairs_answered']:,} "
+        f"(segment, arm) pairs answered), at most {rows['max_segment_row_cells']} cells; fleet rows "
+        f"{rows['fleet_rows']} with {rows['fleet_row_cells']} cells"
     )
     print(f"{'learner':12} {'applied':>9} {'CPU s':>7} {'wall s':>7} {'applied/CPU s':>14}")
     for name, learner in result["learners"].items():
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--reward-fraction", type=float, default=defaults.reward_fraction)
     parser.add_argument("--duplicate-fraction", type=float, default=defaults.duplicate_fraction)
+    parser.add_argument("--segments", type=int, default=defaults.segments, help="segments answers rank within; 0: none")
+    parser.add_argument("--segment-fraction", type=float, default=defaults.segment_fraction)
     parser.add_argument("--emulator-cpus", default="0", help="cores of both emulators")
     parser.add_argument("--learner-cpus", default="0", help="cores of the learners")
     parser.add_argument("--replica-cpus", default="1", help="cores of the replicas")
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         reward_fraction=args.reward_fraction,
         duplicate_fraction=args.duplicate_fraction,
+        segments=args.segments,
+        segment_fraction=args.segment_fraction,
         replica_cpus=args.replica_cpus,
         learner_cpus=args.learner_cpus,
         setup_args=tuple(args.setup_args.split()),

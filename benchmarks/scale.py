@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks import bench_fleet, bench_service
 from benchmarks.bench_service import free_port, session_cpu_seconds, stop_group
+from mab_service.ids import pair_key
 
 PROJECT = "scale"
 #: How often the convergence check reads again the arms that still differ from the truth.
@@ -64,6 +65,10 @@ class ScaleConfig:
     top_k: int = 10
     reward_fraction: float = 0.3
     duplicate_fraction: float = 0.5
+    segments: int = 4
+    """Segments the answers rank within (``seg-0`` ...); 0: none."""
+    segment_fraction: float = 0.5
+    """Of the answers, those sent with a segment (chosen at random among ``segments``)."""
     probe_every_s: float = 1.0
     concurrency: int = 48
     """Requests in flight at most."""
@@ -84,9 +89,15 @@ class Truth:
     impressions: Counter[str] = field(default_factory=Counter)
     rewards: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     answers: int = 0
+    within: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Impressions per (segment, arm) of the answers ranked within a segment."""
+    within_rewards: defaultdict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
 
     def want(self, arm: str) -> tuple[int, float]:
         return self.impressions[arm], round(self.rewards[arm], 6)
+
+    def want_within(self, pair: tuple[str, str]) -> tuple[int, float]:
+        return self.within[pair], round(self.within_rewards[pair], 6)
 
 
 @dataclass(eq=False)
@@ -302,15 +313,18 @@ class Load:
     async def decide(self, i: int) -> None:
         up = self.fleet.up()
         answering = up[i % len(up)]
-        answer = await self.post(
-            answering,
-            "/predict",
-            {"user_id": f"u{i}", "candidates": self.candidates[i], "top_k": self.fleet.config.top_k},
-        )
+        config = self.fleet.config
+        request: dict[str, Any] = {"user_id": f"u{i}", "candidates": self.candidates[i], "top_k": config.top_k}
+        segment = None
+        if config.segments and self.rand.random() < config.segment_fraction:
+            segment = request["segment"] = f"seg-{self.rand.randrange(config.segments)}"
+        answer = await self.post(answering, "/predict", request)
         if answer.status_code != 200:
             return
         body = answer.json()
         self.truth.impressions.update(body["ids"])
+        if segment is not None:
+            self.truth.within.update((segment, id_) for id_ in body["ids"])
         self.truth.answers += 1
         if self.rand.random() >= self.fleet.config.reward_fraction:
             return
@@ -321,6 +335,8 @@ class Load:
         if (await self.post(first, "/reward", payload)).status_code != 202:
             return
         self.truth.rewards[id_] += payload["reward"]
+        if segment is not None:
+            self.truth.within_rewards[segment, id_] += payload["reward"]
         if self.rand.random() < self.fleet.config.duplicate_fraction:
             third = self.rand.choice([r for r in self.fleet.up() if r is not answering and r is not first])
             again = await self.post(third, "/reward", payload)
@@ -443,6 +459,35 @@ async def differing(client: httpx.AsyncClient, url: str, truth: Truth, arms: lis
     return [arm for arm, bad in zip(arms, wrong) if bad]
 
 
+async def differing_within(
+    client: httpx.AsyncClient, url: str, truth: Truth, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The (segment, arm) pairs among ``pairs`` whose ``/arms/{id}?segment=`` on ``url`` are not the truth."""
+    limit = asyncio.Semaphore(CHECK_CONCURRENCY)
+
+    async def one(pair: tuple[str, str]) -> bool:
+        async with limit:
+            got = await client.get(f"{url}/arms/{pair[1]}", params={"segment": pair[0]})
+        got.raise_for_status()
+        body = got.json()
+        return (body["impressions"], round(body["rewards"], 6)) != truth.want_within(pair)
+
+    wrong = await asyncio.gather(*(one(pair) for pair in pairs))
+    return [pair for pair, bad in zip(pairs, wrong) if bad]
+
+
+def node_differing_within(replica: Replica, truth: Truth) -> list[tuple[str, str]]:
+    """The (segment, arm) pairs whose segment rows in the replica's node table are not the truth."""
+    assert replica.proc is not None
+    table = bench_fleet.node_arms(replica.proc.pid)
+    wrong = []
+    for pair in truth.within:
+        found = table.get(pair_key(*pair))
+        if ((0, 0.0) if found is None else (found[2], round(found[3], 6))) != truth.want_within(pair):
+            wrong.append(pair)
+    return wrong
+
+
 def node_counts(replica: Replica, arms: list[str]) -> dict[str, tuple[int, float]]:
     """The counts of ``arms`` in the replica's node table (what its answers rank by)."""
     assert replica.proc is not None
@@ -494,10 +539,19 @@ async def converge(client: httpx.AsyncClient, fleet: Fleet, truth: Truth) -> dic
     for replica, wrong in zip(fleet.replicas, await asyncio.gather(*(served(r) for r in fleet.replicas))):
         node = node_differing(replica, truth, arms)
         shown = node_counts(replica, node[:5])
+        # Within segments: checked once the arms are exact (the same windows wrote both).
+        within = await differing_within(client, replica.url, truth, sorted(truth.within))
+        node_within = node_differing_within(replica, truth)
         result[replica.name].update(
             arms_differing=len(wrong),
             node_differing=len(node),
-            examples={"arms": wrong[:5], "node": {arm: {"got": shown[arm], "want": truth.want(arm)} for arm in shown}},
+            segment_arms_differing=len(within),
+            segment_node_differing=len(node_within),
+            examples={
+                "arms": wrong[:5],
+                "node": {arm: {"got": shown[arm], "want": truth.want(arm)} for arm in shown},
+                "segments": [list(pair) for pair in (within + node_within)[:5]],
+            },
         )
     return result
 
@@ -507,7 +561,7 @@ def row_cells(table: str) -> dict[str, Any]:
     from google.cloud.bigtable.data import ReadRowsQuery
 
     from mab_service.features.bigtable import data_client
-    from mab_service.fleet.schema import LEARNER_ROW_PREFIX, LEASE_ROW_PREFIX, TablePath
+    from mab_service.fleet.schema import LEARNER_ROW_PREFIX, LEASE_ROW_PREFIX, SEGMENT_ROW_PREFIX, TablePath
 
     path = TablePath.parse(table)
 
@@ -518,6 +572,7 @@ def row_cells(table: str) -> dict[str, Any]:
         finally:
             await client.close()
         arm_cells = {row.row_key: len(row.cells) for row in rows if not row.row_key.startswith(b"\x00")}
+        segment_cells = [len(row.cells) for row in rows if row.row_key.startswith(SEGMENT_ROW_PREFIX.encode())]
         fleet = [row for row in rows if row.row_key.startswith((LEASE_ROW_PREFIX, LEARNER_ROW_PREFIX))]
         largest = max(arm_cells, key=arm_cells.__getitem__)
         return {
@@ -525,12 +580,14 @@ def row_cells(table: str) -> dict[str, Any]:
             "arm_cells": sum(arm_cells.values()),
             "max_arm_row_cells": arm_cells[largest],
             "max_arm_row": largest.decode(),
+            "segment_rows": len(segment_cells),
+            "max_segment_row_cells": max(segment_cells, default=0),
             "fleet_rows": len(fleet),
             "fleet_row_cells": sum(len(row.cells) for row in fleet),
             "max_fleet_row_bytes": max(
                 (sum(len(c.qualifier) + len(c.value) for c in row.cells) for row in fleet), default=0
             ),
-            "other_rows": len(rows) - len(arm_cells) - len(fleet),
+            "other_rows": len(rows) - len(arm_cells) - len(segment_cells) - len(fleet),
         }
 
     return asyncio.run(read())
@@ -621,6 +678,7 @@ def run(config: ScaleConfig, work: Path) -> dict[str, Any]:
             "server_errors": sum(n for key, n in load.statuses.items() if key.split()[1].startswith("5")),
             "duplicates_wrong": load.duplicates_wrong,
             "arms_answered": len(truth.impressions),
+            "segment_pairs_answered": len(truth.within),
         },
         "restart": {"replica": restarted.name, "exit_code": restarted.exit_code, "stop_s": restarted.stop_s},
         "exact": exact,

@@ -91,8 +91,9 @@ class LearningOff(MabError):
 
 
 class SegmentsUnavailable(MabError):
-    """A request with a ``segment`` where segment counts are not kept: fleet mode, a Vertex source, or the loop off.
-    Refused rather than ranked by the global posteriors, so that a client never takes one for the other."""
+    """A request with a ``segment`` where segment counts are not kept: a Vertex source, the loop off, or a fleet replica
+    that does not follow the fan-out. Refused rather than ranked by the global posteriors, so that a client never takes
+    one for the other."""
 
     status_code = 422
     code = "segments_unavailable"

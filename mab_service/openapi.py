@@ -145,7 +145,8 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         ),
                         "422": _error(
                             "The JSON does not match PredictRequest, or it has a segment where segments are not "
-                            "counted (segments_unavailable: fleet mode, a Vertex source)."
+                            "counted (segments_unavailable: a Vertex source, a fleet replica not following the "
+                            "fan-out)."
                         ),
                         "429": {
                             "description": "The client holds its share of the node's held events (too_many_events, "
@@ -266,7 +267,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         "404": _error("The learning loop is off (learning_off)."),
                         "422": _error(
                             "A bad top, order or segment, or a segment where segments are not counted "
-                            "(segments_unavailable: fleet mode, a Vertex source)."
+                            "(segments_unavailable: a Vertex source, a fleet replica not following the fan-out)."
                         ),
                         "431": _HEADERS_TOO_LARGE,
                     },

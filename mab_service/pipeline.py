@@ -51,8 +51,9 @@ async def recommend(
         features = await source.fetch(candidates)
     elif segments is None:
         raise SegmentsUnavailable(
-            "segments are ranked only by a node that counts them (the embedded demo or csv: source with the loop on); "
-            "this one ranks from a store or the fleet's counts, which keep no segment rows yet",
+            "segments are ranked only where the node's table counts them (the embedded demo or csv: source with the "
+            "loop on, or a fleet replica following the learners' fan-out); this one ranks from a store or from the "
+            "fleet's counts read through the cache",
             field="segment",
         )
     else:

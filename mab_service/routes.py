@@ -46,7 +46,7 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     event_id = None
     if loop is not None:
         if query.event_id is not None:
-            await loop.claim(query.event_id, result.ids)
+            await loop.claim(query.event_id, result.ids, query.segment)
         features = result.features
         event_id = loop.answered(
             query.event_id or loop.new_event_id(),

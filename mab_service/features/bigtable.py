@@ -41,6 +41,7 @@ from mab_service.errors import FeatureSourceError
 from mab_service.features.source import Features, Health, Lookup
 from mab_service.fleet.schema import (
     ABSOLUTE_FAMILY,
+    ARMS_START,
     CONFIG_ROW,
     COUNTS_FAMILY,
     FLEET_FAMILY,
@@ -50,6 +51,7 @@ from mab_service.fleet.schema import (
     REWARDS,
     TablePath,
     decode_int64,
+    prefix_end,
 )
 
 logger = logging.getLogger("mab_service.bigtable")
@@ -282,17 +284,26 @@ class BigtableSource:
         self.invalid_values += 0 if counts.invalid is None else len(counts.invalid)
         return counts
 
-    async def scan(self, limit: int) -> tuple[list[str], Counts]:
+    async def scan(self, limit: int, prefix: bytes | None = None) -> tuple[list[str], Counts]:
         """The ids and counts of the table's first ``limit`` arms in key order (the dashboard's view in fleet mode:
-        a fleet's whole catalogue is Bigtable's to query)."""
+        a fleet's whole catalogue is Bigtable's to query); with ``prefix``, of the rows that begin with it instead
+        (a segment's rows), their keys after it."""
         assert self._table is not None, "read before start"
+        from google.cloud.bigtable.data import RowRange
+
+        if prefix is None:
+            rows_range = RowRange(start_key=ARMS_START)  # arm rows only: the fleet's and segments' rows sort before
+        else:
+            rows_range = RowRange(start_key=prefix, end_key=prefix_end(prefix))
         rows = await self._table.read_rows(
-            self._query(limit=limit, row_filter=self._filter), operation_timeout=10 * self.timeout_s
+            self._query(row_ranges=[rows_range], limit=limit, row_filter=self._filter),
+            operation_timeout=10 * self.timeout_s,
         )
         cells = _Cells(len(rows))
         for i, row in enumerate(rows):
             _store(row, i, cells)
-        ids = [row.row_key.decode(errors="replace") for row in rows]
+        skip = len(prefix or b"")
+        ids = [row.row_key[skip:].decode(errors="replace") for row in rows]
         return ids, cells.counts(np.ones(len(rows), np.bool_))
 
     @property

@@ -13,7 +13,9 @@ hot ids, and over a fleet they are most of the Bigtable bill (docs/fleet.md, "3 
   an expiration policy of ``SUBSCRIPTION_TTL_S`` so an abandoned one vanishes, the shortest message retention,
   deleted on a clean stop), created **before** the start scan of the table's counts into the node's shared arm table
   (``ArmTable.raise_counts``), so nothing written meanwhile is missed; then every message is applied to that table,
-  which every worker of the node ranks from (``posteriors.SharedArmsSource``). Bigtable is read only at start and
+  which every worker of the node ranks from (``posteriors.SharedArmsSource``). The arms' counts within segments
+  travel the same way, as the segment rows' keys (``schema.segment_row``), and go to the node table's segment rows
+  (``ids.pair_key``), which ``/predict`` with a segment ranks by. Bigtable is read only at start and
   to resynchronise: a **sequence gap** (a learner's number missing for ``gap_grace_s``: a message lost, a publish
   that failed), the subscription **recreated** (it was gone: NOT_FOUND, e.g. Pub/Sub restarted), or Pub/Sub
   **silent** (no pull answered) for over ``resync_after_s``. A resync is a full scan, max-merged like any message.
@@ -43,7 +45,17 @@ import orjson
 
 from mab_service.errors import FeatureSourceError
 from mab_service.features.bigtable import BigtableSource
-from mab_service.fleet.schema import ABSOLUTE_FAMILY, COUNTS_FAMILY, REWARD_SCALE, arm_counts
+from mab_service.fleet.schema import (
+    ABSOLUTE_FAMILY,
+    ARMS_START,
+    COUNTS_FAMILY,
+    REWARD_SCALE,
+    SEGMENT_ROW_PREFIX,
+    arm_counts,
+    prefix_end,
+    split_segment_row,
+)
+from mab_service.ids import pair_key
 from mab_service.learning._arms import ArmTable
 
 logger = logging.getLogger("mab_service.fanout")
@@ -68,8 +80,6 @@ ACK_DEADLINE_S = 10
 PULL_MAX_MESSAGES = 1000
 #: Seconds between two attempts at something that failed (subscribe, scan, pull, take the lock).
 RETRY_S = 1.0
-#: Arm rows sort from here: ids have no control characters; membership rows and the probe key sort before.
-SCAN_START = b" "
 #: Rows applied to the arm table per call during a scan.
 SCAN_BATCH = 10_000
 #: Sequence numbers a learner may skip at once before the follower stops listing them and resynchronises.
@@ -275,7 +285,10 @@ class FollowerStats:
     pull_errors: int
     scan_errors: int
     table_full: int
-    """Arms not recorded: the node's arm table is full (``max_new_arms``)."""
+    """Arms not recorded: the node's arm table is full (``max_new_arms``), or for a segment row its segments' room
+    (``max_segment_rows``)."""
+    malformed_keys: int
+    """Keys in messages that are neither an arm's id nor a segment row's key: skipped."""
     last_message_age_s: float | None
 
 
@@ -341,6 +354,7 @@ class CountsFollower:
         self.pull_errors = 0
         self.scan_errors = 0
         self.table_full = 0
+        self.malformed_keys = 0
         self.resyncs: dict[str, int] = dict.fromkeys(("start", "sequence", "subscription", "silence"), 0)
 
     @property
@@ -430,7 +444,9 @@ class CountsFollower:
         logger.info("following the counts on %s", self.subscription_name)
 
     async def _scan(self, reason: str) -> None:
-        """Every arm's counts from the table into the arm table (max-merged: what messages brought stays)."""
+        """Every arm's counts, and every segment row's, from the table into the arm table (max-merged: what messages
+        brought stays). Two ranges: the segment rows', then the arms' (the fleet's own rows, membership rows and the
+        probe key sort apart from both)."""
         from google.cloud.bigtable.data import ReadRowsQuery, RowRange, row_filters
 
         assert self._source is not None
@@ -438,7 +454,10 @@ class CountsFollower:
         for sequence in self._sequences.values():
             sequence.missing.clear()  # published before the scan starts: in it
         query = ReadRowsQuery(
-            row_ranges=[RowRange(start_key=SCAN_START)],
+            row_ranges=[
+                RowRange(start_key=SEGMENT_ROW_PREFIX.encode(), end_key=prefix_end(SEGMENT_ROW_PREFIX.encode())),
+                RowRange(start_key=ARMS_START),
+            ],
             row_filter=row_filters.RowFilterChain(
                 [
                     row_filters.FamilyNameRegexFilter(f"^[{ABSOLUTE_FAMILY}{COUNTS_FAMILY}]$"),
@@ -475,6 +494,10 @@ class CountsFollower:
         )
 
     def _apply(self, ids: list[str], impressions: list[int], millionths: list[int]) -> None:
+        """Max-merge counts into the node's table; a segment row's key becomes the node's pair key, and a key that
+        is neither an arm's nor a segment row's is skipped (counted in ``malformed_keys``)."""
+        if any(id_.startswith("\x00") for id_ in ids):
+            ids, impressions, millionths = self._node_keys(ids, impressions, millionths)
         if not ids:
             return
         shown = np.asarray(impressions, np.int64)
@@ -483,6 +506,24 @@ class CountsFollower:
         got: npt.NDArray[np.float64] = np.minimum(np.asarray(millionths, np.float64) / REWARD_SCALE, shown)
         self.table_full += self.arms.raise_counts(ids, shown, got, self.prior_alpha, self.prior_beta)
         self.arms_applied += len(ids)
+
+    def _node_keys(
+        self, ids: list[str], impressions: list[int], millionths: list[int]
+    ) -> tuple[list[str], list[int], list[int]]:
+        keys: list[str] = []
+        shown: list[int] = []
+        got: list[int] = []
+        for id_, n, r in zip(ids, impressions, millionths):
+            if id_.startswith("\x00"):
+                pair = split_segment_row(id_)
+                if pair is None:
+                    self.malformed_keys += 1
+                    continue
+                id_ = pair_key(*pair)
+            keys.append(id_)
+            shown.append(n)
+            got.append(r)
+        return keys, shown, got
 
     def _need_resync(self, reason: str) -> None:
         if self._resync is None:
@@ -599,6 +640,7 @@ class CountsFollower:
             pull_errors=self.pull_errors,
             scan_errors=self.scan_errors,
             table_full=self.table_full,
+            malformed_keys=self.malformed_keys,
             last_message_age_s=age,
         )
 

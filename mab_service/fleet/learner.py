@@ -29,6 +29,9 @@ shard and window on the shard's own row** instead of markers in every arm row:
    timestamp, which readers (the newest cell) never see. Then the messages are acknowledged. Killed between 3 and 4:
    the next holder applies the pending window (1); after 4: the applied sets skip the redeliveries.
 
+An arm's counts within a segment (a message's ``s`` records, a reward's segment) are a row of their own,
+``schema.segment_row``, in the arm's shard: the window counts, commits and writes them as it does the arm's.
+
 So arm rows hold their two count cells and nothing else, and the shard row a small state per live publisher; a
 window costs a shard one CheckAndMutateRow and one MutateRows, whatever its arms. Rewards need no deduplication
 here: a replica claims a reward on its event's row before it publishes it (``fleet.replica``), so each is in one
@@ -85,12 +88,13 @@ from mab_service.fleet.schema import (
     arm_counts,
     learner_row,
     lease_row,
+    segment_row,
     version_micros,
 )
 from mab_service.fleet.setup import shard_subscription
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, shard_of, shard_topic
-from mab_service.fleet.windows import Applied, Plan, ShardState, decode_window, encode_window
-from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id
+from mab_service.fleet.windows import Applied, Message, Plan, ShardState, decode_window, encode_window
+from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id, segment_problem
 
 logger = logging.getLogger("mab_service.learner")
 
@@ -106,7 +110,7 @@ FORGET_MARGIN_S = 3600
 MESSAGE_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}/[0-9]{1,20}$")
 __all__ = ["MAX_ID_BYTES", "Learner", "LearnerError", "LearnerStats"]
 #: Why a record is skipped: the ``reason`` label of ``mab_learner_invalid_records_total``.
-INVALID_REASONS = ("record", "event_id", "id", "reward", "count")
+INVALID_REASONS = ("record", "event_id", "id", "reward", "count", "segment")
 #: Message formats read: this version's, and the one before it (replicas of an older version, during an upgrade).
 _VERSIONS = frozenset({FORMAT_VERSION, RECORDS_VERSION})
 #: The most impressions of one arm a format-3 message may carry (a replica's batch holds far fewer).
@@ -225,6 +229,25 @@ class Parsed(NamedTuple):
     """Records skipped, by reason (``INVALID_REASONS``)."""
     example: Any
     """The first record skipped, for the log; None if none was."""
+    segments: dict[str, dict[str, int]]
+    """Impressions per segment and arm (answers ranked within a segment)."""
+    segment_rewards: list[tuple[str, str, str, int]]
+    """``(segment, id, event_id, millionths)``: the rewards of answers ranked within a segment, credited there too."""
+
+    def counts(self) -> Message:
+        """The message's counts per row: the arms', and the arms' within their segments under their segment rows'
+        keys (``schema.segment_row``), which the window commits and writes as it does the arms'."""
+        if not self.segments and not self.segment_rewards:
+            return self.shown, self.rewards
+        shown = dict(self.shown)
+        for segment, sums in self.segments.items():
+            for id_, n in sums.items():
+                shown[segment_row(segment, id_)] = n
+        rewards = self.rewards + [
+            (segment_row(segment, id_), event_id, millionths)
+            for segment, id_, event_id, millionths in self.segment_rewards
+        ]
+        return shown, rewards
 
 
 def parse(data: bytes, version: str = FORMAT_VERSION) -> Parsed | None:
@@ -232,7 +255,10 @@ def parse(data: bytes, version: str = FORMAT_VERSION) -> Parsed | None:
 
     Format 3 (``pubsub``): the impressions summed per arm in one record ``["i", events, {id: n}]``, each entry checked
     on its own (an id outside the id rule: reason ``id``; a count that is not an integer in [1, 2^31): ``count``),
-    then reward records. Format 2: a record per answer, ``["e", t, event_id, [ids]]``, and the same reward records.
+    the impressions of answers ranked within a segment summed per arm in a record ``["s", segment, {id: n}]`` per
+    segment (a segment outside its rule: reason ``segment``, for the record), then reward records, whose sixth item,
+    if any, is the segment of the answer (a bad one: reason ``segment``, and the reward counts for the arm alone).
+    Format 2: a record per answer, ``["e", t, event_id, [ids]]``, and the same reward records.
     """
     try:
         records = orjson.loads(data)
@@ -258,25 +284,36 @@ def parse(data: bytes, version: str = FORMAT_VERSION) -> Parsed | None:
         else:
             reward = record[4]
             rewards.append((record[3], record[2], round(reward * REWARD_SCALE)))
-    return Parsed(shown, rewards, invalid, example)
+    return Parsed(shown, rewards, invalid, example, {}, [])
 
 
 def _parse_sums(records: list[Any]) -> Parsed:
     """A format-3 message's valid entries: the per-arm sums, each entry alone, and the rewards, each alone."""
     shown: dict[str, int] = {}
+    segments: dict[str, dict[str, int]] = {}
     rewards: list[tuple[str, str, int]] = []
+    segment_rewards: list[tuple[str, str, str, int]] = []
     invalid: Counter[str] = Counter()
     example = None
     ids_ok: dict[Any, bool] = {}
     for record in records:
-        if type(record) is list and len(record) == 3 and record[0] == "i" and type(record[2]) is dict:
+        if type(record) is list and len(record) == 3 and record[0] in ("i", "s") and type(record[2]) is dict:
+            if record[0] == "i":
+                into = shown
+            elif type(record[1]) is str and segment_problem(record[1]) is None:
+                into = segments.setdefault(record[1], {})
+            else:
+                invalid["segment"] += 1
+                if example is None:
+                    example = record[:2]
+                continue
             for id_, n in record[2].items():  # JSON object keys are strings
                 if type(n) is not int or not 0 < n < MAX_SHOWN:
                     reason = "count"
                 elif id_problem(id_) is not None:
                     reason = "id"
                 else:
-                    shown[id_] = shown.get(id_, 0) + n
+                    into[id_] = into.get(id_, 0) + n
                     continue
                 invalid[reason] += 1
                 if example is None:
@@ -287,9 +324,18 @@ def _parse_sums(records: list[Any]) -> Parsed:
             invalid[problem] += 1
             if example is None:
                 example = record
-        else:
-            rewards.append((record[3], record[2], round(record[4] * REWARD_SCALE)))
-    return Parsed(shown, rewards, invalid, example)
+            continue
+        millionths = round(record[4] * REWARD_SCALE)
+        rewards.append((record[3], record[2], millionths))
+        if len(record) > 5:
+            segment = record[5]
+            if type(segment) is str and segment_problem(segment) is None:
+                segment_rewards.append((segment, record[3], record[2], millionths))
+            else:
+                invalid["segment"] += 1
+                if example is None:
+                    example = record
+    return Parsed(shown, rewards, invalid, example, segments, segment_rewards)
 
 
 def _check(record: Any, ids_ok: dict[Any, bool]) -> str | None:
@@ -415,7 +461,8 @@ class _StatsCollector(Collector):
         )
         invalid = CounterMetricFamily(
             "mab_learner_invalid_records",
-            "Records skipped (the rest of their message applied), by reason: record, event_id, id, reward, count.",
+            "Records skipped (the rest of their message applied), by reason: record, event_id, id, reward, count, "
+            "segment.",
             labels=["reason"],
         )
         for reason, n in self.stats.invalid_records.items():
@@ -956,7 +1003,7 @@ class Learner:
                 if state.unapplied:  # the window before: committed, not yet in the arm rows
                     await self._bulk(state.unapplied)
                     state.unapplied = []
-                plan = Plan(state, [(stream, seq, (parsed.shown, parsed.rewards)) for stream, seq, parsed in items])
+                plan = Plan(state, [(stream, seq, parsed.counts()) for stream, seq, parsed in items])
                 if plan.applied:
                     await self._fill(state, [*plan.shown, *plan.got])
                     if not await self._commit(state, plan):
@@ -1186,8 +1233,17 @@ class Learner:
                 shown.setdefault(shard_of(id_, self.shards), {})[id_] = n
             for shard, sums in shown.items():
                 parts[shard].append(["i", 0, sums])
+            for segment, segment_sums in parsed.segments.items():
+                split: dict[int, dict[str, int]] = {}
+                for id_, n in segment_sums.items():
+                    split.setdefault(shard_of(id_, self.shards), {})[id_] = n
+                for shard, sums in split.items():
+                    parts[shard].append(["s", segment, sums])
+            segments = {(event_id, id_): segment for segment, id_, event_id, _ in parsed.segment_rewards}
             for id_, event_id, millionths in parsed.rewards:
-                parts[shard_of(id_, self.shards)].append(["r", 0, event_id, id_, millionths / REWARD_SCALE])
+                record = ["r", 0, event_id, id_, millionths / REWARD_SCALE]
+                within = segments.get((event_id, id_))
+                parts[shard_of(id_, self.shards)].append(record if within is None else [*record, within])
             for shard, records in parts.items():
                 attributes = {"v": FORMAT_VERSION, "k": f"{stream}:f.{shard}/{seq}", "s": str(shard)}
                 publishes.append((shard, {"data": orjson.dumps(records), "attributes": attributes}))

@@ -7,7 +7,8 @@ adds nothing to them itself:
 
 - every answer is published as an event record (its impressions) through ``pubsub.PubSubSink``, and its returned
   ids are written to the event's **membership row** ``\\x00e/<event_id>`` in the same table (family ``e``, cell
-  ``i``: the ids as JSON, with the answer's time as the cell's timestamp), batched into MutateRows calls;
+  ``i``: the ids as JSON, with the answer's time as the cell's timestamp; cell ``s``: the segment, for an answer
+  ranked within one), batched into MutateRows calls;
 - a reward, on whichever replica it arrives, is checked against that row (unknown or expired event: 404; an id the
   event did not return: 422; a reward already claimed: 200 duplicate), then **claimed** in the row (``e:r/<id>``,
   one CheckAndMutateRow writing the reward and a token naming this claim unless the cell is there), and only then
@@ -56,11 +57,15 @@ from mab_service.fleet.schema import (
     EVENTS_FAMILY,
     MEMBERS,
     REWARDED_PREFIX,
+    SEGMENT,
     TablePath,
     event_row,
     rewarded,
+    segment_row,
+    segment_rows_prefix,
 )
 from mab_service.fleet.sink import PubSubSink, SinkUnavailable
+from mab_service.ids import segment_problem
 
 logger = logging.getLogger("mab_service.fleet")
 
@@ -74,6 +79,16 @@ LOOKUP_RETRY_S = 0.05
 SCAN_ROWS = 10_000
 
 
+def _segment(value: bytes) -> str | None:
+    """The segment of a membership row's ``e:s`` cell; None if it is not one (then the reward counts for the arm
+    alone)."""
+    try:
+        segment = value.decode()
+    except UnicodeDecodeError:
+        return None
+    return segment if segment_problem(segment) is None else None
+
+
 class BigtableUnavailable(MabError):
     """Bigtable could not be read or written in time: nothing was recorded; the client may retry."""
 
@@ -83,11 +98,13 @@ class BigtableUnavailable(MabError):
 
 @dataclass
 class Event:
-    """An event's membership row as read back: the ids it returned, when, and the ids already rewarded."""
+    """An event's membership row as read back: the ids it returned, when, the ids already rewarded, and the segment
+    it was ranked within (None: none)."""
 
     ids: frozenset[str]
     t: float
     rewarded: frozenset[str]
+    segment: str | None = None
 
 
 class MembershipRows:
@@ -291,14 +308,16 @@ class Fleet:
         self.sink.check()
         self.rows.check()
 
-    def event(self, event_id: str, ids: list[str], t: float, *, claimed: bool = False) -> None:
-        """Queue an answered event: its impressions to Pub/Sub, its membership to Bigtable (unless ``claim`` wrote
-        it already). Never waits."""
-        self.sink.event(event_id, ids, t)
+    def event(
+        self, event_id: str, ids: list[str], t: float, *, claimed: bool = False, segment: str | None = None
+    ) -> None:
+        """Queue an answered event (ranked within ``segment``, if any): its impressions to Pub/Sub, its membership to
+        Bigtable (unless ``claim`` wrote it already). Never waits."""
+        self.sink.event(event_id, ids, t, segment)
         if not claimed:
-            self.rows.add(membership_entry(event_id, ids, t))
+            self.rows.add(membership_entry(event_id, ids, t, segment))
 
-    async def claim(self, event_id: str, ids: list[str], t: float) -> bool:
+    async def claim(self, event_id: str, ids: list[str], t: float, segment: str | None = None) -> bool:
         """Take a client's own event id for the whole fleet: write the event's membership row unless it exists.
 
         One CheckAndMutateRow, atomic in Bigtable: of any replicas claiming one id, exactly one gets True. A row
@@ -316,7 +335,9 @@ class Fleet:
                 CHECK_AND_MUTATE_ROW, request_serializer=None, response_deserializer=self._claimed
             )
             response = await call(
-                claim_event(self._table_name, event_id, ids, t), timeout=self.timeout_s, metadata=self.path.routing
+                claim_event(self._table_name, event_id, ids, t, segment),
+                timeout=self.timeout_s,
+                metadata=self.path.routing,
             )
         except Exception as exc:
             raise BigtableUnavailable(f"cannot claim event {event_id!r} in Bigtable {self.path}: {exc}") from None
@@ -349,21 +370,25 @@ class Fleet:
                 ids: frozenset[str] = frozenset()
                 t = 0.0
                 marked = []
+                segment = None
                 for cell in row.cells:
                     if cell.qualifier == MEMBERS:
                         ids, t = frozenset(orjson.loads(cell.value)), cell.timestamp_micros / 1e6
+                    elif cell.qualifier == SEGMENT:
+                        segment = _segment(cell.value)
                     elif cell.qualifier.startswith(REWARDED_PREFIX):
                         marked.append(cell.qualifier[len(REWARDED_PREFIX) :].decode())
                 if ids:
-                    found[event_id] = Event(ids, t, frozenset(marked))
+                    found[event_id] = Event(ids, t, frozenset(marked), segment)
                     missing.discard(event_id)
             if not missing or time.monotonic() >= deadline:
                 return found
             await asyncio.sleep(LOOKUP_RETRY_S)
 
-    async def claim_rewards(self, accepted: list[tuple[str, str, float]]) -> list[bool]:
-        """Claim each reward on its event's row before it is published: per reward, True if this replica claimed
-        it (it must be published), False if a copy posted anywhere claimed it first (a duplicate).
+    async def claim_rewards(self, accepted: list[tuple[str, str, float, str | None]]) -> list[bool]:
+        """Claim each reward ``(event_id, id, reward, segment)`` on its event's row before it is published: per
+        reward, True if this replica claimed it (it must be published), False if a copy posted anywhere claimed it
+        first (a duplicate).
 
         A claim is one CheckAndMutateRow: unless the row has ``e:r/<id>``, write it with the reward and a token naming
         this claim. A claim whose outcome is unknown (Bigtable timed out) is read back: the cell holds this claim's
@@ -385,7 +410,7 @@ class Fleet:
             raise failed
         return [outcome is True for outcome in outcomes]
 
-    async def _claim(self, event_id: str, arm_id: str, value: float) -> bool:
+    async def _claim(self, event_id: str, arm_id: str, value: float, segment: str | None) -> bool:
         self._claims += 1
         token = f"{self.replica_id}/{self._claims}"
         f = self._filters
@@ -405,7 +430,9 @@ class Fleet:
             try:
                 holder = await self._claim_holder(event_id, qualifier)
             except Exception as exc:
-                task = asyncio.get_running_loop().create_task(self._settle_claim(event_id, arm_id, value, token))
+                task = asyncio.get_running_loop().create_task(
+                    self._settle_claim(event_id, arm_id, value, segment, token)
+                )
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
                 why = f"cannot claim a reward of event {event_id!r} in {self.path}: {exc}"
@@ -433,7 +460,7 @@ class Fleet:
             return ""
         return claim[1] if type(claim) is list and len(claim) == 2 and type(claim[1]) is str else ""
 
-    async def _settle_claim(self, event_id: str, arm_id: str, value: float, token: str) -> None:
+    async def _settle_claim(self, event_id: str, arm_id: str, value: float, segment: str | None, token: str) -> None:
         """Read an unknown claim back every second until Bigtable answers: this replica's, it is published."""
         qualifier = rewarded(arm_id)
         while True:
@@ -443,25 +470,25 @@ class Fleet:
             except Exception:
                 continue
             if holder == token:
-                self._queue_reward(event_id, arm_id, value)
+                self._queue_reward(event_id, arm_id, value, segment)
             return
 
-    def _queue_reward(self, event_id: str, arm_id: str, value: float) -> None:
+    def _queue_reward(self, event_id: str, arm_id: str, value: float, segment: str | None) -> None:
         """A claimed reward to Pub/Sub without waiting (the sink sends it until it is stored)."""
-        task = asyncio.get_running_loop().create_task(self.sink.reward(event_id, arm_id, value, time.time()))
+        task = asyncio.get_running_loop().create_task(self.sink.reward(event_id, arm_id, value, time.time(), segment))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # refused: the sink keeps it anyway
 
-    async def publish_rewards(self, claimed: list[tuple[str, str, float]], now: float) -> None:
-        """Publish ``claimed`` rewards and wait until Pub/Sub stored them.
+    async def publish_rewards(self, claimed: list[tuple[str, str, float, str | None]], now: float) -> None:
+        """Publish ``claimed`` rewards ``(event_id, id, reward, segment)`` and wait until Pub/Sub stored them.
 
         Raises:
             SinkUnavailable: If Pub/Sub did not store one of them in time; the sink keeps them and sends them again
                 until it does (a claimed reward is never dropped), and a retry is answered ``duplicate``.
         """
         results = await asyncio.gather(
-            *(self.sink.reward(event_id, arm_id, value, now) for event_id, arm_id, value in claimed),
+            *(self.sink.reward(event_id, arm_id, value, now, segment) for event_id, arm_id, value, segment in claimed),
             return_exceptions=True,
         )
         for result in results:
@@ -484,14 +511,39 @@ class Fleet:
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
         return float(alpha[0]), float(beta[0]), int(counts.impressions[0]), float(counts.rewards[0])
 
-    async def scan(self) -> tuple[list[str], Counts, bool]:
-        """The ids and counts of the table's first ``SCAN_ROWS`` arms, and whether it holds more.
+    async def segment_arm(self, arm_id: str, segment: str) -> Counts:
+        """The counts the learners have written of ``arm_id`` (position 0) and of it within ``segment`` (1), read
+        past the cache in one call.
 
         Raises:
             BigtableUnavailable: If Bigtable cannot be read.
         """
         try:
-            ids, counts = await self.source.scan(SCAN_ROWS + 1)
+            return await self.source.read_counts([arm_id, segment_row(segment, arm_id)])
+        except Exception as exc:
+            raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
+
+    async def counts(self, ids: list[str]) -> Counts:
+        """The counts the learners have written of ``ids`` (distinct), read past the cache.
+
+        Raises:
+            BigtableUnavailable: If Bigtable cannot be read.
+        """
+        try:
+            return await self.source.read_counts(ids)
+        except Exception as exc:
+            raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
+
+    async def scan(self, segment: str | None = None) -> tuple[list[str], Counts, bool]:
+        """The ids and counts of the table's first ``SCAN_ROWS`` arms (within ``segment``: of its rows), and whether
+        it holds more.
+
+        Raises:
+            BigtableUnavailable: If Bigtable cannot be read.
+        """
+        prefix = None if segment is None else segment_rows_prefix(segment)
+        try:
+            ids, counts = await self.source.scan(SCAN_ROWS + 1, prefix)
         except Exception as exc:
             raise BigtableUnavailable(f"cannot read counts from Bigtable {self.path}: {exc}") from None
         if len(ids) <= SCAN_ROWS:

@@ -17,6 +17,7 @@ from mab_service.fleet.schema import (
     IMPRESSIONS,
     MEMBERS,
     REWARDS,
+    SEGMENT,
     event_row,
 )
 
@@ -90,28 +91,34 @@ def counts_entry(key: bytes, impressions: int, rewards: int, timestamp: bytes, o
     return b"\x12" + varint(len(body)) + body
 
 
-def membership_entry(event_id: str, ids: list[str], t: float) -> bytes:
+def membership_entry(event_id: str, ids: list[str], t: float, segment: str | None = None) -> bytes:
     """One ``MutateRowsRequest.Entry`` (``fleet.replica``): SetCell ``e:i`` = the ids as JSON, at the answer's time
-    (milliseconds, Bigtable's granularity). Fields: Entry row_key 1, mutations 2; Mutation set_cell 1; SetCell
-    family_name 1, column_qualifier 2, timestamp_micros 3, value 4."""
-    return field(2, field(1, event_row(event_id)) + field(2, _membership_mutation(ids, t)))
+    (milliseconds, Bigtable's granularity), and ``e:s`` = the segment, if the answer was ranked within one. Fields:
+    Entry row_key 1, mutations 2; Mutation set_cell 1; SetCell family_name 1, column_qualifier 2, timestamp_micros 3,
+    value 4."""
+    return field(2, field(1, event_row(event_id)) + _membership_mutations(ids, t, segment, 2))
 
 
-def _membership_mutation(ids: list[str], t: float) -> bytes:
-    """The Mutation writing ``e:i``: SetCell of the ids as JSON at ``t`` in milliseconds."""
-    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01" + MEMBERS + b"\x18" + varint(int(t * 1000) * 1000)
-    set_cell += field(4, orjson.dumps(ids))
-    return field(1, set_cell)
+def _membership_mutations(ids: list[str], t: float, segment: str | None, number: int) -> bytes:
+    """The Mutations (as repeated field ``number``) writing ``e:i``, the ids as JSON, and ``e:s``, the segment if
+    any: SetCells at ``t`` in milliseconds."""
+    timestamp = varint(int(t * 1000) * 1000)
+    set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01" + MEMBERS + b"\x18" + timestamp
+    mutations = field(number, field(1, set_cell + field(4, orjson.dumps(ids))))
+    if segment is not None:
+        set_cell = b"\x0a\x01" + EVENTS_FAMILY.encode() + b"\x12\x01" + SEGMENT + b"\x18" + timestamp
+        mutations += field(number, field(1, set_cell + field(4, segment.encode())))
+    return mutations
 
 
 #: The predicate of a claim: the row has a cell ``e:i`` (family regex ``e``, qualifier regex ``^i$``).
 _MEMBERS_FILTER = field(6, field(1, field(1, field(5, EVENTS_FAMILY.encode())) + field(1, field(6, b"^i$"))))
 
 
-def claim_event(table_name: bytes, event_id: str, ids: list[str], t: float) -> bytes:
+def claim_event(table_name: bytes, event_id: str, ids: list[str], t: float, segment: str | None = None) -> bytes:
     """A CheckAndMutateRowRequest claiming a client's own event id across the fleet: unless the event's membership
-    row has its ``e:i`` cell already (the id is taken, on any replica), write it, as ``membership_entry`` would.
-    Bigtable applies the check and the write atomically, so of replicas racing on one id exactly one sees
-    ``predicate_matched`` false."""
+    row has its ``e:i`` cell already (the id is taken, on any replica), write it (and ``e:s``), as
+    ``membership_entry`` would. Bigtable applies the check and the write atomically, so of replicas racing on one id
+    exactly one sees ``predicate_matched`` false."""
     key = field(2, event_row(event_id))
-    return table_name + key + _MEMBERS_FILTER + field(5, _membership_mutation(ids, t))
+    return table_name + key + _MEMBERS_FILTER + _membership_mutations(ids, t, segment, 5)

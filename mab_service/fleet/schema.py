@@ -6,11 +6,14 @@ written by the lease holder of the arm's shard with the shard's window version a
 (an aggregate int64 sum family) holds the same cells as sums in tables written by learners of earlier versions; a row
 without ``n`` cells is read from ``c``. Family ``d`` held those learners' deduplication markers (kept for old
 tables, no longer written), family ``e`` holds the events' membership rows, family ``s`` the fleet's own rows
-(configuration, shard leases and windows, live learners). The fleet's own rows begin with a NUL byte, which no id
-can (ids have no control characters: ``mab_service.ids``), so they never meet an arm's row.
+(configuration, shard leases and windows, live learners). An arm's counts within a segment (``POST /predict`` with a
+``segment``) are a row of their own, ``\x00g/<segment>\x00<id>``, with the same ``n`` cells, written by the holder
+of the arm's shard. The fleet's own rows and the segment rows begin with a NUL byte, which no id can (ids and
+segments have no control characters: ``mab_service.ids``), so they never meet an arm's row, and arms sort from
+``ARMS_START``.
 
-This module imports nothing of the project but ``errors`` and ``specs`` (the table's name): the ``bigtable:``
-source and the fleet's deployables (replica, learner, setup) all stand on it.
+This module imports nothing of the project but ``errors``, ``ids`` (the id rule) and ``specs`` (the table's name):
+the ``bigtable:`` source and the fleet's deployables (replica, learner, setup) all stand on it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from mab_service.errors import FeatureSourceError
+from mab_service.ids import id_problem, pair_key, segment_problem
 from mab_service.specs import TABLE
 
 #: Absolute counts, one version per cell, the newest timestamp the current one (``fleet.learner``).
@@ -35,8 +39,10 @@ EVENTS_FAMILY = "e"
 #: Membership rows' keys: this prefix and the event id. Counts and membership are in different families, so even an
 #: arm id that began with it would read only its counts.
 EVENT_ROW_PREFIX = b"\x00e/"
-#: A membership row's cell ``e:i`` holds the ids the answer returned (JSON); ``e:r/<id>`` marks an id rewarded.
+#: A membership row's cell ``e:i`` holds the ids the answer returned (JSON); ``e:s``, the segment the answer was ranked
+#: within (UTF-8; no cell without one); ``e:r/<id>`` marks an id rewarded.
 MEMBERS = b"i"
+SEGMENT = b"s"
 REWARDED_PREFIX = b"r/"
 #: The fleet's own rows (``mab-service setup``, ``fleet.learner``): its configuration and the learners' shard
 #: leases. No garbage-collection by age (the configuration stays); one version per cell.
@@ -61,6 +67,11 @@ LEARNER_ROW_PREFIX = b"\x00l/"
 ALIVE = b"alive"
 #: Rewards are stored as integers in millionths: Bigtable's atomic additions take only int64.
 REWARD_SCALE = 1_000_000
+#: Arm rows sort from here: ids have no control characters, the fleet's own rows and the segment rows sort before.
+ARMS_START = b" "
+#: An arm's row within a segment is this prefix, the segment, a NUL byte and the arm's id; a segment's rows are the
+#: range from ``segment_rows_prefix(segment)``.
+SEGMENT_ROW_PREFIX = "\x00g/"
 #: The key ``start`` reads to check the table (no arm has it).
 PROBE_KEY = "\x00mab-service-probe"
 
@@ -83,6 +94,49 @@ def lease_row(shard: int) -> bytes:
 def learner_row(learner_id: str) -> bytes:
     """The key of a live learner's row."""
     return LEARNER_ROW_PREFIX + learner_id.encode()
+
+
+def segment_row(segment: str, arm_id: str) -> str:
+    """The key of ``arm_id``'s row within ``segment`` (as a string: the learners key their counts by it)."""
+    return SEGMENT_ROW_PREFIX + segment + "\x00" + arm_id
+
+
+def segment_rows_prefix(segment: str) -> bytes:
+    """The prefix of every row of ``segment``."""
+    return (SEGMENT_ROW_PREFIX + segment + "\x00").encode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that begins with ``prefix`` (whose last byte is below 0xFF, as every prefix
+    here): the end, exclusive, of the prefix's row range."""
+    return prefix[:-1] + bytes((prefix[-1] + 1,))
+
+
+def split_segment_row(key: str) -> tuple[str, str] | None:
+    """``(segment, arm_id)`` of a segment row's key whose segment and id keep their rules, else None."""
+    if not key.startswith(SEGMENT_ROW_PREFIX):
+        return None
+    segment, separator, arm_id = key[len(SEGMENT_ROW_PREFIX) :].partition("\x00")
+    if not separator or segment_problem(segment) is not None or id_problem(arm_id) is not None:
+        return None
+    return segment, arm_id
+
+
+def node_key(key: str) -> str:
+    """The node's arm table key of a row key: an arm's id as it is, a segment row's ``ids.pair_key``."""
+    pair = split_segment_row(key)
+    return key if pair is None else pair_key(*pair)
+
+
+def counted_key(key: str) -> bool:
+    """Whether ``key`` is a row the learners count: an arm's id or a segment row."""
+    return id_problem(key) is None or split_segment_row(key) is not None
+
+
+def arm_of(key: str) -> str:
+    """The arm a counted row belongs to (its shard's): the id of an arm row, the arm of a segment row."""
+    pair = split_segment_row(key)
+    return key if pair is None else pair[1]
 
 
 def version_micros(version: int) -> int:

@@ -2,7 +2,10 @@
 
 A message's data (format ``v`` 3) is a JSON array: first, if the message holds answers, ``["i", events, {id:
 impressions, ...}]``, the impressions of its answers summed per arm as they are added (what the learner adds, so that
-its cost no longer grows with the answers); then a record ``["r", t, event_id, id, reward]`` per accepted reward.
+its cost no longer grows with the answers); for answers ranked within a segment, a record ``["s", segment, {id:
+impressions, ...}]`` per segment, their impressions summed per arm within it (the ``i`` record counts them too); then
+a record ``["r", t, event_id, id, reward]`` per accepted reward, with the answer's segment as a sixth item if it had
+one (learners of an earlier version skip the ``s`` records as malformed and read the rewards without the segment).
 Format 2, which learners still read (messages of replicas of an older version), had a record ``["e", t, event_id,
 [ids]]`` per answer instead of the sums. Its attributes: ``v``, the format's version, and ``k``, the message's key
 ``<publisher id>/<sequence>``, unique per message and the same on every retry of it, so that learners count a
@@ -73,6 +76,19 @@ def shard_topic(topic: str, shard: int) -> str:
     return f"{topic}{SHARD_SUFFIX}{shard}"
 
 
+def _sum(shown: dict[str, int], ids: list[str]) -> int:
+    """Add one impression per id to ``shown``; return the bytes its JSON grew by (estimated)."""
+    grown = 0
+    for id_ in ids:
+        n = shown.get(id_)
+        if n is None:
+            shown[id_] = 1
+            grown += len(orjson.dumps(id_)) + _SUM_BYTES  # "id":n, (n estimated at its longest)
+        else:
+            shown[id_] = n + 1
+    return grown
+
+
 class SinkUnavailable(MabError):
     """Pub/Sub did not take a record: nothing was counted; the client may retry."""
 
@@ -89,6 +105,8 @@ class _Message:
     """Each reward's record, encoded once as it is added: the bytes it holds are known, and sending only joins them."""
     shown: dict[str, int] = field(default_factory=dict)
     """Impressions per arm of the message's answers."""
+    segments: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Impressions per segment and arm of its answers ranked within a segment."""
     events: list[str] = field(default_factory=list)
     """The event ids of its answers (for the count logged if it is lost)."""
     added: int = 0
@@ -199,8 +217,8 @@ class PubSubSink:
                 "retry later"
             )
 
-    def event(self, event_id: str, ids: list[str], t: float) -> None:
-        """Queue an answered event's impressions; never waits.
+    def event(self, event_id: str, ids: list[str], t: float, segment: str | None = None) -> None:
+        """Queue an answered event's impressions (within ``segment`` too, if it was ranked within one); never waits.
 
         Raises:
             SinkUnavailable: If the outbox is full (nothing was queued).
@@ -208,16 +226,17 @@ class PubSubSink:
         self.check()
         shards = self.shards
         if not shards:
-            self._show(event_id, ids, 0)
+            self._show(event_id, ids, 0, segment)
             return
         split: dict[int, list[str]] = {}
         for id_ in ids:
             split.setdefault(zlib.crc32(id_.encode()) % shards, []).append(id_)  # shard_of, inlined: per id
         for shard, part in split.items():
-            self._show(event_id, part, shard)
+            self._show(event_id, part, shard, segment)
 
-    async def reward(self, event_id: str, id_: str, reward: float, t: float) -> None:
-        """Queue an accepted reward and wait until Pub/Sub has stored its message.
+    async def reward(self, event_id: str, id_: str, reward: float, t: float, segment: str | None = None) -> None:
+        """Queue an accepted reward (of an answer ranked within ``segment``, if any) and wait until Pub/Sub has stored
+        its message.
 
         The reward is queued whatever the outbox holds (the caller checked it before claiming the reward, and a
         claimed reward is never dropped), and stays in its message until Pub/Sub stores it.
@@ -226,7 +245,10 @@ class PubSubSink:
             SinkUnavailable: If Pub/Sub refused the message (it is sent again, with the reward).
         """
         waiter = asyncio.get_running_loop().create_future()
-        message = self._add(["r", t, event_id, id_, reward], shard_of(id_, self.shards) if self.shards else 0)
+        record: list[Any] = ["r", t, event_id, id_, reward]
+        if segment is not None:
+            record.append(segment)
+        message = self._add(record, shard_of(id_, self.shards) if self.shards else 0)
         message.waiters.append(waiter)
         await waiter
 
@@ -244,18 +266,17 @@ class PubSubSink:
             self._bytes += message.size
         return message
 
-    def _show(self, event_id: str, ids: list[str], shard: int) -> None:
-        """Add an answer's impressions (of one shard) to the batch's sums."""
+    def _show(self, event_id: str, ids: list[str], shard: int, segment: str | None) -> None:
+        """Add an answer's impressions (of one shard) to the batch's sums, and to its segment's if it has one."""
         message = self._message(shard)
-        shown = message.shown
         grown = 0 if message.events else _SUMS_BYTES
-        for id_ in ids:
-            n = shown.get(id_)
-            if n is None:
-                shown[id_] = 1
-                grown += len(orjson.dumps(id_)) + _SUM_BYTES  # "id":n, (n estimated at its longest)
-            else:
-                shown[id_] = n + 1
+        grown += _sum(message.shown, ids)
+        if segment is not None:
+            within = message.segments.get(segment)
+            if within is None:
+                within = message.segments[segment] = {}
+                grown += _SUMS_BYTES + len(orjson.dumps(segment))
+            grown += _sum(within, ids)
         message.events.append(event_id)
         message.size += grown
         self._bytes += grown
@@ -290,6 +311,7 @@ class PubSubSink:
     def _send(self, message: _Message) -> None:
         message.attempts += 1
         parts = [orjson.dumps(["i", len(message.events), message.shown])] if message.events else []
+        parts += [orjson.dumps(["s", segment, sums]) for segment, sums in message.segments.items()]
         data = b"[" + b",".join(parts + message.records) + b"]"
         self._bytes += len(data) - message.size  # the sums were estimated: now they are known
         message.size = len(data)

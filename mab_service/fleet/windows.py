@@ -13,12 +13,13 @@ import bisect
 
 import orjson
 
-from mab_service.ids import id_problem
+from mab_service.fleet.schema import counted_key
 
 #: A shard's committed window is stored in cells of this many bytes at most (``s:w/<k>``).
 WINDOW_CHUNK_BYTES = 1024 * 1024
 
-#: A message's valid content: impressions per arm, and rewards ``(id, event_id, millionths)``.
+#: A message's valid content: impressions per row (an arm, or an arm within a segment: ``schema.segment_row``), and
+#: rewards ``(row, event_id, millionths)``.
 Message = tuple[dict[str, int], list[tuple[str, str, int]]]
 
 
@@ -98,7 +99,7 @@ def encode_window(version: int, ids: list[str], impressions: list[int], rewards:
 
 def decode_window(data: bytes, version: int) -> tuple[list[str], list[int], list[int]]:
     """The ids and absolute counts ``encode_window`` wrote, checked: of ``version``, lists of equal length, ids that
-    follow the id rule, counts that are non-negative int64.
+    follow the id rule (or segment rows' keys of ids and segments that do), counts that are non-negative int64.
 
     Raises:
         ValueError: If ``data`` is not such a window.
@@ -115,7 +116,7 @@ def decode_window(data: bytes, version: int) -> tuple[list[str], list[int], list
         and type(impressions) is list
         and type(rewards) is list
         and len(ids) == len(impressions) == len(rewards)
-        and all(type(i) is str and id_problem(i) is None for i in ids)
+        and all(type(i) is str and counted_key(i) for i in ids)
         and all(type(n) is int and 0 <= n < 1 << 63 for n in impressions)
         and all(type(n) is int and 0 <= n < 1 << 63 for n in rewards)
     ):
@@ -163,11 +164,14 @@ class Plan:
             if stream not in self.applied:  # the shard's own set changes only once the window is committed
                 applied = self.applied[stream] = applied.copy()
             applied.add(seq)
+            # ``impressions`` and ``rewards`` count the arms' (segment rows, whose keys begin with NUL, repeat them).
             shown = self.shown
             for id_, n in shown_now.items():
                 shown[id_] = shown.get(id_, 0) + n
-                self.impressions += n
+                if id_[0] != "\x00":
+                    self.impressions += n
             got = self.got
             for id_, _, millionths in rewards_now:
                 got[id_] = got.get(id_, 0) + millionths
-                self.rewards += 1
+                if id_[0] != "\x00":
+                    self.rewards += 1

@@ -348,8 +348,9 @@ class LoopBase:
     def new_seed(self) -> int:
         return self._seeds.getrandbits(64)
 
-    async def claim(self, event_id: str, ids: list[str]) -> None:
-        """Take a client's own event id before its answer is recorded (``answered`` with ``client_event_id``).
+    async def claim(self, event_id: str, ids: list[str], segment: str | None = None) -> None:
+        """Take a client's own event id before its answer (ranked within ``segment``, if any) is recorded
+        (``answered`` with ``client_event_id``).
 
         On a node the ring decides in ``answered``, atomically across its workers, and this does nothing.
         """
@@ -406,7 +407,9 @@ class LoopBase:
         if segment is None:
             self._record(event_id, client_event_id, candidates, rows, held, held_ids, now)
         else:
-            self._record_segment(event_id, candidates, rows, segment, segment_rows, held, held_ids, now)
+            self._record_segment(
+                event_id, client_event_id, candidates, rows, segment, segment_rows, held, held_ids, now
+            )
         self.impressions += len(held_ids)
         self._bucket(now)[1] += len(held_ids)
         log = self.decisions
@@ -439,8 +442,8 @@ class LoopBase:
 
     def _segments_unavailable(self) -> SegmentsUnavailable:
         return SegmentsUnavailable(
-            "segments are counted only by a node's own loop over an embedded source (demo or csv:); this one keeps no "
-            "segment counts",
+            "segments are counted only by a node's own loop over an embedded source (demo or csv:) and by the fleet's "
+            "learners; this one keeps no segment counts",
             field="segment",
         )
 
@@ -451,6 +454,7 @@ class LoopBase:
     def _record_segment(
         self,
         event_id: str,
+        claimed: bool,
         candidates: list[str],
         rows: npt.NDArray[np.int32] | None,
         segment: str,
@@ -643,6 +647,7 @@ class NodeLoop(LoopBase):
     def _record_segment(
         self,
         event_id: str,
+        claimed: bool,
         candidates: list[str],
         rows: npt.NDArray[np.int32] | None,
         segment: str,

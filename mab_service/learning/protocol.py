@@ -49,8 +49,8 @@ class Loop(Protocol):
 
     def new_seed(self) -> int: ...
 
-    async def claim(self, event_id: str, ids: list[str]) -> None:
-        """Take a client's own event id before its answer is recorded."""
+    async def claim(self, event_id: str, ids: list[str], segment: str | None = None) -> None:
+        """Take a client's own event id before its answer (ranked within ``segment``, if any) is recorded."""
         ...
 
     def answered(

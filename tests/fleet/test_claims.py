@@ -32,6 +32,27 @@ def test_a_claim_is_the_clients_own_request_in_bytes() -> None:
     assert bigtable.CheckAndMutateRowRequest.deserialize(ours) == theirs
 
 
+def test_a_claim_and_a_membership_entry_of_an_answer_within_a_segment_write_its_segment_cell() -> None:
+    pytest.importorskip("google.cloud.bigtable")
+    from google.cloud.bigtable.data import SetCell
+    from google.cloud.bigtable_v2.types import bigtable
+
+    table = "projects/p/instances/i/tables/t"
+    ids, t = ["a-1", "b"], 1_700_000_000.5
+    cells = [
+        SetCell("e", b"i", orjson.dumps(ids), 1_700_000_000_500_000),
+        SetCell("e", b"s", "fr-é".encode(), 1_700_000_000_500_000),
+    ]
+    claim = bigtable.CheckAndMutateRowRequest.deserialize(
+        bigtable_requests.claim_event(bigtable_requests.table_field(table), "client:ev.2", ids, t, "fr-é")
+    )
+    assert list(claim.false_mutations) == [cell._to_pb() for cell in cells]
+    entry = bigtable.MutateRowsRequest.deserialize(
+        bigtable_requests.table_field(table) + bigtable_requests.membership_entry("ev-3", ids, t, "fr-é")
+    ).entries[0]
+    assert entry.row_key == b"\x00e/ev-3" and list(entry.mutations) == [cell._to_pb() for cell in cells]
+
+
 def test_two_replicas_claiming_one_id_one_wins(
     bigtable_emulator: Emulator, pubsub_emulator: Emulator, fleet_table: str
 ) -> None:

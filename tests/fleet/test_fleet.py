@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import numpy as np
 import pytest
 
 from mab_service.fleet.sink import shard_of
@@ -611,3 +612,119 @@ def test_the_outbox_byte_bound_is_a_checked_setting() -> None:
     assert Settings.from_env({"MAB_EVENTS_MAX_PENDING_BYTES": "4096"}).events_max_pending_bytes == 4096
     with pytest.raises(SettingsError, match=r"events_max_pending_bytes must be an integer >= 1 \(got 0\)"):
         Settings(events_max_pending_bytes=0)
+
+
+def test_segments_count_exactly_across_replicas_and_answers_rank_within_them(fleet: Fleet) -> None:
+    """Answers ranked within segments on two replicas, each reward posted to the other replica and repeated: the
+    learner counts every (segment, arm) exactly once, in Bigtable (``/arms/{id}?segment=``, ``/arms?segment=``) and
+    in every replica's node table, and ``/predict`` with a segment ranks by the segment's backed-off posterior."""
+    from mab_service.ids import pair_key
+    from mab_service.learning._arms import ArmTable
+    from mab_service.learning.posteriors import backed_off
+
+    urls = [fleet.replica(name, "--event-propagation-s", "5") for name in ("replica-a", "replica-b")]
+    fleet.learner("learner-0")
+    rand = random.Random(29)
+    segments = ["fr", "de", "é" * 64]
+    shown: Counter[tuple[str | None, str]] = Counter()
+    got: defaultdict[tuple[str | None, str], float] = defaultdict(float)
+
+    async def decide(client: httpx.AsyncClient, i: int, segment: str | None, candidates: list[str], wins: str) -> None:
+        body: dict[str, object] = {"user_id": f"u{i}", "candidates": candidates, "top_k": 3}
+        if segment is not None:
+            body["segment"] = segment
+        if i % 5 == 0:
+            body["event_id"] = f"client:{i}"  # a client's own id: the claim writes the membership row and segment
+        answer = await client.post(urls[i % 2] + "/predict", json=body)
+        assert answer.status_code == 200, answer.text
+        answered = answer.json()
+        for id_ in answered["ids"]:
+            shown[None, id_] += 1
+            if segment is not None:
+                shown[segment, id_] += 1
+            value = 1.0 if id_ == wins else rand.choice([0.0, 0.25])
+            payload = {"event_id": answered["event_id"], "id": id_, "reward": value}
+            first = await client.post(urls[(i + 1) % 2] + "/reward", json=payload)
+            assert first.status_code == 202, first.text
+            got[None, id_] += value
+            if segment is not None:
+                got[segment, id_] += value
+            again = await client.post(urls[i % 2] + "/reward", json=payload)
+            assert (again.status_code, again.json()) == (200, {"status": "duplicate"}), again.text
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=30, headers=JSON) as client:
+            limit = asyncio.Semaphore(16)
+
+            async def one(i: int, segment: str | None, candidates: list[str], wins: str) -> None:
+                async with limit:
+                    await decide(client, i, segment, candidates, wins)
+
+            # Random answers over every segment and none; then arm-00 wins within "fr" only, arm-01 within "de".
+            plan = [(rand.choice([*segments, None]), rand.sample(ARMS, 8), "") for _ in range(240)]
+            plan += [("fr", [ARMS[0], ARMS[1]], ARMS[0])] * 60 + [("de", [ARMS[0], ARMS[1]], ARMS[1])] * 120
+            await asyncio.gather(*(one(i, *step) for i, step in enumerate(plan)))
+
+    asyncio.run(run())
+    want = {key: (n, round(got[key], 6)) for key, n in shown.items() if n}
+
+    def arms_of(url: str) -> dict[tuple[str | None, str], tuple[int, float]]:
+        seen = {}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for segment, arm in want:
+                params = {} if segment is None else {"segment": segment}
+                body = client.get(f"/arms/{arm}", params=params).json()
+                seen[segment, arm] = (body.get("impressions", 0), round(body.get("rewards", 0.0), 6))
+        return seen
+
+    assert wait_until(lambda: all(arms_of(url) == want for url in urls), timeout_s=90, interval_s=1.0), {
+        url: {k: (v, want[k]) for k, v in arms_of(url).items() if v != want[k]} for url in urls
+    }
+
+    def node_tables() -> list[ArmTable]:
+        import mmap
+
+        tables = []
+        for proc in fleet.procs[:2]:
+            (path,) = Path("/dev/shm").glob(f"mab-service-{proc.pid}-*-arms")
+            fd = os.open(path, os.O_RDWR)
+            try:
+                tables.append(ArmTable.attach(mmap.mmap(fd, 0)))
+            finally:
+                os.close(fd)
+        return tables
+
+    def node_counts(arms: ArmTable) -> dict[tuple[str | None, str], tuple[int, float]]:
+        found = {key: arms.get(key[1] if key[0] is None else pair_key(*key)) for key in want}  # type: ignore[arg-type]
+        return {key: (0, 0.0) if f is None else (int(f[2]), round(f[3], 6)) for key, f in found.items()}
+
+    tables = node_tables()
+    assert wait_until(lambda: all(node_counts(t) == want for t in tables), timeout_s=60, interval_s=0.5)
+    with httpx.Client(timeout=30) as client:
+        # The node table ranks within a segment by the backed-off posterior of its exact counts.
+        for segment in segments:
+            arms_in = sorted(arm for s, arm in want if s == segment)
+            alpha, beta, _, _, _ = tables[0].gather_segment(arms_in, segment, 10.0, 1.0, 1.0)
+            for arm, a, b in zip(arms_in, alpha, beta):
+                n, r = want[None, arm]
+                mu_a, mu_b = 1.0 + r, 1.0 + n - r
+                np.testing.assert_allclose((a, b), backed_off(10.0, mu_a, mu_b, *want[segment, arm]), rtol=1e-12)
+                body = client.get(f"{urls[1]}/arms/{arm}", params={"segment": segment}).json()
+                assert body["segment"] == segment
+                np.testing.assert_allclose((body["alpha"], body["beta"]), (a, b), rtol=1e-12)
+            leading = client.get(urls[0] + "/arms", params={"top": 3, "order": "impressions", "segment": segment})
+            assert leading.status_code == 200, leading.text
+            top = leading.json()
+            assert top["segment"] == segment and top["total"] == len(arms_in)
+            assert [a["impressions"] for a in top["arms"]] == sorted(want[segment, a][0] for a in arms_in)[::-1][:3]
+        # arm-01 leads globally (it won 120 answers, arm-00 60); within "fr" arm-00 leads.
+        firsts: Counter[tuple[str | None, str]] = Counter()
+        for n in range(20):
+            for segment in ("fr", "de", None):
+                body = {"user_id": "u", "candidates": [ARMS[0], ARMS[1]], "top_k": 1, "seed": n}
+                if segment is not None:
+                    body["segment"] = segment
+                answer = client.post(urls[n % 2] + "/predict", json=body)
+                assert answer.status_code == 200, answer.text
+                firsts[segment, answer.json()["ids"][0]] += 1
+        assert firsts == {("fr", ARMS[0]): 20, ("de", ARMS[1]): 20, (None, ARMS[1]): 20}

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mab_service.features.bigtable import BigtableSource
 from mab_service.fleet import requests as bigtable_requests, setup as fleet_setup, windows
 from mab_service.fleet.learner import Learner
-from mab_service.fleet.schema import TablePath
+from mab_service.fleet.schema import TablePath, segment_row
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, PubSubSink
 from tests.conftest import Rand, unused_tcp_port
 from tests.fleet.conftest import Emulator
@@ -319,13 +319,26 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
     sums = {ARMS[10]: 3, "tab\there": 1, "x" * 1025: 1, ARMS[11]: 0, ARMS[12]: "2", ARMS[13]: 2**31, ARMS[14]: True}
     sums[ARMS[15]] = 1.5
     v3: list[Any] = [["i", 4, sums], ["r", 0, "ev-v3", ARMS[10], 0.25], ["r", 0, "ev-v3b", "del\x7f", 1.0], ["x"]]
+    # Segments: a record per segment (a bad segment skips its record, a bad id its entry), and rewards whose sixth
+    # item is the segment (a bad one: the reward counts for the arm alone).
+    v3 += [
+        ["i", 3, {ARMS[16]: 2, ARMS[17]: 1}],
+        ["s", "fr", {ARMS[16]: 2, "del\x7f": 1}],
+        ["s", "tab\there", {ARMS[17]: 1}],
+        ["s", "x" * 129, {ARMS[17]: 1}],
+        ["r", 0, "ev-s1", ARMS[16], 0.5, "fr"],
+        ["r", 0, "ev-s2", ARMS[17], 1.0, 7],
+    ]
     messages.append((v3, {"v": FORMAT_VERSION, "k": "p3/1"}))
-    truth.impressions[ARMS[10]] += 3
+    truth.impressions.update({ARMS[10]: 3, ARMS[16]: 2, ARMS[17]: 1})
     truth.rewards[ARMS[10]] += 0.25
+    truth.rewards[ARMS[16]] += 0.5
+    truth.rewards[ARMS[17]] += 1.0
     invalid = {reason: len(records) for reason, records in bad.items()}
-    invalid["id"] += 3  # two ids of the sums, one of a reward
+    invalid["id"] += 4  # two ids of the sums, one of a segment's sums, one of a reward
     invalid["count"] = 5  # 0, "2", 2^31, true, 1.5
     invalid["record"] += 1
+    invalid["segment"] = 3  # two records, one reward
     with PublisherClient() as publisher:
         for records, attributes in messages:
             publisher.publish(resources.topic, orjson.dumps(records), **attributes).result(timeout=30)
@@ -335,10 +348,12 @@ def test_invalid_records_are_skipped_and_the_rest_of_their_message_counts(
     assert published(learner) == len(messages) and learner.stats.malformed == 0
     assert learner.stats.invalid_records == invalid
     assert learner.stats.impressions == sum(truth.impressions.values())
-    assert learner.stats.rewards == len(bad) + 1
+    assert learner.stats.rewards == len(bad) + 3
     impressions, rewards = asyncio.run(read_counts(str(resources.table), arms))
     assert impressions == [truth.impressions[a] for a in arms]
     assert rewards == [truth.rewards[a] for a in arms]
+    rows = [segment_row("fr", ARMS[16]), segment_row("fr", ARMS[17]), segment_row("tab\there", ARMS[17])]
+    assert asyncio.run(read_counts(str(resources.table), rows)) == ([2, 0, 0], [0.5, 0.0, 0.0])
     exposed = {
         (sample.name, sample.labels.get("reason")): sample.value
         for family in text_string_to_metric_families(generate_latest(learner.metrics.registry).decode())

@@ -1,10 +1,11 @@
 """The fleet's scale run, small: the benchmark's own run (``benchmarks.bench_scale.run``) on the session's emulators,
 checked rather than measured.
 
-Six replicas and three learners as real processes, 1,500 answers with rewards posted to other replicas and posted
-again to a third, one learner killed with SIGKILL and one replica stopped with SIGTERM and started again mid-run. The
-run is shared by the tests of this module: one asserts exact counts, duplicates answered ``duplicate`` and no 5xx,
-the other that rows stay bounded: an arm's row its two counts, a shard's row a small state.
+Six replicas and three learners as real processes, 1,500 answers (half of them ranked within one of four segments)
+with rewards posted to other replicas and posted again to a third, one learner killed with SIGKILL and one replica
+stopped with SIGTERM and started again mid-run. The run is shared by the tests of this module: one asserts exact
+counts (per arm and per segment and arm), duplicates answered ``duplicate`` and no 5xx, the other that rows stay
+bounded: an arm's row (and a segment row) its two counts, a shard's row a small state.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def test_six_replicas_three_learners_a_killed_learner_and_a_rolling_restart_coun
     assert scale_run["learners"]["learner-0"]["killed"]
     for name, exact in scale_run["exact"].items():
         assert (exact["node_differing"], exact["arms_differing"]) == (0, 0), (name, exact)
+        # Half the answers ranked within one of four segments: every (segment, arm) exact too, in Bigtable and in
+        # every replica's node table.
+        assert (exact["segment_node_differing"], exact["segment_arms_differing"]) == (0, 0), (name, exact)
+    assert load["segment_pairs_answered"] > 1000, load
     assert scale_run["learners"]["all"]["applied"] >= load["answers"] * CONFIG.top_k
     assert scale_run["freshness"]["n"] > 5
 
@@ -67,4 +72,6 @@ def test_six_replicas_three_learners_a_killed_learner_and_a_rolling_restart_coun
 def test_arm_rows_hold_their_counts_and_shard_rows_a_small_state(scale_run: dict[str, Any]) -> None:
     rows = scale_run["rows"]
     assert rows["max_arm_row_cells"] == COUNT_CELLS, rows
+    assert rows["segment_rows"] == scale_run["load"]["segment_pairs_answered"], rows
+    assert rows["max_segment_row_cells"] == COUNT_CELLS, rows
     assert rows["max_fleet_row_bytes"] <= MAX_SHARD_ROW_BYTES, rows
