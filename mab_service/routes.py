@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 
 import orjson
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -202,12 +203,21 @@ def _loop(state: AppState) -> Loop:
     return loop
 
 
+class AnyIdConvertor(PathConvertor):
+    """The rest of the path, line breaks included: Starlette's ``path`` (``.*``) stops at a line break, so an id
+    holding one would miss the route (a 404 ``not_found``) instead of reaching the id rule's 422."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("any", AnyIdConvertor())
+
 #: The POST endpoints the edge serves ahead of Starlette, admitted against ``max_in_flight``.
 FAST_ENDPOINTS = {"/predict": predict, "/reward": reward, "/rewards": rewards}
 #: Starlette's routes.
 ROUTES = [
     Route("/arms", arms, methods=["GET"]),
-    Route("/arms/{id:path}", arm, methods=["GET"]),
+    Route("/arms/{id:any}", arm, methods=["GET"]),
     Route("/loop", loop_stats, methods=["GET"]),
     Route("/dashboard", dashboard_page, methods=["GET"]),
     Route("/health", health, methods=["GET"]),

@@ -555,3 +555,14 @@ def test_on_a_vertex_source_the_loop_counts_and_logs_but_the_store_ranks(
         assert (arm["alpha"], arm["beta"]) == (50.0, 50.0)
         assert (arm["impressions"], arm["rewards"]) == (1, 1.0)
         assert c.get("/loop").json()["applies_counts"] is False
+
+
+def test_an_arm_id_with_a_line_break_reaches_the_endpoint(loop_server: Server) -> None:
+    # Starlette's path convertor stops at a line break: such a path missed the route (a bare 404 not_found) and a bad
+    # segment beside it went unchecked. Now the endpoint answers: no arm has such an id, and a bad segment is 422.
+    with loop_server.client() as c:
+        for path in ("/arms/a%0Ab", "/arms/a%0A", "/arms/%0A", "/arms/a/b"):
+            unknown = c.get(path)
+            assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_arm"), (path, unknown.text)
+        refused = c.get("/arms/a%0Ab?segment=")
+        assert (refused.status_code, refused.json()["error"]) == (422, "validation_error"), refused.text
