@@ -105,6 +105,9 @@ def _pinned_server(table_csv: Path, max_in_flight: int) -> Iterator[str]:
     cmd = [
         "taskset", "-c", "0", sys.executable, "-m", "mab_service", "serve", "--port", str(port),
         "--features", f"csv:{table_csv}", "--max-in-flight", str(max_in_flight), "--log-level", "warning",
+        # One load client sends every request: its share of the held events is all of them, so that what is shed is
+        # overload (503), never that client's fair-holding budget (429), however fast the machine answers.
+        "--max-client-share", "1.0",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
