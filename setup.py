@@ -100,11 +100,38 @@ arms = extension(
 )
 
 # Feature Store 2.0 answers decoded from their wire bytes: Cython alone, no C++ sources.
+answer = extension(
+    "mab_service.learning._answer",
+    sources=[
+        "mab_service/learning/_answer.pyx",
+        "csrc/mab/answer.cpp",
+        "csrc/mab/arm_table.cpp",
+        "csrc/mab/event_ring.cpp",
+        "csrc/mab/id_index.cpp",
+        "csrc/mab/kernel.cpp",
+        "csrc/yyjson/yyjson.c",
+    ],
+    depends=[
+        "csrc/mab/answer.hpp",
+        "csrc/mab/arm_table.hpp",
+        "csrc/mab/event_ring.hpp",
+        "csrc/mab/id_index.hpp",
+        "csrc/mab/kernel.hpp",
+        "csrc/mab/rng.hpp",
+        "csrc/mab/beta_simd.inc",
+        "csrc/yyjson/yyjson.h",
+        "mab_service/learning/_arms.pxd",
+        "mab_service/learning/_events.pxd",
+        "mab_service/policy/_kernel.pxd",
+        "mab_service/_cyutil.pxd",
+    ],
+)
+
 wire = extension("mab_service.features._wire", sources=["mab_service/features/_wire.pyx"], depends=[])
 # The check of the parameters a source read, before sampling: Cython alone.
 params = extension(
     "mab_service.features._params", sources=["mab_service/features/_params.pyx"], depends=["mab_service/_cyutil.pxd"]
 )
 
-modules = [cyutil, kernel, index, cache, arms, events, wire, params]
+modules = [cyutil, kernel, index, cache, arms, events, answer, wire, params]
 setup(ext_modules=cythonize(modules, compiler_directives=directives, annotate=DEBUG))

@@ -22,7 +22,7 @@ from mab_service.learning.loop import NodeLoop
 from mab_service.learning.posteriors import SharedArmsSource
 from mab_service.learning.protocol import Loop
 from mab_service.openapi import openapi_document
-from mab_service.policy.sampler import SAMPLERS
+from mab_service.policy.sampler import SAMPLERS, sample_top_k
 from mab_service.routes import FAST_ENDPOINTS, PROBES, ROUTES, endpoint_label
 from mab_service.state import AppState
 
@@ -106,12 +106,15 @@ def build_app(
         async with AsyncExitStack() as stack:
             loop = await stack.enter_async_context(_learning(settings))
             segments = None
+            native = None
             if loop is not None and given is None and (loop.apply_counts or loop.following):
                 shared = SharedArmsSource(
                     loop.arms, settings.prior_alpha, settings.prior_beta, settings.segment_prior_weight
                 )
                 source: FeatureSource = shared
                 segments = shared if loop.counts_segments else None
+                if top_k is sample_top_k:  # the kernel's draws, which the native answer makes bit for bit
+                    native = loop.native
             else:
                 source = given or make_source(settings)
             await source.start()
@@ -132,6 +135,7 @@ def build_app(
                 admission=admission,
                 loop=loop,
                 segments=segments,
+                native=native,
             )
 
     return Edge(FAST_ENDPOINTS, ROUTES, endpoint_label, lifespan, settings, admission)

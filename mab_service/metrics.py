@@ -623,6 +623,13 @@ class MeteredSource:
         await self.source.close()
 
 
+def answered_natively(candidates_n: int, fetch_s: float, sample_s: float) -> None:
+    """Observe an answer the native path gave: its candidates and the time of its lookup and of its draw."""
+    candidates.observe(candidates_n)
+    fetch_seconds.observe(fetch_s)
+    sample_rank_seconds.observe(sample_s)
+
+
 def timed_top_k(top_k: TopK) -> TopK:
     """``top_k`` timing each call into the ``sample_rank`` stage."""
 

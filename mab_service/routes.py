@@ -38,8 +38,15 @@ _ARMS_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mab-arms"
 async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     """``POST /predict``: rank the candidates of one request; with the loop on, hold the answer as an event."""
     settings = state["settings"]
-    query = schemas.decode_predict(body, settings.max_candidates)
     loop = state["loop"]
+    native = state["native"]
+    if native is not None and native.rank(body, loop.new_seed()):  # type: ignore[union-attr]  # a loop's own
+        answer = loop.answered_native(native)  # type: ignore[union-attr]
+        if settings.metrics:
+            metrics.answered_natively(native.n, native.fetch_s, native.sample_s)
+        return 200, answer
+    # Every other body: a fleet replica's or a store's answer, or one the native path leaves to Python (answer.hpp).
+    query = schemas.decode_predict(body, settings.max_candidates)
     seed = query.seed
     if loop is not None and seed is None:
         seed = loop.new_seed()  # every answer can be drawn again from the decision log

@@ -7,6 +7,7 @@ from typing import Any, TypedDict
 from mab_service.config import Settings
 from mab_service.features.source import FeatureSource
 from mab_service.http.admission import Admission
+from mab_service.learning._answer import NativeAnswer
 from mab_service.learning.posteriors import SegmentSource
 from mab_service.learning.protocol import Loop
 from mab_service.policy.sampler import TopK
@@ -24,3 +25,6 @@ class AppState(TypedDict):
     segments: SegmentSource | None
     """Where a request with a segment is ranked: the node's arm table where the loop counts segments, else None
     (such requests are refused)."""
+    native: NativeAnswer | None
+    """The native /predict, where the node's loop ranks from its own table with the kernel (the default): a body it
+    takes is answered in one native pass; else None, and every body takes the Python path."""

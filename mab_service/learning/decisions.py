@@ -72,8 +72,8 @@ MAGIC = b"MAB2"
 MAGIC_NAMES = b"MABR"
 MAGIC_V1 = b"MABD"
 #: Version 2: magic and CRC-32, then what the CRC covers with the strings after it.
-_PREFIX = struct.Struct("<4sI")
-_FIELDS = struct.Struct("<IIIHHHHdQQd")
+PREFIX = struct.Struct("<4sI")
+FIELDS = struct.Struct("<IIIHHHHdQQd")
 _NAMES = struct.Struct("<4sII")
 _HEADER_V1 = struct.Struct("<4sIIIII")
 #: Flags of a version 2 record.
@@ -172,9 +172,9 @@ def encode(
         flags |= NARROW
         first, second, each = pair[0], pair[1], 4
     blob_len = len(inline) if flags & ROWS else len(body)
-    fields = _FIELDS.pack(n, k, blob_len, len(event), len(user), len(place), flags, t, seed, top_k or 0, sample_rate)
+    fields = FIELDS.pack(n, k, blob_len, len(event), len(user), len(place), flags, t, seed, top_k or 0, sample_rate)
     fields += event + user + place
-    head = _PREFIX.pack(MAGIC, zlib.crc32(fields)) + fields + inline
+    head = PREFIX.pack(MAGIC, zlib.crc32(fields)) + fields + inline
     size = len(head) + (4 * n if flags & ROWS else blob_len) + 2 * each * n + order.nbytes
     return size, (head, payload, first, second, order)
 
@@ -205,12 +205,12 @@ def read_file(path: Path) -> Iterator[Decision]:
 
 def _read(data: bytes, at: int, names: dict[int, str]) -> tuple[Decision, int] | None:
     """The version 2 record at ``at`` and where the next begins; None if torn or damaged."""
-    start = at + _PREFIX.size
-    if start + _FIELDS.size > len(data):
+    start = at + PREFIX.size
+    if start + FIELDS.size > len(data):
         return None
-    _, crc = _PREFIX.unpack_from(data, at)
-    n, k, blob_len, event_len, user_len, place_len, flags, t, seed, top_k, rate = _FIELDS.unpack_from(data, start)
-    at = start + _FIELDS.size
+    _, crc = PREFIX.unpack_from(data, at)
+    n, k, blob_len, event_len, user_len, place_len, flags, t, seed, top_k, rate = FIELDS.unpack_from(data, start)
+    at = start + FIELDS.size
     strings_end = at + event_len + user_len + place_len
     width = 4 if flags & WIDE else 2
     each = 4 if flags & NARROW else 8

@@ -275,7 +275,10 @@ class Journal:
         """Queue an answered event (its returned ids are its impressions) for the thread to write and sync within
         ``sync_s`` (or with the next reward's sync, which writes it first). No system call here."""
         fields = ("e", t, event_id, ids) if segment is None else ("e", t, event_id, ids, segment)
-        record = frame(orjson.dumps(fields))
+        self.event_record(frame(orjson.dumps(fields)))
+
+    def event_record(self, record: bytes) -> None:
+        """``event`` for a record framed already (``frame`` of the same JSON array): the native answer's."""
         with self._lock:
             if not self._held:
                 self._held_since = time.monotonic()

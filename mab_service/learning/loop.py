@@ -42,6 +42,7 @@ from mab_service.errors import MabError, Overloaded, SegmentsUnavailable
 from mab_service.features.source import FeatureSource, count_invalid
 from mab_service.ids import KEY_SEPARATOR, pair_key, segment_key
 from mab_service.learning import _arms, _events, decisions
+from mab_service.learning._answer import NativeAnswer
 from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
@@ -262,6 +263,8 @@ class LoopBase:
 
     #: Whether this loop counts impressions and rewards per segment, so that answers may rank within one.
     counts_segments = False
+    #: The native /predict over the node's table (``answered_native``), where answers rank from it; else None.
+    native: NativeAnswer | None = None
 
     def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
         self.node = node
@@ -432,6 +435,47 @@ class LoopBase:
                 )
             )
         return event_id
+
+    def answered_native(self, native: NativeAnswer) -> bytes:
+        """``answered`` for the answer ``native.rank`` ranked, and its bytes: the same holds, counts and records,
+        with nothing per candidate done in Python.
+
+        Raises:
+            TooManyEvents, TooManyNewArms: The client's share is full (429).
+            EventIdInUse: The body's own event id is held still (409).
+        """
+        now = time.time()
+        held = native.held
+        holds = self._admit(held, now)
+        client = CLIENT.get()
+        new = native.new_arms
+        try:
+            self.new_arms.admit(client, new)
+        except TooManyNewArms:
+            self.refusals.too_many_new_arms += 1
+            raise
+        event_id = native.event_id
+        claimed = event_id is not None
+        if event_id is None:
+            event_id = self.new_event_id()
+        tag = native.segment_tag()
+        while not native.hold(event_id, now, tag):
+            if claimed:
+                self.refusals.event_id_in_use += 1
+                raise EventIdInUse(f"event_id {event_id!r} is still held; send a new one", field="event_id")
+            event_id = self.new_event_id()
+        self.holding.add(holds, held, now)
+        self.new_arms.add(client, new)
+        failed, segment_failed, record, answer = native.commit(event_id, now)
+        self.impressions_unrecorded += failed
+        self.segment_impressions_unrecorded += segment_failed
+        self.journal.event_record(record)
+        self.impressions += held
+        self._bucket(now)[1] += held
+        log = self.decisions
+        if log is not None and log.takes(event_id):
+            log.append(native.decision(event_id, now, log.sample_rate))
+        return answer
 
     def _check(self) -> None:
         """Refuse an answer before anything of it is held (fleet mode: when its events cannot be kept)."""
@@ -608,8 +652,18 @@ class NodeLoop(LoopBase):
 
     def __init__(self, node: Node, settings: Settings, *, apply_counts: bool) -> None:
         super().__init__(node, settings, apply_counts=apply_counts)
-        # Segments rank by the loop's counts: only where those counts rank at all.
+        # Segments rank by the loop's counts: only where those counts rank at all; so does the native answer.
         self.counts_segments = apply_counts
+        if apply_counts:
+            self.native = NativeAnswer(
+                self.arms,
+                self.events,
+                settings.max_candidates,
+                self.prior_alpha,
+                self.prior_beta,
+                self.segment_weight,
+                self.max_held_ids,
+            )
 
     def _new_arms(self, held_ids: list[str], rows: npt.NDArray[np.int32] | None, held: npt.NDArray[np.int64]) -> int:
         if rows is not None:  # the embedded source looked the candidates up in this table: -1 is not in it

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from mab_service.errors import MabError
 from mab_service.features.source import FeatureSource
+from mab_service.learning._answer import NativeAnswer
 from mab_service.learning._arms import ArmTable
 from mab_service.learning.loop import LoopCounters
 
@@ -30,6 +31,8 @@ class Loop(Protocol):
     window_s: float
     #: Whether answers may rank within a segment (the loop counts segments); else they are refused.
     counts_segments: bool
+    #: The native /predict (``answered_native``), where answers rank from the node's table; else None.
+    native: NativeAnswer | None
 
     @property
     def durable(self) -> bool:
@@ -71,6 +74,10 @@ class Loop(Protocol):
         segment_rows: npt.NDArray[np.int32] | None = None,
     ) -> str:
         """Hold an answer's event and count its impressions (for its segment too, if any); return the event id."""
+        ...
+
+    def answered_native(self, native: NativeAnswer) -> bytes:
+        """``answered`` for the answer ``native.rank`` took and ranked; return the answer's bytes."""
         ...
 
     async def reward(self, event_id: str, arm_id: str, value: float) -> bool:
