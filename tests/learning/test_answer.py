@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import random
 import struct
 from pathlib import Path
@@ -233,3 +234,20 @@ def test_json_double_is_orjsons() -> None:
     for value in values:
         if math.isfinite(value):
             assert json_double(value) == orjson.dumps(value), value
+
+
+def test_event_ids_are_fresh_in_a_forked_child() -> None:
+    from mab_service.learning.loop import LoopBase
+
+    LoopBase.new_event_id()  # the parent has read its pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, LoopBase.new_event_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    parents = [LoopBase.new_event_id() for _ in range(300)]  # past the end of its pool, too
+    assert child not in parents
+    assert len(set(parents)) == 300
+    assert all(len(e) == 32 and int(e, 16) >= 0 for e in parents)
