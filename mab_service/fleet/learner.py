@@ -393,15 +393,27 @@ def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | Non
         return None
     if type(records) is not list:
         return None
-    sums: dict[str, Decayed] = {}
+    # Sums per epoch (a message's records nearly always share one), as lists added to in place; merged across epochs
+    # at the end, in a fixed order, so that the same message always gives the same sums.
+    by_epoch: dict[int, dict[str, list[float]]] = {}
     invalid: Counter[str] = Counter()
     example = None
     impressions = rewards = 0
     ids_ok: dict[Any, bool] = {}
     latest = now + MAX_AHEAD_S
 
-    def add(row: str, epoch: int, shown: float, got: float) -> None:
-        sums[row] = merged(sums.get(row), epoch, shown, got)
+    def add(into: dict[str, list[float]], row: str, k: int, amount: float) -> None:
+        count = into.get(row)
+        if count is None:
+            into[row] = [amount, 0.0] if k == 0 else [0.0, amount]
+        else:
+            count[k] += amount
+
+    def good(id_: Any) -> bool:
+        ok = ids_ok.get(id_) if type(id_) is str else False
+        if ok is None:
+            ok = ids_ok[id_] = id_problem(id_) is None
+        return ok
 
     for record in records:
         problem = "record"
@@ -411,9 +423,12 @@ def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | Non
                 return None  # a time out of range (orjson reads no NaN or infinity): not for the sums
             epoch = epoch_of(t, half_life_s)
             w = weight(t, epoch, half_life_s)
+            into = by_epoch.get(epoch)
+            if into is None:
+                into = by_epoch[epoch] = {}
             if record[0] == "a" and type(record[2]) is list and len(record) <= 4:
                 ids = record[2]
-                if all(type(i) is str and ids_ok.setdefault(i, id_problem(i) is None) for i in ids):
+                if all(good(id_) for id_ in ids):
                     segment = record[3] if len(record) == 4 else None
                     if segment is not None and (type(segment) is not str or segment_problem(segment) is not None):
                         segment = None  # the impressions count for the arms alone
@@ -421,9 +436,9 @@ def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | Non
                         if example is None:
                             example = record
                     for id_ in ids:
-                        add(id_, epoch, w, 0.0)
+                        add(into, id_, 0, w)
                         if segment is not None:
-                            add(segment_row(segment, id_), epoch, w, 0.0)
+                            add(into, segment_row(segment, id_), 0, w)
                     impressions += len(ids)
                     continue
                 problem = "id"
@@ -431,12 +446,12 @@ def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | Non
                 checked = _check(record, ids_ok)
                 if checked is None:
                     got = float(record[4]) * w
-                    add(record[3], epoch, 0.0, got)
+                    add(into, record[3], 1, got)
                     rewards += 1
                     if len(record) > 5:
                         segment = record[5]
                         if type(segment) is str and segment_problem(segment) is None:
-                            add(segment_row(segment, record[3]), epoch, 0.0, got)
+                            add(into, segment_row(segment, record[3]), 1, got)
                         else:
                             invalid["segment"] += 1
                             if example is None:
@@ -446,6 +461,10 @@ def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | Non
         invalid[problem] += 1
         if example is None:
             example = record
+    sums: dict[str, Decayed] = {}
+    for epoch in sorted(by_epoch):
+        for row, (shown, got) in by_epoch[epoch].items():
+            sums[row] = merged(sums.get(row), epoch, shown, got)
     return Weighted(sums, impressions, rewards, invalid, example)
 
 
