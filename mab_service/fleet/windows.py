@@ -157,11 +157,16 @@ def encode_decayed_window(version: int, ids: list[str], counts: list[Decayed]) -
 def decode_decayed_window(data: bytes, version: int) -> tuple[list[str], list[Decayed]]:
     """The ids and sums ``encode_decayed_window`` wrote, checked (epochs in [0, ``MAX_EPOCH``], sums finite and >= 0).
 
+    A window written without a half-life (no epochs: a table switched to one) holds integer counts, which are not
+    read with a half-life: nothing to write again, ``([], [])``.
+
     Raises:
-        ValueError: If ``data`` is not such a window (a window without epochs: one written without a half-life).
+        ValueError: If ``data`` is not such a window.
     """
     try:
         doc = orjson.loads(data)
+        if type(doc) is dict and "e" not in doc and doc.get("v") == version and "i" in doc:
+            return [], []
         got, ids, epochs, impressions, rewards = doc["v"], doc["ids"], doc["e"], doc["i"], doc["r"]
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"not a window of forward-decayed sums: {exc}") from None

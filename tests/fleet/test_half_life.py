@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 import pytest
 
-from mab_service.fleet import schema
+from mab_service.fleet import schema, windows
 from mab_service.fleet.learner import Learner, LearnerError, parse_decayed
 from mab_service.fleet.sink import FORMAT_VERSION, shard_topic
 from mab_service.fleet.windows import DecayedPlan, ShardState, decode_decayed_window, encode_decayed_window, merged
@@ -59,6 +59,10 @@ def test_sums_move_between_epochs_exactly_and_read_as_the_weighted_counts() -> N
         assert schema.read_decayed(bad) is None
     ids, sums = decode_decayed_window(encode_decayed_window(5, ["a", "b"], [count, (3, 0.0, 1.5)])[0], 5)
     assert ids == ["a", "b"] and sums == [count, (3, 0.0, 1.5)]  # bit for bit through the shard row's window
+    integers = windows.encode_window(6, ["a"], [3], [1_000_000])[0]  # a table switched to a half-life
+    assert decode_decayed_window(integers, 6) == ([], [])
+    with pytest.raises(ValueError, match="version 6 under version 7"):
+        decode_decayed_window(encode_decayed_window(6, ["a"], [count])[0], 7)
 
 
 def test_a_message_is_weighed_by_its_records_times_and_a_bad_time_refuses_it_whole() -> None:
