@@ -55,6 +55,7 @@ async def _learning(settings: config.Settings) -> AsyncIterator[Loop | None]:
             timeout_s=settings.vertex_read_budget_s,
             publish_timeout_s=settings.events_publish_timeout_s,
             shutdown_timeout_s=settings.timeout_graceful_shutdown_s,
+            half_life_s=settings.half_life_s,
         )
     with node.using(settings) as current:
         if fleet is not None and settings.fleet_follow:

@@ -443,12 +443,6 @@ class Settings:
             _check(self.events, specs.events_topic(self.events) is not None, "events", specs.EVENTS_FORM)
             _check(self.features, spec.kind == "bigtable", "features", "a bigtable: table when events is set")
             _check(self.learning, self.learning, "learning", "on when events is set")
-            _check(
-                self.half_life_s,
-                self.half_life_s == 0,
-                "half_life_s",
-                "0 when events is set (the fleet's learners do not decay their counts yet; a node does)",
-            )
         _check(
             self.events_publish_timeout_s,
             math.isfinite(self.events_publish_timeout_s) and self.events_publish_timeout_s > 0,

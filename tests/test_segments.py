@@ -286,7 +286,13 @@ def test_a_worker_that_keeps_no_segment_counts_refuses_a_segment_clearly(table_c
     assert refused.value.status_code == 422 and refused.value.to_json()["error"] == "segments_unavailable"
 
 
-def test_fleet_mode_refuses_a_half_life_at_start() -> None:
+def test_fleet_mode_takes_a_half_life_and_refuses_a_bad_one_at_start() -> None:
+    """The fleet decays too (tests/fleet/test_half_life.py): a half-life passes the settings' checks with
+    ``--events``; a negative one stops the start, as on a node."""
+    from mab_service.config import Settings
+
+    fleet = {"events": "pubsub:projects/p/topics/t", "features": "bigtable:projects/p/instances/i/tables/t"}
+    assert Settings(**fleet, half_life_s=5.0).half_life_s == 5.0  # checked in __post_init__: no refusal
     result = subprocess.run(
         [
             sys.executable,
@@ -294,11 +300,11 @@ def test_fleet_mode_refuses_a_half_life_at_start() -> None:
             "mab_service",
             "serve",
             "--events",
-            "pubsub:projects/p/topics/t",
+            fleet["events"],
             "--features",
-            "bigtable:projects/p/instances/i/tables/t",
+            fleet["features"],
             "--half-life-s",
-            "5",
+            "-5",
         ],
         capture_output=True,
         text=True,
@@ -306,4 +312,4 @@ def test_fleet_mode_refuses_a_half_life_at_start() -> None:
         env={k: v for k, v in os.environ.items() if not k.startswith("MAB_")},
     )
     assert result.returncode != 0
-    assert "half_life_s must be 0 when events is set" in result.stderr
+    assert "half_life_s must be a finite number >= 0" in result.stderr

@@ -342,6 +342,23 @@ void raise_count(uint64_t* word, double value) noexcept {
     }
 }
 
+// Raises one forward-decayed count to at least `value`, a sum relative to `landmark`: converted to the landmark of
+// the count's own epoch (read after the word, as add_count does) before the max; the parity is kept, so a sweep
+// and this never lose one another.
+void raise_decayed_count(const ArmTable* t, uint64_t* word, double value, double landmark) noexcept {
+    uint64_t old = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    for (;;) {
+        const uint64_t epoch = __atomic_load_n(&t->epoch, __ATOMIC_ACQUIRE);
+        const uint64_t own = (old & kParity) == parity_of(epoch) || epoch == 0 ? epoch : epoch - 1;
+        const double converted = value * std::exp2((landmark - landmark_of(t, own)) / t->half_life_s);
+        if (!(value_of(old) < converted)) return;
+        if (__atomic_compare_exchange_n(word, &old, word_of(converted, old & kParity), true, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            return;
+        }
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------
@@ -756,6 +773,26 @@ int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions,
         }
         raise_count(&rec[row].impressions, static_cast<double>(impressions[i]));
         raise_count(&rec[row].rewards, rewards[i]);
+    }
+    *n_failed = failed;
+    return kArmOk;
+}
+
+int arm_raise_decayed(ArmTable* t, const IdRef* ids, const double* impressions, const double* rewards,
+                      const double* landmarks, std::size_t n, double prior_alpha, double prior_beta,
+                      std::size_t* n_failed) noexcept {
+    ArmRecord* rec = records_of(t);
+    std::size_t failed = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        int64_t row;
+        bool existed;
+        if (find_or_insert(t, ids[i], hash_id_keyed(ids[i], t->key), prior_alpha, prior_beta, kArmRuntime, &row,
+                           &existed) != kArmOk) {
+            ++failed;
+            continue;
+        }
+        raise_decayed_count(t, &rec[row].impressions, impressions[i], landmarks[i]);
+        raise_decayed_count(t, &rec[row].rewards, rewards[i], landmarks[i]);
     }
     *n_failed = failed;
     return kArmOk;

@@ -208,6 +208,15 @@ int arm_table_rebase(ArmTable* table, double now) noexcept;
 int arm_raise_counts(ArmTable* table, const IdRef* ids, const uint64_t* impressions, const double* rewards,
                      std::size_t n, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept;
 
+// For i < n: raises the counts of ids[i] to at least impressions[i] and rewards[i], forward-decayed sums relative to
+// the landmark landmarks[i] (unix time), each converted to its count's own landmark (times 2**((landmarks[i] -
+// own) / H)) before the atomic max, with the compare-and-swap that keeps the count's parity. For tables with decay:
+// the fleet's forward-decayed sums only grow too, so readings may be applied in any order and more than once.
+// *n_failed counts ids not recorded because the table was full. Only for a table with decay (half_life_s > 0).
+int arm_raise_decayed(ArmTable* table, const IdRef* ids, const double* impressions, const double* rewards,
+                      const double* landmarks, std::size_t n, double prior_alpha, double prior_beta,
+                      std::size_t* n_failed) noexcept;
+
 // ---------------------------------------------------------------------------------------------------------
 // CSV catalogue loading
 //

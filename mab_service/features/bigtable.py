@@ -44,14 +44,19 @@ from mab_service.fleet.schema import (
     ARMS_START,
     CONFIG_ROW,
     COUNTS_FAMILY,
+    DECAYED,
+    EPOCH_HALF_LIVES,
     FLEET_FAMILY,
+    HALF_LIFE,
     IMPRESSIONS,
     PROBE_KEY,
     REWARD_SCALE,
     REWARDS,
     TablePath,
     decode_int64,
+    half_life_text,
     prefix_end,
+    read_decayed,
 )
 
 logger = logging.getLogger("mab_service.bigtable")
@@ -65,7 +70,8 @@ COUNTS_FAMILIES = f"^[{ABSOLUTE_FAMILY}{COUNTS_FAMILY}]$"
 
 
 class Counts(NamedTuple):
-    impressions: npt.NDArray[np.int64]
+    impressions: npt.NDArray[Any]
+    """int64 counts; with a half-life, float64 weighted counts as of the read."""
     rewards: npt.NDArray[np.float64]
     found: npt.NDArray[np.bool_]
     invalid: npt.NDArray[np.intp] | None = None
@@ -119,23 +125,67 @@ async def read_shards(table: Any, timeout_s: float = 30.0) -> int:
     return int(value)
 
 
+async def agree_half_life(table: Any, half_life_s: float, timeout_s: float = 30.0) -> None:
+    """Check that the fleet's half-life is ``half_life_s``: the configuration row's cell ``s:half_life_s``, written
+    here (once, by a CheckAndMutateRow) if it is absent and ``half_life_s`` is not 0. A table whose cell is absent has
+    no half-life.
+
+    Raises:
+        FeatureSourceError: If the table holds another half-life, naming both.
+    """
+    from google.cloud.bigtable.data import SetCell, row_filters
+
+    only = row_filters.RowFilterChain(
+        [row_filters.FamilyNameRegexFilter(FLEET_FAMILY), row_filters.ColumnQualifierRegexFilter(b"^half_life_s$")]
+    )
+    mine = half_life_text(half_life_s)
+    if half_life_s:
+        # Written only where no half-life is yet (another process may be writing its own now: the read decides).
+        await table.check_and_mutate_row(
+            CONFIG_ROW,
+            only,
+            false_case_mutations=[SetCell(FLEET_FAMILY, HALF_LIFE, mine)],
+            operation_timeout=timeout_s,
+        )
+    row = await table.read_row(CONFIG_ROW, row_filter=only, operation_timeout=timeout_s)
+    stored = row.cells[0].value if row is not None and row.cells else half_life_text(0.0)
+    if stored != mine:
+        theirs = stored.decode(errors="replace")
+        raise FeatureSourceError(
+            f"the fleet's half-life is {theirs} s (Bigtable {CONFIG_ROW!r}, s:half_life_s), this process's "
+            f"{float(half_life_s)!r} s: start every replica and learner with --half-life-s {theirs}"
+        )
+
+
 class _Cells:
     """Counts being decoded: impressions and rewards (millionths) by position, and the positions with a bad cell.
 
     A row's family ``n`` cells (absolute counts) win over its ``c`` cells (sums of earlier learners), whatever order
     they come in."""
 
-    __slots__ = ("impressions", "rewards", "absolute", "bad")
+    __slots__ = ("impressions", "rewards", "absolute", "bad", "half_life_s", "epochs", "sums")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, half_life_s: float = 0.0) -> None:
         self.impressions = np.zeros(n, np.int64)
         self.rewards = np.zeros(n, np.int64)
         self.absolute = np.zeros(n, np.bool_)
         self.bad: list[int] = []
+        self.half_life_s = half_life_s
+        """With a half-life only the ``n:d`` cells are read: ``epochs`` and ``sums`` (impressions, rewards)."""
+        self.epochs = np.zeros(n if half_life_s else 0, np.int64)
+        self.sums = np.zeros((n if half_life_s else 0, 2), np.float64)
 
     def put(self, i: int, family: str, qualifier: bytes, value: bytes) -> None:
         """One cell's value at position ``i``; a value that is not 8 bytes or is negative marks the position bad,
         not the read."""
+        if self.half_life_s:
+            if family == ABSOLUTE_FAMILY and qualifier == DECAYED:
+                counted = read_decayed(value)
+                if counted is None:
+                    self.bad.append(i)
+                else:
+                    self.epochs[i], self.sums[i, 0], self.sums[i, 1] = counted
+            return
         if qualifier != IMPRESSIONS and qualifier != REWARDS:
             return
         if family == ABSOLUTE_FAMILY:
@@ -150,11 +200,29 @@ class _Cells:
         (self.impressions if qualifier == IMPRESSIONS else self.rewards)[i] = decode_int64(value)
 
     def counts(self, found: npt.NDArray[np.bool_]) -> Counts:
+        if self.half_life_s:
+            return self._decayed(found)
         if not self.bad:
             return Counts(self.impressions, self.rewards / REWARD_SCALE, found)
         invalid = np.unique(np.array(self.bad, np.intp))
         self.impressions[invalid] = self.rewards[invalid] = 0  # the other cell of the row may be fine; not alone
         return Counts(self.impressions, self.rewards / REWARD_SCALE, found, invalid)
+
+    def _decayed(self, found: npt.NDArray[np.bool_]) -> Counts:
+        """The sums read now: times 2 ** ((landmark - now) / H), split as a power of two (``ldexp``, exact) and a
+        factor in [1, 2), so that no intermediate overflows however far the landmark is from now."""
+        h = self.half_life_s
+        exponent = (self.epochs * (EPOCH_HALF_LIVES * h) - time.time()) / h
+        whole = np.floor(exponent)
+        scale = np.exp2(exponent - whole)
+        whole_int = np.clip(whole, -1100, 1100).astype(np.int64)
+        impressions = np.ldexp(self.sums[:, 0] * scale, whole_int)
+        rewards = np.ldexp(self.sums[:, 1] * scale, whole_int)
+        if not self.bad:
+            return Counts(impressions, rewards, found)
+        invalid = np.unique(np.array(self.bad, np.intp))
+        impressions[invalid] = rewards[invalid] = 0.0
+        return Counts(impressions, rewards, found, invalid)
 
 
 def _store(row: Any, i: int, cells: _Cells) -> None:
@@ -172,6 +240,8 @@ class BigtableSource:
         chunk_size: Keys per ReadRows call.
         timeout_s: Deadline of one fetch.
         raw_reads: Decode ReadRows answers from the raw protobuf instead of through the client's rows.
+        half_life_s: The fleet's half-life (0: none): counts are read from the ``n:d`` cells' forward-decayed sums,
+            as of the read (``fleet.schema``), and the table's half-life must be this one (checked at ``start``).
 
     Raises:
         FeatureSourceError: If ``table`` is not such a name or ``chunk_size`` is not positive.
@@ -188,6 +258,7 @@ class BigtableSource:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout_s: float = 2.0,
         raw_reads: bool = False,
+        half_life_s: float = 0.0,
     ) -> None:
         if chunk_size < 1:
             raise FeatureSourceError(f"chunk_size must be at least 1 (got {chunk_size})")
@@ -197,6 +268,7 @@ class BigtableSource:
         self.chunk_size = chunk_size
         self.timeout_s = timeout_s
         self.raw_reads = raw_reads
+        self.half_life_s = half_life_s
         self._request: bytes = b""
         self._metadata: tuple[tuple[str, str], ...] = ()
         self._client: Any = None
@@ -245,13 +317,19 @@ class BigtableSource:
             await self.read_counts([PROBE_KEY])
         except Exception as exc:
             raise FeatureSourceError(f"cannot read Bigtable table {self.path}: {exc}") from None
+        try:
+            await agree_half_life(self._table, self.half_life_s, 10 * self.timeout_s)
+        except FeatureSourceError:
+            raise
+        except Exception as exc:
+            raise FeatureSourceError(f"cannot read the fleet's half-life in Bigtable {self.path}: {exc}") from None
         self._ready = Health(True)
 
     async def read_counts(self, ids: list[str]) -> Counts:
         """The impressions and rewards of ``ids`` (distinct), aligned with them; ``found`` where a row exists."""
         assert self._table is not None, "read before start"
         n = len(ids)
-        cells = _Cells(n)
+        cells = _Cells(n, self.half_life_s)
         found = np.zeros(n, np.bool_)
         if n and self.raw_reads:
             position = {id_.encode(): i for i, id_ in enumerate(ids)}
@@ -299,7 +377,7 @@ class BigtableSource:
             self._query(row_ranges=[rows_range], limit=limit, row_filter=self._filter),
             operation_timeout=10 * self.timeout_s,
         )
-        cells = _Cells(len(rows))
+        cells = _Cells(len(rows), self.half_life_s)
         for i, row in enumerate(rows):
             _store(row, i, cells)
         skip = len(prefix or b"")

@@ -57,7 +57,13 @@ def make_source(settings: Settings) -> FeatureSource:
 
         # A read that fails within the request's wait gives the prior, marked degraded, instead of a 503.
         timeout_s = min(settings.vertex_read_budget_s, settings.vertex_deadline_s)
-        source = BigtableSource(spec.target, settings.prior_alpha, settings.prior_beta, timeout_s=timeout_s)
+        source = BigtableSource(
+            spec.target,
+            settings.prior_alpha,
+            settings.prior_beta,
+            timeout_s=timeout_s,
+            half_life_s=settings.half_life_s,
+        )
         ttl_s = settings.fleet_cache_ttl_s
     elif spec.kind == "vertex":
         from mab_service.features.vertex import VertexSource

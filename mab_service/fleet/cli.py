@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 
@@ -97,6 +98,12 @@ def learn_main(argv: list[str]) -> int:
         default=DEFAULT_LEASE_TTL_S,
         help="how long a shard's lease lasts unrenewed: a killed learner's shards are taken over after it",
     )
+    parser.add_argument(
+        "--half-life-s",
+        type=float,
+        default=0.0,
+        help="the fleet's half-life (0: counts do not decay); must be the replicas' serve --half-life-s",
+    )
     parser.add_argument("--log-every-s", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument(
         "--metrics-port",
@@ -107,6 +114,11 @@ def learn_main(argv: list[str]) -> int:
     parser.add_argument("--metrics-host", default="0.0.0.0", help="address the /metrics endpoint listens on")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not (math.isfinite(args.half_life_s) and args.half_life_s >= 0):
+        print(
+            f"mab-service learn: --half-life-s must be a finite number >= 0 (got {args.half_life_s})", file=sys.stderr
+        )
+        return FAILURE
     try:
         subscription = fleet_setup.subscription_path(args.events)
         table = fleet_setup.table_path(args.posteriors)
@@ -122,6 +134,7 @@ def learn_main(argv: list[str]) -> int:
             max_messages=args.max_messages,
             concurrency=args.concurrency,
             lease_ttl_s=args.lease_ttl_s,
+            half_life_s=args.half_life_s,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -49,9 +49,12 @@ from mab_service.fleet.schema import (
     ABSOLUTE_FAMILY,
     ARMS_START,
     COUNTS_FAMILY,
+    MAX_EPOCH,
     REWARD_SCALE,
     SEGMENT_ROW_PREFIX,
     arm_counts,
+    decayed_counts,
+    landmark,
     prefix_end,
     split_segment_row,
 )
@@ -67,6 +70,9 @@ DELETE_TIMEOUT_S = 5.0
 COUNTS_SUFFIX = "-counts"
 #: Attribute ``v`` of a fan-out message.
 FORMAT_VERSION = "1"
+#: ``v`` of a message of forward-decayed sums (a fleet with a half-life): ``e``, each arm's epoch, beside ``i`` and
+#: ``r``, its float sums; attribute ``h`` is the half-life. A follower applies only the messages of its own kind.
+DECAYED_VERSION = "2"
 #: Arms per fan-out message at most (ids of up to 1,024 bytes keep a message under Pub/Sub's 10 MB).
 ARMS_PER_MESSAGE = 5000
 #: Windows whose counts may be read back and published at once per learner; past it a window is skipped (its
@@ -117,21 +123,24 @@ class CountsMessage:
     started: float
     """Unix time the learner started (a replica that subscribed earlier expects its numbers from 0)."""
     ids: list[str]
-    impressions: list[int]
-    rewards: list[int]
-    """In millionths (``REWARD_SCALE``), as Bigtable holds them."""
+    impressions: list[int] | list[float]
+    rewards: list[int] | list[float]
+    """In millionths (``REWARD_SCALE``), as Bigtable holds them; with ``epochs``, forward-decayed sums."""
+    epochs: list[int] | None = None
+    """With a half-life, each arm's epoch (``schema.landmark``); None without."""
 
     def encode(self) -> bytes:
-        return orjson.dumps(
-            {
-                "l": self.learner,
-                "q": self.seq,
-                "t0": self.started,
-                "ids": self.ids,
-                "i": self.impressions,
-                "r": self.rewards,
-            }
-        )
+        doc: dict[str, Any] = {
+            "l": self.learner,
+            "q": self.seq,
+            "t0": self.started,
+            "ids": self.ids,
+            "i": self.impressions,
+            "r": self.rewards,
+        }
+        if self.epochs is not None:
+            doc["e"] = self.epochs
+        return orjson.dumps(doc)
 
     @classmethod
     def decode(cls, data: bytes) -> CountsMessage | None:
@@ -141,6 +150,7 @@ class CountsMessage:
             learner, seq, started, ids, shown, got = doc["l"], doc["q"], doc["t0"], doc["ids"], doc["i"], doc["r"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return None
+        epochs = doc.get("e") if isinstance(doc, dict) else None
         if not (
             isinstance(learner, str)
             and type(seq) is int
@@ -151,11 +161,22 @@ class CountsMessage:
             and isinstance(got, list)
             and len(ids) == len(shown) == len(got)
             and all(isinstance(i, str) and i for i in ids)
-            and all(type(n) is int and n >= 0 for n in shown)
-            and all(type(n) is int and n >= 0 for n in got)
         ):
             return None
-        return cls(learner, seq, float(started), ids, shown, got)
+        if epochs is None:
+            if not (all(type(n) is int and n >= 0 for n in shown) and all(type(n) is int and n >= 0 for n in got)):
+                return None
+            return cls(learner, seq, float(started), ids, shown, got)
+        # Forward-decayed sums: checked before use, as a learner's window is.
+        if not (
+            isinstance(epochs, list)
+            and len(epochs) == len(ids)
+            and all(type(e) is int and 0 <= e <= MAX_EPOCH for e in epochs)
+            and all(type(x) in (int, float) and 0 <= x < math.inf for x in shown)
+            and all(type(x) in (int, float) and 0 <= x < math.inf for x in got)
+        ):
+            return None
+        return cls(learner, seq, float(started), ids, [float(x) for x in shown], [float(x) for x in got], epochs)
 
 
 # -- the learners' side ---------------------------------------------------------------------------------------------
@@ -209,9 +230,21 @@ class CountsPublisher:
                 exc,
             )
 
-    def written(self, ids: list[str], impressions: list[int], rewards: list[int]) -> None:
-        """Publish the absolute counts of ``ids`` (the arms a window just wrote, rewards in millionths), in the
+    def written_decayed(self, ids: list[str], sums: list[tuple[int, float, float]], half_life_s: float) -> None:
+        """With a half-life: publish the forward-decayed sums ``(epoch, impressions, rewards)`` of ``ids``, in the
         background."""
+        self.written(ids, [c[1] for c in sums], [c[2] for c in sums], [c[0] for c in sums], half_life_s)
+
+    def written(
+        self,
+        ids: list[str],
+        impressions: list[int] | list[float],
+        rewards: list[int] | list[float],
+        epochs: list[int] | None = None,
+        half_life_s: float = 0.0,
+    ) -> None:
+        """Publish the absolute counts of ``ids`` (the arms a window just wrote, rewards in millionths), in the
+        background; with ``epochs``, forward-decayed sums of a fleet with half-life ``half_life_s``."""
         if not ids or self._publisher is None:
             return
         seq = self._seq
@@ -219,11 +252,22 @@ class CountsPublisher:
         if len(self._tasks) >= self.max_pending:
             self._failed(f"{len(self._tasks)} windows are still being published")
             return
-        task = asyncio.get_running_loop().create_task(self._publish(ids, impressions, rewards, seq))
+        task = asyncio.get_running_loop().create_task(
+            self._publish(ids, impressions, rewards, seq, epochs, half_life_s)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, ids: list[str], impressions: list[int], rewards: list[int], seq: int) -> None:
+    async def _publish(
+        self,
+        ids: list[str],
+        impressions: list[int] | list[float],
+        rewards: list[int] | list[float],
+        seq: int,
+        epochs: list[int] | None,
+        half_life_s: float,
+    ) -> None:
+        attributes = {"v": FORMAT_VERSION} if epochs is None else {"v": DECAYED_VERSION, "h": repr(half_life_s)}
         try:
             messages = []
             for s in range(0, len(ids), ARMS_PER_MESSAGE):
@@ -234,8 +278,9 @@ class CountsPublisher:
                     ids[s : s + ARMS_PER_MESSAGE],
                     impressions[s : s + ARMS_PER_MESSAGE],
                     rewards[s : s + ARMS_PER_MESSAGE],
+                    None if epochs is None else epochs[s : s + ARMS_PER_MESSAGE],
                 )
-                messages.append({"data": message.encode(), "attributes": {"v": FORMAT_VERSION}})
+                messages.append({"data": message.encode(), "attributes": attributes})
             await self._publisher.publish(topic=self.topic, messages=messages, timeout=self.timeout_s)
         except Exception as exc:
             self._failed(str(exc))
@@ -335,6 +380,9 @@ class CountsFollower:
         self.resync_after_s = resync_after_s
         self.gap_grace_s = gap_grace_s
         self.scan_timeout_s = scan_timeout_s
+        self.half_life_s = arms.half_life_s
+        """The node table's half-life: with one, the follower applies forward-decayed sums (``DECAYED_VERSION``)."""
+        self._kind = (FORMAT_VERSION, None) if not self.half_life_s else (DECAYED_VERSION, repr(self.half_life_s))
         project = topic.split("/")[1]
         self.subscription_name = f"projects/{project}/subscriptions/{topic.rpartition('/')[2]}-{secrets.token_hex(6)}"
         self._source: BigtableSource | None = None
@@ -470,6 +518,8 @@ class CountsFollower:
         got: list[int] = []
         stream = await self._source.table.read_rows_stream(query, operation_timeout=self.scan_timeout_s)
         rows = 0
+        if self.half_life_s:
+            rows = await self._scan_decayed(stream)
         async for row in stream:
             rows += 1
             counts = arm_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
@@ -492,6 +542,49 @@ class CountsFollower:
             time.monotonic() - started,
             reason,
         )
+
+    async def _scan_decayed(self, stream: Any) -> int:
+        """With a half-life, the scan's rows as forward-decayed sums (their ``n:d`` cells; a row without one, or with
+        one that is not an epoch and two sums, is skipped). Returns the rows read."""
+        rows = 0
+        ids: list[str] = []
+        sums: list[tuple[int, float, float]] = []
+        async for row in stream:
+            rows += 1
+            counted = decayed_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
+            if counted is None or counted[1] == counted[2] == 0.0:
+                continue
+            ids.append(row.row_key.decode(errors="replace"))
+            sums.append(counted)
+            if len(ids) >= SCAN_BATCH:
+                self._apply_decayed(ids, sums)
+                ids, sums = [], []
+        self._apply_decayed(ids, sums)
+        return rows
+
+    def _apply_decayed(self, ids: list[str], sums: list[tuple[int, float, float]]) -> None:
+        """Max-merge forward-decayed sums into the node's table (each moved to the count's own landmark there); keys
+        as ``_apply`` maps them."""
+        if any(id_.startswith("\x00") for id_ in ids):
+            keys: list[str] = []
+            kept: list[tuple[int, float, float]] = []
+            for id_, counted in zip(ids, sums):
+                if id_.startswith("\x00"):
+                    pair = split_segment_row(id_)
+                    if pair is None:
+                        self.malformed_keys += 1
+                        continue
+                    id_ = pair_key(*pair)
+                keys.append(id_)
+                kept.append(counted)
+            ids, sums = keys, kept
+        if not ids:
+            return
+        shown = np.array([c[1] for c in sums], np.float64)
+        got = np.minimum(np.array([c[2] for c in sums], np.float64), shown)  # as ``_apply``: rewards in [0, shown]
+        marks = np.array([landmark(c[0], self.half_life_s) for c in sums], np.float64)
+        self.table_full += self.arms.raise_decayed(ids, shown, got, marks, self.prior_alpha, self.prior_beta)
+        self.arms_applied += len(ids)
 
     def _apply(self, ids: list[str], impressions: list[int], millionths: list[int]) -> None:
         """Max-merge counts into the node's table; a segment row's key becomes the node's pair key, and a key that
@@ -589,18 +682,30 @@ class CountsFollower:
         ids: list[str] = []
         shown: list[int] = []
         got: list[int] = []
+        sums: list[tuple[int, float, float]] = []
         for item in received:
             message = CountsMessage.decode(item.message.data)
-            if message is None or item.message.attributes.get("v") != FORMAT_VERSION:
+            attributes = item.message.attributes
+            if (
+                message is None
+                or (attributes.get("v"), attributes.get("h")) != self._kind
+                or (message.epochs is None) != (not self.half_life_s)
+            ):
                 self.malformed += 1
                 continue
             self.messages += 1
             self._last_message = now
             self._sequence(message, now)
             ids += message.ids
-            shown += message.impressions
-            got += message.rewards
-        self._apply(ids, shown, got)
+            if message.epochs is not None:
+                sums += zip(message.epochs, message.impressions, message.rewards)
+            else:
+                shown += message.impressions  # type: ignore[arg-type]
+                got += message.rewards  # type: ignore[arg-type]
+        if self.half_life_s:
+            self._apply_decayed(ids, sums)
+        else:
+            self._apply(ids, shown, got)
 
     def _sequence(self, message: CountsMessage, now: float) -> None:
         sequence = self._sequences.get(message.learner)

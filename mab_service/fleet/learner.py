@@ -68,9 +68,18 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from mab_service.errors import MabError
-from mab_service.features.bigtable import data_client, read_shards
+from mab_service.features.bigtable import agree_half_life, data_client, read_shards
 from mab_service.fleet.fanout import CountsPublisher, publisher_client
-from mab_service.fleet.requests import MUTATE_ROWS, counts_entry, older_than, quote, table_field, varint
+from mab_service.fleet.requests import (
+    MUTATE_ROWS,
+    counts_entry,
+    decayed_entry,
+    older_decayed_than,
+    older_than,
+    quote,
+    table_field,
+    varint,
+)
 from mab_service.fleet.schema import (
     ABSOLUTE_FAMILY,
     ALIVE,
@@ -86,14 +95,29 @@ from mab_service.fleet.schema import (
     VERSION,
     TablePath,
     arm_counts,
+    decayed_counts,
+    epoch_of,
     learner_row,
     lease_row,
     segment_row,
     version_micros,
+    weight,
 )
 from mab_service.fleet.setup import shard_subscription
 from mab_service.fleet.sink import FORMAT_VERSION, RECORDS_VERSION, shard_of, shard_topic
-from mab_service.fleet.windows import Applied, Message, Plan, ShardState, decode_window, encode_window
+from mab_service.fleet.windows import (
+    Applied,
+    Decayed,
+    DecayedPlan,
+    Message,
+    Plan,
+    ShardState,
+    decode_decayed_window,
+    decode_window,
+    encode_decayed_window,
+    encode_window,
+    merged,
+)
 from mab_service.ids import MAX_ID_BYTES, id_problem, is_event_id, segment_problem
 
 logger = logging.getLogger("mab_service.learner")
@@ -338,6 +362,112 @@ def _parse_sums(records: list[Any]) -> Parsed:
     return Parsed(shown, rewards, invalid, example, segments, segment_rewards)
 
 
+#: With a half-life, how far past the learner's clock a record's time may be (a publisher's clock ahead of it); a
+#: message with a later time, or one that is not a finite number > 0, is undecodable: it would move sums to an epoch
+#: where everything else reads as 0.
+MAX_AHEAD_S = 600.0
+
+
+class Weighted(NamedTuple):
+    """With a half-life, a message's valid records as forward-decayed sums per row (``schema.weight`` of each
+    record's own time), and what was skipped of it."""
+
+    sums: dict[str, Decayed]
+    """Per row (an arm, or an arm within a segment: ``schema.segment_row``): epoch, impressions, rewards."""
+    impressions: int
+    """Impressions of arms (segment rows repeat them), for the counters."""
+    rewards: int
+    invalid: Counter[str]
+    example: Any
+
+
+def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | None:
+    """With a half-life, a format-3 message's valid records (``["a", t, [ids]]`` with the answer's segment as a fourth
+    item if any, and the reward records) as forward-decayed sums; None if it cannot be decoded at all: not a JSON
+    array, or a record's time that is not a finite number in (0, now + ``MAX_AHEAD_S``] (nacked, for the dead-letter
+    topic: such a number must not reach the sums). Other problems skip their record, as ``parse`` does; the sums
+    records of a message without a half-life (``i``, ``s``) are skipped as ``record``."""
+    try:
+        records = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(records) is not list:
+        return None
+    # Sums per epoch (a message's records nearly always share one), as lists added to in place; merged across epochs
+    # at the end, in a fixed order, so that the same message always gives the same sums.
+    by_epoch: dict[int, dict[str, list[float]]] = {}
+    invalid: Counter[str] = Counter()
+    example = None
+    impressions = rewards = 0
+    ids_ok: dict[Any, bool] = {}
+    latest = now + MAX_AHEAD_S
+
+    def add(into: dict[str, list[float]], row: str, k: int, amount: float) -> None:
+        count = into.get(row)
+        if count is None:
+            into[row] = [amount, 0.0] if k == 0 else [0.0, amount]
+        else:
+            count[k] += amount
+
+    def good(id_: Any) -> bool:
+        ok = ids_ok.get(id_) if type(id_) is str else False
+        if ok is None:
+            ok = ids_ok[id_] = id_problem(id_) is None
+        return ok
+
+    for record in records:
+        problem = "record"
+        if type(record) is list and len(record) >= 3 and record[0] in ("a", "r"):
+            t = record[1]
+            if type(t) not in (int, float) or not 0 < t <= latest:
+                return None  # a time out of range (orjson reads no NaN or infinity): not for the sums
+            epoch = epoch_of(t, half_life_s)
+            w = weight(t, epoch, half_life_s)
+            into = by_epoch.get(epoch)
+            if into is None:
+                into = by_epoch[epoch] = {}
+            if record[0] == "a" and type(record[2]) is list and len(record) <= 4:
+                ids = record[2]
+                if all(good(id_) for id_ in ids):
+                    segment = record[3] if len(record) == 4 else None
+                    if segment is not None and (type(segment) is not str or segment_problem(segment) is not None):
+                        segment = None  # the impressions count for the arms alone
+                        invalid["segment"] += 1
+                        if example is None:
+                            example = record
+                    for id_ in ids:
+                        add(into, id_, 0, w)
+                        if segment is not None:
+                            add(into, segment_row(segment, id_), 0, w)
+                    impressions += len(ids)
+                    continue
+                problem = "id"
+            elif record[0] == "r":
+                checked = _check(record, ids_ok)
+                if checked is None:
+                    got = float(record[4]) * w
+                    add(into, record[3], 1, got)
+                    rewards += 1
+                    if len(record) > 5:
+                        segment = record[5]
+                        if type(segment) is str and segment_problem(segment) is None:
+                            add(into, segment_row(segment, record[3]), 1, got)
+                        else:
+                            invalid["segment"] += 1
+                            if example is None:
+                                example = record
+                    continue
+                problem = checked
+        invalid[problem] += 1
+        if example is None:
+            example = record
+    sums: dict[str, Decayed] = {}
+    for epoch in sorted(by_epoch):
+        for row, (shown, got) in by_epoch[epoch].items():
+            sums[row] = merged(sums.get(row), epoch, shown, got)
+    return Weighted(sums, impressions, rewards, invalid, example)
+
+
 def _check(record: Any, ids_ok: dict[Any, bool]) -> str | None:
     """Why ``record`` cannot be applied (an ``INVALID_REASONS`` entry), or None if it can."""
     if type(record) is not list or len(record) < 4:
@@ -482,6 +612,8 @@ class Learner:
         concurrency: Shards of a window written at once (each a commit and a MutateRows).
         lease_ttl_s: How long a shard's lease lasts unrenewed (renewed every third of it).
         learner_id: This learner's name in the leases; random by default.
+        half_life_s: The fleet's half-life (0: none): the counts are forward-decayed sums (``schema.weight``), and
+            the table's half-life must be this one (``features.bigtable.agree_half_life``).
     """
 
     def __init__(
@@ -494,8 +626,11 @@ class Learner:
         concurrency: int = 64,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         learner_id: str | None = None,
+        half_life_s: float = 0.0,
     ) -> None:
         self.subscription = subscription
+        self.half_life_s = half_life_s
+        self._half_life_attribute = repr(float(half_life_s)) if half_life_s else None
         self.path = TablePath.parse(table)
         self.window_s = window_s
         self.max_messages = max_messages
@@ -587,6 +722,12 @@ class Learner:
         except Exception as exc:
             raise LearnerError(f"cannot read Bigtable table {self.path}: {exc}") from None
         try:
+            await agree_half_life(self._table, self.half_life_s)
+        except MabError as exc:
+            raise LearnerError(exc.message) from None
+        except Exception as exc:
+            raise LearnerError(f"cannot read the fleet's half-life in Bigtable table {self.path}: {exc}") from None
+        try:
             await self._rebalance()
         except Exception as exc:
             raise LearnerError(f"cannot take shard leases in Bigtable table {self.path}: {exc}") from None
@@ -662,7 +803,7 @@ class Learner:
         kept: list[tuple[str, Any]] = []
         undecodable: list[tuple[str, Any]] = []
         given_back: list[tuple[str, Any]] = []
-        by_shard: dict[int, list[tuple[str, int, Parsed]]] = {}
+        by_shard: dict[int, list[tuple[str, int, Parsed | Weighted]]] = {}
         messages_of: dict[int, list[tuple[str, Any]]] = {}
         forwarded: list[tuple[str, int, Parsed]] = []
         forwarded_messages: list[tuple[str, Any]] = []
@@ -671,7 +812,14 @@ class Learner:
             attributes = message.message.attributes
             key = attributes.get("k", "")
             version = attributes.get("v")
-            parsed = parse(message.message.data, version) if version in _VERSIONS else None
+            parsed: Parsed | Weighted | None = None
+            if attributes.get("h") != self._half_life_attribute:
+                pass  # a publisher of another half-life (or none, or one where this learner has none): not countable
+            elif self.half_life_s:
+                if version == FORMAT_VERSION:
+                    parsed = parse_decayed(message.message.data, self.half_life_s, time.time())
+            elif version in _VERSIONS:
+                parsed = parse(message.message.data, version)
             if parsed is None or MESSAGE_KEY.match(key) is None:
                 undecodable.append(pulled)
                 continue
@@ -684,10 +832,15 @@ class Learner:
             if not forward and self.shards and not stream.endswith(f".{shard}"):
                 undecodable.append(pulled)  # another shard's stream on this shard's topic: a publisher of another table
                 continue
+            if forward and isinstance(parsed, Weighted):
+                # Replicas without shards are of a version without half-lives: such a message names one by mistake.
+                undecodable.append(pulled)
+                continue
             kept.append(pulled)
             if parsed.invalid:
                 self._skipped(message.message.message_id, parsed)
             if forward:  # arms of every shard: published again, split, to the shard topics
+                assert isinstance(parsed, Parsed)
                 forwarded.append((stream, int(seq), parsed))
                 forwarded_messages.append(pulled)
             elif shard is not None:
@@ -697,7 +850,7 @@ class Learner:
         try:
             limit = asyncio.Semaphore(self.concurrency)
 
-            async def write(shard: int, items: list[tuple[str, int, Parsed]]) -> bool:
+            async def write(shard: int, items: list[tuple[str, int, Parsed | Weighted]]) -> bool:
                 async with limit:
                     return await self._write_shard(shard, items)
 
@@ -728,7 +881,7 @@ class Learner:
         self.stats.windows += 1
         return len(received)
 
-    def _skipped(self, message_id: str, parsed: Parsed) -> None:
+    def _skipped(self, message_id: str, parsed: Parsed | Weighted) -> None:
         invalid = self.stats.invalid_records
         for reason, n in parsed.invalid.items():
             invalid[reason] += n
@@ -984,7 +1137,7 @@ class Learner:
         if not alive:
             await self._table.mutate_row(learner_row(self.learner_id), [DeleteAllFromRow()], operation_timeout=timeout)
 
-    async def _write_shard(self, shard: int, items: list[tuple[str, int, Parsed]]) -> bool:
+    async def _write_shard(self, shard: int, items: list[tuple[str, int, Parsed | Weighted]]) -> bool:
         """Commit a shard's part of the window on its row, then write its arms' counts; whether its messages may be
         acknowledged (else they are given back). A write that fails is retried every ``ERROR_BACKOFF_S`` with the
         messages held while the error is transient; a commit whose outcome is unknown is settled by reading the
@@ -1003,7 +1156,7 @@ class Learner:
                 if state.unapplied:  # the window before: committed, not yet in the arm rows
                     await self._bulk(state.unapplied)
                     state.unapplied = []
-                plan = Plan(state, [(stream, seq, parsed.counts()) for stream, seq, parsed in items])
+                plan = self._plan(state, items)
                 if plan.applied:
                     await self._fill(state, [*plan.shown, *plan.got])
                     if not await self._commit(state, plan):
@@ -1037,6 +1190,12 @@ class Learner:
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), ERROR_BACKOFF_S)
+
+    def _plan(self, state: ShardState, items: list[tuple[str, int, Parsed | Weighted]]) -> Plan | DecayedPlan:
+        if not self.half_life_s:
+            return Plan(state, [(stream, seq, p.counts()) for stream, seq, p in items if isinstance(p, Parsed)])
+        weighted = [(st, seq, p.sums, p.impressions, p.rewards) for st, seq, p in items if isinstance(p, Weighted)]
+        return DecayedPlan(state, weighted)
 
     def _lost(self, shard: int) -> None:
         """The shard's lease names another learner: forget the shard and stop reading it."""
@@ -1087,7 +1246,18 @@ class Learner:
                 except ValueError as exc:
                     raise ValueError(f"shard {shard}'s applied set of {stream!r}: {exc}") from None
                 state.touched[stream] = cell.timestamp_micros / 1e6
-        if chunks:
+        if chunks and self.half_life_s:
+            data = b"".join(chunks[str(k).encode()] for k in range(len(chunks)))
+            keys, sums = decode_decayed_window(data, version)
+            stamp = varint(version_micros(version))
+            older_decayed = older_decayed_than(stamp)
+            state.unapplied = [decayed_entry(k.encode(), *c, stamp, older_decayed) for k, c in zip(keys, sums)]
+            state.decayed.update(zip(keys, sums))
+            await self._bulk(state.unapplied)
+            state.unapplied = []
+            self.stats.windows_reapplied += 1
+            self.fanout.written_decayed(keys, sums, self.half_life_s)
+        elif chunks:
             data = b"".join(chunks[str(k).encode()] for k in range(len(chunks)))
             ids, impressions, rewards = decode_window(data, version)
             timestamp = varint(version_micros(version))
@@ -1109,14 +1279,27 @@ class Learner:
         has it, else ``c`` (a table written by earlier learners)."""
         from google.cloud.bigtable.data import ReadRowsQuery
 
-        counts = state.counts
-        missing: list[str | bytes] = list({id_.encode() for id_ in ids if id_ not in counts})
+        cached = state.decayed if self.half_life_s else state.counts
+        missing: list[str | bytes] = list({id_.encode() for id_ in ids if id_ not in cached})
         if not missing:
             return
         self.stats.reads += 1
         rows = await self._table.read_rows(
             ReadRowsQuery(row_keys=missing, row_filter=self._counts_filter), operation_timeout=WRITE_TIMEOUT_S
         )
+        if self.half_life_s:
+            for row in rows:
+                id_ = row.row_key.decode()
+                sums = decayed_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
+                if sums is None:
+                    self.stats.invalid_counts += 1
+                    self._invalid_log.warning("arm %r: its n:d cell is not an epoch and two sums; counted from 0", id_)
+                    sums = (0, 0.0, 0.0)
+                state.decayed[id_] = sums
+            for key in missing:
+                state.decayed.setdefault(key.decode() if isinstance(key, bytes) else key, (0, 0.0, 0.0))
+            return
+        counts = state.counts
         for row in rows:
             id_ = row.row_key.decode()
             read = arm_counts((cell.family, cell.qualifier, cell.value) for cell in row.cells)
@@ -1128,7 +1311,7 @@ class Learner:
         for key in missing:
             counts.setdefault(key.decode() if isinstance(key, bytes) else key, (0, 0))
 
-    async def _commit(self, state: ShardState, plan: Plan) -> bool:
+    async def _commit(self, state: ShardState, plan: Plan | DecayedPlan) -> bool:
         """One CheckAndMutateRow on the shard's row, on condition that its lease names this learner: the new
         version, the window's absolute counts and the changed applied sets (streams unheard of for
         ``forget_after_s`` deleted); False if the lease is another's. On success the state moves on, the arm rows'
@@ -1140,9 +1323,16 @@ class Learner:
         stamp = version_micros(version)
         counts = state.counts
         ids = list({**plan.shown, **plan.got})
-        impressions = [counts[id_][0] + plan.shown.get(id_, 0) for id_ in ids]
-        rewards = [counts[id_][1] + plan.got.get(id_, 0) for id_ in ids]
-        chunks = encode_window(version, ids, impressions, rewards)
+        impressions: list[int] = []
+        rewards: list[int] = []
+        sums: list[Decayed] = []
+        if isinstance(plan, DecayedPlan):
+            sums = [merged(state.decayed[id_], *plan.shown[id_]) for id_ in ids]
+            chunks = encode_decayed_window(version, ids, sums)
+        else:
+            impressions = [counts[id_][0] + plan.shown.get(id_, 0) for id_ in ids]
+            rewards = [counts[id_][1] + plan.got.get(id_, 0) for id_ in ids]
+            chunks = encode_window(version, ids, impressions, rewards)
         mutations: list[Any] = []
 
         def put(qualifier: bytes, value: bytes) -> None:
@@ -1173,6 +1363,12 @@ class Learner:
         for stream in expired:
             del state.applied[stream], state.touched[stream]
         timestamp = varint(stamp)
+        if isinstance(plan, DecayedPlan):
+            older = older_decayed_than(timestamp)
+            state.unapplied = [decayed_entry(id_.encode(), *c, timestamp, older) for id_, c in zip(ids, sums)]
+            state.decayed.update(zip(ids, sums))
+            plan.ids, plan.now = ids, sums
+            return True
         older = older_than(timestamp)
         state.unapplied = [
             counts_entry(id_.encode(), i, r, timestamp, older) for id_, i, r in zip(ids, impressions, rewards)
@@ -1212,9 +1408,12 @@ class Learner:
                 raise RuntimeError(f"{failed} of {end - start} arm rows not written: {why}")
             start = end
 
-    def _published(self, state: ShardState, plan: Plan) -> None:
+    def _published(self, state: ShardState, plan: Plan | DecayedPlan) -> None:
         """The window's absolute counts to the replicas' fan-out (``fanout``), in the background."""
-        self.fanout.written(plan.ids, plan.impressions_now, plan.rewards_now)
+        if isinstance(plan, DecayedPlan):
+            self.fanout.written_decayed(plan.ids, plan.now, self.half_life_s)
+        else:
+            self.fanout.written(plan.ids, plan.impressions_now, plan.rewards_now)
 
     async def _forward(self, items: list[tuple[str, int, Parsed]]) -> bool:
         """Messages of the fleet's own subscription in a table with shards (publishers without shards: replicas of

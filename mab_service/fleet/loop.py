@@ -156,7 +156,7 @@ class FleetLoop(LoopBase):
         self._accepted([(event_id, arm_id, value) for event_id, arm_id, value, _ in counted], now)
         return outcomes
 
-    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, int, float]:
+    async def read_arm(self, arm_id: str, source: FeatureSource) -> tuple[float, float, float, float]:
         """The fleet's counts of ``arm_id`` as the learners have written them, read past the cache.
 
         Raises:
@@ -174,7 +174,7 @@ class FleetLoop(LoopBase):
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
         shown = counts.impressions.astype(np.float64)
         leading = await asyncio.get_running_loop().run_in_executor(
-            executor, leading_arms, ids.__getitem__, alpha, beta, shown, counts.rewards, n, order
+            executor, leading_arms, ids.__getitem__, alpha, beta, shown, counts.rewards, n, order, not self.half_life_s
         )
         return leading, len(ids), partial
 
@@ -190,7 +190,7 @@ class FleetLoop(LoopBase):
         if not counts.found.any():
             raise UnknownArm(f"no arm {arm_id!r}: no learner has counted it yet")
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
-        shown, got = int(counts.impressions[1]), float(counts.rewards[1])
+        shown, got = counts.impressions[1].item(), float(counts.rewards[1])
         within = backed_off(self.segment_weight, float(alpha[0]), float(beta[0]), shown, got)
         return *within, shown, got
 
@@ -204,7 +204,7 @@ class FleetLoop(LoopBase):
         shown = within.impressions.astype(np.float64)
         alpha, beta = backed_off(self.segment_weight, alpha, beta, shown, within.rewards)
         leading = await asyncio.get_running_loop().run_in_executor(
-            executor, leading_arms, ids.__getitem__, alpha, beta, shown, within.rewards, n, order
+            executor, leading_arms, ids.__getitem__, alpha, beta, shown, within.rewards, n, order, not self.half_life_s
         )
         return leading, len(ids), partial
 

@@ -219,6 +219,8 @@ class Fleet:
         propagation_s: How long a reward for an event whose row is not in Bigtable yet waits for it.
         timeout_s: Deadline of one Bigtable read or check.
         publish_timeout_s: How long a publish may take before a reward waiting for it is answered 503.
+        half_life_s: The fleet's half-life (0: none): answers are published with their times, counts read as
+            forward-decayed sums, and the table's half-life must be this one (``start`` exits otherwise).
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class Fleet:
         timeout_s: float = 2.0,
         publish_timeout_s: float = 5.0,
         shutdown_timeout_s: float = 30.0,
+        half_life_s: float = 0.0,
     ) -> None:
         self.path = TablePath.parse(table)
         self.window_s = window_s
@@ -248,12 +251,13 @@ class Fleet:
             max_pending=max_pending,
             max_pending_bytes=max_pending_bytes,
             publish_timeout_s=publish_timeout_s,
+            half_life_s=half_life_s,
         )
         self.rows = MembershipRows(self.path, max_delay_s=max_delay_s, max_pending=max_pending * ROWS_PER_PENDING)
         self.prior_alpha = prior_alpha
         self.prior_beta = prior_beta
         # One client for the counts, the membership rows and the marks.
-        self.source = BigtableSource(table, prior_alpha, prior_beta, timeout_s=timeout_s)
+        self.source = BigtableSource(table, prior_alpha, prior_beta, timeout_s=timeout_s, half_life_s=half_life_s)
         self.claims_unknown = 0
         """Reward claims whose outcome was unknown (Bigtable timed out), read back."""
         self.claims_refused = 0
@@ -495,7 +499,7 @@ class Fleet:
             if isinstance(result, BaseException):
                 raise result
 
-    async def arm(self, arm_id: str) -> tuple[float, float, int, float] | None:
+    async def arm(self, arm_id: str) -> tuple[float, float, float, float] | None:
         """(alpha, beta, impressions, rewards) of ``arm_id`` from the counts the learners have written now, read
         past the cache; None if no learner has written the arm.
 
@@ -509,7 +513,8 @@ class Fleet:
         if not counts.found[0]:
             return None
         alpha, beta = counts.posterior(self.prior_alpha, self.prior_beta)
-        return float(alpha[0]), float(beta[0]), int(counts.impressions[0]), float(counts.rewards[0])
+        # An int without a half-life, the weighted count (a float) with one.
+        return float(alpha[0]), float(beta[0]), counts.impressions[0].item(), float(counts.rewards[0])
 
     async def segment_arm(self, arm_id: str, segment: str) -> Counts:
         """The counts the learners have written of ``arm_id`` (position 0) and of it within ``segment`` (1), read

@@ -13,11 +13,13 @@ import orjson
 
 from mab_service.fleet.schema import (
     ABSOLUTE_FAMILY,
+    DECAYED,
     EVENTS_FAMILY,
     IMPRESSIONS,
     MEMBERS,
     REWARDS,
     SEGMENT,
+    decayed_cell,
     event_row,
 )
 
@@ -88,6 +90,23 @@ def counts_entry(key: bytes, impressions: int, rewards: int, timestamp: bytes, o
     first = b"\x0a" + varint(len(i)) + i
     second = b"\x0a" + varint(len(r)) + r
     body = field(1, key) + older + b"\x12" + varint(len(first)) + first + b"\x12" + varint(len(second)) + second
+    return b"\x12" + varint(len(body)) + body
+
+
+_DECAYED_CELL = b"\x0a\x01" + ABSOLUTE_FAMILY.encode() + b"\x12\x01" + DECAYED + b"\x18"
+
+
+def older_decayed_than(timestamp: bytes) -> bytes:
+    """The mutation deleting the cells of ``n:d`` older than ``timestamp``, for ``decayed_entry``."""
+    return field(2, field(2, _DECAYED_CELL[:-1] + field(3, b"\x10" + timestamp)))
+
+
+def decayed_entry(key: bytes, epoch: int, impressions: float, rewards: float, timestamp: bytes, older: bytes) -> bytes:
+    """One ``MutateRowsRequest.Entry`` with a half-life: as ``counts_entry``, for the one cell ``n:d`` holding the
+    arm's forward-decayed sums and their epoch (``schema.decayed_cell``); ``older`` from ``older_decayed_than``."""
+    d = _DECAYED_CELL + timestamp + b"\x22\x18" + decayed_cell(epoch, impressions, rewards)
+    mutation = b"\x0a" + varint(len(d)) + d
+    body = field(1, key) + older + b"\x12" + varint(len(mutation)) + mutation
     return b"\x12" + varint(len(body)) + body
 
 

@@ -2,7 +2,8 @@
 
 A table ``projects/P/instances/I/tables/T`` holds one row per arm, keyed by its id (UTF-8): family ``n`` (one
 version per cell) holds ``n:i``, the arm's impressions, and ``n:r``, its rewards in millionths, as absolute counts
-written by the lease holder of the arm's shard with the shard's window version as the cells' timestamp. Family ``c``
+written by the lease holder of the arm's shard with the shard's window version as the cells' timestamp (with a
+half-life, one cell ``n:d`` of forward-decayed sums instead: ``decayed_cell``, below). Family ``c``
 (an aggregate int64 sum family) holds the same cells as sums in tables written by learners of earlier versions; a row
 without ``n`` cells is read from ``c``. Family ``d`` held those learners' deduplication markers (kept for old
 tables, no longer written), family ``e`` holds the events' membership rows, family ``s`` the fleet's own rows
@@ -18,6 +19,8 @@ the ``bigtable:`` source and the fleet's deployables (replica, learner, setup) a
 
 from __future__ import annotations
 
+import math
+import struct
 import urllib.parse
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -65,6 +68,19 @@ APPLIED_PREFIX = b"p/"
 #: A live learner's row is this prefix and its id; cell ``s:alive``'s timestamp is its last heartbeat.
 LEARNER_ROW_PREFIX = b"\x00l/"
 ALIVE = b"alive"
+#: With a half-life (``serve``/``learn --half-life-s``), an arm's counts are one cell ``n:d`` instead of ``n:i`` and
+#: ``n:r``: forward-decayed sums (``decayed_cell``), written by the learners as ``n:i``/``n:r`` are.
+DECAYED = b"d"
+#: The configuration row's cell ``s:half_life_s``: the fleet's half-life in seconds (``repr`` of a float), written by
+#: the first learner or replica that starts with a half-life; every other one must agree (``features.bigtable``).
+HALF_LIFE = b"half_life_s"
+#: Half-lives per epoch of the fleet's landmarks: the node table's (``learning._arms.EPOCH_HALF_LIVES``), so that a
+#: sum relative to one epoch's landmark is exactly ``2 ** -256`` times its value relative to the one before.
+EPOCH_HALF_LIVES = 256
+#: A decayed cell: the epoch (int64) and the forward-decayed impressions and rewards (float64), big-endian.
+_DECAYED_CELL = struct.Struct(">qdd")
+#: The largest epoch a decayed cell may name: its landmark stays a finite float for any half-life the service takes.
+MAX_EPOCH = 1 << 40
 #: Rewards are stored as integers in millionths: Bigtable's atomic additions take only int64.
 REWARD_SCALE = 1_000_000
 #: Arm rows sort from here: ids have no control characters, the fleet's own rows and the segment rows sort before.
@@ -203,3 +219,68 @@ def decode_int64(value: bytes) -> int:
     if len(value) != 8:
         raise FeatureSourceError(f"a count cell holds {len(value)} bytes, not the 8 of a Bigtable int64")
     return int.from_bytes(value, "big", signed=True)
+
+
+# -- forward decay ------------------------------------------------------------------------------------------------
+#
+# With a half-life H every learner and replica weighs an impression or reward made at t (the time its publisher
+# recorded) by 2 ** ((t - L) / H), L the landmark of the epoch t falls in: epoch e spans [e * S, (e + 1) * S) with S =
+# EPOCH_HALF_LIVES * H, so L = e * S is a function of t and H alone, the same on every process without a word between
+# them. A weight is in [1, 2 ** 256). A sum of epoch e is moved to epoch e' > e by 2 ** (-256 * (e' - e)), exact (a
+# power of two); a reader at ``now`` multiplies by 2 ** ((L - now) / H).
+
+
+def epoch_of(t: float, half_life_s: float) -> int:
+    """The epoch that time ``t`` falls in."""
+    return math.floor(t / (EPOCH_HALF_LIVES * half_life_s))
+
+
+def landmark(epoch: int, half_life_s: float) -> float:
+    """The landmark (unix time) of ``epoch``."""
+    return epoch * EPOCH_HALF_LIVES * half_life_s
+
+
+def weight(t: float, epoch: int, half_life_s: float) -> float:
+    """What a count made at ``t`` adds to a sum of ``epoch``: 2 ** ((t - landmark) / H)."""
+    return float(2.0 ** ((t - landmark(epoch, half_life_s)) / half_life_s))
+
+
+def moved(value: float, epoch: int, to: int) -> float:
+    """A sum of ``epoch`` as a sum of the later epoch ``to`` (exact but for subnormals)."""
+    return math.ldexp(value, -EPOCH_HALF_LIVES * (to - epoch))
+
+
+def read_scale(epoch: int, half_life_s: float, now: float) -> float:
+    """What a sum of ``epoch`` is multiplied by to read it at ``now``: 2 ** ((landmark - now) / H)."""
+    return float(2.0 ** ((landmark(epoch, half_life_s) - now) / half_life_s))
+
+
+def decayed_cell(epoch: int, impressions: float, rewards: float) -> bytes:
+    """The value of ``n:d``: the sums' epoch and the sums."""
+    return _DECAYED_CELL.pack(epoch, impressions, rewards)
+
+
+def read_decayed(value: bytes) -> tuple[int, float, float] | None:
+    """``(epoch, impressions, rewards)`` of an ``n:d`` cell; None unless it is 24 bytes of an epoch in [0,
+    ``MAX_EPOCH``] and two finite sums >= 0."""
+    if len(value) != _DECAYED_CELL.size:
+        return None
+    epoch, shown, got = _DECAYED_CELL.unpack(value)
+    if not (0 <= epoch <= MAX_EPOCH and 0.0 <= shown < math.inf and 0.0 <= got < math.inf):
+        return None
+    return epoch, shown, got
+
+
+def decayed_counts(cells: Iterable[tuple[str, bytes, bytes]]) -> tuple[int, float, float] | None:
+    """An arm's ``(epoch, impressions, rewards)`` from its row's newest cells: the ``n:d`` cell; ``(0, 0.0, 0.0)``
+    if the row has none (its integer counts were written without a half-life: not read with one); None if the cell
+    is not what ``decayed_cell`` writes."""
+    for family, qualifier, value in cells:
+        if family == ABSOLUTE_FAMILY and qualifier == DECAYED:
+            return read_decayed(value)
+    return 0, 0.0, 0.0
+
+
+def half_life_text(half_life_s: float) -> bytes:
+    """The configuration cell's value for a half-life."""
+    return repr(float(half_life_s)).encode()

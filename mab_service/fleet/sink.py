@@ -6,8 +6,12 @@ its cost no longer grows with the answers); for answers ranked within a segment,
 impressions, ...}]`` per segment, their impressions summed per arm within it (the ``i`` record counts them too); then
 a record ``["r", t, event_id, id, reward]`` per accepted reward, with the answer's segment as a sixth item if it had
 one (learners of an earlier version skip the ``s`` records as malformed and read the rewards without the segment).
-Format 2, which learners still read (messages of replicas of an older version), had a record ``["e", t, event_id,
-[ids]]`` per answer instead of the sums. Its attributes: ``v``, the format's version, and ``k``, the message's key
+With a half-life (``half_life_s``), each answer is instead a record ``["a", t, [ids]]`` (its segment as a fourth
+item if it had one): an impression weighs by its own time, so the answer's time travels with it and the message grows
+with its answers, as in format 2; such messages carry attribute ``h``, the half-life (``repr`` of a float), which a
+learner checks against its own. Format 2, which learners still read (messages of replicas of an older version), had
+a record ``["e", t, event_id, [ids]]`` per answer instead of the sums. Its attributes: ``v``, the format's version,
+and ``k``, the message's key
 ``<publisher id>/<sequence>``, unique per message and the same on every retry of it, so that learners count a
 message's impressions once however often it is published or delivered (``learner.Learner``).
 
@@ -133,6 +137,9 @@ class PubSubSink:
             long at most before it is answered 503.
         publisher_id: This sink's part of the message keys; random by default (a replica's restart is a new one).
         shards: The fleet's arm shards (``start`` may set them from the table); 0: one topic, no split.
+        half_life_s: The fleet's half-life (0: none). With one, each answer is a record ``["a", t, [ids]]`` (with the
+            segment as a fourth item if it had one) instead of the sums, since its weight depends on its time
+            (``schema.weight``), and messages carry attribute ``h``, the half-life, which learners check.
     """
 
     def __init__(
@@ -147,8 +154,10 @@ class PubSubSink:
         publish_timeout_s: float = 5.0,
         publisher_id: str | None = None,
         shards: int = 0,
+        half_life_s: float = 0.0,
     ) -> None:
         self.topic = topic
+        self.half_life_s = half_life_s
         self.max_records = max_records
         self.max_delay_s = max_delay_s
         self.max_pending = max_pending
@@ -225,14 +234,15 @@ class PubSubSink:
         """
         self.check()
         shards = self.shards
+        show = self._show if not self.half_life_s else self._show_at
         if not shards:
-            self._show(event_id, ids, 0, segment)
+            show(event_id, ids, 0, segment, t)
             return
         split: dict[int, list[str]] = {}
         for id_ in ids:
             split.setdefault(zlib.crc32(id_.encode()) % shards, []).append(id_)  # shard_of, inlined: per id
         for shard, part in split.items():
-            self._show(event_id, part, shard, segment)
+            show(event_id, part, shard, segment, t)
 
     async def reward(self, event_id: str, id_: str, reward: float, t: float, segment: str | None = None) -> None:
         """Queue an accepted reward (of an answer ranked within ``segment``, if any) and wait until Pub/Sub has stored
@@ -266,7 +276,11 @@ class PubSubSink:
             self._bytes += message.size
         return message
 
-    def _show(self, event_id: str, ids: list[str], shard: int, segment: str | None) -> None:
+    def _show_at(self, event_id: str, ids: list[str], shard: int, segment: str | None, t: float) -> None:
+        """With a half-life: an answer's impressions (of one shard) as a record of their own, with its time."""
+        self._add(["a", t, ids] if segment is None else ["a", t, ids, segment], shard).events.append(event_id)
+
+    def _show(self, event_id: str, ids: list[str], shard: int, segment: str | None, t: float) -> None:
         """Add an answer's impressions (of one shard) to the batch's sums, and to its segment's if it has one."""
         message = self._message(shard)
         grown = 0 if message.events else _SUMS_BYTES
@@ -310,12 +324,15 @@ class PubSubSink:
 
     def _send(self, message: _Message) -> None:
         message.attempts += 1
-        parts = [orjson.dumps(["i", len(message.events), message.shown])] if message.events else []
+        summed = message.events and not self.half_life_s  # with a half-life each answer is a record of its own
+        parts = [orjson.dumps(["i", len(message.events), message.shown])] if summed else []
         parts += [orjson.dumps(["s", segment, sums]) for segment, sums in message.segments.items()]
         data = b"[" + b",".join(parts + message.records) + b"]"
         self._bytes += len(data) - message.size  # the sums were estimated: now they are known
         message.size = len(data)
         attributes = {"v": FORMAT_VERSION, "k": message.key}
+        if self.half_life_s:
+            attributes["h"] = repr(float(self.half_life_s))
         if self.shards:
             attributes["s"] = str(message.shard)
         future = self._publisher.publish(

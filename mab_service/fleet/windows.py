@@ -10,10 +10,11 @@ applies them; docs/fleet.md ("Exactly once") argues the design.
 from __future__ import annotations
 
 import bisect
+import math
 
 import orjson
 
-from mab_service.fleet.schema import counted_key
+from mab_service.fleet.schema import MAX_EPOCH, counted_key, moved
 
 #: A shard's committed window is stored in cells of this many bytes at most (``s:w/<k>``).
 WINDOW_CHUNK_BYTES = 1024 * 1024
@@ -21,6 +22,20 @@ WINDOW_CHUNK_BYTES = 1024 * 1024
 #: A message's valid content: impressions per row (an arm, or an arm within a segment: ``schema.segment_row``), and
 #: rewards ``(row, event_id, millionths)``.
 Message = tuple[dict[str, int], list[tuple[str, str, int]]]
+#: With a half-life, a count: its epoch and the forward-decayed impressions and rewards (``schema.weight``).
+Decayed = tuple[int, float, float]
+
+
+def merged(count: Decayed | None, epoch: int, impressions: float, rewards: float) -> Decayed:
+    """``count`` plus sums of ``epoch``, in the later of the two epochs (the other moved by a power of two)."""
+    if count is None:
+        return epoch, impressions, rewards
+    own, shown, got = count
+    if epoch > own:
+        shown, got, own = moved(shown, own, epoch), moved(got, own, epoch), epoch
+    elif epoch < own:
+        impressions, rewards = moved(impressions, epoch, own), moved(rewards, epoch, own)
+    return own, shown + impressions, got + rewards
 
 
 class Applied:
@@ -124,6 +139,52 @@ def decode_window(data: bytes, version: int) -> tuple[list[str], list[int], list
     return ids, impressions, rewards
 
 
+def encode_decayed_window(version: int, ids: list[str], counts: list[Decayed]) -> list[bytes]:
+    """With a half-life, a committed window's sums as the shard row's chunks: ``{"v": version, "ids": [...], "e":
+    [...], "i": [...], "r": [...]}`` (epochs and float sums; orjson writes a float so that it reads back the same)."""
+    data = orjson.dumps(
+        {
+            "v": version,
+            "ids": ids,
+            "e": [c[0] for c in counts],
+            "i": [c[1] for c in counts],
+            "r": [c[2] for c in counts],
+        }
+    )
+    return [data[s : s + WINDOW_CHUNK_BYTES] for s in range(0, len(data), WINDOW_CHUNK_BYTES)]
+
+
+def decode_decayed_window(data: bytes, version: int) -> tuple[list[str], list[Decayed]]:
+    """The ids and sums ``encode_decayed_window`` wrote, checked (epochs in [0, ``MAX_EPOCH``], sums finite and >= 0).
+
+    A window written without a half-life (no epochs: a table switched to one) holds integer counts, which are not
+    read with a half-life: nothing to write again, ``([], [])``.
+
+    Raises:
+        ValueError: If ``data`` is not such a window.
+    """
+    try:
+        doc = orjson.loads(data)
+        if type(doc) is dict and "e" not in doc and doc.get("v") == version and "i" in doc:
+            return [], []
+        got, ids, epochs, impressions, rewards = doc["v"], doc["ids"], doc["e"], doc["i"], doc["r"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a window of forward-decayed sums: {exc}") from None
+    if got != version:
+        raise ValueError(f"a window of version {got!r} under version {version}")
+    lists = (ids, epochs, impressions, rewards)
+    if not (
+        all(type(x) is list for x in lists)
+        and len(ids) == len(epochs) == len(impressions) == len(rewards)
+        and all(type(i) is str and counted_key(i) for i in ids)
+        and all(type(e) is int and 0 <= e <= MAX_EPOCH for e in epochs)
+        and all(type(x) in (int, float) and 0 <= x < math.inf for x in impressions)
+        and all(type(x) in (int, float) and 0 <= x < math.inf for x in rewards)
+    ):
+        raise ValueError("a window's ids, epochs and sums are not lists of equal length of valid ids and sums")
+    return ids, [(e, float(i), float(r)) for e, i, r in zip(epochs, impressions, rewards)]
+
+
 class ShardState:
     """What the holder of a shard's lease keeps of it: the shard row's version and applied sets, and a cache of the
     shard's arm counts (absolute: this learner is their only writer while it holds the lease)."""
@@ -137,6 +198,8 @@ class ShardState:
         self.touched: dict[str, float] = {}
         """Unix time each stream's applied set was last written."""
         self.counts: dict[str, tuple[int, int]] = {}
+        self.decayed: dict[str, Decayed] = {}
+        """With a half-life, the cache of the shard's sums instead of ``counts``."""
         self.unapplied: list[bytes] = []
         """Entries of the committed window not yet written to the arm rows (retried before the next commit)."""
 
@@ -175,3 +238,34 @@ class Plan:
                 got[id_] = got.get(id_, 0) + millionths
                 if id_[0] != "\x00":
                     self.rewards += 1
+
+
+class DecayedPlan:
+    """With a half-life, one shard's part of a window: its new messages' forward-decayed sums per row (``shown``;
+    ``got`` stays empty) and the applied sets they change. Sums are added in message order, so the same messages
+    give the same sums bit for bit."""
+
+    def __init__(self, shard: ShardState, items: list[tuple[str, int, dict[str, Decayed], int, int]]) -> None:
+        self.shown: dict[str, Decayed] = {}
+        self.got: dict[str, Decayed] = {}
+        self.applied: dict[str, Applied] = {}
+        self.impressions = self.rewards = self.duplicates = 0
+        self.ids: list[str] = []
+        self.now: list[Decayed] = []
+        """After the commit: the rows it changed, and their sums."""
+        for stream, seq, sums, impressions, rewards in items:
+            applied = self.applied.get(stream)
+            if applied is None:
+                held = shard.applied.get(stream)
+                applied = Applied() if held is None else held
+            if seq in applied:
+                self.duplicates += impressions + rewards
+                continue
+            if stream not in self.applied:
+                applied = self.applied[stream] = applied.copy()
+            applied.add(seq)
+            shown = self.shown
+            for row, (epoch, i, r) in sums.items():
+                shown[row] = merged(shown.get(row), epoch, i, r)
+            self.impressions += impressions
+            self.rewards += rewards

@@ -108,6 +108,9 @@ cdef extern from "mab/arm_table.hpp" namespace "mab" nogil:
     int arm_table_rebase(CArmTable* table, double now) noexcept
     int arm_raise_counts(CArmTable* table, const IdRef* ids, const uint64_t* impressions, const double* rewards,
                          size_t n, double prior_alpha, double prior_beta, size_t* n_failed) noexcept
+    int arm_raise_decayed(CArmTable* table, const IdRef* ids, const double* impressions, const double* rewards,
+                          const double* landmarks, size_t n, double prior_alpha, double prior_beta,
+                          size_t* n_failed) noexcept
 
     int arm_csv_begin(CArmTable* table, size_t errors_max, ArmCsvLoad** out) noexcept
     void arm_csv_destroy(ArmCsvLoad* load) noexcept

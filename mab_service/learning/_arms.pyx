@@ -953,6 +953,58 @@ cdef class ArmTable:
             free_scratch(refs, on_stack)
         return failed
 
+    def raise_decayed(self, ids, impressions, rewards, landmarks, prior_alpha, prior_beta):
+        """Raises each id's counts to at least the given forward-decayed sums (an atomic max per count, in the count's
+        own frame), inserting ids the table does not hold with the prior. For a table with a half-life.
+
+        For the fleet's decayed sums (``fleet.schema``): impressions[i] and rewards[i] are sums of weights
+        2 ** ((t - landmarks[i]) / H); they only grow, so readings may be applied in any order and more than once.
+
+        Args:
+            ids: The arms, distinct or not.
+            impressions, rewards: One sum per id, finite and >= 0.
+            landmarks: The landmark (unix time) each id's sums are relative to; finite.
+            prior_alpha, prior_beta: The prior of inserted arms; finite and > 0.
+
+        Returns:
+            How many ids were not recorded because the table was full.
+
+        Raises:
+            TypeError: If ``ids`` is not a list or an item is not a str.
+            ValueError: If the table has no half-life, a prior is bad, the lengths differ, or a sum is negative or
+                not finite, or a landmark not finite.
+        """
+        if not isinstance(ids, list):
+            raise TypeError(f"ids must be a list (got {type(ids).__name__})")
+        self._check()
+        if not arm_table_half_life(self.table) > 0.0:
+            raise ValueError("raise_decayed needs a table with a half-life (raise_counts is for one without)")
+        cdef double pa = positive(prior_alpha, "prior_alpha")
+        cdef double pb = positive(prior_beta, "prior_beta")
+        cdef cnp.ndarray shown = np.ascontiguousarray(impressions, dtype=np.float64)
+        cdef cnp.ndarray got = np.ascontiguousarray(rewards, dtype=np.float64)
+        cdef cnp.ndarray marks = np.ascontiguousarray(landmarks, dtype=np.float64)
+        cdef Py_ssize_t n = list_size(ids)
+        if not all(a.ndim == 1 and a.shape[0] == n for a in (shown, got, marks)):
+            raise ValueError(f"impressions, rewards and landmarks must be one-dimensional with one value per id (got "
+                             f"shapes {(<object>shown).shape}, {(<object>got).shape} and {(<object>marks).shape} for "
+                             f"{n} ids)")
+        if n and not (np.all(((<object>shown) >= 0.0) & ((<object>shown) < np.inf))
+                      and np.all(((<object>got) >= 0.0) & ((<object>got) < np.inf))
+                      and np.all(np.isfinite(<object>marks))):
+            raise ValueError("impressions and rewards must be finite and >= 0, landmarks finite")
+        cdef IdRef on_stack[STACK_IDS]
+        cdef IdRef* refs = <IdRef*>scratch(on_stack, n, sizeof(IdRef))
+        cdef size_t failed = 0
+        try:
+            id_views(ids, n, refs, "ids")
+            arm_raise_decayed(self.table, refs, <const double*>cnp.PyArray_DATA(shown),
+                              <const double*>cnp.PyArray_DATA(got), <const double*>cnp.PyArray_DATA(marks),
+                              <size_t>n, pa, pb, &failed)
+        finally:
+            free_scratch(refs, on_stack)
+        return failed
+
     def get(self, id, now=None):
         """``(alpha0, beta0, impressions, rewards, from_catalogue)`` of one row, counts as read at ``now`` (default:
         the time of the call), or None if the table does not hold it.

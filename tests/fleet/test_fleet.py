@@ -127,7 +127,7 @@ class Fleet:
         assert wait_until(ready, timeout_s=60, interval_s=0.1), f"replica {name} not ready"
         return url
 
-    def learner(self, name: str) -> subprocess.Popen[bytes]:
+    def learner(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mab_service", "learn", "--events", f"pubsub:{self.subscription}"]
             + [
@@ -141,6 +141,7 @@ class Fleet:
                 "0",
                 "--lease-ttl-s",
                 "2",
+                *args,
             ],
             env=self.env(),
             stdout=self.log(name),
