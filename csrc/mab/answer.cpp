@@ -261,16 +261,42 @@ void write_unnamed(std::string& out, const IdRef* ids, const int32_t* rows, std:
   }
 }
 
-bool narrow_pairs(const double* alpha, const double* beta, std::size_t n, float* out) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    const double a = alpha[i], b = beta[i];
-    if (!(-FLT_MAX <= a && a <= FLT_MAX && -FLT_MAX <= b && b <= FLT_MAX)) return false;
-    const float fa = static_cast<float>(a), fb = static_cast<float>(b);
-    if (static_cast<double>(fa) != a || static_cast<double>(fb) != b) return false;
-    out[i] = fa;
-    out[n + i] = fb;
+namespace {
+
+bool fits_float(double x) noexcept {
+  // Within float's range first (converting past it is undefined), and NaN never.
+  return -FLT_MAX <= x && x <= FLT_MAX && static_cast<double>(static_cast<float>(x)) == x;
+}
+
+}  // namespace
+
+bool write_decision_arrays(std::string& out, const double* alpha, const double* beta, std::size_t n,
+                           const int64_t* ranking, std::size_t k, bool wide) noexcept {
+  bool narrow = true;
+  for (std::size_t i = 0; i < n && narrow; ++i) narrow = fits_float(alpha[i]) && fits_float(beta[i]);
+  const std::size_t start = out.size();
+  const std::size_t pairs = 2 * n * (narrow ? sizeof(float) : sizeof(double));
+  out.resize(start + pairs + k * (wide ? sizeof(uint32_t) : sizeof(uint16_t)));
+  char* at = &out[start];
+  if (narrow) {
+    float* f = reinterpret_cast<float*>(at);  // std::string's buffer is suitably aligned for any scalar
+    for (std::size_t i = 0; i < n; ++i) f[i] = static_cast<float>(alpha[i]);
+    for (std::size_t i = 0; i < n; ++i) f[n + i] = static_cast<float>(beta[i]);
+  } else {
+    std::memcpy(at, alpha, n * sizeof(double));
+    std::memcpy(at + n * sizeof(double), beta, n * sizeof(double));
   }
-  return true;
+  at += pairs;
+  for (std::size_t i = 0; i < k; ++i) {
+    if (wide) {
+      const uint32_t r = static_cast<uint32_t>(ranking[i]);
+      std::memcpy(at + i * sizeof r, &r, sizeof r);
+    } else {
+      const uint16_t r = static_cast<uint16_t>(ranking[i]);
+      std::memcpy(at + i * sizeof r, &r, sizeof r);
+    }
+  }
+  return narrow;
 }
 
 }  // namespace mab

@@ -72,7 +72,10 @@ void write_journal_event(std::string& out, double t, IdRef event_id, const IdRef
 // The ids whose row is -1, in order, with a NUL between two (decisions.py, the ROWS blob).
 void write_unnamed(std::string& out, const IdRef* ids, const int32_t* rows, std::size_t n) noexcept;
 
-// Whether every alpha and beta is exactly a float32; if so writes them narrowed, alpha then beta, into out (2n).
-bool narrow_pairs(const double* alpha, const double* beta, std::size_t n, float* out) noexcept;
+// The decision record's arrays after its rows (decisions.py, version 2): alpha and beta (as f32 when every one of
+// them is exactly a float32, else f64), then the ranking (u32 when `wide`, else u16). Returns whether they went as
+// f32 (the NARROW flag).
+bool write_decision_arrays(std::string& out, const double* alpha, const double* beta, std::size_t n,
+                           const int64_t* ranking, std::size_t k, bool wide) noexcept;
 
 }  // namespace mab

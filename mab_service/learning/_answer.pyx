@@ -18,12 +18,10 @@ largest request at start) holds one request at a time.
 import time
 import zlib
 
-import numpy as np
-
 cimport numpy as cnp
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int32_t, int64_t, intptr_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.string cimport string
 
@@ -78,7 +76,8 @@ cdef extern from "mab/answer.hpp" namespace "mab" nogil:
     void write_journal_event(string& out, double t, IdRef event_id, const IdRef* ids, const int64_t* ranking,
                              size_t held, IdRef segment) noexcept
     void write_unnamed(string& out, const IdRef* ids, const int32_t* rows, size_t n) noexcept
-    bint narrow_pairs(const double* alpha, const double* beta, size_t n, float* out) noexcept
+    bint write_decision_arrays(string& out, const double* alpha, const double* beta, size_t n, const int64_t* ranking,
+                               size_t k, bint wide) noexcept
 
 
 #: The document pool: a body whose parse needs more memory than this (over ~40 KB) allocates its own.
@@ -133,7 +132,6 @@ cdef class NativeAnswer:
     cdef int32_t* rows
     cdef int32_t* pair_rows
     cdef int64_t* ranking
-    cdef float* narrow
     cdef string out
     cdef readonly size_t n
     cdef readonly size_t k
@@ -171,23 +169,21 @@ cdef class NativeAnswer:
         self.rows = <int32_t*>PyMem_Malloc(m * sizeof(int32_t))
         self.pair_rows = <int32_t*>PyMem_Malloc(m * sizeof(int32_t))
         self.ranking = <int64_t*>PyMem_Malloc(m * sizeof(int64_t))
-        self.narrow = <float*>PyMem_Malloc(2 * m * sizeof(float))
         if (self.pool == NULL or self.all_refs == NULL or self.refs == NULL or self.keys == NULL
                 or self.picked == NULL or self.keep == NULL or self.alpha == NULL or self.beta == NULL
                 or self.samples == NULL or self.scores == NULL or self.counts == NULL or self.rows == NULL
-                or self.pair_rows == NULL or self.ranking == NULL or self.narrow == NULL):
+                or self.pair_rows == NULL or self.ranking == NULL):
             raise MemoryError()
         self.body.doc = NULL
         self.out.reserve(1 << 16)
 
     def __dealloc__(self):
         predict_free(&self.body)
-        cdef void* owned[16]
+        cdef void* owned[15]
         owned[:] = [self.pool, self.all_refs, self.refs, self.keys, self.picked, self.keep, self.alpha, self.beta,
-                    self.samples, self.scores, self.counts, self.rows, self.pair_rows, self.ranking, self.narrow,
-                    self.key_bytes]
+                    self.samples, self.scores, self.counts, self.rows, self.pair_rows, self.ranking, self.key_bytes]
         cdef int i
-        for i in range(16):
+        for i in range(15):
             PyMem_Free(owned[i])
 
     def rank(self, bytes body, uint64_t seed):
@@ -358,42 +354,30 @@ cdef class NativeAnswer:
 
     def decision(self, str event_id, double now, double sample_rate):
         """The decision log's record of the answer (decisions.encode's, with the candidates as rows): its size and
-        pieces."""
-        cdef size_t n = self.n, k = self.k, i
+        pieces (the rows as an array, which the log's writer names)."""
+        cdef size_t n = self.n
         cdef IdRef segment = self.body.segment
-        cdef int flags = ROWS
+        cdef int flags = ROWS | (SEGMENT if segment.size else 0)
+        cdef bint wide = n > NARROW_MAX
+        if wide:
+            flags |= WIDE
         self.out.clear()
         write_unnamed(self.out, self.refs, self.rows, n)
         inline = _bytes(self.out)
-        cdef cnp.ndarray rows = np.empty(n, dtype=np.int32)
+        cdef cnp.npy_intp size = <cnp.npy_intp>n
+        cdef cnp.ndarray rows = cnp.PyArray_SimpleNew(1, &size, cnp.NPY_INT32)
         memcpy(cnp.PyArray_DATA(rows), self.rows, n * sizeof(int32_t))
-        cdef cnp.ndarray order
-        if n > NARROW_MAX:
-            flags |= WIDE
-            order = np.empty(k, dtype=np.uint32)
-            for i in range(k):
-                (<uint32_t*>cnp.PyArray_DATA(order))[i] = <uint32_t>self.ranking[i]
-        else:
-            order = np.empty(k, dtype=np.uint16)
-            for i in range(k):
-                (<uint16_t*>cnp.PyArray_DATA(order))[i] = <uint16_t>self.ranking[i]
-        if segment.size:
-            flags |= SEGMENT
-        if narrow_pairs(self.alpha, self.beta, n, self.narrow):
+        self.out.clear()
+        if write_decision_arrays(self.out, self.alpha, self.beta, n, self.ranking, self.k, wide):
             flags |= NARROW
-            pairs = PyBytes_FromStringAndSize(<char*>self.narrow, <Py_ssize_t>(2 * n * sizeof(float)))
-        else:
-            pairs = (PyBytes_FromStringAndSize(<char*>self.alpha, <Py_ssize_t>(n * sizeof(double)))
-                     + PyBytes_FromStringAndSize(<char*>self.beta, <Py_ssize_t>(n * sizeof(double))))
+        arrays = _bytes(self.out)
         event = event_id.encode()
         user = PyBytes_FromStringAndSize(self.body.user_id.data, <Py_ssize_t>self.body.user_id.size)
         place = PyBytes_FromStringAndSize(segment.data, <Py_ssize_t>segment.size) if segment.size else b""
-        fields = FIELDS.pack(n, k, len(inline), len(event), len(user), len(place), flags, now, self.seed,
-                             self.body.top_k, sample_rate)
-        fields += event + user + place
+        fields = FIELDS.pack(n, self.k, len(inline), len(event), len(user), len(place), flags, now, self.seed,
+                             self.body.top_k, sample_rate) + event + user + place
         head = PREFIX.pack(MAGIC, _crc32(fields)) + fields + inline
-        size = len(head) + 4 * n + len(pairs) + order.nbytes
-        return size, (head, rows, pairs, b"", order)
+        return len(head) + 4 * n + len(arrays), (head, rows, arrays, b"", b"")
 
 
 cdef extern from "mab/answer.hpp" namespace "mab" nogil:

@@ -20,11 +20,12 @@ import numpy as np
 
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY
-from libc.stdint cimport int32_t, int64_t, intptr_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, intptr_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memmove
 
 from mab_service._cyutil cimport (
@@ -1051,6 +1052,40 @@ cdef class ArmTable:
         view = np.frombuffer(self.buffer, dtype=RECORD_DTYPE, count=rows, offset=offset)
         view.flags.writeable = False
         return view
+
+    def names(self, rows):
+        """The decision log's names of ``rows`` (decisions.py, magic ``MABR``, after its count and CRC): the rows as
+        u32, their ids' lengths as u32, then the ids' UTF-8 bytes back to back. One pass in C: a new log file names
+        every row its records use, up to the whole table.
+
+        Raises:
+            IndexError: If a row is not in [0, len).
+            ValueError: If a row holds no arm.
+        """
+        self._check()
+        cdef size_t taken = arm_table_rows(self.table)
+        cdef Py_ssize_t m = len(rows), i, bytes_ = 0
+        cdef cnp.ndarray r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        cdef const int64_t* pr = <const int64_t*>cnp.PyArray_DATA(r)
+        cdef IdRef ref
+        for i in range(m):
+            if not 0 <= pr[i] < <int64_t>taken:
+                raise IndexError(f"row must be in [0, {taken}) (got {pr[i]})")
+            ref = arm_id_at(self.table, <size_t>pr[i])
+            if ref.data == NULL:
+                raise ValueError(f"row {pr[i]} holds no arm")
+            bytes_ += <Py_ssize_t>ref.size
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 * m + bytes_)
+        cdef char* at = PyBytes_AS_STRING(out)
+        cdef uint32_t* head = <uint32_t*>at
+        at += 8 * m
+        for i in range(m):
+            ref = arm_id_at(self.table, <size_t>pr[i])
+            head[i] = <uint32_t>pr[i]
+            head[m + i] = <uint32_t>ref.size
+            memcpy(at, ref.data, ref.size)
+            at += ref.size
+        return out
 
     def id_at(self, row):
         """The id of a row.

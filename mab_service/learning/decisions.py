@@ -105,6 +105,18 @@ class RowNames(Protocol):
 
     def id_at(self, row: int) -> str: ...
 
+    def names(self, rows: list[int]) -> bytes:
+        """The names of ``rows`` as a names record holds them after its head (``names_tail``)."""
+        ...
+
+
+def names_tail(rows: list[int], ids: list[str]) -> bytes:
+    """What a names record holds after its head: ``rows`` (u32), the lengths of their ``ids`` (u32) and the ids' UTF-8
+    bytes back to back (``ArmTable.names`` writes the same in one pass)."""
+    encoded = [i.encode() for i in ids]
+    lengths = np.array([len(i) for i in encoded], dtype="<u4")
+    return np.array(rows, dtype="<u4").tobytes() + lengths.tobytes() + b"".join(encoded)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -425,10 +437,8 @@ class DecisionLog:
         new = first_seen(used, self._named)
         if not new:
             return b""
-        ids = [self._table.id_at(row).encode() for row in new]
-        lengths = np.array([len(i) for i in ids], dtype="<u4")
-        tail: bytes = np.array(new, dtype="<u4").tobytes() + lengths.tobytes() + b"".join(ids)
-        return _NAMES.pack(MAGIC_NAMES, len(ids), zlib.crc32(tail)) + tail
+        tail = self._table.names(new)
+        return _NAMES.pack(MAGIC_NAMES, len(new), zlib.crc32(tail)) + tail
 
     def _close_file(self) -> None:
         if self._fd >= 0:

@@ -251,3 +251,14 @@ def test_event_ids_are_fresh_in_a_forked_child() -> None:
     assert child not in parents
     assert len(set(parents)) == 300
     assert all(len(e) == 32 and int(e, 16) >= 0 for e in parents)
+
+
+def test_the_tables_names_are_the_reference_names() -> None:
+    arms, _ = node_tables()
+    for key in ["日本", "é", "x" * 1000, "a b"]:
+        arms.add(key, 1.0, 0.0, *PRIOR)
+    rows = list(range(len(arms)))[::-1]
+    assert arms.names(rows) == decisions.names_tail(rows, [arms.id_at(r) for r in rows])
+    assert arms.names([]) == b""
+    with pytest.raises(IndexError):
+        arms.names([len(arms)])

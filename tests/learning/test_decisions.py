@@ -102,6 +102,9 @@ class Table:
     def id_at(self, row: int) -> str:
         return f"{self.prefix}{row}"
 
+    def names(self, rows: list[int]) -> bytes:
+        return decisions.names_tail(rows, [self.id_at(row) for row in rows])
+
 
 def _rows_record(rows: list[int], seed: int, event_id: str = "ev", k: int = 3) -> decisions.Record:
     n = len(rows)
