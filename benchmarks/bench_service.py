@@ -122,6 +122,20 @@ def go_target(port: int, features: Path, workers: int = 1) -> list[str]:
     ]  # fmt: skip
 
 
+def before_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service as ``project`` runs it, from the checkout named by ``MAB_BENCH_BEFORE`` (built in place,
+    ``python setup.py build_ext --inplace``): an earlier commit beside this one, in the same run.
+
+    Raises:
+        TargetError: If MAB_BENCH_BEFORE names no checkout.
+    """
+    tree = os.environ.get("MAB_BENCH_BEFORE", "")
+    if not (Path(tree) / "mab_service").is_dir():
+        raise TargetError("target before: set MAB_BENCH_BEFORE to a checkout built in place")
+    # From the checkout's own directory: ``python -m`` puts the working directory first on sys.path.
+    return ["env", "-C", tree, f"PYTHONPATH={tree}", *project_target(port, features, workers)]
+
+
 #: Name -> argv factory. To benchmark another implementation, add one function returning its argv here; it
 #: must serve GET /health and POST /predict on 127.0.0.1:port and exit on SIGTERM.
 TARGETS: dict[str, TargetFactory] = {
@@ -131,6 +145,7 @@ TARGETS: dict[str, TargetFactory] = {
     "plain": plain_target,
     "go": go_target,
     "floor": floor_target,
+    "before": before_target,
 }
 #: Targets whose /predict answer is a constant, not a ranking: ``check_predict`` skips them.
 UNCHECKED = frozenset({"floor"})
