@@ -623,11 +623,12 @@ class MeteredSource:
         await self.source.close()
 
 
-def answered_natively(candidates_n: int, fetch_s: float, sample_s: float) -> None:
-    """Observe an answer the native path gave: its candidates and the time of its lookup and of its draw."""
+def answered_natively(candidates_n: int, fetch_s: float, sample_s: float, encode_s: float) -> None:
+    """Observe an answer the native path gave: its candidates and the time of its lookup, its draw and its encoding."""
     candidates.observe(candidates_n)
     fetch_seconds.observe(fetch_s)
     sample_rank_seconds.observe(sample_s)
+    encode_seconds.observe(encode_s)
 
 
 def timed_top_k(top_k: TopK) -> TopK:

@@ -43,7 +43,7 @@ async def predict(state: AppState, body: bytes) -> tuple[int, bytes]:
     if native is not None and native.rank(body, loop.new_seed()):  # type: ignore[union-attr]  # a loop's own
         answer = loop.answered_native(native)  # type: ignore[union-attr]
         if settings.metrics:
-            metrics.answered_natively(native.n, native.fetch_s, native.sample_s)
+            metrics.answered_natively(native.n, native.fetch_s, native.sample_s, native.encode_s)
         return 200, answer
     # Every other body: a fleet replica's or a store's answer, or one the native path leaves to Python (answer.hpp).
     query = schemas.decode_predict(body, settings.max_candidates)

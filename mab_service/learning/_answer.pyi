@@ -14,6 +14,7 @@ class NativeAnswer:
     t: float
     fetch_s: float
     sample_s: float
+    encode_s: float
     def __init__(
         self,
         arms: ArmTable,

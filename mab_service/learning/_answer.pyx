@@ -141,6 +141,7 @@ cdef class NativeAnswer:
     cdef readonly double t
     cdef readonly double fetch_s
     cdef readonly double sample_s
+    cdef readonly double encode_s
     cdef int64_t segment_row
 
     def __cinit__(self, ArmTable arms, EventRing events, size_t max_candidates, double prior_alpha,
@@ -348,9 +349,12 @@ cdef class NativeAnswer:
         write_journal_event(self.out, now, eid, self.refs, self.ranking, self.held, segment)
         payload = _bytes(self.out)
         record = _HEADER_PACK(len(payload), _crc32(payload)) + payload
+        encoding = _perf()
         self.out.clear()
         write_answer(self.out, self.body.user_id, self.refs, self.ranking, self.scores, self.k, eid)
-        return failed, segment_failed, record, _bytes(self.out)
+        answer = _bytes(self.out)
+        self.encode_s = _perf() - encoding
+        return failed, segment_failed, record, answer
 
     def decision(self, str event_id, double now, double sample_rate):
         """The decision log's record of the answer (decisions.encode's, with the candidates as rows): its size and
