@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks import bench_fleet, bench_service
 from benchmarks.bench_service import free_port, session_cpu_seconds, stop_group
 from mab_service.ids import pair_key
+from mab_service.routes import MAX_TOP_ARMS
 
 PROJECT = "scale"
 #: How often the convergence check reads again the arms that still differ from the truth.
@@ -460,6 +461,29 @@ async def differing(client: httpx.AsyncClient, url: str, truth: Truth, arms: lis
 
 
 async def differing_within(
+    client: httpx.AsyncClient, url: str, truth: Truth, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The (segment, arm) pairs among ``pairs`` whose counts on ``url`` are not the truth: each segment's arms read
+    in one ``/arms?top=&segment=`` (Bigtable's segment rows, as ``/arms/{id}?segment=`` reads them), and a pair that
+    answer does not list read by its own ``/arms/{id}?segment=``."""
+    by_segment: dict[str, list[str]] = {}
+    for segment, arm in pairs:
+        by_segment.setdefault(segment, []).append(arm)
+    wrong: list[tuple[str, str]] = []
+    unlisted: list[tuple[str, str]] = []
+    for segment, arms in by_segment.items():
+        got = await client.get(f"{url}/arms", params={"top": str(MAX_TOP_ARMS), "segment": segment})
+        got.raise_for_status()
+        listed = {a["id"]: (a["impressions"], round(a["rewards"], 6)) for a in got.json()["arms"]}
+        for arm in arms:
+            if arm not in listed:
+                unlisted.append((segment, arm))
+            elif listed[arm] != truth.want_within((segment, arm)):
+                wrong.append((segment, arm))
+    return wrong + await differing_each_within(client, url, truth, unlisted)
+
+
+async def differing_each_within(
     client: httpx.AsyncClient, url: str, truth: Truth, pairs: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
     """The (segment, arm) pairs among ``pairs`` whose ``/arms/{id}?segment=`` on ``url`` are not the truth."""
