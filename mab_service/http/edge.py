@@ -142,6 +142,7 @@ class Edge:
             status, payload, extra = self.overloaded
             if self.metrics:
                 metrics.shed.n += 1
+            await asyncio.sleep(0)  # the admitted requests ready to run go first: a refusal waits one turn
             await _send_json(send, status, payload, request_id, extra, admission.draining, whole)
         else:
             try:
