@@ -37,9 +37,9 @@ std::size_t utf8_chars(const char* data, std::size_t size) noexcept {
   return chars;
 }
 
-// The event id rule (mab_service/ids.py EVENT_ID): 1 to 128 of A-Z a-z 0-9 . _ : -
-bool is_event_id(const char* data, std::size_t size) noexcept {
-  if (size == 0 || size > kMaxEventIdChars) return false;
+// The event id rule (mab_service/ids.py EVENT_ID): 1 to max_chars of A-Z a-z 0-9 . _ : - (ASCII: chars are bytes)
+bool is_event_id(const char* data, std::size_t size, std::size_t max_chars) noexcept {
+  if (size == 0 || size > max_chars) return false;
   for (std::size_t i = 0; i < size; ++i) {
     const unsigned char c = static_cast<unsigned char>(data[i]);
     const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
@@ -75,7 +75,7 @@ void put_double(std::string& out, double value) {
 
 }  // namespace
 
-int predict_parse(const char* data, std::size_t size, std::size_t max_candidates, void* pool, std::size_t pool_size,
+int predict_parse(const char* data, std::size_t size, const PredictRules& rules, void* pool, std::size_t pool_size,
                   PredictBody* out) noexcept {
   out->doc = nullptr;
   if (size == 0 || std::memchr(data, '\\', size) != nullptr) return kPredictFallback;
@@ -110,10 +110,10 @@ int predict_parse(const char* data, std::size_t size, std::size_t max_candidates
     switch (field) {
       case kUserId:
         ok = string_view_of(value, &out->user_id) &&
-             utf8_chars(out->user_id.data, out->user_id.size) <= kMaxUserIdChars;
+             utf8_chars(out->user_id.data, out->user_id.size) <= rules.max_user_id_chars;
         break;
       case kCandidates:
-        ok = yyjson_is_arr(value) && yyjson_arr_size(value) >= 1 && yyjson_arr_size(value) <= max_candidates;
+        ok = yyjson_is_arr(value) && yyjson_arr_size(value) >= 1 && yyjson_arr_size(value) <= rules.max_candidates;
         out->candidates = value;
         out->n_candidates = yyjson_arr_size(value);
         break;
@@ -127,11 +127,11 @@ int predict_parse(const char* data, std::size_t size, std::size_t max_candidates
         out->has_seed = ok;
         break;
       case kEventId:
-        ok = string_view_of(value, &out->event_id) && is_event_id(out->event_id.data, out->event_id.size);
+        ok = string_view_of(value, &out->event_id) &&
+             is_event_id(out->event_id.data, out->event_id.size, rules.max_event_id_chars);
         break;
-      default:  // kSegment: the id rule, at most kMaxSegmentBytes bytes
-        ok = string_view_of(value, &out->segment) && out->segment.size <= kMaxSegmentBytes &&
-             first_bad_id(&out->segment, 1, kMaxSegmentBytes) == 1;
+      default:  // kSegment: the id rule, at most max_segment_bytes bytes
+        ok = string_view_of(value, &out->segment) && first_bad_id(&out->segment, 1, rules.max_segment_bytes) == 1;
         break;
     }
     if (!ok) return predict_free(out), kPredictFallback;
@@ -140,7 +140,7 @@ int predict_parse(const char* data, std::size_t size, std::size_t max_candidates
   return kPredictParsed;
 }
 
-int predict_candidates(const PredictBody* body, std::size_t max_id_bytes, IdRef* ids) noexcept {
+int predict_candidates(const PredictBody* body, const PredictRules& rules, IdRef* ids) noexcept {
   yyjson_arr_iter iter = yyjson_arr_iter_with(static_cast<yyjson_val*>(body->candidates));
   yyjson_val* value;
   std::size_t i = 0;
@@ -148,7 +148,7 @@ int predict_candidates(const PredictBody* body, std::size_t max_id_bytes, IdRef*
     if (!string_view_of(value, &ids[i])) return kPredictFallback;
     ++i;
   }
-  return first_bad_id(ids, i, max_id_bytes) == i ? kPredictParsed : kPredictFallback;
+  return first_bad_id(ids, i, rules.max_id_bytes) == i ? kPredictParsed : kPredictFallback;
 }
 
 void predict_free(PredictBody* body) noexcept {

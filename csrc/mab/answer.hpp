@@ -9,8 +9,8 @@
 //   - it is a JSON object with no backslash anywhere (no escapes: every string is its own bytes, which the answer
 //     can echo as they are, and no lone surrogate can hide in one);
 //   - its keys are among user_id, candidates, top_k, seed, event_id and segment, each at most once;
-//   - user_id is a string of at most kMaxUserIdChars characters; candidates an array of 1 to max_candidates strings,
-//     each keeping the id rule; top_k and seed absent, null or unsigned integers (top_k >= 1); event_id absent,
+//   - user_id is a string of at most max_user_id_chars characters; candidates an array of 1 to max_candidates
+//     strings, each keeping the id rule; top_k and seed absent, null or unsigned integers (top_k >= 1); event_id absent,
 //     null or of the event id rule; segment absent, null or of the segment rule.
 // The strings' bytes are views into the document, which lives until predict_free.
 #pragma once
@@ -28,9 +28,14 @@ enum PredictParse : int {
   kPredictFallback = 1,
 };
 
-constexpr std::size_t kMaxUserIdChars = 1024;
-constexpr std::size_t kMaxEventIdChars = 128;
-constexpr std::size_t kMaxSegmentBytes = 128;
+// The contract's limits (mab_service/ids.py, schemas.py), handed in from Python so that they are written once.
+struct PredictRules {
+  std::size_t max_candidates;
+  std::size_t max_id_bytes;
+  std::size_t max_user_id_chars;
+  std::size_t max_event_id_chars;
+  std::size_t max_segment_bytes;
+};
 
 struct PredictBody {
   void* doc;          // yyjson_doc*, owned; predict_free releases it
@@ -46,12 +51,12 @@ struct PredictBody {
 
 // Parses `data` (its size bytes) into *out, or says kPredictFallback (out->doc is then null). `pool`, of pool_size
 // bytes, is the document's memory when it is large enough, so that a request allocates nothing.
-int predict_parse(const char* data, std::size_t size, std::size_t max_candidates, void* pool, std::size_t pool_size,
+int predict_parse(const char* data, std::size_t size, const PredictRules& rules, void* pool, std::size_t pool_size,
                   PredictBody* out) noexcept;
 
 // The candidates' views, in order, into ids[0..n_candidates); kPredictFallback if one is not a string keeping the id
-// rule (max_id_bytes).
-int predict_candidates(const PredictBody* body, std::size_t max_id_bytes, IdRef* ids) noexcept;
+// rule.
+int predict_candidates(const PredictBody* body, const PredictRules& rules, IdRef* ids) noexcept;
 
 void predict_free(PredictBody* body) noexcept;
 

@@ -5,7 +5,6 @@ from mab_service.learning._arms import ArmTable
 from mab_service.learning._events import EventRing
 
 class NativeAnswer:
-    max_candidates: int
     n: int
     k: int
     held: int

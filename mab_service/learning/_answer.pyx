@@ -26,7 +26,7 @@ from libc.string cimport memcpy
 from libcpp.string cimport string
 
 from mab_service._cyutil cimport IdRef
-from mab_service.features._index cimport first_bad_id
+from mab_service.features._index cimport unique_indices_fill
 from mab_service.learning._arms cimport (
     ArmTable,
     arm_add_counts,
@@ -42,14 +42,12 @@ from mab_service.learning._arms cimport (
 from mab_service.learning._events cimport EventRing, hold_event, kHoldRecorded, kHoldRefused
 from mab_service.policy._kernel cimport RngState, kOk, rng_seed, sample_beta_fill, top_k_indices
 
-from mab_service.ids import MAX_ID_BYTES
+from mab_service.ids import MAX_EVENT_ID_CHARS, MAX_ID_BYTES, MAX_SEGMENT_BYTES
 from mab_service.learning.decisions import FIELDS, MAGIC, NARROW, NARROW_MAX, PREFIX, ROWS, SEGMENT, WIDE
+from mab_service.learning.journal import frame
+from mab_service.schemas import MAX_USER_ID_CHARS
 
 cnp.import_array()
-
-
-cdef extern from "mab/id_index.hpp" namespace "mab" nogil:
-    int unique_indices_fill(const IdRef* ids, size_t n, uint32_t* keep, size_t* n_keep) noexcept
 
 
 cdef extern from "mab/answer.hpp" namespace "mab" nogil:
@@ -63,13 +61,20 @@ cdef extern from "mab/answer.hpp" namespace "mab" nogil:
         uint64_t seed
         bint has_seed
 
+    ctypedef struct PredictRules:
+        size_t max_candidates
+        size_t max_id_bytes
+        size_t max_user_id_chars
+        size_t max_event_id_chars
+        size_t max_segment_bytes
+
     enum:
         kPredictParsed
         kPredictFallback
 
-    int predict_parse(const char* data, size_t size, size_t max_candidates, void* pool, size_t pool_size,
+    int predict_parse(const char* data, size_t size, const PredictRules& rules, void* pool, size_t pool_size,
                       PredictBody* out) noexcept
-    int predict_candidates(const PredictBody* body, size_t max_id_bytes, IdRef* ids) noexcept
+    int predict_candidates(const PredictBody* body, const PredictRules& rules, IdRef* ids) noexcept
     void predict_free(PredictBody* body) noexcept
     void write_answer(string& out, IdRef user_id, const IdRef* ids, const int64_t* ranking, const double* scores,
                       size_t k, IdRef event_id) noexcept
@@ -83,7 +88,6 @@ cdef extern from "mab/answer.hpp" namespace "mab" nogil:
 #: The document pool: a body whose parse needs more memory than this (over ~40 KB) allocates its own.
 DEF POOL_BYTES = 1 << 19
 
-cdef object _HEADER_PACK = __import__("struct").Struct("<II").pack
 cdef object _crc32 = zlib.crc32
 cdef object _time = time.time
 cdef object _perf = time.perf_counter
@@ -111,11 +115,10 @@ cdef class NativeAnswer:
 
     cdef ArmTable arms
     cdef EventRing events
-    cdef readonly size_t max_candidates
+    cdef PredictRules rules
     cdef double prior_alpha, prior_beta, segment_weight
     cdef size_t max_held
     cdef PredictBody body
-    cdef bytes body_bytes
     cdef void* pool
     cdef IdRef* all_refs
     cdef IdRef* refs
@@ -150,7 +153,11 @@ cdef class NativeAnswer:
             raise ValueError("priors and the segment weight must be > 0")
         self.arms = arms
         self.events = events
-        self.max_candidates = max_candidates
+        self.rules.max_candidates = max_candidates
+        self.rules.max_id_bytes = MAX_ID_BYTES
+        self.rules.max_user_id_chars = MAX_USER_ID_CHARS
+        self.rules.max_event_id_chars = MAX_EVENT_ID_CHARS
+        self.rules.max_segment_bytes = MAX_SEGMENT_BYTES
         self.prior_alpha = prior_alpha
         self.prior_beta = prior_beta
         self.segment_weight = segment_weight
@@ -194,14 +201,12 @@ cdef class NativeAnswer:
         would hold and ``new_arms`` how many of those the arm table lacks.
         """
         predict_free(&self.body)
-        self.body_bytes = None
         cdef const char* data = body
-        if predict_parse(data, <size_t>len(body), self.max_candidates, self.pool, POOL_BYTES,
-                         &self.body) != kPredictParsed:
+        # The document is yyjson's own copy of the body: its views outlive ``body``.
+        if predict_parse(data, <size_t>len(body), self.rules, self.pool, POOL_BYTES, &self.body) != kPredictParsed:
             return False
-        self.body_bytes = body  # the views point into the document, which points into nothing of it; kept anyway
         cdef size_t n_all = self.body.n_candidates, n = 0, i
-        if predict_candidates(&self.body, MAX_ID_BYTES, self.all_refs) != kPredictParsed:
+        if predict_candidates(&self.body, self.rules, self.all_refs) != kPredictParsed:
             predict_free(&self.body)
             return False
         started = _perf()
@@ -347,8 +352,7 @@ cdef class NativeAnswer:
         eid.size = len(raw)
         self.out.clear()
         write_journal_event(self.out, now, eid, self.refs, self.ranking, self.held, segment)
-        payload = _bytes(self.out)
-        record = _HEADER_PACK(len(payload), _crc32(payload)) + payload
+        record = frame(_bytes(self.out))
         encoding = _perf()
         self.out.clear()
         write_answer(self.out, self.body.user_id, self.refs, self.ranking, self.scores, self.k, eid)
