@@ -759,8 +759,13 @@ int arm_table_rebase(ArmTable* t, double now) noexcept {
     return 1;
 }
 
-int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions, const double* rewards,
-                     std::size_t n, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept {
+namespace {
+
+// The rows of ids[0..n), each inserted with the prior if the table lacks it, handed to raise(record, i); returns how
+// many could not be inserted (the table or the segments' budget is full).
+template <class Raise>
+std::size_t raise_rows(ArmTable* t, const IdRef* ids, std::size_t n, double prior_alpha, double prior_beta,
+                       Raise raise) noexcept {
     ArmRecord* rec = records_of(t);
     std::size_t failed = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -771,30 +776,29 @@ int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions,
             ++failed;
             continue;
         }
-        raise_count(&rec[row].impressions, static_cast<double>(impressions[i]));
-        raise_count(&rec[row].rewards, rewards[i]);
+        raise(rec[row], i);
     }
-    *n_failed = failed;
+    return failed;
+}
+
+}  // namespace
+
+int arm_raise_counts(ArmTable* t, const IdRef* ids, const uint64_t* impressions, const double* rewards,
+                     std::size_t n, double prior_alpha, double prior_beta, std::size_t* n_failed) noexcept {
+    *n_failed = raise_rows(t, ids, n, prior_alpha, prior_beta, [&](ArmRecord& r, std::size_t i) noexcept {
+        raise_count(&r.impressions, static_cast<double>(impressions[i]));
+        raise_count(&r.rewards, rewards[i]);
+    });
     return kArmOk;
 }
 
 int arm_raise_decayed(ArmTable* t, const IdRef* ids, const double* impressions, const double* rewards,
                       const double* landmarks, std::size_t n, double prior_alpha, double prior_beta,
                       std::size_t* n_failed) noexcept {
-    ArmRecord* rec = records_of(t);
-    std::size_t failed = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-        int64_t row;
-        bool existed;
-        if (find_or_insert(t, ids[i], hash_id_keyed(ids[i], t->key), prior_alpha, prior_beta, kArmRuntime, &row,
-                           &existed) != kArmOk) {
-            ++failed;
-            continue;
-        }
-        raise_decayed_count(t, &rec[row].impressions, impressions[i], landmarks[i]);
-        raise_decayed_count(t, &rec[row].rewards, rewards[i], landmarks[i]);
-    }
-    *n_failed = failed;
+    *n_failed = raise_rows(t, ids, n, prior_alpha, prior_beta, [&](ArmRecord& r, std::size_t i) noexcept {
+        raise_decayed_count(t, &r.impressions, impressions[i], landmarks[i]);
+        raise_decayed_count(t, &r.rewards, rewards[i], landmarks[i]);
+    });
     return kArmOk;
 }
 

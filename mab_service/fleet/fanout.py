@@ -566,18 +566,8 @@ class CountsFollower:
         """Max-merge forward-decayed sums into the node's table (each moved to the count's own landmark there); keys
         as ``_apply`` maps them."""
         if any(id_.startswith("\x00") for id_ in ids):
-            keys: list[str] = []
-            kept: list[tuple[int, float, float]] = []
-            for id_, counted in zip(ids, sums):
-                if id_.startswith("\x00"):
-                    pair = split_segment_row(id_)
-                    if pair is None:
-                        self.malformed_keys += 1
-                        continue
-                    id_ = pair_key(*pair)
-                keys.append(id_)
-                kept.append(counted)
-            ids, sums = keys, kept
+            ids, kept = self._node_keys(ids)
+            sums = [sums[i] for i in kept]
         if not ids:
             return
         shown = np.array([c[1] for c in sums], np.float64)
@@ -590,7 +580,9 @@ class CountsFollower:
         """Max-merge counts into the node's table; a segment row's key becomes the node's pair key, and a key that
         is neither an arm's nor a segment row's is skipped (counted in ``malformed_keys``)."""
         if any(id_.startswith("\x00") for id_ in ids):
-            ids, impressions, millionths = self._node_keys(ids, impressions, millionths)
+            ids, kept = self._node_keys(ids)
+            impressions = [impressions[i] for i in kept]
+            millionths = [millionths[i] for i in kept]
         if not ids:
             return
         shown = np.asarray(impressions, np.int64)
@@ -600,13 +592,12 @@ class CountsFollower:
         self.table_full += self.arms.raise_counts(ids, shown, got, self.prior_alpha, self.prior_beta)
         self.arms_applied += len(ids)
 
-    def _node_keys(
-        self, ids: list[str], impressions: list[int], millionths: list[int]
-    ) -> tuple[list[str], list[int], list[int]]:
+    def _node_keys(self, ids: list[str]) -> tuple[list[str], list[int]]:
+        """The node's keys of ``ids`` (a segment row's becomes its pair key) and the positions in ``ids`` they come
+        from; a key that is neither an arm's nor a segment row's is left out (counted in ``malformed_keys``)."""
         keys: list[str] = []
-        shown: list[int] = []
-        got: list[int] = []
-        for id_, n, r in zip(ids, impressions, millionths):
+        kept: list[int] = []
+        for i, id_ in enumerate(ids):
             if id_.startswith("\x00"):
                 pair = split_segment_row(id_)
                 if pair is None:
@@ -614,9 +605,8 @@ class CountsFollower:
                     continue
                 id_ = pair_key(*pair)
             keys.append(id_)
-            shown.append(n)
-            got.append(r)
-        return keys, shown, got
+            kept.append(i)
+        return keys, kept
 
     def _need_resync(self, reason: str) -> None:
         if self._resync is None:

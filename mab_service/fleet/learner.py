@@ -284,11 +284,8 @@ def parse(data: bytes, version: str = FORMAT_VERSION) -> Parsed | None:
     if any, is the segment of the answer (a bad one: reason ``segment``, and the reward counts for the arm alone).
     Format 2: a record per answer, ``["e", t, event_id, [ids]]``, and the same reward records.
     """
-    try:
-        records = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if type(records) is not list:
+    records = _json_array(data)
+    if records is None:
         return None
     if version == FORMAT_VERSION:
         return _parse_sums(records)
@@ -381,17 +378,23 @@ class Weighted(NamedTuple):
     example: Any
 
 
+def _json_array(data: bytes) -> list[Any] | None:
+    """A message's records: ``data`` as a JSON array, or None if it is not one."""
+    try:
+        records = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return records if type(records) is list else None
+
+
 def parse_decayed(data: bytes, half_life_s: float, now: float) -> Weighted | None:
     """With a half-life, a format-3 message's valid records (``["a", t, [ids]]`` with the answer's segment as a fourth
     item if any, and the reward records) as forward-decayed sums; None if it cannot be decoded at all: not a JSON
     array, or a record's time that is not a finite number in (0, now + ``MAX_AHEAD_S``] (nacked, for the dead-letter
     topic: such a number must not reach the sums). Other problems skip their record, as ``parse`` does; the sums
     records of a message without a half-life (``i``, ``s``) are skipped as ``record``."""
-    try:
-        records = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if type(records) is not list:
+    records = _json_array(data)
+    if records is None:
         return None
     # Sums per epoch (a message's records nearly always share one), as lists added to in place; merged across epochs
     # at the end, in a fixed order, so that the same message always gives the same sums.

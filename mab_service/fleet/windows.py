@@ -204,6 +204,21 @@ class ShardState:
         """Entries of the committed window not yet written to the arm rows (retried before the next commit)."""
 
 
+def _take(applied: dict[str, Applied], shard: ShardState, stream: str, seq: int) -> bool:
+    """Add message ``seq`` of ``stream`` to a window's applied sets (``applied``, copies of the shard's made on first
+    change: the shard's own set changes only once the window is committed); False if it was applied already."""
+    taken = applied.get(stream)
+    if taken is None:
+        held = shard.applied.get(stream)
+        taken = Applied() if held is None else held
+    if seq in taken:
+        return False
+    if stream not in applied:
+        taken = applied[stream] = taken.copy()
+    taken.add(seq)
+    return True
+
+
 class Plan:
     """One shard's part of a window: its new messages' counts per arm and the applied sets they change."""
 
@@ -217,16 +232,9 @@ class Plan:
         self.impressions_now: list[int] = []
         self.rewards_now: list[int] = []
         for stream, seq, (shown_now, rewards_now) in items:
-            applied = self.applied.get(stream)
-            if applied is None:
-                held = shard.applied.get(stream)
-                applied = Applied() if held is None else held
-            if seq in applied:  # published or delivered again
+            if not _take(self.applied, shard, stream, seq):  # published or delivered again
                 self.duplicates += sum(shown_now.values()) + len(rewards_now)
                 continue
-            if stream not in self.applied:  # the shard's own set changes only once the window is committed
-                applied = self.applied[stream] = applied.copy()
-            applied.add(seq)
             # ``impressions`` and ``rewards`` count the arms' (segment rows, whose keys begin with NUL, repeat them).
             shown = self.shown
             for id_, n in shown_now.items():
@@ -254,16 +262,9 @@ class DecayedPlan:
         self.now: list[Decayed] = []
         """After the commit: the rows it changed, and their sums."""
         for stream, seq, sums, impressions, rewards in items:
-            applied = self.applied.get(stream)
-            if applied is None:
-                held = shard.applied.get(stream)
-                applied = Applied() if held is None else held
-            if seq in applied:
+            if not _take(self.applied, shard, stream, seq):
                 self.duplicates += impressions + rewards
                 continue
-            if stream not in self.applied:
-                applied = self.applied[stream] = applied.copy()
-            applied.add(seq)
             shown = self.shown
             for row, (epoch, i, r) in sums.items():
                 shown[row] = merged(shown.get(row), epoch, i, r)
