@@ -2,7 +2,8 @@
 
     python -m benchmarks.simulate [--env stationary|segments|drift] [--arms 100] [--top-k 5] [--delay 20]
                                   [--rounds N] [--seeds 5] [--rates beta:0.6,15] [--policies P,...]
-                                  [--server-cpus 1] [--plot PNG | --no-plot] [--json PATH] [--versions]
+                                  [--server-cpus 1 | --cores 0,1] [--plot PNG | --no-plot] [--json PATH]
+                                  [--versions]
         segments: [--segments 20] [--zipf 1] [--logit-sd 1] [--segment-prior-weight 10]
         drift:    [--period 5000] [--half-life 1000] [--rounds-per-s 100] [--prior 1,19]
 
@@ -23,7 +24,9 @@ The service is started once per replication with a fresh ``--state-dir`` on a ca
 alpha = beta = 1, pinned with taskset to ``--server-cpus``. Decisions per second per core: for the in-process
 policies, rounds per CPU-second spent in their decide and learn calls; for the service, rounds per CPU-second of
 the server's processes (read from /proc; it includes the /reward calls and the loop's own work), with the client's
-CPU per round (HTTP and JSON, in this process) reported beside it.
+CPU per round (HTTP and JSON, in this process) reported beside it. ``--cores 0,1`` runs the seeds side by side, one
+process per core taking seeds in turn (seed i on the i-th core modulo their number), each pinned with its services to
+its core: the same runs as one core in turn, in less wall time, for worlds whose service is paced (drift).
 
 The policies are described in benchmarks/bandits.py; ``numpy`` and ``numpy-outcomes`` are one sampler counting as the
 service does (the impression at once, the click when delivered) and as the libraries do (the outcome when delivered),
@@ -34,11 +37,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +307,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server-cpus", type=bench_service.cpu_list, default="1", help="cores the service is pinned to (default 1)"
     )
+    parser.add_argument(
+        "--cores",
+        type=bench_service.cpu_set,
+        help="run the seeds side by side on these cores (e.g. 0,1), each seed and its services pinned to one",
+    )
     parser.add_argument("--plot", type=Path, help=f"PNG to write (default {DEFAULT_PLOT}, or regret-ENV.png beside it)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
@@ -330,24 +341,75 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+#: What a core's process sends back: its core, and its runs per seed or the text of the error that stopped it.
+CoreResult = tuple[int, list[dict[str, Run]] | str]
+
+
+def run_seed(args: argparse.Namespace, seed: int, workdir: Path, server_cpus: str) -> dict[str, Run]:
+    """Every policy on replication ``seed``, the services pinned to ``server_cpus``."""
+    plan: Plan = args.plan
+    env = plan.draw(seed)
+    groups = plan.groups(env)
+    runs: dict[str, Run] = {}
+    for name in args.policies:
+        print(f"[seed {seed}] {name} ...", file=sys.stderr, flush=True)
+        if name in plan.services:
+            service = plan.services[name]
+            where = workdir / f"{name}-{seed}"
+            r = run_service(env, args.top_k, args.delay, seed, server_cpus, where, name, service, plan.prior)
+        else:
+            r = run_local(name, env, args.top_k, args.delay, seed, plan.local)
+        r.regret_by_group = {group: float(r.regret[mask].sum()) for group, mask in groups.items()}
+        runs[name] = r
+        print(
+            f"[seed {seed}] {name}: regret {r.final_regret:,.1f}, {r.decisions_per_core_s:,.0f} decisions/s/core",
+            file=sys.stderr,
+            flush=True,
+        )
+    return runs
+
+
+def _run_on_core(
+    args: argparse.Namespace,
+    seeds: Sequence[int],
+    workdir: Path,
+    core: int,
+    results: SimpleQueue[CoreResult],
+) -> None:
+    """``run_seed`` for each of ``seeds`` in this process pinned to ``core``, its services too; puts (core, runs per
+    seed) on ``results``, or (core, the error's text) if one failed."""
+    os.sched_setaffinity(0, {core})
+    try:
+        results.put((core, [run_seed(args, seed, workdir, str(core)) for seed in seeds]))
+    except BaseException as exc:  # the parent reports it; a child's traceback alone would be lost in the output
+        results.put((core, f"{type(exc).__name__}: {exc}"))
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every policy on every replication; returns the results document (``--json``)."""
     plan: Plan = args.plan
-    runs: dict[str, list[Run]] = {name: [] for name in args.policies}
-    for seed in range(args.seeds):
-        env = plan.draw(seed)
-        groups = plan.groups(env)
-        for name in args.policies:
-            print(f"[seed {seed}] {name} ...", end=" ", file=sys.stderr, flush=True)
-            if name in plan.services:
-                service = plan.services[name]
-                where = workdir / f"{name}-{seed}"
-                r = run_service(env, args.top_k, args.delay, seed, args.server_cpus, where, name, service, plan.prior)
-            else:
-                r = run_local(name, env, args.top_k, args.delay, seed, plan.local)
-            r.regret_by_group = {group: float(r.regret[mask].sum()) for group, mask in groups.items()}
-            runs[name].append(r)
-            print(f"regret {r.final_regret:,.1f}, {r.decisions_per_core_s:,.0f} decisions/s/core", file=sys.stderr)
+    seeds = range(args.seeds)
+    if args.cores:
+        cores = sorted(args.cores)
+        # Forked: a child inherits the parsed arguments and the plan's factories, which do not pickle (closures).
+        context = multiprocessing.get_context("fork")
+        results: SimpleQueue[CoreResult] = context.SimpleQueue()
+        children = [
+            context.Process(target=_run_on_core, args=(args, seeds[j :: len(cores)], workdir, core, results))
+            for j, core in enumerate(cores)
+        ]
+        for child in children:
+            child.start()
+        done = dict(results.get() for _ in children)
+        for child in children:
+            child.join()
+        by_core = {core: out for core, out in done.items() if not isinstance(out, str)}
+        if len(by_core) != len(cores):
+            raise RuntimeError(f"seeds failed: {[out for out in done.values() if isinstance(out, str)]}")
+        per_seed = [by_core[cores[seed % len(cores)]][seed // len(cores)] for seed in seeds]
+    else:
+        per_seed = [run_seed(args, seed, workdir, args.server_cpus) for seed in seeds]
+    runs = {name: [seed_runs[name] for seed_runs in per_seed] for name in args.policies}
     summary = {name: summarize(rs) for name, rs in runs.items()}
     config = {
         "env": args.env,
@@ -357,7 +419,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "rounds": args.rounds,
         "seeds": list(range(args.seeds)),
         "rates": list(args.rates),
-        "server_cpus": args.server_cpus,
+        "server_cpus": ",".join(map(str, sorted(args.cores))) if args.cores else args.server_cpus,
         "prior": list(plan.prior),
         "title": plan.title,
         "marks": list(plan.marks),

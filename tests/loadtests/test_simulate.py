@@ -300,6 +300,22 @@ def test_segments_and_drift_reports(tmp_path) -> None:
     assert [t["target"] for t in doc["targets"]] == ["<= 0.6x"]
 
 
+def test_seeds_side_by_side_on_cores_give_the_runs_of_one_core_in_turn(tmp_path) -> None:
+    argv = ["--env", "drift", "--arms", "20", "--rounds", "600", "--period", "200", "--seeds", "3", "--no-plot"]
+    argv += ["--policies", "numpy-discounted,numpy"]
+    docs = []
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))  # one core, where there is only one
+    for extra in ([], ["--cores", cores]):
+        out = tmp_path / f"drift{len(docs)}.json"
+        assert simulate.main([*argv, *extra, "--json", str(out)]) == 0
+        docs.append(orjson.loads(out.read_bytes()))
+    one, side_by_side = docs
+    for name in ("numpy-discounted", "numpy"):
+        assert side_by_side["policies"][name]["final_regret_per_seed"] == one["policies"][name]["final_regret_per_seed"]
+        assert side_by_side["policies"][name]["curve"] == one["policies"][name]["curve"]
+    assert side_by_side["targets"] == one["targets"]
+
+
 def test_targets_pair_the_seeds_and_bound_both_sides() -> None:
     plan = scenarios.drift(simulate.parse_args(["--env", "drift"]))
     summary = {
