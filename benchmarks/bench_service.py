@@ -92,6 +92,16 @@ def project_halflife_target(port: int, features: Path, workers: int = 1) -> list
     return [*project_target(port, features, workers), "--half-life-s", "3600"]
 
 
+def project_nodecisions_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """Argv for mab_service with the learning loop on and no decision log: beside ``project``, what the log costs."""
+    return [*project_target(port, features, workers), "--no-decision-log"]
+
+
+def project_halflife_nodecisions_target(port: int, features: Path, workers: int = 1) -> list[str]:
+    """``project-halflife`` without the decision log: beside ``project-nodecisions``, what the decay alone costs."""
+    return [*project_halflife_target(port, features, workers), "--no-decision-log"]
+
+
 def project_nolearn_target(port: int, features: Path, workers: int = 1) -> list[str]:
     """Argv for mab_service with the learning loop off: the service as a sampler over a fixed table."""
     return [*project_target(port, features, workers)[:-2], "--no-learning"]
@@ -141,6 +151,8 @@ def before_target(port: int, features: Path, workers: int = 1) -> list[str]:
 TARGETS: dict[str, TargetFactory] = {
     "project": project_target,
     "project-halflife": project_halflife_target,
+    "project-nodecisions": project_nodecisions_target,
+    "project-halflife-nodecisions": project_halflife_nodecisions_target,
     "project-nolearn": project_nolearn_target,
     "plain": plain_target,
     "go": go_target,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks import plot, run_all
+from benchmarks import bench_service, plot, run_all
+from mab_service import __main__ as main, config
 
 
 def result(target: str, name: str, n: int, rps: float, cpu_us: float, other: float = 0.0) -> dict[str, Any]:
@@ -98,3 +100,14 @@ def test_grpc_stream_benchmark_reads_every_message_each_way() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["naive", "ours", "client", "raw"]
     assert "naive / raw client CPU" in done.stdout
+
+
+@pytest.mark.parametrize("name", [n for n in bench_service.TARGETS if n.startswith("project")])
+def test_every_project_target_is_a_command_line_the_service_takes(name: str, tmp_path: Path) -> None:
+    argv = bench_service.TARGETS[name](8080, tmp_path / "table.csv", 1)
+    assert argv[1:4] == ["-m", "mab_service", "serve"]
+    args = main._parser().parse_args(argv[3:])
+    settings = config.Settings.from_env({}, **{f.name: getattr(args, f.name, None) for f in fields(config.Settings)})
+    assert settings.learning == (name != "project-nolearn")
+    assert settings.decision_log == ("nodecisions" not in name)
+    assert settings.half_life_s == (3600.0 if "halflife" in name else 0.0)
