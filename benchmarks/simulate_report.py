@@ -216,7 +216,11 @@ def print_table(doc: dict[str, Any]) -> None:
     print(f"# {env['machine']}, {env['cpu']}, {env['cpus_available']} CPUs; {env['python']}")
     print(f"# --env {config['env']}: {title(config)}; {config['rounds']:,} rounds")
     services = [name for name in doc["policies"] if "checks" in doc["policies"][name]]
-    if services:
+    if services and config.get("cores"):
+        cores = ",".join(map(str, config["cores"]))
+        print(f"# seeds side by side on cpus {cores}: each seed's simulator and its service (1 worker, one keep-alive")
+        print("# HTTP connection on loopback) pinned to one of them")
+    elif services:
         print(f"# service: 1 worker pinned to cpu {config['server_cpus']}, one keep-alive HTTP connection on loopback")
     groups = list(next(iter(doc["policies"].values()))["regret_by_group"])
     header = ("policy", "final regret", "sd", *(f"regret: {g}" for g in groups), "clicks/round", "decisions/s/core")
