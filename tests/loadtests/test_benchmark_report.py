@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import bench_service, plot, run_all
+from benchmarks import bench_service, plot, profile_service, run_all
 from mab_service import __main__ as main, config
 
 
@@ -111,3 +111,28 @@ def test_every_project_target_is_a_command_line_the_service_takes(name: str, tmp
     assert settings.learning == (name != "project-nolearn")
     assert settings.decision_log == ("nodecisions" not in name)
     assert settings.half_life_s == (3600.0 if "halflife" in name else 0.0)
+
+
+def test_profile_shares_are_summed_per_library_and_per_function() -> None:
+    by_library = """# Samples: 18K of event 'cpu-clock'
+    33.00%  _answer.cpython-311-x86_64-linux-gnu.so
+    30.75%  libpython3.11.so.1.0
+     9.07%  [kernel.kallsyms]
+"""
+    assert profile_service.parse_report(by_library, "dso") == pytest.approx(
+        {"_answer": 0.33, "libpython3.11": 0.3075, "[kernel.kallsyms]": 0.0907}
+    )
+    by_function = """
+    16.24%  _answer.cpython-311-x86_64-linux-gnu.so  [.] mab::gather_rows
+               |--3.19%--0x7fcae769bc80
+     9.07%  [kernel.kallsyms]                        [k] _raw_spin_unlock_irqrestore
+     1.45%  libm.so.6                                [.] __ieee754_log_fma
+     0.55%  libm.so.6                                [.] __ieee754_log_fma
+"""
+    assert profile_service.parse_report(by_function, "dso,sym") == pytest.approx(
+        {
+            "_answer: mab::gather_rows": 0.1624,
+            "[kernel.kallsyms]: _raw_spin_unlock_irqrestore": 0.0907,
+            "libm: __ieee754_log_fma": 0.02,
+        }
+    )
