@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from mab_service import config, metrics
-from mab_service.features.factory import make_source, parse_spec
+from mab_service.features.factory import make_source, parse_spec, store_segments
 from mab_service.features.source import FeatureSource
 from mab_service.fleet import setup as fleet_setup
 from mab_service.fleet.fanout import CountsFollower, counts_topic
@@ -19,7 +19,7 @@ from mab_service.http.admission import Admission
 from mab_service.http.edge import Edge
 from mab_service.learning import node
 from mab_service.learning.loop import NodeLoop
-from mab_service.learning.posteriors import SharedArmsSource
+from mab_service.learning.posteriors import SegmentSource, SharedArmsSource
 from mab_service.learning.protocol import Loop
 from mab_service.openapi import openapi_document
 from mab_service.policy.sampler import SAMPLERS, sample_top_k
@@ -106,7 +106,7 @@ def build_app(
         top_k = SAMPLERS[settings.sampler]
         async with AsyncExitStack() as stack:
             loop = await stack.enter_async_context(_learning(settings))
-            segments = None
+            segments: SegmentSource | None = None
             native = None
             if loop is not None and given is None and (loop.apply_counts or loop.following):
                 shared = SharedArmsSource(
@@ -126,6 +126,8 @@ def build_app(
             served = source
             if settings.metrics:
                 served, top_k = metrics.MeteredSource(source), metrics.timed_top_k(top_k)
+            if segments is None and given is None:
+                segments = store_segments(settings, served)  # a Vertex store's pair entities
                 stack.enter_context(metrics.loop_watched(loop))
                 await stack.enter_async_context(metrics.recording(source, settings.metrics_flush_interval_s))
             yield AppState(

@@ -11,7 +11,10 @@ An event id is 1 to ``MAX_EVENT_ID_CHARS`` characters of ``A-Z a-z 0-9 . _ : -``
 
 A segment is an id of at most ``MAX_SEGMENT_BYTES`` bytes. Its counts live beside the arms' under keys no id can be,
 as ids hold no control character: ``"\0" + segment`` for the segment's own row and ``"\0" + segment + "\0" + id``
-for an arm within it (``segment_key``, ``pair_key``; the arm table's C++ writes the same bytes).
+for an arm within it (``segment_key``, ``pair_key``; the arm table's C++ writes the same bytes). A feature store
+(Vertex) holds an arm's posterior within a segment under the entity id made of the segment, U+001F and the id
+(``store_pair_id``): U+001F, the unit separator, is a control character, so no arm's entity id is a pair's and no two
+pairs share one; and unlike NUL it passes through CSV, BigQuery strings and C tooling unharmed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ MAX_SEGMENT_BYTES = 128
 SEGMENT_RULE = f"{MIN_ID_BYTES} to {MAX_SEGMENT_BYTES} bytes of UTF-8 without control characters"
 #: Starts every segment key, and separates a segment from an arm in a pair key.
 KEY_SEPARATOR = "\0"
+#: Separates a segment from an arm in a feature store's entity id of the pair (``store_pair_id``).
+STORE_SEPARATOR = "\x1f"
 
 MAX_EVENT_ID_CHARS = 128
 EVENT_ID_CHARS = "A-Za-z0-9._:-"
@@ -85,6 +90,11 @@ def segment_key(segment: str) -> str:
 def pair_key(segment: str, arm_id: str) -> str:
     """The key of an arm's row within a segment."""
     return KEY_SEPARATOR + segment + KEY_SEPARATOR + arm_id
+
+
+def store_pair_id(segment: str, arm_id: str) -> str:
+    """The entity id under which a feature store holds ``arm_id``'s posterior within ``segment``."""
+    return f"{segment}{STORE_SEPARATOR}{arm_id}"
 
 
 def split_key(key: str) -> tuple[str, str | None] | None:

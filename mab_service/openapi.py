@@ -145,8 +145,8 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         ),
                         "422": _error(
                             "The JSON does not match PredictRequest, or it has a segment where segments are not "
-                            "counted (segments_unavailable: a Vertex source, a fleet replica not following the "
-                            "fan-out)."
+                            "ranked (segments_unavailable: the loop off over the embedded table, a fleet replica not "
+                            "following the fan-out)."
                         ),
                         "429": {
                             "description": "The client holds its share of the node's held events (too_many_events, "

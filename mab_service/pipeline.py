@@ -41,7 +41,8 @@ async def recommend(
     """Rank the request's candidates by one Thompson sample each; return the best ``top_k`` (all if None).
 
     ``seed`` (the request's own, or one the loop drew so that the answer can be replayed) fixes the samples. A
-    request with a segment ranks by the segment's posteriors, read from ``segments``.
+    request with a segment ranks by the segment's posteriors, read from ``segments`` (the node's table, or a Vertex
+    store's pair entities).
 
     Raises:
         SegmentsUnavailable: The request has a segment and this worker keeps no segment counts (``segments`` None).
@@ -52,12 +53,12 @@ async def recommend(
     elif segments is None:
         raise SegmentsUnavailable(
             "segments are ranked only where the node's table counts them (the embedded demo or csv: source with the "
-            "loop on, or a fleet replica following the learners' fan-out); this one ranks from a store or from the "
-            "fleet's counts read through the cache",
+            "loop on, or a fleet replica following the learners' fan-out) or a Vertex source holds them; this one "
+            "ranks from a fixed table or from the fleet's counts read through the cache",
             field="segment",
         )
     else:
-        features = segments.fetch_segment(candidates, request.segment)
+        features = await segments.fetch_segment(candidates, request.segment)
     if count_invalid(features.alpha, features.beta):  # one C pass; the kernel refuses what it counts
         features = parameter_check.replace(features, candidates, source)
     k = len(candidates) if request.top_k is None else min(request.top_k, len(candidates))

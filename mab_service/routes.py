@@ -140,7 +140,7 @@ async def arm(request: Request) -> OrjsonResponse:
     segment = _segment(request)
     try:
         if segment is not None:
-            alpha, beta, shown, got = await _loop(state).read_segment_arm(arm_id, segment)
+            alpha, beta, shown, got = await _loop(state).read_segment_arm(arm_id, segment, state["segments"])
             return OrjsonResponse(
                 {"id": arm_id, "segment": segment, "alpha": alpha, "beta": beta, "impressions": shown, "rewards": got}
             )

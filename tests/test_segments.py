@@ -272,8 +272,9 @@ def test_schema_rule_for_segments() -> None:
 
 
 def test_a_worker_that_keeps_no_segment_counts_refuses_a_segment_clearly(table_csv: Path) -> None:
-    """A Vertex source, the loop off, or a fleet replica that does not follow the fan-out: the pipeline gets no
-    segment source and answers 422 segments_unavailable instead of ranking globally under the segment's name."""
+    """The loop off over the embedded table, or a fleet replica that does not follow the fan-out: the pipeline gets no
+    segment source and answers 422 segments_unavailable instead of ranking globally under the segment's name (a
+    Vertex source reads the store's pair entities: tests/features/test_store_segments.py)."""
     request = schemas.decode_predict(b'{"user_id":"u","candidates":["strong"],"segment":"fr"}', 10)
     source = LocalSource(table_csv, 1.0, 1.0)
 

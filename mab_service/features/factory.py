@@ -29,6 +29,7 @@ from mab_service.specs import SPEC_FORMS as SPEC_FORMS, SourceSpec as SourceSpec
 
 if TYPE_CHECKING:
     from mab_service.config import Settings
+    from mab_service.features.segments import StoreSegments
 
 
 def make_source(settings: Settings) -> FeatureSource:
@@ -92,6 +93,17 @@ def make_source(settings: Settings) -> FeatureSource:
     if settings.warmup_ids:
         cache.preload(load_ids(Path(settings.warmup_ids)), settings.warmup_timeout_s)
     return cache
+
+
+def store_segments(settings: Settings, source: FeatureSource) -> StoreSegments | None:
+    """Segments read from ``source`` (the one ``make_source`` made, or a layer around it) where ``settings.features``
+    names a Vertex store, which holds them under pair entities (``features.segments``); None for the other sources,
+    whose segments are the node's table's or none."""
+    if parse_spec(settings.features).kind not in ("vertex", "vertex-fos"):
+        return None
+    from mab_service.features.segments import StoreSegments
+
+    return StoreSegments(source)
 
 
 def load_ids(path: Path) -> list[str]:

@@ -25,7 +25,7 @@ from mab_service.fleet.replica import Fleet
 from mab_service.fleet.sink import SinkUnavailable
 from mab_service.learning.loop import EventIdInUse, LoopBase, UnknownArm, leading_arms
 from mab_service.learning.node import Node
-from mab_service.learning.posteriors import backed_off
+from mab_service.learning.posteriors import SegmentSource, backed_off
 
 
 class FleetLoop(LoopBase):
@@ -178,7 +178,9 @@ class FleetLoop(LoopBase):
         )
         return leading, len(ids), partial
 
-    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+    async def read_segment_arm(
+        self, arm_id: str, segment: str, segments: SegmentSource | None = None
+    ) -> tuple[float, float, float, float]:
         """(alpha, beta, impressions, rewards) of an arm within a segment from the counts the learners have written
         now, read past the cache: the arm's posterior backed off to, plus its counts within the segment, as the
         node table's ``gather_segment`` ranks it.

@@ -46,7 +46,7 @@ from mab_service.learning._answer import NativeAnswer
 from mab_service.learning.decisions import DecisionLog
 from mab_service.learning.journal import Journal, JournalUnavailable
 from mab_service.learning.node import Node
-from mab_service.learning.posteriors import backed_off, posterior
+from mab_service.learning.posteriors import SegmentSource, backed_off, posterior
 
 #: Seconds per point of the /loop series, and how many points it keeps (30 minutes).
 SERIES_STEP_S = 10
@@ -537,7 +537,9 @@ class LoopBase:
         """``_record`` for an answer ranked within ``segment``: its impressions count for the segment too."""
         raise self._segments_unavailable()
 
-    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+    async def read_segment_arm(
+        self, arm_id: str, segment: str, segments: SegmentSource | None = None
+    ) -> tuple[float, float, float, float]:
         """(alpha, beta, impressions, rewards) of an arm within a segment (``UnknownArm`` if neither is known)."""
         raise self._segments_unavailable()
 
@@ -853,16 +855,23 @@ class NodeLoop(LoopBase):
         leading, total = await asyncio.get_running_loop().run_in_executor(executor, self.leading, n, order)
         return leading, total, None
 
-    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
-        """(alpha, beta, impressions, rewards) of an arm within a segment, as ``/predict`` ranks it there.
+    async def read_segment_arm(
+        self, arm_id: str, segment: str, segments: SegmentSource | None = None
+    ) -> tuple[float, float, float, float]:
+        """(alpha, beta, impressions, rewards) of an arm within a segment, as ``/predict`` ranks it there: by this
+        table's counts, or where a store ranks (``segments``, the loop counting only) by the store's posterior, beside
+        this node's counts.
 
         Raises:
-            UnknownArm: The table holds neither the arm nor its row within the segment.
+            UnknownArm: Neither the table (nor the store) knows the arm or its row within the segment.
         """
         now = time.time()
         alpha, beta, known, _, pair_rows = self.arms.gather_segment(
             [arm_id], segment, self.segment_weight, self.prior_alpha, self.prior_beta, now
         )
+        if segments is not None and not self.apply_counts:
+            stored = await segments.fetch_segment([arm_id], segment)
+            alpha, beta, known = stored.alpha, stored.beta, known + stored.known
         if known == 0 and pair_rows[0] < 0:
             raise UnknownArm(f"no arm {arm_id!r}: never shown, and not in the catalogue")
         found = self.arms.get(pair_key(segment, arm_id), now)

@@ -53,8 +53,9 @@ def backed_off(weight: float, alpha: Any, beta: Any, shown: Any, got: Any) -> An
 class SegmentSource(Protocol):
     """Where the pipeline reads a segment's posteriors."""
 
-    def fetch_segment(self, ids: list[str], segment: str) -> Features:
-        """The posteriors of ``ids`` within ``segment``, with the rows of the arms and of their segment keys."""
+    async def fetch_segment(self, ids: list[str], segment: str) -> Features:
+        """The posteriors of ``ids`` within ``segment`` (on the node's table, with the rows of the arms and of their
+        segment keys)."""
         ...
 
 
@@ -77,7 +78,7 @@ class SharedArmsSource:
         alpha, beta, known, rows = self.arms.gather(ids, self.prior_alpha, self.prior_beta)
         return Features(alpha, beta, known, 0, rows)
 
-    def fetch_segment(self, ids: list[str], segment: str) -> Features:
+    async def fetch_segment(self, ids: list[str], segment: str) -> Features:
         alpha, beta, known, rows, pair_rows = self.arms.gather_segment(
             ids, segment, self.segment_weight, self.prior_alpha, self.prior_beta
         )

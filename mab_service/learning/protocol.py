@@ -18,6 +18,7 @@ from mab_service.features.source import FeatureSource
 from mab_service.learning._answer import NativeAnswer
 from mab_service.learning._arms import ArmTable
 from mab_service.learning.loop import LoopCounters
+from mab_service.learning.posteriors import SegmentSource
 
 
 class Loop(Protocol):
@@ -92,9 +93,11 @@ class Loop(Protocol):
         """(alpha, beta, impressions, rewards) of an arm as this worker sees it now (``UnknownArm`` if none)."""
         ...
 
-    async def read_segment_arm(self, arm_id: str, segment: str) -> tuple[float, float, float, float]:
+    async def read_segment_arm(
+        self, arm_id: str, segment: str, segments: SegmentSource | None
+    ) -> tuple[float, float, float, float]:
         """(alpha, beta, impressions, rewards) of an arm within a segment (``SegmentsUnavailable`` where segments
-        are not counted)."""
+        are not counted); where a store ranks (``segments``, the loop counting only), its posterior there."""
         ...
 
     async def top_segment(
