@@ -267,7 +267,7 @@ def _document(max_candidates: int, max_body_bytes: int) -> dict[str, Any]:
                         "404": _error("The learning loop is off (learning_off)."),
                         "422": _error(
                             "A bad top, order or segment, or a segment where segments are not counted "
-                            "(segments_unavailable: a Vertex source, a fleet replica not following the fan-out)."
+                            "(segments_unavailable: a fleet replica not following the fan-out)."
                         ),
                         "431": _HEADERS_TOO_LARGE,
                     },
