@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -176,6 +177,7 @@ def test_three_times_the_saturating_load_is_answered_and_the_worker_recovers(
         # Unloaded and overloaded phases alternate, so that other work on this machine weighs on both alike.
         unloaded_ms: list[float] = []
         loaded_ms: list[float] = []
+        ratios: list[float] = []  # per pair of phases: overloaded p99 / unloaded p99
         statuses: dict[str, int] = {}
         for _ in range(3):
             calm = _load(url, bodies, 1)
@@ -187,17 +189,21 @@ def test_three_times_the_saturating_load_is_answered_and_the_worker_recovers(
             for status, count in busy["statuses"].items():
                 statuses[status] = statuses.get(status, 0) + count
             loaded_ms += busy["ok_latencies_ms"]
+            ratios.append(_p99(busy["ok_latencies_ms"]) / _p99(calm["ok_latencies_ms"]))
         recovered = _load(url, bodies, 1)
         scraped = httpx.get(url + "/metrics").text
 
     report = (
         f"throughput by connections {throughput}, saturating {saturating}, overload {overload} connections; "
-        f"statuses {statuses}; p99 of 200s unloaded {_p99(unloaded_ms):.2f} ms, overloaded {_p99(loaded_ms):.2f} ms"
+        f"statuses {statuses}; p99 of 200s unloaded {_p99(unloaded_ms):.2f} ms, overloaded {_p99(loaded_ms):.2f} ms; "
+        f"overloaded / unloaded p99 by pair of phases {[round(r, 2) for r in ratios]}"
     )
     print(report)
     # Every answer is a 200 or a 503 with Retry-After; the worker keeps ranking some requests.
     assert set(statuses) == {"200", "503"}, report
-    assert _p99(loaded_ms) <= 5 * _p99(unloaded_ms), report
+    # The 200s are not queued behind the overload: in the median pair of phases (one stall of a shared machine
+    # during one phase moves a pooled p99, not the median), within 5x of the unloaded p99. Without the cap it is ~8x.
+    assert statistics.median(ratios) <= 5, report
     # Recovered: no shedding once the load is gone, and latency back within the same bound.
     assert recovered["statuses"] == {"200": recovered["answered"]}, recovered
     assert _p99(recovered["ok_latencies_ms"]) <= 5 * _p99(unloaded_ms), report
