@@ -126,10 +126,10 @@ def build_app(
             served = source
             if settings.metrics:
                 served, top_k = metrics.MeteredSource(source), metrics.timed_top_k(top_k)
-            if segments is None and given is None:
-                segments = store_segments(settings, served)  # a Vertex store's pair entities
                 stack.enter_context(metrics.loop_watched(loop))
                 await stack.enter_async_context(metrics.recording(source, settings.metrics_flush_interval_s))
+            if segments is None and given is None:
+                segments = store_segments(settings, served)  # a Vertex store's pair entities
             yield AppState(
                 settings=settings,
                 source=served,

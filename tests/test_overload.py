@@ -93,6 +93,9 @@ def test_requests_over_the_cap_in_the_app_are_shed_with_retry_after() -> None:
 #: The cap of the overloaded server: below the saturating concurrency (about 4 connections here), to hold latency.
 MAX_IN_FLIGHT = 2
 PHASE_S = 1.0
+#: About what a 503 costs the worker (docs/operations.md): an admitted request waits for the refusals that arrived
+#: before it, one per connection beyond the cap at most, so its latency bound grows by this much per such connection.
+REFUSAL_MS = 0.03
 
 
 def _pinning_available() -> bool:
@@ -177,7 +180,7 @@ def test_three_times_the_saturating_load_is_answered_and_the_worker_recovers(
         # Unloaded and overloaded phases alternate, so that other work on this machine weighs on both alike.
         unloaded_ms: list[float] = []
         loaded_ms: list[float] = []
-        ratios: list[float] = []  # per pair of phases: overloaded p99 / unloaded p99
+        ratios: list[float] = []  # per pair of phases: overloaded p99 / its bound
         statuses: dict[str, int] = {}
         for _ in range(3):
             calm = _load(url, bodies, 1)
@@ -189,21 +192,23 @@ def test_three_times_the_saturating_load_is_answered_and_the_worker_recovers(
             for status, count in busy["statuses"].items():
                 statuses[status] = statuses.get(status, 0) + count
             loaded_ms += busy["ok_latencies_ms"]
-            ratios.append(_p99(busy["ok_latencies_ms"]) / _p99(calm["ok_latencies_ms"]))
+            bound = 5 * _p99(calm["ok_latencies_ms"]) + REFUSAL_MS * (overload - MAX_IN_FLIGHT)
+            ratios.append(_p99(busy["ok_latencies_ms"]) / bound)
         recovered = _load(url, bodies, 1)
         scraped = httpx.get(url + "/metrics").text
 
     report = (
         f"throughput by connections {throughput}, saturating {saturating}, overload {overload} connections; "
         f"statuses {statuses}; p99 of 200s unloaded {_p99(unloaded_ms):.2f} ms, overloaded {_p99(loaded_ms):.2f} ms; "
-        f"overloaded / unloaded p99 by pair of phases {[round(r, 2) for r in ratios]}"
+        f"overloaded p99 / its bound by pair of phases {[round(r, 2) for r in ratios]}"
     )
     print(report)
     # Every answer is a 200 or a 503 with Retry-After; the worker keeps ranking some requests.
     assert set(statuses) == {"200", "503"}, report
     # The 200s are not queued behind the overload: in the median pair of phases (one stall of a shared machine
-    # during one phase moves a pooled p99, not the median), within 5x of the unloaded p99. Without the cap it is ~8x.
-    assert statistics.median(ratios) <= 5, report
+    # during one phase moves a pooled p99, not the median), within 5x the unloaded p99 plus the refusals that can
+    # arrive ahead of an admitted request (REFUSAL_MS per connection beyond the cap). Without the cap it is ~8x.
+    assert statistics.median(ratios) <= 1, report
     # Recovered: no shedding once the load is gone, and latency back within the same bound.
     assert recovered["statuses"] == {"200": recovered["answered"]}, recovered
     assert _p99(recovered["ok_latencies_ms"]) <= 5 * _p99(unloaded_ms), report
