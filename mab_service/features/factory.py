@@ -99,7 +99,7 @@ def store_segments(settings: Settings, source: FeatureSource) -> StoreSegments |
     """Segments read from ``source`` (the one ``make_source`` made, or a layer around it) where ``settings.features``
     names a Vertex store, which holds them under pair entities (``features.segments``); None for the other sources,
     whose segments are the node's table's or none."""
-    if parse_spec(settings.features).kind not in ("vertex", "vertex-fos"):
+    if not parse_spec(settings.features).vertex:
         return None
     from mab_service.features.segments import StoreSegments
 
