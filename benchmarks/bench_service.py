@@ -206,13 +206,9 @@ def free_port() -> int:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def session_cpu_seconds(sid: int) -> float:
-    """CPU seconds (user + system) used by every live process in session ``sid``, plus reaped children.
-
-    Summing utime+stime+cutime+cstime over the session keeps the total consistent when a worker exits: its
-    time moves from its own entry into its parent's cutime/cstime and is counted once either way.
-    """
-    ticks = 0
+def session_stats(sid: int) -> dict[str, list[str]]:
+    """``/proc/PID/stat`` of every live process in session ``sid``, by pid: its fields from field 3 (state) on."""
+    found: dict[str, list[str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -224,7 +220,18 @@ def session_cpu_seconds(sid: int) -> float:
         # comm (field 2) may contain spaces and parentheses; fields after the last ")" start at field 3.
         fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[3]) == sid:  # field 6: session id
-            ticks += sum(int(v) for v in fields[11:15])  # fields 14-17: utime stime cutime cstime
+            found[entry] = fields
+    return found
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """CPU seconds (user + system) used by every live process in session ``sid``, plus reaped children.
+
+    Summing utime+stime+cutime+cstime over the session keeps the total consistent when a worker exits: its
+    time moves from its own entry into its parent's cutime/cstime and is counted once either way.
+    """
+    # fields 14-17: utime stime cutime cstime
+    ticks = sum(int(v) for fields in session_stats(sid).values() for v in fields[11:15])
     return ticks / _CLK_TCK
 
 

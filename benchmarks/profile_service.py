@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -54,7 +53,7 @@ def profile(
             cpu_before = bench_service.session_cpu_seconds(proc.pid)
             served_before = _served(port)
             # -a over the server's core would take other tenants too: follow the server's processes instead.
-            pids = ",".join(p for p in os.listdir("/proc") if p.isdigit() and _session(p) == proc.pid)
+            pids = ",".join(bench_service.session_stats(proc.pid))
             subprocess.run(
                 ["perf", "record", "-q", "-F", "1999", "-g", "-p", pids, "-o", str(data), "--",
                  "sleep", str(args.duration)],
@@ -67,15 +66,6 @@ def profile(
     if requests <= 0:
         raise bench_service.TargetError(f"{target} answered no /predict while it was sampled")
     return {"requests": requests, "cpu_us": 1e6 * cpu_s / requests, "data": data}
-
-
-def _session(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(")") + 2 :].split()[3])
 
 
 def _served(port: int) -> float:
